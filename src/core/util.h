@@ -1,0 +1,68 @@
+/* util.h - small helpers shared by every layer.
+ *
+ * Contract: header-only, no state, thread-safe. The cleanup attributes run
+ * when a local goes out of scope (as in casync and systemd): a function
+ * that returns early never leaks what it owns. TAKE_PTR/TAKE_FD hand
+ * ownership to the caller and leave the local empty.
+ */
+#ifndef CAS_CORE_UTIL_H
+#define CAS_CORE_UTIL_H
+
+#include <errno.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define _cleanup_(f) __attribute__((cleanup(f)))
+#define _cleanup_free_ _cleanup_(cas_freep)
+#define _cleanup_close_ _cleanup_(cas_closep)
+#define _unused_ __attribute__((unused))
+#define _printf_(a, b) __attribute__((format(printf, a, b)))
+#define _likely_(x) __builtin_expect(!!(x), 1)
+#define _unlikely_(x) __builtin_expect(!!(x), 0)
+
+#define CAS_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+#define CAS_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define CAS_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#define TAKE_PTR(p)                                                            \
+	({                                                                     \
+		__typeof__(p) _take_ = (p);                                    \
+		(p) = NULL;                                                    \
+		_take_;                                                        \
+	})
+#define TAKE_FD(fd)                                                            \
+	({                                                                     \
+		int _take_fd_ = (fd);                                          \
+		(fd) = -1;                                                     \
+		_take_fd_;                                                     \
+	})
+
+static inline void cas_freep(void *p)
+{
+	free(*(void **)p);
+}
+
+static inline void cas_closep(int *fd)
+{
+	if (*fd >= 0) {
+		int saved = errno;
+		close(*fd);
+		errno = saved;
+	}
+}
+
+/* -errno of the last failed libc call, never 0 (a failure must stay one). */
+static inline int cas_negerrno(void)
+{
+	return errno > 0 ? -errno : -EIO;
+}
+
+/* Write all of buf or fail with -errno; retries EINTR and short writes. */
+int cas_write_all(int fd, const void *buf, size_t len);
+/* Read exactly len bytes at off; -EBADMSG when the file is shorter. */
+int cas_pread_all(int fd, void *buf, size_t len, uint64_t off);
+
+#endif

@@ -1,0 +1,198 @@
+/* engine.h - the FUSE protocol engine: one request in, one reply out.
+ *
+ * The engine decodes a FUSE request (the bytes the kernel writes to
+ * /dev/fuse, or a virtio-fs request chain), calls the filesystem through
+ * struct cas_fuse_ops, and encodes the reply. It never reads or writes a
+ * file descriptor: transports (src/transport) move the bytes. It knows
+ * nothing of castore.
+ *
+ * Requests are untrusted: every length and offset is checked through a
+ * bounds-checked cursor before use; a truncated, oversized or inconsistent
+ * request, an unknown opcode, or an unknown inode or handle gets an error
+ * reply (or none, for opcodes that take none) and never crashes.
+ *
+ * Contract:
+ * - A cas_fuse_session is shared by all worker threads of one mount or one
+ *   device; cas_fuse_session_process is thread-safe. The operations are
+ *   called concurrently and must be thread-safe themselves.
+ * - Operations return 0 or -errno and fill plain structs; the engine
+ *   negates errors into the reply header and encodes everything else.
+ * - Reply memory is the caller's (struct cas_fuse_reply.buf); the engine
+ *   only writes into it.
+ */
+#ifndef CAS_FUSE_ENGINE_H
+#define CAS_FUSE_ENGINE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#define CAS_FUSE_ROOT_ID 1
+
+/* Attributes of one inode, as the filesystem reports them. Times are
+ * seconds + nanoseconds. */
+struct cas_fuse_attr {
+	uint64_t ino;
+	uint64_t size;
+	uint64_t blocks; /* 512-byte units */
+	uint64_t atime, mtime, ctime;
+	uint32_t atimensec, mtimensec, ctimensec;
+	uint32_t mode; /* S_IFxxx | permission bits */
+	uint32_t nlink;
+	uint32_t uid, gid;
+	uint32_t rdev;
+	uint32_t blksize;
+};
+
+/* Timeouts in seconds; UINT64_MAX (with nsec 0) means forever. */
+struct cas_fuse_entry {
+	uint64_t generation;
+	uint64_t entry_valid, attr_valid;
+	uint32_t entry_valid_nsec, attr_valid_nsec;
+	struct cas_fuse_attr attr; /* attr.ino is the node id */
+};
+
+/* FOPEN_* flags the filesystem wants on an open/opendir reply. */
+#define CAS_FOPEN_KEEP_CACHE (1u << 1)
+#define CAS_FOPEN_CACHE_DIR (1u << 3)
+#define CAS_FOPEN_NOFLUSH (1u << 5)
+#define CAS_FOPEN_PASSTHROUGH (1u << 7)
+
+struct cas_fuse_open {
+	uint64_t fh;
+	uint32_t open_flags; /* CAS_FOPEN_* */
+	/* For passthrough: an fd of the backing file (-1: none). The engine
+	 * asks the transport (cas_fuse_config.backing_open) for a backing id;
+	 * the fd stays the filesystem's. */
+	int backing_fd;
+};
+
+/* Where READ data comes from: a buffer the filesystem filled (the engine's
+ * reply buffer, passed in), or a range of a file descriptor that the
+ * transport copies or splices without passing through the engine. */
+struct cas_fuse_read {
+	/* in: buf/size where the fs may copy data; out: len bytes copied */
+	uint8_t *buf;
+	size_t len;
+	/* or: fd >= 0 and fd_offset/len: data is bytes [off, off+len) of fd.
+	 * The fd must stay open until the reply is sent (the fs keeps it in
+	 * its handle; release comes only after). */
+	int fd;
+	uint64_t fd_offset;
+};
+
+/* Adds one directory entry while filling a READDIR(PLUS) reply. Returns 1
+ * if it fit, 0 if the buffer is full (stop; the entry is not consumed).
+ * `next_off` is the offset the kernel passes back to continue after this
+ * entry. For READDIRPLUS `entry` must be filled (counts as a lookup);
+ * for READDIR it may be NULL. */
+struct cas_fuse_dirbuf;
+int cas_fuse_dirbuf_add(struct cas_fuse_dirbuf *db, const uint8_t *name,
+			size_t namelen, uint64_t ino, uint32_t mode,
+			uint64_t next_off, const struct cas_fuse_entry *entry);
+bool cas_fuse_dirbuf_plus(const struct cas_fuse_dirbuf *db);
+
+struct cas_fuse_statfs {
+	uint64_t blocks, bfree, bavail, files, ffree;
+	uint32_t bsize, namelen, frsize;
+};
+
+/* What INIT negotiated, shown to the filesystem's init(). The fs may
+ * clear `want_*` flags it does not support. */
+struct cas_fuse_conn {
+	uint32_t proto_major, proto_minor; /* the kernel's */
+	uint32_t max_readahead;
+	uint32_t max_write;
+	uint32_t max_pages;
+	bool can_passthrough;   /* kernel offered it and transport supports it */
+	bool want_passthrough;  /* fs wants it (default: can_passthrough) */
+	bool can_readdirplus;
+	bool want_readdirplus;
+};
+
+struct cas_fuse_ops {
+	int (*init)(void *fs, struct cas_fuse_conn *conn);
+	void (*destroy)(void *fs);
+	/* name is NUL-terminated; namelen excludes the NUL. */
+	int (*lookup)(void *fs, uint64_t parent, const char *name,
+		      size_t namelen, struct cas_fuse_entry *ret);
+	void (*forget)(void *fs, uint64_t ino, uint64_t nlookup);
+	int (*getattr)(void *fs, uint64_t ino, struct cas_fuse_attr *ret,
+		       uint64_t *ret_attr_valid);
+	/* Copies up to size bytes of the target into buf; returns the length. */
+	int (*readlink)(void *fs, uint64_t ino, char *buf, size_t size);
+	int (*open)(void *fs, uint64_t ino, uint32_t flags,
+		    struct cas_fuse_open *ret);
+	int (*read)(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
+		    uint32_t size, struct cas_fuse_read *ret);
+	int (*release)(void *fs, uint64_t ino, uint64_t fh);
+	int (*opendir)(void *fs, uint64_t ino, uint32_t flags,
+		       struct cas_fuse_open *ret);
+	/* Fill db starting after offset `off` (0: from the start). */
+	int (*readdir)(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
+		       struct cas_fuse_dirbuf *db);
+	int (*releasedir)(void *fs, uint64_t ino, uint64_t fh);
+	int (*statfs)(void *fs, uint64_t ino, struct cas_fuse_statfs *ret);
+	/* size 0: return the value's length; else copy into buf and return
+	 * the length, -ERANGE if it does not fit. -ENODATA if absent. A NULL
+	 * getxattr/listxattr makes the engine answer ENOSYS (the kernel then
+	 * stops asking for the rest of the mount). */
+	int (*getxattr)(void *fs, uint64_t ino, const char *name, char *buf,
+			size_t size);
+	int (*listxattr)(void *fs, uint64_t ino, char *buf, size_t size);
+	int (*access)(void *fs, uint64_t ino, uint32_t mask);
+	/* Every other opcode that modifies gets -EROFS without reaching the
+	 * filesystem when `readonly` is set in the config; others ENOSYS. */
+};
+
+struct cas_fuse_config {
+	bool readonly;
+	uint32_t max_write;     /* largest request payload we accept */
+	uint32_t max_pages;     /* largest READ we answer, in pages */
+	uint32_t max_readahead; /* 0: the kernel's */
+	/* Transport hooks for FUSE passthrough (NULL: not available). */
+	int (*backing_open)(void *transport, int fd);      /* -> id or -errno */
+	int (*backing_close)(void *transport, int backing_id);
+	void *transport;
+};
+
+/* Size the reply buffer must have: header + the largest reply. */
+size_t cas_fuse_reply_bufsize(const struct cas_fuse_config *cfg);
+
+/* A reply: buf[0..len) first (header included; its length field counts
+ * the fd part too), then, when fd >= 0, fd_len bytes of fd at fd_offset.
+ * The transport sends both as one message. `send` is false when the
+ * request takes no reply (FORGET, BATCH_FORGET, INTERRUPT). After a
+ * successful DESTROY, `destroyed` is set. */
+struct cas_fuse_reply {
+	uint8_t *buf; /* caller's, cas_fuse_reply_bufsize() bytes */
+	size_t buf_size;
+	size_t len;
+	int fd;
+	uint64_t fd_offset;
+	size_t fd_len;
+	bool send;
+	bool destroyed;
+	uint64_t unique; /* of the request, for logging */
+};
+
+struct cas_fuse_session;
+
+int cas_fuse_session_new(const struct cas_fuse_ops *ops, void *fs,
+			 const struct cas_fuse_config *cfg,
+			 struct cas_fuse_session **ret);
+void cas_fuse_session_free(struct cas_fuse_session *s);
+
+/* Processes one request made of `in_cnt` buffers (concatenated, they are
+ * the bytes of the request). Always returns 0 with a reply to send (or
+ * reply->send == false); never fails because of request contents. */
+int cas_fuse_session_process(struct cas_fuse_session *s,
+			     const struct iovec *in, int in_cnt,
+			     struct cas_fuse_reply *reply);
+
+/* Negotiated state (after INIT). */
+bool cas_fuse_session_initialized(const struct cas_fuse_session *s);
+const struct cas_fuse_conn *cas_fuse_session_conn(const struct cas_fuse_session *s);
+
+#endif

@@ -1,0 +1,127 @@
+/* store.h - the two services (blobs, Directories) and the named roots,
+ * behind one interface that every backend implements: the local store
+ * (local.h), and the remote stores of src/remote with their cache.
+ *
+ * Contract:
+ * - Every operation returns >= 0 or -errno: -ENOENT when the object is
+ *   absent, -EBADMSG when it is corrupt or fails validation (with a log
+ *   line naming it), -EIO for a store fault. Nothing is ever used before
+ *   its digest is known to be right: a backend that fetches bytes checks
+ *   them first.
+ * - A cas_store is thread-safe: any thread may call any operation at any
+ *   time. Writers and batches belong to the thread that made them.
+ * - Ownership: what a get returns is the caller's (free with the named
+ *   function); fds returned are the caller's to close.
+ * - Blobs are immutable once published; publishing a blob that exists is a
+ *   success that writes nothing.
+ */
+#ifndef CAS_STORE_STORE_H
+#define CAS_STORE_STORE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "core/digest.h"
+#include "core/directory.h"
+
+typedef struct cas_store cas_store;
+typedef struct cas_blob_writer cas_blob_writer;
+typedef struct cas_dir_batch cas_dir_batch;
+
+/* Called once per root by roots_foreach; name is NUL-terminated and valid
+ * only during the call, as is node. Returning < 0 stops the walk and is
+ * returned by roots_foreach. */
+typedef int (*cas_root_cb)(void *userdata, const char *name,
+			   const cas_node *node);
+
+struct cas_store_ops {
+	/* Blobs ----------------------------------------------------------- */
+	int (*blob_stat)(cas_store *s, const cas_digest *d, uint64_t *ret_size);
+	/* An O_RDONLY fd holding exactly the blob's (verified) bytes, read
+	 * with pread; the fd can be spliced and used as a FUSE passthrough
+	 * backing file. */
+	int (*blob_open)(cas_store *s, const cas_digest *d, int *ret_fd,
+			 uint64_t *ret_size);
+	int (*blob_writer_new)(cas_store *s, cas_blob_writer **ret);
+
+	/* Directories ----------------------------------------------------- */
+	/* The canonical bytes of a Directory (malloc'd; NULL/0 for the empty
+	 * Directory, which every store has). */
+	int (*directory_get_raw)(cas_store *s, const cas_digest *d,
+				 uint8_t **ret_buf, size_t *ret_len);
+	int (*directory_has)(cas_store *s, const cas_digest *d);
+	int (*dir_batch_new)(cas_store *s, cas_dir_batch **ret);
+
+	/* Named roots ----------------------------------------------------- */
+	/* ret is a cas_node_dup (free()) whose name is the root name. */
+	int (*root_get)(cas_store *s, const char *name, cas_node **ret);
+	int (*roots_foreach)(cas_store *s, cas_root_cb cb, void *userdata);
+	/* Registers or replaces a root. The content need not be present. */
+	int (*root_set)(cas_store *s, const char *name, const cas_node *node);
+	/* -ENOENT if there is no such root. */
+	int (*root_remove)(cas_store *s, const char *name);
+
+	void (*free)(cas_store *s);
+};
+
+struct cas_store {
+	const struct cas_store_ops *ops;
+};
+
+struct cas_blob_writer_ops {
+	int (*write)(cas_blob_writer *w, const void *buf, size_t len);
+	/* Hashes what was written, publishes it under its digest (atomic, no
+	 * overwrite) and frees the writer whatever the result. When
+	 * `expected` is non-NULL and differs: -EBADMSG, nothing published. */
+	int (*commit)(cas_blob_writer *w, const cas_digest *expected,
+		      cas_digest *ret_digest, uint64_t *ret_size);
+	/* Drops everything written and frees the writer. */
+	void (*abort)(cas_blob_writer *w);
+};
+
+struct cas_blob_writer {
+	const struct cas_blob_writer_ops *ops;
+};
+
+/* A set of Directories committed together, leaves first: each put is
+ * validated (canonical, closure: every child Directory is earlier in the
+ * batch or already stored). commit makes all of them, and optionally a
+ * root, durable at once; on any error nothing is committed. commit and
+ * abort free the batch. */
+struct cas_dir_batch_ops {
+	int (*put)(cas_dir_batch *b, const void *buf, size_t len,
+		   cas_digest *ret_digest);
+	int (*commit)(cas_dir_batch *b, const char *root_name,
+		      const cas_node *root_node);
+	void (*abort)(cas_dir_batch *b);
+};
+
+struct cas_dir_batch {
+	const struct cas_dir_batch_ops *ops;
+};
+
+/* Convenience wrappers (store.c). ------------------------------------ */
+static inline void cas_store_free(cas_store *s)
+{
+	if (s)
+		s->ops->free(s);
+}
+static inline void cas_store_freep(cas_store **s)
+{
+	cas_store_free(*s);
+}
+
+/* directory_get_raw + cas_directory_decode; a decode failure is -EBADMSG
+ * logged with the digest. */
+int cas_store_directory_get(cas_store *s, const cas_digest *d,
+			    cas_directory **ret);
+/* Puts one Directory (a batch of one); returns its digest. */
+int cas_store_directory_put(cas_store *s, const void *buf, size_t len,
+			    cas_digest *ret_digest);
+/* Reads a whole fd (or the rest of a stream) into a new blob. */
+int cas_store_blob_put_fd(cas_store *s, int fd, cas_digest *ret_digest,
+			  uint64_t *ret_size);
+/* A root name is a valid entry name (cas_name_valid) given as a C string. */
+bool cas_root_name_valid(const char *name);
+
+#endif
