@@ -1,0 +1,39 @@
+/* castorefs.h - the read-only castore filesystem (DESIGN.md section 4).
+ *
+ * Implements struct cas_fuse_ops over a cas_store: the root directory holds
+ * the named roots; below it, Directories, files and symlinks of the store,
+ * read lazily. Transports serve it through the FUSE engine.
+ *
+ * Contract: thread-safe (the engine calls it from every worker). The store
+ * stays the caller's and must outlive the filesystem.
+ */
+#ifndef CAS_CASTOREFS_CASTOREFS_H
+#define CAS_CASTOREFS_CASTOREFS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "fuse/engine.h"
+#include "store/store.h"
+
+struct cas_fs_options {
+	bool list_root;  /* readdir of the root allowed (else EPERM) */
+	bool show_xattr; /* user.castore.*.digest xattrs (else ENOSYS) */
+};
+
+struct cas_fs;
+
+int cas_fs_new(cas_store *store, const struct cas_fs_options *opts,
+	       struct cas_fs **ret);
+void cas_fs_free(struct cas_fs *fs);
+
+/* The operations table; pass the cas_fs as the engine's `fs` pointer. */
+const struct cas_fuse_ops *cas_fs_ops(void);
+
+struct cas_fs_stats {
+	size_t inodes;        /* live inodes (the kernel still knows them) */
+	size_t memory_bytes;  /* heap held by the inode table and caches */
+};
+void cas_fs_get_stats(struct cas_fs *fs, struct cas_fs_stats *ret);
+
+#endif
