@@ -30,12 +30,54 @@ struct cas_cli {
 
 /* Opens the store named by cli->store_spec: a local folder (created when
  * `create`) or a remote store behind its cache. Prints the error itself;
- * returns -errno. */
+ * returns -errno. Without `create` a local store is opened read-only. */
 int cas_cli_open_store(struct cas_cli *cli, bool create, cas_store **ret);
+
+enum cas_cli_store_mode {
+	CAS_CLI_STORE_READ,   /* local: read-only, must exist */
+	CAS_CLI_STORE_WRITE,  /* local: writable, must exist */
+	CAS_CLI_STORE_CREATE, /* local: writable, created when missing */
+};
+int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
+			    cas_store **ret);
 
 /* Prints "castore VERB: <message>" and returns CAS_EXIT_USAGE. */
 int cas_cli_usage(const char *verb, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
+
+/* Prints "castore VERB: <message>" and returns CAS_EXIT_FAILURE. */
+int cas_cli_fail(const char *verb, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/* Parses a digest given as 64 hex characters; prints a usage error and
+ * returns CAS_EXIT_USAGE otherwise, 0 on success. */
+int cas_cli_parse_digest(const char *verb, const char *hex, cas_digest *ret);
+
+/* Parses a non-negative decimal integer, with a K/M/G/T suffix (powers of
+ * 1024) when `suffixes`. -EINVAL or -ERANGE on anything else. */
+int cas_cli_parse_size(const char *s, bool suffixes, uint64_t *ret);
+
+/* Resolves NAME[/PATH] (a root, then entries through its Directories with
+ * cas_directory_find) to a node that the caller frees with free(). Prints
+ * the error (naming `spec`) and returns CAS_EXIT_FAILURE, or
+ * CAS_EXIT_USAGE for an invalid root name; 0 on success. */
+int cas_cli_resolve(const char *verb, cas_store *s, const char *spec,
+		    cas_node **ret);
+
+/* Copies a blob's bytes to fd; prints the error naming the digest. */
+int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
+		      int fd);
+
+/* Flushes stdout; prints an error and returns CAS_EXIT_FAILURE if writing
+ * it failed, else `status`. */
+int cas_cli_finish(int status);
+
+/* Scans the options of a verb: getopt_long with the verb's own messages
+ * (unknown option, missing argument) as usage errors. Returns the option
+ * character, -1 at the end, or '?' after printing a usage error. */
+struct option;
+int cas_cli_getopt(const char *verb, int argc, char **argv,
+		   const char *shortopts, const struct option *longopts);
 
 typedef int (*cas_cli_verb)(struct cas_cli *cli, int argc, char **argv);
 

@@ -1,1 +1,283 @@
-/* placeholder: being written */
+/* What the verbs share: opening the store, argument parsing, resolving
+ * NAME/PATH through the Directories, copying blobs out. */
+#include "cli/cli.h"
+
+#include <errno.h>
+#include <getopt.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/log.h"
+#include "core/util.h"
+#include "store/local.h"
+#ifdef CAS_HAVE_REMOTE
+#include "remote/remote.h"
+#endif
+
+static void vprint_line(const char *verb, const char *fmt, va_list ap)
+{
+	char line[2048];
+	/* "castore: ..." for the command itself, "castore VERB: ..." else. */
+	int n = strcmp(verb, "castore") ?
+			snprintf(line, sizeof(line), "castore %s: ", verb) :
+			snprintf(line, sizeof(line), "castore: ");
+	if (n < 0 || (size_t)n >= sizeof(line))
+		n = 0;
+	int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
+	size_t len = (size_t)n;
+	if (m > 0)
+		len += CAS_MIN((size_t)m, sizeof(line) - (size_t)n - 2);
+	/* Keep the message on one line whatever a name holds. */
+	for (size_t i = 0; i < len; i++)
+		if (line[i] == '\n' || line[i] == '\r')
+			line[i] = '?';
+	line[len++] = '\n';
+	fflush(stdout);
+	(void)!write(STDERR_FILENO, line, len);
+}
+
+int cas_cli_usage(const char *verb, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vprint_line(verb, fmt, ap);
+	va_end(ap);
+	return CAS_EXIT_USAGE;
+}
+
+int cas_cli_fail(const char *verb, const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	vprint_line(verb, fmt, ap);
+	va_end(ap);
+	return CAS_EXIT_FAILURE;
+}
+
+int cas_cli_open_store(struct cas_cli *cli, bool create, cas_store **ret)
+{
+	return cas_cli_open_store_mode(cli, create ? CAS_CLI_STORE_CREATE :
+						     CAS_CLI_STORE_READ,
+				       ret);
+}
+
+int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
+			    cas_store **ret)
+{
+	const char *spec = cli->store_spec;
+	int r;
+
+	if (!spec || !*spec) {
+		cas_cli_fail("store", "no store given");
+		return -EINVAL;
+	}
+#ifdef CAS_HAVE_REMOTE
+	if (cas_remote_is_url(spec)) {
+		struct cas_remote_options ro = {
+			.cache_dir = cli->cache_dir,
+			.cache_max = cli->cache_max,
+		};
+		r = cas_remote_open(spec, &ro, ret);
+		if (r < 0)
+			cas_cli_fail("store", "%s: %s", spec, strerror(-r));
+		return r;
+	}
+#else
+	if (strstr(spec, "://")) {
+		cas_cli_fail("store", "%s: remote stores not built in", spec);
+		return -EPROTONOSUPPORT;
+	}
+#endif
+	struct cas_local_options lo = {
+		.create = mode == CAS_CLI_STORE_CREATE,
+		.readonly = mode == CAS_CLI_STORE_READ,
+	};
+	r = cas_local_open(spec, &lo, ret);
+	if (r < 0)
+		cas_cli_fail("store", "%s: %s", spec, strerror(-r));
+	return r;
+}
+
+int cas_cli_parse_digest(const char *verb, const char *hex, cas_digest *ret)
+{
+	if (cas_digest_from_hex(hex, ret) < 0)
+		return cas_cli_usage(verb, "%s: not a digest (64 hex characters)",
+				     hex);
+	return 0;
+}
+
+int cas_cli_parse_size(const char *s, bool suffixes, uint64_t *ret)
+{
+	uint64_t v = 0;
+	const char *p = s;
+
+	if (*p < '0' || *p > '9')
+		return -EINVAL;
+	for (; *p >= '0' && *p <= '9'; p++) {
+		unsigned dgt = (unsigned)(*p - '0');
+		if (v > (UINT64_MAX - dgt) / 10)
+			return -ERANGE;
+		v = v * 10 + dgt;
+	}
+	if (*p && suffixes) {
+		unsigned shift;
+		switch (*p) {
+		case 'k': case 'K': shift = 10; break;
+		case 'm': case 'M': shift = 20; break;
+		case 'g': case 'G': shift = 30; break;
+		case 't': case 'T': shift = 40; break;
+		default: return -EINVAL;
+		}
+		p++;
+		if (*p == 'i' && p[1] == 'B')
+			p += 2;
+		else if (*p == 'B')
+			p++;
+		if (v > (UINT64_MAX >> shift))
+			return -ERANGE;
+		v <<= shift;
+	}
+	if (*p)
+		return -EINVAL;
+	*ret = v;
+	return 0;
+}
+
+int cas_cli_getopt(const char *verb, int argc, char **argv,
+		   const char *shortopts, const struct option *longopts)
+{
+	char spec[64];
+	int longindex = -1;
+
+	/* A leading ':' (after '+', if any) reports a missing argument as
+	 * ':' instead of '?'. */
+	if (shortopts[0] == '+')
+		snprintf(spec, sizeof(spec), "+:%s", shortopts + 1);
+	else
+		snprintf(spec, sizeof(spec), ":%s", shortopts);
+	opterr = 0;
+	int c = getopt_long(argc, argv, spec, longopts, &longindex);
+	if (c == ':') {
+		cas_cli_usage(verb, "option %s needs an argument",
+			      argv[optind - 1]);
+		return '?';
+	}
+	if (c == '?') {
+		if (optopt && optopt != '?')
+			cas_cli_usage(verb, "unknown option -%c", optopt);
+		else
+			cas_cli_usage(verb, "unknown option %s", argv[optind - 1]);
+		return '?';
+	}
+	return c;
+}
+
+static int walk_step(const char *verb, cas_store *s, const char *spec,
+		     cas_node **node, const uint8_t *name, size_t len)
+{
+	_cleanup_(cas_directory_freep) cas_directory *d = NULL;
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+
+	if ((*node)->type != CAS_NODE_DIRECTORY)
+		return cas_cli_fail(verb, "%s: %.*s is below a %s", spec,
+				    (int)len, (const char *)name,
+				    (*node)->type == CAS_NODE_FILE ? "file" :
+								     "symlink");
+	int r = cas_store_directory_get(s, &(*node)->digest, &d);
+	if (r < 0) {
+		cas_digest_to_hex(&(*node)->digest, hex);
+		return cas_cli_fail(verb, "%s: directory %s: %s", spec, hex,
+				    r == -ENOENT ? "not in the store" :
+						   strerror(-r));
+	}
+	const cas_node *child = cas_directory_find(d, name, len);
+	if (!child)
+		return cas_cli_fail(verb, "%s: no such entry", spec);
+	cas_node *copy = cas_node_dup(child);
+	if (!copy)
+		return cas_cli_fail(verb, "%s: %s", spec, strerror(ENOMEM));
+	free(*node);
+	*node = copy;
+	return 0;
+}
+
+int cas_cli_resolve(const char *verb, cas_store *s, const char *spec,
+		    cas_node **ret)
+{
+	_cleanup_free_ char *root = NULL;
+	_cleanup_free_ cas_node *node = NULL;
+	const char *slash = strchr(spec, '/');
+	const char *rest = slash ? slash + 1 : "";
+
+	root = slash ? strndup(spec, (size_t)(slash - spec)) : strdup(spec);
+	if (!root)
+		return cas_cli_fail(verb, "%s: %s", spec, strerror(ENOMEM));
+	if (!cas_root_name_valid(root))
+		return cas_cli_usage(verb, "%s: invalid root name", spec);
+	int r = s->ops->root_get(s, root, &node);
+	if (r == -ENOENT)
+		return cas_cli_fail(verb, "%s: no such root", root);
+	if (r < 0)
+		return cas_cli_fail(verb, "%s: %s", root, strerror(-r));
+
+	/* Empty components (a//b, a trailing /) are skipped as a shell
+	 * user expects; "." and ".." are not names and so are not found. */
+	while (*rest) {
+		const char *end = strchrnul(rest, '/');
+		if (end > rest) {
+			r = walk_step(verb, s, spec, &node, (const uint8_t *)rest,
+				      (size_t)(end - rest));
+			if (r)
+				return r;
+		}
+		rest = *end ? end + 1 : end;
+	}
+	*ret = TAKE_PTR(node);
+	return 0;
+}
+
+int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
+		      int fd)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	_cleanup_close_ int bfd = -1;
+	_cleanup_free_ uint8_t *buf = NULL;
+	uint64_t size, off = 0;
+	const size_t bufsize = 1 << 20;
+
+	cas_digest_to_hex(d, hex);
+	int r = s->ops->blob_open(s, d, &bfd, &size);
+	if (r == -ENOENT)
+		return cas_cli_fail(verb, "blob %s: not in the store", hex);
+	if (r < 0)
+		return cas_cli_fail(verb, "blob %s: %s", hex, strerror(-r));
+	buf = malloc(bufsize);
+	if (!buf)
+		return cas_cli_fail(verb, "blob %s: %s", hex, strerror(ENOMEM));
+	fflush(stdout);
+	while (off < size) {
+		size_t want = (size_t)CAS_MIN((uint64_t)bufsize, size - off);
+		ssize_t n = pread(bfd, buf, want, (off_t)off);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return cas_cli_fail(verb, "blob %s: read: %m", hex);
+		if (n == 0)
+			return cas_cli_fail(verb, "blob %s: shorter than its size",
+					    hex);
+		r = cas_write_all(fd, buf, (size_t)n);
+		if (r < 0)
+			return cas_cli_fail(verb, "write: %s", strerror(-r));
+		off += (uint64_t)n;
+	}
+	return 0;
+}
+
+int cas_cli_finish(int status)
+{
+	if (fflush(stdout) != 0 || ferror(stdout))
+		return cas_cli_fail("stdout", "write: %m");
+	return status;
+}
