@@ -15,31 +15,41 @@
 
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
 
-bool cas_name_valid(const uint8_t *name, size_t len)
-{
-	if (len == 0)
-		return false;
-	if (len == 1 && name[0] == '.')
-		return false;
-	if (len == 2 && name[0] == '.' && name[1] == '.')
-		return false;
-	return !memchr(name, '/', len) && !memchr(name, 0, len);
-}
-
 int cas_name_cmp(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
 {
-	int c = memcmp(a, b, CAS_MIN(alen, blen));
+	/* memcmp with a NULL pointer is undefined even for 0 bytes, and an
+	 * empty name may well be (NULL, 0). */
+	size_t common = CAS_MIN(alen, blen);
+	int c = common ? memcmp(a, b, common) : 0;
 	if (c)
 		return c;
 	return alen < blen ? -1 : alen > blen;
 }
 
+/* Why a name is not valid (NULL if it is): one reason per rule, so that a
+ * refusal says which rule was broken. */
+static const char *name_why(const uint8_t *name, size_t len)
+{
+	if (len == 0)
+		return "empty name";
+	if (len == 1 && name[0] == '.')
+		return "name is \".\"";
+	if (len == 2 && name[0] == '.' && name[1] == '.')
+		return "name is \"..\"";
+	if (memchr(name, '/', len))
+		return "name contains '/'";
+	if (memchr(name, 0, len))
+		return "name contains NUL";
+	return NULL;
+}
+
 const char *cas_node_check(const cas_node *n, bool allow_empty_name)
 {
-	if (!(allow_empty_name && n->name_len == 0) &&
-	    !cas_name_valid(n->name, n->name_len))
-		return n->name_len == 0 ? "empty name" :
-					  "invalid name (\".\", \"..\", '/' or NUL)";
+	if (!(allow_empty_name && n->name_len == 0)) {
+		const char *why = name_why(n->name, n->name_len);
+		if (why)
+			return why;
+	}
 	switch (n->type) {
 	case CAS_NODE_DIRECTORY:
 	case CAS_NODE_FILE:
@@ -52,6 +62,11 @@ const char *cas_node_check(const cas_node *n, bool allow_empty_name)
 		return NULL;
 	}
 	return "unknown node type";
+}
+
+bool cas_name_valid(const uint8_t *name, size_t len)
+{
+	return name_why(name, len) == NULL;
 }
 
 /* --- bounds-checked cursor over untrusted bytes ------------------------ */
@@ -181,7 +196,8 @@ static int parse_node(const uint8_t *buf, size_t len, enum cas_node_type type,
 			break;
 		case 4:
 			r = cur_varint(&c, &v, why);
-			n->executable = v != 0;
+			if (r == 0)
+				n->executable = v != 0;
 			break;
 		}
 		if (r < 0)
@@ -300,11 +316,18 @@ static int node_cmp(const void *a, const void *b)
 	return cas_name_cmp(x->name, x->name_len, y->name, y->name_len);
 }
 
+/* An empty list may be (NULL, 0), and qsort's pointer must not be NULL. */
+static void sort_list(cas_node *list, size_t count)
+{
+	if (count > 1)
+		qsort(list, count, sizeof(cas_node), node_cmp);
+}
+
 void cas_directory_sort(cas_directory *d)
 {
-	qsort(d->directories, d->n_directories, sizeof(cas_node), node_cmp);
-	qsort(d->files, d->n_files, sizeof(cas_node), node_cmp);
-	qsort(d->symlinks, d->n_symlinks, sizeof(cas_node), node_cmp);
+	sort_list(d->directories, d->n_directories);
+	sort_list(d->files, d->n_files);
+	sort_list(d->symlinks, d->n_symlinks);
 }
 
 int cas_directory_size(const cas_directory *d, uint64_t *ret_size)
@@ -389,10 +412,16 @@ int cas_directory_encode(const cas_directory *d, uint8_t **ret_buf,
 
 /* --- decoding ---------------------------------------------------------- */
 
+/* Stands in for a NULL buffer of length 0: arithmetic on NULL is undefined
+ * even with offset 0. */
+static const uint8_t no_bytes[1];
+
 int cas_directory_decode(const void *buf, size_t len, cas_directory **ret,
 			 const char **ret_why)
 {
 	const char *why_local, **why = ret_why ? ret_why : &why_local;
+	if (len == 0)
+		buf = no_bytes;
 	size_t counts[3] = { 0, 0, 0 };
 	struct cursor c = { buf, (const uint8_t *)buf + len };
 	int r;
@@ -548,6 +577,11 @@ int cas_node_decode(const void *buf, size_t len, cas_node *ret_node,
 		    const char **ret_why)
 {
 	const char *why_local, **why = ret_why ? ret_why : &why_local;
+	/* Before the cursor: NULL + 0 is undefined. */
+	if (len == 0) {
+		*why = "empty node";
+		return -EBADMSG;
+	}
 	struct cursor c = { buf, (const uint8_t *)buf + len };
 	uint32_t f;
 	unsigned wt;
@@ -555,10 +589,6 @@ int cas_node_decode(const void *buf, size_t len, cas_node *ret_node,
 	size_t sublen;
 	int r;
 
-	if (len == 0) {
-		*why = "empty node";
-		return -EBADMSG;
-	}
 	if ((r = cur_tag(&c, &f, &wt, why)) < 0)
 		return r;
 	if ((r = field_check(f >= 1 && f <= 3 ? WT_LEN : -1, wt, why)) < 0)
@@ -597,7 +627,10 @@ int cas_node_decode(const void *buf, size_t len, cas_node *ret_node,
 
 cas_node *cas_node_dup(const cas_node *node)
 {
-	cas_node *n = malloc(sizeof(*n) + node->name_len + node->target_len + 2);
+	/* Only a symlink has a target; another node's target fields may be
+	 * left uninitialised by its builder. */
+	size_t target_len = node->type == CAS_NODE_SYMLINK ? node->target_len : 0;
+	cas_node *n = malloc(sizeof(*n) + node->name_len + target_len + 2);
 	if (!n)
 		return NULL;
 	*n = *node;
@@ -607,9 +640,10 @@ cas_node *cas_node_dup(const cas_node *node)
 	p[node->name_len] = 0;
 	n->name = p;
 	p += node->name_len + 1;
-	if (node->target_len)
-		memcpy(p, node->target, node->target_len);
-	p[node->target_len] = 0;
+	if (target_len)
+		memcpy(p, node->target, target_len);
+	p[target_len] = 0;
 	n->target = node->type == CAS_NODE_SYMLINK ? p : NULL;
+	n->target_len = target_len;
 	return n;
 }

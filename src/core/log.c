@@ -44,8 +44,10 @@ int cas_log_internal(enum cas_log_level level, int r, const char *fmt, ...)
 	char line[2048];
 	int saved = errno;
 	size_t n = (size_t)snprintf(line, sizeof(line), "%s", log_prefix);
-	if (n >= sizeof(line))
-		n = 0;
+	/* Room for at least the newline, whatever the prefix's length (the
+	 * arithmetic below would wrap otherwise). */
+	if (n > sizeof(line) - 2)
+		n = sizeof(line) - 2;
 	errno = r < 0 ? -r : r;
 	va_list ap;
 	va_start(ap, fmt);
