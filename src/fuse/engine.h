@@ -75,6 +75,10 @@ struct cas_fuse_read {
 	/* in: buf/size where the fs may copy data; out: len bytes copied */
 	uint8_t *buf;
 	size_t len;
+	/* The read op returns 0 or -errno, never a length: on entry len is the
+	 * capacity of buf (equal to the op's `size`), on return the number of
+	 * bytes placed in buf (or, with fd >= 0, the number of bytes of fd).
+	 * Fewer than size bytes means end of file. */
 	/* or: fd >= 0 and fd_offset/len: data is bytes [off, off+len) of fd.
 	 * The fd must stay open until the reply is sent (the fs keeps it in
 	 * its handle; release comes only after). */
@@ -86,7 +90,9 @@ struct cas_fuse_read {
  * if it fit, 0 if the buffer is full (stop; the entry is not consumed).
  * `next_off` is the offset the kernel passes back to continue after this
  * entry. For READDIRPLUS `entry` must be filled (counts as a lookup);
- * for READDIR it may be NULL. */
+ * for READDIR it may be NULL. For "." and ".." in READDIRPLUS pass NULL:
+ * the kernel takes no lookup reference for them, so the engine encodes node
+ * id 0 ("no attributes") and the fs must not count a lookup. */
 struct cas_fuse_dirbuf;
 int cas_fuse_dirbuf_add(struct cas_fuse_dirbuf *db, const uint8_t *name,
 			size_t namelen, uint64_t ino, uint32_t mode,
@@ -114,7 +120,9 @@ struct cas_fuse_conn {
 struct cas_fuse_ops {
 	int (*init)(void *fs, struct cas_fuse_conn *conn);
 	void (*destroy)(void *fs);
-	/* name is NUL-terminated; namelen excludes the NUL. */
+	/* name is NUL-terminated; namelen excludes the NUL. Returning 0 with
+	 * ret->attr.ino == 0 is a negative entry: ENOENT that the kernel caches
+	 * for ret->entry_valid. */
 	int (*lookup)(void *fs, uint64_t parent, const char *name,
 		      size_t namelen, struct cas_fuse_entry *ret);
 	void (*forget)(void *fs, uint64_t ino, uint64_t nlookup);
@@ -175,6 +183,14 @@ struct cas_fuse_reply {
 	bool send;
 	bool destroyed;
 	uint64_t unique; /* of the request, for logging */
+	/* A passthrough backing id (cas_fuse_config.backing_open) that the
+	 * transport must close with backing_close after it has written this
+	 * reply (or failed to), -1: none. The engine keeps one id per open
+	 * inode and closes it itself on the last RELEASE, because the kernel
+	 * refuses (EBUSY) a second open of an inode with a different backing
+	 * id while the first is open. So this engine always sets -1; the
+	 * field stays so that transports honour it if that ever changes. */
+	int backing_id_close;
 };
 
 struct cas_fuse_session;
