@@ -1,1 +1,790 @@
-/* placeholder: being written */
+/* import.c - filesystem -> store.
+ *
+ * Threads: the calling thread walks the tree (getdents64, readlinkat,
+ * fstatat only for DT_UNKNOWN) and is the only one that touches the
+ * Directory batch; N workers take file jobs from a bounded queue, each
+ * opening its file relative to its folder's fd, reading it once and
+ * publishing the blob when the store lacks it. When the queue is full the
+ * walker runs jobs itself instead of sleeping, so both cores stay busy.
+ *
+ * Small files are read whole into a per-thread buffer, hashed, and written
+ * from that same buffer. Large files are hashed with large reads and then,
+ * if absent, copied with copy_file_range; the source's size, mtime and
+ * ctime must be unchanged afterwards, so a file modified while it is
+ * imported is an error rather than a blob stored under a wrong name.
+ *
+ * Lifetime of a folder (struct imp_dir): the walker lists it completely
+ * (so its entry array never moves), queues its files, then walks its
+ * subfolders depth first. `pending` counts what is unfinished: each file,
+ * each subfolder, plus one for the walker's own pass. Whoever drops it to
+ * zero completes the folder: a worker hands it to the walker's ready list,
+ * the walker encodes it (cas_directory_sort + encode), puts it into the
+ * batch, writes its node into the parent's entry, frees it, and releases
+ * the parent in turn. Only ancestors of the walk and folders with queued
+ * files are alive at once, so memory and open fds stay bounded.
+ *
+ * Top level: PATH itself is followed if it is a symlink (importing a link
+ * to a tree imports the tree); inside the tree, symlinks are recorded.
+ */
+#include "store/import.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/log.h"
+#include "store/local_i.h"
+
+#define SMALL_FILE (1u << 20) /* read whole; also the hashing read size */
+#define QUEUE_CAP 256
+#define GETDENTS_BUF (64u << 10)
+#define PROGRESS_NS 100000000ll
+
+struct imp_entry {
+	uint32_t name_off; /* into imp_dir.names, NUL-terminated */
+	uint32_t name_len;
+	uint32_t target_off;
+	uint32_t target_len;
+	uint8_t type;
+	bool executable;
+	cas_digest digest;
+	uint64_t size;
+};
+
+struct imp_dir {
+	struct imp_dir *parent;
+	size_t parent_index;
+	struct imp_dir *live_prev, *live_next; /* walker only */
+	int fd;
+	char *path;
+	struct imp_entry *entries;
+	size_t n_entries, cap_entries;
+	char *names;
+	size_t names_len, cap_names;
+	_Atomic size_t pending;
+};
+
+struct imp_job {
+	struct imp_dir *dir;
+	size_t index;
+};
+
+struct importer {
+	cas_store *store;
+	struct cas_local *ls;
+	const struct cas_import_options *opts;
+
+	pthread_mutex_t lock;
+	pthread_cond_t job_cond;    /* workers: a job or stop */
+	pthread_cond_t walker_cond; /* walker: a ready folder */
+	struct imp_job queue[QUEUE_CAP]; /* protected by lock */
+	size_t q_head, q_len;            /* protected by lock */
+	bool stop;                       /* protected by lock */
+	struct imp_dir **ready;          /* protected by lock */
+	size_t n_ready, cap_ready;       /* protected by lock */
+
+	_Atomic int error; /* first failure; workers skip jobs after it */
+	_Atomic uint64_t files, bytes, blobs_added;
+	uint64_t directories, symlinks; /* walker only */
+
+	/* Walker only. */
+	cas_dir_batch *batch;
+	struct imp_dir *live; /* every imp_dir not yet freed */
+	uint8_t *walker_buf;
+	uint8_t *dents;
+	struct timespec last_progress;
+	bool root_done;
+	cas_node root; /* name empty; digest/size of the finished root */
+};
+
+static void set_error(struct importer *imp, int r)
+{
+	int zero = 0;
+	atomic_compare_exchange_strong(&imp->error, &zero, r);
+}
+
+static int failed(struct importer *imp)
+{
+	return atomic_load_explicit(&imp->error, memory_order_relaxed);
+}
+
+/* Logs "import PATH/NAME: why" with unprintable bytes escaped. */
+static int path_error(struct importer *imp, const struct imp_dir *dir,
+		      const char *name, int r, const char *why)
+{
+	size_t plen = dir ? strlen(dir->path) : 0, nlen = name ? strlen(name) : 0;
+	size_t size = 4 * (plen + nlen + 1) + 1;
+	_cleanup_free_ char *raw = malloc(plen + nlen + 2);
+	_cleanup_free_ char *esc = malloc(size);
+	if (raw && esc) {
+		int n = snprintf(raw, plen + nlen + 2, "%s%s%s", dir ? dir->path : "",
+				 dir && name ? "/" : "", name ? name : "");
+		cas_escape_name((const uint8_t *)raw, (size_t)n, esc, size);
+	}
+	if (why)
+		cas_log_error("import %s: %s", esc ? esc : "?", why);
+	else
+		cas_log_errno(r, "import %s: %m", esc ? esc : "?");
+	set_error(imp, r);
+	return r;
+}
+
+static const char *type_name(mode_t mode)
+{
+	if (S_ISFIFO(mode))
+		return "unsupported file type (fifo)";
+	if (S_ISSOCK(mode))
+		return "unsupported file type (socket)";
+	if (S_ISCHR(mode))
+		return "unsupported file type (character device)";
+	if (S_ISBLK(mode))
+		return "unsupported file type (block device)";
+	return "unsupported file type";
+}
+
+static void progress(struct importer *imp, bool force)
+{
+	if (!imp->opts || !imp->opts->progress)
+		return;
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &now);
+	long long ns = (now.tv_sec - imp->last_progress.tv_sec) * 1000000000ll +
+		       (now.tv_nsec - imp->last_progress.tv_nsec);
+	if (!force && ns < PROGRESS_NS)
+		return;
+	imp->last_progress = now;
+	struct cas_import_progress p = {
+		.files = atomic_load(&imp->files),
+		.directories = imp->directories,
+		.symlinks = imp->symlinks,
+		.bytes = atomic_load(&imp->bytes),
+		.blobs_added = atomic_load(&imp->blobs_added),
+	};
+	imp->opts->progress(imp->opts->userdata, &p);
+}
+
+/* Files ---------------------------------------------------------------- */
+
+/* Hashes (and if needed publishes) one open regular file. */
+static int import_fd(struct importer *imp, int fd, const struct stat *st,
+		     uint8_t *buf, cas_digest *ret_digest, uint64_t *ret_size,
+		     const struct imp_dir *dir, const char *name)
+{
+	uint64_t total = 0;
+	cas_digest d;
+	int r;
+
+	if ((uint64_t)st->st_size < SMALL_FILE) {
+		/* One read normally; a read of exactly st_size is taken as
+		 * the end so that small files cost no second read(). */
+		for (;;) {
+			ssize_t n = read(fd, buf + total, SMALL_FILE - total);
+			if (n < 0) {
+				if (errno == EINTR)
+					continue;
+				return path_error(imp, dir, name, cas_negerrno(), NULL);
+			}
+			total += (uint64_t)n;
+			if (n == 0 || total == (uint64_t)st->st_size ||
+			    total == SMALL_FILE)
+				break;
+		}
+		if (total < SMALL_FILE) {
+			cas_hash_buffer(buf, total, &d);
+			r = cas_local_blob_publish_buffer(imp->store, buf, total, &d);
+			if (r < 0)
+				return path_error(imp, dir, name, r, NULL);
+			goto done;
+		}
+		total = 0; /* it grew: take the large-file path */
+	}
+
+	cas_hasher h;
+	cas_hasher_init(&h);
+	for (;;) {
+		ssize_t n = pread(fd, buf, SMALL_FILE, (off_t)total);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return path_error(imp, dir, name, cas_negerrno(), NULL);
+		}
+		if (n == 0)
+			break;
+		cas_hasher_update(&h, buf, (size_t)n);
+		total += (uint64_t)n;
+	}
+	cas_hasher_final(&h, &d);
+	if (total != (uint64_t)st->st_size)
+		return path_error(imp, dir, name, -EBADMSG,
+				  "file changed while it was imported");
+	r = cas_local_publish_fd_checked(imp->ls, fd, total, &d, st);
+	if (r == -EBADMSG)
+		return path_error(imp, dir, name, r,
+				  "file changed while it was imported");
+	if (r < 0)
+		return path_error(imp, dir, name, r, NULL);
+done:
+	if (r > 0)
+		atomic_fetch_add_explicit(&imp->blobs_added, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&imp->files, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&imp->bytes, total, memory_order_relaxed);
+	*ret_digest = d;
+	*ret_size = total;
+	return 0;
+}
+
+static void dir_ready(struct importer *imp, struct imp_dir *dir);
+
+static void run_job(struct importer *imp, const struct imp_job *job,
+		    uint8_t *buf)
+{
+	struct imp_dir *dir = job->dir;
+	struct imp_entry *e = &dir->entries[job->index];
+	const char *name = dir->names + e->name_off;
+
+	if (!failed(imp)) {
+		int fd = openat(dir->fd, name,
+				O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK |
+					O_NOCTTY);
+		struct stat st;
+		if (fd < 0) {
+			if (errno == ELOOP)
+				path_error(imp, dir, name, -ELOOP,
+					   "file changed while it was imported");
+			else
+				path_error(imp, dir, name, cas_negerrno(), NULL);
+		} else if (fstat(fd, &st) < 0) {
+			path_error(imp, dir, name, cas_negerrno(), NULL);
+		} else if (!S_ISREG(st.st_mode)) {
+			path_error(imp, dir, name, -EINVAL, type_name(st.st_mode));
+		} else {
+			e->executable = (st.st_mode & 0111) != 0;
+			import_fd(imp, fd, &st, buf, &e->digest, &e->size, dir, name);
+		}
+		if (fd >= 0)
+			close(fd);
+	}
+	if (atomic_fetch_sub(&dir->pending, 1) == 1)
+		dir_ready(imp, dir);
+}
+
+/* Called by a worker (or the walker) that finished a folder's last file. */
+static void dir_ready(struct importer *imp, struct imp_dir *dir)
+{
+	pthread_mutex_lock(&imp->lock);
+	if (imp->n_ready == imp->cap_ready) {
+		size_t cap = imp->cap_ready ? imp->cap_ready * 2 : 64;
+		struct imp_dir **r = realloc(imp->ready, cap * sizeof(*r));
+		if (!r) {
+			pthread_mutex_unlock(&imp->lock);
+			set_error(imp, -ENOMEM);
+			return;
+		}
+		imp->ready = r;
+		imp->cap_ready = cap;
+	}
+	imp->ready[imp->n_ready++] = dir;
+	pthread_cond_signal(&imp->walker_cond);
+	pthread_mutex_unlock(&imp->lock);
+}
+
+static void *worker_main(void *arg)
+{
+	struct importer *imp = arg;
+	uint8_t *buf = malloc(SMALL_FILE);
+	if (!buf)
+		set_error(imp, -ENOMEM);
+	pthread_mutex_lock(&imp->lock);
+	for (;;) {
+		while (imp->q_len == 0 && !imp->stop)
+			pthread_cond_wait(&imp->job_cond, &imp->lock);
+		if (imp->q_len == 0)
+			break;
+		struct imp_job job = imp->queue[imp->q_head];
+		imp->q_head = (imp->q_head + 1) % QUEUE_CAP;
+		imp->q_len--;
+		pthread_mutex_unlock(&imp->lock);
+		if (!buf)
+			set_error(imp, -ENOMEM);
+		run_job(imp, &job, buf);
+		pthread_mutex_lock(&imp->lock);
+	}
+	pthread_mutex_unlock(&imp->lock);
+	free(buf);
+	return NULL;
+}
+
+static void submit(struct importer *imp, struct imp_dir *dir, size_t index)
+{
+	struct imp_job job = { dir, index };
+	pthread_mutex_lock(&imp->lock);
+	while (imp->q_len == QUEUE_CAP) {
+		/* Full: do the oldest job here rather than wait. */
+		struct imp_job old = imp->queue[imp->q_head];
+		imp->q_head = (imp->q_head + 1) % QUEUE_CAP;
+		imp->q_len--;
+		pthread_mutex_unlock(&imp->lock);
+		run_job(imp, &old, imp->walker_buf);
+		pthread_mutex_lock(&imp->lock);
+	}
+	imp->queue[(imp->q_head + imp->q_len) % QUEUE_CAP] = job;
+	imp->q_len++;
+	pthread_cond_signal(&imp->job_cond);
+	pthread_mutex_unlock(&imp->lock);
+}
+
+/* Folders (walker only) ------------------------------------------------ */
+
+static void dir_free(struct importer *imp, struct imp_dir *dir)
+{
+	if (dir->live_prev)
+		dir->live_prev->live_next = dir->live_next;
+	else
+		imp->live = dir->live_next;
+	if (dir->live_next)
+		dir->live_next->live_prev = dir->live_prev;
+	if (dir->fd >= 0)
+		close(dir->fd);
+	free(dir->entries);
+	free(dir->names);
+	free(dir->path);
+	free(dir);
+}
+
+static struct imp_dir *dir_new(struct importer *imp, struct imp_dir *parent,
+			       size_t parent_index, int fd, const char *path)
+{
+	struct imp_dir *dir = calloc(1, sizeof(*dir));
+	if (!dir || !(dir->path = strdup(path))) {
+		free(dir);
+		return NULL;
+	}
+	dir->parent = parent;
+	dir->parent_index = parent_index;
+	dir->fd = fd;
+	dir->live_next = imp->live;
+	if (imp->live)
+		imp->live->live_prev = dir;
+	imp->live = dir;
+	return dir;
+}
+
+static int names_add(struct imp_dir *dir, const char *s, size_t len,
+		     uint32_t *ret_off)
+{
+	if (dir->names_len + len + 1 > dir->cap_names) {
+		size_t cap = CAS_MAX(dir->cap_names * 2, dir->names_len + len + 1);
+		cap = CAS_MAX(cap, 256u);
+		if (cap > UINT32_MAX)
+			return -E2BIG;
+		char *n = realloc(dir->names, cap);
+		if (!n)
+			return -ENOMEM;
+		dir->names = n;
+		dir->cap_names = cap;
+	}
+	memcpy(dir->names + dir->names_len, s, len);
+	dir->names[dir->names_len + len] = 0;
+	*ret_off = (uint32_t)dir->names_len;
+	dir->names_len += len + 1;
+	return 0;
+}
+
+static int entry_add(struct importer *imp, struct imp_dir *dir,
+		     const char *name, uint8_t type)
+{
+	if (dir->n_entries == dir->cap_entries) {
+		size_t cap = dir->cap_entries ? dir->cap_entries * 2 : 16;
+		struct imp_entry *e = realloc(dir->entries, cap * sizeof(*e));
+		if (!e)
+			return -ENOMEM;
+		dir->entries = e;
+		dir->cap_entries = cap;
+	}
+	struct imp_entry *e = &dir->entries[dir->n_entries];
+	memset(e, 0, sizeof(*e));
+	e->type = type;
+	size_t len = strlen(name);
+	int r = names_add(dir, name, len, &e->name_off);
+	if (r < 0)
+		return r;
+	e->name_len = (uint32_t)len;
+	if (type == CAS_NODE_SYMLINK) {
+		char target[4096];
+		ssize_t n = readlinkat(dir->fd, name, target, sizeof(target));
+		if (n < 0)
+			return path_error(imp, dir, name, cas_negerrno(), NULL);
+		if (n == 0 || (size_t)n == sizeof(target))
+			return path_error(imp, dir, name, -EINVAL,
+					  "symlink target too long or empty");
+		/* name_off is stable: offsets, not pointers. */
+		r = names_add(dir, target, (size_t)n, &e->target_off);
+		if (r < 0)
+			return r;
+		e->target_len = (uint32_t)n;
+		imp->symlinks++;
+	}
+	dir->n_entries++;
+	return 0;
+}
+
+static int list_dir(struct importer *imp, struct imp_dir *dir)
+{
+	for (;;) {
+		ssize_t n = getdents64(dir->fd, imp->dents, GETDENTS_BUF);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return path_error(imp, dir, NULL, cas_negerrno(), NULL);
+		}
+		if (n == 0)
+			return 0;
+		for (ssize_t off = 0; off < n;) {
+			struct dirent64 *de = (struct dirent64 *)(imp->dents + off);
+			off += de->d_reclen;
+			const char *name = de->d_name;
+			if (name[0] == '.' &&
+			    (name[1] == 0 || (name[1] == '.' && name[2] == 0)))
+				continue;
+			unsigned t = de->d_type;
+			if (t == DT_UNKNOWN) {
+				struct stat st;
+				if (fstatat(dir->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+					return path_error(imp, dir, name,
+							  cas_negerrno(), NULL);
+				t = IFTODT(st.st_mode);
+			}
+			uint8_t type;
+			if (t == DT_DIR) {
+				type = CAS_NODE_DIRECTORY;
+			} else if (t == DT_REG) {
+				type = CAS_NODE_FILE;
+			} else if (t == DT_LNK) {
+				type = CAS_NODE_SYMLINK;
+			} else {
+				return path_error(imp, dir, name, -EINVAL,
+						  type_name(DTTOIF(t)));
+			}
+			int r = entry_add(imp, dir, name, type);
+			if (r < 0)
+				return failed(imp) ? r : path_error(imp, dir, name, r, NULL);
+		}
+	}
+}
+
+/* Encodes a folder whose subtree is done, puts it into the batch, hands
+ * its node to the parent and frees it; then the parent, if that was its
+ * last piece. */
+static int dir_complete(struct importer *imp, struct imp_dir *dir)
+{
+	while (dir) {
+		size_t n = dir->n_entries, nd = 0, nf = 0, ns = 0;
+		for (size_t i = 0; i < n; i++) {
+			uint8_t t = dir->entries[i].type;
+			nd += t == CAS_NODE_DIRECTORY;
+			nf += t == CAS_NODE_FILE;
+			ns += t == CAS_NODE_SYMLINK;
+		}
+		_cleanup_free_ cas_node *nodes = calloc(n ? n : 1, sizeof(*nodes));
+		if (!nodes)
+			return -ENOMEM;
+		cas_directory d = {
+			.directories = nodes, .files = nodes + nd,
+			.symlinks = nodes + nd + nf,
+		};
+		for (size_t i = 0; i < n; i++) {
+			const struct imp_entry *e = &dir->entries[i];
+			cas_node *node;
+			if (e->type == CAS_NODE_DIRECTORY)
+				node = &d.directories[d.n_directories++];
+			else if (e->type == CAS_NODE_FILE)
+				node = &d.files[d.n_files++];
+			else
+				node = &d.symlinks[d.n_symlinks++];
+			*node = (cas_node){
+				.type = e->type,
+				.name = (const uint8_t *)dir->names + e->name_off,
+				.name_len = e->name_len,
+				.digest = e->digest,
+				.size = e->size,
+				.executable = e->executable,
+			};
+			if (e->type == CAS_NODE_SYMLINK) {
+				node->target = (const uint8_t *)dir->names + e->target_off;
+				node->target_len = e->target_len;
+			}
+		}
+		cas_directory_sort(&d);
+		_cleanup_free_ uint8_t *buf = NULL;
+		size_t len = 0;
+		uint64_t size = 0;
+		const char *why = NULL;
+		cas_digest digest;
+		int r = cas_directory_size(&d, &size);
+		if (r < 0)
+			return path_error(imp, dir, NULL, r, "directory size overflows");
+		r = cas_directory_encode(&d, &buf, &len, &why);
+		if (r < 0)
+			return path_error(imp, dir, NULL, r, why);
+		r = imp->batch->ops->put(imp->batch, buf, len, &digest);
+		if (r < 0)
+			return path_error(imp, dir, NULL, r, NULL);
+		imp->directories++;
+
+		struct imp_dir *parent = dir->parent;
+		if (parent) {
+			struct imp_entry *e = &parent->entries[dir->parent_index];
+			e->digest = digest;
+			e->size = size;
+		} else {
+			imp->root = (cas_node){ .type = CAS_NODE_DIRECTORY,
+						.digest = digest, .size = size };
+			imp->root_done = true;
+		}
+		dir_free(imp, dir);
+		dir = parent && atomic_fetch_sub(&parent->pending, 1) == 1 ? parent
+									  : NULL;
+	}
+	return 0;
+}
+
+/* Completes the folders that workers finished. */
+static int drain_ready(struct importer *imp)
+{
+	for (;;) {
+		pthread_mutex_lock(&imp->lock);
+		struct imp_dir *dir = imp->n_ready ? imp->ready[--imp->n_ready] : NULL;
+		pthread_mutex_unlock(&imp->lock);
+		if (!dir)
+			return 0;
+		if (failed(imp))
+			continue; /* freed with the live list */
+		int r = dir_complete(imp, dir);
+		if (r < 0) {
+			set_error(imp, r);
+			return r;
+		}
+	}
+}
+
+static int walk(struct importer *imp, struct imp_dir *dir)
+{
+	int r = list_dir(imp, dir);
+	if (r < 0)
+		return r;
+	size_t nsub = 0;
+	for (size_t i = 0; i < dir->n_entries; i++)
+		nsub += dir->entries[i].type != CAS_NODE_SYMLINK;
+	atomic_store(&dir->pending, nsub + 1);
+	for (size_t i = 0; i < dir->n_entries && !failed(imp); i++)
+		if (dir->entries[i].type == CAS_NODE_FILE)
+			submit(imp, dir, i);
+	_cleanup_free_ char *path = NULL;
+	for (size_t i = 0; i < dir->n_entries; i++) {
+		if ((r = failed(imp)) < 0)
+			return r;
+		struct imp_entry *e = &dir->entries[i];
+		if (e->type != CAS_NODE_DIRECTORY)
+			continue;
+		const char *name = dir->names + e->name_off;
+		int fd = openat(dir->fd, name,
+				O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		if (fd < 0)
+			return path_error(imp, dir, name, cas_negerrno(), NULL);
+		free(path);
+		if (asprintf(&path, "%s/%s", dir->path, name) < 0) {
+			path = NULL;
+			close(fd);
+			return -ENOMEM;
+		}
+		struct imp_dir *child = dir_new(imp, dir, i, fd, path);
+		if (!child) {
+			close(fd);
+			return -ENOMEM;
+		}
+		if ((r = walk(imp, child)) < 0)
+			return r;
+		if ((r = drain_ready(imp)) < 0)
+			return r;
+		progress(imp, false);
+	}
+	if (atomic_fetch_sub(&dir->pending, 1) == 1)
+		return dir_complete(imp, dir);
+	return 0;
+}
+
+/* Waits for the workers' last folders, with progress every 100 ms. */
+static int wait_root(struct importer *imp)
+{
+	for (;;) {
+		int r = drain_ready(imp);
+		if (r < 0)
+			return r;
+		if ((r = failed(imp)) < 0)
+			return r;
+		if (imp->root_done)
+			return 0;
+		pthread_mutex_lock(&imp->lock);
+		if (imp->n_ready == 0 && !failed(imp)) {
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_nsec += PROGRESS_NS;
+			if (ts.tv_nsec >= 1000000000) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000;
+			}
+			pthread_cond_timedwait(&imp->walker_cond, &imp->lock, &ts);
+		}
+		pthread_mutex_unlock(&imp->lock);
+		progress(imp, false);
+	}
+}
+
+static int import_tree(struct importer *imp, int fd, const char *path,
+		       unsigned threads)
+{
+	pthread_t tids[64];
+	unsigned started = 0;
+	int r = 0;
+
+	struct imp_dir *root = dir_new(imp, NULL, 0, fd, path);
+	if (!root) {
+		close(fd);
+		return -ENOMEM;
+	}
+	for (; started < threads && started < CAS_ARRAY_SIZE(tids); started++) {
+		r = -pthread_create(&tids[started], NULL, worker_main, imp);
+		if (r < 0)
+			break;
+	}
+	if (r == 0)
+		r = walk(imp, root);
+	if (r == 0)
+		r = wait_root(imp);
+	if (r < 0)
+		set_error(imp, r);
+	/* Unblock and join the workers; on failure they skip what is left. */
+	pthread_mutex_lock(&imp->lock);
+	imp->stop = true;
+	pthread_cond_broadcast(&imp->job_cond);
+	pthread_mutex_unlock(&imp->lock);
+	for (unsigned i = 0; i < started; i++)
+		pthread_join(tids[i], NULL);
+	while (imp->live)
+		dir_free(imp, imp->live);
+	return failed(imp);
+}
+
+int cas_import(cas_store *s, const char *path, const char *name,
+	       const struct cas_import_options *opts, cas_node **ret_node,
+	       struct cas_import_progress *ret_progress)
+{
+	if (!cas_store_is_local(s))
+		return cas_log_errno(-EOPNOTSUPP, "import %s: the store is not local",
+				     path);
+	if (name && !cas_root_name_valid(name))
+		return cas_log_errno(-EINVAL, "import %s: invalid root name", path);
+
+	struct importer *imp = calloc(1, sizeof(*imp));
+	if (!imp)
+		return -ENOMEM;
+	imp->store = s;
+	imp->ls = (struct cas_local *)s;
+	imp->opts = opts;
+	pthread_mutex_init(&imp->lock, NULL);
+	pthread_cond_init(&imp->job_cond, NULL);
+	pthread_cond_init(&imp->walker_cond, NULL);
+	clock_gettime(CLOCK_MONOTONIC_COARSE, &imp->last_progress);
+	cas_node node = { 0 };
+	int r;
+
+	imp->walker_buf = malloc(SMALL_FILE);
+	imp->dents = malloc(GETDENTS_BUF);
+	if (!imp->walker_buf || !imp->dents) {
+		r = -ENOMEM;
+		goto out;
+	}
+	if ((r = s->ops->dir_batch_new(s, &imp->batch)) < 0)
+		goto out;
+
+	struct stat st;
+	if (stat(path, &st) < 0) {
+		r = path_error(imp, NULL, path, cas_negerrno(), NULL);
+		goto out;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (fd < 0) {
+			r = path_error(imp, NULL, path, cas_negerrno(), NULL);
+			goto out;
+		}
+		unsigned threads = opts && opts->threads ? opts->threads : 0;
+		if (!threads) {
+			long n = sysconf(_SC_NPROCESSORS_ONLN);
+			threads = n > 0 ? (unsigned)n : 1;
+		}
+		r = import_tree(imp, fd, path, threads);
+		if (r < 0)
+			goto out;
+		node = imp->root;
+	} else if (S_ISREG(st.st_mode)) {
+		_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC |
+						     O_NONBLOCK | O_NOCTTY);
+		if (fd < 0 || fstat(fd, &st) < 0) {
+			r = path_error(imp, NULL, path, cas_negerrno(), NULL);
+			goto out;
+		}
+		if (!S_ISREG(st.st_mode)) {
+			r = path_error(imp, NULL, path, -EINVAL, type_name(st.st_mode));
+			goto out;
+		}
+		node.type = CAS_NODE_FILE;
+		node.executable = (st.st_mode & 0111) != 0;
+		r = import_fd(imp, fd, &st, imp->walker_buf, &node.digest,
+			      &node.size, NULL, path);
+		if (r < 0)
+			goto out;
+	} else {
+		r = path_error(imp, NULL, path, -EINVAL, type_name(st.st_mode));
+		goto out;
+	}
+
+	/* Ordered durability: every blob is on disk (also those another
+	 * writer published and we only found) before anything refers to it. */
+	if ((r = cas_local_sync(s)) < 0)
+		goto out;
+	r = imp->batch->ops->commit(imp->batch, name, name ? &node : NULL);
+	imp->batch = NULL;
+	if (r < 0)
+		goto out;
+	progress(imp, true);
+	if (ret_node && !(*ret_node = cas_node_dup(&node))) {
+		r = -ENOMEM;
+		goto out;
+	}
+out:
+	if (ret_progress)
+		*ret_progress = (struct cas_import_progress){
+			.files = atomic_load(&imp->files),
+			.directories = imp->directories,
+			.symlinks = imp->symlinks,
+			.bytes = atomic_load(&imp->bytes),
+			.blobs_added = atomic_load(&imp->blobs_added),
+		};
+	if (imp->batch)
+		imp->batch->ops->abort(imp->batch);
+	free(imp->ready);
+	free(imp->walker_buf);
+	free(imp->dents);
+	pthread_cond_destroy(&imp->walker_cond);
+	pthread_cond_destroy(&imp->job_cond);
+	pthread_mutex_destroy(&imp->lock);
+	free(imp);
+	return r;
+}

@@ -1,1 +1,79 @@
-/* placeholder: being written */
+/* store.c - convenience wrappers over the cas_store operations. */
+#include "store/store.h"
+
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "core/log.h"
+
+#define PUT_FD_CHUNK (1u << 20)
+
+int cas_store_directory_get(cas_store *s, const cas_digest *d,
+			    cas_directory **ret)
+{
+	_cleanup_free_ uint8_t *buf = NULL;
+	size_t len = 0;
+	const char *why = NULL;
+	int r = s->ops->directory_get_raw(s, d, &buf, &len);
+	if (r < 0)
+		return r;
+	r = cas_directory_decode(buf, len, ret, &why);
+	if (r == -EBADMSG) {
+		char hex[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(d, hex);
+		return cas_log_errno(r, "directory %s: %s", hex,
+				     why ? why : "cannot decode");
+	}
+	return r;
+}
+
+int cas_store_directory_put(cas_store *s, const void *buf, size_t len,
+			    cas_digest *ret_digest)
+{
+	cas_dir_batch *b;
+	int r = s->ops->dir_batch_new(s, &b);
+	if (r < 0)
+		return r;
+	r = b->ops->put(b, buf, len, ret_digest);
+	if (r < 0) {
+		b->ops->abort(b);
+		return r;
+	}
+	return b->ops->commit(b, NULL, NULL);
+}
+
+int cas_store_blob_put_fd(cas_store *s, int fd, cas_digest *ret_digest,
+			  uint64_t *ret_size)
+{
+	_cleanup_free_ uint8_t *buf = malloc(PUT_FD_CHUNK);
+	if (!buf)
+		return -ENOMEM;
+	cas_blob_writer *w;
+	int r = s->ops->blob_writer_new(s, &w);
+	if (r < 0)
+		return r;
+	for (;;) {
+		ssize_t n = read(fd, buf, PUT_FD_CHUNK);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			r = cas_negerrno();
+			w->ops->abort(w);
+			return cas_log_errno(r, "read blob input: %m");
+		}
+		if (n == 0)
+			break;
+		r = w->ops->write(w, buf, (size_t)n);
+		if (r < 0) {
+			w->ops->abort(w);
+			return r;
+		}
+	}
+	return w->ops->commit(w, NULL, ret_digest, ret_size);
+}
+
+bool cas_root_name_valid(const char *name)
+{
+	return name && cas_name_valid((const uint8_t *)name, strlen(name));
+}

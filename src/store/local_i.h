@@ -1,0 +1,67 @@
+/* local_i.h - what local.c shares with import.c and verify.c.
+ *
+ * Contract: the struct is private to src/store. Its fds and LMDB handles
+ * are set once by cas_local_open and read-only afterwards, so any thread
+ * may use them; the read-transaction pool has its own lock.
+ */
+#ifndef CAS_STORE_LOCAL_I_H
+#define CAS_STORE_LOCAL_I_H
+
+#include <lmdb.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/stat.h>
+
+#include "store/local.h"
+
+/* "ab/abcdef..." (fan-out folder, slash, 64 hex, NUL). */
+#define CAS_BLOB_REL_LEN (3 + CAS_DIGEST_HEX_LEN + 1)
+
+#define CAS_LOCAL_TXN_POOL 16
+
+struct cas_local {
+	cas_store base;
+	char *dir;
+	int dir_fd;
+	int blobs_fd;
+	int tmp_fd;
+	bool readonly;
+	MDB_env *env;
+	MDB_dbi dbi_directories;
+	MDB_dbi dbi_roots;
+
+	/* Fan-out folders known to exist (one bit each). */
+	_Atomic uint64_t fanout_ok[4];
+	/* 0 unknown, 1 O_TMPFILE + linkat(AT_EMPTY_PATH), 2 O_TMPFILE +
+	 * linkat of /proc/self/fd/N, 3 named temporary files. */
+	_Atomic int tmp_mode;
+	_Atomic uint64_t tmp_counter;
+
+	pthread_mutex_t pool_lock;
+	MDB_txn *pool[CAS_LOCAL_TXN_POOL]; /* protected by pool_lock */
+	size_t n_pool;                      /* protected by pool_lock */
+};
+
+/* The one place MDB_* codes become -errno. */
+int cas_local_mdb_errno(int rc);
+
+/* A read transaction from the pool (any thread; give it back with
+ * cas_local_rtxn_put from the same or another thread). */
+int cas_local_rtxn_get(struct cas_local *ls, MDB_txn **ret);
+void cas_local_rtxn_put(struct cas_local *ls, MDB_txn *txn);
+
+void cas_local_blob_rel(const cas_digest *d, char ret[CAS_BLOB_REL_LEN]);
+
+/* Like cas_local_blob_publish_fd; when st is non-NULL, the source must
+ * still match it (size, mtime, ctime) after the copy, else -EBADMSG
+ * (the file changed while it was imported). Returns 1 when the blob was
+ * added, 0 when it was already there. */
+int cas_local_publish_fd_checked(struct cas_local *ls, int src_fd,
+				 uint64_t size, const cas_digest *d,
+				 const struct stat *st);
+
+/* Escapes a name for a one-line message (non-printable bytes as \xNN).
+ * out must hold 4 * len + 1 bytes; truncated to `size`. */
+void cas_escape_name(const uint8_t *name, size_t len, char *out, size_t size);
+
+#endif
