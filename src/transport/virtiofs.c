@@ -1,1 +1,419 @@
-/* placeholder: being written */
+#include "transport/virtiofs.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <linux/fuse.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include "core/log.h"
+#include "transport/vhost_user.h"
+
+#define VIRTIOFS_DEFAULT_REQUEST_QUEUES 16
+
+struct cas_virtiofs {
+	struct cas_virtiofs_config cfg;
+	char *socket_path;
+	int listen_fd;
+	int stop_fd;
+	struct cas_vu_dev *dev;
+
+	/* The session of the connected frontend. Queue threads hold the
+	 * read lock while a request is in the engine; replacing it (a new
+	 * INIT, a disconnect) takes the write lock. */
+	pthread_rwlock_t session_lock;
+	struct cas_fuse_session *session; /* protected by session_lock */
+};
+
+/* Per queue thread: the engine's reply buffer and room to describe the
+ * file-data part of a reply in guest memory. */
+struct vfs_queue {
+	uint8_t *buf;
+	size_t buf_size;
+	struct iovec *data_iov;
+	int data_iov_max;
+};
+
+static int vfs_queue_start(void *opaque, unsigned qidx, void **ret_ctx)
+{
+	struct cas_virtiofs *v = opaque;
+	struct vfs_queue *q = calloc(1, sizeof(*q));
+
+	if (!q)
+		return -ENOMEM;
+	q->buf_size = v->cfg.reply_bufsize;
+	q->buf = malloc(q->buf_size);
+	if (!q->buf) {
+		free(q);
+		return -ENOMEM;
+	}
+	*ret_ctx = q;
+	return 0;
+}
+
+static void vfs_queue_stop(void *opaque, unsigned qidx, void *ctx)
+{
+	struct vfs_queue *q = ctx;
+
+	free(q->buf);
+	free(q->data_iov);
+	free(q);
+}
+
+/* Writes a bare error reply (fuse_out_header only) into the chain. */
+static uint32_t reply_error(struct cas_vq_elem *elem, uint64_t unique, int err)
+{
+	struct fuse_out_header oh = {
+		.len = sizeof(oh),
+		.error = err,
+		.unique = unique,
+	};
+
+	if (elem->write_len < sizeof(oh))
+		return 0;
+	return (uint32_t)cas_iov_copy_to(elem->iov + elem->read_cnt,
+					 elem->write_cnt, 0, &oh, sizeof(oh));
+}
+
+/* Reads fd_len bytes of the reply's file straight into the guest's
+ * buffers, from byte `off` of the writable part on. */
+static int read_file_data(struct vfs_queue *q, struct cas_vq_elem *elem,
+			  size_t off, const struct cas_fuse_reply *rep)
+{
+	const struct iovec *w = elem->iov + elem->read_cnt;
+	size_t left = rep->fd_len;
+	int n = 0;
+
+	if (q->data_iov_max < elem->write_cnt) {
+		struct iovec *p = realloc(q->data_iov,
+					  (size_t)elem->write_cnt * sizeof(*p));
+		if (!p)
+			return -ENOMEM;
+		q->data_iov = p;
+		q->data_iov_max = elem->write_cnt;
+	}
+	for (int i = 0; i < elem->write_cnt && left > 0; i++) {
+		if (off >= w[i].iov_len) {
+			off -= w[i].iov_len;
+			continue;
+		}
+		size_t k = CAS_MIN(w[i].iov_len - off, left);
+		q->data_iov[n].iov_base = (uint8_t *)w[i].iov_base + off;
+		q->data_iov[n].iov_len = k;
+		n++;
+		left -= k;
+		off = 0;
+	}
+	if (left > 0)
+		return -ENOBUFS;
+
+	struct iovec *iov = q->data_iov;
+	uint64_t pos = rep->fd_offset;
+	left = rep->fd_len;
+	while (left > 0) {
+		ssize_t got = preadv(rep->fd, iov, CAS_MIN(n, IOV_MAX), (off_t)pos);
+		if (got < 0) {
+			if (errno == EINTR)
+				continue;
+			return cas_negerrno();
+		}
+		if (got == 0)
+			return -EIO; /* the blob is shorter than promised */
+		pos += (uint64_t)got;
+		left -= (size_t)got;
+		while (got > 0) {
+			size_t k = CAS_MIN((size_t)got, iov->iov_len);
+			iov->iov_base = (uint8_t *)iov->iov_base + k;
+			iov->iov_len -= k;
+			got -= (ssize_t)k;
+			if (iov->iov_len == 0) {
+				iov++;
+				n--;
+			}
+		}
+	}
+	return 0;
+}
+
+/* Puts a fresh session in place of one that saw INIT already: the guest
+ * rebooted (or remounted) and starts over. */
+static void session_renew(struct cas_virtiofs *v)
+{
+	pthread_rwlock_wrlock(&v->session_lock);
+	if (v->session && cas_fuse_session_initialized(v->session)) {
+		cas_log_info("virtiofs: FUSE_INIT again: new session");
+		v->cfg.session_close(v->cfg.userdata, v->session);
+		v->session = NULL;
+		int r = v->cfg.session_open(v->cfg.userdata, &v->session);
+		if (r < 0) {
+			cas_log_errno(r, "virtiofs: new session: %m");
+			v->session = NULL;
+		}
+	}
+	pthread_rwlock_unlock(&v->session_lock);
+}
+
+static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
+			    struct cas_vq_elem *elem)
+{
+	struct cas_virtiofs *v = opaque;
+	struct vfs_queue *q = ctx;
+	struct fuse_in_header ih = { 0 };
+	struct cas_fuse_reply rep = {
+		.buf = q->buf,
+		.buf_size = q->buf_size,
+		.fd = -1,
+	};
+	uint32_t written;
+
+	/* A copy of the header, only to spot a repeated INIT and to answer
+	 * when there is no session; the engine decodes the request. */
+	cas_iov_copy_from(elem->iov, elem->read_cnt, 0, &ih, sizeof(ih));
+	if (ih.opcode == FUSE_INIT && qidx > 0)
+		session_renew(v);
+
+	pthread_rwlock_rdlock(&v->session_lock);
+	if (!v->session) {
+		pthread_rwlock_unlock(&v->session_lock);
+		return reply_error(elem, ih.unique, -EIO);
+	}
+	cas_fuse_session_process(v->session, elem->iov, elem->read_cnt, &rep);
+	if (!rep.send) {
+		written = 0;
+		goto done;
+	}
+	size_t data_len = rep.fd >= 0 ? rep.fd_len : 0;
+	if (rep.len < sizeof(struct fuse_out_header) || rep.len > rep.buf_size ||
+	    data_len > UINT32_MAX || rep.len + data_len > elem->write_len ||
+	    rep.len + data_len > UINT32_MAX) {
+		cas_log_debug("virtiofs: reply of %zu bytes does not fit %zu",
+			      rep.len + data_len, elem->write_len);
+		written = reply_error(elem, rep.unique ? rep.unique : ih.unique, -EIO);
+		goto done;
+	}
+	cas_iov_copy_to(elem->iov + elem->read_cnt, elem->write_cnt, 0,
+			rep.buf, rep.len);
+	written = (uint32_t)rep.len;
+	if (data_len > 0) {
+		int r = read_file_data(q, elem, rep.len, &rep);
+		if (r < 0) {
+			cas_log_warning_errno(r, "virtiofs: read of reply data: %m");
+			written = reply_error(elem, rep.unique, -EIO);
+			goto done;
+		}
+		written += (uint32_t)data_len;
+	}
+done:
+	pthread_rwlock_unlock(&v->session_lock);
+	return written;
+}
+
+static const struct cas_vu_ops vfs_ops = {
+	.queue_start = vfs_queue_start,
+	.queue_stop = vfs_queue_stop,
+	.process = vfs_process,
+};
+
+int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
+		     struct cas_virtiofs **ret)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
+	int r;
+
+	if (!cfg->socket_path || !cfg->session_open || !cfg->session_close ||
+	    cfg->reply_bufsize < sizeof(struct fuse_out_header))
+		return -EINVAL;
+	if (strlen(cfg->socket_path) >= sizeof(sa.sun_path))
+		return cas_log_errno(-ENAMETOOLONG, "virtiofs: socket path %s: %m",
+				     cfg->socket_path);
+	strcpy(sa.sun_path, cfg->socket_path);
+
+	if (lstat(cfg->socket_path, &st) == 0) {
+		if (!S_ISSOCK(st.st_mode))
+			return cas_log_errno(-EEXIST, "virtiofs: %s exists and is not a socket",
+					     cfg->socket_path);
+		if (unlink(cfg->socket_path) < 0)
+			return cas_log_errno(cas_negerrno(), "virtiofs: remove stale socket %s: %m",
+					     cfg->socket_path);
+	}
+
+	struct cas_virtiofs *v = calloc(1, sizeof(*v));
+	if (!v)
+		return -ENOMEM;
+	v->cfg = *cfg;
+	v->listen_fd = v->stop_fd = -1;
+	pthread_rwlock_init(&v->session_lock, NULL);
+	v->socket_path = strdup(cfg->socket_path);
+	if (!v->socket_path) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	v->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (v->stop_fd < 0) {
+		r = cas_log_errno(cas_negerrno(), "virtiofs: eventfd: %m");
+		goto fail;
+	}
+
+	unsigned rq = cfg->request_queues ? cfg->request_queues
+					  : VIRTIOFS_DEFAULT_REQUEST_QUEUES;
+	struct cas_vu_config vc = {
+		.device_features = 0,
+		.queues = CAS_MIN(1 + rq, (unsigned)CAS_VU_MAX_QUEUES),
+		.ops = &vfs_ops,
+		.opaque = v,
+	};
+	r = cas_vu_dev_new(&vc, &v->dev);
+	if (r < 0)
+		goto fail;
+
+	v->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (v->listen_fd < 0) {
+		r = cas_log_errno(cas_negerrno(), "virtiofs: socket: %m");
+		goto fail;
+	}
+	if (bind(v->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+		r = cas_log_errno(cas_negerrno(), "virtiofs: bind %s: %m",
+				  cfg->socket_path);
+		goto fail;
+	}
+	if (listen(v->listen_fd, 4) < 0) {
+		r = cas_log_errno(cas_negerrno(), "virtiofs: listen %s: %m",
+				  cfg->socket_path);
+		unlink(cfg->socket_path);
+		goto fail;
+	}
+	*ret = v;
+	return 0;
+fail:
+	if (v->listen_fd >= 0)
+		close(v->listen_fd);
+	if (v->stop_fd >= 0)
+		close(v->stop_fd);
+	cas_vu_dev_free(v->dev);
+	pthread_rwlock_destroy(&v->session_lock);
+	free(v->socket_path);
+	free(v);
+	return r;
+}
+
+void cas_virtiofs_stop(struct cas_virtiofs *v)
+{
+	uint64_t one = 1;
+	int saved = errno;
+	ssize_t w = write(v->stop_fd, &one, sizeof(one));
+	(void)w;
+	errno = saved;
+}
+
+static bool stop_requested(struct cas_virtiofs *v)
+{
+	struct pollfd p = { .fd = v->stop_fd, .events = POLLIN };
+	return poll(&p, 1, 0) > 0;
+}
+
+/* Serves one frontend until it goes away or we are stopped. */
+static void serve(struct cas_virtiofs *v, int conn)
+{
+	int r = v->cfg.session_open(v->cfg.userdata, &v->session);
+	if (r < 0) {
+		cas_log_errno(r, "virtiofs: session: %m");
+		v->session = NULL;
+		return;
+	}
+	cas_log_info("virtiofs: frontend connected");
+
+	for (;;) {
+		struct pollfd p[3] = {
+			{ .fd = v->stop_fd, .events = POLLIN },
+			{ .fd = conn, .events = POLLIN },
+			{ .fd = v->listen_fd, .events = POLLIN },
+		};
+		if (poll(p, 3, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			cas_log_errno(cas_negerrno(), "virtiofs: poll: %m");
+			break;
+		}
+		if (p[0].revents)
+			break;
+		if (p[2].revents & POLLIN) {
+			int other = accept4(v->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+			if (other >= 0) {
+				cas_log_warning("virtiofs: a frontend is already connected; refusing another");
+				close(other);
+			}
+		}
+		if (p[1].revents) {
+			r = cas_vu_dev_dispatch(v->dev, conn);
+			if (r == -ECONNRESET) {
+				cas_log_info("virtiofs: frontend disconnected");
+				break;
+			}
+			if (r < 0) {
+				cas_log_errno(r, "virtiofs: closing the connection: %m");
+				break;
+			}
+		}
+	}
+
+	/* Queue threads end before the session they use goes. */
+	cas_vu_dev_reset(v->dev);
+	pthread_rwlock_wrlock(&v->session_lock);
+	if (v->session)
+		v->cfg.session_close(v->cfg.userdata, v->session);
+	v->session = NULL;
+	pthread_rwlock_unlock(&v->session_lock);
+}
+
+int cas_virtiofs_run(struct cas_virtiofs *v)
+{
+	for (;;) {
+		struct pollfd p[2] = {
+			{ .fd = v->stop_fd, .events = POLLIN },
+			{ .fd = v->listen_fd, .events = POLLIN },
+		};
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			return cas_log_errno(cas_negerrno(), "virtiofs: poll: %m");
+		}
+		if (p[0].revents)
+			return 0;
+		if (!(p[1].revents & POLLIN))
+			continue;
+		int conn = accept4(v->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+		if (conn < 0) {
+			if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN)
+				continue;
+			return cas_log_errno(cas_negerrno(), "virtiofs: accept: %m");
+		}
+		serve(v, conn);
+		close(conn);
+		if (stop_requested(v))
+			return 0;
+	}
+}
+
+void cas_virtiofs_free(struct cas_virtiofs *v)
+{
+	if (!v)
+		return;
+	cas_vu_dev_free(v->dev);
+	if (v->listen_fd >= 0) {
+		close(v->listen_fd);
+		unlink(v->socket_path);
+	}
+	if (v->stop_fd >= 0)
+		close(v->stop_fd);
+	pthread_rwlock_destroy(&v->session_lock);
+	free(v->socket_path);
+	free(v);
+}
