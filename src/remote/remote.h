@@ -2,15 +2,22 @@
  * section 7): tvix castore gRPC (grpc+http://HOST:PORT,
  * grpc+unix:///PATH) and published HTTP layouts (http://, https://),
  * always in front of a local cache that is an ordinary local store.
+ * Also the three verbs that make remote stores: the gRPC server of
+ * `castore serve`, `castore push` and `castore publish` (docs/remote.md).
  *
  * Contract: a store returned here is a cas_store (store/store.h) with its
  * thread-safety and ownership rules. Nothing fetched is used or cached
- * before its digest is checked.
+ * before its digest is checked: bytes that do not hash to their name are
+ * -EIO with one log line naming the digest, and are not cached. An
+ * unreachable remote is -EIO for that operation only; the next operation
+ * tries again.
  */
 #ifndef CAS_REMOTE_REMOTE_H
 #define CAS_REMOTE_REMOTE_H
 
+#include <signal.h>
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "store/store.h"
@@ -25,5 +32,43 @@ bool cas_remote_is_url(const char *spec);
 
 int cas_remote_open(const char *url, const struct cas_remote_options *opts,
 		    cas_store **ret);
+
+/* Progress of publish and push (called now and then from the calling
+ * thread; may be NULL). */
+struct cas_remote_progress {
+	uint64_t directories; /* Directories walked */
+	uint64_t blobs;       /* blobs walked */
+	uint64_t sent_objects; /* objects written or sent (missing remotely) */
+	uint64_t sent_bytes;
+};
+typedef void (*cas_remote_progress_cb)(void *userdata,
+				       const struct cas_remote_progress *p);
+
+/* Writes the static HTTP layout of the named roots (all roots when
+ * n_names is 0) into dir (created if missing): objects that dir lacks,
+ * leaves first, then syncfs, then the roots file replaced by rename. The
+ * roots file keeps the roots published before under other names. */
+int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
+		       size_t n_names, cas_remote_progress_cb progress,
+		       void *userdata, struct cas_remote_progress *ret_stats);
+
+/* Copies the closures of the named roots of s to the gRPC store at url,
+ * sending only the blobs and Directories it lacks (blobs first, then the
+ * Directories leaves first in one Put). */
+int cas_remote_push(cas_store *s, const char *url, char *const *names,
+		    size_t n_names, cas_remote_progress_cb progress,
+		    void *userdata, struct cas_remote_progress *ret_stats);
+
+/* Serves s as tvix.castore.v1 BlobService and DirectoryService (gRPC
+ * over HTTP/2 cleartext) on listen ("HOST:PORT" or "unix:PATH"; port 0
+ * picks a free port) until *stop becomes non-zero (set it from a signal
+ * handler; the server notices within 200 ms), then closes every
+ * connection, aborting unfinished Puts. One thread per connection.
+ * ready (may be NULL) is called once listening, with the bound address.
+ * Returns 0 after a clean stop. */
+int cas_grpc_serve(cas_store *s, const char *listen,
+		   volatile sig_atomic_t *stop,
+		   void (*ready)(void *userdata, const char *address),
+		   void *userdata);
 
 #endif

@@ -1,0 +1,857 @@
+/* cache.c - a remote store: the cas_store ops read through a local cache
+ * (an ordinary local store), fetching what it lacks from a fetcher
+ * (remote_i.h) and checking every byte before it is used or cached.
+ *
+ * Blobs: fetched whole into a cache blob writer while hashed; bytes that
+ * do not hash to the name are dropped (writer aborted), -EIO, logged with
+ * both digests. Concurrent readers of one absent blob wait for one fetch:
+ * `inflight` lists the digests being fetched, `cond` wakes the waiters.
+ *
+ * Directories: the cache stores a Directory only after its children
+ * (closure), so a missing Directory is fetched with every Directory below
+ * it that the cache lacks - in one request when the transport streams
+ * subtrees (gRPC Get recursive), else one tree level per round of
+ * concurrent GETs - verified (hash, canonical decode), then committed
+ * leaves first in one batch.
+ *
+ * Roots: the cache's, plus those the remote publishes (HTTP); the cache's
+ * win on a name both have. roots add and rm change the cache only.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+
+#include "core/directory.h"
+#include "core/log.h"
+#include "core/util.h"
+#include "remote/remote_i.h"
+#include "store/local.h"
+
+struct inflight {
+	cas_digest digest;
+	unsigned refs;
+	bool done;
+	int r;
+	struct inflight *next;
+};
+
+struct published_root {
+	char *name;
+	cas_node *node;
+};
+
+struct cache_store {
+	cas_store base;
+	cas_fetcher *fetcher;
+	cas_store *cache;
+	char *what; /* the URL, for messages */
+	char *cache_dir;
+	uint64_t cache_max;
+
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	struct inflight *blobs_inflight; /* protected by lock */
+	struct inflight *dirs_inflight;  /* protected by lock */
+	bool roots_loaded;               /* protected by lock */
+	struct published_root *published; /* protected by lock */
+	size_t n_published;               /* protected by lock */
+	uint64_t cache_bytes;             /* protected by lock */
+
+	pthread_mutex_t evict_lock; /* one eviction at a time */
+};
+
+static struct cache_store *to_cache(cas_store *s)
+{
+	return (struct cache_store *)s;
+}
+
+/* In-flight table ------------------------------------------------------ */
+
+/* Returns the entry for d, creating it (*ret_owner = true: the caller
+ * fetches and must call inflight_done) or joining it. */
+static struct inflight *inflight_join(struct cache_store *c,
+				      struct inflight **list,
+				      const cas_digest *d, bool *ret_owner)
+{
+	struct inflight *e;
+
+	pthread_mutex_lock(&c->lock);
+	for (e = *list; e; e = e->next)
+		if (cas_digest_eq(&e->digest, d))
+			break;
+	if (e) {
+		e->refs++;
+		*ret_owner = false;
+	} else {
+		e = calloc(1, sizeof(*e));
+		if (e) {
+			e->digest = *d;
+			e->refs = 1;
+			e->next = *list;
+			*list = e;
+		}
+		*ret_owner = true;
+	}
+	pthread_mutex_unlock(&c->lock);
+	return e;
+}
+
+static void inflight_unref_locked(struct inflight **list, struct inflight *e)
+{
+	if (--e->refs > 0)
+		return;
+	for (struct inflight **p = list; *p; p = &(*p)->next)
+		if (*p == e) {
+			*p = e->next;
+			break;
+		}
+	free(e);
+}
+
+static int inflight_wait(struct cache_store *c, struct inflight **list,
+			 struct inflight *e)
+{
+	pthread_mutex_lock(&c->lock);
+	while (!e->done)
+		pthread_cond_wait(&c->cond, &c->lock);
+	int r = e->r;
+	inflight_unref_locked(list, e);
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+static void inflight_done(struct cache_store *c, struct inflight **list,
+			  struct inflight *e, int r)
+{
+	pthread_mutex_lock(&c->lock);
+	e->done = true;
+	e->r = r;
+	pthread_cond_broadcast(&c->cond);
+	inflight_unref_locked(list, e);
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* Blobs ------------------------------------------------------------------ */
+
+struct blob_sink {
+	cas_blob_writer *w;
+	cas_hasher hasher;
+	uint64_t size;
+};
+
+static int blob_sink_write(void *userdata, const void *buf, size_t len)
+{
+	struct blob_sink *b = userdata;
+	cas_hasher_update(&b->hasher, buf, len);
+	b->size += len;
+	return b->w->ops->write(b->w, buf, len);
+}
+
+static void maybe_evict(struct cache_store *c, uint64_t added)
+{
+	if (c->cache_max == 0)
+		return;
+	pthread_mutex_lock(&c->lock);
+	c->cache_bytes += added;
+	bool over = c->cache_bytes > c->cache_max;
+	pthread_mutex_unlock(&c->lock);
+	if (!over || pthread_mutex_trylock(&c->evict_lock) != 0)
+		return;
+	/* Down to 90 %, so that eviction does not run on every fetch. */
+	int64_t now = cas_cache_evict(c->cache_dir, c->cache_max / 10 * 9);
+	if (now >= 0) {
+		pthread_mutex_lock(&c->lock);
+		c->cache_bytes = (uint64_t)now;
+		pthread_mutex_unlock(&c->lock);
+	}
+	pthread_mutex_unlock(&c->evict_lock);
+}
+
+static int fetch_blob(struct cache_store *c, const cas_digest *d)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1], got_hex[CAS_DIGEST_HEX_LEN + 1];
+	struct blob_sink b = { 0 };
+	cas_digest got;
+	uint64_t size;
+	int r;
+
+	cas_digest_to_hex(d, hex);
+	r = c->cache->ops->blob_writer_new(c->cache, &b.w);
+	if (r < 0)
+		return cas_log_errno(r, "blob %s: cache %s: %m", hex,
+				     c->cache_dir);
+	cas_hasher_init(&b.hasher);
+	r = c->fetcher->ops->blob_fetch(c->fetcher, d, blob_sink_write, &b);
+	if (r < 0) {
+		b.w->ops->abort(b.w);
+		if (r == -ENOENT)
+			return r;
+		return cas_log_errno(-EIO, "blob %s: fetch from %s failed: %m",
+				     hex, c->what);
+	}
+	cas_hasher_final(&b.hasher, &got);
+	if (!cas_digest_eq(&got, d)) {
+		b.w->ops->abort(b.w);
+		cas_digest_to_hex(&got, got_hex);
+		return cas_log_errno(-EIO,
+				     "blob %s: remote sent bytes that hash to %s",
+				     hex, got_hex);
+	}
+	r = b.w->ops->commit(b.w, d, NULL, &size);
+	if (r < 0)
+		return cas_log_errno(r == -EBADMSG ? -EIO : r,
+				     "blob %s: cache: %m", hex);
+	maybe_evict(c, size);
+	return 0;
+}
+
+/* A shared flock marks the blob as in use for eviction (evict.c); the
+ * access time orders the blobs for it. */
+static void mark_used(struct cache_store *c, int fd)
+{
+	if (c->cache_max == 0)
+		return;
+	(void)flock(fd, LOCK_SH | LOCK_NB);
+	struct timespec ts[2] = { { 0, UTIME_NOW }, { 0, UTIME_OMIT } };
+	(void)futimens(fd, ts);
+}
+
+/* Makes sure the cache holds d: 0, -ENOENT, -EIO. One fetch for all the
+ * threads that ask at once. */
+static int ensure_blob(struct cache_store *c, const cas_digest *d)
+{
+	bool owner;
+	uint64_t size;
+	struct inflight *e = inflight_join(c, &c->blobs_inflight, d, &owner);
+	if (!e)
+		return -ENOMEM;
+	if (!owner)
+		return inflight_wait(c, &c->blobs_inflight, e);
+	/* It may have landed between the caller's miss and the join. */
+	int r = c->cache->ops->blob_stat(c->cache, d, &size);
+	if (r == -ENOENT)
+		r = fetch_blob(c, d);
+	inflight_done(c, &c->blobs_inflight, e, r);
+	return r;
+}
+
+static int cache_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
+			   uint64_t *ret_size)
+{
+	struct cache_store *c = to_cache(s);
+	int r = c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
+	if (r == -ENOENT) {
+		r = ensure_blob(c, d);
+		if (r < 0)
+			return r;
+		r = c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
+	}
+	if (r >= 0)
+		mark_used(c, *ret_fd);
+	return r;
+}
+
+static int cache_blob_stat(cas_store *s, const cas_digest *d,
+			   uint64_t *ret_size)
+{
+	struct cache_store *c = to_cache(s);
+	int r = c->cache->ops->blob_stat(c->cache, d, ret_size);
+	if (r != -ENOENT)
+		return r;
+	/* tvix's Stat carries no size, and a size not checked against the
+	 * bytes is not worth reporting: fetch the blob. */
+	r = ensure_blob(c, d);
+	if (r < 0)
+		return r;
+	return c->cache->ops->blob_stat(c->cache, d, ret_size);
+}
+
+static int cache_blob_writer_new(cas_store *s, cas_blob_writer **ret)
+{
+	struct cache_store *c = to_cache(s);
+	return c->cache->ops->blob_writer_new(c->cache, ret);
+}
+
+/* Directories ------------------------------------------------------------ */
+
+struct fetched_dir {
+	uint8_t *buf;
+	size_t len;
+	cas_directory *dir;
+};
+
+static void fetched_dir_free(void *p)
+{
+	struct fetched_dir *f = p;
+	if (!f)
+		return;
+	free(f->buf);
+	cas_directory_free(f->dir);
+	free(f);
+}
+
+struct tree_fetch {
+	struct cache_store *c;
+	struct cas_dmap got;    /* digest -> fetched_dir */
+	struct cas_dmap wanted; /* digests named and not yet received */
+};
+
+/* Verifies and keeps one fetched Directory; names its children. */
+static int tree_accept(struct tree_fetch *t, const cas_digest *want,
+		       const uint8_t *buf, size_t len)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1], got_hex[CAS_DIGEST_HEX_LEN + 1];
+	cas_digest d;
+	const char *why = NULL;
+	int r;
+
+	cas_directory_digest(buf, len, &d);
+	cas_digest_to_hex(&d, got_hex);
+	if (want && !cas_digest_eq(want, &d)) {
+		cas_digest_to_hex(want, hex);
+		return cas_log_errno(-EIO,
+				     "directory %s: remote sent bytes that hash to %s",
+				     hex, got_hex);
+	}
+	if (!want && !cas_dmap_find(&t->wanted, &d))
+		return cas_log_errno(-EIO,
+				     "directory %s: sent by %s but named by no Directory before it",
+				     got_hex, t->c->what);
+	if (cas_dmap_find(&t->got, &d))
+		return 0;
+	struct fetched_dir *f = calloc(1, sizeof(*f));
+	if (!f)
+		return -ENOMEM;
+	r = cas_directory_decode(buf, len, &f->dir, &why);
+	if (r < 0) {
+		free(f);
+		if (r == -ENOMEM)
+			return r;
+		return cas_log_errno(-EIO, "directory %s: remote sent an invalid Directory: %s",
+				     got_hex, why ? why : "?");
+	}
+	if (len > 0 && !(f->buf = malloc(len))) {
+		fetched_dir_free(f);
+		return -ENOMEM;
+	}
+	if (len > 0)
+		memcpy(f->buf, buf, len);
+	f->len = len;
+	r = cas_dmap_put(&t->got, &d, f);
+	if (r < 0) {
+		fetched_dir_free(f);
+		return r;
+	}
+	for (size_t i = 0; i < f->dir->n_directories; i++) {
+		r = cas_dmap_put(&t->wanted, &f->dir->directories[i].digest, NULL);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+static int tree_cb(void *userdata, const cas_digest *want, const uint8_t *buf,
+		   size_t len)
+{
+	return tree_accept(userdata, want, buf, len);
+}
+
+/* True if the cache has d (the empty Directory always). */
+static bool cache_has_dir(struct cache_store *c, const cas_digest *d)
+{
+	if (cas_digest_eq(d, &CAS_DIGEST_EMPTY_DIRECTORY))
+		return true;
+	return c->cache->ops->directory_has(c->cache, d) > 0;
+}
+
+/* Children of the Directories in `level` that neither the fetch nor the
+ * cache has, each once. */
+static int next_level(struct tree_fetch *t, const cas_digest *level,
+		      size_t n, cas_digest **ret, size_t *ret_n)
+{
+	struct cas_dmap seen = { 0 };
+	cas_digest *out = NULL;
+	size_t n_out = 0, cap = 0;
+	int r = 0;
+
+	for (size_t i = 0; i < n && r >= 0; i++) {
+		struct cas_dmap_entry *e = cas_dmap_find(&t->got, &level[i]);
+		if (!e)
+			continue;
+		struct fetched_dir *f = e->value;
+		for (size_t j = 0; j < f->dir->n_directories; j++) {
+			const cas_digest *cd = &f->dir->directories[j].digest;
+			if (cas_dmap_find(&t->got, cd))
+				continue;
+			r = cas_dmap_put(&seen, cd, NULL);
+			if (r <= 0)
+				continue;
+			if (cache_has_dir(t->c, cd))
+				continue;
+			if (n_out == cap) {
+				cap = cap ? cap * 2 : 64;
+				cas_digest *nb = realloc(out, cap * sizeof(*out));
+				if (!nb) {
+					r = -ENOMEM;
+					break;
+				}
+				out = nb;
+			}
+			out[n_out++] = *cd;
+		}
+	}
+	cas_dmap_release(&seen, NULL);
+	if (r < 0) {
+		free(out);
+		return r;
+	}
+	*ret = out;
+	*ret_n = n_out;
+	return 0;
+}
+
+/* Commits the fetched Directories below and including root, leaves first
+ * (iterative post-order: a remote controls the depth). */
+static int tree_commit(struct tree_fetch *t, const cas_digest *root)
+{
+	struct frame {
+		struct fetched_dir *f;
+		cas_digest d;
+		size_t next_child;
+	};
+	struct cas_dmap done = { 0 };
+	struct frame *stack = NULL;
+	size_t depth = 0, cap = 0;
+	cas_dir_batch *b = NULL;
+	int r;
+
+	r = t->c->cache->ops->dir_batch_new(t->c->cache, &b);
+	if (r < 0)
+		return r;
+	struct cas_dmap_entry *re = cas_dmap_find(&t->got, root);
+	if (!re) {
+		r = -EIO;
+		goto out;
+	}
+	cap = 64;
+	stack = malloc(cap * sizeof(*stack));
+	if (!stack) {
+		r = -ENOMEM;
+		goto out;
+	}
+	stack[depth++] = (struct frame){ re->value, *root, 0 };
+	while (depth > 0) {
+		struct frame *fr = &stack[depth - 1];
+		if (fr->next_child < fr->f->dir->n_directories) {
+			const cas_digest *cd =
+				&fr->f->dir->directories[fr->next_child++].digest;
+			struct cas_dmap_entry *ce = cas_dmap_find(&t->got, cd);
+			if (!ce || cas_dmap_find(&done, cd))
+				continue; /* in the cache, or put already */
+			if (depth == cap) {
+				cap *= 2;
+				struct frame *ns = realloc(stack, cap * sizeof(*ns));
+				if (!ns) {
+					r = -ENOMEM;
+					goto out;
+				}
+				stack = ns;
+			}
+			stack[depth++] = (struct frame){ ce->value, *cd, 0 };
+			continue;
+		}
+		if (cas_dmap_find(&done, &fr->d) == NULL) {
+			cas_digest put_d;
+			r = b->ops->put(b, fr->f->buf, fr->f->len, &put_d);
+			if (r < 0) {
+				char hex[CAS_DIGEST_HEX_LEN + 1];
+				cas_digest_to_hex(&fr->d, hex);
+				r = cas_log_errno(r == -EBADMSG || r == -ENOENT ? -EIO : r,
+						  "directory %s: cache: %m", hex);
+				goto out;
+			}
+			r = cas_dmap_put(&done, &fr->d, NULL);
+			if (r < 0)
+				goto out;
+		}
+		depth--;
+	}
+	r = b->ops->commit(b, NULL, NULL);
+	b = NULL;
+	if (r < 0)
+		r = cas_log_errno(r, "cache %s: commit Directories: %m",
+				  t->c->cache_dir);
+out:
+	if (b)
+		b->ops->abort(b);
+	free(stack);
+	cas_dmap_release(&done, NULL);
+	return r;
+}
+
+static int fetch_tree(struct cache_store *c, const cas_digest *d)
+{
+	struct tree_fetch t = { .c = c };
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	int r;
+
+	cas_digest_to_hex(d, hex);
+	if (c->fetcher->ops->directory_fetch_tree) {
+		r = cas_dmap_put(&t.wanted, d, NULL);
+		if (r >= 0)
+			r = c->fetcher->ops->directory_fetch_tree(c->fetcher, d,
+								  tree_cb, &t);
+		/* Everything named must be here or in the cache. */
+		for (size_t i = 0; r >= 0 && i < t.wanted.cap; i++) {
+			struct cas_dmap_entry *e = &t.wanted.slots[i];
+			if (!e->used || cas_dmap_find(&t.got, &e->digest) ||
+			    cache_has_dir(c, &e->digest))
+				continue;
+			char chex[CAS_DIGEST_HEX_LEN + 1];
+			cas_digest_to_hex(&e->digest, chex);
+			r = cas_dmap_find(&t.got, d)
+				    ? cas_log_errno(-EIO, "directory %s: %s did not send it (below %s)",
+						    chex, c->what, hex)
+				    : -ENOENT;
+		}
+	} else {
+		cas_digest *level = malloc(sizeof(*level));
+		size_t n = 1;
+		r = level ? 0 : -ENOMEM;
+		if (level)
+			level[0] = *d;
+		bool first = true;
+		while (r >= 0 && n > 0) {
+			r = c->fetcher->ops->directories_fetch(c->fetcher, level,
+							       n, tree_cb, &t);
+			if (r == -ENOENT && !first)
+				r = cas_log_errno(-EIO, "directory %s: a Directory below it is missing on %s",
+						  hex, c->what);
+			first = false;
+			cas_digest *nl = NULL;
+			size_t nn = 0;
+			if (r >= 0)
+				r = next_level(&t, level, n, &nl, &nn);
+			free(level);
+			level = nl;
+			n = nn;
+		}
+		free(level);
+	}
+	if (r == -EIO || r == -ENOMEM || r == -ENOENT)
+		; /* logged where it happened, or absent */
+	else if (r < 0)
+		r = cas_log_errno(-EIO, "directory %s: fetch from %s failed: %m",
+				  hex, c->what);
+	if (r >= 0)
+		r = tree_commit(&t, d);
+	cas_dmap_release(&t.got, fetched_dir_free);
+	cas_dmap_release(&t.wanted, NULL);
+	return r;
+}
+
+static int ensure_dir(struct cache_store *c, const cas_digest *d)
+{
+	bool owner;
+	struct inflight *e = inflight_join(c, &c->dirs_inflight, d, &owner);
+	if (!e)
+		return -ENOMEM;
+	if (!owner)
+		return inflight_wait(c, &c->dirs_inflight, e);
+	int r = cache_has_dir(c, d) ? 0 : fetch_tree(c, d);
+	inflight_done(c, &c->dirs_inflight, e, r);
+	return r;
+}
+
+static int cache_directory_get_raw(cas_store *s, const cas_digest *d,
+				   uint8_t **ret_buf, size_t *ret_len)
+{
+	struct cache_store *c = to_cache(s);
+	if (cas_digest_eq(d, &CAS_DIGEST_EMPTY_DIRECTORY)) {
+		*ret_buf = NULL;
+		*ret_len = 0;
+		return 0;
+	}
+	int r = c->cache->ops->directory_get_raw(c->cache, d, ret_buf, ret_len);
+	if (r != -ENOENT)
+		return r;
+	r = ensure_dir(c, d);
+	if (r < 0)
+		return r;
+	return c->cache->ops->directory_get_raw(c->cache, d, ret_buf, ret_len);
+}
+
+static int cache_directory_has(cas_store *s, const cas_digest *d)
+{
+	struct cache_store *c = to_cache(s);
+	if (cache_has_dir(c, d))
+		return 1;
+	int r = ensure_dir(c, d);
+	if (r == -ENOENT)
+		return 0;
+	return r < 0 ? r : 1;
+}
+
+static int cache_dir_batch_new(cas_store *s, cas_dir_batch **ret)
+{
+	struct cache_store *c = to_cache(s);
+	return c->cache->ops->dir_batch_new(c->cache, ret);
+}
+
+/* Roots ------------------------------------------------------------------ */
+
+struct load_roots {
+	struct published_root *list;
+	size_t n;
+};
+
+static int load_root_cb(void *userdata, const char *name, const cas_node *node)
+{
+	struct load_roots *l = userdata;
+	struct published_root *nl = realloc(l->list, (l->n + 1) * sizeof(*nl));
+	if (!nl)
+		return -ENOMEM;
+	l->list = nl;
+	nl[l->n].name = strdup(name);
+	nl[l->n].node = cas_node_dup(node);
+	if (!nl[l->n].name || !nl[l->n].node) {
+		free(nl[l->n].name);
+		free(nl[l->n].node);
+		return -ENOMEM;
+	}
+	l->n++;
+	return 0;
+}
+
+static void free_roots(struct published_root *list, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		free(list[i].name);
+		free(list[i].node);
+	}
+	free(list);
+}
+
+/* Loads the published roots once (again after a failure). */
+static int load_published(struct cache_store *c)
+{
+	if (!c->fetcher->ops->roots_fetch)
+		return 0;
+	pthread_mutex_lock(&c->lock);
+	bool loaded = c->roots_loaded;
+	pthread_mutex_unlock(&c->lock);
+	if (loaded)
+		return 0;
+	struct load_roots l = { 0 };
+	int r = c->fetcher->ops->roots_fetch(c->fetcher, load_root_cb, &l);
+	if (r < 0) {
+		free_roots(l.list, l.n);
+		return r == -ENOMEM ? r : -EIO;
+	}
+	pthread_mutex_lock(&c->lock);
+	if (!c->roots_loaded) {
+		c->published = l.list;
+		c->n_published = l.n;
+		c->roots_loaded = true;
+		l.list = NULL;
+		l.n = 0;
+	}
+	pthread_mutex_unlock(&c->lock);
+	free_roots(l.list, l.n);
+	return 0;
+}
+
+/* After load_published succeeded the list never changes: no lock. */
+static const struct published_root *find_published(struct cache_store *c,
+						   const char *name)
+{
+	for (size_t i = 0; i < c->n_published; i++)
+		if (strcmp(c->published[i].name, name) == 0)
+			return &c->published[i];
+	return NULL;
+}
+
+static int cache_root_get(cas_store *s, const char *name, cas_node **ret)
+{
+	struct cache_store *c = to_cache(s);
+	int r = c->cache->ops->root_get(c->cache, name, ret);
+	if (r != -ENOENT)
+		return r;
+	r = load_published(c);
+	if (r < 0)
+		return r;
+	const struct published_root *p = find_published(c, name);
+	if (!p)
+		return -ENOENT;
+	cas_node n = *p->node;
+	n.name = (const uint8_t *)p->name;
+	n.name_len = strlen(p->name);
+	*ret = cas_node_dup(&n);
+	return *ret ? 0 : -ENOMEM;
+}
+
+struct foreach_ctx {
+	cas_root_cb cb;
+	void *userdata;
+	char **names;
+	size_t n;
+};
+
+static int foreach_local_cb(void *userdata, const char *name,
+			    const cas_node *node)
+{
+	struct foreach_ctx *f = userdata;
+	char **nn = realloc(f->names, (f->n + 1) * sizeof(*nn));
+	if (!nn)
+		return -ENOMEM;
+	f->names = nn;
+	if (!(nn[f->n] = strdup(name)))
+		return -ENOMEM;
+	f->n++;
+	return f->cb(f->userdata, name, node);
+}
+
+static int cache_roots_foreach(cas_store *s, cas_root_cb cb, void *userdata)
+{
+	struct cache_store *c = to_cache(s);
+	struct foreach_ctx f = { cb, userdata, NULL, 0 };
+	int r = load_published(c);
+	if (r >= 0)
+		r = c->cache->ops->roots_foreach(c->cache, foreach_local_cb, &f);
+	for (size_t i = 0; r >= 0 && i < c->n_published; i++) {
+		const struct published_root *p = &c->published[i];
+		bool shadowed = false;
+		for (size_t j = 0; j < f.n && !shadowed; j++)
+			shadowed = strcmp(f.names[j], p->name) == 0;
+		if (shadowed)
+			continue;
+		cas_node n = *p->node;
+		n.name = (const uint8_t *)p->name;
+		n.name_len = strlen(p->name);
+		r = cb(userdata, p->name, &n);
+	}
+	for (size_t j = 0; j < f.n; j++)
+		free(f.names[j]);
+	free(f.names);
+	return r;
+}
+
+static int cache_root_set(cas_store *s, const char *name, const cas_node *node)
+{
+	struct cache_store *c = to_cache(s);
+	return c->cache->ops->root_set(c->cache, name, node);
+}
+
+static int cache_root_remove(cas_store *s, const char *name)
+{
+	struct cache_store *c = to_cache(s);
+	int r = c->cache->ops->root_remove(c->cache, name);
+	if (r != -ENOENT)
+		return r;
+	if (load_published(c) >= 0 && find_published(c, name))
+		return cas_log_errno(-EROFS, "root %s: published by %s, not removable here",
+				     name, c->what);
+	return r;
+}
+
+static void cache_free(cas_store *s)
+{
+	struct cache_store *c = to_cache(s);
+	if (c->fetcher)
+		c->fetcher->ops->free(c->fetcher);
+	cas_store_free(c->cache);
+	free_roots(c->published, c->n_published);
+	pthread_mutex_destroy(&c->lock);
+	pthread_mutex_destroy(&c->evict_lock);
+	pthread_cond_destroy(&c->cond);
+	free(c->what);
+	free(c->cache_dir);
+	free(c);
+}
+
+static const struct cas_store_ops cache_ops = {
+	.blob_stat = cache_blob_stat,
+	.blob_open = cache_blob_open,
+	.blob_writer_new = cache_blob_writer_new,
+	.directory_get_raw = cache_directory_get_raw,
+	.directory_has = cache_directory_has,
+	.dir_batch_new = cache_dir_batch_new,
+	.root_get = cache_root_get,
+	.roots_foreach = cache_roots_foreach,
+	.root_set = cache_root_set,
+	.root_remove = cache_root_remove,
+	.free = cache_free,
+};
+
+/* mkdir -p of path's parents (the cache folder itself is made by
+ * cas_local_open). */
+static int mkdir_parents(const char *path)
+{
+	_cleanup_free_ char *p = strdup(path);
+	if (!p)
+		return -ENOMEM;
+	for (char *q = p + 1; *q; q++) {
+		if (*q != '/')
+			continue;
+		*q = 0;
+		if (mkdir(p, 0755) < 0 && errno != EEXIST)
+			return cas_negerrno();
+		*q = '/';
+	}
+	return 0;
+}
+
+int cas_cache_store_new(cas_fetcher *f, const char *what,
+			const struct cas_remote_options *opts, cas_store **ret)
+{
+	struct cas_local_options lo = { .create = true };
+	struct cache_store *c = NULL;
+	int r;
+
+	if (!opts || !opts->cache_dir) {
+		f->ops->free(f);
+		return cas_log_errno(-EINVAL, "%s: a remote store needs a cache folder",
+				     what);
+	}
+	c = calloc(1, sizeof(*c));
+	if (!c) {
+		f->ops->free(f);
+		return -ENOMEM;
+	}
+	c->base.ops = &cache_ops;
+	c->fetcher = f;
+	pthread_mutex_init(&c->lock, NULL);
+	pthread_mutex_init(&c->evict_lock, NULL);
+	pthread_cond_init(&c->cond, NULL);
+	c->cache_max = opts->cache_max;
+	c->what = strdup(what);
+	c->cache_dir = strdup(opts->cache_dir);
+	if (!c->what || !c->cache_dir) {
+		r = -ENOMEM;
+		goto fail;
+	}
+	r = mkdir_parents(c->cache_dir);
+	if (r < 0) {
+		r = cas_log_errno(r, "cache %s: %m", c->cache_dir);
+		goto fail;
+	}
+	r = cas_local_open(c->cache_dir, &lo, &c->cache);
+	if (r < 0) {
+		r = cas_log_errno(r, "cache %s: %m", c->cache_dir);
+		goto fail;
+	}
+	if (c->cache_max) {
+		int64_t bytes = cas_cache_blob_bytes(c->cache_dir);
+		c->cache_bytes = bytes > 0 ? (uint64_t)bytes : 0;
+		maybe_evict(c, 0);
+	}
+	*ret = &c->base;
+	return 0;
+fail:
+	cache_free(&c->base);
+	return r;
+}

@@ -1,0 +1,144 @@
+/* grpc_i.h - gRPC over HTTP/2 as tvix castore speaks it: message framing,
+ * status codes, request decoding (server and fuzz target) and the
+ * libcurl client (grpc_client.c).
+ *
+ * Framing: each message is a 5-byte prefix (compressed flag, 32-bit
+ * big-endian length) and the protobuf bytes. Compressed messages are
+ * refused (we never ask for compression) and so is any message longer
+ * than CAS_GRPC_MAX_MESSAGE, before it is buffered.
+ *
+ * Contract: the reader and decoders are plain functions on caller memory,
+ * thread-safe for distinct objects; they treat every byte as untrusted.
+ * A client is thread-safe.
+ */
+#ifndef CAS_REMOTE_GRPC_I_H
+#define CAS_REMOTE_GRPC_I_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "core/digest.h"
+
+#define CAS_GRPC_MAX_MESSAGE (16u << 20)
+/* Bytes of blob per BlobChunk that we send. */
+#define CAS_GRPC_CHUNK (256u << 10)
+
+enum cas_grpc_status {
+	CAS_GRPC_OK = 0,
+	CAS_GRPC_CANCELLED = 1,
+	CAS_GRPC_UNKNOWN = 2,
+	CAS_GRPC_INVALID_ARGUMENT = 3,
+	CAS_GRPC_NOT_FOUND = 5,
+	CAS_GRPC_RESOURCE_EXHAUSTED = 8,
+	CAS_GRPC_FAILED_PRECONDITION = 9,
+	CAS_GRPC_UNIMPLEMENTED = 12,
+	CAS_GRPC_INTERNAL = 13,
+	CAS_GRPC_UNAVAILABLE = 14,
+};
+
+/* -ENOENT -> NOT_FOUND, -EINVAL/-EBADMSG -> INVALID_ARGUMENT, -EMSGSIZE ->
+ * RESOURCE_EXHAUSTED, -EPROTONOSUPPORT -> UNIMPLEMENTED, else INTERNAL. */
+enum cas_grpc_status cas_grpc_status_from_errno(int r);
+/* NOT_FOUND -> -ENOENT, INVALID_ARGUMENT -> -EINVAL, else -EIO. */
+int cas_grpc_errno_from_status(int status);
+
+/* Writes the 5-byte prefix of a message of len bytes. */
+void cas_grpc_frame_prefix(uint8_t out[5], size_t len);
+/* Writes the prefix and the BlobChunk header (field 1, length) of a
+ * message carrying data_len bytes; returns its length (<= 16). The data
+ * follows it on the wire. */
+size_t cas_grpc_blob_chunk_header(uint8_t out[16], size_t data_len);
+
+typedef int (*cas_grpc_msg_cb)(void *userdata, const uint8_t *msg, size_t len);
+
+/* Splits a byte stream into messages. */
+struct cas_grpc_reader {
+	uint8_t prefix[5];
+	size_t prefix_len;
+	uint8_t *msg; /* being filled, msg_len bytes */
+	size_t msg_len, msg_got;
+	bool in_msg;
+};
+/* Calls cb for each complete message. -EPROTONOSUPPORT for a compressed
+ * message, -EMSGSIZE for one too long, or cb's error. After an error the
+ * reader must not be fed again. */
+int cas_grpc_reader_feed(struct cas_grpc_reader *r, const uint8_t *buf,
+			 size_t len, cas_grpc_msg_cb cb, void *userdata);
+/* True between messages (a stream ending elsewhere is truncated). */
+bool cas_grpc_reader_idle(const struct cas_grpc_reader *r);
+void cas_grpc_reader_release(struct cas_grpc_reader *r);
+
+enum cas_grpc_method {
+	CAS_GRPC_UNKNOWN_METHOD = 0,
+	CAS_GRPC_BLOB_STAT,
+	CAS_GRPC_BLOB_READ,
+	CAS_GRPC_BLOB_PUT,
+	CAS_GRPC_DIRECTORY_GET,
+	CAS_GRPC_DIRECTORY_PUT,
+};
+#define CAS_GRPC_PATH_BLOB_STAT "/tvix.castore.v1.BlobService/Stat"
+#define CAS_GRPC_PATH_BLOB_READ "/tvix.castore.v1.BlobService/Read"
+#define CAS_GRPC_PATH_BLOB_PUT "/tvix.castore.v1.BlobService/Put"
+#define CAS_GRPC_PATH_DIRECTORY_GET "/tvix.castore.v1.DirectoryService/Get"
+#define CAS_GRPC_PATH_DIRECTORY_PUT "/tvix.castore.v1.DirectoryService/Put"
+
+enum cas_grpc_method cas_grpc_method_from_path(const char *path, size_t len);
+
+/* Request decoders: -EINVAL with *ret_why for a message that does not
+ * decode or whose digest is not 32 bytes. */
+int cas_grpc_decode_stat(const uint8_t *msg, size_t len, cas_digest *ret,
+			 const char **ret_why);
+int cas_grpc_decode_read(const uint8_t *msg, size_t len, cas_digest *ret,
+			 const char **ret_why);
+int cas_grpc_decode_get(const uint8_t *msg, size_t len, cas_digest *ret,
+			bool *ret_recursive, const char **ret_why);
+/* BlobChunk: *ret_data points into msg (no copy). */
+int cas_grpc_decode_blob_chunk(const uint8_t *msg, size_t len,
+			       const uint8_t **ret_data, size_t *ret_len,
+			       const char **ret_why);
+/* PutBlobResponse / PutDirectoryResponse: the digest. */
+int cas_grpc_decode_digest_response(const uint8_t *msg, size_t len,
+				    bool directory, cas_digest *ret);
+
+/* Encoders of our requests and replies (malloc'd, framed). */
+int cas_grpc_encode_digest_msg(int kind, const cas_digest *d, bool recursive,
+			       uint8_t **ret, size_t *ret_len);
+enum {
+	CAS_GRPC_MSG_STAT_REQUEST,
+	CAS_GRPC_MSG_READ_REQUEST,
+	CAS_GRPC_MSG_GET_REQUEST,
+	CAS_GRPC_MSG_PUT_BLOB_RESPONSE,
+	CAS_GRPC_MSG_PUT_DIRECTORY_RESPONSE,
+	CAS_GRPC_MSG_STAT_RESPONSE,
+};
+
+/* Percent-encodes a grpc-message value (gRPC's rule: bytes outside
+ * 0x20-0x7e and '%'). */
+void cas_grpc_percent_encode(const char *in, char *out, size_t size);
+
+/* The client -------------------------------------------------------- */
+
+typedef struct cas_grpc_client cas_grpc_client;
+
+/* url: grpc+http://HOST:PORT or grpc+unix:///PATH. */
+int cas_grpc_client_new(const char *url, cas_grpc_client **ret);
+void cas_grpc_client_free(cas_grpc_client *c);
+const char *cas_grpc_client_url(const cas_grpc_client *c);
+
+/* Fills buf with up to size bytes of framed request stream; returns the
+ * count, 0 at the end, or -errno. */
+typedef ssize_t (*cas_grpc_produce)(void *userdata, uint8_t *buf, size_t size);
+
+/* One call of method path. The request is either one framed buffer
+ * (req, req_len) or a stream (produce). Every response message goes to
+ * on_msg. Returns 0 for grpc-status OK, else the status as errno
+ * (cas_grpc_errno_from_status) with *ret_status and ret_message (may be
+ * NULL) set; a transport failure is -EIO, logged. */
+int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
+		  size_t req_len, cas_grpc_produce produce, void *produce_ud,
+		  cas_grpc_msg_cb on_msg, void *msg_ud, int *ret_status,
+		  char *ret_message, size_t message_size);
+
+#endif

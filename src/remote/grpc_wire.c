@@ -1,0 +1,376 @@
+/* grpc_wire.c - gRPC framing, status codes and tvix castore request
+ * decoding (grpc_i.h). Requests are decoded with protobuf-c from the
+ * generated descriptors of tvix's protos; BlobChunk, which carries the
+ * bulk of the bytes, is parsed in place to avoid a copy per chunk. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "remote/grpc_i.h"
+#include "rpc_blobstore.pb-c.h"
+#include "rpc_directory.pb-c.h"
+
+enum cas_grpc_status cas_grpc_status_from_errno(int r)
+{
+	switch (r) {
+	case 0:
+		return CAS_GRPC_OK;
+	case -ENOENT:
+		return CAS_GRPC_NOT_FOUND;
+	case -EINVAL:
+	case -EBADMSG:
+		return CAS_GRPC_INVALID_ARGUMENT;
+	case -EMSGSIZE:
+		return CAS_GRPC_RESOURCE_EXHAUSTED;
+	case -EPROTONOSUPPORT:
+		return CAS_GRPC_UNIMPLEMENTED;
+	default:
+		return CAS_GRPC_INTERNAL;
+	}
+}
+
+int cas_grpc_errno_from_status(int status)
+{
+	switch (status) {
+	case CAS_GRPC_OK:
+		return 0;
+	case CAS_GRPC_NOT_FOUND:
+		return -ENOENT;
+	case CAS_GRPC_INVALID_ARGUMENT:
+		return -EINVAL;
+	default:
+		return -EIO;
+	}
+}
+
+void cas_grpc_frame_prefix(uint8_t out[5], size_t len)
+{
+	out[0] = 0;
+	out[1] = (uint8_t)(len >> 24);
+	out[2] = (uint8_t)(len >> 16);
+	out[3] = (uint8_t)(len >> 8);
+	out[4] = (uint8_t)len;
+}
+
+static size_t put_varint(uint8_t *p, uint64_t v)
+{
+	size_t n = 0;
+	while (v >= 0x80) {
+		p[n++] = (uint8_t)(v | 0x80);
+		v >>= 7;
+	}
+	p[n++] = (uint8_t)v;
+	return n;
+}
+
+static size_t varint_len(uint64_t v)
+{
+	size_t n = 1;
+	while (v >= 0x80) {
+		v >>= 7;
+		n++;
+	}
+	return n;
+}
+
+size_t cas_grpc_blob_chunk_header(uint8_t out[16], size_t data_len)
+{
+	if (data_len == 0) {
+		/* proto3 omits empty bytes: the empty message. */
+		cas_grpc_frame_prefix(out, 0);
+		return 5;
+	}
+	size_t msg_len = 1 + varint_len(data_len) + data_len;
+	cas_grpc_frame_prefix(out, msg_len);
+	out[5] = 0x0a; /* field 1, length-delimited */
+	return 6 + put_varint(out + 6, data_len);
+}
+
+bool cas_grpc_reader_idle(const struct cas_grpc_reader *r)
+{
+	return r->prefix_len == 0 && !r->in_msg;
+}
+
+void cas_grpc_reader_release(struct cas_grpc_reader *r)
+{
+	free(r->msg);
+	*r = (struct cas_grpc_reader){ 0 };
+}
+
+int cas_grpc_reader_feed(struct cas_grpc_reader *r, const uint8_t *buf,
+			 size_t len, cas_grpc_msg_cb cb, void *userdata)
+{
+	while (len > 0 || (r->in_msg && r->msg_got == r->msg_len)) {
+		if (!r->in_msg) {
+			size_t take = 5 - r->prefix_len;
+			if (take > len)
+				take = len;
+			memcpy(r->prefix + r->prefix_len, buf, take);
+			r->prefix_len += take;
+			buf += take;
+			len -= take;
+			if (r->prefix_len < 5)
+				return 0;
+			if (r->prefix[0] != 0)
+				return -EPROTONOSUPPORT;
+			uint32_t mlen = (uint32_t)r->prefix[1] << 24 |
+					(uint32_t)r->prefix[2] << 16 |
+					(uint32_t)r->prefix[3] << 8 | r->prefix[4];
+			if (mlen > CAS_GRPC_MAX_MESSAGE)
+				return -EMSGSIZE;
+			r->prefix_len = 0;
+			r->in_msg = true;
+			r->msg_len = mlen;
+			r->msg_got = 0;
+			free(r->msg);
+			r->msg = NULL;
+			/* A whole message in the input: no copy. */
+			if (len >= mlen) {
+				r->in_msg = false;
+				int cr = cb(userdata, buf, mlen);
+				if (cr < 0)
+					return cr;
+				buf += mlen;
+				len -= mlen;
+				continue;
+			}
+			r->msg = malloc(mlen ? mlen : 1);
+			if (!r->msg)
+				return -ENOMEM;
+		}
+		size_t take = r->msg_len - r->msg_got;
+		if (take > len)
+			take = len;
+		memcpy(r->msg + r->msg_got, buf, take);
+		r->msg_got += take;
+		buf += take;
+		len -= take;
+		if (r->msg_got < r->msg_len)
+			return 0;
+		r->in_msg = false;
+		int cr = cb(userdata, r->msg, r->msg_len);
+		free(r->msg);
+		r->msg = NULL;
+		if (cr < 0)
+			return cr;
+	}
+	return 0;
+}
+
+static const struct {
+	const char *path;
+	enum cas_grpc_method method;
+} methods[] = {
+	{ CAS_GRPC_PATH_BLOB_STAT, CAS_GRPC_BLOB_STAT },
+	{ CAS_GRPC_PATH_BLOB_READ, CAS_GRPC_BLOB_READ },
+	{ CAS_GRPC_PATH_BLOB_PUT, CAS_GRPC_BLOB_PUT },
+	{ CAS_GRPC_PATH_DIRECTORY_GET, CAS_GRPC_DIRECTORY_GET },
+	{ CAS_GRPC_PATH_DIRECTORY_PUT, CAS_GRPC_DIRECTORY_PUT },
+};
+
+enum cas_grpc_method cas_grpc_method_from_path(const char *path, size_t len)
+{
+	for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++)
+		if (strlen(methods[i].path) == len &&
+		    memcmp(methods[i].path, path, len) == 0)
+			return methods[i].method;
+	return CAS_GRPC_UNKNOWN_METHOD;
+}
+
+static int take_digest(const ProtobufCBinaryData *b, cas_digest *ret,
+		       const char **ret_why)
+{
+	if (b->len != CAS_DIGEST_LEN) {
+		*ret_why = "digest is not 32 bytes";
+		return -EINVAL;
+	}
+	memcpy(ret->bytes, b->data, CAS_DIGEST_LEN);
+	return 0;
+}
+
+int cas_grpc_decode_stat(const uint8_t *msg, size_t len, cas_digest *ret,
+			 const char **ret_why)
+{
+	Tvix__Castore__V1__StatBlobRequest *m =
+		tvix__castore__v1__stat_blob_request__unpack(NULL, len, msg);
+	if (!m) {
+		*ret_why = "malformed StatBlobRequest";
+		return -EINVAL;
+	}
+	int r = take_digest(&m->digest, ret, ret_why);
+	tvix__castore__v1__stat_blob_request__free_unpacked(m, NULL);
+	return r;
+}
+
+int cas_grpc_decode_read(const uint8_t *msg, size_t len, cas_digest *ret,
+			 const char **ret_why)
+{
+	Tvix__Castore__V1__ReadBlobRequest *m =
+		tvix__castore__v1__read_blob_request__unpack(NULL, len, msg);
+	if (!m) {
+		*ret_why = "malformed ReadBlobRequest";
+		return -EINVAL;
+	}
+	int r = take_digest(&m->digest, ret, ret_why);
+	tvix__castore__v1__read_blob_request__free_unpacked(m, NULL);
+	return r;
+}
+
+int cas_grpc_decode_get(const uint8_t *msg, size_t len, cas_digest *ret,
+			bool *ret_recursive, const char **ret_why)
+{
+	Tvix__Castore__V1__GetDirectoryRequest *m =
+		tvix__castore__v1__get_directory_request__unpack(NULL, len, msg);
+	int r;
+	if (!m) {
+		*ret_why = "malformed GetDirectoryRequest";
+		return -EINVAL;
+	}
+	if (m->by_what_case != TVIX__CASTORE__V1__GET_DIRECTORY_REQUEST__BY_WHAT_DIGEST) {
+		*ret_why = "no digest given";
+		r = -EINVAL;
+	} else {
+		r = take_digest(&m->digest, ret, ret_why);
+		*ret_recursive = m->recursive;
+	}
+	tvix__castore__v1__get_directory_request__free_unpacked(m, NULL);
+	return r;
+}
+
+/* A bounded cursor over protobuf wire format (BlobChunk only). */
+static int get_varint(const uint8_t **p, const uint8_t *end, uint64_t *ret)
+{
+	uint64_t v = 0;
+	for (unsigned shift = 0; shift < 64; shift += 7) {
+		if (*p >= end)
+			return -EINVAL;
+		uint8_t b = *(*p)++;
+		v |= (uint64_t)(b & 0x7f) << shift;
+		if (!(b & 0x80)) {
+			*ret = v;
+			return 0;
+		}
+	}
+	return -EINVAL;
+}
+
+int cas_grpc_decode_blob_chunk(const uint8_t *msg, size_t len,
+			       const uint8_t **ret_data, size_t *ret_len,
+			       const char **ret_why)
+{
+	const uint8_t *p = msg, *end = msg + len;
+	*ret_data = msg;
+	*ret_len = 0;
+	*ret_why = "malformed BlobChunk";
+	while (p < end) {
+		uint64_t tag, v;
+		if (get_varint(&p, end, &tag) < 0 || (tag >> 3) == 0)
+			return -EINVAL;
+		switch (tag & 7) {
+		case 0:
+			if (get_varint(&p, end, &v) < 0)
+				return -EINVAL;
+			break;
+		case 1:
+			if (end - p < 8)
+				return -EINVAL;
+			p += 8;
+			break;
+		case 2:
+			if (get_varint(&p, end, &v) < 0 || v > (uint64_t)(end - p))
+				return -EINVAL;
+			if (tag >> 3 == 1) { /* data; the last one wins */
+				*ret_data = p;
+				*ret_len = (size_t)v;
+			}
+			p += v;
+			break;
+		case 5:
+			if (end - p < 4)
+				return -EINVAL;
+			p += 4;
+			break;
+		default:
+			return -EINVAL;
+		}
+		if (tag >> 3 == 1 && (tag & 7) != 2)
+			return -EINVAL;
+	}
+	return 0;
+}
+
+int cas_grpc_decode_digest_response(const uint8_t *msg, size_t len,
+				    bool directory, cas_digest *ret)
+{
+	const char *why;
+	int r;
+	if (directory) {
+		Tvix__Castore__V1__PutDirectoryResponse *m =
+			tvix__castore__v1__put_directory_response__unpack(NULL, len, msg);
+		if (!m)
+			return -EBADMSG;
+		r = take_digest(&m->root_digest, ret, &why);
+		tvix__castore__v1__put_directory_response__free_unpacked(m, NULL);
+	} else {
+		Tvix__Castore__V1__PutBlobResponse *m =
+			tvix__castore__v1__put_blob_response__unpack(NULL, len, msg);
+		if (!m)
+			return -EBADMSG;
+		r = take_digest(&m->digest, ret, &why);
+		tvix__castore__v1__put_blob_response__free_unpacked(m, NULL);
+	}
+	return r < 0 ? -EBADMSG : 0;
+}
+
+int cas_grpc_encode_digest_msg(int kind, const cas_digest *d, bool recursive,
+			       uint8_t **ret, size_t *ret_len)
+{
+	/* Each is field 1 = digest, and for Get field 2 = recursive:
+	 * StatBlobRequest, ReadBlobRequest, GetDirectoryRequest (oneof
+	 * by_what.digest = 1), PutBlobResponse, PutDirectoryResponse.
+	 * StatBlobResponse is empty. */
+	size_t body = 0;
+	if (kind != CAS_GRPC_MSG_STAT_RESPONSE)
+		body = 2 + CAS_DIGEST_LEN;
+	if (kind == CAS_GRPC_MSG_GET_REQUEST && recursive)
+		body += 2;
+	uint8_t *buf = malloc(5 + body);
+	if (!buf)
+		return -ENOMEM;
+	cas_grpc_frame_prefix(buf, body);
+	if (body) {
+		buf[5] = 0x0a;
+		buf[6] = CAS_DIGEST_LEN;
+		memcpy(buf + 7, d->bytes, CAS_DIGEST_LEN);
+	}
+	if (kind == CAS_GRPC_MSG_GET_REQUEST && recursive) {
+		buf[7 + CAS_DIGEST_LEN] = 0x10;
+		buf[8 + CAS_DIGEST_LEN] = 1;
+	}
+	*ret = buf;
+	*ret_len = 5 + body;
+	return 0;
+}
+
+void cas_grpc_percent_encode(const char *in, char *out, size_t size)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	size_t o = 0;
+	if (size == 0)
+		return;
+	for (const unsigned char *p = (const unsigned char *)in; *p; p++) {
+		if (*p >= 0x20 && *p <= 0x7e && *p != '%') {
+			if (o + 1 >= size)
+				break;
+			out[o++] = (char)*p;
+		} else {
+			if (o + 3 >= size)
+				break;
+			out[o++] = '%';
+			out[o++] = hex[*p >> 4];
+			out[o++] = hex[*p & 15];
+		}
+	}
+	out[o] = 0;
+}

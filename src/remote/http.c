@@ -1,0 +1,362 @@
+/* http.c - the fetcher for a published HTTP layout (docs/remote.md):
+ *   URL/blobs/ab/<hex>  URL/directories/ab/<hex>  URL/roots
+ * Plain GETs with libcurl, so any web server, CDN or bucket serves it.
+ * Blobs stream to the caller's sink; Directories are fetched many at a
+ * time with a curl multi handle (one tree level per round). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/log.h"
+#include "core/util.h"
+#include "remote/remote_i.h"
+
+#define HTTP_PARALLEL 16
+/* No Directory a sane store makes comes near this; a server sending more
+ * is refused before it fills memory. */
+#define HTTP_MAX_DIRECTORY (64u << 20)
+#define HTTP_MAX_ROOTS (256u << 20)
+
+struct dir_multi {
+	CURLM *multi;
+	CURL *easy[HTTP_PARALLEL];
+};
+
+struct http_fetcher {
+	cas_fetcher base;
+	char *url; /* without a trailing '/' */
+	struct cas_curl_pool pool;
+	pthread_mutex_t lock;
+	struct dir_multi *multis[8]; /* protected by lock */
+	size_t n_multis;             /* protected by lock */
+};
+
+static struct http_fetcher *to_http(cas_fetcher *f)
+{
+	return (struct http_fetcher *)f;
+}
+
+static void object_url(struct http_fetcher *h, const char *kind,
+		       const cas_digest *d, char *buf, size_t size)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	cas_digest_to_hex(d, hex);
+	snprintf(buf, size, "%s/%s/%.2s/%s", h->url, kind, hex, hex);
+}
+
+static void setup_easy(CURL *e, const char *url)
+{
+	curl_easy_setopt(e, CURLOPT_URL, url);
+	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(e, CURLOPT_FOLLOWLOCATION, 1L);
+	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT, 10L);
+	/* A stalled server is a failure, not a hang. */
+	curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
+	curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, 60L);
+	curl_easy_setopt(e, CURLOPT_USERAGENT, "castore/" "0.1");
+	curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
+}
+
+/* Maps a finished transfer to 0, -ENOENT or -EIO (logged). */
+static int transfer_result(CURL *e, CURLcode c, const char *url, int sink_r)
+{
+	long code = 0;
+
+	if (sink_r < 0)
+		return sink_r;
+	if (c != CURLE_OK)
+		return cas_log_errno(-EIO, "%s: %s", url, curl_easy_strerror(c));
+	curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code);
+	if (code == 200)
+		return 0;
+	if (code == 404 || code == 410)
+		return -ENOENT;
+	return cas_log_errno(-EIO, "%s: HTTP status %ld", url, code);
+}
+
+struct blob_get {
+	CURL *easy;
+	cas_fetch_sink sink;
+	void *userdata;
+	int r;
+	int ok; /* -1 unknown, 0 no (error body, dropped), 1 yes */
+};
+
+static size_t blob_write(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	struct blob_get *g = userdata;
+	size_t len = size * nmemb;
+
+	if (g->ok < 0) {
+		long code = 0;
+		curl_easy_getinfo(g->easy, CURLINFO_RESPONSE_CODE, &code);
+		g->ok = code == 200;
+	}
+	if (!g->ok)
+		return len;
+	g->r = g->sink(g->userdata, ptr, len);
+	return g->r < 0 ? 0 : len;
+}
+
+static int http_blob_fetch(cas_fetcher *f, const cas_digest *d,
+			   cas_fetch_sink sink, void *userdata)
+{
+	struct http_fetcher *h = to_http(f);
+	char url[4096];
+	CURL *e = cas_curl_pool_get(&h->pool);
+	if (!e)
+		return -ENOMEM;
+	object_url(h, "blobs", d, url, sizeof(url));
+	struct blob_get g = { e, sink, userdata, 0, -1 };
+	setup_easy(e, url);
+	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, blob_write);
+	curl_easy_setopt(e, CURLOPT_WRITEDATA, &g);
+	CURLcode c = curl_easy_perform(e);
+	int r = transfer_result(e, c, url, g.r);
+	cas_curl_pool_put(&h->pool, e);
+	return r;
+}
+
+struct membuf {
+	uint8_t *buf;
+	size_t len, cap, max;
+	bool too_big;
+};
+
+static size_t mem_write(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	struct membuf *m = userdata;
+	size_t len = size * nmemb;
+
+	if (len > m->max - m->len) {
+		m->too_big = true;
+		return 0;
+	}
+	if (m->len + len > m->cap) {
+		size_t cap = m->cap ? m->cap : 4096;
+		while (cap < m->len + len)
+			cap *= 2;
+		uint8_t *n = realloc(m->buf, cap);
+		if (!n)
+			return 0;
+		m->buf = n;
+		m->cap = cap;
+	}
+	memcpy(m->buf + m->len, ptr, len);
+	m->len += len;
+	return len;
+}
+
+static struct dir_multi *multi_get(struct http_fetcher *h)
+{
+	struct dir_multi *m = NULL;
+
+	pthread_mutex_lock(&h->lock);
+	if (h->n_multis > 0)
+		m = h->multis[--h->n_multis];
+	pthread_mutex_unlock(&h->lock);
+	if (m)
+		return m;
+	m = calloc(1, sizeof(*m));
+	if (!m)
+		return NULL;
+	m->multi = curl_multi_init();
+	if (!m->multi) {
+		free(m);
+		return NULL;
+	}
+	return m;
+}
+
+static void multi_free(struct dir_multi *m)
+{
+	for (size_t i = 0; i < HTTP_PARALLEL; i++)
+		if (m->easy[i])
+			curl_easy_cleanup(m->easy[i]);
+	curl_multi_cleanup(m->multi);
+	free(m);
+}
+
+static void multi_put(struct http_fetcher *h, struct dir_multi *m)
+{
+	pthread_mutex_lock(&h->lock);
+	if (h->n_multis < CAS_ARRAY_SIZE(h->multis)) {
+		h->multis[h->n_multis++] = m;
+		m = NULL;
+	}
+	pthread_mutex_unlock(&h->lock);
+	if (m)
+		multi_free(m);
+}
+
+struct slot {
+	size_t index; /* into ds; SIZE_MAX when idle */
+	struct membuf body;
+	char url[4096];
+};
+
+static int http_directories_fetch(cas_fetcher *f, const cas_digest *ds,
+				  size_t n, cas_fetch_dir_cb cb, void *userdata)
+{
+	struct http_fetcher *h = to_http(f);
+	struct slot slots[HTTP_PARALLEL];
+	size_t next = 0, running = 0;
+	int r = 0;
+
+	struct dir_multi *m = multi_get(h);
+	if (!m)
+		return -ENOMEM;
+	for (size_t i = 0; i < HTTP_PARALLEL; i++) {
+		slots[i].index = SIZE_MAX;
+		slots[i].body = (struct membuf){ .max = HTTP_MAX_DIRECTORY };
+	}
+
+	while ((next < n || running > 0)) {
+		/* Fill idle slots. */
+		for (size_t i = 0; i < HTTP_PARALLEL && next < n && r == 0; i++) {
+			struct slot *s = &slots[i];
+			if (s->index != SIZE_MAX)
+				continue;
+			if (!m->easy[i] && !(m->easy[i] = curl_easy_init())) {
+				r = -ENOMEM;
+				break;
+			}
+			CURL *e = m->easy[i];
+			curl_easy_reset(e);
+			s->index = next++;
+			s->body.len = 0;
+			s->body.too_big = false;
+			object_url(h, "directories", &ds[s->index], s->url,
+				   sizeof(s->url));
+			setup_easy(e, s->url);
+			curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
+			curl_easy_setopt(e, CURLOPT_WRITEDATA, &s->body);
+			curl_easy_setopt(e, CURLOPT_PRIVATE, s);
+			curl_multi_add_handle(m->multi, e);
+			running++;
+		}
+		if (running == 0)
+			break;
+		int still;
+		CURLMcode mc = curl_multi_perform(m->multi, &still);
+		if (mc != CURLM_OK) {
+			r = cas_log_errno(-EIO, "%s: %s", h->url,
+					  curl_multi_strerror(mc));
+			break;
+		}
+		CURLMsg *msg;
+		int left;
+		bool progressed = false;
+		while ((msg = curl_multi_info_read(m->multi, &left))) {
+			if (msg->msg != CURLMSG_DONE)
+				continue;
+			CURL *e = msg->easy_handle;
+			CURLcode c = msg->data.result;
+			struct slot *s = NULL;
+			curl_easy_getinfo(e, CURLINFO_PRIVATE, (char **)&s);
+			curl_multi_remove_handle(m->multi, e);
+			running--;
+			progressed = true;
+			int tr;
+			if (s->body.too_big)
+				tr = cas_log_errno(-EIO, "%s: larger than %u bytes",
+						   s->url, HTTP_MAX_DIRECTORY);
+			else
+				tr = transfer_result(e, c, s->url, 0);
+			size_t idx = s->index;
+			s->index = SIZE_MAX;
+			if (r < 0)
+				continue;
+			if (tr < 0) {
+				r = tr;
+				continue;
+			}
+			tr = cb(userdata, &ds[idx], s->body.buf, s->body.len);
+			if (tr < 0)
+				r = tr;
+		}
+		if (r < 0 && running > 0) {
+			/* Stop the others: drop them. */
+			for (size_t i = 0; i < HTTP_PARALLEL; i++) {
+				if (slots[i].index == SIZE_MAX)
+					continue;
+				curl_multi_remove_handle(m->multi, m->easy[i]);
+				slots[i].index = SIZE_MAX;
+			}
+			running = 0;
+		}
+		if (r < 0)
+			break;
+		if (!progressed && running > 0)
+			curl_multi_poll(m->multi, NULL, 0, 1000, NULL);
+	}
+	for (size_t i = 0; i < HTTP_PARALLEL; i++)
+		free(slots[i].body.buf);
+	multi_put(h, m);
+	return r;
+}
+
+static int http_roots_fetch(cas_fetcher *f, cas_root_cb cb, void *userdata)
+{
+	struct http_fetcher *h = to_http(f);
+	char url[4096];
+	struct membuf body = { .max = HTTP_MAX_ROOTS };
+	CURL *e = cas_curl_pool_get(&h->pool);
+	if (!e)
+		return -ENOMEM;
+	snprintf(url, sizeof(url), "%s/roots", h->url);
+	setup_easy(e, url);
+	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
+	curl_easy_setopt(e, CURLOPT_WRITEDATA, &body);
+	CURLcode c = curl_easy_perform(e);
+	int r = body.too_big ? -EIO : transfer_result(e, c, url, 0);
+	cas_curl_pool_put(&h->pool, e);
+	if (r == -ENOENT)
+		r = 0; /* a layout with no roots published yet */
+	else if (r == 0) {
+		r = cas_roots_file_parse((const char *)body.buf, body.len, cb,
+					 userdata);
+		if (r == -EBADMSG)
+			cas_log_error("%s: malformed roots file", url);
+	}
+	free(body.buf);
+	return r;
+}
+
+static void http_free(cas_fetcher *f)
+{
+	struct http_fetcher *h = to_http(f);
+	for (size_t i = 0; i < h->n_multis; i++)
+		multi_free(h->multis[i]);
+	pthread_mutex_destroy(&h->lock);
+	cas_curl_pool_release(&h->pool);
+	free(h->url);
+	free(h);
+}
+
+static const struct cas_fetcher_ops http_ops = {
+	.blob_fetch = http_blob_fetch,
+	.directories_fetch = http_directories_fetch,
+	.roots_fetch = http_roots_fetch,
+	.free = http_free,
+};
+
+int cas_http_fetcher_new(const char *url, cas_fetcher **ret)
+{
+	int r = cas_curl_init();
+	if (r < 0)
+		return r;
+	struct http_fetcher *h = calloc(1, sizeof(*h));
+	if (!h || !(h->url = strdup(url))) {
+		free(h);
+		return -ENOMEM;
+	}
+	size_t len = strlen(h->url);
+	while (len > 0 && h->url[len - 1] == '/')
+		h->url[--len] = 0;
+	h->base.ops = &http_ops;
+	cas_curl_pool_init(&h->pool);
+	pthread_mutex_init(&h->lock, NULL);
+	*ret = &h->base;
+	return 0;
+}

@@ -1,0 +1,113 @@
+/* layout.c - the roots file of a published HTTP layout (remote_i.h). */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/directory.h"
+#include "core/log.h"
+#include "core/util.h"
+#include "remote/remote_i.h"
+
+static const char hexdigits[] = "0123456789abcdef";
+
+static int unhex1(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+int cas_roots_file_write_line(FILE *f, const char *name, const cas_node *node)
+{
+	_cleanup_free_ uint8_t *buf = NULL;
+	size_t len;
+	cas_node n = *node;
+	int r;
+
+	n.name = NULL;
+	n.name_len = 0;
+	r = cas_node_encode(&n, &buf, &len, NULL);
+	if (r < 0)
+		return r;
+	for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
+		if (*p <= 0x20 || *p >= 0x7f || *p == '%')
+			fprintf(f, "%%%c%c", hexdigits[*p >> 4], hexdigits[*p & 15]);
+		else
+			fputc(*p, f);
+	}
+	fputc('\t', f);
+	for (size_t i = 0; i < len; i++)
+		fprintf(f, "%c%c", hexdigits[buf[i] >> 4], hexdigits[buf[i] & 15]);
+	fputc('\n', f);
+	return ferror(f) ? -EIO : 0;
+}
+
+static int parse_line(const char *line, size_t len, cas_root_cb cb,
+		      void *userdata)
+{
+	const char *tab = memchr(line, '\t', len);
+	if (!tab || tab == line)
+		return -EBADMSG;
+	size_t name_enc = (size_t)(tab - line);
+	size_t node_hex = len - name_enc - 1;
+	if (node_hex % 2 || node_hex == 0)
+		return -EBADMSG;
+	_cleanup_free_ char *name = malloc(name_enc + 1);
+	_cleanup_free_ uint8_t *node_buf = malloc(node_hex / 2);
+	if (!name || !node_buf)
+		return -ENOMEM;
+	size_t n = 0;
+	for (size_t i = 0; i < name_enc; i++) {
+		if (line[i] == '%') {
+			if (i + 2 >= name_enc)
+				return -EBADMSG;
+			int hi = unhex1(line[i + 1]), lo = unhex1(line[i + 2]);
+			if (hi < 0 || lo < 0)
+				return -EBADMSG;
+			name[n++] = (char)(hi << 4 | lo);
+			i += 2;
+		} else {
+			name[n++] = line[i];
+		}
+	}
+	name[n] = 0;
+	if (strlen(name) != n || !cas_root_name_valid(name))
+		return -EBADMSG;
+	for (size_t i = 0; i < node_hex / 2; i++) {
+		int hi = unhex1(tab[1 + 2 * i]), lo = unhex1(tab[2 + 2 * i]);
+		if (hi < 0 || lo < 0)
+			return -EBADMSG;
+		node_buf[i] = (uint8_t)(hi << 4 | lo);
+	}
+	cas_node node;
+	int r = cas_node_decode(node_buf, node_hex / 2, &node, NULL);
+	if (r < 0)
+		return -EBADMSG;
+	node.name = (const uint8_t *)name;
+	node.name_len = n;
+	return cb(userdata, name, &node);
+}
+
+int cas_roots_file_parse(const char *buf, size_t len, cas_root_cb cb,
+			 void *userdata)
+{
+	size_t pos = 0;
+	while (pos < len) {
+		const char *nl = memchr(buf + pos, '\n', len - pos);
+		size_t end = nl ? (size_t)(nl - buf) : len;
+		size_t llen = end - pos;
+		if (llen > 0 && buf[pos + llen - 1] == '\r')
+			llen--;
+		if (llen > 0 && buf[pos] != '#') {
+			int r = parse_line(buf + pos, llen, cb, userdata);
+			if (r < 0)
+				return r;
+		}
+		pos = end + 1;
+	}
+	return 0;
+}

@@ -1,0 +1,464 @@
+/* publish.c - `castore publish DIR [NAME...]`: the static HTTP layout
+ * (docs/remote.md).
+ *
+ *   DIR/blobs/ab/<hex>        the blob's bytes
+ *   DIR/directories/ab/<hex>  the Directory's canonical bytes
+ *   DIR/roots                 the published roots (remote_i.h format)
+ *   DIR/tmp/                  files being written
+ *
+ * Objects are written leaves first (a Directory after all it names), each
+ * to a temporary file then linked into place without overwriting, so a
+ * Directory file that exists promises its whole closure and publishing
+ * again skips it. All objects are made durable (syncfs) before the roots
+ * file is replaced by rename: a reader never sees a root whose objects
+ * are missing.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "core/directory.h"
+#include "core/log.h"
+#include "core/util.h"
+#include "remote/remote.h"
+#include "remote/remote_i.h"
+
+struct publisher {
+	cas_store *s;
+	int dirfd;
+	char *dir;
+	/* Objects known to be in DIR. Two maps: the empty file and the empty
+	 * Directory have the same digest. */
+	struct cas_dmap blobs_done, dirs_done;
+	struct cas_remote_progress p;
+	cas_remote_progress_cb progress;
+	void *userdata;
+	unsigned tmp_seq;
+};
+
+static void tick(struct publisher *pb)
+{
+	if (pb->progress && ((pb->p.blobs + pb->p.directories) & 255) == 0)
+		pb->progress(pb->userdata, &pb->p);
+}
+
+static void object_path(const char *kind, const cas_digest *d, char *buf,
+			size_t size)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	cas_digest_to_hex(d, hex);
+	snprintf(buf, size, "%s/%.2s/%s", kind, hex, hex);
+}
+
+static int ensure_fanout(struct publisher *pb, const char *path)
+{
+	char sub[64];
+	const char *slash = strrchr(path, '/');
+	size_t n = (size_t)(slash - path);
+	memcpy(sub, path, n);
+	sub[n] = 0;
+	if (mkdirat(pb->dirfd, sub, 0755) < 0 && errno != EEXIST)
+		return cas_negerrno();
+	return 0;
+}
+
+static int copy_fd(int out, int in, uint64_t size)
+{
+	uint64_t off = 0;
+	while (off < size) {
+		ssize_t n = copy_file_range(in, NULL, out, NULL, size - off, 0);
+		if (n < 0 && (errno == EXDEV || errno == EINVAL ||
+			      errno == ENOSYS || errno == EOPNOTSUPP))
+			break;
+		if (n < 0)
+			return cas_negerrno();
+		if (n == 0)
+			return -EBADMSG;
+		off += (uint64_t)n;
+	}
+	if (off == size)
+		return 0;
+	/* Fallback: plain reads (copy_file_range refused these files). */
+	_cleanup_free_ uint8_t *buf = malloc(1 << 20);
+	if (!buf)
+		return -ENOMEM;
+	while (off < size) {
+		size_t want = (size_t)CAS_MIN(size - off, (uint64_t)(1 << 20));
+		int r = cas_pread_all(in, buf, want, off);
+		if (r < 0)
+			return r;
+		r = cas_write_all(out, buf, want);
+		if (r < 0)
+			return r;
+		off += want;
+	}
+	return 0;
+}
+
+/* Writes an object from an fd (blob) or a buffer (Directory) to path via
+ * a temporary file; an existing file is left alone. */
+static int write_object(struct publisher *pb, const char *path, int in_fd,
+			uint64_t size, const void *buf, size_t len)
+{
+	char tmp[128];
+	int r = ensure_fanout(pb, path);
+	if (r < 0)
+		return r;
+	snprintf(tmp, sizeof(tmp), "tmp/%ld.%u", (long)getpid(), pb->tmp_seq++);
+	_cleanup_close_ int fd = openat(pb->dirfd, tmp,
+					O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return cas_negerrno();
+	if (in_fd >= 0)
+		r = copy_fd(fd, in_fd, size);
+	else
+		r = len ? cas_write_all(fd, buf, len) : 0;
+	if (r >= 0 && linkat(pb->dirfd, tmp, pb->dirfd, path, 0) < 0 &&
+	    errno != EEXIST)
+		r = cas_negerrno();
+	(void)unlinkat(pb->dirfd, tmp, 0);
+	return r;
+}
+
+static bool object_exists(struct publisher *pb, const char *path)
+{
+	return faccessat(pb->dirfd, path, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
+}
+
+static int publish_blob(struct publisher *pb, const cas_digest *d)
+{
+	char path[128], hex[CAS_DIGEST_HEX_LEN + 1];
+	int r = cas_dmap_put(&pb->blobs_done, d, NULL);
+	if (r <= 0)
+		return r;
+	pb->p.blobs++;
+	tick(pb);
+	object_path("blobs", d, path, sizeof(path));
+	if (object_exists(pb, path))
+		return 0;
+	cas_digest_to_hex(d, hex);
+	_cleanup_close_ int fd = -1;
+	uint64_t size;
+	r = pb->s->ops->blob_open(pb->s, d, &fd, &size);
+	if (r < 0)
+		return cas_log_errno(r, "blob %s: %m", hex);
+	r = write_object(pb, path, fd, size, NULL, 0);
+	if (r < 0)
+		return cas_log_errno(r, "publish blob %s into %s: %m", hex, pb->dir);
+	pb->p.sent_objects++;
+	pb->p.sent_bytes += size;
+	return 0;
+}
+
+struct pub_frame {
+	cas_digest d;
+	uint8_t *raw;
+	size_t raw_len;
+	cas_directory *dir;
+	size_t next_child;
+};
+
+static void frame_release(struct pub_frame *f)
+{
+	free(f->raw);
+	cas_directory_free(f->dir);
+}
+
+/* Loads Directory d into a frame; 1 when it needs publishing, 0 when
+ * DIR already has it (and so its closure). */
+static int frame_load(struct publisher *pb, const cas_digest *d,
+		      struct pub_frame *f)
+{
+	char path[128], hex[CAS_DIGEST_HEX_LEN + 1];
+	const char *why = NULL;
+	int r = cas_dmap_put(&pb->dirs_done, d, NULL);
+	if (r <= 0)
+		return r;
+	pb->p.directories++;
+	tick(pb);
+	object_path("directories", d, path, sizeof(path));
+	if (object_exists(pb, path))
+		return 0;
+	cas_digest_to_hex(d, hex);
+	*f = (struct pub_frame){ .d = *d };
+	r = pb->s->ops->directory_get_raw(pb->s, d, &f->raw, &f->raw_len);
+	if (r < 0)
+		return cas_log_errno(r, "directory %s: %m", hex);
+	r = cas_directory_decode(f->raw, f->raw_len, &f->dir, &why);
+	if (r < 0) {
+		free(f->raw);
+		return cas_log_errno(r, "directory %s: %s", hex, why ? why : "?");
+	}
+	return 1;
+}
+
+/* Publishes Directory d and everything below it that DIR lacks, leaves
+ * first, without recursion (depth comes from the data). */
+static int publish_tree(struct publisher *pb, const cas_digest *root)
+{
+	struct pub_frame *stack = NULL;
+	size_t depth = 0, cap = 16;
+	int r;
+
+	stack = malloc(cap * sizeof(*stack));
+	if (!stack)
+		return -ENOMEM;
+	r = frame_load(pb, root, &stack[0]);
+	if (r <= 0)
+		goto out;
+	depth = 1;
+	while (depth > 0) {
+		struct pub_frame *f = &stack[depth - 1];
+		cas_directory *dir = f->dir;
+		if (f->next_child == 0)
+			for (size_t i = 0; i < dir->n_files; i++)
+				if ((r = publish_blob(pb, &dir->files[i].digest)) < 0)
+					goto out;
+		if (f->next_child < dir->n_directories) {
+			const cas_digest *cd = &dir->directories[f->next_child++].digest;
+			if (depth == cap) {
+				cap *= 2;
+				struct pub_frame *ns = realloc(stack, cap * sizeof(*ns));
+				if (!ns) {
+					r = -ENOMEM;
+					goto out;
+				}
+				stack = ns;
+				f = &stack[depth - 1];
+			}
+			r = frame_load(pb, cd, &stack[depth]);
+			if (r < 0)
+				goto out;
+			if (r > 0)
+				depth++;
+			continue;
+		}
+		char path[128];
+		object_path("directories", &f->d, path, sizeof(path));
+		r = write_object(pb, path, -1, 0, f->raw, f->raw_len);
+		if (r < 0) {
+			char hex[CAS_DIGEST_HEX_LEN + 1];
+			cas_digest_to_hex(&f->d, hex);
+			r = cas_log_errno(r, "publish directory %s into %s: %m",
+					  hex, pb->dir);
+			goto out;
+		}
+		pb->p.sent_objects++;
+		pb->p.sent_bytes += f->raw_len;
+		frame_release(f);
+		depth--;
+	}
+	r = 0;
+out:
+	for (size_t i = 0; i < depth; i++)
+		frame_release(&stack[i]);
+	free(stack);
+	return r;
+}
+
+static int publish_node(struct publisher *pb, const cas_node *node)
+{
+	switch (node->type) {
+	case CAS_NODE_DIRECTORY:
+		return publish_tree(pb, &node->digest);
+	case CAS_NODE_FILE:
+		return publish_blob(pb, &node->digest);
+	default:
+		return 0;
+	}
+}
+
+struct root_entry {
+	char *name;
+	cas_node *node;
+};
+
+struct root_set {
+	struct root_entry *v;
+	size_t n;
+};
+
+static void root_set_release(struct root_set *rs)
+{
+	for (size_t i = 0; i < rs->n; i++) {
+		free(rs->v[i].name);
+		free(rs->v[i].node);
+	}
+	free(rs->v);
+	rs->v = NULL;
+	rs->n = 0;
+}
+
+/* Adds or replaces name. */
+static int root_set_put(void *userdata, const char *name, const cas_node *node)
+{
+	struct root_set *rs = userdata;
+	cas_node *dup = cas_node_dup(node);
+	if (!dup)
+		return -ENOMEM;
+	for (size_t i = 0; i < rs->n; i++)
+		if (strcmp(rs->v[i].name, name) == 0) {
+			free(rs->v[i].node);
+			rs->v[i].node = dup;
+			return 0;
+		}
+	struct root_entry *nv = realloc(rs->v, (rs->n + 1) * sizeof(*nv));
+	char *nname = strdup(name);
+	if (!nv || !nname) {
+		free(dup);
+		free(nname);
+		if (nv)
+			rs->v = nv;
+		return -ENOMEM;
+	}
+	rs->v = nv;
+	nv[rs->n++] = (struct root_entry){ nname, dup };
+	return 0;
+}
+
+static int by_name(const void *a, const void *b)
+{
+	return strcmp(((const struct root_entry *)a)->name,
+		      ((const struct root_entry *)b)->name);
+}
+
+static int read_roots_file(struct publisher *pb, struct root_set *rs)
+{
+	_cleanup_close_ int fd = openat(pb->dirfd, "roots", O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	if (fd < 0)
+		return errno == ENOENT ? 0 : cas_negerrno();
+	if (fstat(fd, &st) < 0)
+		return cas_negerrno();
+	_cleanup_free_ char *buf = malloc((size_t)st.st_size + 1);
+	if (!buf)
+		return -ENOMEM;
+	int r = cas_pread_all(fd, buf, (size_t)st.st_size, 0);
+	if (r < 0)
+		return r;
+	r = cas_roots_file_parse(buf, (size_t)st.st_size, root_set_put, rs);
+	if (r == -EBADMSG)
+		return cas_log_errno(r, "%s/roots: malformed; remove it to publish afresh",
+				     pb->dir);
+	return r;
+}
+
+static int write_roots_file(struct publisher *pb, struct root_set *rs)
+{
+	char tmp[128];
+	snprintf(tmp, sizeof(tmp), "tmp/roots.%ld", (long)getpid());
+	(void)unlinkat(pb->dirfd, tmp, 0);
+	int fd = openat(pb->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return cas_negerrno();
+	FILE *f = fdopen(fd, "w");
+	if (!f) {
+		close(fd);
+		return -ENOMEM;
+	}
+	qsort(rs->v, rs->n, sizeof(*rs->v), by_name);
+	int r = 0;
+	fputs("# castore published roots v1: percent-encoded name TAB hex Node\n", f);
+	for (size_t i = 0; i < rs->n && r >= 0; i++)
+		r = cas_roots_file_write_line(f, rs->v[i].name, rs->v[i].node);
+	if (fflush(f) != 0 || fsync(fileno(f)) < 0)
+		r = r < 0 ? r : cas_negerrno();
+	if (fclose(f) != 0 && r >= 0)
+		r = cas_negerrno();
+	if (r >= 0 && renameat(pb->dirfd, tmp, pb->dirfd, "roots") < 0)
+		r = cas_negerrno();
+	if (r < 0)
+		(void)unlinkat(pb->dirfd, tmp, 0);
+	else if (fsync(pb->dirfd) < 0)
+		r = cas_negerrno();
+	return r;
+}
+
+static int collect_all(void *userdata, const char *name, const cas_node *node)
+{
+	return root_set_put(userdata, name, node);
+}
+
+int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
+		       size_t n_names, cas_remote_progress_cb progress,
+		       void *userdata, struct cas_remote_progress *ret_stats)
+{
+	struct publisher pb = { .s = s, .dirfd = -1, .progress = progress,
+				.userdata = userdata };
+	struct root_set todo = { 0 }, published = { 0 };
+	int r;
+
+	if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+		return cas_log_errno(cas_negerrno(), "%s: %m", dir);
+	pb.dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (pb.dirfd < 0)
+		return cas_log_errno(cas_negerrno(), "%s: %m", dir);
+	pb.dir = strdup(dir);
+	if (!pb.dir) {
+		r = -ENOMEM;
+		goto out;
+	}
+	static const char *const subdirs[] = { "blobs", "directories", "tmp" };
+	for (size_t i = 0; i < CAS_ARRAY_SIZE(subdirs); i++)
+		if (mkdirat(pb.dirfd, subdirs[i], 0755) < 0 && errno != EEXIST) {
+			r = cas_log_errno(cas_negerrno(), "%s/%s: %m", dir, subdirs[i]);
+			goto out;
+		}
+
+	if (n_names == 0) {
+		r = s->ops->roots_foreach(s, collect_all, &todo);
+		if (r < 0) {
+			r = cas_log_errno(r, "list roots: %m");
+			goto out;
+		}
+	}
+	for (size_t i = 0; i < n_names; i++) {
+		cas_node *node = NULL;
+		r = s->ops->root_get(s, names[i], &node);
+		if (r < 0) {
+			r = cas_log_errno(r, "root %s: %m", names[i]);
+			goto out;
+		}
+		r = root_set_put(&todo, names[i], node);
+		free(node);
+		if (r < 0)
+			goto out;
+	}
+	for (size_t i = 0; i < todo.n; i++) {
+		r = publish_node(&pb, todo.v[i].node);
+		if (r < 0) {
+			cas_log_error("root %s: not published", todo.v[i].name);
+			goto out;
+		}
+	}
+	/* Every object durable before any root names it. */
+	if (syncfs(pb.dirfd) < 0) {
+		r = cas_log_errno(cas_negerrno(), "%s: syncfs: %m", dir);
+		goto out;
+	}
+	r = read_roots_file(&pb, &published);
+	if (r < 0)
+		goto out;
+	for (size_t i = 0; i < todo.n && r >= 0; i++)
+		r = root_set_put(&published, todo.v[i].name, todo.v[i].node);
+	if (r >= 0)
+		r = write_roots_file(&pb, &published);
+	if (r < 0)
+		r = cas_log_errno(r, "%s/roots: %m", dir);
+	if (progress)
+		progress(userdata, &pb.p);
+	if (ret_stats)
+		*ret_stats = pb.p;
+out:
+	root_set_release(&todo);
+	root_set_release(&published);
+	cas_dmap_release(&pb.blobs_done, NULL);
+	cas_dmap_release(&pb.dirs_done, NULL);
+	free(pb.dir);
+	close(pb.dirfd);
+	return r < 0 ? r : 0;
+}

@@ -1,0 +1,116 @@
+/* remote_i.h - inside src/remote: the fetcher seam between the verified
+ * cache (cache.c) and the transports (http.c, grpc_client.c), the
+ * published roots file (layout.c), and the libcurl handle pool.
+ *
+ * A fetcher only moves bytes: it never checks a digest and never writes
+ * the cache. cache.c checks every byte it gets from one before use.
+ * Fetchers are thread-safe: any thread may call any op at any time.
+ */
+#ifndef CAS_REMOTE_REMOTE_I_H
+#define CAS_REMOTE_REMOTE_I_H
+
+#include <pthread.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <curl/curl.h>
+
+#include "remote/remote.h"
+#include "store/store.h"
+
+typedef struct cas_fetcher cas_fetcher;
+
+/* Receives fetched bytes; < 0 stops the transfer and is returned. */
+typedef int (*cas_fetch_sink)(void *userdata, const void *buf, size_t len);
+/* Receives one Directory's bytes (unverified). want is the digest asked
+ * for, or NULL when the transport streams a subtree (the receiver finds
+ * out which Directory it is by hashing). < 0 stops and is returned. */
+typedef int (*cas_fetch_dir_cb)(void *userdata, const cas_digest *want,
+				const uint8_t *buf, size_t len);
+
+struct cas_fetcher_ops {
+	/* Streams the blob's bytes to sink. -ENOENT when the remote says
+	 * it is absent, -EIO when the remote cannot be reached or fails. */
+	int (*blob_fetch)(cas_fetcher *f, const cas_digest *d,
+			  cas_fetch_sink sink, void *userdata);
+	/* Fetches each of the n Directories (concurrently if the transport
+	 * can), calling cb once per Directory. An absent one is -ENOENT. */
+	int (*directories_fetch)(cas_fetcher *f, const cas_digest *ds,
+				 size_t n, cas_fetch_dir_cb cb, void *userdata);
+	/* Optional (NULL): d and every Directory below it in one request,
+	 * each sent after one that names it. */
+	int (*directory_fetch_tree)(cas_fetcher *f, const cas_digest *d,
+				    cas_fetch_dir_cb cb, void *userdata);
+	/* Optional (NULL): the roots the remote publishes. */
+	int (*roots_fetch)(cas_fetcher *f, cas_root_cb cb, void *userdata);
+	void (*free)(cas_fetcher *f);
+};
+
+struct cas_fetcher {
+	const struct cas_fetcher_ops *ops;
+};
+
+int cas_http_fetcher_new(const char *url, cas_fetcher **ret);
+int cas_grpc_fetcher_new(const char *url, cas_fetcher **ret);
+
+/* The verified cache in front of a fetcher (takes it, also on error). */
+int cas_cache_store_new(cas_fetcher *f, const char *what,
+			const struct cas_remote_options *opts, cas_store **ret);
+
+/* A map from digest to pointer (open addressing; digests are uniformly
+ * distributed, so their first bytes are the hash). Not thread-safe. */
+struct cas_dmap_entry {
+	cas_digest digest;
+	void *value;
+	bool used;
+};
+struct cas_dmap {
+	struct cas_dmap_entry *slots;
+	size_t cap, n;
+};
+/* 1 if added, 0 if the digest was there (value unchanged), -ENOMEM. */
+int cas_dmap_put(struct cas_dmap *m, const cas_digest *d, void *value);
+/* The entry, or NULL. */
+struct cas_dmap_entry *cas_dmap_find(const struct cas_dmap *m,
+				     const cas_digest *d);
+/* Frees the table; free_value (may be NULL) is called on each value. */
+void cas_dmap_release(struct cas_dmap *m, void (*free_value)(void *));
+
+/* libcurl ------------------------------------------------------------ */
+
+/* curl_global_init once per process. */
+int cas_curl_init(void);
+
+/* Easy handles kept with their connections between requests. */
+struct cas_curl_pool {
+	pthread_mutex_t lock;
+	CURL *free_handles[16]; /* protected by lock */
+	size_t n_free;          /* protected by lock */
+};
+void cas_curl_pool_init(struct cas_curl_pool *p);
+void cas_curl_pool_release(struct cas_curl_pool *p);
+/* A reset handle (connections kept); NULL on allocation failure. */
+CURL *cas_curl_pool_get(struct cas_curl_pool *p);
+void cas_curl_pool_put(struct cas_curl_pool *p, CURL *h);
+
+/* The published roots file (docs/remote.md): one line per root,
+ *   <name, percent-encoded> TAB <Node message without name, hex> LF
+ * with '#' lines ignored. Names are bytes: every byte <= 0x20, >= 0x7f
+ * and '%' is written as %XX, so a line never holds a TAB, LF or space
+ * that is part of a name. */
+int cas_roots_file_write_line(FILE *f, const char *name, const cas_node *node);
+/* Calls cb for each root of the file's bytes; -EBADMSG on a bad line. */
+int cas_roots_file_parse(const char *buf, size_t len, cas_root_cb cb,
+			 void *userdata);
+
+/* Blob eviction of a cache store (evict.c): removes least recently used
+ * blob files of the cache at dir (local.h layout) that no one holds open
+ * (a shared flock on every fd the cache hands out) until the blobs total
+ * at most target bytes. Returns the bytes now held (>= 0) or -errno. */
+int64_t cas_cache_evict(const char *dir, uint64_t target);
+/* Total size of the blob files of the cache at dir. */
+int64_t cas_cache_blob_bytes(const char *dir);
+
+#endif
