@@ -126,8 +126,8 @@ static void put_entry(const cas_node *n)
 	fputc('\n', stdout);
 }
 
-/* Parses one entry line (modified in place); its bytes are malloc'd and
- * leak on purpose: the tool is short-lived. */
+/* Parses one entry line (modified in place); name and target are
+ * malloc'd, freed by free_entry(). */
 static void parse_entry(char *line, cas_node *n)
 {
 	char *f[6];
@@ -159,6 +159,12 @@ static void parse_entry(char *line, cas_node *n)
 	n->size = strtoull(f[3], NULL, 10);
 	if (n->type == CAS_NODE_FILE)
 		n->executable = atoi(f[4]) != 0;
+}
+
+static void free_entry(cas_node *n)
+{
+	free((void *)n->name);
+	free((void *)n->target);
 }
 
 static int refused(const char *why)
@@ -239,6 +245,10 @@ static int cmd_encode(void)
 	size_t len;
 	const char *why = NULL;
 	int r = cas_directory_encode(&d, &buf, &len, &why);
+	for (size_t i = 0; i < n; i++)
+		free_entry(&nodes[i]);
+	free(grouped);
+	free(nodes);
 	if (r == -EBADMSG)
 		return refused(why);
 	if (r < 0)
@@ -250,8 +260,6 @@ static int cmd_encode(void)
 	printf("digest %s\nencoded ", hex);
 	put_hex(buf, len);
 	fputc('\n', stdout);
-	free(grouped);
-	free(nodes);
 	return 0;
 }
 
@@ -321,6 +329,7 @@ static int cmd_node_encode(void)
 	size_t len;
 	const char *why = NULL;
 	int r = cas_node_encode(&n, &buf, &len, &why);
+	free_entry(&n);
 	free(line);
 	if (r == -EBADMSG)
 		return refused(why);
