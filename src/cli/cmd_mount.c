@@ -1,11 +1,118 @@
-/* Temporary stub from the CLI helper (placeholder was empty); the owner of
- * this verb replaces it. */
+/* castore mount MOUNTPOINT [--list-root] [--show-xattr] [--threads N]
+ *                          [--allow-other] */
+#include <errno.h>
+#include <getopt.h>
 #include <stdio.h>
+#include <string.h>
+#include <sys/resource.h>
 
+#include "castorefs/castorefs.h"
 #include "cli/cli.h"
+#include "core/log.h"
+#include "transport/devfuse.h"
+
+static const char mount_help[] =
+	"Usage: castore mount MOUNTPOINT [--list-root] [--show-xattr]\n"
+	"                     [--threads N] [--allow-other]\n"
+	"\n"
+	"Serves the store's named roots as a read-only filesystem at MOUNTPOINT\n"
+	"(one folder entry per root), in the foreground, until SIGINT or SIGTERM\n"
+	"(which unmount) or an unmount from outside; both end with status 0.\n"
+	"\n"
+	"  --list-root    allow listing the root folder (else EPERM; looking up\n"
+	"                 a root by name works either way)\n"
+	"  --show-xattr   files carry user.castore.blob.digest, folders\n"
+	"                 user.castore.directory.digest (hex)\n"
+	"  --threads N    worker threads (default: number of CPUs)\n"
+	"  --allow-other  let other users access the mount\n";
 
 int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 {
-	fprintf(stderr, "castore mount: not yet\n");
-	return 1;
+	static const struct option opts[] = {
+		{ "list-root", no_argument, NULL, 'l' },
+		{ "show-xattr", no_argument, NULL, 'x' },
+		{ "threads", required_argument, NULL, 't' },
+		{ "allow-other", no_argument, NULL, 'o' },
+		{ "help", no_argument, NULL, 'h' },
+		{},
+	};
+	struct cas_fs_options fo = {};
+	struct cas_devfuse_options dopts = {
+		.fsname = "castore",
+		.subtype = "castore",
+	};
+	int c;
+
+	while ((c = cas_cli_getopt("mount", argc, argv, "h", opts)) != -1) {
+		switch (c) {
+		case 'l':
+			fo.list_root = true;
+			break;
+		case 'x':
+			fo.show_xattr = true;
+			break;
+		case 't': {
+			uint64_t n;
+			if (cas_cli_parse_size(optarg, false, &n) < 0 || n < 1 ||
+			    n > 1024)
+				return cas_cli_usage("mount",
+						     "--threads %s: not a number "
+						     "from 1 to 1024",
+						     optarg);
+			dopts.threads = (unsigned)n;
+			break;
+		}
+		case 'o':
+			dopts.allow_other = true;
+			break;
+		case 'h':
+			fputs(mount_help, stdout);
+			return CAS_EXIT_OK;
+		default:
+			return CAS_EXIT_USAGE;
+		}
+	}
+	if (optind >= argc)
+		return cas_cli_usage("mount", "no MOUNTPOINT given");
+	if (optind + 1 < argc)
+		return cas_cli_usage("mount", "%s: unexpected argument",
+				     argv[optind + 1]);
+	dopts.mountpoint = argv[optind];
+
+	/* One fd per open file: let as many be open as the system allows. */
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		(void)setrlimit(RLIMIT_NOFILE, &rl);
+	}
+
+	_cleanup_(cas_store_freep) cas_store *store = NULL;
+	if (cas_cli_open_store(cli, false, &store) < 0)
+		return CAS_EXIT_FAILURE;
+
+	struct cas_fs *fs = NULL;
+	int r = cas_fs_new(store, &fo, &fs);
+	if (r < 0)
+		return cas_cli_fail("mount", "%s", strerror(-r));
+
+	struct cas_devfuse *dev = NULL;
+	r = cas_devfuse_mount(&dopts, &dev);
+	if (r < 0) {
+		/* Already said, naming the mountpoint and the reason. */
+		cas_fs_free(fs);
+		return CAS_EXIT_FAILURE;
+	}
+	r = cas_devfuse_serve(dev, cas_fs_ops(), fs);
+	cas_devfuse_free(dev);
+	if (cas_log_get_level() >= CAS_LOG_INFO) {
+		struct cas_fs_stats st;
+		cas_fs_get_stats(fs, &st);
+		cas_log_info("%zu inodes, %zu bytes at unmount", st.inodes,
+			     st.memory_bytes);
+	}
+	cas_fs_free(fs);
+	if (r < 0)
+		return cas_cli_fail("mount", "%s: %s", dopts.mountpoint,
+				    strerror(-r));
+	return CAS_EXIT_OK;
 }

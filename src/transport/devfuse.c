@@ -1,1 +1,658 @@
-/* placeholder: being written */
+/* The /dev/fuse transport: mount, worker threads, and the reply path.
+ *
+ * READ replies whose data is a range of a file go through a per-thread
+ * pipe: vmsplice the header, splice the file range, splice the pipe into
+ * /dev/fuse. The pipe must hold a whole reply (header + the largest READ,
+ * plus one page when the range is not page-aligned), or the kernel would
+ * have nothing to take in one piece; so the pipe and max_pages are sized
+ * together at mount time: max_pages is what the largest pipe we may have
+ * can carry. Every pipe operation is non-blocking: a pipe that turns out
+ * too small, or a splice that fails, falls back to pread + writev for that
+ * reply. Small READs go that way anyway (two syscalls instead of three).
+ */
+#include "transport/devfuse.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/fuse.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "core/log.h"
+#include "core/util.h"
+#include "fuse/fuse_kernel_ext.h"
+
+#define PAGE 4096u
+#define MAX_PAGES_WANTED 256u /* 1 MiB READs */
+/* Below this, copying costs less than three splice calls. */
+#define SPLICE_MIN (16u * 1024)
+/* Request payloads we accept: a read-only mount gets no WRITE data, but
+ * SETXATTR values (<= 64 KiB) must arrive whole to be refused properly. */
+#define MAX_WRITE (64u * 1024)
+
+struct worker {
+	struct cas_devfuse *d;
+	pthread_t thread;
+	bool started;
+	int fd;      /* the session fd or a clone of it */
+	bool own_fd; /* a clone, closed with the worker */
+	int pipe[2]; /* -1: no splice for this worker */
+	uint8_t *req;
+	size_t req_size;
+	uint8_t *reply;
+	size_t reply_size;
+	uint8_t *scratch; /* READ data when copying */
+	size_t scratch_size;
+	int result;
+	bool unmounted; /* saw ENODEV: the kernel ended the connection */
+};
+
+struct cas_devfuse {
+	char *mountpoint;
+	char *fsname, *subtype;
+	bool allow_other;
+	unsigned threads;
+	int fd;
+	bool mounted;
+	bool via_fusermount;
+	uint32_t max_pages;
+	int pipe_size; /* 0: no splice */
+
+	atomic_bool stop;
+	pthread_t main_thread;
+	struct cas_fuse_session *session;
+	struct worker *workers;
+};
+
+/* Mounting ------------------------------------------------------------ */
+
+static int check_mountpoint(const char *mp)
+{
+	struct statx stx;
+	if (statx(AT_FDCWD, mp, 0, STATX_TYPE, &stx) < 0) {
+		int r = cas_negerrno();
+		if (r == -ENOTCONN)
+			return cas_log_errno(-EBUSY,
+					     "mountpoint %s: a dead FUSE mount is there "
+					     "(unmount it first)",
+					     mp);
+		return cas_log_errno(r, "mountpoint %s: %m", mp);
+	}
+	if (!S_ISDIR(stx.stx_mode))
+		return cas_log_errno(-ENOTDIR, "mountpoint %s: %m", mp);
+	if ((stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) &&
+	    (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT))
+		return cas_log_errno(-EBUSY,
+				     "mountpoint %s: already a mount point", mp);
+	return 0;
+}
+
+/* Runs fusermount3 with args; when `commfd` >= 0 it is passed as
+ * _FUSE_COMMFD. Returns the exit status as 0 / -EPERM. */
+static int run_fusermount(char *const argv[], int commfd)
+{
+	pid_t pid = fork();
+	if (pid < 0)
+		return cas_log_errno(cas_negerrno(), "fork: %m");
+	if (pid == 0) {
+		if (commfd >= 0) {
+			char num[16];
+			snprintf(num, sizeof(num), "%d", commfd);
+			fcntl(commfd, F_SETFD, 0);
+			setenv("_FUSE_COMMFD", num, 1);
+		}
+		execvp("fusermount3", argv);
+		_exit(127);
+	}
+	int status;
+	while (waitpid(pid, &status, 0) < 0)
+		if (errno != EINTR)
+			return cas_log_errno(cas_negerrno(), "waitpid: %m");
+	if (WIFEXITED(status) && WEXITSTATUS(status) == 127)
+		return cas_log_errno(-ENOENT, "fusermount3: not found (package fuse3)");
+	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -EPERM;
+}
+
+static int receive_fd(int sock)
+{
+	char byte;
+	struct iovec iov = { &byte, 1 };
+	union {
+		struct cmsghdr h;
+		char buf[CMSG_SPACE(sizeof(int))];
+	} ctl;
+	struct msghdr msg = {
+		.msg_iov = &iov,
+		.msg_iovlen = 1,
+		.msg_control = ctl.buf,
+		.msg_controllen = sizeof(ctl.buf),
+	};
+	ssize_t n;
+	do
+		n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	if (n <= 0)
+		return n < 0 ? cas_negerrno() : -EPERM;
+	struct cmsghdr *c = CMSG_FIRSTHDR(&msg);
+	if (!c || c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS ||
+	    c->cmsg_len != CMSG_LEN(sizeof(int)))
+		return -EPERM;
+	int fd;
+	memcpy(&fd, CMSG_DATA(c), sizeof(fd));
+	return fd;
+}
+
+static int mount_fusermount(struct cas_devfuse *d)
+{
+	char opts[512];
+	snprintf(opts, sizeof(opts),
+		 "ro,nosuid,nodev,default_permissions,fsname=%s,subtype=%s%s",
+		 d->fsname, d->subtype, d->allow_other ? ",allow_other" : "");
+	int sv[2];
+	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
+		return cas_log_errno(cas_negerrno(), "socketpair: %m");
+	char *argv[] = { "fusermount3", "-o", opts, "--", d->mountpoint, NULL };
+	int r = run_fusermount(argv, sv[1]);
+	close(sv[1]);
+	int fd = r < 0 ? r : receive_fd(sv[0]);
+	close(sv[0]);
+	if (fd < 0)
+		return cas_log_errno(fd, "mount %s with fusermount3: %m",
+				     d->mountpoint);
+	d->fd = fd;
+	d->via_fusermount = true;
+	d->mounted = true;
+	return 0;
+}
+
+static int mount_kernel(struct cas_devfuse *d)
+{
+	int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return cas_log_errno(cas_negerrno(), "open /dev/fuse: %m");
+	char opts[256], type[128];
+	snprintf(opts, sizeof(opts),
+		 "fd=%d,rootmode=40000,user_id=%u,group_id=%u,default_permissions%s",
+		 fd, (unsigned)getuid(), (unsigned)getgid(),
+		 d->allow_other ? ",allow_other" : "");
+	snprintf(type, sizeof(type), "fuse.%s", d->subtype);
+	if (mount(d->fsname, d->mountpoint, type, MS_RDONLY | MS_NOSUID | MS_NODEV,
+		  opts) < 0) {
+		int r = cas_negerrno();
+		close(fd);
+		return r;
+	}
+	d->fd = fd;
+	d->mounted = true;
+	return 0;
+}
+
+static void do_unmount(struct cas_devfuse *d)
+{
+	if (!d->mounted)
+		return;
+	d->mounted = false;
+	if (d->via_fusermount) {
+		char *argv[] = { "fusermount3", "-u", "-z", "--", d->mountpoint, NULL };
+		if (run_fusermount(argv, -1) < 0)
+			cas_log_error("unmount %s with fusermount3 failed",
+				      d->mountpoint);
+		return;
+	}
+	/* Lazily when busy: open files keep being served until closed or
+	 * the process ends. */
+	if (umount2(d->mountpoint, 0) < 0 && errno != EINVAL &&
+	    umount2(d->mountpoint, MNT_DETACH) < 0 && errno != EINVAL)
+		cas_log_errno(cas_negerrno(), "unmount %s: %m", d->mountpoint);
+}
+
+/* The largest READ a pipe we are allowed can carry whole: one slot for
+ * the header, one for a range that is not page-aligned. */
+static void size_pipes(struct cas_devfuse *d)
+{
+	int p[2];
+	d->max_pages = 32; /* without splice: 128 KiB copies */
+	d->pipe_size = 0;
+	if (pipe2(p, O_CLOEXEC) < 0)
+		return;
+	int want = (int)((MAX_PAGES_WANTED + 2) * PAGE);
+	int got = fcntl(p[1], F_SETPIPE_SZ, want);
+	if (got < want) {
+		/* Unprivileged: fs.pipe-max-size is the ceiling. */
+		FILE *f = fopen("/proc/sys/fs/pipe-max-size", "re");
+		unsigned max = 0;
+		if (f) {
+			if (fscanf(f, "%u", &max) != 1)
+				max = 0;
+			fclose(f);
+		}
+		got = max ? fcntl(p[1], F_SETPIPE_SZ, (int)max) : -1;
+		if (got < 0)
+			got = fcntl(p[1], F_GETPIPE_SZ);
+	}
+	close(p[0]);
+	close(p[1]);
+	if (got < (int)(8 * PAGE))
+		return;
+	d->pipe_size = got;
+	d->max_pages = CAS_MIN(MAX_PAGES_WANTED, (uint32_t)got / PAGE - 2);
+}
+
+int cas_devfuse_mount(const struct cas_devfuse_options *opts,
+		      struct cas_devfuse **ret)
+{
+	int r = check_mountpoint(opts->mountpoint);
+	if (r < 0)
+		return r;
+	struct cas_devfuse *d = calloc(1, sizeof(*d));
+	if (!d)
+		return -ENOMEM;
+	d->fd = -1;
+	d->mountpoint = strdup(opts->mountpoint);
+	d->fsname = strdup(opts->fsname ? opts->fsname : "castore");
+	d->subtype = strdup(opts->subtype ? opts->subtype : "castore");
+	d->allow_other = opts->allow_other;
+	d->threads = opts->threads;
+	if (!d->threads) {
+		long n = sysconf(_SC_NPROCESSORS_ONLN);
+		d->threads = n > 0 ? (unsigned)n : 1;
+	}
+	if (!d->mountpoint || !d->fsname || !d->subtype) {
+		cas_devfuse_free(d);
+		return -ENOMEM;
+	}
+	size_pipes(d);
+
+	r = mount_kernel(d);
+	if (r == -EPERM || r == -EACCES)
+		r = mount_fusermount(d);
+	else if (r < 0)
+		cas_log_errno(r, "mount %s: %m", d->mountpoint);
+	if (r < 0) {
+		cas_devfuse_free(d);
+		return r;
+	}
+	*ret = d;
+	return 0;
+}
+
+/* Serving -------------------------------------------------------------- */
+
+static int backing_open(void *transport, int fd)
+{
+	struct cas_devfuse *d = transport;
+	struct cas_fuse_backing_map map = { .fd = fd, .flags = 0 };
+	int id = ioctl(d->fd, CAS_FUSE_DEV_IOC_BACKING_OPEN, &map);
+	return id < 0 ? cas_negerrno() : id;
+}
+
+static int backing_close(void *transport, int backing_id)
+{
+	struct cas_devfuse *d = transport;
+	uint32_t id = (uint32_t)backing_id;
+	return ioctl(d->fd, CAS_FUSE_DEV_IOC_BACKING_CLOSE, &id) < 0 ?
+		       cas_negerrno() :
+		       0;
+}
+
+static void write_reply(struct worker *w, const struct iovec *iov, int cnt)
+{
+	ssize_t n;
+	do
+		n = writev(w->fd, iov, cnt);
+	while (n < 0 && errno == EINTR);
+	/* ENOENT: the request was interrupted meanwhile; nothing to do. */
+	if (n < 0 && errno != ENOENT && errno != ENODEV)
+		cas_log_warning_errno(cas_negerrno(), "write reply: %m");
+}
+
+/* Empties the pipe after a splice that did not go through. */
+static void drain_pipe(struct worker *w)
+{
+	for (;;) {
+		ssize_t n = read(w->pipe[0], w->scratch, w->scratch_size);
+		if (n <= 0 && !(n < 0 && errno == EINTR))
+			break;
+	}
+}
+
+/* 1 if sent (or the request is gone), 0 to fall back to copying. */
+static int send_splice(struct worker *w, const struct cas_fuse_reply *reply)
+{
+	size_t total = reply->len + reply->fd_len;
+	if (total + PAGE > (size_t)w->d->pipe_size)
+		return 0;
+	struct iovec h = { reply->buf, reply->len };
+	ssize_t n = vmsplice(w->pipe[1], &h, 1, SPLICE_F_NONBLOCK);
+	if (n != (ssize_t)reply->len) {
+		if (n > 0)
+			drain_pipe(w);
+		return 0;
+	}
+	loff_t off = (loff_t)reply->fd_offset;
+	size_t moved = 0;
+	while (moved < reply->fd_len) {
+		n = splice(reply->fd, &off, w->pipe[1], NULL,
+			   reply->fd_len - moved, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0) {
+			drain_pipe(w);
+			return 0;
+		}
+		moved += (size_t)n;
+	}
+	do
+		n = splice(w->pipe[0], NULL, w->fd, NULL, total, SPLICE_F_MOVE);
+	while (n < 0 && errno == EINTR);
+	if (n == (ssize_t)total)
+		return 1;
+	int e = errno;
+	drain_pipe(w);
+	if (n < 0 && (e == ENOENT || e == ENODEV))
+		return 1;
+	return 0;
+}
+
+static void send_copy(struct worker *w, struct cas_fuse_reply *reply)
+{
+	size_t want = CAS_MIN(reply->fd_len, w->scratch_size);
+	size_t got = 0;
+	while (got < want) {
+		ssize_t n = pread(reply->fd, w->scratch + got, want - got,
+				  (off_t)(reply->fd_offset + got));
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		got += (size_t)n;
+	}
+	if (got < reply->fd_len) {
+		/* A short file: the header must count what is sent. */
+		struct fuse_out_header *oh = (struct fuse_out_header *)reply->buf;
+		if (got == 0 && reply->fd_len) {
+			oh->len = sizeof(*oh);
+			oh->error = -EIO;
+			struct iovec e = { reply->buf, sizeof(*oh) };
+			write_reply(w, &e, 1);
+			return;
+		}
+		oh->len = (uint32_t)(reply->len + got);
+	}
+	struct iovec iov[2] = { { reply->buf, reply->len }, { w->scratch, got } };
+	write_reply(w, iov, got ? 2 : 1);
+}
+
+static void send_reply(struct worker *w, struct cas_fuse_reply *reply)
+{
+	if (reply->fd < 0 || reply->fd_len == 0) {
+		struct iovec iov = { reply->buf, reply->len };
+		write_reply(w, &iov, 1);
+		return;
+	}
+	if (w->pipe[0] >= 0 && reply->fd_len >= SPLICE_MIN &&
+	    send_splice(w, reply))
+		return;
+	send_copy(w, reply);
+}
+
+static void *worker_main(void *arg)
+{
+	struct worker *w = arg;
+	struct cas_devfuse *d = w->d;
+	while (!atomic_load(&d->stop)) {
+		ssize_t n = read(w->fd, w->req, w->req_size);
+		if (n < 0) {
+			int e = errno;
+			if (e == EINTR || e == EAGAIN || e == ENOENT)
+				continue;
+			if (e == ENODEV) {
+				w->unmounted = true;
+				break;
+			}
+			w->result = cas_log_errno(-e, "read /dev/fuse: %m");
+			break;
+		}
+		struct iovec in = { w->req, (size_t)n };
+		struct cas_fuse_reply reply = {
+			.buf = w->reply,
+			.buf_size = w->reply_size,
+			.fd = -1,
+			.backing_id_close = -1,
+		};
+		cas_fuse_session_process(d->session, &in, 1, &reply);
+		if (reply.send)
+			send_reply(w, &reply);
+		if (reply.backing_id_close >= 0)
+			backing_close(d, reply.backing_id_close);
+		if (reply.destroyed) {
+			w->unmounted = true;
+			break;
+		}
+	}
+	/* Tell the main thread (waiting in sigwaitinfo) that we ended. */
+	if (!atomic_load(&d->stop))
+		pthread_kill(d->main_thread, SIGUSR2);
+	return NULL;
+}
+
+static void wake_handler(int sig)
+{
+	(void)sig;
+}
+
+static int clone_fd(int session_fd)
+{
+	int fd = open("/dev/fuse", O_RDWR | O_CLOEXEC);
+	if (fd < 0)
+		return cas_negerrno();
+	uint32_t s = (uint32_t)session_fd;
+	if (ioctl(fd, FUSE_DEV_IOC_CLONE, &s) < 0) {
+		int r = cas_negerrno();
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
+static int worker_init(struct cas_devfuse *d, struct worker *w, unsigned i,
+		       size_t reply_size)
+{
+	w->d = d;
+	w->pipe[0] = w->pipe[1] = -1;
+	w->fd = d->fd;
+	if (i > 0) {
+		int fd = clone_fd(d->fd);
+		if (fd >= 0) {
+			w->fd = fd;
+			w->own_fd = true;
+		} else {
+			cas_log_debug_errno(fd, "clone /dev/fuse: %m (sharing one fd)");
+		}
+	}
+	/* The kernel refuses reads into buffers smaller than this. */
+	w->req_size = CAS_MAX((size_t)FUSE_MIN_READ_BUFFER,
+			      sizeof(struct fuse_in_header) +
+				      sizeof(struct fuse_write_in) + MAX_WRITE) +
+		      PAGE;
+	w->reply_size = reply_size;
+	w->scratch_size = (size_t)d->max_pages * PAGE;
+	w->req = aligned_alloc(PAGE, (w->req_size + PAGE - 1) / PAGE * PAGE);
+	w->reply = aligned_alloc(PAGE, (reply_size + PAGE - 1) / PAGE * PAGE);
+	w->scratch = aligned_alloc(PAGE, w->scratch_size);
+	if (!w->req || !w->reply || !w->scratch)
+		return -ENOMEM;
+	if (d->pipe_size > 0 && pipe2(w->pipe, O_CLOEXEC | O_NONBLOCK) == 0 &&
+	    fcntl(w->pipe[1], F_SETPIPE_SZ, d->pipe_size) < d->pipe_size) {
+		close(w->pipe[0]);
+		close(w->pipe[1]);
+		w->pipe[0] = w->pipe[1] = -1;
+	}
+	return 0;
+}
+
+static void worker_release(struct worker *w)
+{
+	if (w->own_fd)
+		close(w->fd);
+	if (w->pipe[0] >= 0) {
+		close(w->pipe[0]);
+		close(w->pipe[1]);
+	}
+	free(w->req);
+	free(w->reply);
+	free(w->scratch);
+}
+
+/* The default readahead (128 KiB) caps READs whatever max_pages says;
+ * root may raise it for this mount's bdi. */
+static void raise_readahead(struct cas_devfuse *d)
+{
+	struct stat st;
+	if (stat(d->mountpoint, &st) < 0)
+		return;
+	char path[128];
+	snprintf(path, sizeof(path), "/sys/class/bdi/%u:%u/read_ahead_kb",
+		 major(st.st_dev), minor(st.st_dev));
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	char val[32];
+	int n = snprintf(val, sizeof(val), "%u\n", d->max_pages * (PAGE / 1024));
+	if (write(fd, val, (size_t)n) < 0)
+		cas_log_debug_errno(cas_negerrno(), "%s: %m", path);
+	close(fd);
+}
+
+static void stop_workers(struct cas_devfuse *d)
+{
+	atomic_store(&d->stop, true);
+	for (unsigned i = 0; i < d->threads; i++) {
+		struct worker *w = &d->workers[i];
+		if (!w->started)
+			continue;
+		/* A signal may land just before the worker blocks in read();
+		 * keep knocking until it is gone. */
+		for (;;) {
+			pthread_kill(w->thread, SIGUSR1);
+			struct timespec ts;
+			clock_gettime(CLOCK_REALTIME, &ts);
+			ts.tv_nsec += 20 * 1000 * 1000;
+			if (ts.tv_nsec >= 1000000000) {
+				ts.tv_sec++;
+				ts.tv_nsec -= 1000000000;
+			}
+			if (pthread_timedjoin_np(w->thread, NULL, &ts) == 0)
+				break;
+		}
+		w->started = false;
+	}
+}
+
+int cas_devfuse_serve(struct cas_devfuse *d, const struct cas_fuse_ops *ops,
+		      void *fs)
+{
+	struct cas_fuse_config cfg = {
+		.readonly = true,
+		.max_write = MAX_WRITE,
+		.max_pages = d->max_pages,
+		.max_readahead = d->max_pages * PAGE,
+	};
+	/* Registering backing files needs CAP_SYS_ADMIN. */
+	if (geteuid() == 0) {
+		cfg.backing_open = backing_open;
+		cfg.backing_close = backing_close;
+		cfg.transport = d;
+	}
+	int r = cas_fuse_session_new(ops, fs, &cfg, &d->session);
+	if (r < 0)
+		return cas_log_errno(r, "FUSE session: %m");
+
+	sigset_t set, old;
+	sigemptyset(&set);
+	sigaddset(&set, SIGINT);
+	sigaddset(&set, SIGTERM);
+	sigaddset(&set, SIGUSR2);
+	pthread_sigmask(SIG_BLOCK, &set, &old);
+	struct sigaction sa = { .sa_handler = wake_handler };
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGUSR1, &sa, NULL); /* no SA_RESTART: read() returns */
+	d->main_thread = pthread_self();
+
+	d->workers = calloc(d->threads, sizeof(*d->workers));
+	if (!d->workers) {
+		r = -ENOMEM;
+		goto out;
+	}
+	size_t reply_size = cas_fuse_reply_bufsize(&cfg);
+	for (unsigned i = 0; i < d->threads; i++) {
+		struct worker *w = &d->workers[i];
+		r = worker_init(d, w, i, reply_size);
+		if (r < 0) {
+			cas_log_errno(r, "worker: %m");
+			goto out;
+		}
+		r = -pthread_create(&w->thread, NULL, worker_main, w);
+		if (r < 0) {
+			cas_log_errno(r, "start worker: %m");
+			goto out;
+		}
+		w->started = true;
+	}
+	raise_readahead(d);
+
+	int sig;
+	do
+		sig = sigwaitinfo(&set, NULL);
+	while (sig < 0 && errno == EINTR);
+	if (sig == SIGINT || sig == SIGTERM)
+		do_unmount(d);
+	r = 0;
+out:
+	stop_workers(d);
+	if (d->workers) {
+		for (unsigned i = 0; i < d->threads; i++) {
+			struct worker *w = &d->workers[i];
+			if (w->unmounted)
+				d->mounted = false; /* never unmount a stranger */
+			if (w->result < 0 && r == 0)
+				r = w->result;
+			worker_release(w);
+		}
+		free(d->workers);
+		d->workers = NULL;
+	}
+	cas_fuse_session_free(d->session);
+	d->session = NULL;
+	/* A signal that arrived while stopping must not kill us later. */
+	struct timespec zero = { 0, 0 };
+	while (sigtimedwait(&set, NULL, &zero) > 0)
+		;
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return r;
+}
+
+void cas_devfuse_free(struct cas_devfuse *d)
+{
+	if (!d)
+		return;
+	do_unmount(d);
+	if (d->fd >= 0)
+		close(d->fd);
+	free(d->mountpoint);
+	free(d->fsname);
+	free(d->subtype);
+	free(d);
+}
