@@ -636,6 +636,58 @@ static void free_roots(struct published_root *list, size_t n)
 	free(list);
 }
 
+/* The last roots file fetched from this remote is kept in the cache
+ * folder (remote-roots/<BLAKE3 of the URL>), so that what is cached stays
+ * readable while the remote is unreachable. */
+static void roots_copy_path(struct cache_store *c, char *buf, size_t size,
+			    bool tmp)
+{
+	cas_digest d;
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	cas_hash_buffer(c->what, strlen(c->what), &d);
+	cas_digest_to_hex(&d, hex);
+	snprintf(buf, size, "%s/remote-roots/%s%s", c->cache_dir, hex,
+		 tmp ? ".tmp" : "");
+}
+
+static void roots_copy_save(struct cache_store *c, const char *buf, size_t len)
+{
+	char path[4096], tmp[4096];
+	snprintf(path, sizeof(path), "%s/remote-roots", c->cache_dir);
+	(void)mkdir(path, 0755);
+	roots_copy_path(c, path, sizeof(path), false);
+	roots_copy_path(c, tmp, sizeof(tmp), true);
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+	if (fd < 0)
+		return;
+	int r = cas_write_all(fd, buf, len);
+	close(fd);
+	if (r < 0 || rename(tmp, path) < 0)
+		(void)unlink(tmp);
+}
+
+static int roots_copy_load(struct cache_store *c, char **ret_buf,
+			   size_t *ret_len)
+{
+	char path[4096];
+	struct stat st;
+	roots_copy_path(c, path, sizeof(path), false);
+	_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0 || fstat(fd, &st) < 0)
+		return -ENOENT;
+	char *buf = malloc((size_t)st.st_size + 1);
+	if (!buf)
+		return -ENOMEM;
+	int r = cas_pread_all(fd, buf, (size_t)st.st_size, 0);
+	if (r < 0) {
+		free(buf);
+		return r;
+	}
+	*ret_buf = buf;
+	*ret_len = (size_t)st.st_size;
+	return 0;
+}
+
 /* Loads the published roots once (again after a failure). */
 static int load_published(struct cache_store *c)
 {
@@ -647,11 +699,27 @@ static int load_published(struct cache_store *c)
 	if (loaded)
 		return 0;
 	struct load_roots l = { 0 };
-	int r = c->fetcher->ops->roots_fetch(c->fetcher, load_root_cb, &l);
+	_cleanup_free_ char *buf = NULL;
+	size_t len = 0;
+	bool stale = false;
+	int r = c->fetcher->ops->roots_fetch(c->fetcher, &buf, &len);
+	if (r == -EIO && roots_copy_load(c, &buf, &len) == 0) {
+		cas_log_warning("%s: unreachable; using the roots fetched before",
+				c->what);
+		stale = true;
+		r = 0;
+	}
+	if (r < 0)
+		return r == -ENOMEM ? r : -EIO;
+	r = cas_roots_file_parse(buf, len, load_root_cb, &l);
 	if (r < 0) {
 		free_roots(l.list, l.n);
-		return r == -ENOMEM ? r : -EIO;
+		if (r == -ENOMEM)
+			return r;
+		return cas_log_errno(-EIO, "%s: malformed roots file", c->what);
 	}
+	if (!stale)
+		roots_copy_save(c, buf ? buf : "", len);
 	pthread_mutex_lock(&c->lock);
 	if (!c->roots_loaded) {
 		c->published = l.list;

@@ -16,6 +16,7 @@
 #include "remote/remote_i.h"
 
 struct cas_grpc_client {
+	bool reuse;       /* libcurl reuses prior-knowledge HTTP/2 right */
 	char *url;        /* as given, for messages */
 	char *base;       /* http://HOST:PORT */
 	char *unix_path;  /* or NULL */
@@ -74,6 +75,11 @@ int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 		return -ENOMEM;
 	}
 	cas_curl_pool_init(&c->pool);
+	/* libcurl before 8.0 fails every request after the first on a
+	 * reused prior-knowledge HTTP/2 connection ("Error in the HTTP2
+	 * framing layer", curl issue 10634): there, one connection per
+	 * call. */
+	c->reuse = curl_version_info(CURLVERSION_NOW)->version_num >= 0x080000;
 	*ret = c;
 	return 0;
 }
@@ -207,6 +213,8 @@ int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
 	curl_easy_setopt(e, CURLOPT_USERAGENT, "castore/0.1 grpc-c-curl");
 	curl_easy_setopt(e, CURLOPT_HTTPHEADER, c->headers);
 	curl_easy_setopt(e, CURLOPT_POST, 1L);
+	if (!c->reuse)
+		curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
 	if (produce) {
 		curl_easy_setopt(e, CURLOPT_READFUNCTION, read_cb);
 		curl_easy_setopt(e, CURLOPT_READDATA, &call);
@@ -220,6 +228,8 @@ int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
 	curl_easy_setopt(e, CURLOPT_WRITEDATA, &call);
 	curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 512L * 1024);
+	if (getenv("CASTORE_CURL_VERBOSE"))
+		curl_easy_setopt(e, CURLOPT_VERBOSE, 1L);
 
 	CURLcode cc = curl_easy_perform(e);
 	curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &call.http_code);

@@ -40,6 +40,7 @@
 #include "remote/grpc_i.h"
 #include "remote/remote.h"
 #include "remote/remote_i.h"
+#include "store/local.h"
 
 #define POLL_MS 200
 #define OUT_CAP (256u << 10)
@@ -72,6 +73,13 @@ struct stream {
 	enum cas_grpc_method method;
 	bool grpc_content_type;
 	bool responded; /* a response was submitted: ignore further input */
+	bool ended;     /* the client has sent END_STREAM */
+	/* A call that failed before the client finished sending: the
+	 * trailers-only answer waits for END_STREAM (libcurl before 8.x
+	 * stalls on an answer that comes while it is still uploading). */
+	bool failed;
+	int fail_status;
+	char fail_message[256];
 	struct cas_grpc_reader reader;
 
 	/* unary request (Stat, Read, Get) */
@@ -157,8 +165,7 @@ static int respond_error(struct conn *c, struct stream *st, int status,
 
 static int fail_call(struct conn *c, struct stream *st, int r, const char *why)
 {
-	char msg[256];
-	if (st->responded)
+	if (st->responded || st->failed)
 		return 0;
 	if (st->writer) {
 		st->writer->ops->abort(st->writer);
@@ -168,8 +175,13 @@ static int fail_call(struct conn *c, struct stream *st, int r, const char *why)
 		st->batch->ops->abort(st->batch);
 		st->batch = NULL;
 	}
-	snprintf(msg, sizeof(msg), "%s", why ? why : strerror(-r));
-	return respond_error(c, st, cas_grpc_status_from_errno(r), msg);
+	st->failed = true;
+	st->fail_status = cas_grpc_status_from_errno(r);
+	snprintf(st->fail_message, sizeof(st->fail_message), "%s",
+		 why ? why : strerror(-r));
+	if (!st->ended)
+		return 0;
+	return respond_error(c, st, st->fail_status, st->fail_message);
 }
 
 static int ensure_out(struct stream *st, size_t len)
@@ -430,8 +442,11 @@ static int finish_call(struct conn *c, struct stream *st)
 	cas_digest d;
 	int r;
 
+	st->ended = true;
 	if (st->responded)
 		return 0;
+	if (st->failed)
+		return respond_error(c, st, st->fail_status, st->fail_message);
 	if (!cas_grpc_reader_idle(&st->reader))
 		return fail_call(c, st, -EINVAL, "truncated message");
 	switch (st->method) {
@@ -497,6 +512,10 @@ static int finish_call(struct conn *c, struct stream *st)
 	case CAS_GRPC_DIRECTORY_PUT: {
 		if (!st->batch)
 			return fail_call(c, st, -EINVAL, "no Directory sent");
+		/* Blobs Put before are written without fsync (local.h):
+		 * durable before a Directory that names them. */
+		if (cas_store_is_local(s) && (r = cas_local_sync(s)) < 0)
+			return fail_call(c, st, -EIO, "cannot write to the store");
 		cas_dir_batch *b = TAKE_PTR(st->batch);
 		r = b->ops->commit(b, NULL, NULL);
 		if (r < 0)
@@ -580,7 +599,7 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags,
 {
 	struct conn *c = user_data;
 	struct stream *st = nghttp2_session_get_stream_user_data(session, stream_id);
-	if (!st || st->responded)
+	if (!st || st->responded || st->failed)
 		return 0;
 	struct msg_ctx m = { c, st, NULL };
 	int r = cas_grpc_reader_feed(&st->reader, data, len, on_message, &m);

@@ -296,7 +296,7 @@ static int http_directories_fetch(cas_fetcher *f, const cas_digest *ds,
 	return r;
 }
 
-static int http_roots_fetch(cas_fetcher *f, cas_root_cb cb, void *userdata)
+static int http_roots_fetch(cas_fetcher *f, char **ret_buf, size_t *ret_len)
 {
 	struct http_fetcher *h = to_http(f);
 	char url[4096];
@@ -311,16 +311,19 @@ static int http_roots_fetch(cas_fetcher *f, cas_root_cb cb, void *userdata)
 	CURLcode c = curl_easy_perform(e);
 	int r = body.too_big ? -EIO : transfer_result(e, c, url, 0);
 	cas_curl_pool_put(&h->pool, e);
-	if (r == -ENOENT)
+	if (r == -ENOENT) {
+		free(body.buf);
+		body.buf = NULL;
+		body.len = 0;
 		r = 0; /* a layout with no roots published yet */
-	else if (r == 0) {
-		r = cas_roots_file_parse((const char *)body.buf, body.len, cb,
-					 userdata);
-		if (r == -EBADMSG)
-			cas_log_error("%s: malformed roots file", url);
 	}
-	free(body.buf);
-	return r;
+	if (r < 0) {
+		free(body.buf);
+		return r;
+	}
+	*ret_buf = (char *)body.buf;
+	*ret_len = body.len;
+	return 0;
 }
 
 static void http_free(cas_fetcher *f)

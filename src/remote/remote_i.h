@@ -43,8 +43,9 @@ struct cas_fetcher_ops {
 	 * each sent after one that names it. */
 	int (*directory_fetch_tree)(cas_fetcher *f, const cas_digest *d,
 				    cas_fetch_dir_cb cb, void *userdata);
-	/* Optional (NULL): the roots the remote publishes. */
-	int (*roots_fetch)(cas_fetcher *f, cas_root_cb cb, void *userdata);
+	/* Optional (NULL): the roots file the remote publishes (malloc'd;
+	 * NULL/0 when it publishes none yet). */
+	int (*roots_fetch)(cas_fetcher *f, char **ret_buf, size_t *ret_len);
 	void (*free)(cas_fetcher *f);
 };
 
