@@ -330,7 +330,13 @@ static uint32_t cfg_max_pages(const struct cas_fuse_config *cfg)
 
 size_t cas_fuse_reply_bufsize(const struct cas_fuse_config *cfg)
 {
-	size_t payload = (size_t)cfg_max_pages(cfg) * CAS_FUSE_PAGE;
+	/* A kernel that does not negotiate FUSE_MAX_PAGES reads up to its
+	 * default 32 pages at once, whatever we asked for. A READ answered
+	 * short means end of file to the kernel, so the buffer must hold
+	 * the largest READ it can send. */
+	size_t pages = CAS_MAX(cfg_max_pages(cfg),
+			       (uint32_t)CAS_FUSE_DEFAULT_MAX_PAGES);
+	size_t payload = pages * CAS_FUSE_PAGE;
 	payload = CAS_MAX(payload, (size_t)CAS_FUSE_XATTR_SIZE_MAX);
 	payload = CAS_MAX(payload, (size_t)CAS_FUSE_NAME_MAX + 1);
 	return sizeof(struct fuse_out_header) + payload;
@@ -512,6 +518,8 @@ static int do_init(struct req *q)
 	conn.want_passthrough = conn.want_passthrough && conn.can_passthrough;
 	conn.want_readdirplus = conn.want_readdirplus && conn.can_readdirplus;
 	conn.max_pages = CAS_MIN(CAS_MAX(conn.max_pages, 1u), s->max_pages);
+	conn.max_readahead = CAS_MIN(conn.max_readahead, in.max_readahead);
+	conn.max_write = CAS_MAX(conn.max_write, (uint32_t)CAS_FUSE_PAGE);
 
 	uint64_t want = FUSE_ASYNC_READ | FUSE_BIG_WRITES | FUSE_MAX_PAGES |
 			FUSE_PARALLEL_DIROPS | FUSE_CACHE_SYMLINKS;
@@ -531,12 +539,12 @@ static int do_init(struct req *q)
 	struct cas_fuse_init_out out = {
 		.major = 7,
 		.minor = minor,
-		.max_readahead = readahead,
+		.max_readahead = conn.max_readahead,
 		.flags = (uint32_t)want,
 		.flags2 = (uint32_t)(want >> 32),
 		.max_background = 64,
 		.congestion_threshold = 48,
-		.max_write = max_write,
+		.max_write = conn.max_write,
 		.time_gran = 1,
 		.max_pages = (uint16_t)conn.max_pages,
 		.max_stack_depth = (want & CAS_FUSE_PASSTHROUGH) ? 1 : 0,
@@ -796,9 +804,9 @@ static int do_read(struct req *q)
 		return r;
 	if (!s->ops->read)
 		return -ENOSYS;
-	size_t cap = CAS_MIN((size_t)s->max_pages * CAS_FUSE_PAGE,
-			     reply_room(q->reply));
-	size_t size = CAS_MIN((size_t)in.size, cap);
+	/* Only a request no kernel sends is larger than the buffer the
+	 * transport sized with cas_fuse_reply_bufsize. */
+	size_t size = CAS_MIN((size_t)in.size, reply_room(q->reply));
 	uint8_t *buf = reply_payload(q->reply, 0);
 	if (!buf)
 		return -EIO;

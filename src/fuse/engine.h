@@ -159,7 +159,11 @@ struct cas_fuse_config {
 	uint32_t max_write;     /* largest request payload we accept */
 	uint32_t max_pages;     /* largest READ we answer, in pages */
 	uint32_t max_readahead; /* 0: the kernel's */
-	/* Transport hooks for FUSE passthrough (NULL: not available). */
+	/* Transport hooks for FUSE passthrough (NULL: not available). The
+	 * engine calls them itself, from the thread processing an OPEN
+	 * (backing_open, once per node while any open of it uses the id) or
+	 * the RELEASE of the node's last such open (backing_close); both may
+	 * run concurrently with other requests, never for the same id. */
 	int (*backing_open)(void *transport, int fd);      /* -> id or -errno */
 	int (*backing_close)(void *transport, int backing_id);
 	void *transport;

@@ -855,13 +855,19 @@ static void test_open_read(void)
 	CHECK(release_file(s, 5, fh) == 0);
 	cas_fuse_session_free(s);
 
-	/* max_pages caps the size the fs is asked for. */
+	/* max_pages 1: the kernel is told 1 page, but the buffer still holds
+	 * the 32 pages of a kernel that ignores it. */
 	s = new_session(false, 1);
 	CHECK(do_init(s, 45, kernel_flags, &o) == 0);
+	struct fuse_init_out io;
+	memcpy(&io, o.payload, sizeof(io));
+	CHECK(io.max_pages == 1);
+	CHECK(cas_fuse_reply_bufsize(&(struct cas_fuse_config){ .max_pages = 1 }) >=
+	      16 + 32 * 4096);
 	fh = open_file(s, 2, NULL, NULL);
 	read_req(&r, 2, fh, 0, 10000);
 	run(s, &r, &o);
-	CHECK(o.oh.error == 0 && o.payload_len == 4096);
+	CHECK(o.oh.error == 0 && o.payload_len == 10000);
 	cas_fuse_session_free(s);
 }
 
@@ -965,6 +971,23 @@ static void test_readdir(void)
 			total += n;
 		}
 		CHECK(total == 6);
+		/* Every record of this directory has the same aligned size:
+		 * exactly size / rec of them fit, never a byte more. */
+		size_t rec = plus ? 160 : 32;
+		size_t sizes[] = { rec - 1, rec, rec + 7, 2 * rec - 1, 2 * rec,
+				   5 * rec + 3 };
+		for (size_t k = 0; k < CAS_ARRAY_SIZE(sizes); k++) {
+			req_start(&r, opc, 1);
+			in = (struct fuse_read_in){ .fh = 7,
+						    .size = (uint32_t)sizes[k] };
+			req_add(&r, &in, sizeof(in));
+			req_end(&r);
+			run(s, &r, &o);
+			CHECK(o.payload_len <= sizes[k]);
+			n = decode_dir(&o, plus, nm, offs, ids, 16);
+			CHECK(n == sizes[k] / rec);
+			CHECK(o.payload_len == n * rec);
+		}
 		/* Too small for any entry: an empty reply. */
 		req_start(&r, opc, 1);
 		in = (struct fuse_read_in){ .fh = 7, .size = 10 };

@@ -1,0 +1,319 @@
+/* Fuzzes the FUSE engine with one untrusted request.
+ *
+ * Input: two control bytes, then the request bytes. The harness makes a
+ * session over a small fake filesystem, sends it a valid INIT (unless bit 7
+ * of the first control byte asks to test the uninitialised session), then
+ * feeds the request once whole and once split into two or three buffers at
+ * positions taken from the control bytes, each buffer its own allocation so
+ * that ASan catches a read past any of them. Both ways must give the same
+ * reply, and every reply must be well formed. */
+#include <errno.h>
+#include <linux/fuse.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "core/log.h"
+#include "fuse/engine.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static void make_attr(uint64_t ino, struct cas_fuse_attr *a)
+{
+	memset(a, 0, sizeof(*a));
+	a->ino = ino;
+	a->nlink = 1;
+	a->mode = ino % 3 == 1 ? S_IFDIR | 0555
+		  : ino % 3 == 2 ? S_IFREG | 0444
+				 : S_IFLNK | 0777;
+	a->size = ino * 1000;
+}
+
+static int f_init(void *fs, struct cas_fuse_conn *conn)
+{
+	return 0;
+}
+
+static int f_lookup(void *fs, uint64_t parent, const char *name,
+		    size_t namelen, struct cas_fuse_entry *ret)
+{
+	if (strlen(name) != namelen || namelen == 0)
+		abort(); /* the engine promised a NUL-terminated name */
+	if (name[0] == 'n')
+		return -ENOENT;
+	make_attr(parent * 7 + namelen, &ret->attr);
+	ret->entry_valid = UINT64_MAX;
+	return 0;
+}
+
+static void f_forget(void *fs, uint64_t ino, uint64_t nlookup)
+{
+}
+
+static int f_getattr(void *fs, uint64_t ino, struct cas_fuse_attr *ret,
+		     uint64_t *ret_attr_valid)
+{
+	if (ino > 1000)
+		return -ESTALE;
+	make_attr(ino, ret);
+	*ret_attr_valid = 1;
+	return 0;
+}
+
+static int f_readlink(void *fs, uint64_t ino, char *buf, size_t size)
+{
+	size_t n = ino % 300 + 1;
+	if (n > size)
+		return -ERANGE;
+	memset(buf, 'l', n);
+	return (int)n;
+}
+
+static int f_open(void *fs, uint64_t ino, uint32_t flags,
+		  struct cas_fuse_open *ret)
+{
+	ret->fh = ino ^ 0x55;
+	ret->open_flags = (uint32_t)ino & 0xff;
+	/* fd 1 stands for a file the transport cannot register. */
+	ret->backing_fd = ino % 4 == 1 ? 0 : ino % 4 == 3 ? 1 : -1;
+	return ino % 5 == 4 ? -EACCES : 0;
+}
+
+static int f_read(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
+		  uint32_t size, struct cas_fuse_read *ret)
+{
+	if (ret->len != size)
+		abort();
+	uint64_t n = off > 100000 ? 0 : CAS_MIN((uint64_t)size, 100000 - off);
+	if (ino % 2) {
+		ret->fd = 0;
+		ret->fd_offset = off;
+		ret->len = n;
+		return 0;
+	}
+	memset(ret->buf, 'r', n);
+	ret->len = n;
+	return 0;
+}
+
+static int f_release(void *fs, uint64_t ino, uint64_t fh)
+{
+	return 0;
+}
+
+static int f_readdir(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
+		     struct cas_fuse_dirbuf *db)
+{
+	static const char *names[] = { ".", "..", "a", "bb", "a-longer-name",
+				       "x", "y\nz" };
+	for (uint64_t i = off; i < 7 + ino % 50; i++) {
+		const char *name = names[i % 7];
+		struct cas_fuse_entry e = { 0 };
+		make_attr(i + 2, &e.attr);
+		int r = cas_fuse_dirbuf_add(db, (const uint8_t *)name,
+					    strlen(name), i + 2, e.attr.mode,
+					    i + 1,
+					    cas_fuse_dirbuf_plus(db) && i % 7 > 1
+						    ? &e
+						    : NULL);
+		if (r <= 0)
+			return r;
+	}
+	return ino == 3 ? -EIO : 0;
+}
+
+static int f_statfs(void *fs, uint64_t ino, struct cas_fuse_statfs *ret)
+{
+	ret->namelen = 255;
+	return 0;
+}
+
+static int f_getxattr(void *fs, uint64_t ino, const char *name, char *buf,
+		      size_t size)
+{
+	size_t n = strlen(name);
+	if (size == 0)
+		return (int)n;
+	if (size < n)
+		return -ERANGE;
+	memcpy(buf, name, n);
+	return (int)n;
+}
+
+static int f_listxattr(void *fs, uint64_t ino, char *buf, size_t size)
+{
+	if (size == 0)
+		return 6;
+	if (size < 6)
+		return -ERANGE;
+	memcpy(buf, "user.\0", 6);
+	return 6;
+}
+
+static int f_access(void *fs, uint64_t ino, uint32_t mask)
+{
+	return 0;
+}
+
+static const struct cas_fuse_ops ops = {
+	.init = f_init,
+	.lookup = f_lookup,
+	.forget = f_forget,
+	.getattr = f_getattr,
+	.readlink = f_readlink,
+	.open = f_open,
+	.read = f_read,
+	.release = f_release,
+	.opendir = f_open,
+	.readdir = f_readdir,
+	.releasedir = f_release,
+	.statfs = f_statfs,
+	.getxattr = f_getxattr,
+	.listxattr = f_listxattr,
+	.access = f_access,
+};
+
+static int next_id;
+
+static int t_backing_open(void *transport, int fd)
+{
+	return fd == 1 ? -EPERM : ++next_id;
+}
+
+static int t_backing_close(void *transport, int id)
+{
+	return 0;
+}
+
+static void check_reply(const struct cas_fuse_reply *reply)
+{
+	if (!reply->send)
+		return;
+	if (reply->len < sizeof(struct fuse_out_header) ||
+	    reply->len > reply->buf_size)
+		abort();
+	struct fuse_out_header oh;
+	memcpy(&oh, reply->buf, sizeof(oh));
+	size_t total = reply->len + (reply->fd >= 0 ? reply->fd_len : 0);
+	if (oh.len != total || oh.unique != reply->unique)
+		abort();
+	if (oh.error > 0 || oh.error < -4095)
+		abort();
+	if (oh.error != 0 && (reply->len != sizeof(oh) || reply->fd >= 0))
+		abort();
+	if (reply->backing_id_close != -1)
+		abort();
+}
+
+static void process(struct cas_fuse_session *s, const struct iovec *iov,
+		    int cnt, uint8_t *buf, size_t bufsize,
+		    struct cas_fuse_reply *reply)
+{
+	*reply = (struct cas_fuse_reply){ .buf = buf, .buf_size = bufsize };
+	if (cas_fuse_session_process(s, iov, cnt, reply) != 0)
+		abort();
+	check_reply(reply);
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	if (size < 2)
+		return 0;
+	static bool quiet;
+	if (!quiet) {
+		cas_log_set_level(CAS_LOG_ERROR);
+		quiet = true;
+	}
+	uint8_t c0 = data[0], c1 = data[1];
+	data += 2;
+	size -= 2;
+
+	struct cas_fuse_config cfg = {
+		.readonly = true,
+		.max_write = 1 << 20,
+		.max_pages = (c0 & 0x40) ? 1 : 64,
+		.backing_open = t_backing_open,
+		.backing_close = t_backing_close,
+	};
+	struct cas_fuse_session *s;
+	if (cas_fuse_session_new(&ops, NULL, &cfg, &s) < 0)
+		return 0;
+	/* Reply buffers are reused: fresh ones per input cost more than the
+	 * engine itself. */
+	static uint8_t *buf1, *buf2;
+	static size_t bufsize;
+	if (!buf1) {
+		bufsize = cas_fuse_reply_bufsize(
+			&(struct cas_fuse_config){ .max_pages = 64 });
+		buf1 = malloc(bufsize);
+		buf2 = malloc(bufsize);
+		if (!buf1 || !buf2)
+			abort();
+	}
+	struct cas_fuse_reply r1, r2;
+
+	if (!(c0 & 0x80)) {
+		struct {
+			struct fuse_in_header h;
+			struct fuse_init_in in;
+		} init = {
+			.h = { .len = sizeof(init), .opcode = FUSE_INIT,
+			       .unique = 1 },
+			.in = { .major = 7, .minor = 45, .max_readahead = 65536,
+				.flags = FUSE_ASYNC_READ | FUSE_DO_READDIRPLUS |
+					 FUSE_MAX_PAGES | FUSE_INIT_EXT,
+				.flags2 = 1u << 5 /* passthrough */ },
+		};
+		struct iovec iov = { &init, sizeof(init) };
+		process(s, &iov, 1, buf1, bufsize, &r1);
+	}
+
+	/* Whole. */
+	uint8_t *whole = malloc(size ? size : 1);
+	memcpy(whole, data, size);
+	struct iovec iov1 = { whole, size };
+	process(s, &iov1, 1, buf1, bufsize, &r1);
+
+	/* Split into two or three buffers. DESTROY changes the session, so
+	 * the second run of it legitimately differs. */
+	size_t a = size ? c0 % (size + 1) : 0;
+	size_t b = size ? c1 % (size + 1) : 0;
+	if (b < a) {
+		size_t t = a;
+		a = b;
+		b = t;
+	}
+	size_t cut[4] = { 0, a, b, size };
+	int cnt = (c1 & 1) ? 3 : 2;
+	if (cnt == 2)
+		cut[2] = size;
+	struct iovec iov[3];
+	uint8_t *piece[3] = { NULL, NULL, NULL };
+	for (int k = 0; k < cnt; k++) {
+		size_t n = cut[k + 1] - cut[k];
+		piece[k] = malloc(n ? n : 1);
+		memcpy(piece[k], data + cut[k], n);
+		iov[k] = (struct iovec){ piece[k], n };
+	}
+	process(s, iov, cnt, buf2, bufsize, &r2);
+	if (!r1.destroyed && r1.send && !(r2.send && r1.len == r2.len &&
+					  r1.fd == r2.fd &&
+					  r1.fd_len == r2.fd_len &&
+					  memcmp(buf1, buf2, r1.len) == 0)) {
+		/* An opcode whose reply depends on earlier requests (a second
+		 * INIT) may differ; everything else must not. */
+		struct fuse_in_header h;
+		if (size >= sizeof(h)) {
+			memcpy(&h, data, sizeof(h));
+			if (h.opcode != FUSE_INIT)
+				abort();
+		}
+	}
+
+	for (int k = 0; k < cnt; k++)
+		free(piece[k]);
+	free(whole);
+	cas_fuse_session_free(s);
+	return 0;
+}
