@@ -59,6 +59,9 @@ struct cas_fuse_entry {
 #define CAS_FOPEN_NOFLUSH (1u << 5)
 #define CAS_FOPEN_PASSTHROUGH (1u << 7)
 
+/* When an open goes passthrough the engine keeps only the flags the kernel
+ * accepts with it (NOFLUSH; KEEP_CACHE and CACHE_DIR make it fail the
+ * open): the page cache is then the backing file's own. */
 struct cas_fuse_open {
 	uint64_t fh;
 	uint32_t open_flags; /* CAS_FOPEN_* */
@@ -157,7 +160,10 @@ struct cas_fuse_ops {
 struct cas_fuse_config {
 	bool readonly;
 	uint32_t max_write;     /* largest request payload we accept */
-	uint32_t max_pages;     /* largest READ we answer, in pages */
+	/* Pages per READ offered to the kernel (0: 32). Reply buffers hold
+	 * at least 32 pages whatever this says: a kernel without
+	 * FUSE_MAX_PAGES reads that much, and a short READ means EOF. */
+	uint32_t max_pages;
 	uint32_t max_readahead; /* 0: the kernel's */
 	/* Transport hooks for FUSE passthrough (NULL: not available). The
 	 * engine calls them itself, from the thread processing an OPEN
