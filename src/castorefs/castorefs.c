@@ -58,6 +58,7 @@
 #define TIME_SECONDS 1
 #define BLKSIZE 4096
 #define NAME_MAX_LEN 255
+#define LOGGED_MAX 256
 
 enum inode_kind {
 	KIND_ROOT = 0,
@@ -75,7 +76,6 @@ struct cas_inode {
 	uint32_t key_hash;
 	uint8_t kind;
 	bool executable;
-	atomic_bool logged; /* EIO for this content already logged */
 	uint64_t size;      /* file: blob size; symlink: target length */
 	/* Directories: loaded once, then immutable until the inode dies. */
 	_Atomic(cas_directory *) dir;
@@ -122,6 +122,12 @@ struct cas_fs {
 	struct cas_inode *root;
 
 	atomic_size_t memory; /* inodes, tables, Directories, handles */
+
+	/* Digests whose absence was logged (an inode may die and come back;
+	 * the log line comes once per mount). */
+	pthread_mutex_t logged_lock;
+	cas_digest logged[LOGGED_MAX]; /* protected by logged_lock */
+	size_t n_logged;               /* protected by logged_lock */
 
 	pthread_mutex_t handle_lock;
 	_Atomic(struct cas_handle *) chunks[HANDLE_MAX_CHUNKS];
@@ -367,6 +373,22 @@ static void digest_hex(const uint8_t *d, char hex[CAS_DIGEST_HEX_LEN + 1])
 	cas_digest_to_hex(&dg, hex);
 }
 
+/* True the first time a digest is reported (then: once per mount, for the
+ * first LOGGED_MAX of them; a store missing more has bigger problems and
+ * a line per failure is fine). */
+static bool first_report(struct cas_fs *fs, const uint8_t *digest)
+{
+	bool first = true;
+	pthread_mutex_lock(&fs->logged_lock);
+	for (size_t i = 0; i < fs->n_logged && first; i++)
+		if (!memcmp(fs->logged[i].bytes, digest, CAS_DIGEST_LEN))
+			first = false;
+	if (first && fs->n_logged < LOGGED_MAX)
+		memcpy(fs->logged[fs->n_logged++].bytes, digest, CAS_DIGEST_LEN);
+	pthread_mutex_unlock(&fs->logged_lock);
+	return first;
+}
+
 /* The inode's Directory, read from the store on first use. A missing or
  * broken Directory is EIO for whatever needed it, logged once. */
 static int inode_directory(struct cas_fs *fs, struct cas_inode *in,
@@ -381,7 +403,7 @@ static int inode_directory(struct cas_fs *fs, struct cas_inode *in,
 	memcpy(dg.bytes, in->key, CAS_DIGEST_LEN);
 	int r = cas_store_directory_get(fs->store, &dg, &d);
 	if (r < 0) {
-		if (!atomic_exchange(&in->logged, true)) {
+		if (first_report(fs, in->key)) {
 			char hex[CAS_DIGEST_HEX_LEN + 1];
 			digest_hex(in->key, hex);
 			if (r == -ENOENT)
@@ -721,7 +743,7 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	uint64_t size = 0;
 	r = fs->store->ops->blob_open(fs->store, &dg, &fd, &size);
 	if (r < 0) {
-		if (!atomic_exchange(&in->logged, true)) {
+		if (first_report(fs, in->key)) {
 			char hex[CAS_DIGEST_HEX_LEN + 1];
 			cas_digest_to_hex(&dg, hex);
 			if (r == -ENOENT)
@@ -1086,6 +1108,7 @@ int cas_fs_new(cas_store *store, const struct cas_fs_options *opts,
 	fs->free_head = UINT32_MAX;
 	pthread_mutex_init(&fs->lock, NULL);
 	pthread_mutex_init(&fs->handle_lock, NULL);
+	pthread_mutex_init(&fs->logged_lock, NULL);
 	const size_t initial = 1024;
 	fs->root = calloc(1, sizeof(*fs->root));
 	if (!fs->root || table_init(&fs->by_ino, initial) < 0 ||
@@ -1137,6 +1160,7 @@ void cas_fs_free(struct cas_fs *fs)
 	}
 	pthread_mutex_destroy(&fs->lock);
 	pthread_mutex_destroy(&fs->handle_lock);
+	pthread_mutex_destroy(&fs->logged_lock);
 	free(fs);
 }
 

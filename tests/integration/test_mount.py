@@ -1,0 +1,515 @@
+"""castore mount: the filesystem of DESIGN.md section 4, mounted for real.
+
+Every test builds its own store, mounts it with `castore mount` in the
+background, and checks what the kernel shows through the mount point. The
+mount fixture always unmounts (umount -l) and kills the process at
+teardown, whatever the test did.
+"""
+import errno
+import filecmp
+import json
+import os
+import random
+import signal
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CASTORE, copy_tree, pattern_bytes, run
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+    reason="needs /dev/fuse and root")
+
+
+class Mount:
+    def __init__(self, store, path, args, tmp):
+        self.path = Path(path)
+        self.errlog = Path(tmp) / f"mount-{os.getpid()}-{time.monotonic_ns()}.err"
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [CASTORE, "--store", str(store), "mount", str(path)] + list(args),
+            stdout=subprocess.DEVNULL, stderr=open(self.errlog, "wb"))
+        deadline = time.monotonic() + 15
+        while not os.path.ismount(self.path):
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"castore mount exited {self.proc.returncode}: {self.stderr()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not mounted after 15 s: {self.stderr()}")
+            time.sleep(0.02)
+
+    def stderr(self):
+        return self.errlog.read_text(errors="replace")
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        """Sends sig and returns the exit status."""
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if os.path.ismount(self.path):
+            subprocess.run(["umount", "-l", str(self.path)], check=False)
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def mount(store, tmp_path):
+    """mount(*args) mounts the test's store at a fresh folder; returns a
+    Mount whose .path is the mount point."""
+    mounts = []
+
+    def start(*args):
+        m = Mount(store, tmp_path / f"mnt{len(mounts)}", args, tmp_path)
+        mounts.append(m)
+        return m
+    yield start
+    for m in mounts:
+        m.close()
+
+
+def roots_json(castore):
+    return {r["name"]: r for r in json.loads(castore("roots", "list", "--json").stdout)}
+
+
+def b3(data):
+    p = subprocess.run(["b3sum", "--no-names"], input=data, capture_output=True, check=True)
+    return p.stdout.decode().strip()
+
+
+def make_tree(base):
+    """A small tree with every kind of entry and some equal content."""
+    t = Path(base)
+    (t / "dirA" / "sub" / "deep" / "deeper").mkdir(parents=True)
+    (t / "top.txt").write_bytes(pattern_bytes(1000))
+    (t / "same.txt").write_bytes(pattern_bytes(777, 5))
+    (t / "same.sh").write_bytes(pattern_bytes(777, 5))
+    os.chmod(t / "same.sh", 0o755)
+    (t / "same2.txt").write_bytes(pattern_bytes(777, 5))
+    (t / "big.bin").write_bytes(pattern_bytes(3 * 1024 * 1024 + 17, 9))
+    (t / "empty.txt").write_bytes(b"")
+    os.symlink("top.txt", t / "link")
+    os.symlink("top.txt", t / "link2")
+    os.symlink("dirA/sub/deep/deeper/leaf.txt", t / "deeplink")
+    (t / "dirA" / "f1").write_bytes(pattern_bytes(100, 1))
+    (t / "dirA" / "sub" / "s.txt").write_bytes(pattern_bytes(50, 2))
+    (t / "dirA" / "sub" / "deep" / "deeper" / "leaf.txt").write_bytes(b"leaf\n")
+    (t / "dirA" / "sub" / "deep" / "d.txt").write_bytes(pattern_bytes(10, 3))
+    os.symlink("../s.txt", t / "dirA" / "sub" / "deep" / "up")
+    # dirB equals dirA: one Directory digest, one inode.
+    subprocess.run(["cp", "-a", str(t / "dirA"), str(t / "dirB")], check=True)
+    (t / "Case").mkdir()
+    (t / "Case" / "Name").write_bytes(b"upper\n")
+    (t / "Case" / "name").write_bytes(b"lower\n")
+    (t / "empty1").mkdir()
+    (t / "empty2").mkdir()
+    return t
+
+
+@pytest.fixture
+def tree(tmp_path, castore):
+    """The small tree, imported as root `r`."""
+    t = make_tree(tmp_path / "tree")
+    castore("import", t, "--name", "r")
+    return t
+
+
+def expect_errno(err, fn, *args):
+    with pytest.raises(OSError) as e:
+        fn(*args)
+    assert e.value.errno == err, f"{fn.__name__}{args}: {e.value}"
+
+
+# The root ------------------------------------------------------------------
+
+def test_root_listing_refused_but_lookup_works(tree, mount):
+    m = mount()
+    expect_errno(errno.EPERM, os.listdir, m.path)
+    assert os.path.isdir(m.path / "r")
+    assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
+    expect_errno(errno.ENOENT, os.stat, m.path / "nosuchroot")
+
+
+def test_root_listing_allowed(tree, castore, mount):
+    castore("import", tree / "top.txt", "--name", "afile")
+    castore("roots", "add", "alink", "--symlink", "r/top.txt")
+    m = mount("--list-root")
+    assert sorted(os.listdir(m.path)) == ["afile", "alink", "r"]
+    st = os.stat(m.path)
+    assert stat.S_IMODE(st.st_mode) == 0o555 and st.st_size == 3
+    assert st.st_nlink == 3  # 2 + one directory root
+
+
+def test_root_entries_of_every_kind(tree, castore, mount):
+    castore("import", tree / "same.sh", "--name", "tool")
+    castore("roots", "add", "alink", "--symlink", "r/top.txt")
+    m = mount()
+    st = os.stat(m.path / "tool")
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o555
+    assert (m.path / "tool").read_bytes() == pattern_bytes(777, 5)
+    assert os.readlink(m.path / "alink") == "r/top.txt"
+    assert (m.path / "alink").read_bytes() == pattern_bytes(1000)
+
+
+def test_root_added_while_mounted(tree, castore, mount):
+    m = mount("--list-root")
+    expect_errno(errno.ENOENT, os.stat, m.path / "later")
+    castore("import", tree / "top.txt", "--name", "later")
+    assert (m.path / "later").read_bytes() == pattern_bytes(1000)
+    assert "later" in os.listdir(m.path)
+
+
+# Reading ---------------------------------------------------------------------
+
+def test_read_files_at_root_and_deep(tree, mount):
+    m = mount()
+    r = m.path / "r"
+    assert (r / "top.txt").read_bytes() == pattern_bytes(1000)
+    assert (r / "dirA" / "sub" / "deep" / "deeper" / "leaf.txt").read_bytes() == b"leaf\n"
+    assert (r / "empty.txt").read_bytes() == b""
+    assert os.stat(r / "dirA" / "sub" / "s.txt").st_size == 50
+
+
+def test_big_file(tree, mount):
+    m = mount()
+    data = (m.path / "r" / "big.bin").read_bytes()
+    assert len(data) == 3 * 1024 * 1024 + 17
+    assert data == pattern_bytes(3 * 1024 * 1024 + 17, 9)
+    # Unaligned reads across the 1 MiB boundaries and past the end.
+    with open(m.path / "r" / "big.bin", "rb", buffering=0) as f:
+        for off in (0, 1, 4095, 1024 * 1024 - 3, 2 * 1024 * 1024 + 5,
+                    3 * 1024 * 1024 + 10, 3 * 1024 * 1024 + 17, 10 ** 9):
+            got = os.pread(f.fileno(), 1024 * 1024 + 7, off)
+            assert got == data[off:off + 1024 * 1024 + 7]
+
+
+def test_symlinks(tree, mount):
+    m = mount()
+    r = m.path / "r"
+    assert os.readlink(r / "link") == "top.txt"
+    assert (r / "link").read_bytes() == pattern_bytes(1000)
+    assert (r / "deeplink").read_bytes() == b"leaf\n"
+    assert (r / "dirA" / "sub" / "deep" / "up").read_bytes() == pattern_bytes(50, 2)
+    st = os.lstat(r / "link")
+    assert stat.S_ISLNK(st.st_mode) and st.st_size == len("top.txt")
+
+
+def test_readdir(tree, mount):
+    m = mount()
+    r = m.path / "r"
+    assert sorted(os.listdir(r)) == sorted(os.listdir(tree))
+    assert sorted(os.listdir(r / "dirA" / "sub")) == ["deep", "s.txt"]
+    # ls -a style: "." and ".." come too.
+    out = subprocess.run(["ls", "-a", str(r / "Case")], capture_output=True,
+                         check=True).stdout.split()
+    assert out == [b".", b"..", b"Name", b"name"]
+
+
+def test_readdir_deep_before_parent(tree, mount):
+    m = mount()
+    deep = m.path / "r" / "dirB" / "sub" / "deep"
+    assert sorted(os.listdir(deep)) == ["d.txt", "deeper", "up"]
+    st = os.stat(m.path / "r" / "dirA" / "sub" / "deep" / "deeper" / "leaf.txt")
+    assert st.st_size == 5
+
+
+# Attributes ------------------------------------------------------------------
+
+def test_attributes(tree, mount):
+    m = mount()
+    r = m.path / "r"
+    checks = {
+        "": (stat.S_IFDIR, 0o555, len(os.listdir(tree)), 2 + 5),
+        "top.txt": (stat.S_IFREG, 0o444, 1000, 1),
+        "same.sh": (stat.S_IFREG, 0o555, 777, 1),
+        "empty.txt": (stat.S_IFREG, 0o444, 0, 1),
+        "big.bin": (stat.S_IFREG, 0o444, 3 * 1024 * 1024 + 17, 1),
+        "link": (stat.S_IFLNK, 0o777, 7, 1),
+        "dirA": (stat.S_IFDIR, 0o555, 2, 3),
+        "dirA/sub": (stat.S_IFDIR, 0o555, 2, 3),
+        "dirA/sub/deep": (stat.S_IFDIR, 0o555, 3, 3),
+        "empty1": (stat.S_IFDIR, 0o555, 0, 2),
+    }
+    for name, (fmt, mode, size, nlink) in checks.items():
+        st = os.lstat(r / name) if name else os.lstat(r)
+        assert stat.S_IFMT(st.st_mode) == fmt, name
+        assert stat.S_IMODE(st.st_mode) == mode, name
+        assert st.st_size == size, name
+        assert st.st_nlink == nlink, name
+        assert st.st_uid == 0 and st.st_gid == 0, name
+        assert st.st_mtime == 1 and st.st_atime == 1 and st.st_ctime == 1, name
+        assert st.st_blocks == (size + 511) // 512, name
+
+
+def test_inode_sharing(tree, mount):
+    m = mount()
+    r = m.path / "r"
+
+    def ino(p):
+        return os.lstat(r / p).st_ino
+    assert ino("dirA") == ino("dirB")
+    assert ino("dirA/sub/deep") == ino("dirB/sub/deep")
+    assert ino("empty1") == ino("empty2")
+    assert ino("dirA/f1") == ino("dirB/f1")
+    assert ino("same.txt") == ino("same2.txt")
+    assert ino("link") == ino("link2")
+    # Equal bytes, different mode: two inodes.
+    assert ino("same.txt") != ino("same.sh")
+    assert ino("top.txt") != ino("same.txt")
+    assert ino("dirA") != ino("Case")
+    # Every number stays what it was.
+    assert ino("dirA/f1") == ino("dirB/f1")
+
+
+def test_exact_names(tree, mount):
+    m = mount()
+    c = m.path / "r" / "Case"
+    assert (c / "Name").read_bytes() == b"upper\n"
+    assert (c / "name").read_bytes() == b"lower\n"
+    for wrong in ("NAME", "nAme", "name ", "Name\n"):
+        expect_errno(errno.ENOENT, os.stat, c / wrong)
+    expect_errno(errno.ENOENT, os.stat, m.path / "R")
+
+
+# Read-only -------------------------------------------------------------------
+
+def test_every_write_is_erofs(tree, mount):
+    m = mount()
+    r = m.path / "r"
+    f = r / "top.txt"
+    attempts = [
+        (os.open, r / "new", os.O_CREAT | os.O_WRONLY, 0o644),
+        (os.open, f, os.O_WRONLY),
+        (os.open, f, os.O_RDWR),
+        (os.open, f, os.O_RDONLY | os.O_TRUNC),
+        (os.mkdir, r / "newdir"),
+        (os.unlink, f),
+        (os.rmdir, r / "empty1"),
+        (os.rename, f, r / "moved"),
+        (os.chmod, f, 0o777),
+        (os.chown, f, 1, 1),
+        (os.truncate, f, 0),
+        (os.utime, f, (5, 5)),
+        (os.setxattr, f, "user.x", b"1"),
+        (os.removexattr, f, "user.x"),
+        (os.symlink, "top.txt", r / "newlink"),
+        (os.link, f, r / "hard"),
+        (os.mknod, r / "fifo", stat.S_IFIFO | 0o644),
+    ]
+    for fn, *args in attempts:
+        expect_errno(errno.EROFS, fn, *args)
+    assert f.read_bytes() == pattern_bytes(1000)
+
+
+# Absent content --------------------------------------------------------------
+
+def test_absent_directory_and_blob_are_eio(tree, castore, mount):
+    gone_dir = "ab" * 32
+    gone_blob = "cd" * 32
+    castore("roots", "add", "gonedir", "--directory", gone_dir, "--size", "3")
+    castore("roots", "add", "goneblob", "--file", gone_blob, "--size", "10")
+    m = mount()
+    for _ in range(2):
+        expect_errno(errno.EIO, os.listdir, m.path / "gonedir")
+        expect_errno(errno.EIO, (m.path / "goneblob").read_bytes)
+    assert os.stat(m.path / "goneblob").st_size == 10
+    # The rest keeps working.
+    assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
+    err = m.stderr()
+    assert err.count(gone_dir) == 1, err
+    assert err.count(gone_blob) == 1, err
+
+
+# xattrs ------------------------------------------------------------------------
+
+def test_xattrs_off(tree, mount):
+    m = mount()
+    for p in ("r/top.txt", "r/dirA"):
+        with pytest.raises(OSError) as e:
+            os.getxattr(m.path / p, "user.castore.blob.digest")
+        assert e.value.errno == errno.ENOTSUP
+        # ENOSYS from the filesystem: the kernel says EOPNOTSUPP and stops
+        # asking for the rest of the mount.
+        expect_errno(errno.ENOTSUP, os.listxattr, m.path / p)
+
+
+def test_xattrs_on(tree, castore, mount):
+    m = mount("--show-xattr")
+    r = m.path / "r"
+    top = os.getxattr(r / "top.txt", "user.castore.blob.digest").decode()
+    assert top == b3(pattern_bytes(1000))
+    assert os.listxattr(r / "top.txt") == ["user.castore.blob.digest"]
+    rdig = os.getxattr(r, "user.castore.directory.digest").decode()
+    assert rdig == roots_json(castore)["r"]["digest"]
+    assert os.listxattr(r) == ["user.castore.directory.digest"]
+    expect_errno(errno.ENODATA, os.getxattr, r / "top.txt", "user.other")
+    expect_errno(errno.ENODATA, os.getxattr, r / "top.txt",
+                 "user.castore.directory.digest")
+    assert os.listxattr(r / "link", follow_symlinks=False) == []
+
+
+# Concurrency -----------------------------------------------------------------
+
+def test_threads_read_random_ranges(tree, mount):
+    m = mount("--threads", "4")
+    data = pattern_bytes(3 * 1024 * 1024 + 17, 9)
+    path = m.path / "r" / "big.bin"
+    errors = []
+
+    def reader(seed):
+        rnd = random.Random(seed)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                for _ in range(300):
+                    off = rnd.randrange(0, len(data) + 100)
+                    n = rnd.choice([1, 512, 4096, 65536, 200000, 1 << 20])
+                    got = os.pread(f.fileno(), n, off)
+                    if got != data[off:off + n]:
+                        errors.append((seed, off, n))
+                        return
+        except OSError as e:
+            errors.append((seed, str(e)))
+    ts = [threading.Thread(target=reader, args=(i,)) for i in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert errors == []
+
+
+# Names and sizes ---------------------------------------------------------------
+
+def test_names_with_newlines_and_non_utf8(tmp_path, castore, mount):
+    t = tmp_path / "t"
+    t.mkdir()
+    names = [b"new\nline", b"\xff\xfe-latin1-\xe9", b"tab\there", b" lead",
+             b"-dash", b"\xe2\x98\x83 snow", b"a" * 255]
+    for i, n in enumerate(names):
+        with open(os.path.join(bytes(t), n), "wb") as f:
+            f.write(pattern_bytes(10 + i, i))
+    castore("import", t, "--name", "n")
+    m = mount()
+    d = os.path.join(bytes(m.path), b"n")
+    assert sorted(os.listdir(d)) == sorted(names)
+    for i, n in enumerate(names):
+        with open(os.path.join(d, n), "rb") as f:
+            assert f.read() == pattern_bytes(10 + i, i)
+
+
+def test_directory_of_20000_entries(tmp_path, castore, mount):
+    t = tmp_path / "t"
+    t.mkdir()
+    for i in range(20000):
+        (t / f"e{i:05d}").write_bytes(b"%d" % (i % 7))
+    castore("import", t, "--name", "wide")
+    m = mount()
+    w = m.path / "wide"
+    got = os.listdir(w)
+    assert len(got) == 20000 and sorted(got) == sorted(os.listdir(t))
+    assert os.stat(w).st_size == 20000
+    assert (w / "e19999").read_bytes() == b"%d" % (19999 % 7)
+    assert (w / "e00000").read_bytes() == b"0"
+    # Seven distinct contents: seven inodes.
+    assert len({os.stat(w / n).st_ino for n in got[:500]}) == 7
+
+
+def test_usr_include_compares_file_by_file(tmp_path, castore, mount):
+    src = copy_tree("/usr/include", tmp_path / "inc")
+    castore("import", src, "--name", "inc")
+    m = mount()
+    top = m.path / "inc"
+    nfiles = 0
+    for root, dirs, files in os.walk(src):
+        rel = os.path.relpath(root, src)
+        mroot = os.path.normpath(top / rel)
+        assert sorted(os.listdir(mroot)) == sorted(dirs + files), rel
+        for name in files:
+            s, d = os.path.join(root, name), os.path.join(mroot, name)
+            if os.path.islink(s):
+                assert os.readlink(d) == os.readlink(s), d
+                continue
+            sst, dst = os.lstat(s), os.lstat(d)
+            assert dst.st_size == sst.st_size, d
+            assert bool(dst.st_mode & 0o111) == bool(sst.st_mode & 0o111), d
+            assert filecmp.cmp(s, d, shallow=False), d
+            nfiles += 1
+        for name in dirs:
+            s = os.path.join(root, name)
+            if os.path.islink(s):
+                assert os.readlink(os.path.join(mroot, name)) == os.readlink(s)
+    assert nfiles > 1000
+
+
+# Process life ------------------------------------------------------------------
+
+def test_sigterm_unmounts_and_exits_0(tree, mount):
+    m = mount()
+    assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
+    assert m.stop(signal.SIGTERM) == 0
+    assert not os.path.ismount(m.path)
+
+
+def test_sigint_with_open_file_exits_0(tree, mount):
+    m = mount()
+    f = open(m.path / "r" / "big.bin", "rb")
+    try:
+        f.read(10)
+        assert m.stop(signal.SIGINT) == 0
+        assert not os.path.ismount(m.path)
+    finally:
+        f.close()
+
+
+def test_unmount_from_outside_exits_0(tree, mount):
+    m = mount()
+    os.listdir(m.path / "r")
+    subprocess.run(["umount", str(m.path)], check=True)
+    assert m.proc.wait(timeout=15) == 0
+
+
+def test_lazy_unmount_from_outside_exits_0(tree, mount):
+    m = mount()
+    os.listdir(m.path / "r")
+    subprocess.run(["umount", "-l", str(m.path)], check=True)
+    assert m.proc.wait(timeout=15) == 0
+
+
+def test_missing_mountpoint_exits_1(tree, tmp_path, store):
+    missing = tmp_path / "does" / "not" / "exist"
+    p = run(["mount", missing], store=store, check=False, timeout=30)
+    assert p.returncode == 1
+    assert str(missing).encode() in p.stderr
+    assert b"No such file" in p.stderr
+
+
+def test_mountpoint_not_a_directory_exits_1(tree, tmp_path, store):
+    p = run(["mount", tree / "top.txt"], store=store, check=False, timeout=30)
+    assert p.returncode == 1 and b"top.txt" in p.stderr
+
+
+def test_busy_mountpoint_exits_1(tree, mount, store):
+    m = mount()
+    p = run(["mount", m.path], store=store, check=False, timeout=30)
+    assert p.returncode == 1
+    assert b"already a mount point" in p.stderr
+    # The first mount is untouched.
+    assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
+
+
+def test_usage(store):
+    assert run(["mount", "--help"], store=store).stdout.startswith(b"Usage: castore mount")
+    assert run(["mount"], store=store, check=False).returncode == 2
+    assert run(["mount", "/x", "--threads", "0"], store=store, check=False).returncode == 2
+    assert run(["mount", "/x", "/y"], store=store, check=False).returncode == 2
