@@ -1,0 +1,81 @@
+/* Fuzz target: what `castore serve` and the remote stores decode from
+ * the network. The first byte picks the message kind, the second where
+ * the rest is split in two pieces (two DATA frames); the rest is a gRPC
+ * byte stream (5-byte prefixes and messages), each message decoded as
+ * the server or client does: Stat/Read/Get requests (protobuf-c),
+ * BlobChunk (in place), Directory (canonical decoder), Put responses.
+ * Kind 7 feeds the bytes to the published roots file parser instead. */
+#include <stddef.h>
+#include <stdint.h>
+
+#include "core/directory.h"
+#include "remote/grpc_i.h"
+#include "remote/remote_i.h"
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+static int on_msg(void *userdata, const uint8_t *msg, size_t len)
+{
+	unsigned kind = *(const unsigned *)userdata;
+	const char *why = NULL;
+	cas_digest d;
+	bool recursive;
+	const uint8_t *chunk;
+	size_t chunk_len;
+	cas_directory *dir = NULL;
+
+	switch (kind) {
+	case 0:
+		(void)cas_grpc_decode_stat(msg, len, &d, &why);
+		break;
+	case 1:
+		(void)cas_grpc_decode_read(msg, len, &d, &why);
+		break;
+	case 2:
+		(void)cas_grpc_decode_get(msg, len, &d, &recursive, &why);
+		break;
+	case 3:
+		if (cas_grpc_decode_blob_chunk(msg, len, &chunk, &chunk_len, &why) == 0 &&
+		    chunk_len > 0 && (chunk < msg || chunk + chunk_len > msg + len))
+			__builtin_trap();
+		break;
+	case 4:
+		if (cas_directory_decode(msg, len, &dir, &why) == 0)
+			cas_directory_free(dir);
+		break;
+	case 5:
+		(void)cas_grpc_decode_digest_response(msg, len, false, &d);
+		break;
+	default:
+		(void)cas_grpc_decode_digest_response(msg, len, true, &d);
+		break;
+	}
+	return 0;
+}
+
+static int on_root(void *userdata, const char *name, const cas_node *node)
+{
+	return 0;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	if (size < 2)
+		return 0;
+	unsigned kind = data[0] % 8;
+	size_t split = data[1];
+	data += 2;
+	size -= 2;
+	if (kind == 7) {
+		(void)cas_roots_file_parse((const char *)data, size, on_root, NULL);
+		return 0;
+	}
+	if (split > size)
+		split = size;
+	struct cas_grpc_reader r = { 0 };
+	int rc = cas_grpc_reader_feed(&r, data, split, on_msg, &kind);
+	if (rc == 0)
+		(void)cas_grpc_reader_feed(&r, data + split, size - split, on_msg, &kind);
+	cas_grpc_reader_release(&r);
+	return 0;
+}

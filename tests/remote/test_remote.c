@@ -1,0 +1,597 @@
+/* Unit tests of src/remote: gRPC framing and decoders, the published roots
+ * file, the digest map, and the verified cache in front of a fake fetcher
+ * (verification, nothing wrong cached, one fetch for concurrent readers,
+ * Directory closures fetched leaves first, absence, eviction). */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "../core/check.h"
+#include "core/directory.h"
+#include "core/log.h"
+#include "remote/grpc_i.h"
+#include "remote/remote.h"
+#include "remote/remote_i.h"
+#include "store/local.h"
+
+static char base[] = "/tmp/castore-test-remote-XXXXXX";
+
+/* Framing ------------------------------------------------------------------ */
+
+struct collected {
+	uint8_t buf[4096];
+	size_t lens[16];
+	size_t n, total;
+};
+
+static int collect(void *userdata, const uint8_t *msg, size_t len)
+{
+	struct collected *c = userdata;
+	if (c->n >= 16 || c->total + len > sizeof(c->buf))
+		return -E2BIG;
+	memcpy(c->buf + c->total, msg, len);
+	c->total += len;
+	c->lens[c->n++] = len;
+	return 0;
+}
+
+static void test_reader(void)
+{
+	uint8_t stream[64];
+	size_t n = 0;
+	cas_grpc_frame_prefix(stream, 3);
+	memcpy(stream + 5, "abc", 3);
+	cas_grpc_frame_prefix(stream + 8, 0);
+	cas_grpc_frame_prefix(stream + 13, 2);
+	memcpy(stream + 18, "de", 2);
+	n = 20;
+
+	/* Whole, and byte by byte: the same messages. */
+	for (int bytewise = 0; bytewise < 2; bytewise++) {
+		struct cas_grpc_reader r = { 0 };
+		struct collected c = { 0 };
+		if (bytewise)
+			for (size_t i = 0; i < n; i++)
+				CHECK(cas_grpc_reader_feed(&r, stream + i, 1, collect, &c) == 0);
+		else
+			CHECK(cas_grpc_reader_feed(&r, stream, n, collect, &c) == 0);
+		CHECK(c.n == 3);
+		CHECK(c.lens[0] == 3 && c.lens[1] == 0 && c.lens[2] == 2);
+		CHECK(memcmp(c.buf, "abcde", 5) == 0);
+		CHECK(cas_grpc_reader_idle(&r));
+		cas_grpc_reader_release(&r);
+	}
+	/* Truncated: not idle. */
+	struct cas_grpc_reader r = { 0 };
+	struct collected c = { 0 };
+	CHECK(cas_grpc_reader_feed(&r, stream, 6, collect, &c) == 0);
+	CHECK(!cas_grpc_reader_idle(&r));
+	cas_grpc_reader_release(&r);
+	/* Compressed, oversized. */
+	uint8_t comp[] = { 1, 0, 0, 0, 1, 'x' };
+	CHECK(cas_grpc_reader_feed(&r, comp, sizeof(comp), collect, &c) == -EPROTONOSUPPORT);
+	cas_grpc_reader_release(&r);
+	uint8_t big[] = { 0, 0xff, 0, 0, 0 };
+	CHECK(cas_grpc_reader_feed(&r, big, sizeof(big), collect, &c) == -EMSGSIZE);
+	cas_grpc_reader_release(&r);
+	/* A callback error stops and is returned. */
+	struct collected full = { .n = 16 };
+	CHECK(cas_grpc_reader_feed(&r, stream, n, collect, &full) == -E2BIG);
+	cas_grpc_reader_release(&r);
+}
+
+static void test_messages(void)
+{
+	cas_digest d, got;
+	const char *why = NULL;
+	bool recursive = false;
+	uint8_t *buf;
+	size_t len;
+
+	cas_hash_buffer("x", 1, &d);
+	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_STAT_REQUEST, &d, false, &buf, &len) == 0);
+	CHECK(cas_grpc_decode_stat(buf + 5, len - 5, &got, &why) == 0 && cas_digest_eq(&d, &got));
+	CHECK(cas_grpc_decode_read(buf + 5, len - 5, &got, &why) == 0);
+	CHECK(cas_grpc_decode_get(buf + 5, len - 5, &got, &recursive, &why) == 0 && !recursive);
+	free(buf);
+	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_GET_REQUEST, &d, true, &buf, &len) == 0);
+	CHECK(cas_grpc_decode_get(buf + 5, len - 5, &got, &recursive, &why) == 0 && recursive);
+	CHECK(cas_digest_eq(&d, &got));
+	/* Short digest. */
+	buf[6] = 31;
+	CHECK(cas_grpc_decode_get(buf + 5, 2 + 31, &got, &recursive, &why) == -EINVAL);
+	CHECK_STREQ(why, "digest is not 32 bytes");
+	free(buf);
+	/* No digest at all. */
+	CHECK(cas_grpc_decode_get((const uint8_t *)"\x10\x01", 2, &got, &recursive, &why) == -EINVAL);
+	CHECK(cas_grpc_decode_stat((const uint8_t *)"", 0, &got, &why) == -EINVAL);
+	CHECK(cas_grpc_decode_stat((const uint8_t *)"\x0a\x05", 2, &got, &why) == -EINVAL);
+	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_PUT_BLOB_RESPONSE, &d, false, &buf, &len) == 0);
+	CHECK(cas_grpc_decode_digest_response(buf + 5, len - 5, false, &got) == 0);
+	CHECK(cas_grpc_decode_digest_response(buf + 5, len - 5, true, &got) == 0);
+	free(buf);
+	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_STAT_RESPONSE, &d, false, &buf, &len) == 0);
+	CHECK(len == 5);
+	free(buf);
+
+	/* BlobChunk header + data decodes in place. */
+	uint8_t chunk[16 + 300];
+	size_t h = cas_grpc_blob_chunk_header(chunk, 300);
+	memset(chunk + h, 'q', 300);
+	const uint8_t *data;
+	size_t dlen;
+	CHECK(chunk[1] == 0 && chunk[4] == h - 5 + 300 - 256);
+	CHECK(cas_grpc_decode_blob_chunk(chunk + 5, h - 5 + 300, &data, &dlen, &why) == 0);
+	CHECK(dlen == 300 && data == chunk + h);
+	CHECK(cas_grpc_blob_chunk_header(chunk, 0) == 5);
+	CHECK(cas_grpc_decode_blob_chunk(chunk + 5, 0, &data, &dlen, &why) == 0 && dlen == 0);
+	CHECK(cas_grpc_decode_blob_chunk((const uint8_t *)"\x0a\x09xx", 4, &data, &dlen, &why) == -EINVAL);
+	CHECK(cas_grpc_decode_blob_chunk((const uint8_t *)"\x08\x01", 2, &data, &dlen, &why) == -EINVAL);
+	/* Unknown fields are skipped. */
+	CHECK(cas_grpc_decode_blob_chunk((const uint8_t *)"\x10\x05\x0a\x01z", 5, &data, &dlen, &why) == 0 &&
+	      dlen == 1 && data[0] == 'z');
+
+	CHECK(cas_grpc_method_from_path(CAS_GRPC_PATH_BLOB_PUT, strlen(CAS_GRPC_PATH_BLOB_PUT)) == CAS_GRPC_BLOB_PUT);
+	CHECK(cas_grpc_method_from_path("/x", 2) == CAS_GRPC_UNKNOWN_METHOD);
+	CHECK(cas_grpc_status_from_errno(-ENOENT) == CAS_GRPC_NOT_FOUND);
+	CHECK(cas_grpc_status_from_errno(-EBADMSG) == CAS_GRPC_INVALID_ARGUMENT);
+	CHECK(cas_grpc_errno_from_status(CAS_GRPC_NOT_FOUND) == -ENOENT);
+	CHECK(cas_grpc_errno_from_status(CAS_GRPC_UNAVAILABLE) == -EIO);
+
+	char enc[64];
+	cas_grpc_percent_encode("a%b\n\xff", enc, sizeof(enc));
+	CHECK_STREQ(enc, "a%25b%0A%FF");
+}
+
+/* Roots file ------------------------------------------------------------- */
+
+struct roots_seen {
+	char names[8][64];
+	cas_node nodes[8];
+	size_t n;
+};
+
+static int root_cb(void *userdata, const char *name, const cas_node *node)
+{
+	struct roots_seen *s = userdata;
+	if (s->n >= 8)
+		return -E2BIG;
+	snprintf(s->names[s->n], 64, "%s", name);
+	s->nodes[s->n++] = *node;
+	return 0;
+}
+
+static void test_roots_file(void)
+{
+	char *buf = NULL;
+	size_t len = 0;
+	FILE *f = open_memstream(&buf, &len);
+	cas_node dir = { .type = CAS_NODE_DIRECTORY, .size = 7 };
+	cas_node file = { .type = CAS_NODE_FILE, .size = 3, .executable = true };
+	cas_node link = { .type = CAS_NODE_SYMLINK, .target = (const uint8_t *)"t", .target_len = 1 };
+	cas_hash_buffer("d", 1, &dir.digest);
+	cas_hash_buffer("f", 1, &file.digest);
+	REQUIRE(f);
+	CHECK(cas_roots_file_write_line(f, "plain", &dir) == 0);
+	CHECK(cas_roots_file_write_line(f, "sp ace\t%\n\xc3\xa9", &file) == 0);
+	CHECK(cas_roots_file_write_line(f, "l", &link) == 0);
+	fclose(f);
+	CHECK(strchr(buf, ' ') == NULL);
+	struct roots_seen s = { 0 };
+	CHECK(cas_roots_file_parse(buf, len, root_cb, &s) == 0);
+	CHECK(s.n == 3);
+	CHECK_STREQ(s.names[0], "plain");
+	CHECK(s.nodes[0].type == CAS_NODE_DIRECTORY && s.nodes[0].size == 7 &&
+	      cas_digest_eq(&s.nodes[0].digest, &dir.digest));
+	CHECK_STREQ(s.names[1], "sp ace\t%\n\xc3\xa9");
+	CHECK(s.nodes[1].type == CAS_NODE_FILE && s.nodes[1].executable);
+	CHECK(s.nodes[2].type == CAS_NODE_SYMLINK && s.nodes[2].target_len == 1);
+	free(buf);
+
+	static const char *const bad[] = {
+		"name\n", "\t0a00\n", "a%zz\t0a00\n", "a%2\t0a00\n", "a\t0a0\n",
+		"a\tzz\n", "a%2Fb\t1a03120178\n", "a%00\t1a03120178\n",
+		"..\t1a03120178\n", "a\t1a0312017878\n",
+	};
+	for (size_t i = 0; i < CAS_ARRAY_SIZE(bad); i++) {
+		struct roots_seen t = { 0 };
+		int r = cas_roots_file_parse(bad[i], strlen(bad[i]), root_cb, &t);
+		if (r != -EBADMSG)
+			fprintf(stderr, "accepted bad roots line %zu\n", i);
+		CHECK(r == -EBADMSG);
+	}
+	struct roots_seen t = { 0 };
+	const char *ok = "# comment\r\n\n%2ex\t1a03120178\r\n";
+	CHECK(cas_roots_file_parse(ok, strlen(ok), root_cb, &t) == 0 && t.n == 1);
+	CHECK_STREQ(t.names[0], ".x");
+	(void)t;
+}
+
+static void test_dmap(void)
+{
+	struct cas_dmap m = { 0 };
+	cas_digest d;
+	for (unsigned i = 0; i < 5000; i++) {
+		cas_hash_buffer(&i, sizeof(i), &d);
+		CHECK(cas_dmap_put(&m, &d, (void *)(uintptr_t)(i + 1)) == 1);
+	}
+	for (unsigned i = 0; i < 5000; i++) {
+		cas_hash_buffer(&i, sizeof(i), &d);
+		struct cas_dmap_entry *e = cas_dmap_find(&m, &d);
+		CHECK(e && e->value == (void *)(uintptr_t)(i + 1));
+		CHECK(cas_dmap_put(&m, &d, NULL) == 0);
+	}
+	unsigned x = 99999;
+	cas_hash_buffer(&x, sizeof(x), &d);
+	CHECK(cas_dmap_find(&m, &d) == NULL);
+	CHECK(m.n == 5000);
+	cas_dmap_release(&m, NULL);
+}
+
+/* The cache in front of a fake fetcher --------------------------------- */
+
+/* Serves the objects of a local store ("the remote"), counting requests,
+ * with optional delay and corruption. */
+struct fake {
+	cas_fetcher base;
+	cas_store *origin;
+	pthread_mutex_t lock;
+	unsigned blob_fetches;
+	unsigned dir_fetches;
+	unsigned delay_ms;
+	bool corrupt;
+	bool offline;
+	bool tree; /* offer directory_fetch_tree */
+};
+
+static int fake_blob_fetch(cas_fetcher *f, const cas_digest *d,
+			   cas_fetch_sink sink, void *userdata)
+{
+	struct fake *k = (struct fake *)f;
+	pthread_mutex_lock(&k->lock);
+	k->blob_fetches++;
+	pthread_mutex_unlock(&k->lock);
+	if (k->offline)
+		return -EIO;
+	if (k->delay_ms)
+		usleep(k->delay_ms * 1000);
+	int fd;
+	uint64_t size;
+	int r = k->origin->ops->blob_open(k->origin, d, &fd, &size);
+	if (r < 0)
+		return r;
+	uint8_t *buf = malloc(size ? size : 1);
+	REQUIRE(buf && cas_pread_all(fd, buf, size, 0) == 0);
+	close(fd);
+	if (k->corrupt && size)
+		buf[size / 2] ^= 1;
+	/* In two pieces, as a network delivers. */
+	r = sink(userdata, buf, size / 2);
+	if (r >= 0)
+		r = sink(userdata, buf + size / 2, size - size / 2);
+	free(buf);
+	return r;
+}
+
+static int fake_directories_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
+				  cas_fetch_dir_cb cb, void *userdata)
+{
+	struct fake *k = (struct fake *)f;
+	for (size_t i = 0; i < n; i++) {
+		uint8_t *buf = NULL;
+		size_t len = 0;
+		k->dir_fetches++;
+		if (k->offline)
+			return -EIO;
+		int r = k->origin->ops->directory_get_raw(k->origin, &ds[i], &buf, &len);
+		if (r < 0)
+			return r;
+		if (k->corrupt && len)
+			buf[0] ^= 0x80;
+		r = cb(userdata, &ds[i], buf, len);
+		free(buf);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+static int fake_fetch_tree(cas_fetcher *f, const cas_digest *d,
+			   cas_fetch_dir_cb cb, void *userdata)
+{
+	struct fake *k = (struct fake *)f;
+	/* Breadth first, parents before children, each once. */
+	cas_digest queue[64];
+	size_t head = 0, tail = 0;
+	queue[tail++] = *d;
+	k->dir_fetches++;
+	while (head < tail) {
+		uint8_t *buf = NULL;
+		size_t len = 0;
+		int r = k->origin->ops->directory_get_raw(k->origin, &queue[head++], &buf, &len);
+		if (r < 0)
+			return r;
+		cas_directory *dir = NULL;
+		REQUIRE(cas_directory_decode(buf, len, &dir, NULL) == 0);
+		for (size_t i = 0; i < dir->n_directories && tail < 64; i++) {
+			bool seen = false;
+			for (size_t j = 0; j < tail; j++)
+				seen |= cas_digest_eq(&queue[j], &dir->directories[i].digest);
+			if (!seen)
+				queue[tail++] = dir->directories[i].digest;
+		}
+		cas_directory_free(dir);
+		if (k->corrupt && len)
+			buf[0] ^= 0x80;
+		r = cb(userdata, NULL, buf, len);
+		free(buf);
+		if (r < 0)
+			return r;
+	}
+	return 0;
+}
+
+static void fake_free(cas_fetcher *f)
+{
+	(void)f; /* owned by the test */
+}
+
+static struct cas_fetcher_ops fake_ops = {
+	.blob_fetch = fake_blob_fetch,
+	.directories_fetch = fake_directories_fetch,
+	.free = fake_free,
+};
+static struct cas_fetcher_ops fake_tree_ops = {
+	.blob_fetch = fake_blob_fetch,
+	.directories_fetch = fake_directories_fetch,
+	.directory_fetch_tree = fake_fetch_tree,
+	.free = fake_free,
+};
+
+static void put_blob(cas_store *s, const void *buf, size_t len, cas_digest *ret)
+{
+	cas_blob_writer *w;
+	REQUIRE(s->ops->blob_writer_new(s, &w) == 0);
+	REQUIRE(w->ops->write(w, buf, len) == 0);
+	REQUIRE(w->ops->commit(w, NULL, ret, NULL) == 0);
+}
+
+static cas_store *open_cache(struct fake *k, const char *name, uint64_t max)
+{
+	char dir[256];
+	cas_store *s;
+	snprintf(dir, sizeof(dir), "%s/%s", base, name);
+	struct cas_remote_options o = { .cache_dir = dir, .cache_max = max };
+	REQUIRE(cas_cache_store_new(&k->base, "fake://", &o, &s) == 0);
+	return s;
+}
+
+struct reader_arg {
+	cas_store *s;
+	cas_digest d;
+	int r;
+};
+
+static void *reader(void *arg)
+{
+	struct reader_arg *a = arg;
+	int fd;
+	uint64_t size;
+	a->r = a->s->ops->blob_open(a->s, &a->d, &fd, &size);
+	if (a->r == 0)
+		close(fd);
+	return NULL;
+}
+
+static void test_cache_blobs(cas_store *origin)
+{
+	struct fake k = { .base.ops = &fake_ops, .origin = origin };
+	pthread_mutex_init(&k.lock, NULL);
+	uint8_t data[100000];
+	for (size_t i = 0; i < sizeof(data); i++)
+		data[i] = (uint8_t)(i % 251);
+	cas_digest d, absent;
+	put_blob(origin, data, sizeof(data), &d);
+	cas_hash_buffer("absent", 6, &absent);
+
+	cas_store *s = open_cache(&k, "cache-blobs", 0);
+	int fd;
+	uint64_t size;
+	/* Wrong bytes: EIO, nothing cached. */
+	k.corrupt = true;
+	CHECK(s->ops->blob_open(s, &d, &fd, &size) == -EIO);
+	char path[512], hex[CAS_DIGEST_HEX_LEN + 1];
+	cas_digest_to_hex(&d, hex);
+	snprintf(path, sizeof(path), "%s/cache-blobs/blobs/%.2s/%s", base, hex, hex);
+	CHECK(access(path, F_OK) < 0);
+	/* Offline: EIO; back: fine. */
+	k.corrupt = false;
+	k.offline = true;
+	CHECK(s->ops->blob_open(s, &d, &fd, &size) == -EIO);
+	k.offline = false;
+	/* Concurrent readers of one absent blob: one fetch. */
+	k.blob_fetches = 0;
+	k.delay_ms = 200;
+	pthread_t t[8];
+	struct reader_arg a[8];
+	for (int i = 0; i < 8; i++) {
+		a[i] = (struct reader_arg){ s, d, -1 };
+		REQUIRE(pthread_create(&t[i], NULL, reader, &a[i]) == 0);
+	}
+	for (int i = 0; i < 8; i++) {
+		pthread_join(t[i], NULL);
+		CHECK(a[i].r == 0);
+	}
+	CHECK(k.blob_fetches == 1);
+	k.delay_ms = 0;
+	/* Cached: no fetch. */
+	CHECK(s->ops->blob_open(s, &d, &fd, &size) == 0 && size == sizeof(data));
+	uint8_t back[100000];
+	CHECK(cas_pread_all(fd, back, sizeof(back), 0) == 0 && memcmp(back, data, sizeof(data)) == 0);
+	close(fd);
+	CHECK(k.blob_fetches == 1);
+	CHECK(access(path, F_OK) == 0);
+	/* Absent on the remote too. */
+	CHECK(s->ops->blob_open(s, &absent, &fd, &size) == -ENOENT);
+	CHECK(s->ops->blob_stat(s, &d, &size) == 0 && size == sizeof(data));
+	cas_store_free(s);
+	pthread_mutex_destroy(&k.lock);
+}
+
+/* root/{a/{x}, b/{x}} with a and b the same Directory, plus a file. */
+static void build_tree(cas_store *origin, cas_digest *ret_root)
+{
+	cas_digest fx, leaf, mid;
+	put_blob(origin, "xx", 2, &fx);
+	cas_node lf[] = { { .type = CAS_NODE_FILE, .name = (const uint8_t *)"x",
+			    .name_len = 1, .digest = fx, .size = 2 } };
+	cas_directory dl = { .files = lf, .n_files = 1 };
+	uint8_t *b1, *b2, *b3;
+	size_t l1, l2, l3;
+	REQUIRE(cas_directory_encode(&dl, &b1, &l1, NULL) == 0);
+	cas_directory_digest(b1, l1, &leaf);
+	cas_node md[] = { { .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"leaf",
+			    .name_len = 4, .digest = leaf, .size = 1 } };
+	cas_directory dm = { .directories = md, .n_directories = 1 };
+	REQUIRE(cas_directory_encode(&dm, &b2, &l2, NULL) == 0);
+	cas_directory_digest(b2, l2, &mid);
+	cas_node rd[] = {
+		{ .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"a", .name_len = 1,
+		  .digest = mid, .size = 2 },
+		{ .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"b", .name_len = 1,
+		  .digest = mid, .size = 2 },
+	};
+	cas_directory dr = { .directories = rd, .n_directories = 2 };
+	REQUIRE(cas_directory_encode(&dr, &b3, &l3, NULL) == 0);
+	cas_dir_batch *b;
+	REQUIRE(origin->ops->dir_batch_new(origin, &b) == 0);
+	cas_digest got;
+	REQUIRE(b->ops->put(b, b1, l1, &got) == 0);
+	REQUIRE(b->ops->put(b, b2, l2, &got) == 0);
+	REQUIRE(b->ops->put(b, b3, l3, ret_root) == 0);
+	REQUIRE(b->ops->commit(b, NULL, NULL) == 0);
+	free(b1);
+	free(b2);
+	free(b3);
+}
+
+static void test_cache_directories(cas_store *origin, bool tree)
+{
+	struct fake k = { .base.ops = tree ? &fake_tree_ops : &fake_ops,
+			  .origin = origin, .tree = tree };
+	pthread_mutex_init(&k.lock, NULL);
+	cas_digest root;
+	build_tree(origin, &root);
+	cas_store *s = open_cache(&k, tree ? "cache-tree" : "cache-levels", 0);
+	uint8_t *buf;
+	size_t len;
+
+	k.corrupt = true;
+	CHECK(s->ops->directory_get_raw(s, &root, &buf, &len) == -EIO);
+	CHECK(s->ops->directory_has(s, &root) < 0);
+	k.corrupt = false;
+	k.dir_fetches = 0;
+	CHECK(s->ops->directory_get_raw(s, &root, &buf, &len) == 0);
+	free(buf);
+	/* Whole closure fetched (one request, or one per level), each once. */
+	CHECK(k.dir_fetches == (tree ? 1u : 3u));
+	cas_directory *dir;
+	REQUIRE(cas_store_directory_get(s, &root, &dir) == 0);
+	unsigned before = k.dir_fetches;
+	cas_directory *mid;
+	CHECK(cas_store_directory_get(s, &dir->directories[0].digest, &mid) == 0);
+	CHECK(k.dir_fetches == before);
+	cas_directory_free(mid);
+	cas_directory_free(dir);
+	cas_digest absent;
+	cas_hash_buffer("no dir", 6, &absent);
+	CHECK(s->ops->directory_get_raw(s, &absent, &buf, &len) == -ENOENT);
+	CHECK(s->ops->directory_has(s, &absent) == 0);
+	CHECK(s->ops->directory_get_raw(s, &CAS_DIGEST_EMPTY_DIRECTORY, &buf, &len) == 0 && len == 0);
+
+	/* The cache is an ordinary local store that verify accepts. */
+	char dirpath[256];
+	snprintf(dirpath, sizeof(dirpath), "%s/%s", base, tree ? "cache-tree" : "cache-levels");
+	cas_store_free(s);
+	cas_store *ls;
+	struct cas_local_options lo = { 0 };
+	REQUIRE(cas_local_open(dirpath, &lo, &ls) == 0);
+	CHECK(ls->ops->directory_has(ls, &root) == 1);
+	cas_store_free(ls);
+	pthread_mutex_destroy(&k.lock);
+}
+
+static void test_evict(cas_store *origin)
+{
+	struct fake k = { .base.ops = &fake_ops, .origin = origin };
+	pthread_mutex_init(&k.lock, NULL);
+	cas_digest d[6];
+	uint8_t data[10000];
+	for (int i = 0; i < 6; i++) {
+		memset(data, 'a' + i, sizeof(data));
+		put_blob(origin, data, sizeof(data), &d[i]);
+	}
+	cas_store *s = open_cache(&k, "cache-evict", 25000);
+	int held = -1, fd;
+	uint64_t size;
+	/* The first stays open: it is never evicted. */
+	REQUIRE(s->ops->blob_open(s, &d[0], &held, &size) == 0);
+	for (int i = 1; i < 6; i++) {
+		REQUIRE(s->ops->blob_open(s, &d[i], &fd, &size) == 0);
+		close(fd);
+		usleep(20000); /* distinct access times */
+	}
+	char dir[256];
+	snprintf(dir, sizeof(dir), "%s/cache-evict", base);
+	int64_t bytes = cas_cache_blob_bytes(dir);
+	CHECK(bytes > 0 && bytes <= 25000);
+	char path[512], hex[CAS_DIGEST_HEX_LEN + 1];
+	cas_digest_to_hex(&d[0], hex);
+	snprintf(path, sizeof(path), "%s/blobs/%.2s/%s", dir, hex, hex);
+	CHECK(access(path, F_OK) == 0); /* held open */
+	cas_digest_to_hex(&d[5], hex);
+	snprintf(path, sizeof(path), "%s/blobs/%.2s/%s", dir, hex, hex);
+	CHECK(access(path, F_OK) == 0); /* most recent */
+	cas_digest_to_hex(&d[1], hex);
+	snprintf(path, sizeof(path), "%s/blobs/%.2s/%s", dir, hex, hex);
+	CHECK(access(path, F_OK) < 0); /* least recent */
+	close(held);
+	/* Evicted blobs come back on demand. */
+	CHECK(s->ops->blob_open(s, &d[1], &fd, &size) == 0);
+	close(fd);
+	CHECK(cas_cache_evict(dir, 0) >= 0);
+	CHECK(cas_cache_blob_bytes(dir) == 0);
+	cas_store_free(s);
+	pthread_mutex_destroy(&k.lock);
+}
+
+int main(void)
+{
+	cas_log_set_level(CAS_LOG_ERROR + 0);
+	REQUIRE(mkdtemp(base));
+	test_reader();
+	test_messages();
+	test_roots_file();
+	test_dmap();
+	char origin_dir[256];
+	snprintf(origin_dir, sizeof(origin_dir), "%s/origin", base);
+	struct cas_local_options lo = { .create = true };
+	cas_store *origin;
+	REQUIRE(cas_local_open(origin_dir, &lo, &origin) == 0);
+	test_cache_blobs(origin);
+	test_cache_directories(origin, false);
+	test_cache_directories(origin, true);
+	test_evict(origin);
+	cas_store_free(origin);
+	char cmd[512];
+	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", base);
+	if (system(cmd) != 0)
+		fprintf(stderr, "could not remove %s\n", base);
+	return check_exit("test_remote");
+}
