@@ -18,13 +18,13 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define INVARIANT(cond)                                                        \
-	do {                                                                   \
-		if (!(cond)) {                                                 \
-			fprintf(stderr, "fuzz-directory: %s:%d: %s\n",         \
-				__FILE__, __LINE__, #cond);                    \
-			abort();                                               \
-		}                                                              \
+#define INVARIANT(cond)                                                \
+	do {                                                           \
+		if (!(cond)) {                                         \
+			fprintf(stderr, "fuzz-directory: %s:%d: %s\n", \
+				__FILE__, __LINE__, #cond);            \
+			abort();                                       \
+		}                                                      \
 	} while (0)
 
 static void check_refusal(int r, const char *why)
@@ -60,14 +60,15 @@ static void fuzz_directory(const uint8_t *data, size_t size)
 	INVARIANT(cas_directory_size(d, &dsize) == 0);
 	INVARIANT(dsize >= cas_directory_count(d));
 
-	const cas_node *lists[3] = { d->directories, d->files, d->symlinks };
-	size_t counts[3] = { d->n_directories, d->n_files, d->n_symlinks };
+	const cas_node *lists[3] = {d->directories, d->files, d->symlinks};
+	size_t counts[3] = {d->n_directories, d->n_files, d->n_symlinks};
 	for (int l = 0; l < 3; l++)
 		for (size_t i = 0; i < counts[l]; i++) {
 			const cas_node *n = &lists[l][i];
 			INVARIANT(n->type == (enum cas_node_type)(l + 1));
 			INVARIANT(cas_name_valid(n->name, n->name_len));
-			INVARIANT(cas_directory_find(d, n->name, n->name_len) == n);
+			INVARIANT(cas_directory_find(d, n->name, n->name_len) ==
+				  n);
 			/* The name with one more byte is another name. */
 			if (n->name_len < 255) {
 				uint8_t longer[256];

@@ -198,8 +198,8 @@ static int cmd_decode(void)
 	printf("digest %s\nsize %" PRIu64 "\nencoded ", hex, size);
 	put_hex(again, again_len);
 	fputc('\n', stdout);
-	const cas_node *lists[3] = { d->directories, d->files, d->symlinks };
-	size_t counts[3] = { d->n_directories, d->n_files, d->n_symlinks };
+	const cas_node *lists[3] = {d->directories, d->files, d->symlinks};
+	size_t counts[3] = {d->n_directories, d->n_files, d->n_symlinks};
 	for (int l = 0; l < 3; l++)
 		for (size_t i = 0; i < counts[l]; i++)
 			put_entry(&lists[l][i]);
@@ -231,15 +231,19 @@ static int cmd_encode(void)
 	cas_node *grouped = malloc((n ? n : 1) * sizeof(*grouped));
 	if (!grouped)
 		die("out of memory");
-	size_t counts[3] = { 0, 0, 0 }, k = 0;
+	size_t counts[3] = {0, 0, 0}, k = 0;
 	for (int t = CAS_NODE_DIRECTORY; t <= CAS_NODE_SYMLINK; t++)
 		for (size_t i = 0; i < n; i++)
 			if ((int)nodes[i].type == t) {
 				grouped[k++] = nodes[i];
 				counts[t - 1]++;
 			}
-	cas_directory d = { grouped, counts[0], grouped + counts[0], counts[1],
-			    grouped + counts[0] + counts[1], counts[2] };
+	cas_directory d = {grouped,
+			   counts[0],
+			   grouped + counts[0],
+			   counts[1],
+			   grouped + counts[0] + counts[1],
+			   counts[2]};
 	cas_directory_sort(&d);
 	_cleanup_free_ uint8_t *buf = NULL;
 	size_t len;
@@ -354,6 +358,7 @@ int main(int argc, char **argv)
 		return cmd_node_decode();
 	if (!strcmp(cmd, "node-encode"))
 		return cmd_node_encode();
-	die("usage: castore-codec-tool decode|encode|batch|node-decode|node-encode");
+	die("usage: castore-codec-tool "
+	    "decode|encode|batch|node-decode|node-encode");
 	return 2;
 }

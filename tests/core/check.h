@@ -24,26 +24,26 @@ static unsigned check_count;
 	} while (0)
 
 /* Equal C strings; either may be NULL. */
-#define CHECK_STREQ(a, b)                                                      \
-	do {                                                                   \
-		const char *a_ = (a), *b_ = (b);                               \
-		check_count++;                                                 \
-		if (!(a_ == b_ || (a_ && b_ && !strcmp(a_, b_)))) {            \
-			fprintf(stderr, "%s:%d: %s is \"%s\", want \"%s\"\n",  \
-				__FILE__, __LINE__, #a, a_ ? a_ : "(null)",    \
-				b_ ? b_ : "(null)");                           \
-			check_failures++;                                      \
-		}                                                              \
+#define CHECK_STREQ(a, b)                                                     \
+	do {                                                                  \
+		const char *a_ = (a), *b_ = (b);                              \
+		check_count++;                                                \
+		if (!(a_ == b_ || (a_ && b_ && !strcmp(a_, b_)))) {           \
+			fprintf(stderr, "%s:%d: %s is \"%s\", want \"%s\"\n", \
+				__FILE__, __LINE__, #a, a_ ? a_ : "(null)",   \
+				b_ ? b_ : "(null)");                          \
+			check_failures++;                                     \
+		}                                                             \
 	} while (0)
 
 /* A check that the rest of a test cannot go on without. */
-#define REQUIRE(cond)                                                          \
-	do {                                                                   \
-		if (!(cond)) {                                                 \
-			fprintf(stderr, "%s:%d: required: %s\n", __FILE__,     \
-				__LINE__, #cond);                              \
-			exit(1);                                               \
-		}                                                              \
+#define REQUIRE(cond)                                                      \
+	do {                                                               \
+		if (!(cond)) {                                             \
+			fprintf(stderr, "%s:%d: required: %s\n", __FILE__, \
+				__LINE__, #cond);                          \
+			exit(1);                                           \
+		}                                                          \
 	} while (0)
 
 static inline int check_exit(const char *name)

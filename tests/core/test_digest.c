@@ -19,13 +19,18 @@ static const struct {
 	size_t len;
 	const char *hex;
 } known[] = {
-	{ 0, "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262" },
-	{ 1, "2d3adedff11b61f14c886e35afa036736dcd87a74d27b5c1510225d0f592e213" },
-	{ 1023, "10108970eeda3eb932baac1428c7a2163b0e924c9a9e25b35bba72b28f70bd11" },
-	{ 1024, "42214739f095a406f3fc83deb889744ac00df831c10daa55189b5d121c855af7" },
-	{ 1025, "d00278ae47eb27b34faecf67b4fe263f82d5412916c1ffd97c8cb7fb814b8444" },
-	{ 65536, "68d647e619a930e7b1082f74f334b0c65a315725569bdc123f0ee11881717bfe" },
-	{ 1048577, "2f053cd7472cf0cd2f9adaf45c1180255b91b9a865404a63671a0ee5f792ed33" },
+	{0, "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"},
+	{1, "2d3adedff11b61f14c886e35afa036736dcd87a74d27b5c1510225d0f592e213"},
+	{1023,
+	 "10108970eeda3eb932baac1428c7a2163b0e924c9a9e25b35bba72b28f70bd11"},
+	{1024,
+	 "42214739f095a406f3fc83deb889744ac00df831c10daa55189b5d121c855af7"},
+	{1025,
+	 "d00278ae47eb27b34faecf67b4fe263f82d5412916c1ffd97c8cb7fb814b8444"},
+	{65536,
+	 "68d647e619a930e7b1082f74f334b0c65a315725569bdc123f0ee11881717bfe"},
+	{1048577,
+	 "2f053cd7472cf0cd2f9adaf45c1180255b91b9a865404a63671a0ee5f792ed33"},
 };
 
 static uint8_t *pattern(size_t len)
@@ -51,7 +56,8 @@ static void test_hex(void)
 	/* Upper case parses to the same digest; output is always lower. */
 	char upper[CAS_DIGEST_HEX_LEN + 1];
 	for (size_t i = 0; i <= CAS_DIGEST_HEX_LEN; i++)
-		upper[i] = (char)(hex[i] >= 'a' && hex[i] <= 'f' ? hex[i] - 32 : hex[i]);
+		upper[i] = (char)(hex[i] >= 'a' && hex[i] <= 'f' ? hex[i] - 32
+								 : hex[i]);
 	CHECK(cas_digest_from_hex(upper, &e) == 0);
 	CHECK(cas_digest_eq(&d, &e));
 
@@ -61,7 +67,8 @@ static void test_hex(void)
 			d.bytes[i] = (uint8_t)(v + i);
 		cas_digest_to_hex(&d, out);
 		CHECK(strlen(out) == CAS_DIGEST_HEX_LEN);
-		CHECK(cas_digest_from_hex(out, &e) == 0 && cas_digest_eq(&d, &e));
+		CHECK(cas_digest_from_hex(out, &e) == 0 &&
+		      cas_digest_eq(&d, &e));
 	}
 
 	/* Refusals leave *ret alone. */
@@ -73,7 +80,7 @@ static void test_hex(void)
 	snprintf(buf, sizeof(buf), "%s0", hex);
 	CHECK(cas_digest_from_hex(buf, &e) == -EINVAL);
 	CHECK(cas_digest_from_hex("", &e) == -EINVAL);
-	const char bad[] = { 'g', 'G', ' ', 'x', '-', ':', '/', '@', '`', '\n' };
+	const char bad[] = {'g', 'G', ' ', 'x', '-', ':', '/', '@', '`', '\n'};
 	for (size_t b = 0; b < sizeof(bad); b++)
 		for (size_t pos = 0; pos < CAS_DIGEST_HEX_LEN; pos += 21) {
 			snprintf(buf, sizeof(buf), "%s", hex);
@@ -125,7 +132,7 @@ static void test_known_answers(void)
 		CHECK(cas_digest_eq(&got, &want));
 	}
 
-	CHECK(cas_digest_from_hex(known[0].hex, &(cas_digest){ { 0 } }) == 0);
+	CHECK(cas_digest_from_hex(known[0].hex, &(cas_digest){{0}}) == 0);
 	cas_digest empty;
 	cas_hash_buffer(NULL, 0, &empty);
 	CHECK(cas_digest_eq(&empty, &CAS_DIGEST_EMPTY_DIRECTORY));
@@ -144,8 +151,8 @@ static int tmpfile_with(const uint8_t *p, size_t len)
 static void test_hash_fd(void)
 {
 	/* Around the 1 MiB read size, and larger than it. */
-	const size_t lens[] = { 0, 1, 1025, (1u << 20) - 1, 1u << 20,
-				(1u << 20) + 1, 3u << 20 };
+	const size_t lens[] = {
+		0, 1, 1025, (1u << 20) - 1, 1u << 20, (1u << 20) + 1, 3u << 20};
 	for (size_t k = 0; k < CAS_ARRAY_SIZE(lens); k++) {
 		_cleanup_free_ uint8_t *p = pattern(lens[k]);
 		_cleanup_close_ int fd = tmpfile_with(p, lens[k]);

@@ -82,7 +82,7 @@ static void w_digest(struct wb *w, uint8_t fill, size_t len)
 /* Canonical node bodies. */
 static struct wb dir_body(const char *name, uint8_t fill, uint64_t size)
 {
-	struct wb w = { .n = 0 };
+	struct wb w = {.n = 0};
 	w_str(&w, 1, name);
 	w_digest(&w, fill, 32);
 	if (size)
@@ -101,7 +101,7 @@ static struct wb file_body(const char *name, uint8_t fill, uint64_t size,
 
 static struct wb symlink_body(const char *name, const char *target)
 {
-	struct wb w = { .n = 0 };
+	struct wb w = {.n = 0};
 	w_str(&w, 1, name);
 	w_str(&w, 2, target);
 	return w;
@@ -169,8 +169,11 @@ static cas_node mk(enum cas_node_type type, const void *name, size_t name_len,
 		   uint8_t fill, uint64_t size, bool executable,
 		   const char *target)
 {
-	cas_node n = { .type = type, .name = name, .name_len = name_len,
-		       .size = size, .executable = executable };
+	cas_node n = {.type = type,
+		      .name = name,
+		      .name_len = name_len,
+		      .size = size,
+		      .executable = executable};
 	memset(n.digest.bytes, fill, CAS_DIGEST_LEN);
 	if (target) {
 		n.target = (const uint8_t *)target;
@@ -181,7 +184,8 @@ static cas_node mk(enum cas_node_type type, const void *name, size_t name_len,
 
 static cas_node D(const char *name, uint8_t fill, uint64_t size)
 {
-	return mk(CAS_NODE_DIRECTORY, name, strlen(name), fill, size, false, NULL);
+	return mk(CAS_NODE_DIRECTORY, name, strlen(name), fill, size, false,
+		  NULL);
 }
 
 static cas_node F(const char *name, uint8_t fill, uint64_t size, bool x)
@@ -198,9 +202,9 @@ static cas_node S(const char *name, const char *target)
 
 static void test_empty(void)
 {
-	static const char *hex =
-		"af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
-	cas_directory empty = { 0 };
+	static const char *hex = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc11"
+				 "2b7cc9a93cae41f3262";
+	cas_directory empty = {0};
 	uint8_t *buf = (uint8_t *)&empty;
 	size_t len = 99;
 	CHECK(cas_directory_encode(&empty, &buf, &len, NULL) == 0);
@@ -234,8 +238,8 @@ static void test_empty(void)
 /* The exact bytes of a small directory, written out by hand. */
 static void test_exact_bytes(void)
 {
-	cas_node files[] = { F("a", 0x11, 5, true) };
-	cas_directory d = { .files = files, .n_files = 1 };
+	cas_node files[] = {F("a", 0x11, 5, true)};
+	cas_directory d = {.files = files, .n_files = 1};
 	_cleanup_free_ uint8_t *buf = NULL;
 	size_t len;
 	REQUIRE(cas_directory_encode(&d, &buf, &len, NULL) == 0);
@@ -265,13 +269,15 @@ static void test_exact_bytes(void)
 	CHECK(len == 39 && !memcmp(buf2 + 2, want + 2, 37));
 
 	/* A symlink, then a directory of size 300 (two-byte varint). */
-	cas_node dirs[] = { D("d", 0x22, 300) };
-	cas_node links[] = { S("l", "t") };
-	cas_directory e = { .directories = dirs, .n_directories = 1,
-			    .symlinks = links, .n_symlinks = 1 };
+	cas_node dirs[] = {D("d", 0x22, 300)};
+	cas_node links[] = {S("l", "t")};
+	cas_directory e = {.directories = dirs,
+			   .n_directories = 1,
+			   .symlinks = links,
+			   .n_symlinks = 1};
 	_cleanup_free_ uint8_t *buf3 = NULL;
 	REQUIRE(cas_directory_encode(&e, &buf3, &len, NULL) == 0);
-	struct wb w = { .n = 0 };
+	struct wb w = {.n = 0};
 	struct wb sub = dir_body("d", 0x22, 300);
 	w_sub(&w, 1, &sub);
 	sub = symlink_body("l", "t");
@@ -283,10 +289,10 @@ static void test_exact_bytes(void)
 
 static void test_round_trip(void)
 {
-	static const uint8_t nl[] = { 'a', '\n', 'b' };
-	static const uint8_t high[] = { 0xff, 0xfe, 0x80 };
-	static const uint8_t ctl[] = { 0x01, 0x7f, '\\', '"' };
-	static const uint8_t utf8[] = { 0xc3, 0xa9, 't', 0xc3, 0xa9 };
+	static const uint8_t nl[] = {'a', '\n', 'b'};
+	static const uint8_t high[] = {0xff, 0xfe, 0x80};
+	static const uint8_t ctl[] = {0x01, 0x7f, '\\', '"'};
+	static const uint8_t utf8[] = {0xc3, 0xa9, 't', 0xc3, 0xa9};
 	uint8_t longname[300];
 	memset(longname, 'L', sizeof(longname));
 
@@ -297,20 +303,23 @@ static void test_round_trip(void)
 		D("z", 0x03, UINT64_MAX / 2 - 10),
 	};
 	cas_node files[] = {
-		mk(CAS_NODE_FILE, longname, sizeof(longname), 0xaa, 1, false, NULL),
+		mk(CAS_NODE_FILE, longname, sizeof(longname), 0xaa, 1, false,
+		   NULL),
 		F("a", 0x04, 0, false),
 		F("a\t", 0x05, 127, true),
 		F("aa", 0x06, 128, false),
 		F("big", 0x07, UINT64_MAX, true),
-		mk(CAS_NODE_FILE, utf8, sizeof(utf8), 0x08, 1ull << 40, true, NULL),
+		mk(CAS_NODE_FILE, utf8, sizeof(utf8), 0x08, 1ull << 40, true,
+		   NULL),
 	};
 	cas_node links[] = {
 		S("b", "../some/where"),
 		S("c", "\xff\x01 target with spaces\n"),
 		mk(CAS_NODE_SYMLINK, high, sizeof(high), 0, 0, false, "/"),
 	};
-	cas_directory d = { dirs, CAS_ARRAY_SIZE(dirs), files,
-			    CAS_ARRAY_SIZE(files), links, CAS_ARRAY_SIZE(links) };
+	cas_directory d = {dirs,  CAS_ARRAY_SIZE(dirs),
+			   files, CAS_ARRAY_SIZE(files),
+			   links, CAS_ARRAY_SIZE(links)};
 	const char *why = "unset";
 	CHECK(cas_directory_check(&d) == NULL);
 	_cleanup_free_ uint8_t *buf = NULL;
@@ -318,10 +327,12 @@ static void test_round_trip(void)
 	REQUIRE(cas_directory_encode(&d, &buf, &len, &why) == 0);
 
 	cas_directory *got = accepted(buf, len);
-	CHECK(got->n_directories == 3 && got->n_files == 6 && got->n_symlinks == 3);
-	const cas_node *lists[3] = { dirs, files, links };
-	const cas_node *glists[3] = { got->directories, got->files, got->symlinks };
-	size_t counts[3] = { 3, 6, 3 };
+	CHECK(got->n_directories == 3 && got->n_files == 6 &&
+	      got->n_symlinks == 3);
+	const cas_node *lists[3] = {dirs, files, links};
+	const cas_node *glists[3] = {got->directories, got->files,
+				     got->symlinks};
+	size_t counts[3] = {3, 6, 3};
 	for (int l = 0; l < 3; l++)
 		for (size_t i = 0; i < counts[l]; i++) {
 			const cas_node *a = &lists[l][i], *b = &glists[l][i];
@@ -329,18 +340,21 @@ static void test_round_trip(void)
 			CHECK(node_name_is(b, a->name, a->name_len));
 			if (a->type == CAS_NODE_SYMLINK) {
 				CHECK(b->target_len == a->target_len &&
-				      !memcmp(b->target, a->target, a->target_len));
+				      !memcmp(b->target, a->target,
+					      a->target_len));
 				continue;
 			}
 			CHECK(cas_digest_eq(&a->digest, &b->digest));
 			CHECK(a->size == b->size);
 			CHECK(a->executable == b->executable);
 			/* Every entry is found, in its own list. */
-			const cas_node *f = cas_directory_find(got, a->name, a->name_len);
+			const cas_node *f =
+				cas_directory_find(got, a->name, a->name_len);
 			CHECK(f == b);
 		}
 	for (size_t i = 0; i < 3; i++)
-		CHECK(cas_directory_find(got, links[i].name, links[i].name_len) ==
+		CHECK(cas_directory_find(got, links[i].name,
+					 links[i].name_len) ==
 		      &got->symlinks[i]);
 
 	uint64_t size;
@@ -366,20 +380,23 @@ static void test_round_trip(void)
 	_cleanup_free_ uint8_t *huge = malloc(huge_len);
 	REQUIRE(huge);
 	for (size_t i = 0; i < huge_len; i++)
-		huge[i] = (uint8_t)(i % 251 + 1) == '/' ? 'x' : (uint8_t)(i % 251 + 1);
+		huge[i] = (uint8_t)(i % 251 + 1) == '/'
+				  ? 'x'
+				  : (uint8_t)(i % 251 + 1);
 	cas_node one = mk(CAS_NODE_SYMLINK, huge, huge_len, 0, 0, false, "t");
-	cas_directory hd = { .symlinks = &one, .n_symlinks = 1 };
+	cas_directory hd = {.symlinks = &one, .n_symlinks = 1};
 	_cleanup_free_ uint8_t *hbuf = NULL;
 	size_t hlen;
 	REQUIRE(cas_directory_encode(&hd, &hbuf, &hlen, NULL) == 0);
 	cas_directory *hgot = accepted(hbuf, hlen);
-	CHECK(hgot->n_symlinks == 1 && node_name_is(&hgot->symlinks[0], huge, huge_len));
+	CHECK(hgot->n_symlinks == 1 &&
+	      node_name_is(&hgot->symlinks[0], huge, huge_len));
 	cas_directory_free(hgot);
 }
 
 static void test_truncated(void)
 {
-	struct wb w = { .n = 0 };
+	struct wb w = {.n = 0};
 	/* A lone byte with the continuation bit: cut inside the tag. */
 	w_byte(&w, 0x8a);
 	REFUSED(&w, "truncated input");
@@ -405,7 +422,7 @@ static void test_truncated(void)
 
 	/* A one-entry directory cut anywhere: truncated, whatever level. */
 	struct wb body = file_body("name", 0x33, 1000000, true);
-	struct wb full = { .n = 0 };
+	struct wb full = {.n = 0};
 	w_sub(&full, 2, &body);
 	cas_directory *d = accepted(full.b, full.n);
 	cas_directory_free(d);
@@ -414,7 +431,7 @@ static void test_truncated(void)
 
 	/* Inside a node whose own framing is complete: the node body ends
 	 * in the middle of a field. */
-	struct wb nb = { .n = 0 };
+	struct wb nb = {.n = 0};
 	w_str(&nb, 1, "n");
 	w_digest(&nb, 1, 32);
 	w_byte(&nb, 0x18); /* size tag, no value */
@@ -445,9 +462,9 @@ static void test_truncated(void)
 
 static void test_wire_types(void)
 {
-	struct wb w = { .n = 0 }, nb;
+	struct wb w = {.n = 0}, nb;
 	/* Top level: each list as a varint, a fixed64, a fixed32, groups. */
-	const unsigned bad_wt[] = { 0, 1, 3, 4, 5, 6, 7 };
+	const unsigned bad_wt[] = {0, 1, 3, 4, 5, 6, 7};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(bad_wt); i++)
 		for (uint64_t f = 1; f <= 3; f++) {
 			w.n = 0;
@@ -464,7 +481,7 @@ static void test_wire_types(void)
 	REFUSED(&w, "bad wire type");
 
 	/* Inside a node: the name as a varint, the size as bytes. */
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_uint(&nb, 1, 5);
 	w_digest(&nb, 1, 32);
 	w.n = 0;
@@ -497,7 +514,7 @@ static void test_wire_types(void)
 
 static void test_unknown_fields(void)
 {
-	struct wb w = { .n = 0 }, nb;
+	struct wb w = {.n = 0}, nb;
 	/* Top level, before and after valid entries, each wire type. */
 	w_bytes(&w, 4, "", 0);
 	REFUSED(&w, "unknown field");
@@ -543,7 +560,7 @@ static void test_unknown_fields(void)
 
 static void test_varints(void)
 {
-	struct wb w = { .n = 0 }, nb;
+	struct wb w = {.n = 0}, nb;
 	/* 11 bytes: the 10th still has the continuation bit. */
 	w_byte(&w, 0x0a);
 	for (int i = 0; i < 10; i++)
@@ -564,7 +581,7 @@ static void test_varints(void)
 	w_byte(&w, 0x7f);
 	REFUSED(&w, "varint overflow");
 	/* And in a node's size. */
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_str(&nb, 1, "a");
 	w_digest(&nb, 1, 32);
 	w_byte(&nb, 0x18);
@@ -587,7 +604,7 @@ static void test_varints(void)
 
 static void test_field_numbers(void)
 {
-	struct wb w = { .n = 0 }, nb;
+	struct wb w = {.n = 0}, nb;
 	w_byte(&w, 0x02); /* field 0, length-delimited */
 	w_byte(&w, 0);
 	REFUSED(&w, "invalid field number");
@@ -626,19 +643,19 @@ static void test_names(void)
 		size_t len;
 		const char *why;
 	} bad[] = {
-		{ "", 0, "empty name" },
-		{ ".", 1, "name is \".\"" },
-		{ "..", 2, "name is \"..\"" },
-		{ "/", 1, "name contains '/'" },
-		{ "a/b", 3, "name contains '/'" },
-		{ "a/", 2, "name contains '/'" },
-		{ "\0", 1, "name contains NUL" },
-		{ "a\0b", 3, "name contains NUL" },
-		{ "ab\0", 3, "name contains NUL" },
+		{"", 0, "empty name"},
+		{".", 1, "name is \".\""},
+		{"..", 2, "name is \"..\""},
+		{"/", 1, "name contains '/'"},
+		{"a/b", 3, "name contains '/'"},
+		{"a/", 2, "name contains '/'"},
+		{"\0", 1, "name contains NUL"},
+		{"a\0b", 3, "name contains NUL"},
+		{"ab\0", 3, "name contains NUL"},
 	};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(bad); i++)
 		for (uint64_t list = 1; list <= 3; list++) {
-			nb = (struct wb){ .n = 0 };
+			nb = (struct wb){.n = 0};
 			w_bytes(&nb, 1, bad[i].name, bad[i].len);
 			if (list == 3)
 				w_str(&nb, 2, "target");
@@ -646,19 +663,21 @@ static void test_names(void)
 				w_digest(&nb, 1, 32);
 			one_entry(&w, list, &nb);
 			refused(w.b, w.n, bad[i].why, __LINE__);
-			CHECK(!cas_name_valid((const uint8_t *)bad[i].name, bad[i].len));
+			CHECK(!cas_name_valid((const uint8_t *)bad[i].name,
+					      bad[i].len));
 		}
 	/* No name field at all. */
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_digest(&nb, 1, 32);
 	one_entry(&w, 2, &nb);
 	REFUSED(&w, "empty name");
 
 	/* Names that look odd but are valid. */
-	const char *good[] = { "...", ".a", "a.", " ", "\\", "\n", "\xff",
-			       "-", "~", ". .", ".\xff" };
+	const char *good[] = {"...",  ".a", "a.", " ",	 "\\",	 "\n",
+			      "\xff", "-",  "~",  ". .", ".\xff"};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(good); i++) {
-		CHECK(cas_name_valid((const uint8_t *)good[i], strlen(good[i])));
+		CHECK(cas_name_valid((const uint8_t *)good[i],
+				     strlen(good[i])));
 		nb = file_body(good[i], 1, 1, false);
 		one_entry(&w, 2, &nb);
 		cas_directory_free(accepted(w.b, w.n));
@@ -668,14 +687,14 @@ static void test_names(void)
 
 static void test_order(void)
 {
-	struct wb w = { .n = 0 }, nb;
+	struct wb w = {.n = 0}, nb;
 	/* Unsorted within each list. */
 	for (uint64_t list = 1; list <= 3; list++) {
 		w.n = 0;
-		const char *names[] = { "a", "c", "b" };
+		const char *names[] = {"a", "c", "b"};
 		for (int i = 0; i < 3; i++) {
-			nb = list == 3 ? symlink_body(names[i], "t") :
-					 file_body(names[i], 1, 0, false);
+			nb = list == 3 ? symlink_body(names[i], "t")
+				       : file_body(names[i], 1, 0, false);
 			w_sub(&w, list, &nb);
 		}
 		REFUSED(&w, "names not sorted");
@@ -714,10 +733,10 @@ static void test_order(void)
 	/* Duplicates within a list. */
 	for (uint64_t list = 1; list <= 3; list++) {
 		w.n = 0;
-		const char *names[] = { "a", "b", "b" };
+		const char *names[] = {"a", "b", "b"};
 		for (int i = 0; i < 3; i++) {
-			nb = list == 3 ? symlink_body(names[i], "t") :
-					 dir_body(names[i], (uint8_t)i, 0);
+			nb = list == 3 ? symlink_body(names[i], "t")
+				       : dir_body(names[i], (uint8_t)i, 0);
 			w_sub(&w, list, &nb);
 		}
 		REFUSED(&w, "duplicate name");
@@ -726,16 +745,16 @@ static void test_order(void)
 	for (uint64_t l1 = 1; l1 <= 3; l1++)
 		for (uint64_t l2 = l1 + 1; l2 <= 3; l2++) {
 			w.n = 0;
-			const char *n1[] = { "a", "m", "z" };
-			const char *n2[] = { "b", "m", "y" };
+			const char *n1[] = {"a", "m", "z"};
+			const char *n2[] = {"b", "m", "y"};
 			for (int i = 0; i < 3; i++) {
-				nb = l1 == 3 ? symlink_body(n1[i], "t") :
-					       dir_body(n1[i], 1, 0);
+				nb = l1 == 3 ? symlink_body(n1[i], "t")
+					     : dir_body(n1[i], 1, 0);
 				w_sub(&w, l1, &nb);
 			}
 			for (int i = 0; i < 3; i++) {
-				nb = l2 == 3 ? symlink_body(n2[i], "t") :
-					       dir_body(n2[i], 1, 0);
+				nb = l2 == 3 ? symlink_body(n2[i], "t")
+					     : dir_body(n2[i], 1, 0);
 				w_sub(&w, l2, &nb);
 			}
 			REFUSED(&w, "duplicate name");
@@ -767,10 +786,10 @@ static void test_order(void)
 static void test_digests_and_targets(void)
 {
 	struct wb w, nb;
-	const size_t lens[] = { 0, 1, 31, 33, 64 };
+	const size_t lens[] = {0, 1, 31, 33, 64};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(lens); i++)
 		for (uint64_t list = 1; list <= 2; list++) {
-			nb = (struct wb){ .n = 0 };
+			nb = (struct wb){.n = 0};
 			w_str(&nb, 1, "x");
 			w_digest(&nb, 1, lens[i]);
 			one_entry(&w, list, &nb);
@@ -778,7 +797,7 @@ static void test_digests_and_targets(void)
 		}
 	/* Missing digest. */
 	for (uint64_t list = 1; list <= 2; list++) {
-		nb = (struct wb){ .n = 0 };
+		nb = (struct wb){.n = 0};
 		w_str(&nb, 1, "x");
 		w_uint(&nb, 3, 5);
 		one_entry(&w, list, &nb);
@@ -786,7 +805,7 @@ static void test_digests_and_targets(void)
 	}
 
 	/* Symlink targets: missing, empty, with NUL. */
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_str(&nb, 1, "l");
 	one_entry(&w, 3, &nb);
 	REFUSED(&w, "empty symlink target");
@@ -811,7 +830,7 @@ static void test_digests_and_targets(void)
 
 static void test_size_overflow(void)
 {
-	struct wb w = { .n = 0 }, nb;
+	struct wb w = {.n = 0}, nb;
 	/* Two children of 2^63: 2 + 2^64. */
 	nb = dir_body("a", 1, 1ull << 63);
 	w_sub(&w, 1, &nb);
@@ -862,7 +881,7 @@ static void test_non_canonical(void)
 {
 	struct wb w, nb;
 	/* Default values written out. */
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_str(&nb, 1, "a");
 	w_digest(&nb, 1, 32);
 	w_uint(&nb, 3, 0);
@@ -891,7 +910,7 @@ static void test_non_canonical(void)
 	REFUSED(&w, "not canonical encoding");
 
 	/* Fields out of order inside a node. */
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_digest(&nb, 1, 32);
 	w_str(&nb, 1, "a");
 	one_entry(&w, 2, &nb);
@@ -920,7 +939,7 @@ static void test_non_canonical(void)
 
 	/* Lists out of field order: a file before a directory, a symlink
 	 * before a file. */
-	w = (struct wb){ .n = 0 };
+	w = (struct wb){.n = 0};
 	nb = file_body("b", 1, 0, false);
 	w_sub(&w, 2, &nb);
 	nb = dir_body("a", 1, 0);
@@ -956,7 +975,7 @@ static void test_non_canonical(void)
 	w_byte(&w, 0x00);
 	w_raw(&w, nb.b, nb.n);
 	REFUSED(&w, "not canonical encoding");
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_str(&nb, 1, "a");
 	w_digest(&nb, 1, 32);
 	w_byte(&nb, 0x18);
@@ -995,21 +1014,23 @@ static void test_encode_refusals(void)
 
 	nodes[0] = F("b", 1, 0, false);
 	nodes[1] = F("a", 1, 0, false);
-	d = (cas_directory){ .files = nodes, .n_files = 2 };
+	d = (cas_directory){.files = nodes, .n_files = 2};
 	ENC_REFUSED("names not sorted");
 	nodes[1] = F("b", 1, 0, false);
 	ENC_REFUSED("duplicate name");
 	nodes[0] = D("a", 1, 0);
 	nodes[1] = F("a", 1, 0, false);
-	d = (cas_directory){ .directories = nodes, .n_directories = 1,
-			     .files = nodes + 1, .n_files = 1 };
+	d = (cas_directory){.directories = nodes,
+			    .n_directories = 1,
+			    .files = nodes + 1,
+			    .n_files = 1};
 	ENC_REFUSED("duplicate name");
 	/* A node of the wrong type in a list. */
 	nodes[0] = F("a", 1, 0, false);
 	nodes[1] = F("b", 1, 0, false);
 	ENC_REFUSED("node in the wrong list");
 	nodes[0] = D(".", 1, 0);
-	d = (cas_directory){ .directories = nodes, .n_directories = 1 };
+	d = (cas_directory){.directories = nodes, .n_directories = 1};
 	ENC_REFUSED("name is \".\"");
 	nodes[0] = mk(CAS_NODE_DIRECTORY, NULL, 0, 1, 0, false, NULL);
 	ENC_REFUSED("empty name");
@@ -1018,14 +1039,14 @@ static void test_encode_refusals(void)
 	nodes[0] = D("a/b", 1, 0);
 	ENC_REFUSED("name contains '/'");
 	nodes[0] = S("s", "");
-	d = (cas_directory){ .symlinks = nodes, .n_symlinks = 1 };
+	d = (cas_directory){.symlinks = nodes, .n_symlinks = 1};
 	ENC_REFUSED("empty symlink target");
 	nodes[0] = mk(CAS_NODE_SYMLINK, "s", 1, 0, 0, false, NULL);
 	nodes[0].target = (const uint8_t *)"x\0y";
 	nodes[0].target_len = 3;
 	ENC_REFUSED("symlink target contains NUL");
 	nodes[0] = D("a", 1, UINT64_MAX);
-	d = (cas_directory){ .directories = nodes, .n_directories = 1 };
+	d = (cas_directory){.directories = nodes, .n_directories = 1};
 	ENC_REFUSED("size overflow");
 	nodes[0].type = (enum cas_node_type)7;
 	ENC_REFUSED("node in the wrong list");
@@ -1048,29 +1069,31 @@ static void test_sort_and_cmp(void)
 	CHECK(cas_name_cmp(a, 1, NULL, 0) > 0);
 	CHECK(cas_name_cmp(NULL, 0, NULL, 0) == 0);
 
-	cas_node files[] = { F("zz", 1, 0, false), F("\xff", 1, 0, false),
-			     F("a", 1, 0, false), F("Z", 1, 0, false),
-			     F("aa", 1, 0, false) };
-	cas_node links[] = { S("m", "t"), S("c", "t") };
-	cas_directory d = { .files = files, .n_files = 5, .symlinks = links,
-			    .n_symlinks = 2 };
+	cas_node files[] = {F("zz", 1, 0, false), F("\xff", 1, 0, false),
+			    F("a", 1, 0, false), F("Z", 1, 0, false),
+			    F("aa", 1, 0, false)};
+	cas_node links[] = {S("m", "t"), S("c", "t")};
+	cas_directory d = {.files = files,
+			   .n_files = 5,
+			   .symlinks = links,
+			   .n_symlinks = 2};
 	CHECK_STREQ(cas_directory_check(&d), "names not sorted");
 	cas_directory_sort(&d);
 	CHECK(cas_directory_check(&d) == NULL);
-	const char *want[] = { "Z", "a", "aa", "zz", "\xff" };
+	const char *want[] = {"Z", "a", "aa", "zz", "\xff"};
 	for (int i = 0; i < 5; i++)
 		CHECK(node_name_is(&files[i], want[i], strlen(want[i])));
 	CHECK(node_name_is(&links[0], "c", 1));
-	cas_directory empty = { 0 };
+	cas_directory empty = {0};
 	cas_directory_sort(&empty);
 	CHECK(cas_directory_check(&empty) == NULL);
 }
 
 static void test_size(void)
 {
-	cas_node dirs[] = { D("a", 1, 10), D("b", 1, 0), D("c", 1, 100) };
-	cas_node files[] = { F("f", 1, 1000, false) };
-	cas_directory d = { dirs, 3, files, 1, NULL, 0 };
+	cas_node dirs[] = {D("a", 1, 10), D("b", 1, 0), D("c", 1, 100)};
+	cas_node files[] = {F("f", 1, 1000, false)};
+	cas_directory d = {dirs, 3, files, 1, NULL, 0};
 	uint64_t size = 0;
 	CHECK(cas_directory_size(&d, &size) == 0 && size == 4 + 110);
 	CHECK(cas_directory_count(&d) == 4);
@@ -1092,7 +1115,7 @@ static void test_find_large(void)
 	char(*names)[16] = calloc(N, sizeof(*names));
 	cas_node *nodes = calloc(N, sizeof(cas_node));
 	REQUIRE(names && nodes);
-	size_t counts[3] = { 0, 0, 0 };
+	size_t counts[3] = {0, 0, 0};
 	/* Entry i goes to list i % 3 (and i % 7 == 0 to files), so the lists
 	 * interleave; names are 7 digits, sorted as numbers are. */
 	for (int pass = 0; pass < 3; pass++)
@@ -1107,8 +1130,12 @@ static void test_find_large(void)
 				      l == 2 ? "target" : NULL);
 			counts[l]++;
 		}
-	cas_directory d = { nodes, counts[0], nodes + counts[0], counts[1],
-			    nodes + counts[0] + counts[1], counts[2] };
+	cas_directory d = {nodes,
+			   counts[0],
+			   nodes + counts[0],
+			   counts[1],
+			   nodes + counts[0] + counts[1],
+			   counts[2]};
 	CHECK(cas_directory_count(&d) == N);
 	_cleanup_free_ uint8_t *buf = NULL;
 	size_t len;
@@ -1120,12 +1147,13 @@ static void test_find_large(void)
 
 	size_t found = 0;
 	for (unsigned i = 0; i < N; i++) {
-		const cas_node *n = cas_directory_find(got, (const uint8_t *)names[i],
-						       strlen(names[i]));
+		const cas_node *n = cas_directory_find(
+			got, (const uint8_t *)names[i], strlen(names[i]));
 		int l = i % 7 == 0 ? 1 : (int)(i % 3);
 		if (n && node_name_is(n, names[i], strlen(names[i])) &&
 		    n->type == (enum cas_node_type)(l + 1) &&
-		    (l == 2 || (n->size == i && n->digest.bytes[0] == (uint8_t)i)))
+		    (l == 2 ||
+		     (n->size == i && n->digest.bytes[0] == (uint8_t)i)))
 			found++;
 		/* The odd numbers between are absent, and so are prefixes
 		 * and extensions of present names. */
@@ -1134,9 +1162,11 @@ static void test_find_large(void)
 		CHECK(!cas_directory_find(got, (const uint8_t *)absent, 7) ||
 		      (fprintf(stderr, "found %s\n", absent), 0));
 		if (i % 1000 == 0) {
-			CHECK(!cas_directory_find(got, (const uint8_t *)names[i], 6));
+			CHECK(!cas_directory_find(
+				got, (const uint8_t *)names[i], 6));
 			snprintf(absent, sizeof(absent), "%sx", names[i]);
-			CHECK(!cas_directory_find(got, (const uint8_t *)absent, 8));
+			CHECK(!cas_directory_find(got, (const uint8_t *)absent,
+						  8));
 		}
 	}
 	CHECK(found == N);
@@ -1171,7 +1201,8 @@ static void node_refused(const struct wb *w, const char *want_why, int line)
 	check_count++;
 	if (r != -EBADMSG || !why || strcmp(why, want_why) ||
 	    n.name_len != 0x7777777777777777ull) {
-		fprintf(stderr, "line %d: node decode gave %d \"%s\", want \"%s\"\n",
+		fprintf(stderr,
+			"line %d: node decode gave %d \"%s\", want \"%s\"\n",
 			line, r, why ? why : "(null)", want_why);
 		check_failures++;
 	}
@@ -1199,7 +1230,7 @@ static void test_node(void)
 		const char *why = NULL;
 		REQUIRE(cas_node_encode(&in[i], &buf, &len, &why) == 0);
 		/* Independently written: the oneof field, then the body. */
-		struct wb body = { .n = 0 }, w = { .n = 0 };
+		struct wb body = {.n = 0}, w = {.n = 0};
 		if (in[i].name_len)
 			w_bytes(&body, 1, in[i].name, in[i].name_len);
 		if (in[i].type == CAS_NODE_SYMLINK) {
@@ -1220,7 +1251,8 @@ static void test_node(void)
 		CHECK(node_name_is(&out, in[i].name, in[i].name_len));
 		if (in[i].type == CAS_NODE_SYMLINK) {
 			CHECK(out.target_len == in[i].target_len &&
-			      !memcmp(out.target, in[i].target, out.target_len));
+			      !memcmp(out.target, in[i].target,
+				      out.target_len));
 		} else {
 			CHECK(cas_digest_eq(&out.digest, &in[i].digest));
 			CHECK(out.size == in[i].size);
@@ -1231,7 +1263,7 @@ static void test_node(void)
 			CHECK(out.name >= buf && out.name < buf + len);
 	}
 
-	struct wb w = { .n = 0 }, nb;
+	struct wb w = {.n = 0}, nb;
 	NODE_REFUSED(&w, "empty node");
 	nb = file_body("a", 1, 1, false);
 	w_sub(&w, 2, &nb);
@@ -1259,7 +1291,7 @@ static void test_node(void)
 	nb = file_body("a/b", 1, 1, false);
 	one_entry(&w, 2, &nb);
 	NODE_REFUSED(&w, "name contains '/'");
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_str(&nb, 1, "a");
 	w_digest(&nb, 1, 31);
 	one_entry(&w, 1, &nb);
@@ -1268,13 +1300,13 @@ static void test_node(void)
 	nb.n -= 3; /* drop the target field */
 	one_entry(&w, 3, &nb);
 	NODE_REFUSED(&w, "empty symlink target");
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_str(&nb, 1, "a");
 	w_bytes(&nb, 2, "\0", 1);
 	one_entry(&w, 3, &nb);
 	NODE_REFUSED(&w, "symlink target contains NUL");
 	/* An empty name written out, a zero size written out. */
-	nb = (struct wb){ .n = 0 };
+	nb = (struct wb){.n = 0};
 	w_bytes(&nb, 1, "", 0);
 	w_digest(&nb, 1, 32);
 	one_entry(&w, 2, &nb);

@@ -82,7 +82,7 @@ int main(void)
 	REQUIRE(msg);
 	memset(msg, 'm', big);
 	msg[big] = 0;
-	const size_t prefixes[] = { 0, 2045, 2046, 2047, 2048, 5000 };
+	const size_t prefixes[] = {0, 2045, 2046, 2047, 2048, 5000};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(prefixes); i++) {
 		char *prefix = malloc(prefixes[i] + 1);
 		REQUIRE(prefix);
@@ -94,7 +94,8 @@ int main(void)
 		size_t len;
 		out = capture_end(&len);
 		CHECK(len >= 1 && len <= 2048);
-		CHECK(out[len - 1] == '\n' && strchr(out, '\n') == out + len - 1);
+		CHECK(out[len - 1] == '\n' &&
+		      strchr(out, '\n') == out + len - 1);
 		free(out);
 		cas_log_set_prefix(NULL);
 		free(prefix);
