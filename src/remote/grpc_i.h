@@ -59,6 +59,7 @@ struct cas_grpc_reader {
 	size_t prefix_len;
 	uint8_t *msg; /* being filled, msg_len bytes */
 	size_t msg_len, msg_got;
+	size_t msg_cap; /* grows with what arrives, not with what is announced */
 	bool in_msg;
 };
 /* Calls cb for each complete message. -EPROTONOSUPPORT for a compressed

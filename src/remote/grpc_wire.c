@@ -135,13 +135,28 @@ int cas_grpc_reader_feed(struct cas_grpc_reader *r, const uint8_t *buf,
 				len -= mlen;
 				continue;
 			}
-			r->msg = malloc(mlen ? mlen : 1);
+			/* A peer announcing a large message gets memory as
+			 * its bytes arrive, not on the announcement. */
+			r->msg_cap = mlen < 65536 ? mlen : 65536;
+			r->msg = malloc(r->msg_cap ? r->msg_cap : 1);
 			if (!r->msg)
 				return -ENOMEM;
 		}
 		size_t take = r->msg_len - r->msg_got;
 		if (take > len)
 			take = len;
+		if (r->msg_got + take > r->msg_cap) {
+			size_t cap = r->msg_cap * 2;
+			if (cap < r->msg_got + take)
+				cap = r->msg_got + take;
+			if (cap > r->msg_len)
+				cap = r->msg_len;
+			uint8_t *n = realloc(r->msg, cap);
+			if (!n)
+				return -ENOMEM;
+			r->msg = n;
+			r->msg_cap = cap;
+		}
 		memcpy(r->msg + r->msg_got, buf, take);
 		r->msg_got += take;
 		buf += take;
