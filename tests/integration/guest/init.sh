@@ -5,7 +5,8 @@
 # mounts the virtio-fs tag named in /tag on /mnt, runs /checks.sh (written
 # by the test from what it knows about the tree on the host) and prints ONE
 # line on the console: "CASTORE-RESULT ok" or "CASTORE-RESULT fail: WHY".
-# Then it powers the machine off.
+# Then it powers the machine off (or, with castore.hold on the kernel
+# command line, waits for the test to reset it).
 /bin/busybox mkdir -p /bin /sbin /proc /sys /dev /mnt /tmp
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
@@ -15,6 +16,11 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 result() {
 	echo "CASTORE-RESULT $*"
 	sync
+	# castore.hold: the test resets the machine itself (a reboot with the
+	# daemon still connected); wait for it.
+	if grep -q castore.hold /proc/cmdline; then
+		while :; do sleep 1000; done
+	fi
 	poweroff -f
 	sleep 10
 	exit 0
