@@ -64,6 +64,10 @@ int cas_cli_parse_size(const char *s, bool suffixes, uint64_t *ret);
 int cas_cli_resolve(const char *verb, cas_store *s, const char *spec,
 		    cas_node **ret);
 
+/* Checks the root name of NAME[/PATH] before a store is opened: prints a
+ * usage error and returns CAS_EXIT_USAGE, else 0. */
+int cas_cli_check_spec(const char *verb, const char *spec);
+
 /* Copies a blob's bytes to fd; prints the error naming the digest. */
 int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
 		      int fd);

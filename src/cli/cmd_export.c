@@ -41,6 +41,9 @@ int cmd_export(struct cas_cli *cli, int argc, char **argv)
 	const char *spec = argv[optind], *dest = argv[optind + 1];
 	if (!*dest)
 		return cas_cli_usage("export", "empty DEST");
+	r = cas_cli_check_spec("export", spec);
+	if (r)
+		return r;
 	if (lstat(dest, &st) == 0)
 		return cas_cli_fail("export", "%s: already exists", dest);
 

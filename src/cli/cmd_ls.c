@@ -91,6 +91,9 @@ int cmd_ls(struct cas_cli *cli, int argc, char **argv)
 	int r = one_arg("ls", ls_help, argc, argv, &spec);
 	if (r)
 		return r < 0 ? CAS_EXIT_OK : r;
+	r = cas_cli_check_spec("ls", spec);
+	if (r)
+		return r;
 	if (cas_cli_open_store(cli, false, &s) < 0)
 		return CAS_EXIT_FAILURE;
 	r = cas_cli_resolve("ls", s, spec, &node);
@@ -148,6 +151,9 @@ int cmd_cat(struct cas_cli *cli, int argc, char **argv)
 	int r = one_arg("cat", cat_help, argc, argv, &spec);
 	if (r)
 		return r < 0 ? CAS_EXIT_OK : r;
+	r = cas_cli_check_spec("cat", spec);
+	if (r)
+		return r;
 	if (cas_cli_open_store(cli, false, &s) < 0)
 		return CAS_EXIT_FAILURE;
 	r = cas_cli_resolve("cat", s, spec, &node);

@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "core/log.h"
 #include "core/util.h"
@@ -56,6 +57,22 @@ int cas_cli_fail(const char *verb, const char *fmt, ...)
 	return CAS_EXIT_FAILURE;
 }
 
+/* Creates the folders above path (mkdir -p of its parent): the default
+ * store lives in ~/.local/share, which may not exist yet. */
+static int mkdir_parents(const char *path)
+{
+	_cleanup_free_ char *p = strdup(path);
+	if (!p)
+		return -ENOMEM;
+	for (char *s = p + 1; (s = strchr(s, '/')); s++) {
+		*s = 0;
+		if (mkdir(p, 0755) < 0 && errno != EEXIST)
+			return cas_negerrno();
+		*s = '/';
+	}
+	return 0;
+}
+
 int cas_cli_open_store(struct cas_cli *cli, bool create, cas_store **ret)
 {
 	return cas_cli_open_store_mode(cli, create ? CAS_CLI_STORE_CREATE :
@@ -94,8 +111,17 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 		.create = mode == CAS_CLI_STORE_CREATE,
 		.readonly = mode == CAS_CLI_STORE_READ,
 	};
+	if (mode == CAS_CLI_STORE_CREATE) {
+		r = mkdir_parents(spec);
+		if (r < 0) {
+			cas_cli_fail("store", "%s: %s", spec, strerror(-r));
+			return r;
+		}
+	}
 	r = cas_local_open(spec, &lo, ret);
-	if (r < 0)
+	/* cas_local_open names the store and the reason itself, except when
+	 * memory runs out. */
+	if (r == -ENOMEM)
 		cas_cli_fail("store", "%s: %s", spec, strerror(-r));
 	return r;
 }
@@ -200,6 +226,14 @@ static int walk_step(const char *verb, cas_store *s, const char *spec,
 		return cas_cli_fail(verb, "%s: %s", spec, strerror(ENOMEM));
 	free(*node);
 	*node = copy;
+	return 0;
+}
+
+int cas_cli_check_spec(const char *verb, const char *spec)
+{
+	size_t len = strcspn(spec, "/");
+	if (!cas_name_valid((const uint8_t *)spec, len))
+		return cas_cli_usage(verb, "%s: invalid root name", spec);
 	return 0;
 }
 
