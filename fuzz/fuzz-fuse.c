@@ -75,8 +75,9 @@ static int f_open(void *fs, uint64_t ino, uint32_t flags,
 {
 	ret->fh = ino ^ 0x55;
 	ret->open_flags = (uint32_t)ino & 0xff;
-	/* fd 1 stands for a file the transport cannot register. */
-	ret->backing_fd = ino % 4 == 1 ? 0 : ino % 4 == 3 ? 1 : -1;
+	/* fds 1 and 2 stand for files the transport cannot register, for a
+	 * passing reason and for good. */
+	ret->backing_fd = ino % 4 == 1 ? 0 : ino % 4 == 3 ? 1 : ino % 8 == 2 ? 2 : -1;
 	return ino % 5 == 4 ? -EACCES : 0;
 }
 
@@ -178,7 +179,7 @@ static int next_id;
 
 static int t_backing_open(void *transport, int fd)
 {
-	return fd == 1 ? -EPERM : ++next_id;
+	return fd == 1 ? -EMFILE : fd == 2 ? -EPERM : ++next_id;
 }
 
 static int t_backing_close(void *transport, int id)

@@ -317,6 +317,9 @@ struct cas_fuse_session {
 	uint32_t minor;            /* negotiated: min(ours, kernel's) */
 	bool passthrough;          /* negotiated and wanted */
 
+	/* Set when backing_open failed in a way every later call would too
+	 * (no privilege, stacking too deep): opens then skip the ioctl. */
+	atomic_bool backing_broken;
 	pthread_mutex_t backing_lock;
 	struct pt_table nodes; /* node id -> backing id, refs */
 	struct pt_table opens; /* (node id, fh) -> refs */
@@ -357,6 +360,7 @@ int cas_fuse_session_new(const struct cas_fuse_ops *ops, void *fs,
 	pthread_mutex_init(&s->backing_lock, NULL);
 	atomic_init(&s->initialized, false);
 	atomic_init(&s->destroyed, false);
+	atomic_init(&s->backing_broken, false);
 	*ret = s;
 	return 0;
 }
@@ -758,7 +762,8 @@ static int do_open(struct req *q, bool dir)
 		.fh = o.fh,
 		.open_flags = o.open_flags & ~CAS_FOPEN_PASSTHROUGH_BIT,
 	};
-	if (!dir && o.backing_fd >= 0 && s->passthrough) {
+	if (!dir && o.backing_fd >= 0 && s->passthrough &&
+	    !atomic_load_explicit(&s->backing_broken, memory_order_relaxed)) {
 		int id = backing_get(s, q->h.nodeid, o.fh, o.backing_fd);
 		if (id >= 0) {
 			/* The kernel refuses passthrough combined with any
@@ -766,6 +771,10 @@ static int do_open(struct req *q, bool dir)
 			out.open_flags &= FOPEN_DIRECT_IO | FOPEN_NOFLUSH;
 			out.open_flags |= CAS_FOPEN_PASSTHROUGH_BIT;
 			out.backing_id = id;
+		} else if (id == -EPERM || id == -ELOOP || id == -ENOTTY ||
+			   id == -EOPNOTSUPP) {
+			if (!atomic_exchange(&s->backing_broken, true))
+				cas_log_warning_errno(id, "fuse: passthrough unavailable, reads go through us: %m");
 		} else {
 			cas_log_debug_errno(id, "fuse: backing open of node %llu: %m",
 					    (unsigned long long)q->h.nodeid);

@@ -41,7 +41,8 @@ struct fake {
 	struct cas_fuse_conn seen_conn;
 	/* transport side */
 	atomic_int backing_opens, backing_closes, next_backing_id;
-	bool backing_fail;
+	atomic_int backing_attempts;
+	int backing_fail; /* -errno backing_open fails with, 0: succeeds */
 };
 
 static uint8_t pattern(uint64_t i)
@@ -295,8 +296,9 @@ static struct cas_fuse_ops fake_ops = {
 static int t_backing_open(void *transport, int fd)
 {
 	struct fake *f = transport;
+	atomic_fetch_add(&f->backing_attempts, 1);
 	if (f->backing_fail)
-		return -EPERM;
+		return f->backing_fail;
 	atomic_fetch_add(&f->backing_opens, 1);
 	return atomic_fetch_add(&f->next_backing_id, 1) + 1;
 }
@@ -1385,13 +1387,18 @@ static void test_passthrough(void)
 	CHECK(release_file(s, 5, fh1) == 0);
 	CHECK(fake.backing_closes == 2);
 
-	/* backing_open failing: a plain open with the fs's flags. */
-	fake.backing_fail = true;
+	/* backing_open failing for a passing reason: a plain open with the
+	 * fs's flags, and the next open tries again. */
+	fake.backing_fail = -EMFILE;
 	fh1 = open_file(s, 5, &flags, &id1);
 	CHECK(flags == CAS_FOPEN_KEEP_CACHE && id1 == 0);
 	CHECK(release_file(s, 5, fh1) == 0);
 	CHECK(fake.backing_closes == 2);
-	fake.backing_fail = false;
+	fake.backing_fail = 0;
+	fh1 = open_file(s, 5, &flags, &id1);
+	CHECK(flags == CAS_FOPEN_PASSTHROUGH && id1 > 0);
+	CHECK(release_file(s, 5, fh1) == 0);
+	CHECK(fake.backing_opens == 3 && fake.backing_closes == 3);
 
 	/* Every reply leaves backing_id_close unset. */
 	fh1 = open_file(s, 5, NULL, NULL);
@@ -1399,6 +1406,17 @@ static void test_passthrough(void)
 	run(s, &r, &o);
 	CHECK(o.reply.backing_id_close == -1);
 	CHECK(release_file(s, 5, fh1) == 0);
+
+	/* A failure that will not pass (no privilege): not tried again. */
+	fake.backing_fail = -EPERM;
+	int attempts = fake.backing_attempts;
+	for (int i = 0; i < 3; i++) {
+		fh1 = open_file(s, 5, &flags, &id1);
+		CHECK(flags == CAS_FOPEN_KEEP_CACHE && id1 == 0);
+		CHECK(release_file(s, 5, fh1) == 0);
+	}
+	CHECK(fake.backing_attempts == attempts + 1);
+	fake.backing_fail = 0;
 	cas_fuse_session_free(s);
 }
 
