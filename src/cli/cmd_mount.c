@@ -1,5 +1,5 @@
 /* castore mount MOUNTPOINT [--list-root] [--show-xattr] [--threads N]
- *                          [--allow-other] */
+ *                          [--allow-other] [--no-passthrough] */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -24,7 +24,9 @@ static const char mount_help[] =
 	"  --show-xattr   files carry user.castore.blob.digest, folders\n"
 	"                 user.castore.directory.digest (hex)\n"
 	"  --threads N    worker threads (default: number of CPUs)\n"
-	"  --allow-other  let other users access the mount\n";
+	"  --allow-other  let other users access the mount\n"
+	"  --no-passthrough  serve every READ from the daemon (splice) even\n"
+	"                 where the kernel could read local blobs directly\n";
 
 int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 {
@@ -33,6 +35,7 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 		{ "show-xattr", no_argument, NULL, 'x' },
 		{ "threads", required_argument, NULL, 't' },
 		{ "allow-other", no_argument, NULL, 'o' },
+		{ "no-passthrough", no_argument, NULL, 'P' },
 		{ "help", no_argument, NULL, 'h' },
 		{},
 	};
@@ -64,6 +67,9 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 		}
 		case 'o':
 			dopts.allow_other = true;
+			break;
+		case 'P':
+			dopts.no_passthrough = true;
 			break;
 		case 'h':
 			fputs(mount_help, stdout);

@@ -63,6 +63,7 @@ struct cas_devfuse {
 	char *mountpoint;
 	char *fsname, *subtype;
 	bool allow_other;
+	bool no_passthrough;
 	unsigned threads;
 	int fd;
 	bool mounted;
@@ -264,6 +265,7 @@ int cas_devfuse_mount(const struct cas_devfuse_options *opts,
 	d->fsname = strdup(opts->fsname ? opts->fsname : "castore");
 	d->subtype = strdup(opts->subtype ? opts->subtype : "castore");
 	d->allow_other = opts->allow_other;
+	d->no_passthrough = opts->no_passthrough;
 	d->threads = opts->threads;
 	if (!d->threads) {
 		long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -571,7 +573,7 @@ int cas_devfuse_serve(struct cas_devfuse *d, const struct cas_fuse_ops *ops,
 		.max_readahead = d->max_pages * PAGE,
 	};
 	/* Registering backing files needs CAP_SYS_ADMIN. */
-	if (geteuid() == 0) {
+	if (geteuid() == 0 && !d->no_passthrough) {
 		cfg.backing_open = backing_open;
 		cfg.backing_close = backing_close;
 		cfg.transport = d;
