@@ -1,0 +1,218 @@
+#!/bin/bash
+# bench/import.sh - castore import against the hashing floor and its peers.
+#
+# Data: a copy of /usr/share (tens of thousands of files, about 1 GB) under
+# $BENCH_DIR/share, made once and reused by the other benchmarks.
+# Measured in one run, page cache warm for every contender (the tree is read
+# once first), so the figures compare CPU and write work, not disk reads:
+#   castore import into an empty store, and again into a store that already
+#   holds everything; the hashing floor (b3sum over every file, one thread;
+#   also b3sum with its default threads); casync make; mksquashfs (zstd, and
+#   uncompressed); ostree commit (bare-user).
+# Each figure is the best of $RUNS runs. Two columns: the command alone, and
+# the command followed by `sync` (castore syncs its blobs itself; the peers
+# leave their output dirty in the page cache). Ratios are to the b3sum floor.
+#
+# Environment: BENCH_DIR (default /var/tmp/castore-bench), RUNS (3),
+# CASTORE (default build/src/cli/castore of this checkout; use a release
+# build: meson setup build-release --buildtype=release).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH_DIR=${BENCH_DIR:-/var/tmp/castore-bench}
+RUNS=${RUNS:-3}
+CASTORE=${CASTORE:-$ROOT/build/src/cli/castore}
+WORK=$BENCH_DIR/import
+LOG=$BENCH_DIR/logs/import.log
+
+die() { echo "import.sh: $*" >&2; exit 1; }
+
+need() {
+	local t missing=()
+	for t in "$@"; do
+		command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+	done
+	((${#missing[@]} == 0)) ||
+		die "missing tools: ${missing[*]} (Debian: apt-get install -y b3sum casync squashfs-tools ostree findutils)"
+}
+
+need b3sum casync mksquashfs ostree find xargs awk
+[[ $(id -u) == 0 ]] || die "run as root (drops caches, compares system-wide sync)"
+[[ -x $CASTORE ]] || die "no castore binary at $CASTORE (set CASTORE=...)"
+
+mkdir -p "$BENCH_DIR/logs" "$WORK"
+: >"$LOG"
+
+# The shared data set: a copy of /usr/share, made once.
+make_share() {
+	if [[ ! -e $BENCH_DIR/share.done ]]; then
+		echo "copying /usr/share to $BENCH_DIR/share ..."
+		rm -rf "$BENCH_DIR/share"
+		cp -a /usr/share "$BENCH_DIR/share"
+		touch "$BENCH_DIR/share.done"
+	fi
+}
+make_share
+SHARE=$BENCH_DIR/share
+
+cleanup() {
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Times "$@" (stdout/stderr to the log) in microseconds into $T; returns its
+# exit status.
+timed() {
+	local t0 t1 rc=0
+	echo "+ $*" >>"$LOG"
+	t0=${EPOCHREALTIME/[.,]/}
+	"$@" >>"$LOG" 2>&1 || rc=$?
+	t1=${EPOCHREALTIME/[.,]/}
+	T=$((t1 - t0))
+	return $rc
+}
+
+# run_one KEY: runs PREP_KEY, then times CMD_KEY alone and followed by
+# sync; keeps the best of each (BEST[KEY], BESTS[KEY], µs), then POST_KEY.
+# A failing command marks KEY failed and is not run again.
+declare -A BEST BESTS FAILED
+run_one() {
+	local key=$1 tc ts
+	[[ -z ${FAILED[$key]:-} ]] || return 0
+	if ! "prep_$key" >>"$LOG" 2>&1; then
+		FAILED[$key]=1
+		return 0
+	fi
+	sync
+	if ! timed "cmd_$key"; then
+		FAILED[$key]=1
+		echo "  $key: FAILED (see $LOG)" >&2
+		tail -n 5 "$LOG" >&2
+		"post_$key" >>"$LOG" 2>&1
+		return 0
+	fi
+	tc=$T
+	timed sync || true
+	ts=$((tc + T))
+	if [[ -z ${BEST[$key]:-} ]] || ((tc < BEST[$key])); then
+		BEST[$key]=$tc
+	fi
+	if [[ -z ${BESTS[$key]:-} ]] || ((ts < BESTS[$key])); then
+		BESTS[$key]=$ts
+	fi
+	printf '  %-20s %8.3f s (+sync %8.3f s)\n' "$key" "$(us2s "$tc")" "$(us2s "$ts")"
+	"post_$key" >>"$LOG" 2>&1
+}
+
+us2s() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1e6 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+# Warm the page cache: every file read once, and the metadata.
+echo "warming the page cache with $SHARE ..."
+find "$SHARE" -type f -print0 | xargs -0 cat >/dev/null
+find "$SHARE" -printf '%s %m\n' >/dev/null
+
+nfiles=$(find "$SHARE" -type f | wc -l)
+nentries=$(find "$SHARE" | wc -l)
+bytes=$(du -sb --apparent-size "$SHARE" | cut -f1)
+
+# The b3sum floor. xargs cuts the file list into command lines of at most
+# -s bytes; with relative names and the largest -s the kernel takes, the
+# whole tree fits in a few b3sum processes. Count them to say so.
+XARGS_S=$(($(getconf ARG_MAX) - 65536))
+nproc_b3=$(cd "$SHARE" && find . -type f -print0 | xargs -0 -s $XARGS_S sh -c 'echo x' sh | wc -l)
+
+# The contenders: prep_KEY, cmd_KEY (timed), post_KEY.
+CONTENDERS=(b3sum_1thread b3sum_default castore_cold castore_again casync_make
+	mksquashfs_zstd mksquashfs_plain ostree_commit)
+prep_b3sum_1thread() { :; }
+cmd_b3sum_1thread() (cd "$SHARE" && find . -type f -print0 | xargs -0 -s $XARGS_S b3sum --num-threads 1 >/dev/null)
+post_b3sum_1thread() { :; }
+prep_b3sum_default() { :; }
+cmd_b3sum_default() (cd "$SHARE" && find . -type f -print0 | xargs -0 -s $XARGS_S b3sum >/dev/null)
+post_b3sum_default() { :; }
+prep_castore_cold() { rm -rf "$WORK/store"; }
+cmd_castore_cold() { "$CASTORE" --store "$WORK/store" import "$SHARE" --name share; }
+post_castore_cold() { :; }
+# Into the store the cold import just filled.
+prep_castore_again() { [[ -z ${FAILED[castore_cold]:-} ]]; }
+cmd_castore_again() { "$CASTORE" --store "$WORK/store" import "$SHARE" --name share; }
+post_castore_again() { rm -rf "$WORK/store"; }
+prep_casync_make() { rm -rf "$WORK/casync.castr" "$WORK/x.caidx"; }
+cmd_casync_make() { casync make --store="$WORK/casync.castr" "$WORK/x.caidx" "$SHARE"; }
+post_casync_make() { rm -rf "$WORK/casync.castr" "$WORK/x.caidx"; }
+prep_mksquashfs_zstd() { rm -f "$WORK/x.sqfs"; }
+cmd_mksquashfs_zstd() { mksquashfs "$SHARE" "$WORK/x.sqfs" -comp zstd -noappend -no-progress; }
+post_mksquashfs_zstd() { rm -f "$WORK/x.sqfs"; }
+prep_mksquashfs_plain() { rm -f "$WORK/x.sqfs"; }
+cmd_mksquashfs_plain() { mksquashfs "$SHARE" "$WORK/x.sqfs" -noI -noD -noF -noX -noappend -no-progress; }
+post_mksquashfs_plain() { rm -f "$WORK/x.sqfs"; }
+prep_ostree_commit() { rm -rf "$WORK/ostree" && ostree init --repo="$WORK/ostree" --mode=bare-user; }
+cmd_ostree_commit() { ostree commit --repo="$WORK/ostree" -b b "$SHARE"; }
+post_ostree_commit() { rm -rf "$WORK/ostree"; }
+
+# Rounds: every contender once per round, so that a change of load on the
+# machine falls on all of them alike.
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+echo "measuring, $RUNS rounds ..."
+for ((round = 1; round <= RUNS; round++)); do
+	echo " round $round"
+	for key in "${CONTENDERS[@]}"; do
+		run_one "$key"
+	done
+done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+
+floor=${BEST[b3sum_1thread]:-}
+[[ -n $floor && -z ${FAILED[b3sum_1thread]:-} ]] || die "the b3sum floor failed; see $LOG"
+
+echo
+echo "castore import benchmark - $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r)"
+echo "data: copy of /usr/share, $nentries entries, $nfiles files, $((bytes / 1000000)) MB; page cache warm for all"
+echo "best of $RUNS runs; ratio = time / b3sum floor (one thread); +sync = the command then sync"
+echo "b3sum floor: find | xargs -0 b3sum --num-threads 1, split by xargs into $nproc_b3 b3sum process(es)"
+echo "load average before: $load_before, after: $load_after (figures are unreliable when it exceeds $(nproc))"
+echo
+printf '%-38s %10s %8s %10s %8s\n' contender seconds ratio '+sync s' ratio
+row() {
+	local key=$1 label=$2
+	if [[ -n ${FAILED[$key]:-} || -z ${BEST[$key]:-} ]]; then
+		printf '%-38s %10s %8s %10s %8s\n' "$label" FAILED - - -
+		return
+	fi
+	printf '%-38s %10s %7sx %10s %7sx\n' "$label" \
+		"$(us2s "${BEST[$key]}")" "$(ratio "${BEST[$key]}" "$floor")" \
+		"$(us2s "${BESTS[$key]}")" "$(ratio "${BESTS[$key]}" "$floor")"
+}
+row b3sum_1thread "b3sum floor (1 thread)"
+row b3sum_default "b3sum (default threads)"
+row castore_cold "castore import (empty store)"
+row castore_again "castore import (store has all)"
+row casync_make "casync make"
+row mksquashfs_zstd "mksquashfs -comp zstd"
+row mksquashfs_plain "mksquashfs uncompressed"
+row ostree_commit "ostree commit (bare-user)"
+
+# Verdicts: castore's own time (it syncs itself) against the floor and
+# against the peers' times without their sync (the stricter comparison).
+echo
+if [[ -n ${FAILED[castore_cold]:-} ]]; then
+	echo "MISSED: castore import failed (see $LOG)"
+else
+	c=${BEST[castore_cold]}
+	r=$(ratio "$c" "$floor")
+	if awk -v r="$r" 'BEGIN { exit !(r <= 1.2) }'; then
+		echo "met: castore import cold ${r}x the b3sum floor (target <= 1.2x)"
+	else
+		echo "MISSED: castore import cold ${r}x the b3sum floor (target <= 1.2x)"
+	fi
+	for p in casync_make mksquashfs_zstd ostree_commit; do
+		if [[ -n ${FAILED[$p]:-} ]]; then
+			echo "not compared: $p failed"
+		elif ((c < BEST[$p])); then
+			echo "met: castore import faster than $p ($(ratio "${BEST[$p]}" "$c")x)"
+		else
+			echo "MISSED: castore import slower than $p ($(ratio "$c" "${BEST[$p]}")x its time)"
+		fi
+	done
+fi
