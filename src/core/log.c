@@ -36,10 +36,19 @@ void cas_log_set_prefix(const char *prefix)
 	log_prefix = prefix ? prefix : "";
 }
 
+static unsigned long log_errors;
+
+unsigned long cas_log_error_count(void)
+{
+	return __atomic_load_n(&log_errors, __ATOMIC_RELAXED);
+}
+
 int cas_log_internal(enum cas_log_level level, int r, const char *fmt, ...)
 {
 	if ((int)level > (int)cas_log_get_level())
 		return r;
+	if (level == CAS_LOG_ERROR)
+		__atomic_fetch_add(&log_errors, 1, __ATOMIC_RELAXED);
 
 	char line[2048];
 	int saved = errno;

@@ -29,6 +29,12 @@ void cas_log_set_prefix(const char *prefix);
 int cas_log_internal(enum cas_log_level level, int r, const char *fmt, ...)
 	_printf_(3, 4);
 
+/* Number of error-level lines written so far, by any thread. A caller
+ * that reports failures itself (the CLI) compares it before and after a
+ * call, and prints its own line only when the library has not already
+ * named the failure: one failure, one line. */
+unsigned long cas_log_error_count(void);
+
 #define cas_log_error(...) cas_log_internal(CAS_LOG_ERROR, 0, __VA_ARGS__)
 #define cas_log_warning(...) cas_log_internal(CAS_LOG_WARNING, 0, __VA_ARGS__)
 #define cas_log_info(...) cas_log_internal(CAS_LOG_INFO, 0, __VA_ARGS__)
