@@ -49,6 +49,12 @@ int cas_cli_usage(const char *verb, const char *fmt, ...)
 int cas_cli_fail(const char *verb, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
+/* The same after a library call that began when cas_log_error_count()
+ * was `mark`: prints nothing if the library has logged the failure itself
+ * (it names the object), so a failure stays one line. */
+int cas_cli_store_fail(unsigned long mark, const char *verb, const char *fmt,
+		       ...) __attribute__((format(printf, 3, 4)));
+
 /* Parses a digest given as 64 hex characters; prints a usage error and
  * returns CAS_EXIT_USAGE otherwise, 0 on success. */
 int cas_cli_parse_digest(const char *verb, const char *hex, cas_digest *ret);

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "core/log.h"
 #include "core/util.h"
 
 static const char blob_help[] =
@@ -61,9 +62,10 @@ static int blob_put(struct cas_cli *cli, int argc, char **argv)
 	}
 	if (cas_cli_open_store(cli, true, &s) < 0)
 		return CAS_EXIT_FAILURE;
+	unsigned long mark = cas_log_error_count();
 	r = cas_store_blob_put_fd(s, in, &d, &size);
 	if (r < 0)
-		return cas_cli_fail("blob put", "%s: %s",
+		return cas_cli_store_fail(mark, "blob put", "%s: %s",
 				    strcmp(path, "-") ? path : "stdin", strerror(-r));
 	cas_digest_to_hex(&d, hex);
 	printf("%s\n", hex);
@@ -106,12 +108,14 @@ static int blob_stat(struct cas_cli *cli, int argc, char **argv)
 		return r < 0 ? CAS_EXIT_OK : r;
 	if (cas_cli_open_store(cli, false, &s) < 0)
 		return CAS_EXIT_FAILURE;
+	unsigned long mark = cas_log_error_count();
 	r = s->ops->blob_stat(s, &d, &size);
 	cas_digest_to_hex(&d, hex);
 	if (r == -ENOENT)
-		return cas_cli_fail("blob stat", "blob %s: not in the store", hex);
+		return cas_cli_store_fail(mark, "blob stat", "blob %s: not in the store",
+					  hex);
 	if (r < 0)
-		return cas_cli_fail("blob stat", "blob %s: %s", hex, strerror(-r));
+		return cas_cli_store_fail(mark, "blob stat", "blob %s: %s", hex, strerror(-r));
 	printf("%" PRIu64 "\n", size);
 	return CAS_EXIT_OK;
 }

@@ -7,6 +7,7 @@
 
 #include "cli/cli.h"
 #include "cli/json.h"
+#include "core/log.h"
 #include "core/util.h"
 
 static const char dir_help[] =
@@ -95,19 +96,21 @@ static int dir_put(struct cas_cli *cli, int argc, char **argv)
 		_cleanup_free_ uint8_t *cbuf = NULL;
 		size_t clen;
 		/* get_raw rather than has: its -ENOENT is unambiguous. */
+		unsigned long mark = cas_log_error_count();
 		r = s->ops->directory_get_raw(s, &d->directories[i].digest,
 					      &cbuf, &clen);
 		if (r >= 0)
 			continue;
 		cas_digest_to_hex(&d->directories[i].digest, child);
-		return cas_cli_fail("dir put", "directory %s: refused: child %s (%.*s) %s",
+		return cas_cli_store_fail(mark, "dir put", "directory %s: refused: child %s (%.*s) %s",
 				    hex, child, (int)d->directories[i].name_len,
 				    (const char *)d->directories[i].name,
 				    r == -ENOENT ? "is not in the store" : strerror(-r));
 	}
+	unsigned long mark = cas_log_error_count();
 	r = cas_store_directory_put(s, buf, len, &digest);
 	if (r < 0)
-		return cas_cli_fail("dir put", "directory %s: %s", hex, strerror(-r));
+		return cas_cli_store_fail(mark, "dir put", "directory %s: %s", hex, strerror(-r));
 	cas_digest_to_hex(&digest, hex);
 	printf("%s\n", hex);
 	return CAS_EXIT_OK;
@@ -161,11 +164,13 @@ static int dir_get(struct cas_cli *cli, int argc, char **argv)
 	cas_digest_to_hex(&digest, hex);
 	if (cas_cli_open_store(cli, false, &s) < 0)
 		return CAS_EXIT_FAILURE;
+	unsigned long mark = cas_log_error_count();
 	r = s->ops->directory_get_raw(s, &digest, &buf, &len);
 	if (r == -ENOENT)
-		return cas_cli_fail("dir get", "directory %s: not in the store", hex);
+		return cas_cli_store_fail(mark, "dir get", "directory %s: not in the store",
+					  hex);
 	if (r < 0)
-		return cas_cli_fail("dir get", "directory %s: %s", hex, strerror(-r));
+		return cas_cli_store_fail(mark, "dir get", "directory %s: %s", hex, strerror(-r));
 	if (!json) {
 		r = cas_write_all(STDOUT_FILENO, buf, len);
 		if (r < 0)

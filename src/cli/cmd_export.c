@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include "cli/cli.h"
+#include "core/log.h"
 #include "core/util.h"
 #include "store/import.h"
 
@@ -52,9 +53,10 @@ int cmd_export(struct cas_cli *cli, int argc, char **argv)
 	r = cas_cli_resolve("export", s, spec, &node);
 	if (r)
 		return r;
+	unsigned long mark = cas_log_error_count();
 	r = cas_export(s, node, dest);
 	if (r < 0)
-		/* cas_export has logged the line naming the path or digest. */
-		return CAS_EXIT_FAILURE;
+		return cas_cli_store_fail(mark, "export", "%s: %s", dest,
+					  strerror(-r));
 	return CAS_EXIT_OK;
 }

@@ -9,6 +9,7 @@
 #include <time.h>
 
 #include "cli/cli.h"
+#include "core/log.h"
 #include "core/util.h"
 #include "store/import.h"
 #include "store/local.h"
@@ -172,12 +173,13 @@ int cmd_import(struct cas_cli *cli, int argc, char **argv)
 		io.progress = show_progress;
 		io.userdata = &ps;
 	}
+	unsigned long mark = cas_log_error_count();
 	r = cas_import(s, path, name, &io, &node, NULL);
 	if (ps.shown)
 		(void)!write(STDERR_FILENO, "\r\033[K", 4);
 	if (r < 0)
-		/* cas_import has logged the line naming the path. */
-		return CAS_EXIT_FAILURE;
+		return cas_cli_store_fail(mark, "import", "%s: %s", path,
+					  strerror(-r));
 	print_root(name, node);
 	return CAS_EXIT_OK;
 }

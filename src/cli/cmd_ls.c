@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "core/log.h"
 #include "core/util.h"
 
 static const char ls_help[] =
@@ -106,10 +107,11 @@ int cmd_ls(struct cas_cli *cli, int argc, char **argv)
 		print_entry(node, (const uint8_t *)base, strlen(base));
 		return CAS_EXIT_OK;
 	}
+	unsigned long mark = cas_log_error_count();
 	r = cas_store_directory_get(s, &node->digest, &d);
 	if (r < 0) {
 		cas_digest_to_hex(&node->digest, hex);
-		return cas_cli_fail("ls", "%s: directory %s: %s", spec, hex,
+		return cas_cli_store_fail(mark, "ls", "%s: directory %s: %s", spec, hex,
 				    r == -ENOENT ? "not in the store" :
 						   strerror(-r));
 	}

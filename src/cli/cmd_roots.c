@@ -8,6 +8,7 @@
 
 #include "cli/cli.h"
 #include "cli/json.h"
+#include "core/log.h"
 #include "core/util.h"
 
 static const char roots_help[] =
@@ -91,9 +92,10 @@ static int roots_list(struct cas_cli *cli, int argc, char **argv)
 		return CAS_EXIT_FAILURE;
 	if (ls.json)
 		fputc('[', stdout);
+	unsigned long mark = cas_log_error_count();
 	int r = s->ops->roots_foreach(s, list_one, &ls);
 	if (r < 0)
-		return cas_cli_fail("roots list", "%s: %s", cli->store_spec,
+		return cas_cli_store_fail(mark, "roots list", "%s: %s", cli->store_spec,
 				    strerror(-r));
 	if (ls.json)
 		fputs(ls.n ? "\n]\n" : "]\n", stdout);
@@ -178,9 +180,10 @@ static int roots_add(struct cas_cli *cli, int argc, char **argv)
 		return cas_cli_usage("roots add", "%s: %s", name, why);
 	if (cas_cli_open_store(cli, true, &s) < 0)
 		return CAS_EXIT_FAILURE;
+	unsigned long mark = cas_log_error_count();
 	r = s->ops->root_set(s, name, &node);
 	if (r < 0)
-		return cas_cli_fail("roots add", "%s: %s", name, strerror(-r));
+		return cas_cli_store_fail(mark, "roots add", "%s: %s", name, strerror(-r));
 	return CAS_EXIT_OK;
 }
 
@@ -208,11 +211,12 @@ static int roots_rm(struct cas_cli *cli, int argc, char **argv)
 	/* Not created: removing from a store that is not there fails. */
 	if (cas_cli_open_store_mode(cli, CAS_CLI_STORE_WRITE, &s) < 0)
 		return CAS_EXIT_FAILURE;
+	unsigned long mark = cas_log_error_count();
 	int r = s->ops->root_remove(s, name);
 	if (r == -ENOENT)
-		return cas_cli_fail("roots rm", "%s: no such root", name);
+		return cas_cli_store_fail(mark, "roots rm", "%s: no such root", name);
 	if (r < 0)
-		return cas_cli_fail("roots rm", "%s: %s", name, strerror(-r));
+		return cas_cli_store_fail(mark, "roots rm", "%s: %s", name, strerror(-r));
 	return CAS_EXIT_OK;
 }
 

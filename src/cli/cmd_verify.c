@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "cli/cli.h"
+#include "core/log.h"
 #include "core/util.h"
 #include "store/local.h"
 
@@ -47,9 +48,10 @@ int cmd_verify(struct cas_cli *cli, int argc, char **argv)
 	if (!cas_store_is_local(s))
 		return cas_cli_fail("verify", "%s: verify needs a local store",
 				    cli->store_spec);
+	unsigned long mark = cas_log_error_count();
 	int r = cas_local_verify(s, print_problem, &printed);
 	if (r < 0)
-		return cas_cli_fail("verify", "%s: %s", cli->store_spec,
+		return cas_cli_store_fail(mark, "verify", "%s: %s", cli->store_spec,
 				    strerror(-r));
 	if (r > 0 || printed > 0)
 		return cas_cli_fail("verify", "%s: %zu problem%s found",

@@ -73,6 +73,18 @@ static int mkdir_parents(const char *path)
 	return 0;
 }
 
+int cas_cli_store_fail(unsigned long mark, const char *verb, const char *fmt,
+		       ...)
+{
+	if (cas_log_error_count() != mark)
+		return CAS_EXIT_FAILURE;
+	va_list ap;
+	va_start(ap, fmt);
+	vprint_line(verb, fmt, ap);
+	va_end(ap);
+	return CAS_EXIT_FAILURE;
+}
+
 int cas_cli_open_store(struct cas_cli *cli, bool create, cas_store **ret)
 {
 	return cas_cli_open_store_mode(cli, create ? CAS_CLI_STORE_CREATE :
@@ -96,9 +108,17 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 			.cache_dir = cli->cache_dir,
 			.cache_max = cli->cache_max,
 		};
+		/* The cache is a local store; the default one lives in
+		 * ~/.cache, which may not exist yet. */
+		if (cli->cache_dir && (r = mkdir_parents(cli->cache_dir)) < 0) {
+			cas_cli_fail("store", "cache %s: %s", cli->cache_dir,
+				     strerror(-r));
+			return r;
+		}
+		unsigned long mark = cas_log_error_count();
 		r = cas_remote_open(spec, &ro, ret);
 		if (r < 0)
-			cas_cli_fail("store", "%s: %s", spec, strerror(-r));
+			cas_cli_store_fail(mark, "store", "%s: %s", spec, strerror(-r));
 		return r;
 	}
 #else
@@ -118,11 +138,10 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 			return r;
 		}
 	}
+	unsigned long mark = cas_log_error_count();
 	r = cas_local_open(spec, &lo, ret);
-	/* cas_local_open names the store and the reason itself, except when
-	 * memory runs out. */
-	if (r == -ENOMEM)
-		cas_cli_fail("store", "%s: %s", spec, strerror(-r));
+	if (r < 0)
+		cas_cli_store_fail(mark, "store", "%s: %s", spec, strerror(-r));
 	return r;
 }
 
@@ -207,14 +226,15 @@ static int walk_step(const char *verb, cas_store *s, const char *spec,
 	char hex[CAS_DIGEST_HEX_LEN + 1];
 
 	if ((*node)->type != CAS_NODE_DIRECTORY)
-		return cas_cli_fail(verb, "%s: %.*s is below a %s", spec,
-				    (int)len, (const char *)name,
-				    (*node)->type == CAS_NODE_FILE ? "file" :
-								     "symlink");
+		return cas_cli_fail(verb, "%s: %s", spec,
+				    (*node)->type == CAS_NODE_FILE ?
+					    "not a directory" :
+					    "a symlink on the way (symlinks are not followed)");
+	unsigned long mark = cas_log_error_count();
 	int r = cas_store_directory_get(s, &(*node)->digest, &d);
 	if (r < 0) {
 		cas_digest_to_hex(&(*node)->digest, hex);
-		return cas_cli_fail(verb, "%s: directory %s: %s", spec, hex,
+		return cas_cli_store_fail(mark, verb, "%s: directory %s: %s", spec, hex,
 				    r == -ENOENT ? "not in the store" :
 						   strerror(-r));
 	}
@@ -250,11 +270,12 @@ int cas_cli_resolve(const char *verb, cas_store *s, const char *spec,
 		return cas_cli_fail(verb, "%s: %s", spec, strerror(ENOMEM));
 	if (!cas_root_name_valid(root))
 		return cas_cli_usage(verb, "%s: invalid root name", spec);
+	unsigned long mark = cas_log_error_count();
 	int r = s->ops->root_get(s, root, &node);
 	if (r == -ENOENT)
-		return cas_cli_fail(verb, "%s: no such root", root);
+		return cas_cli_store_fail(mark, verb, "%s: no such root", root);
 	if (r < 0)
-		return cas_cli_fail(verb, "%s: %s", root, strerror(-r));
+		return cas_cli_store_fail(mark, verb, "%s: %s", root, strerror(-r));
 
 	/* Empty components (a//b, a trailing /) are skipped as a shell
 	 * user expects; "." and ".." are not names and so are not found. */
@@ -282,11 +303,12 @@ int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
 	const size_t bufsize = 1 << 20;
 
 	cas_digest_to_hex(d, hex);
+	unsigned long mark = cas_log_error_count();
 	int r = s->ops->blob_open(s, d, &bfd, &size);
 	if (r == -ENOENT)
-		return cas_cli_fail(verb, "blob %s: not in the store", hex);
+		return cas_cli_store_fail(mark, verb, "blob %s: not in the store", hex);
 	if (r < 0)
-		return cas_cli_fail(verb, "blob %s: %s", hex, strerror(-r));
+		return cas_cli_store_fail(mark, verb, "blob %s: %s", hex, strerror(-r));
 	buf = malloc(bufsize);
 	if (!buf)
 		return cas_cli_fail(verb, "blob %s: %s", hex, strerror(ENOMEM));
