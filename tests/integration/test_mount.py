@@ -78,6 +78,10 @@ def mount(store, tmp_path):
     yield start
     for m in mounts:
         m.close()
+    for m in mounts:
+        # A sanitizer build reports at exit; a report fails the test.
+        err = m.stderr()
+        assert "Sanitizer" not in err and "runtime error" not in err, err
 
 
 def roots_json(castore):
