@@ -13,6 +13,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,8 +32,20 @@ static char tmpdir[] = "/tmp/test-castorefs-XXXXXX";
 static cas_store *store;
 static struct cas_fs *fs;
 static struct cas_fuse_session *session;
-static uint8_t *reply_buf;
-static size_t reply_size;
+/* Each thread has its own reply buffer (the concurrency test). */
+static __thread uint8_t *reply_buf;
+static __thread size_t reply_size;
+static size_t reply_need;
+
+static void reply_buf_ensure(void)
+{
+	if (reply_need > reply_size) {
+		free(reply_buf);
+		reply_buf = malloc(reply_need);
+		REQUIRE(reply_buf);
+		reply_size = reply_need;
+	}
+}
 
 /* ---- building the store ---- */
 
@@ -112,11 +126,11 @@ struct out {
 
 static void req_start(struct req *r, uint32_t opcode, uint64_t nodeid)
 {
-	static uint64_t unique = 1;
+	static atomic_ullong unique = 1;
 	memset(r, 0, sizeof(*r));
 	struct fuse_in_header h = {
 		.opcode = opcode,
-		.unique = unique++,
+		.unique = atomic_fetch_add(&unique, 1),
 		.nodeid = nodeid,
 	};
 	memcpy(r->b, &h, sizeof(h));
@@ -162,13 +176,8 @@ static void init_session(struct cas_fs_options opts)
 		.max_pages = 256,
 	};
 	REQUIRE(cas_fuse_session_new(cas_fs_ops(), fs, &cfg, &session) == 0);
-	size_t need = cas_fuse_reply_bufsize(&cfg);
-	if (need > reply_size) {
-		free(reply_buf);
-		reply_buf = malloc(need);
-		REQUIRE(reply_buf);
-		reply_size = need;
-	}
+	reply_need = cas_fuse_reply_bufsize(&cfg);
+	reply_buf_ensure();
 	struct req r;
 	struct out o;
 	req_start(&r, FUSE_INIT, 0);
@@ -219,7 +228,8 @@ static void forget(uint64_t ino, uint64_t n)
 	struct fuse_forget_in in = { .nlookup = n };
 	req_add(&r, &in, sizeof(in));
 	run(&r, &o);
-	CHECK(!o.reply.send);
+	if (o.reply.send)
+		REQUIRE(!"FORGET got a reply");
 }
 
 static int getattr(uint64_t ino, struct fuse_attr *ret)
@@ -538,6 +548,75 @@ static void test_root_listing_and_xattrs(void)
 	CHECK(o.error == -ENODATA);
 }
 
+/* Lookups, forgets, reads and listings from several threads at once, with
+ * every lookup reference given back: afterwards only the root is left.
+ * (Run under -fsanitize=thread to check the locking.) */
+static atomic_uint hammer_failures;
+
+/* CHECK counts without locks; threads count their own failures. */
+#define HCHECK(cond)                                                           \
+	do {                                                                   \
+		if (!(cond)) {                                                 \
+			fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, \
+				__LINE__, #cond);                              \
+			atomic_fetch_add(&hammer_failures, 1);                 \
+		}                                                              \
+	} while (0)
+
+static uint64_t hlookup(uint64_t parent, const char *name)
+{
+	struct fuse_entry_out e;
+	int r = lookup(parent, name, &e);
+	HCHECK(r == 0 && e.nodeid != 0);
+	return e.nodeid;
+}
+
+static void *hammer(void *arg)
+{
+	unsigned seed = (unsigned)(uintptr_t)arg;
+	reply_buf_ensure();
+	for (int i = 0; i < 300; i++) {
+		uint64_t r = hlookup(1, "r");
+		const char *names[] = { "a", "b", "x", "big", "l", "d1", "d2" };
+		const char *name = names[(seed + (unsigned)i) % 7];
+		uint64_t n = hlookup(r, name);
+		struct fuse_attr at;
+		HCHECK(getattr(n, &at) == 0);
+		if (S_ISREG(at.mode)) {
+			uint64_t fh = 0;
+			HCHECK(open_(FUSE_OPEN, n, O_RDONLY, &fh, NULL) == 0);
+			struct req q;
+			struct out o;
+			req_start(&q, FUSE_READ, n);
+			struct fuse_read_in in = { .fh = fh, .size = 4096 };
+			req_add(&q, &in, sizeof(in));
+			run(&q, &o);
+			HCHECK(o.error == 0);
+			HCHECK(release(FUSE_RELEASE, n, fh) == 0);
+		} else if (S_ISDIR(at.mode)) {
+			forget(hlookup(n, "f"), 1);
+		}
+		forget(n, 1);
+		forget(r, 1);
+	}
+	free(reply_buf);
+	reply_buf = NULL;
+	reply_size = 0;
+	return NULL;
+}
+
+static void test_concurrency(void)
+{
+	init_session((struct cas_fs_options){ 0 });
+	pthread_t t[4];
+	for (uintptr_t i = 0; i < 4; i++)
+		REQUIRE(pthread_create(&t[i], NULL, hammer, (void *)i) == 0);
+	for (int i = 0; i < 4; i++)
+		pthread_join(t[i], NULL);
+	CHECK(atomic_load(&hammer_failures) == 0);
+	CHECK(live_inodes() == 1);
+}
+
 int main(void)
 {
 	make_store();
@@ -548,6 +627,7 @@ int main(void)
 	test_read();
 	test_absent_content();
 	test_root_listing_and_xattrs();
+	test_concurrency();
 
 	struct cas_fs_stats st;
 	cas_fs_get_stats(fs, &st);
