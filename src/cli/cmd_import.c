@@ -70,7 +70,7 @@ static void show_progress(void *userdata, const struct cas_import_progress *p)
 }
 
 /* The last component of path, trailing slashes stripped (malloc'd). */
-static char *default_name(const char *path)
+static char *last_component(const char *path)
 {
 	size_t len = strlen(path);
 	while (len > 1 && path[len - 1] == '/')
@@ -79,6 +79,21 @@ static char *default_name(const char *path)
 	while (start > path && start[-1] != '/')
 		start--;
 	return strndup(start, (size_t)(path + len - start));
+}
+
+/* The default root name: the last component of PATH, or for "." and ".."
+ * that of the folder they stand for. */
+static char *default_name(const char *path)
+{
+	char *name = last_component(path);
+	if (name && (!strcmp(name, ".") || !strcmp(name, ".."))) {
+		_cleanup_free_ char *real = realpath(path, NULL);
+		if (real) {
+			free(name);
+			name = last_component(real);
+		}
+	}
+	return name;
 }
 
 static void print_root(const char *name, const cas_node *node)

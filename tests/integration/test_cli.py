@@ -238,6 +238,10 @@ def test_reimport_same_digest_no_new_blob(trees, castore, store):
 def test_import_default_name_and_file_root(small_tree, castore, store):
     p = castore("import", str(small_tree) + "/")
     assert p.stdout.decode().split()[:2] == ["small", "directory"]
+    p = castore("import", ".", "--name", "dot", cwd=small_tree)
+    assert p.stdout.decode().split()[:2] == ["dot", "directory"]
+    p = castore("import", "b/..", cwd=small_tree)
+    assert p.stdout.decode().split()[:2] == ["small", "directory"]
     p = castore("import", small_tree / "a.txt")
     assert p.stdout.decode().split() == ["a.txt", "file", b3sum_bytes(pattern_bytes(5000)), "5000"]
     p = castore("import", small_tree / "odd" / "tool")
@@ -245,7 +249,7 @@ def test_import_default_name_and_file_root(small_tree, castore, store):
     # PATH itself is followed when it is a symlink (as cp -r does).
     p = castore("import", small_tree / "odd" / "rel-link", "--name", "ln")
     assert p.stdout.decode().split()[:2] == ["ln", "file"]
-    assert {r["name"] for r in roots_json(castore)} == {"small", "a.txt", "tool", "ln"}
+    assert {r["name"] for r in roots_json(castore)} == {"small", "dot", "a.txt", "tool", "ln"}
     # A pipe gets no progress line: stderr stays empty on success.
     assert castore("import", small_tree, "--name", "again").stderr == b""
 
