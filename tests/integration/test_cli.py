@@ -13,7 +13,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -807,29 +806,14 @@ def test_ls_and_cat(small_tree, castore, store):
 
 # --- cross-check against an independent encoder -------------------------------
 
-def load_castore_pb(tmp_path):
-    """castore.proto compiled by protoc, if the project has it: the helpers
-    in castore_pb.py, else protos/castore.proto compiled here. None if
-    neither exists (then our own Python encoder is the independent one)."""
-    try:
-        mod = importlib.import_module("castore_pb")
-        for attr in ("Directory", "castore_pb2", "pb2"):
-            if hasattr(mod, attr):
-                return mod if attr == "Directory" else getattr(mod, attr)
-    except ImportError:
-        pass
-    proto = ROOT / "protos" / "castore.proto"
-    if not proto.exists():
+def load_castore_pb():
+    """The messages of protos/castore.proto compiled by protoc
+    (castore_pb.py, shared by the integration tests); None when the project
+    has no castore.proto, and then our own Python encoder above is the
+    independent one."""
+    if not (ROOT / "protos" / "castore.proto").exists():
         return None
-    out = tmp_path / "pb"
-    out.mkdir()
-    subprocess.run(["protoc", f"--proto_path={proto.parent}", f"--python_out={out}", str(proto)],
-                   check=True)
-    sys.path.insert(0, str(out))
-    try:
-        return importlib.import_module("castore_pb2")
-    finally:
-        sys.path.pop(0)
+    return importlib.import_module("castore_pb")
 
 
 def test_every_directory_of_a_real_tree(xcheck_tree, castore, store, tmp_path):
@@ -839,7 +823,7 @@ def test_every_directory_of_a_real_tree(xcheck_tree, castore, store, tmp_path):
     Python one), and say what the filesystem holds."""
     src = os.fsencode(xcheck_tree)
     root_d, root_size = import_root(castore, xcheck_tree, "x")
-    pb = load_castore_pb(tmp_path)
+    pb = load_castore_pb()
     raw_dir = tmp_path / "raw"
     raw_dir.mkdir()
     seen = []
