@@ -1,27 +1,54 @@
-/* grpc_client.c - a tvix castore gRPC client on libcurl (grpc_i.h), and
- * the fetcher of grpc+http:// and grpc+unix:// remote stores.
+/* grpc_client.c - a tvix castore gRPC client (grpc_i.h), and the fetcher
+ * of grpc+http:// and grpc+unix:// remote stores.
  *
- * libcurl speaks HTTP/2 with prior knowledge over TCP or a unix socket,
- * streams request bodies from a read callback and response bodies to a
- * write callback, and hands HTTP/2 trailers to the header callback, where
- * grpc-status and grpc-message are picked up. */
+ * HTTP/2 with prior knowledge over TCP or a unix socket, on libnghttp2's
+ * client session. (libcurl speaks it too, but Debian 12's 7.88 fails every
+ * request after the first on a reused prior-knowledge connection - curl
+ * issue 10634 - and a connection per call costs a handshake and, on the
+ * server, a thread per call.) Connections are pooled: a call takes one
+ * (one stream at a time), runs it to the end with blocking I/O in a poll
+ * loop, and gives it back if it is still good; a call on a reused
+ * connection that dies before any answer is retried once on a new one.
+ */
 #include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <nghttp2/nghttp2.h>
 
 #include "core/log.h"
 #include "core/util.h"
 #include "remote/grpc_i.h"
 #include "remote/remote_i.h"
 
+/* No byte in either direction for this long: the call fails. */
+#define STALL_MS 60000
+#define MAX_IDLE 16
+
+struct h2conn {
+	int fd;
+	nghttp2_session *session;
+	bool broken; /* transport failed or GOAWAY: not reusable */
+	struct call *call;
+};
+
 struct cas_grpc_client {
-	bool reuse;       /* libcurl reuses prior-knowledge HTTP/2 right */
-	char *url;        /* as given, for messages */
-	char *base;       /* http://HOST:PORT */
-	char *unix_path;  /* or NULL */
-	struct cas_curl_pool pool;
-	struct curl_slist *headers;
+	char *url;       /* as given, for messages */
+	char *authority; /* HOST:PORT, or "localhost" */
+	char *host, *port;
+	char *unix_path; /* or NULL */
+	pthread_mutex_t lock;
+	struct h2conn *idle[MAX_IDLE]; /* protected by lock */
+	size_t n_idle;                 /* protected by lock */
 };
 
 const char *cas_grpc_client_url(const cas_grpc_client *c)
@@ -29,86 +56,96 @@ const char *cas_grpc_client_url(const cas_grpc_client *c)
 	return c->url;
 }
 
+static void conn_free(struct h2conn *h)
+{
+	if (!h)
+		return;
+	if (h->session)
+		nghttp2_session_del(h->session);
+	if (h->fd >= 0)
+		close(h->fd);
+	free(h);
+}
+
 int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 {
-	int r = cas_curl_init();
-	if (r < 0)
-		return r;
 	cas_grpc_client *c = calloc(1, sizeof(*c));
 	if (!c)
 		return -ENOMEM;
+	pthread_mutex_init(&c->lock, NULL);
 	c->url = strdup(url);
+	if (!c->url)
+		goto oom;
 	if (strncmp(url, "grpc+http://", 12) == 0) {
-		const char *hostport = url + 12;
-		size_t n = strcspn(hostport, "/?#");
-		if (n == 0) {
+		const char *hp = url + 12;
+		size_t n = strcspn(hp, "/?#");
+		c->authority = strndup(hp, n);
+		if (!c->authority)
+			goto oom;
+		char *colon = strrchr(c->authority, ':');
+		char *close_br = strrchr(c->authority, ']');
+		if (n == 0 || !colon || (close_br && colon < close_br) || !colon[1]) {
 			cas_grpc_client_free(c);
-			return cas_log_errno(-EINVAL, "%s: no HOST:PORT", url);
+			return cas_log_errno(-EINVAL, "%s: HOST:PORT expected", url);
 		}
-		if (asprintf(&c->base, "http://%.*s", (int)n, hostport) < 0)
-			c->base = NULL;
+		const char *h = c->authority;
+		size_t hl = (size_t)(colon - c->authority);
+		if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') {
+			h++;
+			hl -= 2;
+		}
+		c->host = strndup(h, hl);
+		c->port = strdup(colon + 1);
+		if (!c->host || !c->port)
+			goto oom;
 	} else if (strncmp(url, "grpc+unix://", 12) == 0 && url[12] == '/') {
 		c->unix_path = strdup(url + 12);
-		c->base = strdup("http://localhost");
-		if (!c->unix_path) {
-			cas_grpc_client_free(c);
-			return -ENOMEM;
-		}
+		c->authority = strdup("localhost");
+		if (!c->unix_path || !c->authority)
+			goto oom;
 	} else {
 		cas_grpc_client_free(c);
 		return cas_log_errno(-EINVAL, "%s: not grpc+http://HOST:PORT or grpc+unix:///PATH",
 				     url);
 	}
-	struct curl_slist *h = NULL;
-	static const char *const hdrs[] = { "Content-Type: application/grpc",
-					    "TE: trailers", "Expect:",
-					    "grpc-accept-encoding: identity" };
-	for (size_t i = 0; i < CAS_ARRAY_SIZE(hdrs); i++) {
-		struct curl_slist *n = curl_slist_append(h, hdrs[i]);
-		if (!n)
-			break;
-		h = n;
-	}
-	c->headers = h;
-	if (!c->url || !c->base || !c->headers) {
-		cas_grpc_client_free(c);
-		return -ENOMEM;
-	}
-	cas_curl_pool_init(&c->pool);
-	/* libcurl before 8.0 fails every request after the first on a
-	 * reused prior-knowledge HTTP/2 connection ("Error in the HTTP2
-	 * framing layer", curl issue 10634): there, one connection per
-	 * call. */
-	c->reuse = curl_version_info(CURLVERSION_NOW)->version_num >= 0x080000;
 	*ret = c;
 	return 0;
+oom:
+	cas_grpc_client_free(c);
+	return -ENOMEM;
 }
 
 void cas_grpc_client_free(cas_grpc_client *c)
 {
 	if (!c)
 		return;
-	if (c->headers) {
-		cas_curl_pool_release(&c->pool);
-		curl_slist_free_all(c->headers);
-	}
+	for (size_t i = 0; i < c->n_idle; i++)
+		conn_free(c->idle[i]);
+	pthread_mutex_destroy(&c->lock);
 	free(c->url);
-	free(c->base);
+	free(c->authority);
+	free(c->host);
+	free(c->port);
 	free(c->unix_path);
 	free(c);
 }
 
 struct call {
-	int status; /* -1 until seen */
+	int32_t stream_id;
+	bool done;       /* stream closed */
+	bool answered;   /* any frame of the answer arrived */
+	uint32_t rst;    /* error code the stream closed with */
+	int status;      /* grpc-status, -1 until seen */
 	char message[512];
-	long http_code;
+	int http_status;
 	struct cas_grpc_reader reader;
 	cas_grpc_msg_cb on_msg;
 	void *msg_ud;
-	int r; /* error from the message callback or framing */
+	int r; /* first error of a callback, or of framing */
+	const uint8_t *req;
+	size_t req_len, req_pos;
 	cas_grpc_produce produce;
 	void *produce_ud;
-	int produce_r;
 };
 
 static int hexval(char c)
@@ -121,63 +158,313 @@ static int hexval(char c)
 	return -1;
 }
 
-static void percent_decode(const char *in, size_t len, char *out, size_t size)
+static void percent_decode(const uint8_t *in, size_t len, char *out, size_t size)
 {
 	size_t o = 0;
 	for (size_t i = 0; i < len && o + 1 < size; i++) {
-		if (in[i] == '%' && i + 2 < len && hexval(in[i + 1]) >= 0 &&
-		    hexval(in[i + 2]) >= 0) {
-			char ch = (char)(hexval(in[i + 1]) << 4 | hexval(in[i + 2]));
+		if (in[i] == '%' && i + 2 < len && hexval((char)in[i + 1]) >= 0 &&
+		    hexval((char)in[i + 2]) >= 0) {
+			char ch = (char)(hexval((char)in[i + 1]) << 4 |
+					 hexval((char)in[i + 2]));
 			out[o++] = ch >= 0x20 && ch != 0x7f ? ch : '?';
 			i += 2;
 		} else {
-			out[o++] = in[i];
+			out[o++] = in[i] >= 0x20 && in[i] < 0x7f ? (char)in[i] : '?';
 		}
 	}
 	out[o] = 0;
 }
 
-static size_t header_cb(char *buf, size_t size, size_t nitems, void *userdata)
+static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
+		     const uint8_t *name, size_t namelen, const uint8_t *value,
+		     size_t valuelen, uint8_t flags, void *user_data)
 {
-	struct call *call = userdata;
-	size_t len = size * nitems, n = len;
-	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
-		n--;
-	if (n > 12 && strncasecmp(buf, "grpc-status:", 12) == 0) {
-		const char *v = buf + 12;
-		while (*v == ' ')
-			v++;
-		call->status = atoi(v);
-	} else if (n > 13 && strncasecmp(buf, "grpc-message:", 13) == 0) {
-		size_t off = 13;
-		while (off < n && buf[off] == ' ')
-			off++;
-		percent_decode(buf + off, n - off, call->message,
-			       sizeof(call->message));
-	}
-	return len;
-}
-
-static size_t write_cb(char *buf, size_t size, size_t nmemb, void *userdata)
-{
-	struct call *call = userdata;
-	size_t len = size * nmemb;
-	if (call->r < 0)
+	struct h2conn *h = user_data;
+	struct call *call = h->call;
+	if (!call || frame->hd.stream_id != call->stream_id)
 		return 0;
-	call->r = cas_grpc_reader_feed(&call->reader, (const uint8_t *)buf, len,
-				       call->on_msg, call->msg_ud);
-	return call->r < 0 ? 0 : len;
+	call->answered = true;
+	if (namelen == 7 && memcmp(name, ":status", 7) == 0) {
+		char v[8];
+		size_t n = CAS_MIN(valuelen, sizeof(v) - 1);
+		memcpy(v, value, n);
+		v[n] = 0;
+		call->http_status = atoi(v);
+	} else if (namelen == 11 && memcmp(name, "grpc-status", 11) == 0) {
+		char v[12];
+		size_t n = CAS_MIN(valuelen, sizeof(v) - 1);
+		memcpy(v, value, n);
+		v[n] = 0;
+		call->status = atoi(v);
+	} else if (namelen == 12 && memcmp(name, "grpc-message", 12) == 0) {
+		percent_decode(value, valuelen, call->message, sizeof(call->message));
+	}
+	return 0;
 }
 
-static size_t read_cb(char *buf, size_t size, size_t nitems, void *userdata)
+static int on_data_chunk(nghttp2_session *session, uint8_t flags,
+			 int32_t stream_id, const uint8_t *data, size_t len,
+			 void *user_data)
 {
-	struct call *call = userdata;
-	ssize_t n = call->produce(call->produce_ud, (uint8_t *)buf, size * nitems);
-	if (n < 0) {
-		call->produce_r = (int)n;
-		return CURL_READFUNC_ABORT;
+	struct h2conn *h = user_data;
+	struct call *call = h->call;
+	if (!call || stream_id != call->stream_id || call->r < 0)
+		return 0;
+	call->answered = true;
+	call->r = cas_grpc_reader_feed(&call->reader, data, len, call->on_msg,
+				       call->msg_ud);
+	if (call->r < 0)
+		nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream_id,
+					  NGHTTP2_CANCEL);
+	return 0;
+}
+
+static int on_stream_close(nghttp2_session *session, int32_t stream_id,
+			   uint32_t error_code, void *user_data)
+{
+	struct h2conn *h = user_data;
+	struct call *call = h->call;
+	if (call && stream_id == call->stream_id) {
+		call->done = true;
+		call->rst = error_code;
 	}
-	return (size_t)n;
+	return 0;
+}
+
+static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
+			 void *user_data)
+{
+	struct h2conn *h = user_data;
+	if (frame->hd.type == NGHTTP2_GOAWAY)
+		h->broken = true;
+	return 0;
+}
+
+static ssize_t request_read(nghttp2_session *session, int32_t stream_id,
+			    uint8_t *buf, size_t length, uint32_t *data_flags,
+			    nghttp2_data_source *source, void *user_data)
+{
+	struct h2conn *h = user_data;
+	struct call *call = h->call;
+	if (call->produce) {
+		ssize_t n = call->produce(call->produce_ud, buf, length);
+		if (n < 0) {
+			call->r = (int)n;
+			return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+		}
+		if (n == 0)
+			*data_flags |= NGHTTP2_DATA_FLAG_EOF;
+		return n;
+	}
+	size_t n = CAS_MIN(length, call->req_len - call->req_pos);
+	memcpy(buf, call->req + call->req_pos, n);
+	call->req_pos += n;
+	if (call->req_pos == call->req_len)
+		*data_flags |= NGHTTP2_DATA_FLAG_EOF;
+	return (ssize_t)n;
+}
+
+static int connect_to(cas_grpc_client *c, int *ret_fd)
+{
+	int fd = -1, r = -ECONNREFUSED;
+	if (c->unix_path) {
+		struct sockaddr_un sa = { .sun_family = AF_UNIX };
+		if (strlen(c->unix_path) >= sizeof(sa.sun_path))
+			return -ENAMETOOLONG;
+		strcpy(sa.sun_path, c->unix_path);
+		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd < 0)
+			return cas_negerrno();
+		if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+			r = cas_negerrno();
+			close(fd);
+			return r;
+		}
+		*ret_fd = fd;
+		return 0;
+	}
+	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
+				  .ai_flags = AI_NUMERICSERV },
+			*res = NULL;
+	if (getaddrinfo(c->host, c->port, &hints, &res) != 0)
+		return -EHOSTUNREACH;
+	for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
+		fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0);
+		if (fd < 0) {
+			r = cas_negerrno();
+			continue;
+		}
+		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+			int one = 1;
+			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+			r = 0;
+			break;
+		}
+		r = cas_negerrno();
+		close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(res);
+	if (r == 0)
+		*ret_fd = fd;
+	return r;
+}
+
+static int conn_new(cas_grpc_client *c, struct h2conn **ret)
+{
+	nghttp2_session_callbacks *cbs;
+	struct h2conn *h = calloc(1, sizeof(*h));
+	if (!h)
+		return -ENOMEM;
+	h->fd = -1;
+	int r = connect_to(c, &h->fd);
+	if (r < 0) {
+		free(h);
+		return r;
+	}
+	if (nghttp2_session_callbacks_new(&cbs) != 0) {
+		conn_free(h);
+		return -ENOMEM;
+	}
+	nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
+	nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
+	nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+	nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+	r = nghttp2_session_client_new(&h->session, cbs, h);
+	nghttp2_session_callbacks_del(cbs);
+	if (r != 0) {
+		h->session = NULL;
+		conn_free(h);
+		return -ENOMEM;
+	}
+	nghttp2_settings_entry settings[] = {
+		{ NGHTTP2_SETTINGS_ENABLE_PUSH, 0 },
+		{ NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 8u << 20 },
+		{ NGHTTP2_SETTINGS_MAX_FRAME_SIZE, 1u << 18 },
+	};
+	nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, settings,
+				CAS_ARRAY_SIZE(settings));
+	nghttp2_session_set_local_window_size(h->session, NGHTTP2_FLAG_NONE, 0,
+					      64u << 20);
+	*ret = h;
+	return 0;
+}
+
+/* A pooled connection that still looks alive, or NULL. */
+static struct h2conn *conn_take_idle(cas_grpc_client *c)
+{
+	for (;;) {
+		struct h2conn *h = NULL;
+		pthread_mutex_lock(&c->lock);
+		if (c->n_idle > 0)
+			h = c->idle[--c->n_idle];
+		pthread_mutex_unlock(&c->lock);
+		if (!h)
+			return NULL;
+		/* Closed by the peer while idle? (A GOAWAY or PING is read
+		 * and handled here too.) */
+		struct pollfd p = { h->fd, POLLIN, 0 };
+		bool ok = true;
+		if (poll(&p, 1, 0) > 0) {
+			uint8_t buf[4096];
+			ssize_t n = recv(h->fd, buf, sizeof(buf), MSG_DONTWAIT);
+			ok = n > 0 && nghttp2_session_mem_recv(h->session, buf, (size_t)n) >= 0;
+		}
+		if (ok && !h->broken && nghttp2_session_want_read(h->session))
+			return h;
+		conn_free(h);
+	}
+}
+
+static void conn_put_idle(cas_grpc_client *c, struct h2conn *h)
+{
+	h->call = NULL;
+	pthread_mutex_lock(&c->lock);
+	if (c->n_idle < MAX_IDLE) {
+		c->idle[c->n_idle++] = h;
+		h = NULL;
+	}
+	pthread_mutex_unlock(&c->lock);
+	conn_free(h);
+}
+
+/* Sends what nghttp2 has queued, blocking until the socket takes it. */
+static int conn_send(struct h2conn *h)
+{
+	for (;;) {
+		const uint8_t *data;
+		ssize_t n = nghttp2_session_mem_send(h->session, &data);
+		if (n < 0)
+			return -EPROTO;
+		if (n == 0)
+			return 0;
+		size_t off = 0;
+		while (off < (size_t)n) {
+			ssize_t w = send(h->fd, data + off, (size_t)n - off, MSG_NOSIGNAL);
+			if (w < 0 && errno == EINTR)
+				continue;
+			if (w < 0)
+				return cas_negerrno();
+			off += (size_t)w;
+		}
+	}
+}
+
+/* Runs one call on h: 0 when the stream closed (see call), or -errno
+ * for a transport failure. */
+static int conn_run(cas_grpc_client *c, struct h2conn *h, const char *path,
+		    struct call *call)
+{
+	nghttp2_nv nva[] = {
+		{ (uint8_t *)":method", (uint8_t *)"POST", 7, 4, NGHTTP2_NV_FLAG_NONE },
+		{ (uint8_t *)":scheme", (uint8_t *)"http", 7, 4, NGHTTP2_NV_FLAG_NONE },
+		{ (uint8_t *)":path", (uint8_t *)path, 5, strlen(path), NGHTTP2_NV_FLAG_NONE },
+		{ (uint8_t *)":authority", (uint8_t *)c->authority, 10,
+		  strlen(c->authority), NGHTTP2_NV_FLAG_NONE },
+		{ (uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16,
+		  NGHTTP2_NV_FLAG_NONE },
+		{ (uint8_t *)"te", (uint8_t *)"trailers", 2, 8, NGHTTP2_NV_FLAG_NONE },
+		{ (uint8_t *)"user-agent", (uint8_t *)"castore/0.1 grpc-c-nghttp2", 10, 26,
+		  NGHTTP2_NV_FLAG_NONE },
+	};
+	nghttp2_data_provider dp = { .read_callback = request_read };
+	uint8_t buf[64 * 1024];
+
+	h->call = call;
+	call->stream_id = nghttp2_submit_request(h->session, NULL, nva,
+						 CAS_ARRAY_SIZE(nva), &dp, NULL);
+	if (call->stream_id < 0)
+		return -EPROTO;
+	while (!call->done) {
+		int r = conn_send(h);
+		if (r < 0)
+			return r;
+		if (call->done)
+			break;
+		struct pollfd p = { h->fd, POLLIN, 0 };
+		if (nghttp2_session_want_write(h->session))
+			p.events |= POLLOUT;
+		int pr = poll(&p, 1, STALL_MS);
+		if (pr < 0 && errno == EINTR)
+			continue;
+		if (pr < 0)
+			return cas_negerrno();
+		if (pr == 0)
+			return -ETIMEDOUT;
+		if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
+			ssize_t n = recv(h->fd, buf, sizeof(buf), MSG_DONTWAIT);
+			if (n < 0 && (errno == EAGAIN || errno == EINTR))
+				continue;
+			if (n < 0)
+				return cas_negerrno();
+			if (n == 0)
+				return -ECONNRESET;
+			if (nghttp2_session_mem_recv(h->session, buf, (size_t)n) < 0)
+				return -EPROTO;
+		}
+	}
+	(void)conn_send(h); /* best effort: WINDOW_UPDATEs, RST_STREAM */
+	return 0;
 }
 
 static int ignore_msg(void *userdata, const uint8_t *msg, size_t len)
@@ -190,76 +477,67 @@ int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
 		  cas_grpc_msg_cb on_msg, void *msg_ud, int *ret_status,
 		  char *ret_message, size_t message_size)
 {
-	struct call call = { .status = -1, .on_msg = on_msg ? on_msg : ignore_msg,
-			     .msg_ud = msg_ud, .produce = produce,
-			     .produce_ud = produce_ud };
-	char url[4096];
+	struct call call;
 	int r;
 
-	CURL *e = cas_curl_pool_get(&c->pool);
-	if (!e)
-		return -ENOMEM;
-	snprintf(url, sizeof(url), "%s%s", c->base, path);
-	curl_easy_setopt(e, CURLOPT_URL, url);
-	if (c->unix_path)
-		curl_easy_setopt(e, CURLOPT_UNIX_SOCKET_PATH, c->unix_path);
-	curl_easy_setopt(e, CURLOPT_HTTP_VERSION,
-			 (long)CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE);
-	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT, 10L);
-	curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
-	curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, 60L);
-	curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
-	curl_easy_setopt(e, CURLOPT_USERAGENT, "castore/0.1 grpc-c-curl");
-	curl_easy_setopt(e, CURLOPT_HTTPHEADER, c->headers);
-	curl_easy_setopt(e, CURLOPT_POST, 1L);
-	if (!c->reuse)
-		curl_easy_setopt(e, CURLOPT_FORBID_REUSE, 1L);
-	if (produce) {
-		curl_easy_setopt(e, CURLOPT_READFUNCTION, read_cb);
-		curl_easy_setopt(e, CURLOPT_READDATA, &call);
-		curl_easy_setopt(e, CURLOPT_UPLOAD_BUFFERSIZE, 512L * 1024);
-	} else {
-		curl_easy_setopt(e, CURLOPT_POSTFIELDS, req);
-		curl_easy_setopt(e, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)req_len);
+	for (int attempt = 0;; attempt++) {
+		call = (struct call){ .status = -1,
+				      .on_msg = on_msg ? on_msg : ignore_msg,
+				      .msg_ud = msg_ud, .req = req,
+				      .req_len = req_len, .produce = produce,
+				      .produce_ud = produce_ud };
+		struct h2conn *h = attempt == 0 ? conn_take_idle(c) : NULL;
+		bool reused = h != NULL;
+		if (!h) {
+			r = conn_new(c, &h);
+			if (r < 0) {
+				r = cas_log_errno(-EIO, "%s: cannot connect: %s", c->url,
+						  strerror(-r));
+				break;
+			}
+		}
+		r = conn_run(c, h, path, &call);
+		if (r < 0 || h->broken || call.r < 0 || !call.done) {
+			conn_free(h);
+		} else {
+			conn_put_idle(c, h);
+		}
+		/* The server may have closed an idle connection just now;
+		 * once nothing was answered, a fresh one is safe to try
+		 * (a streamed request cannot be replayed). */
+		if (r < 0 && reused && !call.answered && !produce &&
+		    call.r == 0)
+			continue;
+		if (r < 0)
+			r = call.r < 0 ? call.r
+				       : cas_log_errno(-EIO, "%s%s: %s", c->url, path,
+						       strerror(-r));
+		break;
 	}
-	curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, header_cb);
-	curl_easy_setopt(e, CURLOPT_HEADERDATA, &call);
-	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, write_cb);
-	curl_easy_setopt(e, CURLOPT_WRITEDATA, &call);
-	curl_easy_setopt(e, CURLOPT_BUFFERSIZE, 512L * 1024);
-	if (getenv("CASTORE_CURL_VERBOSE"))
-		curl_easy_setopt(e, CURLOPT_VERBOSE, 1L);
-
-	CURLcode cc = curl_easy_perform(e);
-	curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &call.http_code);
-	if (call.produce_r < 0) {
-		r = call.produce_r;
-	} else if (call.r < 0) {
-		r = call.r == -EPROTONOSUPPORT || call.r == -EMSGSIZE
-			    ? cas_log_errno(-EIO, "%s%s: bad response message: %m",
-					    c->url, path)
-			    : call.r;
-	} else if (cc != CURLE_OK && call.status < 0) {
-		r = cas_log_errno(-EIO, "%s%s: %s", c->url, path,
-				  curl_easy_strerror(cc));
-	} else if (call.http_code != 200) {
-		r = cas_log_errno(-EIO, "%s%s: HTTP status %ld", c->url, path,
-				  call.http_code);
-	} else if (call.status < 0) {
-		r = cas_log_errno(-EIO, "%s%s: no grpc-status", c->url, path);
-	} else if (call.status == 0 && !cas_grpc_reader_idle(&call.reader)) {
-		r = cas_log_errno(-EIO, "%s%s: truncated response message",
-				  c->url, path);
-	} else {
-		r = cas_grpc_errno_from_status(call.status);
+	if (r >= 0) {
+		if (call.r < 0) {
+			r = call.r == -EPROTONOSUPPORT || call.r == -EMSGSIZE
+				    ? cas_log_errno(-EIO, "%s%s: bad response message: %m",
+						    c->url, path)
+				    : call.r;
+		} else if (call.http_status != 200) {
+			r = cas_log_errno(-EIO, "%s%s: HTTP status %d", c->url, path,
+					  call.http_status);
+		} else if (call.status < 0) {
+			r = cas_log_errno(-EIO, "%s%s: no grpc-status (stream closed with HTTP/2 error %u)",
+					  c->url, path, call.rst);
+		} else if (call.status == 0 && !cas_grpc_reader_idle(&call.reader)) {
+			r = cas_log_errno(-EIO, "%s%s: truncated response message",
+					  c->url, path);
+		} else {
+			r = cas_grpc_errno_from_status(call.status);
+		}
 	}
 	if (ret_status)
 		*ret_status = call.status;
 	if (ret_message && message_size)
 		snprintf(ret_message, message_size, "%s", call.message);
 	cas_grpc_reader_release(&call.reader);
-	cas_curl_pool_put(&c->pool, e);
 	return r;
 }
 

@@ -845,7 +845,9 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 	int lfd = -1, r;
 	bool is_unix = strncmp(listen_spec, "unix:", 5) == 0;
 
-	snprintf(bound, sizeof(bound), "%s", listen_spec);
+	size_t spec_len = CAS_MIN(strlen(listen_spec), sizeof(bound) - 1);
+	memcpy(bound, listen_spec, spec_len);
+	bound[spec_len] = 0;
 	if (is_unix)
 		r = listen_unix(listen_spec + 5, &lfd);
 	else

@@ -105,7 +105,7 @@ def make_tree(path):
 @pytest.fixture
 def tree(tmp_path):
     t = make_tree(tmp_path / "tree")
-    copy_tree("/usr/include/linux", t / "include", limit_files=150)
+    copy_tree("/usr/include/linux", t / "include", limit_files=60)
     return t
 
 
@@ -566,7 +566,7 @@ def unmount(p, mnt):
 def test_push_and_read_back(tmp_path, filled, tree, memserver):
     run(["push", memserver.url, "t"], store=filled)
     n_blobs, n_dirs = len(memserver.blobs), len(memserver.dirs)
-    assert n_blobs > 100 and n_dirs >= 5
+    assert n_blobs > 50 and n_dirs >= 4
     for d, data in memserver.blobs.items():
         assert b3(data) == d
     # Again: nothing is sent.
@@ -714,11 +714,12 @@ def test_publish_layout(tmp_path, filled, tree, published):
     assert (published / "blobs" / d[:2] / d).read_bytes() == data
     roots = (published / "roots").read_text().splitlines()
     assert any(line.startswith("t\t") for line in roots)
-    # Every Directory file hashes to its name; every blob too.
-    for kind in ("blobs", "directories"):
-        for root, _, files in os.walk(published / kind):
-            for f in files:
-                assert b3((Path(root) / f).read_bytes()).hex() == f
+    # Every Directory file hashes to its name; every blob too (one b3sum).
+    paths = [Path(root) / f for kind in ("blobs", "directories")
+             for root, _, files in os.walk(published / kind) for f in files]
+    sums = subprocess.run(["b3sum", "--no-names", *map(str, paths)],
+                          capture_output=True, check=True).stdout.decode().split()
+    assert sums == [p.name for p in paths]
     # Publishing again writes nothing new and keeps the files as they are.
     stamp = {p: p.stat().st_mtime_ns for p in published.rglob("*") if p.is_file()
              and p.name != "roots"}
