@@ -14,9 +14,9 @@
 
 #include "store/store.h"
 
-#define CAS_EXIT_OK 0
+#define CAS_EXIT_OK	 0
 #define CAS_EXIT_FAILURE 1
-#define CAS_EXIT_USAGE 2
+#define CAS_EXIT_USAGE	 2
 
 struct cas_cli {
 	/* --store, else $CASTORE_STORE, else the default (docs/cli.md). A
@@ -25,7 +25,7 @@ struct cas_cli {
 	/* --cache, else $CASTORE_CACHE, else the default (remote stores). */
 	const char *cache_dir;
 	uint64_t cache_max; /* --cache-max, 0: unbounded */
-	bool progress;      /* stderr is a terminal */
+	bool progress;	    /* stderr is a terminal */
 };
 
 /* Opens the store named by cli->store_spec: a local folder (created when

@@ -22,7 +22,7 @@ static const char blob_help[] =
 static int help_only(const char *verb, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "help", no_argument, NULL, 'h' },
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	int c;
@@ -66,7 +66,8 @@ static int blob_put(struct cas_cli *cli, int argc, char **argv)
 	r = cas_store_blob_put_fd(s, in, &d, &size);
 	if (r < 0)
 		return cas_cli_store_fail(mark, "blob put", "%s: %s",
-				    strcmp(path, "-") ? path : "stdin", strerror(-r));
+					  strcmp(path, "-") ? path : "stdin",
+					  strerror(-r));
 	cas_digest_to_hex(&d, hex);
 	printf("%s\n", hex);
 	return CAS_EXIT_OK;
@@ -112,10 +113,11 @@ static int blob_stat(struct cas_cli *cli, int argc, char **argv)
 	r = s->ops->blob_stat(s, &d, &size);
 	cas_digest_to_hex(&d, hex);
 	if (r == -ENOENT)
-		return cas_cli_store_fail(mark, "blob stat", "blob %s: not in the store",
-					  hex);
+		return cas_cli_store_fail(mark, "blob stat",
+					  "blob %s: not in the store", hex);
 	if (r < 0)
-		return cas_cli_store_fail(mark, "blob stat", "blob %s: %s", hex, strerror(-r));
+		return cas_cli_store_fail(mark, "blob stat", "blob %s: %s", hex,
+					  strerror(-r));
 	printf("%" PRIu64 "\n", size);
 	return CAS_EXIT_OK;
 }
@@ -136,5 +138,6 @@ int cmd_blob(struct cas_cli *cli, int argc, char **argv)
 		return blob_cat(cli, argc - 1, argv + 1);
 	if (!strcmp(sub, "stat"))
 		return blob_stat(cli, argc - 1, argv + 1);
-	return cas_cli_usage("blob", "%s: unknown sub-verb (put, cat, stat)", sub);
+	return cas_cli_usage("blob", "%s: unknown sub-verb (put, cat, stat)",
+			     sub);
 }

@@ -57,7 +57,7 @@ static int read_stdin(uint8_t **ret_buf, size_t *ret_len)
 static int dir_put(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "help", no_argument, NULL, 'h' },
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
@@ -77,7 +77,8 @@ static int dir_put(struct cas_cli *cli, int argc, char **argv)
 		return CAS_EXIT_USAGE;
 	}
 	if (argc - optind != 0)
-		return cas_cli_usage("dir put", "no operands expected (bytes on stdin)");
+		return cas_cli_usage("dir put",
+				     "no operands expected (bytes on stdin)");
 	r = read_stdin(&buf, &len);
 	if (r < 0)
 		return cas_cli_fail("dir put", "stdin: %s", strerror(-r));
@@ -102,15 +103,18 @@ static int dir_put(struct cas_cli *cli, int argc, char **argv)
 		if (r >= 0)
 			continue;
 		cas_digest_to_hex(&d->directories[i].digest, child);
-		return cas_cli_store_fail(mark, "dir put", "directory %s: refused: child %s (%.*s) %s",
-				    hex, child, (int)d->directories[i].name_len,
-				    (const char *)d->directories[i].name,
-				    r == -ENOENT ? "is not in the store" : strerror(-r));
+		return cas_cli_store_fail(
+			mark, "dir put",
+			"directory %s: refused: child %s (%.*s) %s", hex, child,
+			(int)d->directories[i].name_len,
+			(const char *)d->directories[i].name,
+			r == -ENOENT ? "is not in the store" : strerror(-r));
 	}
 	unsigned long mark = cas_log_error_count();
 	r = cas_store_directory_put(s, buf, len, &digest);
 	if (r < 0)
-		return cas_cli_store_fail(mark, "dir put", "directory %s: %s", hex, strerror(-r));
+		return cas_cli_store_fail(mark, "dir put", "directory %s: %s",
+					  hex, strerror(-r));
 	cas_digest_to_hex(&digest, hex);
 	printf("%s\n", hex);
 	return CAS_EXIT_OK;
@@ -130,8 +134,8 @@ static void json_list(const char *key, const cas_node *nodes, size_t n,
 static int dir_get(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "json", no_argument, NULL, 'j' },
-		{ "help", no_argument, NULL, 'h' },
+		{"json", no_argument, NULL, 'j'},
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
@@ -167,14 +171,16 @@ static int dir_get(struct cas_cli *cli, int argc, char **argv)
 	unsigned long mark = cas_log_error_count();
 	r = s->ops->directory_get_raw(s, &digest, &buf, &len);
 	if (r == -ENOENT)
-		return cas_cli_store_fail(mark, "dir get", "directory %s: not in the store",
-					  hex);
+		return cas_cli_store_fail(
+			mark, "dir get", "directory %s: not in the store", hex);
 	if (r < 0)
-		return cas_cli_store_fail(mark, "dir get", "directory %s: %s", hex, strerror(-r));
+		return cas_cli_store_fail(mark, "dir get", "directory %s: %s",
+					  hex, strerror(-r));
 	if (!json) {
 		r = cas_write_all(STDOUT_FILENO, buf, len);
 		if (r < 0)
-			return cas_cli_fail("dir get", "stdout: %s", strerror(-r));
+			return cas_cli_fail("dir get", "stdout: %s",
+					    strerror(-r));
 		return CAS_EXIT_OK;
 	}
 	r = cas_directory_decode(buf, len, &d, &why);

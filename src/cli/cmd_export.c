@@ -13,14 +13,16 @@
 static const char export_help[] =
 	"Usage: castore export NAME[/PATH] DEST\n"
 	"\n"
-	"Writes root NAME (or the entry PATH below it) to DEST, which must not\n"
+	"Writes root NAME (or the entry PATH below it) to DEST, which must "
+	"not\n"
 	"exist. Files get mode 0755 when executable, else 0644; directories\n"
-	"0755. Export is not atomic: after a failure, what was written stays.\n";
+	"0755. Export is not atomic: after a failure, what was written "
+	"stays.\n";
 
 int cmd_export(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "help", no_argument, NULL, 'h' },
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;

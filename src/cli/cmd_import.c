@@ -38,7 +38,7 @@ static double seconds_since(const struct timespec *a, const struct timespec *b)
 
 static void human_bytes(double v, char *buf, size_t size)
 {
-	static const char *units[] = { "B", "KiB", "MiB", "GiB", "TiB" };
+	static const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
 	size_t u = 0;
 	while (v >= 1024 && u + 1 < CAS_ARRAY_SIZE(units)) {
 		v /= 1024;
@@ -62,8 +62,9 @@ static void show_progress(void *userdata, const struct cas_import_progress *p)
 	double secs = seconds_since(&ps->start, &now);
 	human_bytes((double)p->bytes, bytes, sizeof(bytes));
 	human_bytes(secs > 0 ? (double)p->bytes / secs : 0, rate, sizeof(rate));
-	int n = snprintf(line, sizeof(line), "\r%" PRIu64 " files, %s, %s/s\033[K",
-			 p->files, bytes, rate);
+	int n = snprintf(line, sizeof(line),
+			 "\r%" PRIu64 " files, %s, %s/s\033[K", p->files, bytes,
+			 rate);
 	if (n > 0)
 		(void)!write(STDERR_FILENO, line,
 			     CAS_MIN((size_t)n, sizeof(line) - 1));
@@ -122,9 +123,9 @@ static void print_root(const char *name, const cas_node *node)
 int cmd_import(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "name", required_argument, NULL, 'n' },
-		{ "threads", required_argument, NULL, 't' },
-		{ "help", no_argument, NULL, 'h' },
+		{"name", required_argument, NULL, 'n'},
+		{"threads", required_argument, NULL, 't'},
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
@@ -144,8 +145,10 @@ int cmd_import(struct cas_cli *cli, int argc, char **argv)
 		case 't':
 			if (cas_cli_parse_size(optarg, false, &threads) < 0 ||
 			    threads > 1024)
-				return cas_cli_usage("import", "--threads %s: not a thread count",
-						     optarg);
+				return cas_cli_usage(
+					"import",
+					"--threads %s: not a thread count",
+					optarg);
 			break;
 		case 'h':
 			fputs(import_help, stdout);
@@ -155,18 +158,22 @@ int cmd_import(struct cas_cli *cli, int argc, char **argv)
 		}
 	}
 	if (argc - optind != 1)
-		return cas_cli_usage("import", argc - optind ? "one PATH expected" :
-							       "missing PATH");
+		return cas_cli_usage("import", argc - optind
+						       ? "one PATH expected"
+						       : "missing PATH");
 	const char *path = argv[optind];
 	if (!*path)
 		return cas_cli_usage("import", "empty PATH");
 	if (!name) {
 		name = def = default_name(path);
 		if (!def)
-			return cas_cli_fail("import", "%s: %s", path, strerror(ENOMEM));
+			return cas_cli_fail("import", "%s: %s", path,
+					    strerror(ENOMEM));
 		if (!cas_root_name_valid(name))
-			return cas_cli_usage("import", "%s: no root name in this path, give --name",
-					     path);
+			return cas_cli_usage(
+				"import",
+				"%s: no root name in this path, give --name",
+				path);
 	}
 	if (!cas_root_name_valid(name))
 		return cas_cli_usage("import", "%s: invalid root name", name);

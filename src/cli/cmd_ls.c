@@ -60,7 +60,7 @@ static int one_arg(const char *verb, const char *help, int argc, char **argv,
 		   const char **ret)
 {
 	static const struct option opts[] = {
-		{ "help", no_argument, NULL, 'h' },
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	int c;
@@ -75,8 +75,9 @@ static int one_arg(const char *verb, const char *help, int argc, char **argv,
 		}
 	}
 	if (argc - optind != 1)
-		return cas_cli_usage(verb, argc - optind ? "one NAME/PATH expected" :
-							   "missing NAME/PATH");
+		return cas_cli_usage(verb, argc - optind
+						   ? "one NAME/PATH expected"
+						   : "missing NAME/PATH");
 	*ret = argv[optind];
 	return 0;
 }
@@ -111,9 +112,9 @@ int cmd_ls(struct cas_cli *cli, int argc, char **argv)
 	r = cas_store_directory_get(s, &node->digest, &d);
 	if (r < 0) {
 		cas_digest_to_hex(&node->digest, hex);
-		return cas_cli_store_fail(mark, "ls", "%s: directory %s: %s", spec, hex,
-				    r == -ENOENT ? "not in the store" :
-						   strerror(-r));
+		return cas_cli_store_fail(
+			mark, "ls", "%s: directory %s: %s", spec, hex,
+			r == -ENOENT ? "not in the store" : strerror(-r));
 	}
 	/* Directories, files and symlinks are each sorted; one listing in
 	 * name order reads better than three. */
@@ -126,15 +127,16 @@ int cmd_ls(struct cas_cli *cli, int argc, char **argv)
 			which = &i;
 		}
 		if (j < d->n_files &&
-		    (!best || cas_name_cmp(d->files[j].name, d->files[j].name_len,
-					   best->name, best->name_len) < 0)) {
+		    (!best ||
+		     cas_name_cmp(d->files[j].name, d->files[j].name_len,
+				  best->name, best->name_len) < 0)) {
 			best = &d->files[j];
 			which = &j;
 		}
 		if (k < d->n_symlinks &&
-		    (!best || cas_name_cmp(d->symlinks[k].name,
-					   d->symlinks[k].name_len, best->name,
-					   best->name_len) < 0)) {
+		    (!best ||
+		     cas_name_cmp(d->symlinks[k].name, d->symlinks[k].name_len,
+				  best->name, best->name_len) < 0)) {
 			best = &d->symlinks[k];
 			which = &k;
 		}
@@ -164,7 +166,7 @@ int cmd_cat(struct cas_cli *cli, int argc, char **argv)
 	if (node->type == CAS_NODE_DIRECTORY)
 		return cas_cli_fail("cat", "%s: is a directory", spec);
 	if (node->type == CAS_NODE_SYMLINK)
-		return cas_cli_fail("cat", "%s: is a symlink (cat follows nothing)",
-				    spec);
+		return cas_cli_fail(
+			"cat", "%s: is a symlink (cat follows nothing)", spec);
 	return cas_cli_blob_copy("cat", s, &node->digest, STDOUT_FILENO);
 }

@@ -18,7 +18,8 @@ static const char roots_help[] =
 	"       castore roots add NAME --symlink TARGET\n"
 	"       castore roots rm NAME\n"
 	"\n"
-	"list prints one root per line: NAME TYPE DIGEST SIZE [executable], or\n"
+	"list prints one root per line: NAME TYPE DIGEST SIZE [executable], "
+	"or\n"
 	"NAME symlink TARGET. add registers (or replaces) a root; its content\n"
 	"need not be in the store. A directory's SIZE is its entry count plus\n"
 	"the sizes of its child directories (castore v1).\n";
@@ -66,15 +67,16 @@ static int list_one(void *userdata, const char *name, const cas_node *node)
 static int roots_list(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "json", no_argument, NULL, 'j' },
-		{ "help", no_argument, NULL, 'h' },
+		{"json", no_argument, NULL, 'j'},
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
 	struct list_state ls = {};
 	int c;
 
-	while ((c = cas_cli_getopt("roots list", argc, argv, "h", opts)) != -1) {
+	while ((c = cas_cli_getopt("roots list", argc, argv, "h", opts)) !=
+	       -1) {
 		switch (c) {
 		case 'j':
 			ls.json = true;
@@ -95,8 +97,8 @@ static int roots_list(struct cas_cli *cli, int argc, char **argv)
 	unsigned long mark = cas_log_error_count();
 	int r = s->ops->roots_foreach(s, list_one, &ls);
 	if (r < 0)
-		return cas_cli_store_fail(mark, "roots list", "%s: %s", cli->store_spec,
-				    strerror(-r));
+		return cas_cli_store_fail(mark, "roots list", "%s: %s",
+					  cli->store_spec, strerror(-r));
 	if (ls.json)
 		fputs(ls.n ? "\n]\n" : "]\n", stdout);
 	return CAS_EXIT_OK;
@@ -105,12 +107,12 @@ static int roots_list(struct cas_cli *cli, int argc, char **argv)
 static int roots_add(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "directory", required_argument, NULL, 'd' },
-		{ "file", required_argument, NULL, 'f' },
-		{ "symlink", required_argument, NULL, 'l' },
-		{ "size", required_argument, NULL, 's' },
-		{ "executable", no_argument, NULL, 'x' },
-		{ "help", no_argument, NULL, 'h' },
+		{"directory", required_argument, NULL, 'd'},
+		{"file", required_argument, NULL, 'f'},
+		{"symlink", required_argument, NULL, 'l'},
+		{"size", required_argument, NULL, 's'},
+		{"executable", no_argument, NULL, 'x'},
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
@@ -153,27 +155,36 @@ static int roots_add(struct cas_cli *cli, int argc, char **argv)
 		return cas_cli_usage("roots add", "one NAME expected");
 	const char *name = argv[optind];
 	if (!cas_root_name_valid(name))
-		return cas_cli_usage("roots add", "'%s': invalid root name", name);
+		return cas_cli_usage("roots add", "'%s': invalid root name",
+				     name);
 	if (kinds != 1)
-		return cas_cli_usage("roots add", "%s: exactly one of --directory, --file, --symlink expected",
+		return cas_cli_usage("roots add",
+				     "%s: exactly one of --directory, --file, "
+				     "--symlink expected",
 				     name);
 	if (node.type == CAS_NODE_SYMLINK) {
 		if (size || node.executable)
-			return cas_cli_usage("roots add", "%s: --size and --executable do not apply to a symlink",
+			return cas_cli_usage("roots add",
+					     "%s: --size and --executable do "
+					     "not apply to a symlink",
 					     name);
 		if (!node.target_len)
-			return cas_cli_usage("roots add", "%s: empty symlink target", name);
+			return cas_cli_usage("roots add",
+					     "%s: empty symlink target", name);
 	} else {
 		if (node.type == CAS_NODE_DIRECTORY && node.executable)
-			return cas_cli_usage("roots add", "%s: --executable applies to a file",
-					     name);
+			return cas_cli_usage(
+				"roots add",
+				"%s: --executable applies to a file", name);
 		r = cas_cli_parse_digest("roots add", digest, &node.digest);
 		if (r)
 			return r;
 		if (!size)
-			return cas_cli_usage("roots add", "%s: --size N needed", name);
+			return cas_cli_usage("roots add", "%s: --size N needed",
+					     name);
 		if (cas_cli_parse_size(size, false, &node.size) < 0)
-			return cas_cli_usage("roots add", "--size %s: not a size", size);
+			return cas_cli_usage("roots add",
+					     "--size %s: not a size", size);
 	}
 	const char *why = cas_node_check(&node, true);
 	if (why)
@@ -183,14 +194,15 @@ static int roots_add(struct cas_cli *cli, int argc, char **argv)
 	unsigned long mark = cas_log_error_count();
 	r = s->ops->root_set(s, name, &node);
 	if (r < 0)
-		return cas_cli_store_fail(mark, "roots add", "%s: %s", name, strerror(-r));
+		return cas_cli_store_fail(mark, "roots add", "%s: %s", name,
+					  strerror(-r));
 	return CAS_EXIT_OK;
 }
 
 static int roots_rm(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "help", no_argument, NULL, 'h' },
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
@@ -207,16 +219,19 @@ static int roots_rm(struct cas_cli *cli, int argc, char **argv)
 		return cas_cli_usage("roots rm", "one NAME expected");
 	const char *name = argv[optind];
 	if (!cas_root_name_valid(name))
-		return cas_cli_usage("roots rm", "'%s': invalid root name", name);
+		return cas_cli_usage("roots rm", "'%s': invalid root name",
+				     name);
 	/* Not created: removing from a store that is not there fails. */
 	if (cas_cli_open_store_mode(cli, CAS_CLI_STORE_WRITE, &s) < 0)
 		return CAS_EXIT_FAILURE;
 	unsigned long mark = cas_log_error_count();
 	int r = s->ops->root_remove(s, name);
 	if (r == -ENOENT)
-		return cas_cli_store_fail(mark, "roots rm", "%s: no such root", name);
+		return cas_cli_store_fail(mark, "roots rm", "%s: no such root",
+					  name);
 	if (r < 0)
-		return cas_cli_store_fail(mark, "roots rm", "%s: %s", name, strerror(-r));
+		return cas_cli_store_fail(mark, "roots rm", "%s: %s", name,
+					  strerror(-r));
 	return CAS_EXIT_OK;
 }
 
@@ -236,5 +251,6 @@ int cmd_roots(struct cas_cli *cli, int argc, char **argv)
 		return roots_add(cli, argc - 1, argv + 1);
 	if (!strcmp(sub, "rm"))
 		return roots_rm(cli, argc - 1, argv + 1);
-	return cas_cli_usage("roots", "%s: unknown sub-verb (list, add, rm)", sub);
+	return cas_cli_usage("roots", "%s: unknown sub-verb (list, add, rm)",
+			     sub);
 }

@@ -13,7 +13,8 @@ static const char verify_help[] =
 	"Usage: castore verify\n"
 	"\n"
 	"Re-hashes every blob, re-decodes every Directory, checks that every\n"
-	"child Directory is present and that every root resolves. Each problem\n"
+	"child Directory is present and that every root resolves. Each "
+	"problem\n"
 	"is one line on stderr; the exit status is 1 if there is any. With no\n"
 	"problem, prints one summary line on stdout and exits 0.\n";
 
@@ -27,7 +28,7 @@ static void print_problem(void *userdata, const char *problem)
 int cmd_verify(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "help", no_argument, NULL, 'h' },
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
@@ -51,12 +52,13 @@ int cmd_verify(struct cas_cli *cli, int argc, char **argv)
 	unsigned long mark = cas_log_error_count();
 	int r = cas_local_verify(s, print_problem, &printed);
 	if (r < 0)
-		return cas_cli_store_fail(mark, "verify", "%s: %s", cli->store_spec,
-				    strerror(-r));
+		return cas_cli_store_fail(mark, "verify", "%s: %s",
+					  cli->store_spec, strerror(-r));
 	if (r > 0 || printed > 0)
-		return cas_cli_fail("verify", "%s: %zu problem%s found",
-				    cli->store_spec, CAS_MAX((size_t)r, printed),
-				    CAS_MAX((size_t)r, printed) == 1 ? "" : "s");
+		return cas_cli_fail(
+			"verify", "%s: %zu problem%s found", cli->store_spec,
+			CAS_MAX((size_t)r, printed),
+			CAS_MAX((size_t)r, printed) == 1 ? "" : "s");
 	printf("%s: no problems found\n", cli->store_spec);
 	return CAS_EXIT_OK;
 }

@@ -21,9 +21,9 @@ static void vprint_line(const char *verb, const char *fmt, va_list ap)
 {
 	char line[2048];
 	/* "castore: ..." for the command itself, "castore VERB: ..." else. */
-	int n = strcmp(verb, "castore") ?
-			snprintf(line, sizeof(line), "castore %s: ", verb) :
-			snprintf(line, sizeof(line), "castore: ");
+	int n = strcmp(verb, "castore")
+			? snprintf(line, sizeof(line), "castore %s: ", verb)
+			: snprintf(line, sizeof(line), "castore: ");
 	if (n < 0 || (size_t)n >= sizeof(line))
 		n = 0;
 	int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
@@ -87,9 +87,8 @@ int cas_cli_store_fail(unsigned long mark, const char *verb, const char *fmt,
 
 int cas_cli_open_store(struct cas_cli *cli, bool create, cas_store **ret)
 {
-	return cas_cli_open_store_mode(cli, create ? CAS_CLI_STORE_CREATE :
-						     CAS_CLI_STORE_READ,
-				       ret);
+	return cas_cli_open_store_mode(
+		cli, create ? CAS_CLI_STORE_CREATE : CAS_CLI_STORE_READ, ret);
 }
 
 int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
@@ -118,7 +117,8 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 		unsigned long mark = cas_log_error_count();
 		r = cas_remote_open(spec, &ro, ret);
 		if (r < 0)
-			cas_cli_store_fail(mark, "store", "%s: %s", spec, strerror(-r));
+			cas_cli_store_fail(mark, "store", "%s: %s", spec,
+					   strerror(-r));
 		return r;
 	}
 #else
@@ -148,8 +148,8 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 int cas_cli_parse_digest(const char *verb, const char *hex, cas_digest *ret)
 {
 	if (cas_digest_from_hex(hex, ret) < 0)
-		return cas_cli_usage(verb, "%s: not a digest (64 hex characters)",
-				     hex);
+		return cas_cli_usage(
+			verb, "%s: not a digest (64 hex characters)", hex);
 	return 0;
 }
 
@@ -169,11 +169,24 @@ int cas_cli_parse_size(const char *s, bool suffixes, uint64_t *ret)
 	if (*p && suffixes) {
 		unsigned shift;
 		switch (*p) {
-		case 'k': case 'K': shift = 10; break;
-		case 'm': case 'M': shift = 20; break;
-		case 'g': case 'G': shift = 30; break;
-		case 't': case 'T': shift = 40; break;
-		default: return -EINVAL;
+		case 'k':
+		case 'K':
+			shift = 10;
+			break;
+		case 'm':
+		case 'M':
+			shift = 20;
+			break;
+		case 'g':
+		case 'G':
+			shift = 30;
+			break;
+		case 't':
+		case 'T':
+			shift = 40;
+			break;
+		default:
+			return -EINVAL;
 		}
 		p++;
 		if (*p == 'i' && p[1] == 'B')
@@ -213,7 +226,8 @@ int cas_cli_getopt(const char *verb, int argc, char **argv,
 		if (optopt && optopt != '?')
 			cas_cli_usage(verb, "unknown option -%c", optopt);
 		else
-			cas_cli_usage(verb, "unknown option %s", argv[optind - 1]);
+			cas_cli_usage(verb, "unknown option %s",
+				      argv[optind - 1]);
 		return '?';
 	}
 	return c;
@@ -227,16 +241,17 @@ static int walk_step(const char *verb, cas_store *s, const char *spec,
 
 	if ((*node)->type != CAS_NODE_DIRECTORY)
 		return cas_cli_fail(verb, "%s: %s", spec,
-				    (*node)->type == CAS_NODE_FILE ?
-					    "not a directory" :
-					    "a symlink on the way (symlinks are not followed)");
+				    (*node)->type == CAS_NODE_FILE
+					    ? "not a directory"
+					    : "a symlink on the way (symlinks "
+					      "are not followed)");
 	unsigned long mark = cas_log_error_count();
 	int r = cas_store_directory_get(s, &(*node)->digest, &d);
 	if (r < 0) {
 		cas_digest_to_hex(&(*node)->digest, hex);
-		return cas_cli_store_fail(mark, verb, "%s: directory %s: %s", spec, hex,
-				    r == -ENOENT ? "not in the store" :
-						   strerror(-r));
+		return cas_cli_store_fail(
+			mark, verb, "%s: directory %s: %s", spec, hex,
+			r == -ENOENT ? "not in the store" : strerror(-r));
 	}
 	const cas_node *child = cas_directory_find(d, name, len);
 	if (!child)
@@ -275,14 +290,16 @@ int cas_cli_resolve(const char *verb, cas_store *s, const char *spec,
 	if (r == -ENOENT)
 		return cas_cli_store_fail(mark, verb, "%s: no such root", root);
 	if (r < 0)
-		return cas_cli_store_fail(mark, verb, "%s: %s", root, strerror(-r));
+		return cas_cli_store_fail(mark, verb, "%s: %s", root,
+					  strerror(-r));
 
 	/* Empty components (a//b, a trailing /) are skipped as a shell
 	 * user expects; "." and ".." are not names and so are not found. */
 	while (*rest) {
 		const char *end = strchrnul(rest, '/');
 		if (end > rest) {
-			r = walk_step(verb, s, spec, &node, (const uint8_t *)rest,
+			r = walk_step(verb, s, spec, &node,
+				      (const uint8_t *)rest,
 				      (size_t)(end - rest));
 			if (r)
 				return r;
@@ -306,9 +323,11 @@ int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
 	unsigned long mark = cas_log_error_count();
 	int r = s->ops->blob_open(s, d, &bfd, &size);
 	if (r == -ENOENT)
-		return cas_cli_store_fail(mark, verb, "blob %s: not in the store", hex);
+		return cas_cli_store_fail(mark, verb,
+					  "blob %s: not in the store", hex);
 	if (r < 0)
-		return cas_cli_store_fail(mark, verb, "blob %s: %s", hex, strerror(-r));
+		return cas_cli_store_fail(mark, verb, "blob %s: %s", hex,
+					  strerror(-r));
 	buf = malloc(bufsize);
 	if (!buf)
 		return cas_cli_fail(verb, "blob %s: %s", hex, strerror(ENOMEM));
@@ -321,8 +340,8 @@ int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
 		if (n < 0)
 			return cas_cli_fail(verb, "blob %s: read: %m", hex);
 		if (n == 0)
-			return cas_cli_fail(verb, "blob %s: shorter than its size",
-					    hex);
+			return cas_cli_fail(
+				verb, "blob %s: shorter than its size", hex);
 		r = cas_write_all(fd, buf, (size_t)n);
 		if (r < 0)
 			return cas_cli_fail(verb, "write: %s", strerror(-r));

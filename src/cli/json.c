@@ -69,13 +69,27 @@ void cas_json_string(FILE *f, const uint8_t *buf, size_t len)
 			continue;
 		}
 		switch (b) {
-		case '"': fputs("\\\"", f); break;
-		case '\\': fputs("\\\\", f); break;
-		case '\b': fputs("\\b", f); break;
-		case '\f': fputs("\\f", f); break;
-		case '\n': fputs("\\n", f); break;
-		case '\r': fputs("\\r", f); break;
-		case '\t': fputs("\\t", f); break;
+		case '"':
+			fputs("\\\"", f);
+			break;
+		case '\\':
+			fputs("\\\\", f);
+			break;
+		case '\b':
+			fputs("\\b", f);
+			break;
+		case '\f':
+			fputs("\\f", f);
+			break;
+		case '\n':
+			fputs("\\n", f);
+			break;
+		case '\r':
+			fputs("\\r", f);
+			break;
+		case '\t':
+			fputs("\\t", f);
+			break;
 		default:
 			if (b < 0x20 || b == 0x7f)
 				fprintf(f, "\\u%04x", b);
@@ -89,14 +103,14 @@ void cas_json_string(FILE *f, const uint8_t *buf, size_t len)
 
 static void base64(FILE *f, const uint8_t *buf, size_t len)
 {
-	static const char tab[] =
-		"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+	static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr"
+				  "stuvwxyz0123456789+/";
 	size_t i;
 
 	fputc('"', f);
 	for (i = 0; i + 3 <= len; i += 3) {
-		uint32_t v = (uint32_t)buf[i] << 16 | (uint32_t)buf[i + 1] << 8 |
-			     buf[i + 2];
+		uint32_t v = (uint32_t)buf[i] << 16 |
+			     (uint32_t)buf[i + 1] << 8 | buf[i + 2];
 		fputc(tab[v >> 18], f);
 		fputc(tab[(v >> 12) & 63], f);
 		fputc(tab[(v >> 6) & 63], f);
@@ -140,7 +154,9 @@ void cas_json_node(FILE *f, const cas_node *node, bool with_name)
 	switch (node->type) {
 	case CAS_NODE_DIRECTORY:
 		cas_digest_to_hex(&node->digest, hex);
-		fprintf(f, "\"type\":\"directory\",\"digest\":\"%s\",\"size\":%" PRIu64,
+		fprintf(f,
+			"\"type\":\"directory\",\"digest\":\"%s\",\"size\":"
+			"%" PRIu64,
 			hex, node->size);
 		break;
 	case CAS_NODE_FILE:
@@ -152,7 +168,8 @@ void cas_json_node(FILE *f, const cas_node *node, bool with_name)
 		break;
 	case CAS_NODE_SYMLINK:
 		fputs("\"type\":\"symlink\",", f);
-		cas_json_bytes_field(f, "target", node->target, node->target_len);
+		cas_json_bytes_field(f, "target", node->target,
+				     node->target_len);
 		break;
 	}
 	fputc('}', f);

@@ -18,26 +18,36 @@ static const struct {
 	cas_cli_verb fn;
 	const char *summary;
 } verbs[] = {
-	{ "import", cmd_import, "import PATH [--name NAME]  ingest a tree, register a root" },
-	{ "export", cmd_export, "export NAME[/PATH] DEST    write a root back to disk" },
-	{ "ls", cmd_ls, "ls NAME[/PATH]             list through the store" },
-	{ "cat", cmd_cat, "cat NAME/PATH              print a file through the store" },
-	{ "mount", cmd_mount, "mount MOUNTPOINT ...       serve the roots over FUSE" },
-	{ "virtiofs", cmd_virtiofs, "virtiofs --socket PATH ... serve the roots to a VM" },
-	{ "verify", cmd_verify, "verify                     check the whole store" },
-	{ "blob", cmd_blob, "blob put|cat|stat ...      blobs by digest" },
-	{ "dir", cmd_dir, "dir put|get ...            Directories by digest" },
-	{ "roots", cmd_roots, "roots list|add|rm ...      named roots" },
+	{"import", cmd_import,
+	 "import PATH [--name NAME]  ingest a tree, register a root"},
+	{"export", cmd_export,
+	 "export NAME[/PATH] DEST    write a root back to disk"},
+	{"ls", cmd_ls, "ls NAME[/PATH]             list through the store"},
+	{"cat", cmd_cat,
+	 "cat NAME/PATH              print a file through the store"},
+	{"mount", cmd_mount,
+	 "mount MOUNTPOINT ...       serve the roots over FUSE"},
+	{"virtiofs", cmd_virtiofs,
+	 "virtiofs --socket PATH ... serve the roots to a VM"},
+	{"verify", cmd_verify,
+	 "verify                     check the whole store"},
+	{"blob", cmd_blob, "blob put|cat|stat ...      blobs by digest"},
+	{"dir", cmd_dir, "dir put|get ...            Directories by digest"},
+	{"roots", cmd_roots, "roots list|add|rm ...      named roots"},
 #ifdef CAS_HAVE_REMOTE
-	{ "serve", cmd_serve, "serve --listen ADDR        the store as tvix castore gRPC" },
-	{ "push", cmd_push, "push URL NAME...           copy roots to a gRPC store" },
-	{ "publish", cmd_publish, "publish DIR [NAME...]      write the static HTTP layout" },
+	{"serve", cmd_serve,
+	 "serve --listen ADDR        the store as tvix castore gRPC"},
+	{"push", cmd_push,
+	 "push URL NAME...           copy roots to a gRPC store"},
+	{"publish", cmd_publish,
+	 "publish DIR [NAME...]      write the static HTTP layout"},
 #endif
 };
 
 static void usage(FILE *f)
 {
-	fputs("Usage: castore [--store DIR|URL] [--cache DIR] [--cache-max SIZE] VERB ...\n"
+	fputs("Usage: castore [--store DIR|URL] [--cache DIR] [--cache-max "
+	      "SIZE] VERB ...\n"
 	      "\n"
 	      "Verbs (VERB --help for each):\n",
 	      f);
@@ -45,9 +55,12 @@ static void usage(FILE *f)
 		fprintf(f, "  %s\n", verbs[i].summary);
 	fputs("\n"
 	      "  --store DIR|URL   the store (else $CASTORE_STORE, else\n"
-	      "                    ${XDG_DATA_HOME:-$HOME/.local/share}/castore)\n"
-	      "  --cache DIR       local cache of a remote store (else $CASTORE_CACHE,\n"
-	      "                    else ${XDG_CACHE_HOME:-$HOME/.cache}/castore)\n"
+	      "                    "
+	      "${XDG_DATA_HOME:-$HOME/.local/share}/castore)\n"
+	      "  --cache DIR       local cache of a remote store (else "
+	      "$CASTORE_CACHE,\n"
+	      "                    else "
+	      "${XDG_CACHE_HOME:-$HOME/.cache}/castore)\n"
 	      "  --cache-max SIZE  bound the cache (K, M, G, T suffixes)\n"
 	      "  --help, --version\n"
 	      "\n"
@@ -75,11 +88,11 @@ static char *default_dir(const char *xdg_var, const char *fallback)
 int main(int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "store", required_argument, NULL, 's' },
-		{ "cache", required_argument, NULL, 'c' },
-		{ "cache-max", required_argument, NULL, 'm' },
-		{ "help", no_argument, NULL, 'h' },
-		{ "version", no_argument, NULL, 'V' },
+		{"store", required_argument, NULL, 's'},
+		{"cache", required_argument, NULL, 'c'},
+		{"cache-max", required_argument, NULL, 'm'},
+		{"help", no_argument, NULL, 'h'},
+		{"version", no_argument, NULL, 'V'},
 		{},
 	};
 	struct cas_cli cli = {};
@@ -111,19 +124,23 @@ int main(int argc, char **argv)
 		}
 	}
 	if (optind >= argc)
-		return cas_cli_usage("castore", "no verb given (castore --help lists them)");
+		return cas_cli_usage(
+			"castore", "no verb given (castore --help lists them)");
 
-	if (cache_max && cas_cli_parse_size(cache_max, true, &cli.cache_max) < 0)
+	if (cache_max &&
+	    cas_cli_parse_size(cache_max, true, &cli.cache_max) < 0)
 		return cas_cli_usage("castore", "--cache-max %s: not a size",
 				     cache_max);
 	if (!cli.store_spec || !*cli.store_spec)
 		cli.store_spec = getenv("CASTORE_STORE");
 	if (!cli.store_spec || !*cli.store_spec)
-		cli.store_spec = def_store = default_dir("XDG_DATA_HOME", ".local/share");
+		cli.store_spec = def_store =
+			default_dir("XDG_DATA_HOME", ".local/share");
 	if (!cli.cache_dir || !*cli.cache_dir)
 		cli.cache_dir = getenv("CASTORE_CACHE");
 	if (!cli.cache_dir || !*cli.cache_dir)
-		cli.cache_dir = def_cache = default_dir("XDG_CACHE_HOME", ".cache");
+		cli.cache_dir = def_cache =
+			default_dir("XDG_CACHE_HOME", ".cache");
 	cli.progress = isatty(STDERR_FILENO);
 
 	const char *verb = argv[optind];
@@ -135,6 +152,7 @@ int main(int argc, char **argv)
 		optind = 0; /* the verb scans its own options from scratch */
 		return cas_cli_finish(verbs[i].fn(&cli, vargc, vargv));
 	}
-	return cas_cli_usage("castore", "%s: unknown verb (castore --help lists them)",
+	return cas_cli_usage("castore",
+			     "%s: unknown verb (castore --help lists them)",
 			     verb);
 }
