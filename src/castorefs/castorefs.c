@@ -103,8 +103,10 @@ struct root_list {
 
 struct cas_handle {
 	_Atomic uint64_t fh;
-	int fd;                  /* file: the blob */
-	uint64_t size;           /* file: the blob's size */
+	/* Atomic because READ reads them without a lock; the kernel sends
+	 * RELEASE only after the last READ's reply, but a guest need not. */
+	_Atomic int fd;          /* file: the blob */
+	_Atomic uint64_t size;   /* file: the blob's size */
 	struct root_list *roots; /* root directory: snapshot at opendir */
 	uint32_t idx;            /* this slot's index, fixed */
 	uint32_t next_free;      /* protected by fs->handle_lock */
@@ -666,6 +668,8 @@ static int handle_new(struct cas_fs *fs, struct cas_handle **ret)
 		gen = fs->handle_gen = 1;
 	pthread_mutex_unlock(&fs->handle_lock);
 	struct cas_handle *h = handle_slot(fs, idx);
+	if (!h)
+		return -EIO; /* cannot happen: the slot's chunk exists */
 	h->fd = -1;
 	h->size = 0;
 	h->roots = NULL;
@@ -694,9 +698,9 @@ static struct cas_handle *handle_find(struct cas_fs *fs, uint64_t fh)
 static void handle_free(struct cas_fs *fs, struct cas_handle *h)
 {
 	atomic_store(&h->fh, 0);
-	if (h->fd >= 0)
-		close(h->fd);
-	h->fd = -1;
+	int fd = atomic_exchange(&h->fd, -1);
+	if (fd >= 0)
+		close(fd);
 	if (h->roots) {
 		for (size_t i = 0; i < h->roots->n; i++)
 			free(h->roots->nodes[i]);
@@ -777,10 +781,16 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 {
 	struct cas_fs *fs = fs_;
 	struct cas_handle *h = handle_find(fs, fh);
-	if (!h || h->fd < 0)
+	if (!h)
 		return -EBADF;
-	uint64_t len = off < h->size ? CAS_MIN((uint64_t)size, h->size - off) : 0;
-	ret->fd = h->fd;
+	int fd = atomic_load_explicit(&h->fd, memory_order_relaxed);
+	uint64_t bsize = atomic_load_explicit(&h->size, memory_order_relaxed);
+	/* Still the same open? (Only a confused peer reuses a handle while
+	 * reading through it.) */
+	if (fd < 0 || atomic_load_explicit(&h->fh, memory_order_acquire) != fh)
+		return -EBADF;
+	uint64_t len = off < bsize ? CAS_MIN((uint64_t)size, bsize - off) : 0;
+	ret->fd = fd;
 	ret->fd_offset = off;
 	ret->len = (size_t)len;
 	return 0;
