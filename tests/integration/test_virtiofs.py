@@ -317,14 +317,19 @@ def result_line(text):
     return lines[0]
 
 
-def wait_socket(path, proc, timeout=30):
+def wait_socket(path, proc, timeout=30, stale=None):
+    """Waits for the daemon's socket (not the stale one left before)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise AssertionError(f"castore virtiofs exited {proc.returncode}: "
                                  f"{proc.stderr.read()[-2000:]!r}")
-        if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-            return
+        try:
+            st = os.lstat(path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_ino, st.st_ctime_ns) != stale:
+                return
+        except FileNotFoundError:
+            pass
         time.sleep(0.05)
     raise AssertionError("castore virtiofs did not create its socket")
 
@@ -353,10 +358,12 @@ def served(tmp_path, castore, store):
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(sock))
     s.close()
+    st = os.lstat(sock)
+    stale = (st.st_ino, st.st_ctime_ns)
     proc = subprocess.Popen([CASTORE, "--store", str(store), "virtiofs", "--socket", str(sock)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_socket(sock, proc)
+        wait_socket(sock, proc, stale=stale)
         yield proc, sock, initramfs, tmp_path
     finally:
         if proc.poll() is None:
