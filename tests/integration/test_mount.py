@@ -512,6 +512,88 @@ def test_busy_mountpoint_exits_1(tree, mount, store):
     assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
 
 
+def as_nobody(*cmd):
+    return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup",
+                           "--clear-groups"] + [str(c) for c in cmd],
+                          capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def public_dir():
+    """A folder that user nobody can reach (tmp_path is root's only)."""
+    import shutil
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix="castore-mount-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    yield d
+    for m in Path(d).iterdir():
+        if os.path.ismount(m):
+            subprocess.run(["umount", "-l", str(m)], check=False)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_allow_other(public_dir, castore, store, mount):
+    t = make_tree(public_dir / "tree")
+    castore("import", t, "--name", "r")
+    plain = Mount(store, public_dir / "plain", [], public_dir)
+    other = Mount(store, public_dir / "other", ["--allow-other"], public_dir)
+    try:
+        p = as_nobody("cat", public_dir / "plain" / "r" / "top.txt")
+        assert p.returncode != 0 and b"Permission denied" in p.stderr
+        p = as_nobody("cat", public_dir / "other" / "r" / "top.txt")
+        assert p.returncode == 0 and p.stdout == pattern_bytes(1000)
+    finally:
+        plain.close()
+        other.close()
+
+
+def in_mountinfo(path):
+    """Whether path is a mount point, without stat (which a FUSE mount of
+    another user refuses even to root)."""
+    want = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == want:
+                return True
+    return False
+
+
+def test_unprivileged_mount_via_fusermount3(public_dir, castore, store):
+    if not os.path.exists("/usr/bin/fusermount3"):
+        pytest.skip("fusermount3 (fuse3) not installed")
+    t = make_tree(public_dir / "tree")
+    ustore = public_dir / "store"
+    run(["import", t, "--name", "r"], store=ustore)
+    mnt = public_dir / "mnt"
+    mnt.mkdir()
+    subprocess.run(["chown", "-R", "nobody:nogroup", str(ustore), str(mnt)], check=True)
+    err = public_dir / "err"
+    proc = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         CASTORE, "--store", str(ustore), "mount", str(mnt)],
+        stdout=subprocess.DEVNULL, stderr=open(err, "wb"))
+    try:
+        deadline = time.monotonic() + 15
+        while not in_mountinfo(mnt):
+            assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.02)
+        p = as_nobody("cat", mnt / "r" / "dirA" / "sub" / "s.txt")
+        assert p.returncode == 0 and p.stdout == pattern_bytes(50, 2), p.stderr
+        # The mount belongs to nobody: root is kept out without allow_other.
+        expect_errno(errno.EACCES, os.stat, mnt / "r")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, err.read_text()
+        assert not in_mountinfo(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if in_mountinfo(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def test_usage(store):
     assert run(["mount", "--help"], store=store).stdout.startswith(b"Usage: castore mount")
     assert run(["mount"], store=store, check=False).returncode == 2
