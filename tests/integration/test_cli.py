@@ -439,6 +439,16 @@ def test_missing_store_is_a_failure(castore, store):
     assert not store.exists()
 
 
+def test_import_needs_a_local_store(small_tree, tmp_path):
+    # Nothing listens on port 9: the store is never reached either way.
+    p = run(["--cache", tmp_path / "cache", "import", small_tree], store="http://127.0.0.1:9/",
+            check=False)
+    assert p.returncode == 1, p
+    line = one_line(p.stderr)
+    assert "http://127.0.0.1:9/" in line
+    assert "local store" in line or "not built in" in line, line
+
+
 def test_default_store_path(tmp_path, small_tree):
     env = {"HOME": str(tmp_path / "home"), "XDG_DATA_HOME": "", "CASTORE_STORE": ""}
     run(["import", small_tree / "a.txt"], env=env)
@@ -462,11 +472,15 @@ def test_sigkill_during_import(crash_tree, store, tmp_path):
     t0 = time.monotonic()
     run(["import", src, "--name", "probe"], store=tmp_path / "probe-store")
     full = time.monotonic() - t0
+    # And into a store that has every blob (the later rounds are partly so).
+    t0 = time.monotonic()
+    run(["import", src, "--name", "probe"], store=tmp_path / "probe-store")
+    warm = time.monotonic() - t0
     rng = random.Random(20261125)
     killed = 0
     for i in range(5):
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.0, full * 0.6))
+        time.sleep(rng.uniform(0.0, (full if i == 0 else warm) * 0.8))
         p.send_signal(signal.SIGKILL)
         p.communicate()
         killed += p.returncode == -signal.SIGKILL
