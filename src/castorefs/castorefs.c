@@ -288,32 +288,75 @@ static void inode_put(struct cas_fs *fs, struct cas_inode *in)
 
 /* The inode of a node's content, created if the kernel does not know it
  * yet; returned with one lookup and one in-flight reference. */
-static int inode_for_node(struct cas_fs *fs, const cas_node *node,
-			  struct cas_inode **ret)
-{
-	uint8_t kind = (uint8_t)node->type;
-	bool exec = node->type == CAS_NODE_FILE && node->executable;
+struct content_key {
+	uint8_t kind;
+	bool exec;
 	const uint8_t *key;
 	size_t len;
+	uint32_t hash;
+};
+
+static int node_key(const cas_node *node, struct content_key *ret)
+{
+	ret->kind = (uint8_t)node->type;
+	ret->exec = node->type == CAS_NODE_FILE && node->executable;
 	if (node->type == CAS_NODE_SYMLINK) {
-		key = node->target;
-		len = node->target_len;
+		ret->key = node->target;
+		ret->len = node->target_len;
 	} else if (node->type == CAS_NODE_DIRECTORY ||
 		   node->type == CAS_NODE_FILE) {
-		key = node->digest.bytes;
-		len = CAS_DIGEST_LEN;
+		ret->key = node->digest.bytes;
+		ret->len = CAS_DIGEST_LEN;
 	} else {
 		return -EIO;
 	}
-	uint32_t h = key_hash(kind, exec, key, len);
+	ret->hash = key_hash(ret->kind, ret->exec, ret->key, ret->len);
+	return 0;
+}
+
+/* Called with fs->lock held. */
+static struct cas_inode *find_by_key(struct cas_fs *fs,
+				     const struct content_key *k)
+{
+	struct cas_inode *in = fs->by_key.buckets[k->hash & fs->by_key.mask];
+	for (; in; in = in->next_by_key)
+		if (in->key_hash == k->hash && in->kind == k->kind &&
+		    in->executable == k->exec && in->key_len == k->len &&
+		    !memcmp(in->key, k->key, k->len))
+			break;
+	return in;
+}
+
+/* The number a plain READDIR shows for a node: its inode's if the kernel
+ * knows one, else a fresh number (READDIR takes no lookup reference, so
+ * no inode is made for it; a later LOOKUP gives another number). */
+static uint64_t ino_for_listing(struct cas_fs *fs, const cas_node *node)
+{
+	struct content_key k;
+	if (node_key(node, &k) < 0)
+		return 0;
+	pthread_mutex_lock(&fs->lock);
+	struct cas_inode *in = find_by_key(fs, &k);
+	uint64_t ino = in ? in->ino : fs->next_ino++;
+	pthread_mutex_unlock(&fs->lock);
+	return ino;
+}
+
+static int inode_for_node(struct cas_fs *fs, const cas_node *node,
+			  struct cas_inode **ret)
+{
+	struct content_key k;
+	int r = node_key(node, &k);
+	if (r < 0)
+		return r;
+	uint8_t kind = k.kind;
+	bool exec = k.exec;
+	const uint8_t *key = k.key;
+	size_t len = k.len;
+	uint32_t h = k.hash;
 
 	pthread_mutex_lock(&fs->lock);
-	struct cas_inode *in = fs->by_key.buckets[h & fs->by_key.mask];
-	for (; in; in = in->next_by_key)
-		if (in->key_hash == h && in->kind == kind &&
-		    in->executable == exec && in->key_len == len &&
-		    !memcmp(in->key, key, len))
-			break;
+	struct cas_inode *in = find_by_key(fs, &k);
 	if (in) {
 		in->nlookup++;
 		in->busy++;
@@ -338,11 +381,7 @@ static int inode_for_node(struct cas_fs *fs, const cas_node *node,
 	new->busy = 1;
 
 	pthread_mutex_lock(&fs->lock);
-	for (in = fs->by_key.buckets[h & fs->by_key.mask]; in; in = in->next_by_key)
-		if (in->key_hash == h && in->kind == kind &&
-		    in->executable == exec && in->key_len == len &&
-		    !memcmp(in->key, key, len))
-			break;
+	in = find_by_key(fs, &k);
 	if (in) {
 		in->nlookup++;
 		in->busy++;
@@ -885,16 +924,14 @@ static int add_node(struct cas_fs *fs, struct cas_fuse_dirbuf *db,
 	uint32_t dtype = node->type == CAS_NODE_DIRECTORY ? S_IFDIR :
 			 node->type == CAS_NODE_FILE	  ? S_IFREG :
 							    S_IFLNK;
+	if (!cas_fuse_dirbuf_plus(db))
+		return cas_fuse_dirbuf_add(db, node->name, node->name_len,
+					   ino_for_listing(fs, node), dtype,
+					   next_off, NULL);
 	struct cas_inode *in;
 	int r = inode_for_node(fs, node, &in);
 	if (r < 0)
 		return r;
-	if (!cas_fuse_dirbuf_plus(db)) {
-		r = cas_fuse_dirbuf_add(db, node->name, node->name_len, in->ino,
-					dtype, next_off, NULL);
-		inode_unref(fs, in, 1, 1);
-		return r;
-	}
 	struct cas_fuse_entry e;
 	memset(&e, 0, sizeof(e));
 	uint64_t ino = in->ino;
