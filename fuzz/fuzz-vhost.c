@@ -39,11 +39,11 @@ static uint32_t null_process(void *opaque, void *ctx, unsigned qidx,
 	return 0;
 }
 
-static const struct cas_vu_ops ops = { .process = null_process };
+static const struct cas_vu_ops ops = {.process = null_process};
 
 static void fuzz_messages(const uint8_t *data, size_t size)
 {
-	struct cas_vu_config cfg = { .queues = 4, .ops = &ops };
+	struct cas_vu_config cfg = {.queues = 4, .ops = &ops};
 	struct cas_vu_dev *dev;
 	static _Alignas(8) uint8_t payload[CAS_VU_MAX_PAYLOAD];
 	static _Alignas(8) uint8_t reply[CAS_VU_MAX_PAYLOAD];
@@ -70,7 +70,8 @@ static void fuzz_messages(const uint8_t *data, size_t size)
 			memcpy(&want, payload, sizeof(want));
 			for (; nfds < want && nfds < CAS_VU_MAX_FDS; nfds++) {
 				fds[nfds] = memfd_create("fuzz", MFD_CLOEXEC);
-				if (fds[nfds] < 0 || ftruncate(fds[nfds], 65536) < 0)
+				if (fds[nfds] < 0 ||
+				    ftruncate(fds[nfds], 65536) < 0)
 					break;
 			}
 		}
@@ -85,21 +86,26 @@ static void fuzz_messages(const uint8_t *data, size_t size)
 static void fuzz_ring(const uint8_t *data, size_t size)
 {
 	static uint8_t r0[REGION], r1[REGION];
-	struct cas_vu_mem mem = { .nregions = 2 };
-	struct cas_vq vq = { 0 };
+	struct cas_vu_mem mem = {.nregions = 2};
+	struct cas_vq vq = {0};
 	struct iovec iov[96];
-	struct cas_vq_elem elem = { .iov = iov, .iov_max = 96 };
-	uint16_t cfg[6] = { 0 };
+	struct cas_vq_elem elem = {.iov = iov, .iov_max = 96};
+	uint16_t cfg[6] = {0};
 
 	memset(r0, 0, sizeof(r0));
 	memset(r1, 0, sizeof(r1));
 	memcpy(r0, data, size < REGION ? size : REGION);
 	if (size > REGION)
-		memcpy(r1, data + REGION, size - REGION < REGION ? size - REGION : REGION);
+		memcpy(r1, data + REGION,
+		       size - REGION < REGION ? size - REGION : REGION);
 	memcpy(cfg, r0, sizeof(cfg));
 
-	mem.regions[0] = (struct cas_vu_region){ .gpa = GPA, .size = REGION, .uva = 0x7000000, .host = r0 };
-	mem.regions[1] = (struct cas_vu_region){ .gpa = GPA + REGION, .size = REGION, .uva = 0x9000000, .host = r1 };
+	mem.regions[0] = (struct cas_vu_region){
+		.gpa = GPA, .size = REGION, .uva = 0x7000000, .host = r0};
+	mem.regions[1] = (struct cas_vu_region){.gpa = GPA + REGION,
+						.size = REGION,
+						.uva = 0x9000000,
+						.host = r1};
 
 	vq.num = (uint16_t)(1u << (cfg[0] % 9)); /* 1..256 */
 	vq.event_idx = cfg[1] & 1;

@@ -58,35 +58,43 @@ static void session_close(void *userdata, struct cas_fuse_session *s)
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: castore virtiofs --socket PATH [--list-root] [--show-xattr]\n"
+		"usage: castore virtiofs --socket PATH [--list-root] "
+		"[--show-xattr]\n"
 		"\n"
-		"Serves the store's roots to virtual machines as a vhost-user-fs\n"
-		"device on the UNIX socket PATH (QEMU: -chardev socket,path=PATH\n"
+		"Serves the store's roots to virtual machines as a "
+		"vhost-user-fs\n"
+		"device on the UNIX socket PATH (QEMU: -chardev "
+		"socket,path=PATH\n"
 		"-device vhost-user-fs-pci,chardev=...,tag=TAG). Runs in the\n"
-		"foreground; a guest that disconnects is followed by the next one;\n"
+		"foreground; a guest that disconnects is followed by the next "
+		"one;\n"
 		"SIGINT or SIGTERM end it.\n"
 		"\n"
-		"  --socket PATH   where to listen (a stale socket is replaced)\n"
-		"  --list-root     allow listing the root directory (the roots)\n"
-		"  --show-xattr    user.castore.*.digest extended attributes\n");
+		"  --socket PATH   where to listen (a stale socket is "
+		"replaced)\n"
+		"  --list-root     allow listing the root directory (the "
+		"roots)\n"
+		"  --show-xattr    user.castore.*.digest extended "
+		"attributes\n");
 }
 
 int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "socket", required_argument, NULL, 's' },
-		{ "list-root", no_argument, NULL, 'l' },
-		{ "show-xattr", no_argument, NULL, 'x' },
-		{ "help", no_argument, NULL, 'h' },
-		{ 0 },
+		{"socket", required_argument, NULL, 's'},
+		{"list-root", no_argument, NULL, 'l'},
+		{"show-xattr", no_argument, NULL, 'x'},
+		{"help", no_argument, NULL, 'h'},
+		{0},
 	};
 	struct virtiofs_wiring w = {
-		.fuse_cfg = {
-			.readonly = true,
-			.max_write = 128 * 1024,
-			.max_pages = 256,
-			/* No FUSE passthrough over virtio: backing_open NULL. */
-		},
+		.fuse_cfg =
+			{
+				.readonly = true,
+				.max_write = 128 * 1024,
+				.max_pages = 256,
+				/* No FUSE passthrough over virtio: backing_open NULL. */
+			},
 	};
 	const char *socket_path = NULL;
 	int c;
@@ -108,12 +116,14 @@ int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 			usage(stdout);
 			return CAS_EXIT_OK;
 		default:
-			return cas_cli_usage("virtiofs", "unknown option %s (see --help)",
+			return cas_cli_usage("virtiofs",
+					     "unknown option %s (see --help)",
 					     argv[optind - 1]);
 		}
 	}
 	if (optind < argc)
-		return cas_cli_usage("virtiofs", "unexpected argument %s", argv[optind]);
+		return cas_cli_usage("virtiofs", "unexpected argument %s",
+				     argv[optind]);
 	if (!socket_path)
 		return cas_cli_usage("virtiofs", "--socket PATH is required");
 
@@ -131,12 +141,13 @@ int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 	struct cas_virtiofs *v;
 	r = cas_virtiofs_new(&cfg, &v);
 	if (r < 0) {
-		fprintf(stderr, "castore virtiofs: %s: %s\n", socket_path, strerror(-r));
+		fprintf(stderr, "castore virtiofs: %s: %s\n", socket_path,
+			strerror(-r));
 		cas_store_free(w.store);
 		return CAS_EXIT_FAILURE;
 	}
 
-	struct sigaction sa = { .sa_handler = on_signal };
+	struct sigaction sa = {.sa_handler = on_signal};
 	sigemptyset(&sa.sa_mask);
 	running = v;
 	sigaction(SIGINT, &sa, NULL);

@@ -60,13 +60,13 @@ struct cas_vu_vring {
 
 struct cas_vu_dev {
 	struct cas_vu_config cfg;
-	uint64_t features;          /* acked by SET_FEATURES */
+	uint64_t features;	    /* acked by SET_FEATURES */
 	uint64_t protocol_features; /* acked by SET_PROTOCOL_FEATURES */
 	bool owner;
 
 	pthread_rwlock_t mem_lock;
 	struct cas_vu_mem *mem; /* protected by mem_lock */
-	uint64_t mem_gen;       /* protected by mem_lock; 0: no table yet */
+	uint64_t mem_gen;	/* protected by mem_lock; 0: no table yet */
 
 	struct cas_vu_vring *vrings; /* cfg.queues */
 };
@@ -134,15 +134,19 @@ static void vring_drain(struct cas_vu_vring *vr, void *ctx, struct iovec *iov,
 			int iov_max)
 {
 	struct cas_vu_dev *dev = vr->dev;
-	struct cas_vq_elem elem = { .iov = iov, .iov_max = iov_max };
+	struct cas_vq_elem elem = {.iov = iov, .iov_max = iov_max};
 
-	while (!vr->broken && !__atomic_load_n(&vr->stopping, __ATOMIC_ACQUIRE)) {
+	while (!vr->broken &&
+	       !__atomic_load_n(&vr->stopping, __ATOMIC_ACQUIRE)) {
 		pthread_rwlock_rdlock(&dev->mem_lock);
 		if (vr->mapped_gen != dev->mem_gen || vr->mapped_gen == 0) {
-			int r = dev->mem ? cas_vq_map(&vr->vq, dev->mem) : -EFAULT;
+			int r = dev->mem ? cas_vq_map(&vr->vq, dev->mem)
+					 : -EFAULT;
 			if (r < 0) {
 				pthread_rwlock_unlock(&dev->mem_lock);
-				cas_log_warning_errno(r, "vhost-user: ring %u is not in guest memory: %m",
+				cas_log_warning_errno(r,
+						      "vhost-user: ring %u is "
+						      "not in guest memory: %m",
 						      vr->index);
 				vr->mapped_gen = 0;
 				return;
@@ -164,8 +168,10 @@ static void vring_drain(struct cas_vu_vring *vr, void *ctx, struct iovec *iov,
 		}
 		if (r == -EPROTO) {
 			pthread_rwlock_unlock(&dev->mem_lock);
-			cas_log_error("vhost-user: ring %u: available index beyond the ring; ring stopped until reset",
-				      vr->index);
+			cas_log_error(
+				"vhost-user: ring %u: available index beyond "
+				"the ring; ring stopped until reset",
+				vr->index);
 			vr->broken = true;
 			return;
 		}
@@ -174,8 +180,9 @@ static void vring_drain(struct cas_vu_vring *vr, void *ctx, struct iovec *iov,
 			len = dev->cfg.ops->process(dev->cfg.opaque, ctx,
 						    vr->index, &elem);
 		else
-			cas_log_debug("vhost-user: ring %u: malformed chain at %u",
-				      vr->index, elem.head);
+			cas_log_debug(
+				"vhost-user: ring %u: malformed chain at %u",
+				vr->index, elem.head);
 		cas_vq_push(&vr->vq, elem.head, len);
 		bool notify = cas_vq_should_notify(&vr->vq);
 		pthread_rwlock_unlock(&dev->mem_lock);
@@ -197,7 +204,8 @@ static void *vring_thread(void *arg)
 	pthread_sigmask(SIG_BLOCK, &all, NULL);
 
 	int iov_max = 2 * (int)vr->vq.num + 16;
-	_cleanup_free_ struct iovec *iov = calloc((size_t)iov_max, sizeof(*iov));
+	_cleanup_free_ struct iovec *iov =
+		calloc((size_t)iov_max, sizeof(*iov));
 	if (!iov)
 		ok = false;
 	if (ok && dev->cfg.ops->queue_start &&
@@ -212,17 +220,19 @@ static void *vring_thread(void *arg)
 		vring_drain(vr, ctx, iov, iov_max);
 	for (;;) {
 		struct pollfd p[2] = {
-			{ .fd = vr->stop_fd, .events = POLLIN },
-			{ .fd = vr->kick_fd, .events = POLLIN },
+			{.fd = vr->stop_fd, .events = POLLIN},
+			{.fd = vr->kick_fd, .events = POLLIN},
 		};
 		if (poll(p, 2, -1) < 0) {
 			if (errno == EINTR)
 				continue;
-			cas_log_errno(cas_negerrno(), "vhost-user: ring %u: poll: %m",
+			cas_log_errno(cas_negerrno(),
+				      "vhost-user: ring %u: poll: %m",
 				      vr->index);
 			break;
 		}
-		if (p[0].revents || __atomic_load_n(&vr->stopping, __ATOMIC_ACQUIRE))
+		if (p[0].revents ||
+		    __atomic_load_n(&vr->stopping, __ATOMIC_ACQUIRE))
 			break;
 		if (p[1].revents & (POLLERR | POLLNVAL)) {
 			cas_log_error("vhost-user: ring %u: kick fd failed",
@@ -250,8 +260,10 @@ static int vring_start(struct cas_vu_dev *dev, struct cas_vu_vring *vr)
 {
 	if (vr->started || vr->kick_fd < 0)
 		return 0;
-	vr->vq.event_idx = dev->features & (1ull << CAS_VIRTIO_RING_F_EVENT_IDX);
-	vr->vq.indirect = dev->features & (1ull << CAS_VIRTIO_RING_F_INDIRECT_DESC);
+	vr->vq.event_idx =
+		dev->features & (1ull << CAS_VIRTIO_RING_F_EVENT_IDX);
+	vr->vq.indirect =
+		dev->features & (1ull << CAS_VIRTIO_RING_F_INDIRECT_DESC);
 	vr->vq.desc = NULL;
 	vr->vq.avail = NULL;
 	vr->vq.used = NULL;
@@ -266,7 +278,8 @@ static int vring_start(struct cas_vu_dev *dev, struct cas_vu_vring *vr)
 	if (r < 0) {
 		close(vr->stop_fd);
 		vr->stop_fd = -1;
-		return cas_log_errno(r, "vhost-user: ring %u: thread: %m", vr->index);
+		return cas_log_errno(r, "vhost-user: ring %u: thread: %m",
+				     vr->index);
 	}
 	vr->started = true;
 	return 0;
@@ -334,8 +347,8 @@ int cas_vu_dev_new(const struct cas_vu_config *cfg, struct cas_vu_dev **ret)
 	 * taking the read lock. */
 	pthread_rwlockattr_t attr;
 	pthread_rwlockattr_init(&attr);
-	pthread_rwlockattr_setkind_np(&attr,
-				      PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+	pthread_rwlockattr_setkind_np(
+		&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
 	pthread_rwlock_init(&dev->mem_lock, &attr);
 	pthread_rwlockattr_destroy(&attr);
 	for (unsigned i = 0; i < cfg->queues; i++) {
@@ -431,8 +444,8 @@ static int handle_mem_table(struct cas_vu_dev *dev, const struct cas_vu_hdr *h,
 	if (h->size < 8)
 		return -EINVAL;
 	memcpy(&n, p, sizeof(n));
-	if (n > CAS_VU_MAX_REGIONS || h->size != 8 + n * sizeof(struct vu_region) ||
-	    nfds != n)
+	if (n > CAS_VU_MAX_REGIONS ||
+	    h->size != 8 + n * sizeof(struct vu_region) || nfds != n)
 		return -EINVAL;
 
 	_cleanup_free_ struct cas_vu_mem *mem = calloc(1, sizeof(*mem));
@@ -451,12 +464,15 @@ static int handle_mem_table(struct cas_vu_dev *dev, const struct cas_vu_hdr *h,
 	}
 	int r = cas_vu_mem_check(mem);
 	if (r < 0)
-		return cas_log_errno(r, "vhost-user: SET_MEM_TABLE: bad regions");
+		return cas_log_errno(r,
+				     "vhost-user: SET_MEM_TABLE: bad regions");
 	for (uint32_t i = 0; i < n; i++) {
 		r = cas_vu_mem_map_region(mem, i, fds[i]);
 		if (r < 0) {
 			cas_vu_mem_release(mem);
-			return cas_log_errno(r, "vhost-user: SET_MEM_TABLE: region %u: %m", i);
+			return cas_log_errno(
+				r, "vhost-user: SET_MEM_TABLE: region %u: %m",
+				i);
 		}
 	}
 	/* The fds are not kept: the mappings hold the memory. */
@@ -474,7 +490,8 @@ static int handle_vring_fd(struct cas_vu_dev *dev, const struct cas_vu_hdr *h,
 		return r;
 	bool nofd = v & CAS_VU_VRING_NOFD_MASK;
 	unsigned idx = v & CAS_VU_VRING_IDX_MASK;
-	if (idx >= dev->cfg.queues || (v & ~(uint64_t)(CAS_VU_VRING_IDX_MASK | CAS_VU_VRING_NOFD_MASK)))
+	if (idx >= dev->cfg.queues ||
+	    (v & ~(uint64_t)(CAS_VU_VRING_IDX_MASK | CAS_VU_VRING_NOFD_MASK)))
 		return -ERANGE;
 	if (nfds != (nofd ? 0 : 1))
 		return -EINVAL;
@@ -486,7 +503,8 @@ static int handle_vring_fd(struct cas_vu_dev *dev, const struct cas_vu_hdr *h,
 		vring_stop(vr);
 		fd_replace(&vr->kick_fd, fd);
 		if (fd < 0) {
-			cas_log_warning("vhost-user: ring %u: polling (no kick fd) is not supported",
+			cas_log_warning("vhost-user: ring %u: polling (no kick "
+					"fd) is not supported",
 					idx);
 			return -EOPNOTSUPP;
 		}
@@ -501,12 +519,12 @@ static int handle_vring_fd(struct cas_vu_dev *dev, const struct cas_vu_hdr *h,
 }
 
 /* Runs `apply` with the ring stopped, then restarts it if it ran. */
-#define WITH_RING_STOPPED(dev, vr, apply)                                      \
-	({                                                                     \
-		bool _was = (vr)->started;                                     \
-		vring_stop(vr);                                                \
-		apply;                                                         \
-		_was ? vring_start((dev), (vr)) : 0;                           \
+#define WITH_RING_STOPPED(dev, vr, apply)            \
+	({                                           \
+		bool _was = (vr)->started;           \
+		vring_stop(vr);                      \
+		apply;                               \
+		_was ? vring_start((dev), (vr)) : 0; \
 	})
 
 static int handle_request(struct cas_vu_dev *dev, const struct cas_vu_hdr *h,
@@ -579,9 +597,11 @@ static int handle_request(struct cas_vu_dev *dev, const struct cas_vu_hdr *h,
 		if (r < 0)
 			return r;
 		/* Split rings have power-of-two sizes (2.7). */
-		if (st.num == 0 || st.num > CAS_VQ_MAX_SIZE || (st.num & (st.num - 1)))
+		if (st.num == 0 || st.num > CAS_VQ_MAX_SIZE ||
+		    (st.num & (st.num - 1)))
 			return -EINVAL;
-		return WITH_RING_STOPPED(dev, vr, vr->vq.num = (uint16_t)st.num);
+		return WITH_RING_STOPPED(dev, vr,
+					 vr->vq.num = (uint16_t)st.num);
 
 	case CAS_VU_SET_VRING_ADDR: {
 		struct vu_addr a;
@@ -593,10 +613,10 @@ static int handle_request(struct cas_vu_dev *dev, const struct cas_vu_hdr *h,
 		vr = &dev->vrings[a.index];
 		/* The log address is unused: we offer no dirty logging. */
 		return WITH_RING_STOPPED(dev, vr, ({
-			vr->vq.desc_uva = a.desc_uva;
-			vr->vq.used_uva = a.used_uva;
-			vr->vq.avail_uva = a.avail_uva;
-		}));
+						 vr->vq.desc_uva = a.desc_uva;
+						 vr->vq.used_uva = a.used_uva;
+						 vr->vq.avail_uva = a.avail_uva;
+					 }));
 	}
 
 	case CAS_VU_SET_VRING_BASE:
@@ -605,8 +625,8 @@ static int handle_request(struct cas_vu_dev *dev, const struct cas_vu_hdr *h,
 			return r;
 		if (st.num > UINT16_MAX)
 			return -EINVAL;
-		return WITH_RING_STOPPED(dev, vr,
-					 vr->vq.last_avail_idx = (uint16_t)st.num);
+		return WITH_RING_STOPPED(
+			dev, vr, vr->vq.last_avail_idx = (uint16_t)st.num);
 
 	case CAS_VU_GET_VRING_BASE:
 		r = get_vring(dev, h, p, &st, &vr);
@@ -674,8 +694,10 @@ int cas_vu_dev_handle(struct cas_vu_dev *dev, const struct cas_vu_hdr *hdr,
 	if ((h.flags & CAS_VU_FLAG_VERSION_MASK) != CAS_VU_VERSION ||
 	    h.size > CAS_VU_MAX_PAYLOAD) {
 		close_fds(fds, nfds);
-		return cas_log_errno(-EPROTO, "vhost-user: bad message header (flags %#x, size %u)",
-				     h.flags, h.size);
+		return cas_log_errno(
+			-EPROTO,
+			"vhost-user: bad message header (flags %#x, size %u)",
+			h.flags, h.size);
 	}
 
 	r = handle_request(dev, &h, payload, fds, nfds, reply, &reply_size);
@@ -689,7 +711,8 @@ int cas_vu_dev_handle(struct cas_vu_dev *dev, const struct cas_vu_hdr *hdr,
 	} else {
 		if (r < 0)
 			cas_log_warning_errno(r, "vhost-user: %s (%u): %m",
-					      request_name(h.request), h.request);
+					      request_name(h.request),
+					      h.request);
 		if (h.flags & CAS_VU_FLAG_NEED_REPLY) {
 			uint64_t status = r < 0 ? 1 : 0;
 			memcpy(reply, &status, sizeof(status));
@@ -729,10 +752,10 @@ static int recv_all(int sock, void *buf, size_t len)
 static int send_reply(int sock, const struct cas_vu_hdr *h, const void *payload)
 {
 	struct iovec iov[2] = {
-		{ .iov_base = (void *)h, .iov_len = sizeof(*h) },
-		{ .iov_base = (void *)payload, .iov_len = h->size },
+		{.iov_base = (void *)h, .iov_len = sizeof(*h)},
+		{.iov_base = (void *)payload, .iov_len = h->size},
 	};
-	struct msghdr msg = { .msg_iov = iov, .msg_iovlen = 2 };
+	struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 2};
 	size_t left = sizeof(*h) + h->size;
 
 	while (left > 0) {
@@ -746,7 +769,8 @@ static int send_reply(int sock, const struct cas_vu_hdr *h, const void *payload)
 		/* Short send: move the iovecs past what went out. */
 		while (n > 0 && msg.msg_iovlen > 0) {
 			size_t k = CAS_MIN((size_t)n, msg.msg_iov[0].iov_len);
-			msg.msg_iov[0].iov_base = (uint8_t *)msg.msg_iov[0].iov_base + k;
+			msg.msg_iov[0].iov_base =
+				(uint8_t *)msg.msg_iov[0].iov_base + k;
 			msg.msg_iov[0].iov_len -= k;
 			n -= (ssize_t)k;
 			if (msg.msg_iov[0].iov_len == 0) {
@@ -765,7 +789,7 @@ int cas_vu_dev_dispatch(struct cas_vu_dev *dev, int sock)
 		char buf[CMSG_SPACE(CAS_VU_MAX_FDS * sizeof(int))];
 		struct cmsghdr align;
 	} control;
-	struct iovec iov = { .iov_base = &h, .iov_len = sizeof(h) };
+	struct iovec iov = {.iov_base = &h, .iov_len = sizeof(h)};
 	struct msghdr msg = {
 		.msg_iov = &iov,
 		.msg_iovlen = 1,
@@ -787,13 +811,15 @@ int cas_vu_dev_dispatch(struct cas_vu_dev *dev, int sock)
 
 	/* Take every fd that came, whatever else is wrong, so that each one
 	 * is closed. */
-	for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c;
+	     c = CMSG_NXTHDR(&msg, c)) {
 		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
 			continue;
 		size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
 		for (size_t i = 0; i < k; i++) {
 			int fd;
-			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int),
+			       sizeof(int));
 			if (nfds < CAS_VU_MAX_FDS)
 				fds[nfds++] = fd;
 			else
@@ -802,11 +828,13 @@ int cas_vu_dev_dispatch(struct cas_vu_dev *dev, int sock)
 	}
 	r = 0;
 	if (msg.msg_flags & MSG_CTRUNC)
-		r = cas_log_errno(-EPROTO, "vhost-user: too many fds in one message");
+		r = cas_log_errno(-EPROTO,
+				  "vhost-user: too many fds in one message");
 	if (r == 0 && (size_t)n < sizeof(h))
 		r = recv_all(sock, (uint8_t *)&h + n, sizeof(h) - (size_t)n);
 	if (r == 0 && h.size > CAS_VU_MAX_PAYLOAD)
-		r = cas_log_errno(-EPROTO, "vhost-user: message of %u bytes", h.size);
+		r = cas_log_errno(-EPROTO, "vhost-user: message of %u bytes",
+				  h.size);
 
 	_Alignas(8) uint8_t payload[CAS_VU_MAX_PAYLOAD];
 	if (r == 0 && h.size > 0)
@@ -821,7 +849,8 @@ int cas_vu_dev_dispatch(struct cas_vu_dev *dev, int sock)
 	int reply_size;
 	cas_log_debug("vhost-user: %s (%u), %u bytes, %zu fds",
 		      request_name(h.request), h.request, h.size, nfds);
-	r = cas_vu_dev_handle(dev, &h, payload, fds, nfds, &rh, reply, &reply_size);
+	r = cas_vu_dev_handle(dev, &h, payload, fds, nfds, &rh, reply,
+			      &reply_size);
 	if (r < 0)
 		return r;
 	if (reply_size >= 0)

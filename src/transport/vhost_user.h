@@ -53,21 +53,21 @@ enum {
 	CAS_VU_RESET_DEVICE = 34,
 };
 
-#define CAS_VU_VERSION 0x1u
+#define CAS_VU_VERSION		 0x1u
 #define CAS_VU_FLAG_VERSION_MASK 0x3u
-#define CAS_VU_FLAG_REPLY (1u << 2)
-#define CAS_VU_FLAG_NEED_REPLY (1u << 3)
-#define CAS_VU_VRING_IDX_MASK 0xffu
-#define CAS_VU_VRING_NOFD_MASK (1u << 8)
+#define CAS_VU_FLAG_REPLY	 (1u << 2)
+#define CAS_VU_FLAG_NEED_REPLY	 (1u << 3)
+#define CAS_VU_VRING_IDX_MASK	 0xffu
+#define CAS_VU_VRING_NOFD_MASK	 (1u << 8)
 
-#define CAS_VU_F_PROTOCOL_FEATURES 30
-#define CAS_VU_PROTOCOL_F_MQ 0
-#define CAS_VU_PROTOCOL_F_REPLY_ACK 3
+#define CAS_VU_F_PROTOCOL_FEATURES     30
+#define CAS_VU_PROTOCOL_F_MQ	       0
+#define CAS_VU_PROTOCOL_F_REPLY_ACK    3
 #define CAS_VU_PROTOCOL_F_RESET_DEVICE 13
 
-#define CAS_VU_MAX_FDS 8
+#define CAS_VU_MAX_FDS	   8
 #define CAS_VU_MAX_PAYLOAD 4096
-#define CAS_VU_MAX_QUEUES 64
+#define CAS_VU_MAX_QUEUES  64
 
 /* The 12-byte header that precedes every payload. */
 struct cas_vu_hdr {
@@ -89,7 +89,7 @@ struct cas_vu_ops {
 
 struct cas_vu_config {
 	uint64_t device_features; /* beyond VERSION_1, ring features */
-	unsigned queues;          /* how many the device has, <= MAX_QUEUES */
+	unsigned queues;	  /* how many the device has, <= MAX_QUEUES */
 	const struct cas_vu_ops *ops;
 	void *opaque;
 };

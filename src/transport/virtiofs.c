@@ -118,7 +118,8 @@ static int read_file_data(struct vfs_queue *q, struct cas_vq_elem *elem,
 	uint64_t pos = rep->fd_offset;
 	left = rep->fd_len;
 	while (left > 0) {
-		ssize_t got = preadv(rep->fd, iov, CAS_MIN(n, IOV_MAX), (off_t)pos);
+		ssize_t got =
+			preadv(rep->fd, iov, CAS_MIN(n, IOV_MAX), (off_t)pos);
 		if (got < 0) {
 			if (errno == EINTR)
 				continue;
@@ -165,7 +166,7 @@ static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
 {
 	struct cas_virtiofs *v = opaque;
 	struct vfs_queue *q = ctx;
-	struct fuse_in_header ih = { 0 };
+	struct fuse_in_header ih = {0};
 	struct cas_fuse_reply rep = {
 		.buf = q->buf,
 		.buf_size = q->buf_size,
@@ -190,21 +191,24 @@ static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
 		goto done;
 	}
 	size_t data_len = rep.fd >= 0 ? rep.fd_len : 0;
-	if (rep.len < sizeof(struct fuse_out_header) || rep.len > rep.buf_size ||
-	    data_len > UINT32_MAX || rep.len + data_len > elem->write_len ||
+	if (rep.len < sizeof(struct fuse_out_header) ||
+	    rep.len > rep.buf_size || data_len > UINT32_MAX ||
+	    rep.len + data_len > elem->write_len ||
 	    rep.len + data_len > UINT32_MAX) {
 		cas_log_debug("virtiofs: reply of %zu bytes does not fit %zu",
 			      rep.len + data_len, elem->write_len);
-		written = reply_error(elem, rep.unique ? rep.unique : ih.unique, -EIO);
+		written = reply_error(elem, rep.unique ? rep.unique : ih.unique,
+				      -EIO);
 		goto done;
 	}
-	cas_iov_copy_to(elem->iov + elem->read_cnt, elem->write_cnt, 0,
-			rep.buf, rep.len);
+	cas_iov_copy_to(elem->iov + elem->read_cnt, elem->write_cnt, 0, rep.buf,
+			rep.len);
 	written = (uint32_t)rep.len;
 	if (data_len > 0) {
 		int r = read_file_data(q, elem, rep.len, &rep);
 		if (r < 0) {
-			cas_log_warning_errno(r, "virtiofs: read of reply data: %m");
+			cas_log_warning_errno(
+				r, "virtiofs: read of reply data: %m");
 			written = reply_error(elem, rep.unique, -EIO);
 			goto done;
 		}
@@ -224,7 +228,7 @@ static const struct cas_vu_ops vfs_ops = {
 int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 		     struct cas_virtiofs **ret)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct stat st;
 	int r;
 
@@ -232,17 +236,22 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 	    cfg->reply_bufsize < sizeof(struct fuse_out_header))
 		return -EINVAL;
 	if (strlen(cfg->socket_path) >= sizeof(sa.sun_path))
-		return cas_log_errno(-ENAMETOOLONG, "virtiofs: socket path %s: %m",
+		return cas_log_errno(-ENAMETOOLONG,
+				     "virtiofs: socket path %s: %m",
 				     cfg->socket_path);
 	strcpy(sa.sun_path, cfg->socket_path);
 
 	if (lstat(cfg->socket_path, &st) == 0) {
 		if (!S_ISSOCK(st.st_mode))
-			return cas_log_errno(-EEXIST, "virtiofs: %s exists and is not a socket",
-					     cfg->socket_path);
+			return cas_log_errno(
+				-EEXIST,
+				"virtiofs: %s exists and is not a socket",
+				cfg->socket_path);
 		if (unlink(cfg->socket_path) < 0)
-			return cas_log_errno(cas_negerrno(), "virtiofs: remove stale socket %s: %m",
-					     cfg->socket_path);
+			return cas_log_errno(
+				cas_negerrno(),
+				"virtiofs: remove stale socket %s: %m",
+				cfg->socket_path);
 	}
 
 	struct cas_virtiofs *v = calloc(1, sizeof(*v));
@@ -315,7 +324,7 @@ void cas_virtiofs_stop(struct cas_virtiofs *v)
 
 static bool stop_requested(struct cas_virtiofs *v)
 {
-	struct pollfd p = { .fd = v->stop_fd, .events = POLLIN };
+	struct pollfd p = {.fd = v->stop_fd, .events = POLLIN};
 	return poll(&p, 1, 0) > 0;
 }
 
@@ -332,9 +341,9 @@ static void serve(struct cas_virtiofs *v, int conn)
 
 	for (;;) {
 		struct pollfd p[3] = {
-			{ .fd = v->stop_fd, .events = POLLIN },
-			{ .fd = conn, .events = POLLIN },
-			{ .fd = v->listen_fd, .events = POLLIN },
+			{.fd = v->stop_fd, .events = POLLIN},
+			{.fd = conn, .events = POLLIN},
+			{.fd = v->listen_fd, .events = POLLIN},
 		};
 		if (poll(p, 3, -1) < 0) {
 			if (errno == EINTR)
@@ -345,9 +354,12 @@ static void serve(struct cas_virtiofs *v, int conn)
 		if (p[0].revents)
 			break;
 		if (p[2].revents & POLLIN) {
-			int other = accept4(v->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+			int other =
+				accept4(v->listen_fd, NULL, NULL, SOCK_CLOEXEC);
 			if (other >= 0) {
-				cas_log_warning("virtiofs: a frontend is already connected; refusing another");
+				cas_log_warning(
+					"virtiofs: a frontend is already "
+					"connected; refusing another");
 				close(other);
 			}
 		}
@@ -358,7 +370,9 @@ static void serve(struct cas_virtiofs *v, int conn)
 				break;
 			}
 			if (r < 0) {
-				cas_log_errno(r, "virtiofs: closing the connection: %m");
+				cas_log_errno(
+					r,
+					"virtiofs: closing the connection: %m");
 				break;
 			}
 		}
@@ -377,13 +391,14 @@ int cas_virtiofs_run(struct cas_virtiofs *v)
 {
 	for (;;) {
 		struct pollfd p[2] = {
-			{ .fd = v->stop_fd, .events = POLLIN },
-			{ .fd = v->listen_fd, .events = POLLIN },
+			{.fd = v->stop_fd, .events = POLLIN},
+			{.fd = v->listen_fd, .events = POLLIN},
 		};
 		if (poll(p, 2, -1) < 0) {
 			if (errno == EINTR)
 				continue;
-			return cas_log_errno(cas_negerrno(), "virtiofs: poll: %m");
+			return cas_log_errno(cas_negerrno(),
+					     "virtiofs: poll: %m");
 		}
 		if (p[0].revents)
 			return 0;
@@ -391,9 +406,11 @@ int cas_virtiofs_run(struct cas_virtiofs *v)
 			continue;
 		int conn = accept4(v->listen_fd, NULL, NULL, SOCK_CLOEXEC);
 		if (conn < 0) {
-			if (errno == EINTR || errno == ECONNABORTED || errno == EAGAIN)
+			if (errno == EINTR || errno == ECONNABORTED ||
+			    errno == EAGAIN)
 				continue;
-			return cas_log_errno(cas_negerrno(), "virtiofs: accept: %m");
+			return cas_log_errno(cas_negerrno(),
+					     "virtiofs: accept: %m");
 		}
 		serve(v, conn);
 		close(conn);

@@ -24,7 +24,7 @@
 struct cas_virtiofs_config {
 	const char *socket_path;
 	unsigned request_queues; /* offered (GET_QUEUE_NUM), 0: 1 */
-	size_t reply_bufsize;    /* cas_fuse_reply_bufsize() of the sessions */
+	size_t reply_bufsize;	 /* cas_fuse_reply_bufsize() of the sessions */
 	/* A fresh engine session for each frontend that connects, closed
 	 * after it disconnected and every queue thread ended. A guest that
 	 * sends FUSE_INIT again (it rebooted) gets a fresh one too. */

@@ -38,9 +38,11 @@ int cas_vu_mem_check(const struct cas_vu_mem *mem)
 		/* Overlaps would make a translation ambiguous. */
 		for (unsigned j = 0; j < i; j++) {
 			const struct cas_vu_region *o = &mem->regions[j];
-			if (r->gpa < o->gpa + o->size && o->gpa < r->gpa + r->size)
+			if (r->gpa < o->gpa + o->size &&
+			    o->gpa < r->gpa + r->size)
 				return -EINVAL;
-			if (r->uva < o->uva + o->size && o->uva < r->uva + r->size)
+			if (r->uva < o->uva + o->size &&
+			    o->uva < r->uva + r->size)
 				return -EINVAL;
 		}
 	}
@@ -93,9 +95,8 @@ static const struct cas_vu_region *find_gpa(const struct cas_vu_mem *mem,
 	return NULL;
 }
 
-int cas_vu_mem_gpa_iov(const struct cas_vu_mem *mem, uint64_t gpa,
-		       uint64_t len, struct iovec *iov, int iov_max,
-		       int *iov_cnt)
+int cas_vu_mem_gpa_iov(const struct cas_vu_mem *mem, uint64_t gpa, uint64_t len,
+		       struct iovec *iov, int iov_max, int *iov_cnt)
 {
 	int n = *iov_cnt;
 
@@ -166,7 +167,8 @@ int cas_vq_map(struct cas_vq *vq, const struct cas_vu_mem *mem)
 	if (vq->desc_uva % 16 || vq->avail_uva % 2 || vq->used_uva % 4)
 		return -EFAULT;
 	void *d = cas_vu_mem_uva(mem, vq->desc_uva, 16ull * vq->num);
-	void *a = cas_vu_mem_uva(mem, vq->avail_uva, 4 + 2ull * vq->num + extra);
+	void *a =
+		cas_vu_mem_uva(mem, vq->avail_uva, 4 + 2ull * vq->num + extra);
 	void *u = cas_vu_mem_uva(mem, vq->used_uva, 4 + 8ull * vq->num + extra);
 	if (!d || !a || !u)
 		return -EFAULT;
@@ -210,8 +212,7 @@ static int vq_walk(struct cas_vq *vq, const struct cas_vu_mem *mem,
 		if (d.flags & CAS_VRING_DESC_F_INDIRECT) {
 			if (in_indirect || !vq->indirect ||
 			    (d.flags & CAS_VRING_DESC_F_NEXT) || d.len == 0 ||
-			    d.len % sizeof(struct cas_vring_desc) ||
-			    d.addr % 8)
+			    d.len % sizeof(struct cas_vring_desc) || d.addr % 8)
 				return -EBADMSG;
 			const volatile struct cas_vring_desc *t =
 				cas_vu_mem_gpa(mem, d.addr, d.len);

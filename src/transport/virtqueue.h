@@ -29,18 +29,18 @@
 #include <sys/uio.h>
 
 #define CAS_VU_MAX_REGIONS 8
-#define CAS_VQ_MAX_SIZE 32768
+#define CAS_VQ_MAX_SIZE	   32768
 
 /* Feature bits the rings know about (virtio 1.x, 6). */
 #define CAS_VIRTIO_RING_F_INDIRECT_DESC 28
-#define CAS_VIRTIO_RING_F_EVENT_IDX 29
-#define CAS_VIRTIO_F_VERSION_1 32
+#define CAS_VIRTIO_RING_F_EVENT_IDX	29
+#define CAS_VIRTIO_F_VERSION_1		32
 
 /* Split ring layout (virtio 1.x, 2.7). Little endian, which is also this
  * host's order (x86-64, aarch64): VERSION_1 devices are little endian. */
-#define CAS_VRING_DESC_F_NEXT 1
-#define CAS_VRING_DESC_F_WRITE 2
-#define CAS_VRING_DESC_F_INDIRECT 4
+#define CAS_VRING_DESC_F_NEXT	       1
+#define CAS_VRING_DESC_F_WRITE	       2
+#define CAS_VRING_DESC_F_INDIRECT      4
 #define CAS_VRING_AVAIL_F_NO_INTERRUPT 1
 
 struct cas_vring_desc {
@@ -69,12 +69,12 @@ struct cas_vring_used {
 
 /* One region as SET_MEM_TABLE describes it, plus our mapping of it. */
 struct cas_vu_region {
-	uint64_t gpa;         /* guest physical address of the first byte */
+	uint64_t gpa; /* guest physical address of the first byte */
 	uint64_t size;
-	uint64_t uva;         /* the frontend's virtual address of it */
+	uint64_t uva;	      /* the frontend's virtual address of it */
 	uint64_t mmap_offset; /* where the region starts in its fd */
-	uint8_t *host;        /* our address of the first byte */
-	void *map;            /* what to munmap (NULL: not ours) */
+	uint8_t *host;	      /* our address of the first byte */
+	void *map;	      /* what to munmap (NULL: not ours) */
 	size_t map_len;
 };
 
@@ -99,9 +99,8 @@ void cas_vu_mem_release(struct cas_vu_mem *mem);
  * iov[*iov_cnt]; a range crossing regions is allowed only where they are
  * contiguous in guest physical space. len 0 adds nothing. -EFAULT when a
  * byte is not covered, -E2BIG when iov_max is exceeded. */
-int cas_vu_mem_gpa_iov(const struct cas_vu_mem *mem, uint64_t gpa,
-		       uint64_t len, struct iovec *iov, int iov_max,
-		       int *iov_cnt);
+int cas_vu_mem_gpa_iov(const struct cas_vu_mem *mem, uint64_t gpa, uint64_t len,
+		       struct iovec *iov, int iov_max, int *iov_cnt);
 
 /* Host pointer of [gpa, gpa+len) when it lies in one region, else NULL. */
 void *cas_vu_mem_gpa(const struct cas_vu_mem *mem, uint64_t gpa, uint64_t len);
@@ -112,14 +111,14 @@ void *cas_vu_mem_uva(const struct cas_vu_mem *mem, uint64_t uva, uint64_t len);
 /* A split virtqueue's state as the device sees it. */
 struct cas_vq {
 	/* configuration (SET_VRING_NUM/ADDR/BASE, features) */
-	uint16_t num;          /* 0: not configured */
+	uint16_t num; /* 0: not configured */
 	uint64_t desc_uva, avail_uva, used_uva;
 	bool event_idx;
 	bool indirect;
 
 	/* progress */
 	uint16_t last_avail_idx; /* next avail entry to take */
-	uint16_t used_idx;       /* our copy of used->idx */
+	uint16_t used_idx;	 /* our copy of used->idx */
 	uint16_t signalled_used; /* used->idx at the last interrupt */
 	bool signalled_used_valid;
 

@@ -23,20 +23,20 @@
 #include "transport/virtqueue.h"
 
 #define REGION_SIZE (1u << 20)
-#define GPA0 0x100000ull /* region 0 */
-#define GPA1 (GPA0 + REGION_SIZE) /* region 1: contiguous after region 0 */
-#define GPA2 0x800000ull /* region 2: after a hole */
-#define UVA0 0x7f0000000000ull
-#define UVA1 0x7f1000000000ull
-#define UVA2 0x7f2000000000ull
-#define NUM 8
+#define GPA0	    0x100000ull		 /* region 0 */
+#define GPA1	    (GPA0 + REGION_SIZE) /* region 1: contiguous after region 0 */
+#define GPA2	    0x800000ull		 /* region 2: after a hole */
+#define UVA0	    0x7f0000000000ull
+#define UVA1	    0x7f1000000000ull
+#define UVA2	    0x7f2000000000ull
+#define NUM	    8
 
 /* Layout in region 0: descriptors, avail, used, indirect tables, data. */
-#define DESC_OFF 0x0
+#define DESC_OFF  0x0
 #define AVAIL_OFF 0x1000
-#define USED_OFF 0x2000
+#define USED_OFF  0x2000
 #define TABLE_OFF 0x3000
-#define DATA_OFF 0x10000
+#define DATA_OFF  0x10000
 
 static int new_memfd(size_t size)
 {
@@ -59,9 +59,14 @@ static void guest_init(struct guest *g, bool event_idx, bool indirect)
 {
 	memset(g, 0, sizeof(*g));
 	g->mem.nregions = 3;
-	g->mem.regions[0] = (struct cas_vu_region){ .gpa = GPA0, .size = REGION_SIZE, .uva = UVA0 };
-	g->mem.regions[1] = (struct cas_vu_region){ .gpa = GPA1, .size = REGION_SIZE, .uva = UVA1, .mmap_offset = 4096 };
-	g->mem.regions[2] = (struct cas_vu_region){ .gpa = GPA2, .size = REGION_SIZE, .uva = UVA2 };
+	g->mem.regions[0] = (struct cas_vu_region){
+		.gpa = GPA0, .size = REGION_SIZE, .uva = UVA0};
+	g->mem.regions[1] = (struct cas_vu_region){.gpa = GPA1,
+						   .size = REGION_SIZE,
+						   .uva = UVA1,
+						   .mmap_offset = 4096};
+	g->mem.regions[2] = (struct cas_vu_region){
+		.gpa = GPA2, .size = REGION_SIZE, .uva = UVA2};
 	REQUIRE(cas_vu_mem_check(&g->mem) == 0);
 	for (unsigned i = 0; i < 3; i++) {
 		_cleanup_close_ int fd = new_memfd(REGION_SIZE + 4096);
@@ -112,9 +117,12 @@ static void test_direct_chain(void)
 	struct guest g;
 	guest_init(&g, false, false);
 
-	set_desc(desc_at(&g, DESC_OFF) + 3, GPA0 + DATA_OFF, 40, CAS_VRING_DESC_F_NEXT, 5);
-	set_desc(desc_at(&g, DESC_OFF) + 5, GPA0 + DATA_OFF + 100, 60, CAS_VRING_DESC_F_NEXT, 1);
-	set_desc(desc_at(&g, DESC_OFF) + 1, GPA0 + DATA_OFF + 4096, 4096, CAS_VRING_DESC_F_WRITE, 0);
+	set_desc(desc_at(&g, DESC_OFF) + 3, GPA0 + DATA_OFF, 40,
+		 CAS_VRING_DESC_F_NEXT, 5);
+	set_desc(desc_at(&g, DESC_OFF) + 5, GPA0 + DATA_OFF + 100, 60,
+		 CAS_VRING_DESC_F_NEXT, 1);
+	set_desc(desc_at(&g, DESC_OFF) + 1, GPA0 + DATA_OFF + 4096, 4096,
+		 CAS_VRING_DESC_F_WRITE, 0);
 	memcpy(g.r0 + DATA_OFF, "request", 7);
 	post(&g, 3);
 
@@ -134,7 +142,8 @@ static void test_direct_chain(void)
 	CHECK(u->idx == 1 && u->ring[0].id == 3 && u->ring[0].len == 77);
 	/* Without EVENT_IDX the guest's NO_INTERRUPT decides. */
 	CHECK(cas_vq_should_notify(&g.vq));
-	((struct cas_vring_avail *)(g.r0 + AVAIL_OFF))->flags = CAS_VRING_AVAIL_F_NO_INTERRUPT;
+	((struct cas_vring_avail *)(g.r0 + AVAIL_OFF))->flags =
+		CAS_VRING_AVAIL_F_NO_INTERRUPT;
 	CHECK(!cas_vq_should_notify(&g.vq));
 	guest_fini(&g);
 }
@@ -146,9 +155,12 @@ static void test_indirect(void)
 
 	struct cas_vring_desc *t = desc_at(&g, TABLE_OFF);
 	set_desc(&t[0], GPA0 + DATA_OFF, 48, CAS_VRING_DESC_F_NEXT, 2);
-	set_desc(&t[2], GPA0 + DATA_OFF + 512, 16, CAS_VRING_DESC_F_WRITE | CAS_VRING_DESC_F_NEXT, 1);
-	set_desc(&t[1], GPA0 + DATA_OFF + 1024, 4000, CAS_VRING_DESC_F_WRITE, 0);
-	set_desc(desc_at(&g, DESC_OFF), GPA0 + TABLE_OFF, 3 * 16, CAS_VRING_DESC_F_INDIRECT, 0);
+	set_desc(&t[2], GPA0 + DATA_OFF + 512, 16,
+		 CAS_VRING_DESC_F_WRITE | CAS_VRING_DESC_F_NEXT, 1);
+	set_desc(&t[1], GPA0 + DATA_OFF + 1024, 4000, CAS_VRING_DESC_F_WRITE,
+		 0);
+	set_desc(desc_at(&g, DESC_OFF), GPA0 + TABLE_OFF, 3 * 16,
+		 CAS_VRING_DESC_F_INDIRECT, 0);
 	post(&g, 0);
 	CHECK(cas_vq_pop(&g.vq, &g.mem, &g.elem) == 1);
 	CHECK(g.elem.read_cnt == 1 && g.elem.write_cnt == 2);
@@ -171,7 +183,8 @@ static void expect_bad(struct guest *g, uint16_t h, int line)
 	int r = cas_vq_pop(&g->vq, &g->mem, &g->elem);
 	if (r != -EBADMSG || g->elem.head != h ||
 	    g->vq.last_avail_idx != (uint16_t)(before + 1)) {
-		fprintf(stderr, "line %d: pop gave %d head %u\n", line, r, g->elem.head);
+		fprintf(stderr, "line %d: pop gave %d head %u\n", line, r,
+			g->elem.head);
 		check_failures++;
 	}
 	check_count++;
@@ -198,9 +211,11 @@ static void test_malformed(void)
 	set_desc(&d[1], GPA0 + DATA_OFF, 16, CAS_VRING_DESC_F_NEXT, 0);
 	expect_bad(&g, 0, __LINE__);
 	for (int i = 0; i < 16; i++)
-		set_desc(&t[i], GPA0 + DATA_OFF, 16, CAS_VRING_DESC_F_NEXT, (uint16_t)(i + 1));
+		set_desc(&t[i], GPA0 + DATA_OFF, 16, CAS_VRING_DESC_F_NEXT,
+			 (uint16_t)(i + 1));
 	t[15].flags = 0;
-	set_desc(&d[0], GPA0 + TABLE_OFF, 16 * 16, CAS_VRING_DESC_F_INDIRECT, 0);
+	set_desc(&d[0], GPA0 + TABLE_OFF, 16 * 16, CAS_VRING_DESC_F_INDIRECT,
+		 0);
 	expect_bad(&g, 0, __LINE__);
 	/* next beyond the table. */
 	set_desc(&d[0], GPA0 + DATA_OFF, 16, CAS_VRING_DESC_F_NEXT, NUM);
@@ -208,11 +223,13 @@ static void test_malformed(void)
 	/* Head beyond the table. */
 	expect_bad(&g, NUM, __LINE__);
 	/* Readable after writable. */
-	set_desc(&d[0], GPA0 + DATA_OFF, 16, CAS_VRING_DESC_F_WRITE | CAS_VRING_DESC_F_NEXT, 1);
+	set_desc(&d[0], GPA0 + DATA_OFF, 16,
+		 CAS_VRING_DESC_F_WRITE | CAS_VRING_DESC_F_NEXT, 1);
 	set_desc(&d[1], GPA0 + DATA_OFF, 16, 0, 0);
 	expect_bad(&g, 0, __LINE__);
 	/* Indirect inside indirect. */
-	set_desc(&t[0], GPA0 + TABLE_OFF + 256, 32, CAS_VRING_DESC_F_INDIRECT, 0);
+	set_desc(&t[0], GPA0 + TABLE_OFF + 256, 32, CAS_VRING_DESC_F_INDIRECT,
+		 0);
 	set_desc(&d[0], GPA0 + TABLE_OFF, 16, CAS_VRING_DESC_F_INDIRECT, 0);
 	expect_bad(&g, 0, __LINE__);
 	/* Indirect table lengths: not a multiple of 16, zero. */
@@ -222,7 +239,8 @@ static void test_malformed(void)
 	set_desc(&d[0], GPA0 + TABLE_OFF, 0, CAS_VRING_DESC_F_INDIRECT, 0);
 	expect_bad(&g, 0, __LINE__);
 	/* Indirect together with NEXT; indirect table outside memory. */
-	set_desc(&d[0], GPA0 + TABLE_OFF, 16, CAS_VRING_DESC_F_INDIRECT | CAS_VRING_DESC_F_NEXT, 1);
+	set_desc(&d[0], GPA0 + TABLE_OFF, 16,
+		 CAS_VRING_DESC_F_INDIRECT | CAS_VRING_DESC_F_NEXT, 1);
 	expect_bad(&g, 0, __LINE__);
 	set_desc(&d[0], 0x1000, 16, CAS_VRING_DESC_F_INDIRECT, 0);
 	expect_bad(&g, 0, __LINE__);
@@ -236,7 +254,8 @@ static void test_malformed(void)
 	guest_init(&g, false, false);
 	t = desc_at(&g, TABLE_OFF);
 	set_desc(&t[0], GPA0 + DATA_OFF, 16, 0, 0);
-	set_desc(desc_at(&g, DESC_OFF), GPA0 + TABLE_OFF, 16, CAS_VRING_DESC_F_INDIRECT, 0);
+	set_desc(desc_at(&g, DESC_OFF), GPA0 + TABLE_OFF, 16,
+		 CAS_VRING_DESC_F_INDIRECT, 0);
 	expect_bad(&g, 0, __LINE__);
 
 	/* An avail index further than the ring holds breaks the ring. */
@@ -290,9 +309,10 @@ static void test_regions(void)
 	guest_fini(&g);
 
 	/* Table checks: overlap, overflow, zero size. */
-	struct cas_vu_mem m = { .nregions = 2 };
-	m.regions[0] = (struct cas_vu_region){ .gpa = 0, .size = 4096, .uva = 0 };
-	m.regions[1] = (struct cas_vu_region){ .gpa = 4095, .size = 4096, .uva = 8192 };
+	struct cas_vu_mem m = {.nregions = 2};
+	m.regions[0] = (struct cas_vu_region){.gpa = 0, .size = 4096, .uva = 0};
+	m.regions[1] =
+		(struct cas_vu_region){.gpa = 4095, .size = 4096, .uva = 8192};
 	CHECK(cas_vu_mem_check(&m) == -EINVAL);
 	m.regions[1].gpa = 4096;
 	CHECK(cas_vu_mem_check(&m) == 0);
@@ -309,7 +329,8 @@ static void test_regions(void)
 
 	/* A file smaller than offset + size is refused (SIGBUS otherwise). */
 	m.nregions = 1;
-	m.regions[0] = (struct cas_vu_region){ .gpa = 0, .size = 8192, .mmap_offset = 4096 };
+	m.regions[0] = (struct cas_vu_region){
+		.gpa = 0, .size = 8192, .mmap_offset = 4096};
 	_cleanup_close_ int fd = new_memfd(8192);
 	CHECK(cas_vu_mem_map_region(&m, 0, fd) == -EINVAL);
 	m.regions[0].mmap_offset = 0;
@@ -355,7 +376,7 @@ static void test_event_idx(void)
 static void test_iov_copy(void)
 {
 	char a[3], b[5], out[8];
-	struct iovec iov[2] = { { a, sizeof(a) }, { b, sizeof(b) } };
+	struct iovec iov[2] = {{a, sizeof(a)}, {b, sizeof(b)}};
 	CHECK(cas_iov_copy_to(iov, 2, 2, "xyzw", 4) == 4);
 	CHECK(a[2] == 'x' && memcmp(b, "yzw", 3) == 0);
 	CHECK(cas_iov_copy_to(iov, 2, 6, "12345", 5) == 2);
@@ -376,7 +397,7 @@ static uint32_t test_process(void *opaque, void *ctx, unsigned qidx,
 					 elem->write_cnt, 0, "answer", 6);
 }
 
-static const struct cas_vu_ops test_ops = { .process = test_process };
+static const struct cas_vu_ops test_ops = {.process = test_process};
 
 struct msg_result {
 	int r;
@@ -389,8 +410,8 @@ static struct msg_result send_msg(struct cas_vu_dev *dev, uint32_t req,
 				  uint32_t flags, const void *p, uint32_t size,
 				  int *fds, size_t nfds)
 {
-	struct msg_result m = { 0 };
-	struct cas_vu_hdr h = { .request = req, .flags = flags, .size = size };
+	struct msg_result m = {0};
+	struct cas_vu_hdr h = {.request = req, .flags = flags, .size = size};
 	int fdcopy[CAS_VU_MAX_FDS];
 	for (size_t i = 0; i < nfds; i++)
 		fdcopy[i] = fds[i];
@@ -399,7 +420,7 @@ static struct msg_result send_msg(struct cas_vu_dev *dev, uint32_t req,
 	return m;
 }
 
-#define V1 CAS_VU_VERSION
+#define V1  CAS_VU_VERSION
 #define ACK (CAS_VU_VERSION | CAS_VU_FLAG_NEED_REPLY)
 
 static bool fd_is_open(int fd)
@@ -414,16 +435,17 @@ static bool fd_is_open(int fd)
 
 static void test_messages(void)
 {
-	struct cas_vu_config cfg = { .queues = 2, .ops = &test_ops };
+	struct cas_vu_config cfg = {.queues = 2, .ops = &test_ops};
 	struct cas_vu_dev *dev;
 	struct msg_result m;
 	uint64_t v;
-	uint8_t buf[512] = { 0 };
+	uint8_t buf[512] = {0};
 
 	REQUIRE(cas_vu_dev_new(&cfg, &dev) == 0);
 
 	m = send_msg(dev, CAS_VU_GET_FEATURES, V1, NULL, 0, NULL, 0);
-	CHECK(m.r == 0 && m.reply_size == 8 && m.rh.request == CAS_VU_GET_FEATURES);
+	CHECK(m.r == 0 && m.reply_size == 8 &&
+	      m.rh.request == CAS_VU_GET_FEATURES);
 	uint64_t features = m.reply[0];
 	CHECK(features & (1ull << CAS_VIRTIO_F_VERSION_1));
 	CHECK(features & (1ull << CAS_VIRTIO_RING_F_EVENT_IDX));
@@ -436,7 +458,8 @@ static void test_messages(void)
 	/* Wrong version bits. */
 	m = send_msg(dev, CAS_VU_SET_OWNER, 2, NULL, 0, NULL, 0);
 	CHECK(m.r < 0);
-	m = send_msg(dev, CAS_VU_SET_OWNER, V1, NULL, CAS_VU_MAX_PAYLOAD + 1, NULL, 0);
+	m = send_msg(dev, CAS_VU_SET_OWNER, V1, NULL, CAS_VU_MAX_PAYLOAD + 1,
+		     NULL, 0);
 	CHECK(m.r < 0);
 
 	m = send_msg(dev, CAS_VU_GET_PROTOCOL_FEATURES, V1, NULL, 0, NULL, 0);
@@ -472,7 +495,9 @@ static void test_messages(void)
 	CHECK_ACK(m, 1);
 
 	/* Vring state: bad sizes, indexes, values. */
-	struct { uint32_t index, num; } st = { 0, 100 };
+	struct {
+		uint32_t index, num;
+	} st = {0, 100};
 	m = send_msg(dev, CAS_VU_SET_VRING_NUM, ACK, &st, sizeof(st), NULL, 0);
 	CHECK_ACK(m, 1); /* not a power of two */
 	st.num = 65536;
@@ -488,13 +513,14 @@ static void test_messages(void)
 	CHECK(m.r < 0); /* an answer is due and there is none to give */
 	st.index = 0;
 	st.num = 2;
-	m = send_msg(dev, CAS_VU_SET_VRING_ENABLE, ACK, &st, sizeof(st), NULL, 0);
+	m = send_msg(dev, CAS_VU_SET_VRING_ENABLE, ACK, &st, sizeof(st), NULL,
+		     0);
 	CHECK_ACK(m, 1);
 
 	/* Kick/call fds: count must match the NOFD bit; a bad message closes
 	 * what came with it. */
 	int e1 = eventfd(0, EFD_CLOEXEC), e2 = eventfd(0, EFD_CLOEXEC);
-	int two[2] = { e1, e2 };
+	int two[2] = {e1, e2};
 	v = 0;
 	m = send_msg(dev, CAS_VU_SET_VRING_CALL, ACK, &v, 8, two, 2);
 	CHECK_ACK(m, 1);
@@ -515,12 +541,12 @@ static void test_messages(void)
 	CHECK(!cas_vu_dev_started(dev, 0));
 
 	/* Memory table: region count, sizes, fd count. */
-	uint32_t hdr[2] = { 9, 0 };
+	uint32_t hdr[2] = {9, 0};
 	memcpy(buf, hdr, 8);
 	m = send_msg(dev, CAS_VU_SET_MEM_TABLE, ACK, buf, 8 + 9 * 32, NULL, 0);
 	CHECK_ACK(m, 1);
 	int mfd = new_memfd(REGION_SIZE);
-	uint64_t reg[4] = { GPA0, REGION_SIZE, UVA0, 0 };
+	uint64_t reg[4] = {GPA0, REGION_SIZE, UVA0, 0};
 	hdr[0] = 1;
 	memcpy(buf, hdr, 8);
 	memcpy(buf + 8, reg, 32);
@@ -544,7 +570,8 @@ static void test_messages(void)
 	CHECK(!fd_is_open(dup1)); /* mapped, not kept */
 
 	/* A ring for real: the test is the driver. */
-	uint8_t *r0 = mmap(NULL, REGION_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, mfd, 0);
+	uint8_t *r0 = mmap(NULL, REGION_SIZE, PROT_READ | PROT_WRITE,
+			   MAP_SHARED, mfd, 0);
 	REQUIRE(r0 != MAP_FAILED);
 	st.index = 1;
 	st.num = NUM;
@@ -553,14 +580,18 @@ static void test_messages(void)
 	st.num = 0;
 	m = send_msg(dev, CAS_VU_SET_VRING_BASE, ACK, &st, sizeof(st), NULL, 0);
 	CHECK_ACK(m, 0);
-	struct { uint32_t index, flags; uint64_t desc, used, avail, log; } addr = {
-		1, 0, UVA0 + DESC_OFF, UVA0 + USED_OFF, UVA0 + AVAIL_OFF, 0
-	};
-	m = send_msg(dev, CAS_VU_SET_VRING_ADDR, ACK, &addr, sizeof(addr) - 8, NULL, 0);
+	struct {
+		uint32_t index, flags;
+		uint64_t desc, used, avail, log;
+	} addr = {1, 0, UVA0 + DESC_OFF, UVA0 + USED_OFF, UVA0 + AVAIL_OFF, 0};
+	m = send_msg(dev, CAS_VU_SET_VRING_ADDR, ACK, &addr, sizeof(addr) - 8,
+		     NULL, 0);
 	CHECK_ACK(m, 1);
-	m = send_msg(dev, CAS_VU_SET_VRING_ADDR, ACK, &addr, sizeof(addr), NULL, 0);
+	m = send_msg(dev, CAS_VU_SET_VRING_ADDR, ACK, &addr, sizeof(addr), NULL,
+		     0);
 	CHECK_ACK(m, 0);
-	int kick = eventfd(0, EFD_CLOEXEC), call = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	int kick = eventfd(0, EFD_CLOEXEC),
+	    call = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	int call_dup = dup(call), kick_dup = dup(kick);
 	v = 1;
 	m = send_msg(dev, CAS_VU_SET_VRING_CALL, ACK, &v, 8, &call_dup, 1);
@@ -581,9 +612,10 @@ static void test_messages(void)
 	__atomic_store_n(&a->idx, 2, __ATOMIC_RELEASE);
 	uint64_t one = 1;
 	CHECK(write(kick, &one, 8) == 8);
-	struct pollfd p = { .fd = call, .events = POLLIN };
+	struct pollfd p = {.fd = call, .events = POLLIN};
 	CHECK(poll(&p, 1, 5000) == 1);
-	for (int i = 0; i < 500 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 2; i++)
+	for (int i = 0;
+	     i < 500 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 2; i++)
 		usleep(10000);
 	CHECK(u->idx == 2);
 	CHECK(u->ring[0].id == 2 && u->ring[0].len == 0);
@@ -607,7 +639,8 @@ static void test_messages(void)
 	m = send_msg(dev, CAS_VU_SET_VRING_CALL, ACK, &v, 8, &call_dup, 1);
 	m = send_msg(dev, CAS_VU_SET_VRING_KICK, ACK, &v, 8, &kick_dup, 1);
 	CHECK_ACK(m, 0);
-	for (int i = 0; i < 500 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 3; i++)
+	for (int i = 0;
+	     i < 500 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 3; i++)
 		usleep(10000);
 	CHECK(u->idx == 3);
 
@@ -618,7 +651,8 @@ static void test_messages(void)
 	a->ring[3] = 0;
 	__atomic_store_n(&a->idx, 4, __ATOMIC_RELEASE);
 	CHECK(write(kick, &one, 8) == 8);
-	for (int i = 0; i < 500 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 4; i++)
+	for (int i = 0;
+	     i < 500 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 4; i++)
 		usleep(10000);
 	CHECK(u->idx == 4);
 
