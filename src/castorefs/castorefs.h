@@ -27,9 +27,14 @@ int cas_fs_new(cas_store *store, const struct cas_fs_options *opts,
 	       struct cas_fs **ret);
 void cas_fs_free(struct cas_fs *fs);
 
-/* The operations table; pass the cas_fs as the engine's `fs` pointer. */
+/* The operations table; pass the cas_fs as the engine's `fs` pointer.
+ * One table for every mount: without show_xattr, getxattr and listxattr
+ * return -ENOSYS, which the kernel (and a guest's) remembers for the
+ * mount just as if the ops were NULL. */
 const struct cas_fuse_ops *cas_fs_ops(void);
 
+/* Safe to call at any time from any thread; statfs's f_files is the same
+ * live inode count. */
 struct cas_fs_stats {
 	size_t inodes;        /* live inodes (the kernel still knows them) */
 	size_t memory_bytes;  /* heap held by the inode table and caches */
