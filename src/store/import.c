@@ -75,6 +75,11 @@ struct imp_job {
 	size_t index;
 };
 
+struct staged {
+	char name[CAS_STAGE_NAME_LEN];
+	cas_digest digest;
+};
+
 struct importer {
 	cas_store *store;
 	struct cas_local *ls;
@@ -88,6 +93,15 @@ struct importer {
 	bool stop;                       /* protected by lock */
 	struct imp_dir **ready;          /* protected by lock */
 	size_t n_ready, cap_ready;       /* protected by lock */
+
+	/* Staged blobs waiting for one syncfs before they are renamed into
+	 * place; the publisher thread flushes them in groups. */
+	pthread_mutex_t stage_lock;
+	pthread_cond_t stage_cond;
+	struct staged *staged;      /* protected by stage_lock */
+	size_t n_staged, cap_staged; /* protected by stage_lock */
+	uint64_t staged_bytes;      /* protected by stage_lock */
+	bool stage_want, stage_stop; /* protected by stage_lock */
 
 	_Atomic int error; /* first failure; workers skip jobs after it */
 	_Atomic uint64_t files, bytes, blobs_added;
@@ -169,6 +183,99 @@ static void progress(struct importer *imp, bool force)
 	imp->opts->progress(imp->opts->userdata, &p);
 }
 
+static double elapsed(const struct timespec *t0)
+{
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	return (double)(now.tv_sec - t0->tv_sec) +
+	       (double)(now.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+/* Staging ------------------------------------------------------------- */
+
+#define STAGE_FILES 8192
+#define STAGE_BYTES (256ull << 20)
+
+static int stage_add(struct importer *imp, const char *name,
+		     const cas_digest *d, uint64_t size)
+{
+	pthread_mutex_lock(&imp->stage_lock);
+	if (imp->n_staged == imp->cap_staged) {
+		size_t cap = imp->cap_staged ? imp->cap_staged * 2 : 1024;
+		struct staged *v = realloc(imp->staged, cap * sizeof(*v));
+		if (!v) {
+			pthread_mutex_unlock(&imp->stage_lock);
+			cas_local_stage_discard(imp->ls, name);
+			return -ENOMEM;
+		}
+		imp->staged = v;
+		imp->cap_staged = cap;
+	}
+	struct staged *st = &imp->staged[imp->n_staged++];
+	snprintf(st->name, sizeof(st->name), "%s", name);
+	st->digest = *d;
+	imp->staged_bytes += size;
+	if (!imp->stage_want &&
+	    (imp->n_staged >= STAGE_FILES || imp->staged_bytes >= STAGE_BYTES)) {
+		imp->stage_want = true;
+		pthread_cond_signal(&imp->stage_cond);
+	}
+	pthread_mutex_unlock(&imp->stage_lock);
+	return 0;
+}
+
+/* One syncfs for everything staged so far, then the renames. After a
+ * failure the staged files are only removed. */
+static void stage_flush(struct importer *imp)
+{
+	pthread_mutex_lock(&imp->stage_lock);
+	struct staged *v = TAKE_PTR(imp->staged);
+	size_t n = imp->n_staged;
+	imp->n_staged = imp->cap_staged = 0;
+	imp->staged_bytes = 0;
+	pthread_mutex_unlock(&imp->stage_lock);
+	if (n == 0) {
+		free(v);
+		return;
+	}
+	int r = failed(imp);
+	if (r == 0 && (r = cas_local_sync(imp->store)) < 0)
+		set_error(imp, r);
+	for (size_t i = 0; i < n; i++) {
+		if (r < 0) {
+			cas_local_stage_discard(imp->ls, v[i].name);
+			continue;
+		}
+		int u = cas_local_unstage(imp->ls, v[i].name, &v[i].digest);
+		if (u < 0) {
+			set_error(imp, u);
+			r = u;
+		} else if (u > 0) {
+			atomic_fetch_add_explicit(&imp->blobs_added, 1,
+						  memory_order_relaxed);
+		}
+	}
+	free(v);
+}
+
+static void *publisher_main(void *arg)
+{
+	struct importer *imp = arg;
+	pthread_mutex_lock(&imp->stage_lock);
+	for (;;) {
+		while (!imp->stage_want && !imp->stage_stop)
+			pthread_cond_wait(&imp->stage_cond, &imp->stage_lock);
+		if (imp->stage_stop)
+			break; /* the rest is flushed by cas_import */
+		imp->stage_want = false;
+		pthread_mutex_unlock(&imp->stage_lock);
+		stage_flush(imp);
+		pthread_mutex_lock(&imp->stage_lock);
+	}
+	pthread_mutex_unlock(&imp->stage_lock);
+	return NULL;
+}
+
 /* Files ---------------------------------------------------------------- */
 
 /* Hashes (and if needed publishes) one open regular file. */
@@ -178,6 +285,7 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 {
 	uint64_t total = 0;
 	cas_digest d;
+	char staged[CAS_STAGE_NAME_LEN];
 	int r;
 
 	if ((uint64_t)st->st_size < SMALL_FILE) {
@@ -197,7 +305,10 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 		}
 		if (total < SMALL_FILE) {
 			cas_hash_buffer(buf, total, &d);
-			r = cas_local_blob_publish_buffer(imp->store, buf, total, &d);
+			r = cas_local_blob_exists(imp->ls, &d);
+			if (r == 0 && (r = cas_local_stage_buffer(imp->ls, buf, total,
+								 staged)) == 0)
+				r = stage_add(imp, staged, &d, total);
 			if (r < 0)
 				return path_error(imp, dir, name, r, NULL);
 			goto done;
@@ -223,15 +334,15 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 	if (total != (uint64_t)st->st_size)
 		return path_error(imp, dir, name, -EBADMSG,
 				  "file changed while it was imported");
-	r = cas_local_publish_fd_checked(imp->ls, fd, total, &d, st);
+	r = cas_local_blob_exists(imp->ls, &d);
+	if (r == 0 && (r = cas_local_stage_fd(imp->ls, fd, total, st, staged)) == 0)
+		r = stage_add(imp, staged, &d, total);
 	if (r == -EBADMSG)
 		return path_error(imp, dir, name, r,
 				  "file changed while it was imported");
 	if (r < 0)
 		return path_error(imp, dir, name, r, NULL);
 done:
-	if (r > 0)
-		atomic_fetch_add_explicit(&imp->blobs_added, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&imp->files, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&imp->bytes, total, memory_order_relaxed);
 	*ret_digest = d;
@@ -658,6 +769,12 @@ static int import_tree(struct importer *imp, int fd, const char *path,
 		close(fd);
 		return -ENOMEM;
 	}
+	pthread_t publisher;
+	r = -pthread_create(&publisher, NULL, publisher_main, imp);
+	if (r < 0) {
+		dir_free(imp, root);
+		return r;
+	}
 	for (; started < threads && started < CAS_ARRAY_SIZE(tids); started++) {
 		r = -pthread_create(&tids[started], NULL, worker_main, imp);
 		if (r < 0)
@@ -676,6 +793,11 @@ static int import_tree(struct importer *imp, int fd, const char *path,
 	pthread_mutex_unlock(&imp->lock);
 	for (unsigned i = 0; i < started; i++)
 		pthread_join(tids[i], NULL);
+	pthread_mutex_lock(&imp->stage_lock);
+	imp->stage_stop = true;
+	pthread_cond_signal(&imp->stage_cond);
+	pthread_mutex_unlock(&imp->stage_lock);
+	pthread_join(publisher, NULL);
 	while (imp->live)
 		dir_free(imp, imp->live);
 	return failed(imp);
@@ -700,7 +822,11 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	pthread_mutex_init(&imp->lock, NULL);
 	pthread_cond_init(&imp->job_cond, NULL);
 	pthread_cond_init(&imp->walker_cond, NULL);
+	pthread_mutex_init(&imp->stage_lock, NULL);
+	pthread_cond_init(&imp->stage_cond, NULL);
 	clock_gettime(CLOCK_MONOTONIC_COARSE, &imp->last_progress);
+	struct timespec t0;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
 	cas_node node = { 0 };
 	int r;
 
@@ -755,14 +881,21 @@ int cas_import(cas_store *s, const char *path, const char *name,
 		goto out;
 	}
 
+	stage_flush(imp);
+	if ((r = failed(imp)) < 0)
+		goto out;
+	double t_walk = elapsed(&t0);
 	/* Ordered durability: every blob is on disk (also those another
 	 * writer published and we only found) before anything refers to it. */
 	if ((r = cas_local_sync(s)) < 0)
 		goto out;
+	double t_sync = elapsed(&t0);
 	r = imp->batch->ops->commit(imp->batch, name, name ? &node : NULL);
 	imp->batch = NULL;
 	if (r < 0)
 		goto out;
+	cas_log_debug("import %s: walk and hash %.3f s, syncfs %.3f s, commit %.3f s",
+		      path, t_walk, t_sync - t_walk, elapsed(&t0) - t_sync);
 	progress(imp, true);
 	if (ret_node && !(*ret_node = cas_node_dup(&node))) {
 		r = -ENOMEM;
@@ -777,11 +910,15 @@ out:
 			.bytes = atomic_load(&imp->bytes),
 			.blobs_added = atomic_load(&imp->blobs_added),
 		};
+	stage_flush(imp); /* after a failure: removes what is staged */
+	free(imp->staged);
 	if (imp->batch)
 		imp->batch->ops->abort(imp->batch);
 	free(imp->ready);
 	free(imp->walker_buf);
 	free(imp->dents);
+	pthread_cond_destroy(&imp->stage_cond);
+	pthread_mutex_destroy(&imp->stage_lock);
 	pthread_cond_destroy(&imp->walker_cond);
 	pthread_cond_destroy(&imp->job_cond);
 	pthread_mutex_destroy(&imp->lock);

@@ -24,7 +24,9 @@
 
 #define MAP_SIZE (1ull << 40) /* sparse: the file grows as it is used */
 #define MAX_READERS 1024
-#define TMP_MAX_AGE_S 60
+/* Leftovers older than this cannot belong to a live writer: staged files
+ * are renamed within seconds, and O_TMPFILE leaves no name at all. */
+#define TMP_MAX_AGE_S 3600
 #define COPY_CHUNK (1u << 20)
 
 enum {
@@ -179,6 +181,8 @@ static void tmp_discard(struct cas_local *ls, struct tmpfile *t)
 	t->name[0] = 0;
 }
 
+static int tmp_open_named(struct cas_local *ls, struct tmpfile *t);
+
 static int tmp_open(struct cas_local *ls, struct tmpfile *t)
 {
 	t->fd = -1;
@@ -199,6 +203,11 @@ static int tmp_open(struct cas_local *ls, struct tmpfile *t)
 					     ls->dir);
 		atomic_store(&ls->tmp_mode, TMP_NAMED);
 	}
+	return tmp_open_named(ls, t);
+}
+
+static int tmp_open_named(struct cas_local *ls, struct tmpfile *t)
+{
 	for (int tries = 0; tries < 100; tries++) {
 		uint64_t n = atomic_fetch_add(&ls->tmp_counter, 1);
 		struct timespec ts;
@@ -270,7 +279,21 @@ out:
 	return r;
 }
 
-static int blob_exists(struct cas_local *ls, const cas_digest *d)
+/* A blob is linked under its name only once its bytes are durable, so a
+ * power loss cannot leave a name whose file is empty or short (ext4's
+ * delayed allocation may commit the link before the data). Import avoids
+ * the per-file cost by staging (below). */
+static int tmp_datasync(struct cas_local *ls, struct tmpfile *t)
+{
+	if (fdatasync(t->fd) < 0) {
+		int r = cas_negerrno();
+		tmp_discard(ls, t);
+		return cas_log_errno(r, "store %s: fdatasync: %m", ls->dir);
+	}
+	return 0;
+}
+
+int cas_local_blob_exists(struct cas_local *ls, const cas_digest *d)
 {
 	char rel[CAS_BLOB_REL_LEN];
 	struct stat st;
@@ -298,7 +321,7 @@ int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
 				  const cas_digest *d)
 {
 	struct cas_local *ls = to_local(s);
-	int r = blob_exists(ls, d);
+	int r = cas_local_blob_exists(ls, d);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	struct tmpfile t;
@@ -311,6 +334,8 @@ int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
 		return cas_log_errno(r, "store %s: write temporary file: %m",
 				     ls->dir);
 	}
+	if ((r = tmp_datasync(ls, &t)) < 0)
+		return r;
 	return tmp_publish(ls, &t, d);
 }
 
@@ -353,18 +378,12 @@ static int copy_fd(int src, int dst, uint64_t size)
 	return 0;
 }
 
-int cas_local_publish_fd_checked(struct cas_local *ls, int src_fd,
-				 uint64_t size, const cas_digest *d,
-				 const struct stat *st)
+/* Copies size bytes of src_fd; when st is given, the source must still
+ * match it afterwards (size, mtime, ctime), else -EBADMSG. */
+static int fill_from_fd(int src_fd, int dst_fd, uint64_t size,
+			const struct stat *st)
 {
-	int r = blob_exists(ls, d);
-	if (r != 0)
-		return r < 0 ? r : 0;
-	struct tmpfile t;
-	r = tmp_open(ls, &t);
-	if (r < 0)
-		return r;
-	r = copy_fd(src_fd, t.fd, size);
+	int r = copy_fd(src_fd, dst_fd, size);
 	if (r == 0 && st) {
 		struct stat now;
 		if (fstat(src_fd, &now) < 0)
@@ -376,18 +395,23 @@ int cas_local_publish_fd_checked(struct cas_local *ls, int src_fd,
 			 now.st_ctim.tv_nsec != st->st_ctim.tv_nsec)
 			r = -EBADMSG;
 	}
-	if (r < 0) {
-		tmp_discard(ls, &t);
-		return r;
-	}
-	return tmp_publish(ls, &t, d);
+	return r;
 }
 
 int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 			      const cas_digest *d)
 {
 	struct cas_local *ls = to_local(s);
-	int r = cas_local_publish_fd_checked(ls, src_fd, size, d, NULL);
+	int r = cas_local_blob_exists(ls, d);
+	if (r != 0)
+		return r < 0 ? r : 0;
+	struct tmpfile t;
+	if ((r = tmp_open(ls, &t)) < 0)
+		return r;
+	r = fill_from_fd(src_fd, t.fd, size, NULL);
+	if (r == 0 && (r = tmp_datasync(ls, &t)) == 0)
+		return tmp_publish(ls, &t, d);
+	tmp_discard(ls, &t);
 	if (r == -EBADMSG) {
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(d, hex);
@@ -395,6 +419,89 @@ int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 				     hex, (unsigned long long)size);
 	}
 	return r;
+}
+
+/* Staging (import): named temporary files, made durable together by one
+ * syncfs and only then renamed into place (cas_local_unstage). */
+static int stage_open(struct cas_local *ls, struct tmpfile *t)
+{
+	t->fd = -1;
+	t->name[0] = 0;
+	if (ls->readonly)
+		return -EROFS;
+	int r = tmp_open_named(ls, t);
+	if (r < 0)
+		return r;
+	return 0;
+}
+
+static int stage_finish(struct cas_local *ls, struct tmpfile *t, int r,
+			char ret_name[CAS_STAGE_NAME_LEN])
+{
+	if (r < 0) {
+		tmp_discard(ls, t);
+		return r;
+	}
+	close(t->fd);
+	t->fd = -1;
+	snprintf(ret_name, CAS_STAGE_NAME_LEN, "%s", t->name);
+	return 0;
+}
+
+int cas_local_stage_buffer(struct cas_local *ls, const void *buf, size_t len,
+			   char ret_name[CAS_STAGE_NAME_LEN])
+{
+	struct tmpfile t;
+	int r = stage_open(ls, &t);
+	if (r < 0)
+		return r;
+	r = cas_write_all(t.fd, buf, len);
+	if (r < 0)
+		cas_log_errno(r, "store %s: write temporary file: %m", ls->dir);
+	return stage_finish(ls, &t, r, ret_name);
+}
+
+int cas_local_stage_fd(struct cas_local *ls, int src_fd, uint64_t size,
+		       const struct stat *st, char ret_name[CAS_STAGE_NAME_LEN])
+{
+	struct tmpfile t;
+	int r = stage_open(ls, &t);
+	if (r < 0)
+		return r;
+	r = fill_from_fd(src_fd, t.fd, size, st);
+	return stage_finish(ls, &t, r, ret_name);
+}
+
+int cas_local_unstage(struct cas_local *ls, const char *name,
+		      const cas_digest *d)
+{
+	char rel[CAS_BLOB_REL_LEN];
+	cas_local_blob_rel(d, rel);
+	int r = fanout_ensure(ls, d);
+	if (r < 0) {
+		unlinkat(ls->tmp_fd, name, 0);
+		return r;
+	}
+	if (renameat2(ls->tmp_fd, name, ls->blobs_fd, rel, RENAME_NOREPLACE) == 0)
+		return 1;
+	if (errno == EINVAL || errno == ENOSYS) {
+		/* No RENAME_NOREPLACE here: link never replaces either. */
+		r = linkat(ls->tmp_fd, name, ls->blobs_fd, rel, 0) == 0 ? 1 : 0;
+		if (r == 0 && errno != EEXIST)
+			r = cas_negerrno();
+	} else {
+		r = errno == EEXIST ? 0 : cas_negerrno();
+	}
+	unlinkat(ls->tmp_fd, name, 0);
+	if (r < 0)
+		return cas_log_errno(r, "store %s: publish blob %s: %m", ls->dir,
+				     rel + 3);
+	return r;
+}
+
+void cas_local_stage_discard(struct cas_local *ls, const char *name)
+{
+	unlinkat(ls->tmp_fd, name, 0);
 }
 
 int cas_local_sync(cas_store *s)
@@ -496,7 +603,12 @@ static int writer_commit(cas_blob_writer *w, const cas_digest *expected,
 		return cas_log_errno(-EBADMSG, "blob %s: content hashes to %s",
 				     want, got);
 	}
-	int r = tmp_publish(lw->ls, &lw->tmp, &d);
+	int r = tmp_datasync(lw->ls, &lw->tmp);
+	if (r < 0) {
+		free(lw);
+		return r;
+	}
+	r = tmp_publish(lw->ls, &lw->tmp, &d);
 	uint64_t size = lw->size;
 	writer_abort(w);
 	if (r < 0)

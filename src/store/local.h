@@ -6,13 +6,18 @@
  *   DIR/blobs/ab/abcdef...      one file per blob, named by its hex digest
  *   DIR/tmp/                    temporary files, same file system
  *
- * Durability is ordered, not per file: blobs are written without fsync and
- * cas_local_sync (one syncfs) makes them durable before a batch that
- * references them commits; the LMDB commit is durable. Several processes
- * may read and write one store at once (LMDB's lock file; blobs published
- * with link()/renameat2(RENAME_NOREPLACE), never overwritten). A crash at
- * any moment leaves a store that cas_local_verify accepts; leftovers in
- * tmp/ are removed by the next writer.
+ * Durability is ordered: a blob's name appears only once its bytes are on
+ * disk, and a Directory or root is committed only once what it references
+ * is. A single blob (writer, publish_*) is fdatasync'd before it is
+ * linked; import instead stages its blobs as named files in tmp/, makes a
+ * whole group durable with one syncfs, then renames each into place, and
+ * syncs once more before its one LMDB commit (no per-file fsync). The LMDB
+ * commit is durable. Several processes may read and write one store at
+ * once (LMDB's lock file; blobs published with linkat() or
+ * renameat2(RENAME_NOREPLACE), never overwritten). A crash at any moment,
+ * power loss included, leaves a store that cas_local_verify accepts;
+ * leftovers in tmp/ are ignored by verify and removed by the next writer
+ * that opens the store once they are an hour old.
  *
  * Contract: a store returned here is a cas_store (store.h) and shares its
  * thread-safety and ownership rules.
@@ -42,16 +47,24 @@ int cas_local_blob_path(cas_store *s, const cas_digest *d, char *buf,
 
 /* Publishes the contents of src_fd (regular file of known size whose
  * digest the caller has computed) as a blob, copying with
- * copy_file_range; exists -> 0 without copying. Used by import. */
+ * copy_file_range. Returns 1 when the blob was added, 0 when it was
+ * already there (nothing copied). The caller vouches for the digest. */
 int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 			      const cas_digest *d);
 /* Same for bytes in memory (small files read in one piece). */
 int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
 				  const cas_digest *d);
 
-/* Every problem found: blobs whose bytes do not hash to their name,
+/* Every problem found, one line each naming the object: blobs whose bytes
+ * do not hash to their name ("blob <hex>: content hashes to <hex>"),
  * Directories that do not decode or whose bytes do not hash to their key,
- * child Directories that are absent, roots that do not resolve. */
+ * child Directories that are absent ("directory <hex>: child directory
+ * <hex> (name 'x') is missing"), blobs of files that are absent or of the
+ * wrong size ("directory <hex>: blob <hex> of file 'x' is missing"), and
+ * roots that do not resolve ("root 'foo': directory <hex> is missing").
+ * A root registered for absent content (`roots add`) is legal to store
+ * but is reported here: verify checks that the store can serve every root.
+ * Names are printed with unprintable bytes as \xNN. */
 typedef void (*cas_verify_cb)(void *userdata, const char *problem);
 /* Returns the number of problems (>= 0), or -errno if the walk failed. */
 int cas_local_verify(cas_store *s, cas_verify_cb cb, void *userdata);

@@ -52,13 +52,25 @@ void cas_local_rtxn_put(struct cas_local *ls, MDB_txn *txn);
 
 void cas_local_blob_rel(const cas_digest *d, char ret[CAS_BLOB_REL_LEN]);
 
-/* Like cas_local_blob_publish_fd; when st is non-NULL, the source must
- * still match it (size, mtime, ctime) after the copy, else -EBADMSG
- * (the file changed while it was imported). Returns 1 when the blob was
- * added, 0 when it was already there. */
-int cas_local_publish_fd_checked(struct cas_local *ls, int src_fd,
-				 uint64_t size, const cas_digest *d,
-				 const struct stat *st);
+/* 1 if the blob's file exists, 0 if not. */
+int cas_local_blob_exists(struct cas_local *ls, const cas_digest *d);
+
+/* Staging, for import: blobs are written to named files in tmp/ without
+ * any sync; after one syncfs has made a whole group durable, each is
+ * renamed into place (never replacing). A crash leaves only tmp/ files,
+ * which later writers remove. stage_fd checks that the source still
+ * matches st (size, mtime, ctime) after the copy, else -EBADMSG (the file
+ * changed while it was imported). unstage returns 1 when the blob was
+ * added, 0 when it was already there; the staged file is gone either
+ * way. */
+#define CAS_STAGE_NAME_LEN 64
+int cas_local_stage_buffer(struct cas_local *ls, const void *buf, size_t len,
+			   char ret_name[CAS_STAGE_NAME_LEN]);
+int cas_local_stage_fd(struct cas_local *ls, int src_fd, uint64_t size,
+		       const struct stat *st, char ret_name[CAS_STAGE_NAME_LEN]);
+int cas_local_unstage(struct cas_local *ls, const char *name,
+		      const cas_digest *d);
+void cas_local_stage_discard(struct cas_local *ls, const char *name);
 
 /* Escapes a name for a one-line message (non-printable bytes as \xNN).
  * out must hold 4 * len + 1 bytes; truncated to `size`. */

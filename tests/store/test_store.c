@@ -430,6 +430,18 @@ static void make_tree(const char *root)
 	REQUIRE(symlink("b", p) == 0);
 }
 
+static int count_entries(const char *path)
+{
+	DIR *d = opendir(path);
+	REQUIRE(d);
+	int n = 0;
+	struct dirent *de;
+	while ((de = readdir(d)))
+		n += strcmp(de->d_name, ".") && strcmp(de->d_name, "..");
+	closedir(d);
+	return n;
+}
+
 static uint64_t progress_calls;
 static void on_progress(void *userdata, const struct cas_import_progress *p)
 {
@@ -515,6 +527,22 @@ static void test_import_export(void)
 
 	CHECK(cas_local_verify(s, NULL, NULL) == 0);
 	free(node);
+	cas_store_free(s);
+
+	/* Nothing is left in tmp/; an hour-old leftover of a crashed writer
+	 * is removed by the next writer, a young one is not. */
+	snprintf(p, sizeof(p), "%s/imp/tmp", base);
+	CHECK(count_entries(p) == 0);
+	snprintf(p, sizeof(p), "%s/imp/tmp/old", base);
+	write_file(p, "x", 1, 0444);
+	struct timespec old[2] = { { .tv_sec = 1000 }, { .tv_sec = 1000 } };
+	REQUIRE(utimensat(AT_FDCWD, p, old, 0) == 0);
+	snprintf(p, sizeof(p), "%s/imp/tmp/young", base);
+	write_file(p, "x", 1, 0444);
+	s = open_store("imp");
+	snprintf(p, sizeof(p), "%s/imp/tmp", base);
+	CHECK(count_entries(p) == 1);
+	CHECK(cas_local_verify(s, NULL, NULL) == 0);
 	cas_store_free(s);
 }
 
