@@ -24,6 +24,8 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,7 +49,11 @@
 
 struct server {
 	cas_store *store;
+	/* Set by a signal handler, read only by the accept loop's thread
+	 * (connection threads block the signals); it copies it to stopping,
+	 * which connection threads read. */
 	volatile sig_atomic_t *stop;
+	atomic_bool stopping;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
 	unsigned n_conns; /* protected by lock */
@@ -705,7 +711,8 @@ static void *conn_main(void *arg)
 	       nghttp2_session_want_write(c->session) || c->out_len > 0) {
 		if (conn_flush(c) < 0)
 			break;
-		if (*srv->stop && !stopping) {
+		if (atomic_load_explicit(&srv->stopping, memory_order_relaxed) &&
+		    !stopping) {
 			/* GOAWAY; the streams still open are closed with
 			 * the session below, aborting their Puts. */
 			stopping = true;
@@ -885,7 +892,14 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 		srv.n_conns++;
 		pthread_mutex_unlock(&srv.lock);
 		pthread_t t;
-		if (pthread_create(&t, &attr, conn_main, c) != 0) {
+		sigset_t block, old;
+		sigemptyset(&block);
+		sigaddset(&block, SIGINT);
+		sigaddset(&block, SIGTERM);
+		pthread_sigmask(SIG_BLOCK, &block, &old);
+		int cr = pthread_create(&t, &attr, conn_main, c);
+		pthread_sigmask(SIG_SETMASK, &old, NULL);
+		if (cr != 0) {
 			pthread_mutex_lock(&srv.lock);
 			srv.n_conns--;
 			pthread_mutex_unlock(&srv.lock);
@@ -893,11 +907,12 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 			free(c);
 		}
 	}
+	atomic_store_explicit(&srv.stopping, true, memory_order_relaxed);
 	pthread_attr_destroy(&attr);
 	close(lfd);
 	if (is_unix)
 		(void)unlink(listen_spec + 5);
-	/* Each connection notices *stop within POLL_MS. */
+	/* Each connection notices stopping within POLL_MS. */
 	pthread_mutex_lock(&srv.lock);
 	while (srv.n_conns > 0)
 		pthread_cond_wait(&srv.cond, &srv.lock);
