@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 
 #include "core/directory.h"
 #include "core/log.h"
@@ -35,9 +36,20 @@ struct inflight {
 	cas_digest digest;
 	unsigned refs;
 	bool done;
+	bool quiet; /* a prefetch: its failure is not the waiter's answer */
 	int r;
 	struct inflight *next;
 };
+
+/* Prefetch: when a Directory is read, the small blobs it names that the
+ * cache lacks are fetched by a few worker threads, so that a reader going
+ * through the files (export, cp -r, a build) finds them cached or in
+ * flight instead of paying one round trip per file. Bounded queue; off
+ * with $CASTORE_PREFETCH=0 (else that many threads, default 8). */
+#define PREFETCH_DEFAULT_THREADS 8
+#define PREFETCH_MAX_THREADS 32
+#define PREFETCH_QUEUE 8192
+#define PREFETCH_MAX_SIZE (1u << 20)
 
 struct published_root {
 	char *name;
@@ -62,6 +74,16 @@ struct cache_store {
 	uint64_t cache_bytes;             /* protected by lock */
 
 	pthread_mutex_t evict_lock; /* one eviction at a time */
+
+	unsigned prefetch_threads;    /* 0: no prefetch */
+	pthread_t workers[PREFETCH_MAX_THREADS];
+	unsigned n_workers;           /* protected by lock */
+	pthread_cond_t pq_cond;
+	cas_digest *pq;               /* protected by lock: ring */
+	size_t pq_head, pq_len;       /* protected by lock */
+	bool stopping;                /* protected by lock */
+	struct timespec paused_until; /* protected by lock */
+	struct cas_dmap prefetched;   /* Directories done; protected by lock */
 };
 
 static struct cache_store *to_cache(cas_store *s)
@@ -113,12 +135,14 @@ static void inflight_unref_locked(struct inflight **list, struct inflight *e)
 }
 
 static int inflight_wait(struct cache_store *c, struct inflight **list,
-			 struct inflight *e)
+			 struct inflight *e, bool *ret_quiet)
 {
 	pthread_mutex_lock(&c->lock);
 	while (!e->done)
 		pthread_cond_wait(&c->cond, &c->lock);
 	int r = e->r;
+	if (ret_quiet)
+		*ret_quiet = e->quiet;
 	inflight_unref_locked(list, e);
 	pthread_mutex_unlock(&c->lock);
 	return r;
@@ -159,8 +183,9 @@ static void maybe_evict(struct cache_store *c, uint64_t added)
 	c->cache_bytes += added;
 	bool over = c->cache_bytes > c->cache_max;
 	pthread_mutex_unlock(&c->lock);
-	if (!over || pthread_mutex_trylock(&c->evict_lock) != 0)
+	if (!over)
 		return;
+	pthread_mutex_lock(&c->evict_lock);
 	/* Down to 90 %, so that eviction does not run on every fetch. */
 	int64_t now = cas_cache_evict(c->cache_dir, c->cache_max / 10 * 9);
 	if (now >= 0) {
@@ -171,7 +196,7 @@ static void maybe_evict(struct cache_store *c, uint64_t added)
 	pthread_mutex_unlock(&c->evict_lock);
 }
 
-static int fetch_blob(struct cache_store *c, const cas_digest *d)
+static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 {
 	char hex[CAS_DIGEST_HEX_LEN + 1], got_hex[CAS_DIGEST_HEX_LEN + 1];
 	struct blob_sink b = { 0 };
@@ -190,16 +215,17 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d)
 		b.w->ops->abort(b.w);
 		if (r == -ENOENT)
 			return r;
-		return cas_log_errno(-EIO, "blob %s: fetch from %s failed: %m",
-				     hex, c->what);
+		return cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
+					"blob %s: fetch from %s failed: %m", hex,
+					c->what);
 	}
 	cas_hasher_final(&b.hasher, &got);
 	if (!cas_digest_eq(&got, d)) {
 		b.w->ops->abort(b.w);
 		cas_digest_to_hex(&got, got_hex);
-		return cas_log_errno(-EIO,
-				     "blob %s: remote sent bytes that hash to %s",
-				     hex, got_hex);
+		return cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
+					"blob %s: remote sent bytes that hash to %s",
+					hex, got_hex);
 	}
 	r = b.w->ops->commit(b.w, d, NULL, &size);
 	if (r < 0)
@@ -222,21 +248,98 @@ static void mark_used(struct cache_store *c, int fd)
 
 /* Makes sure the cache holds d: 0, -ENOENT, -EIO. One fetch for all the
  * threads that ask at once. */
-static int ensure_blob(struct cache_store *c, const cas_digest *d)
+static int ensure_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 {
-	bool owner;
-	uint64_t size;
-	struct inflight *e = inflight_join(c, &c->blobs_inflight, d, &owner);
-	if (!e)
-		return -ENOMEM;
-	if (!owner)
-		return inflight_wait(c, &c->blobs_inflight, e);
-	/* It may have landed between the caller's miss and the join. */
-	int r = c->cache->ops->blob_stat(c->cache, d, &size);
-	if (r == -ENOENT)
-		r = fetch_blob(c, d);
-	inflight_done(c, &c->blobs_inflight, e, r);
-	return r;
+	for (unsigned attempt = 0;; attempt++) {
+		bool owner, was_quiet = false;
+		uint64_t size;
+		struct inflight *e = inflight_join(c, &c->blobs_inflight, d, &owner);
+		if (!e)
+			return -ENOMEM;
+		if (!owner) {
+			int r = inflight_wait(c, &c->blobs_inflight, e, &was_quiet);
+			/* A failed prefetch logged nothing: a reader asks
+			 * again itself, so that its error is reported. */
+			if (r < 0 && was_quiet && !quiet && attempt < 3)
+				continue;
+			return r;
+		}
+		e->quiet = quiet;
+		/* It may have landed between the caller's miss and the join. */
+		int r = c->cache->ops->blob_stat(c->cache, d, &size);
+		if (r == -ENOENT)
+			r = fetch_blob(c, d, quiet);
+		inflight_done(c, &c->blobs_inflight, e, r);
+		return r;
+	}
+}
+
+static void *prefetch_main(void *arg)
+{
+	struct cache_store *c = arg;
+	pthread_mutex_lock(&c->lock);
+	for (;;) {
+		while (!c->stopping && c->pq_len == 0)
+			pthread_cond_wait(&c->pq_cond, &c->lock);
+		if (c->stopping)
+			break;
+		cas_digest d = c->pq[c->pq_head];
+		c->pq_head = (c->pq_head + 1) % PREFETCH_QUEUE;
+		c->pq_len--;
+		pthread_mutex_unlock(&c->lock);
+		int r = ensure_blob(c, &d, true);
+		pthread_mutex_lock(&c->lock);
+		if (r == -EIO) {
+			/* The remote fails: stop prefetching for a while
+			 * rather than fail every queued blob. */
+			clock_gettime(CLOCK_MONOTONIC, &c->paused_until);
+			c->paused_until.tv_sec += 5;
+			c->pq_len = 0;
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	return NULL;
+}
+
+/* Queues the small blobs of a Directory that the cache lacks. */
+static void prefetch_directory(struct cache_store *c, const cas_digest *d,
+			       const uint8_t *buf, size_t len)
+{
+	struct timespec now;
+	cas_directory *dir = NULL;
+
+	if (c->prefetch_threads == 0)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	pthread_mutex_lock(&c->lock);
+	bool skip = c->stopping || now.tv_sec < c->paused_until.tv_sec ||
+		    cas_dmap_put(&c->prefetched, d, NULL) <= 0;
+	pthread_mutex_unlock(&c->lock);
+	if (skip || cas_directory_decode(buf, len, &dir, NULL) < 0)
+		return;
+	for (size_t i = 0; i < dir->n_files; i++) {
+		const cas_node *f = &dir->files[i];
+		uint64_t size;
+		/* Within a bounded cache, prefetch must not push out what
+		 * is being read. */
+		if (f->size > PREFETCH_MAX_SIZE ||
+		    (c->cache_max && f->size > c->cache_max / 64) ||
+		    c->cache->ops->blob_stat(c->cache, &f->digest, &size) != -ENOENT)
+			continue;
+		pthread_mutex_lock(&c->lock);
+		if (c->pq_len < PREFETCH_QUEUE) {
+			c->pq[(c->pq_head + c->pq_len) % PREFETCH_QUEUE] = f->digest;
+			c->pq_len++;
+			if (c->n_workers < c->prefetch_threads &&
+			    c->n_workers < c->pq_len &&
+			    pthread_create(&c->workers[c->n_workers], NULL,
+					   prefetch_main, c) == 0)
+				c->n_workers++;
+			pthread_cond_signal(&c->pq_cond);
+		}
+		pthread_mutex_unlock(&c->lock);
+	}
+	cas_directory_free(dir);
 }
 
 static int cache_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
@@ -245,7 +348,7 @@ static int cache_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
 	struct cache_store *c = to_cache(s);
 	int r = c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
 	if (r == -ENOENT) {
-		r = ensure_blob(c, d);
+		r = ensure_blob(c, d, false);
 		if (r < 0)
 			return r;
 		r = c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
@@ -264,7 +367,7 @@ static int cache_blob_stat(cas_store *s, const cas_digest *d,
 		return r;
 	/* tvix's Stat carries no size, and a size not checked against the
 	 * bytes is not worth reporting: fetch the blob. */
-	r = ensure_blob(c, d);
+	r = ensure_blob(c, d, false);
 	if (r < 0)
 		return r;
 	return c->cache->ops->blob_stat(c->cache, d, ret_size);
@@ -561,7 +664,7 @@ static int ensure_dir(struct cache_store *c, const cas_digest *d)
 	if (!e)
 		return -ENOMEM;
 	if (!owner)
-		return inflight_wait(c, &c->dirs_inflight, e);
+		return inflight_wait(c, &c->dirs_inflight, e, NULL);
 	int r = cache_has_dir(c, d) ? 0 : fetch_tree(c, d);
 	inflight_done(c, &c->dirs_inflight, e, r);
 	return r;
@@ -577,12 +680,15 @@ static int cache_directory_get_raw(cas_store *s, const cas_digest *d,
 		return 0;
 	}
 	int r = c->cache->ops->directory_get_raw(c->cache, d, ret_buf, ret_len);
-	if (r != -ENOENT)
-		return r;
-	r = ensure_dir(c, d);
-	if (r < 0)
-		return r;
-	return c->cache->ops->directory_get_raw(c->cache, d, ret_buf, ret_len);
+	if (r == -ENOENT) {
+		r = ensure_dir(c, d);
+		if (r < 0)
+			return r;
+		r = c->cache->ops->directory_get_raw(c->cache, d, ret_buf, ret_len);
+	}
+	if (r >= 0)
+		prefetch_directory(c, d, *ret_buf, *ret_len);
+	return r;
 }
 
 static int cache_directory_has(cas_store *s, const cas_digest *d)
@@ -829,6 +935,16 @@ static int cache_root_remove(cas_store *s, const char *name)
 static void cache_free(cas_store *s)
 {
 	struct cache_store *c = to_cache(s);
+	pthread_mutex_lock(&c->lock);
+	c->stopping = true;
+	pthread_cond_broadcast(&c->pq_cond);
+	unsigned n = c->n_workers;
+	pthread_mutex_unlock(&c->lock);
+	for (unsigned i = 0; i < n; i++)
+		pthread_join(c->workers[i], NULL);
+	free(c->pq);
+	cas_dmap_release(&c->prefetched, NULL);
+	pthread_cond_destroy(&c->pq_cond);
 	if (c->fetcher)
 		c->fetcher->ops->free(c->fetcher);
 	cas_store_free(c->cache);
@@ -895,7 +1011,17 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_mutex_init(&c->evict_lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
+	pthread_cond_init(&c->pq_cond, NULL);
 	c->cache_max = opts->cache_max;
+	c->prefetch_threads = PREFETCH_DEFAULT_THREADS;
+	const char *pf = getenv("CASTORE_PREFETCH");
+	if (pf && *pf)
+		c->prefetch_threads = (unsigned)CAS_MIN(strtoul(pf, NULL, 10),
+							(unsigned long)PREFETCH_MAX_THREADS);
+	if (c->prefetch_threads && !(c->pq = calloc(PREFETCH_QUEUE, sizeof(*c->pq)))) {
+		r = -ENOMEM;
+		goto fail;
+	}
 	c->what = strdup(what);
 	c->cache_dir = strdup(opts->cache_dir);
 	if (!c->what || !c->cache_dir) {
