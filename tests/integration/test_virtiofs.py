@@ -371,16 +371,41 @@ def served(tmp_path, castore, store):
             proc.wait()
 
 
+def daemon_state(pid):
+    """The daemon's open fds and its mappings of guest memory."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    with open(f"/proc/{pid}/maps") as f:
+        guest = sum(1 for l in f if "memfd:" in l)
+    return fds, guest
+
+
+def wait_idle(proc, idle, timeout=20):
+    """Waits until the daemon holds what it held before any guest."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        now = daemon_state(proc.pid)
+        if now == idle:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"after the guest left the daemon holds {now} (fds, guest "
+                         f"mappings), before it held {idle}")
+
+
 def test_two_guests(served):
     proc, sock, initramfs, tmp = served
+    idle = daemon_state(proc.pid)
+    assert idle[1] == 0
     text = boot(initramfs, sock, tmp / "console1.log")
     assert result_line(text) == "CASTORE-RESULT ok", f"guest 1:\n{text[-4000:]}"
     assert proc.poll() is None, "daemon ended after guest 1"
+    # Disconnected: memory unmapped, every fd of that guest closed.
+    wait_idle(proc, idle)
     # The second guest is also rebooted while connected.
     results = boot_reset_boot(initramfs, sock, tmp / "console2.log", tmp)
     assert results == ["CASTORE-RESULT ok"] * 2, \
         (tmp / "console2.log").read_text(errors="replace")[-4000:]
     assert proc.poll() is None, "daemon ended after guest 2"
+    wait_idle(proc, idle)
     assert stop_daemon(proc) == 0
     assert not sock.exists(), "socket left behind"
     err = proc.stderr.read().decode(errors="replace")
