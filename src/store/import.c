@@ -693,9 +693,12 @@ static int walk(struct importer *imp, struct imp_dir *dir)
 	for (size_t i = 0; i < dir->n_entries; i++)
 		nsub += dir->entries[i].type != CAS_NODE_SYMLINK;
 	atomic_store(&dir->pending, nsub + 1);
-	for (size_t i = 0; i < dir->n_entries && !failed(imp); i++)
+	for (size_t i = 0; i < dir->n_entries && !failed(imp); i++) {
 		if (dir->entries[i].type == CAS_NODE_FILE)
 			submit(imp, dir, i);
+		if ((i & 255) == 255)
+			progress(imp, false);
+	}
 	_cleanup_free_ char *path = NULL;
 	for (size_t i = 0; i < dir->n_entries; i++) {
 		if ((r = failed(imp)) < 0)
@@ -813,6 +816,7 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	if (name && !cas_root_name_valid(name))
 		return cas_log_errno(-EINVAL, "import %s: invalid root name", path);
 
+	_cleanup_free_ char *clean = strdup(path);
 	struct importer *imp = calloc(1, sizeof(*imp));
 	if (!imp)
 		return -ENOMEM;
@@ -839,6 +843,14 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	if ((r = s->ops->dir_batch_new(s, &imp->batch)) < 0)
 		goto out;
 
+	/* Messages name "PATH/a/b", without a doubled slash. */
+	if (!clean) {
+		r = -ENOMEM;
+		goto out;
+	}
+	for (size_t l = strlen(clean); l > 1 && clean[l - 1] == '/'; l--)
+		clean[l - 1] = 0;
+	path = clean;
 	struct stat st;
 	if (stat(path, &st) < 0) {
 		r = path_error(imp, NULL, path, cas_negerrno(), NULL);

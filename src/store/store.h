@@ -49,6 +49,7 @@ struct cas_store_ops {
 	 * Directory, which every store has). */
 	int (*directory_get_raw)(cas_store *s, const cas_digest *d,
 				 uint8_t **ret_buf, size_t *ret_len);
+	/* 1 if present (always for the empty Directory), 0 if not. */
 	int (*directory_has)(cas_store *s, const cas_digest *d);
 	int (*dir_batch_new)(cas_store *s, cas_dir_batch **ret);
 

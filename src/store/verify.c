@@ -23,8 +23,11 @@
 #include "core/log.h"
 #include "store/local_i.h"
 
+#define VERIFY_READ (1u << 20)
+
 struct verifier {
 	struct cas_local *ls;
+	uint8_t *buf; /* VERIFY_READ bytes, reused for every blob */
 	cas_verify_cb cb;
 	void *userdata;
 	int problems;
@@ -66,12 +69,21 @@ static int verify_blob(struct verifier *v, int fan_fd, const char *fan,
 		problem(v, "blob %s: not a regular file", hex);
 		return 0;
 	}
-	uint64_t size;
-	int r = cas_hash_fd(fd, &got, &size);
-	if (r < 0) {
-		problem(v, "blob %s: cannot read: %s", hex, strerror(-r));
-		return 0;
+	cas_hasher h;
+	cas_hasher_init(&h);
+	for (;;) {
+		ssize_t n = read(fd, v->buf, VERIFY_READ);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0) {
+			problem(v, "blob %s: cannot read: %s", hex, strerror(errno));
+			return 0;
+		}
+		if (n == 0)
+			break;
+		cas_hasher_update(&h, v->buf, (size_t)n);
 	}
+	cas_hasher_final(&h, &got);
 	if (!cas_digest_eq(&want, &got)) {
 		char ghex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(&got, ghex);
@@ -264,6 +276,9 @@ int cas_local_verify(cas_store *s, cas_verify_cb cb, void *userdata)
 		return -EOPNOTSUPP;
 	struct verifier v = { .ls = (struct cas_local *)s, .cb = cb,
 			      .userdata = userdata };
+	_cleanup_free_ uint8_t *buf = v.buf = malloc(VERIFY_READ);
+	if (!buf)
+		return -ENOMEM;
 	int r = verify_blobs(&v);
 	if (r < 0)
 		return r;
