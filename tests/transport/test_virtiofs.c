@@ -496,12 +496,15 @@ int main(void)
 		 NULL, 0);
 	CHECK(recv_reply(&f, CAS_VU_GET_VRING_BASE, &st) == 8);
 	CHECK(st.index == 1 && st.num == f.avail_idx);
-	frontend_stop(&f);
 
+	/* Stopped while a frontend is connected: it is dropped cleanly. */
 	cas_virtiofs_stop(v);
 	int *r;
 	pthread_join(th, (void **)&r);
 	CHECK(*r == 0);
+	char c2;
+	CHECK(recv(f.sock, &c2, 1, 0) <= 0);
+	frontend_stop(&f);
 	CHECK(__atomic_load_n(&sessions_closed, __ATOMIC_SEQ_CST) ==
 	      __atomic_load_n(&sessions_opened, __ATOMIC_SEQ_CST));
 	cas_virtiofs_free(v);
