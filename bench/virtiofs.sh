@@ -23,8 +23,9 @@
 # guest's /checks.sh: here, the timed work.
 #
 # Environment: BENCH_DIR (default /var/tmp/castore-bench), RUNS (3), BIG_MB
-# (256), CASTORE (default build/src/cli/castore; use a release build),
-# VIRTIOFSD (/usr/lib/qemu/virtiofsd).
+# (256), VIRTIOFS_TREE ($BENCH_DIR/share/cmake-3.25), CASTORE (default
+# build/src/cli/castore; use a release build), VIRTIOFSD
+# (/usr/lib/qemu/virtiofsd), BOOT_TIMEOUT (600 s per guest).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,6 +34,7 @@ RUNS=${RUNS:-3}
 BIG_MB=${BIG_MB:-256}
 CASTORE=${CASTORE:-$ROOT/build/src/cli/castore}
 VIRTIOFSD=${VIRTIOFSD:-/usr/lib/qemu/virtiofsd}
+TREE_SRC=${VIRTIOFS_TREE:-$BENCH_DIR/share/cmake-3.25}
 GUEST_INIT=$ROOT/tests/integration/guest/init.sh
 WORK=$BENCH_DIR/virtiofs
 LOG=$BENCH_DIR/logs/virtiofs.log
@@ -94,11 +96,12 @@ trap cleanup EXIT
 # --- data -------------------------------------------------------------------
 DATA=$WORK/export/data
 mkdir -p "$DATA"
-echo "making the data: $BIG_MB MiB of binaries and a copy of /usr/share/cmake-3.25 ..."
+echo "making the data: $BIG_MB MiB of binaries and a copy of $TREE_SRC ..."
 find /usr/lib /usr/bin -type f -size +64k -print0 2>/dev/null |
 	xargs -0 cat 2>/dev/null | head -c $((BIG_MB << 20)) >"$DATA/big.bin" || true
 [[ $(stat -c %s "$DATA/big.bin") == $((BIG_MB << 20)) ]] || die "could not gather $BIG_MB MiB of binaries"
-cp -a "$BENCH_DIR/share/cmake-3.25" "$DATA/tree"
+[[ -d $TREE_SRC ]] || die "no tree at $TREE_SRC (set VIRTIOFS_TREE to a folder of a few thousand files)"
+cp -a "$TREE_SRC" "$DATA/tree"
 ntree=$(find "$DATA/tree" | wc -l)
 tree_mb=$(du -sm --apparent-size "$DATA/tree" | cut -f1)
 
@@ -252,7 +255,7 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 echo
 echo "castore virtiofs benchmark - $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, host kernel $(uname -r), guest kernel $KVER (TCG, 1 vCPU)"
 echo "load average before: $load_before, after: $load_after (figures are unreliable when it exceeds $(nproc))"
-echo "data: a $BIG_MB MiB file of binaries; tree = copy of /usr/share/cmake-3.25, $ntree entries, $tree_mb MB"
+echo "data: a $BIG_MB MiB file of binaries; tree = copy of $TREE_SRC, $ntree entries, $tree_mb MB"
 echo "seconds timed inside the guest (/proc/uptime, 10 ms); best of $RUNS boots; speed = virtiofsd s / castore s"
 echo
 printf '%-32s %12s %12s %10s\n' "guest work" "virtiofsd s" "castore s" "speed"

@@ -1,0 +1,332 @@
+#!/bin/bash
+# bench/remote.sh - castore's remote stores against the local store and curl.
+#
+# Data: the copy of /usr/share under $BENCH_DIR/share (shared with the other
+# benchmarks) and a 1 GiB file of real binaries (deleted at the end), both
+# imported into a local store. The store is served over loopback twice:
+# `castore serve` (tvix castore gRPC, grpc+http://127.0.0.1:PORT) and nginx
+# serving the output of `castore publish` (http://127.0.0.1:PORT).
+# Measured, best of $RUNS rounds, every run with the host's caches dropped
+# first (so servers and local store read from disk alike) and every remote
+# run into an empty cache:
+#   export of the tree: from the local store, from gRPC, from HTTP; each
+#     timed alone and followed by `sync` (the remote ones also write their
+#     cache; the ratio uses the +sync figure so that deferred writeback is
+#     counted for all);
+#   cold sequential read of the 1 GiB file (dd bs=1M) through a mount of
+#     each remote (and of the local store, for reference), beside
+#     `curl -o /dev/null` of the same bytes from nginx.
+#
+# Environment: BENCH_DIR (default /var/tmp/castore-bench), RUNS (3),
+# CASTORE (default build/src/cli/castore; use a release build), RA_KB
+# (1024, read_ahead_kb of the mounts, as in fs.sh), BIG_MB (1024).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH_DIR=${BENCH_DIR:-/var/tmp/castore-bench}
+RUNS=${RUNS:-3}
+RA_KB=${RA_KB:-1024}
+BIG_MB=${BIG_MB:-1024}
+NO_DROP=${NO_DROP:-0} # 1: never drop caches (only to try the script out)
+CASTORE=${CASTORE:-$ROOT/build/src/cli/castore}
+WORK=$BENCH_DIR/remote
+LOG=$BENCH_DIR/logs/remote.log
+
+die() { echo "remote.sh: $*" >&2; exit 1; }
+
+need() {
+	local t missing=()
+	for t in "$@"; do
+		command -v "$t" >/dev/null 2>&1 || missing+=("$t")
+	done
+	((${#missing[@]} == 0)) ||
+		die "missing tools: ${missing[*]} (Debian: apt-get install -y nginx-light curl util-linux iproute2)"
+}
+
+need curl ss mountpoint dd awk
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+[[ -x $NGINX ]] || die "no nginx (apt-get install -y nginx-light)"
+[[ $(id -u) == 0 ]] || die "run as root (mounts, drops caches)"
+[[ -x $CASTORE ]] || die "no castore binary at $CASTORE (set CASTORE=...)"
+
+mkdir -p "$BENCH_DIR/logs"
+rm -rf "$WORK"
+mkdir -p "$WORK"
+: >"$LOG"
+
+if [[ ! -e $BENCH_DIR/share.done ]]; then
+	echo "copying /usr/share to $BENCH_DIR/share ..."
+	rm -rf "$BENCH_DIR/share"
+	cp -a /usr/share "$BENCH_DIR/share"
+	touch "$BENCH_DIR/share.done"
+fi
+SHARE=$BENCH_DIR/share
+STORE=$WORK/store
+MNT=$WORK/mnt
+
+SERVE_PID= NGINX_PID= MOUNT_PID=
+cleanup() {
+	if [[ -n $MOUNT_PID ]]; then
+		umount "$MNT" 2>/dev/null || umount -l "$MNT" 2>/dev/null || true
+		wait "$MOUNT_PID" 2>/dev/null || true
+	fi
+	[[ -z $SERVE_PID ]] || { kill "$SERVE_PID" 2>/dev/null || true; wait "$SERVE_PID" 2>/dev/null || true; }
+	[[ -z $NGINX_PID ]] || { kill "$NGINX_PID" 2>/dev/null || true; wait "$NGINX_PID" 2>/dev/null || true; }
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+drop_caches() {
+	sync
+	((NO_DROP)) || echo 3 >/proc/sys/vm/drop_caches
+}
+
+timed() {
+	local t0 t1 rc=0
+	echo "+ $*" >>"$LOG"
+	t0=${EPOCHREALTIME/[.,]/}
+	"$@" >>"$LOG" 2>&1 || rc=$?
+	t1=${EPOCHREALTIME/[.,]/}
+	T=$((t1 - t0))
+	return $rc
+}
+us2s() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1e6 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+declare -A R
+keep_min() { if [[ -z ${R[$1]:-} ]] || (($2 < R[$1])); then R[$1]=$2; fi; }
+
+free_port() {
+	local p
+	for p in $(seq 18000 18999 | shuf); do
+		[[ -z $(ss -Hltn "sport = :$p") ]] && { echo "$p"; return 0; }
+	done
+	return 1
+}
+
+# --- data, store, servers ---------------------------------------------------
+echo "making the $BIG_MB MiB file of binaries and importing ..."
+mkdir -p "$WORK/big"
+find /usr/lib /usr/bin -type f -size +64k -print0 2>/dev/null |
+	xargs -0 cat 2>/dev/null | head -c $((BIG_MB << 20)) >"$WORK/big/big.bin" || true
+[[ $(stat -c %s "$WORK/big/big.bin") == $((BIG_MB << 20)) ]] || die "could not gather $BIG_MB MiB of binaries"
+read -r _ share_type share_digest share_size < <("$CASTORE" --store "$STORE" import "$SHARE" --name share) ||
+	die "castore import of $SHARE failed"
+read -r _ big_type big_digest big_size < <("$CASTORE" --store "$STORE" import "$WORK/big" --name big) ||
+	die "castore import of $WORK/big failed"
+rm -f "$WORK/big/big.bin"
+[[ $share_type == directory && $big_type == directory ]] || die "unexpected import output"
+
+echo "publishing and starting the servers ..."
+OK_GRPC=1 OK_HTTP=1
+if ! "$CASTORE" --store "$STORE" publish "$WORK/pub" >>"$LOG" 2>&1; then
+	echo "remote.sh: castore publish failed; HTTP not measured (see $LOG)" >&2
+	OK_HTTP=0
+fi
+BIG_BLOB=$(find "$WORK/pub/blobs" -type f -size $((BIG_MB << 20))c 2>/dev/null | head -n 1)
+[[ -n $BIG_BLOB ]] || OK_HTTP=0
+
+HTTP_PORT=$(free_port) || die "no free port"
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx/nginx.conf" <<EOF
+daemon off;
+user root;
+worker_processes 2;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log;
+events { worker_connections 1024; }
+http {
+	access_log off;
+	sendfile on;
+	tcp_nopush on;
+	default_type application/octet-stream;
+	client_body_temp_path $WORK/nginx/body;
+	proxy_temp_path $WORK/nginx/proxy;
+	fastcgi_temp_path $WORK/nginx/fastcgi;
+	uwsgi_temp_path $WORK/nginx/uwsgi;
+	scgi_temp_path $WORK/nginx/scgi;
+	server {
+		listen 127.0.0.1:$HTTP_PORT;
+		root $WORK/pub;
+	}
+}
+EOF
+if ((OK_HTTP)); then
+	"$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" >>"$LOG" 2>&1 &
+	NGINX_PID=$!
+	for ((i = 0; i < 100; i++)); do
+		curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/roots" 2>/dev/null && break
+		sleep 0.1
+	done
+	curl -fsS -o /dev/null "http://127.0.0.1:$HTTP_PORT/roots" || { echo "remote.sh: nginx did not start (see $WORK/nginx/error.log)" >&2; OK_HTTP=0; }
+fi
+HTTP_URL=http://127.0.0.1:$HTTP_PORT
+BIG_URL=$HTTP_URL/${BIG_BLOB#"$WORK/pub/"}
+
+"$CASTORE" --store "$STORE" serve --listen 127.0.0.1:0 >"$WORK/serve.out" 2>&1 &
+SERVE_PID=$!
+GRPC_ADDR=
+for ((i = 0; i < 100; i++)); do
+	GRPC_ADDR=$(sed -n 's/.*listening on \([^ ]*\).*/\1/p' "$WORK/serve.out" | head -n 1)
+	[[ -n $GRPC_ADDR ]] && break
+	kill -0 "$SERVE_PID" 2>/dev/null || break
+	sleep 0.1
+done
+if [[ -z $GRPC_ADDR ]]; then
+	echo "remote.sh: castore serve did not start: $(tail -n 3 "$WORK/serve.out")" >&2
+	OK_GRPC=0
+fi
+GRPC_URL=grpc+http://${GRPC_ADDR#*://}
+
+# --- measurements -----------------------------------------------------------
+# A fresh cache for SOURCE (local, grpc, http); gRPC has no roots, so they
+# are added to its cache (that fetches nothing).
+fresh_cache() {
+	rm -rf "$WORK/cache" "$WORK/dest"
+	if [[ $1 == grpc ]]; then
+		"$CASTORE" --store "$GRPC_URL" --cache "$WORK/cache" roots add share \
+			--directory "$share_digest" --size "$share_size" &&
+			"$CASTORE" --store "$GRPC_URL" --cache "$WORK/cache" roots add big \
+				--directory "$big_digest" --size "$big_size"
+	fi
+}
+store_args() {
+	case $1 in
+	local) echo "--store $STORE" ;;
+	grpc) echo "--store $GRPC_URL --cache $WORK/cache" ;;
+	http) echo "--store $HTTP_URL --cache $WORK/cache" ;;
+	esac
+}
+# shellcheck disable=SC2046
+do_export() { "$CASTORE" $(store_args "$1") export share "$WORK/dest"; }
+# shellcheck disable=SC2046
+do_mount_read() {
+	local src=$1 bdi i rc=0
+	mkdir -p "$MNT"
+	"$CASTORE" $(store_args "$src") mount "$MNT" >>"$LOG" 2>&1 &
+	MOUNT_PID=$!
+	for ((i = 0; i < 300; i++)); do
+		mountpoint -q "$MNT" && break
+		kill -0 "$MOUNT_PID" 2>/dev/null || break
+		sleep 0.1
+	done
+	if ! mountpoint -q "$MNT"; then
+		wait "$MOUNT_PID" 2>/dev/null || true
+		MOUNT_PID=
+		return 1
+	fi
+	bdi=$(mountpoint -d "$MNT")
+	echo "$RA_KB" >"/sys/class/bdi/$bdi/read_ahead_kb"
+	drop_caches
+	timed dd if="$MNT/big/big.bin" of=/dev/null bs=1M status=none || rc=$?
+	umount "$MNT" || umount -l "$MNT"
+	wait "$MOUNT_PID" 2>/dev/null || true
+	MOUNT_PID=
+	return $rc
+}
+do_curl() { curl -fsS -o /dev/null "$BIG_URL"; }
+
+SOURCES=(local)
+((OK_GRPC)) && SOURCES+=(grpc)
+((OK_HTTP)) && SOURCES+=(http)
+declare -A FAILED
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+for ((round = 1; round <= RUNS; round++)); do
+	echo " round $round"
+	for s in "${SOURCES[@]}"; do
+		[[ -z ${FAILED[$s.export]:-} ]] || continue
+		fresh_cache "$s" >>"$LOG" 2>&1 || { FAILED[$s.export]=1; continue; }
+		drop_caches
+		if ! timed do_export "$s"; then
+			FAILED[$s.export]=1
+			echo "  export from $s: FAILED (see $LOG)"
+			continue
+		fi
+		tc=$T
+		timed sync || true
+		keep_min "$s.export" $tc
+		keep_min "$s.export_sync" $((tc + T))
+		echo "  export from $s: $(us2s $tc) s (+sync $(us2s $((tc + T))) s)"
+	done
+	for s in "${SOURCES[@]}"; do
+		[[ -z ${FAILED[$s.read]:-} ]] || continue
+		fresh_cache "$s" >>"$LOG" 2>&1 || { FAILED[$s.read]=1; continue; }
+		if ! do_mount_read "$s"; then
+			FAILED[$s.read]=1
+			echo "  cold read through a mount of $s: FAILED (see $LOG)"
+			continue
+		fi
+		keep_min "$s.read" $T
+		echo "  cold read through a mount of $s: $(us2s $T) s"
+	done
+	if ((OK_HTTP)) && [[ -z ${FAILED[curl]:-} ]]; then
+		drop_caches
+		if timed do_curl; then
+			keep_min curl $T
+			echo "  curl of the blob from nginx: $(us2s $T) s"
+		else
+			FAILED[curl]=1
+		fi
+	fi
+done
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
+rm -rf "$WORK/cache" "$WORK/dest"
+
+# --- report -----------------------------------------------------------------
+nentries=$(find "$SHARE" | wc -l)
+echo
+echo "castore remote benchmark - $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, kernel $(uname -r)"
+echo "load average before: $load_before, after: $load_after (figures are unreliable when it exceeds $(nproc))"
+echo "data: copy of /usr/share ($nentries entries) and a $BIG_MB MiB file; servers on loopback; caches dropped before every run; best of $RUNS"
+echo
+printf '%-34s %10s %12s %10s\n' "export of the tree" "seconds" "+sync s" "ratio"
+declare -A SLABEL=([local]="from the local store" [grpc]="from castore serve (gRPC)" [http]="from nginx (published layout)")
+for s in local grpc http; do
+	if [[ -z ${R[$s.export]:-} ]]; then
+		printf '%-34s %10s\n' "${SLABEL[$s]}" "$([[ -n ${FAILED[$s.export]:-} ]] && echo FAILED || echo 'not measured')"
+		continue
+	fi
+	printf '%-34s %10s %12s %9sx\n' "${SLABEL[$s]}" "$(us2s "${R[$s.export]}")" \
+		"$(us2s "${R[$s.export_sync]}")" \
+		"$([[ -n ${R[local.export_sync]:-} ]] && ratio "${R[$s.export_sync]}" "${R[local.export_sync]}" || echo -)"
+done
+echo "(ratio = +sync time / local +sync time; target <= 2x)"
+echo
+printf '%-34s %10s %8s %10s\n' "cold read of the $BIG_MB MiB file" "seconds" "GB/s" "vs curl"
+gbs() { awk -v u="$1" -v b=$((BIG_MB << 20)) 'BEGIN { printf "%.2f", b / u / 1000 }'; }
+rowr() {
+	local key=$1 label=$2
+	if [[ -z ${R[$key]:-} ]]; then
+		printf '%-34s %10s\n' "$label" "$([[ -n ${FAILED[$key]:-} ]] && echo FAILED || echo 'not measured')"
+		return
+	fi
+	printf '%-34s %10s %8s %9sx\n' "$label" "$(us2s "${R[$key]}")" "$(gbs "${R[$key]}")" \
+		"$([[ -n ${R[curl]:-} ]] && ratio "${R[curl]}" "${R[$key]}" || echo -)"
+}
+rowr curl "curl -o /dev/null from nginx"
+rowr local.read "mount of the local store"
+rowr grpc.read "mount of castore serve (gRPC)"
+rowr http.read "mount of nginx (HTTP)"
+echo "(vs curl = curl time / mount time, i.e. speed relative to curl; target >= 0.7x)"
+echo
+for s in grpc http; do
+	if [[ -n ${R[$s.export_sync]:-} && -n ${R[local.export_sync]:-} ]]; then
+		r=$(ratio "${R[$s.export_sync]}" "${R[local.export_sync]}")
+		if awk -v r="$r" 'BEGIN { exit !(r <= 2.0) }'; then
+			echo "met: export ${SLABEL[$s]} ${r}x local (target <= 2x)"
+		else
+			echo "MISSED: export ${SLABEL[$s]} ${r}x local (target <= 2x)"
+		fi
+	else
+		echo "MISSED: export ${SLABEL[$s]} not measured"
+	fi
+	if [[ -n ${R[$s.read]:-} && -n ${R[curl]:-} ]]; then
+		r=$(ratio "${R[curl]}" "${R[$s.read]}")
+		if awk -v r="$r" 'BEGIN { exit !(r >= 0.7) }'; then
+			echo "met: cold read through a mount ${SLABEL[$s]} ${r}x curl (target >= 0.7x)"
+		else
+			echo "MISSED: cold read through a mount ${SLABEL[$s]} ${r}x curl (target >= 0.7x)"
+		fi
+	else
+		echo "MISSED: cold read through a mount ${SLABEL[$s]} not measured"
+	fi
+done
