@@ -84,6 +84,7 @@ struct cache_store {
 	bool stopping;                /* protected by lock */
 	struct timespec paused_until; /* protected by lock */
 	struct cas_dmap prefetched;   /* Directories done; protected by lock */
+	struct cas_dmap bad_logged;   /* blobs reported wrong; protected by lock */
 };
 
 static struct cache_store *to_cache(cas_store *s)
@@ -223,6 +224,11 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	if (!cas_digest_eq(&got, d)) {
 		b.w->ops->abort(b.w);
 		cas_digest_to_hex(&got, got_hex);
+		/* Once per digest: a mount's readers may ask again and again. */
+		pthread_mutex_lock(&c->lock);
+		if (!quiet && cas_dmap_put(&c->bad_logged, d, NULL) == 0)
+			quiet = true;
+		pthread_mutex_unlock(&c->lock);
 		return cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
 					"blob %s: remote sent bytes that hash to %s",
 					hex, got_hex);
@@ -944,6 +950,7 @@ static void cache_free(cas_store *s)
 		pthread_join(c->workers[i], NULL);
 	free(c->pq);
 	cas_dmap_release(&c->prefetched, NULL);
+	cas_dmap_release(&c->bad_logged, NULL);
 	pthread_cond_destroy(&c->pq_cond);
 	if (c->fetcher)
 		c->fetcher->ops->free(c->fetcher);
