@@ -1,6 +1,6 @@
 /* grpc_i.h - gRPC over HTTP/2 as tvix castore speaks it: message framing,
  * status codes, request decoding (server and fuzz target) and the
- * libcurl client (grpc_client.c).
+ * client on libnghttp2 with pooled connections (grpc_client.c).
  *
  * Framing: each message is a 5-byte prefix (compressed flag, 32-bit
  * big-endian length) and the protobuf bytes. Compressed messages are
@@ -9,7 +9,7 @@
  *
  * Contract: the reader and decoders are plain functions on caller memory,
  * thread-safe for distinct objects; they treat every byte as untrusted.
- * A client is thread-safe.
+ * A client is thread-safe: each call takes a pooled connection of its own.
  */
 #ifndef CAS_REMOTE_GRPC_I_H
 #define CAS_REMOTE_GRPC_I_H
