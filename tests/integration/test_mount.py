@@ -186,9 +186,46 @@ def test_read_files_at_root_and_deep(tree, mount):
     assert os.stat(r / "dirA" / "sub" / "s.txt").st_size == 50
 
 
-def test_big_file(tree, mount):
-    m = mount()
+# READ data takes three ways: FUSE passthrough (the kernel reads the blob;
+# the default as root), splice through a pipe, and pread + writev for
+# small READs. Data tests run with and without passthrough.
+MODES = pytest.mark.parametrize("mode", [[], ["--no-passthrough"]],
+                                ids=["passthrough", "splice"])
+
+
+def daemon_io(m, field):
+    with open(f"/proc/{m.proc.pid}/io") as f:
+        return int(next(l for l in f if l.startswith(field + ":")).split()[1])
+
+
+def daemon_wchar(m):
+    return daemon_io(m, "wchar")
+
+
+def daemon_syscr(m):
+    return daemon_io(m, "syscr")
+
+
+@MODES
+def test_big_file(tree, mount, mode):
+    m = mount(*mode)
+    before = daemon_wchar(m)
     data = (m.path / "r" / "big.bin").read_bytes()
+    # Spliced or passed through, the data is never written from a
+    # userspace buffer (write/writev would count it in wchar).
+    assert daemon_wchar(m) - before < 1024 * 1024
+    # With passthrough, READs never reach the daemon (each request the
+    # daemon takes is one read() of /dev/fuse: syscr). The page cache is
+    # dropped first, so that the bytes must come from somewhere.
+    with open(m.path / "r" / "big.bin", "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        r0 = daemon_syscr(m)
+        assert len(f.read()) == len(data)
+        requests = daemon_syscr(m) - r0
+    if mode:
+        assert requests >= 3
+    else:
+        assert requests <= 1
     assert len(data) == 3 * 1024 * 1024 + 17
     assert data == pattern_bytes(3 * 1024 * 1024 + 17, 9)
     # Unaligned reads across the 1 MiB boundaries and past the end.
@@ -197,6 +234,19 @@ def test_big_file(tree, mount):
                     3 * 1024 * 1024 + 10, 3 * 1024 * 1024 + 17, 10 ** 9):
             got = os.pread(f.fileno(), 1024 * 1024 + 7, off)
             assert got == data[off:off + 1024 * 1024 + 7]
+
+
+@MODES
+def test_mmap(tree, mount, mode):
+    import mmap
+    m = mount(*mode)
+    data = pattern_bytes(3 * 1024 * 1024 + 17, 9)
+    with open(m.path / "r" / "big.bin", "rb") as f:
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            assert len(mm) == len(data)
+            assert mm[:4096] == data[:4096]
+            assert mm[-5000:] == data[-5000:]
+            assert mm[:] == data
 
 
 def test_symlinks(tree, mount):
@@ -366,8 +416,9 @@ def test_xattrs_on(tree, castore, mount):
 
 # Concurrency -----------------------------------------------------------------
 
-def test_threads_read_random_ranges(tree, mount):
-    m = mount("--threads", "4")
+@MODES
+def test_threads_read_random_ranges(tree, mount, mode):
+    m = mount("--threads", "4", *mode)
     data = pattern_bytes(3 * 1024 * 1024 + 17, 9)
     path = m.path / "r" / "big.bin"
     errors = []
