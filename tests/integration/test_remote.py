@@ -862,3 +862,41 @@ def test_cache_max(tmp_path, published, nginx):
     for f in (cache / "blobs").rglob("*"):
         if f.is_file() and len(f.name) == 64:
             assert b3(f.read_bytes()).hex() == f.name
+
+
+def test_sigterm_mid_put_stops_cleanly(pb, tmp_path, serve):
+    st = tmp_path / "srv"
+    s = serve(st)
+    c = Client(pb, s.address)
+    data = pattern_bytes(4 * 1024 * 1024, 13)
+    sent = threading.Event()
+
+    def slow_chunks():
+        for i in range(0, len(data), 128 * 1024):
+            yield c.B.BlobChunk(data=data[i:i + 128 * 1024])
+            sent.set()
+            time.sleep(0.1)
+
+    errors = []
+
+    def put():
+        try:
+            c.put(slow_chunks())
+        except grpc.RpcError as e:
+            errors.append(e.code())
+    t = threading.Thread(target=put)
+    t.start()
+    assert sent.wait(20)
+    time.sleep(0.3)
+    # The server ends within a moment, exit 0, and the unfinished Put
+    # leaves nothing behind.
+    start = time.monotonic()
+    assert s.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - start < 10
+    t.join(30)
+    assert errors
+    c.close()
+    run(["verify"], store=st)
+    d = b3(data).hex()
+    assert not (st / "blobs" / d[:2] / d).exists()
+    assert not any((st / "tmp").iterdir()) if (st / "tmp").exists() else True
