@@ -71,6 +71,7 @@ struct cas_devfuse {
 	uint32_t max_pages;
 	int pipe_size; /* 0: no splice */
 
+	sigset_t old_mask; /* before mount blocked the stop signals */
 	atomic_bool stop;
 	pthread_t main_thread;
 	struct cas_fuse_session *session;
@@ -251,6 +252,14 @@ static void size_pipes(struct cas_devfuse *d)
 	d->max_pages = CAS_MIN(MAX_PAGES_WANTED, (uint32_t)got / PAGE - 2);
 }
 
+static void stop_signals(sigset_t *set)
+{
+	sigemptyset(set);
+	sigaddset(set, SIGINT);
+	sigaddset(set, SIGTERM);
+	sigaddset(set, SIGUSR2);
+}
+
 int cas_devfuse_mount(const struct cas_devfuse_options *opts,
 		      struct cas_devfuse **ret)
 {
@@ -277,12 +286,18 @@ int cas_devfuse_mount(const struct cas_devfuse_options *opts,
 	}
 	size_pipes(d);
 
+	/* From the moment the mount exists, SIGINT and SIGTERM must unmount:
+	 * hold them until serve waits for them. */
+	sigset_t set;
+	stop_signals(&set);
+	pthread_sigmask(SIG_BLOCK, &set, &d->old_mask);
 	r = mount_kernel(d);
 	if (r == -EPERM || r == -EACCES)
 		r = mount_fusermount(d);
 	else if (r < 0)
 		cas_log_errno(r, "mount %s: %m", d->mountpoint);
 	if (r < 0) {
+		pthread_sigmask(SIG_SETMASK, &d->old_mask, NULL);
 		cas_devfuse_free(d);
 		return r;
 	}
@@ -582,12 +597,9 @@ int cas_devfuse_serve(struct cas_devfuse *d, const struct cas_fuse_ops *ops,
 	if (r < 0)
 		return cas_log_errno(r, "FUSE session: %m");
 
-	sigset_t set, old;
-	sigemptyset(&set);
-	sigaddset(&set, SIGINT);
-	sigaddset(&set, SIGTERM);
-	sigaddset(&set, SIGUSR2);
-	pthread_sigmask(SIG_BLOCK, &set, &old);
+	sigset_t set;
+	stop_signals(&set);
+	pthread_sigmask(SIG_BLOCK, &set, NULL);
 	struct sigaction sa = { .sa_handler = wake_handler };
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGUSR1, &sa, NULL); /* no SA_RESTART: read() returns */
@@ -642,7 +654,7 @@ out:
 	struct timespec zero = { 0, 0 };
 	while (sigtimedwait(&set, NULL, &zero) > 0)
 		;
-	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	pthread_sigmask(SIG_SETMASK, &d->old_mask, NULL);
 	return r;
 }
 

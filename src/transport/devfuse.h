@@ -10,8 +10,9 @@
  * blob's fd as a backing file and the kernel reads it directly.
  *
  * Contract: cas_devfuse_mount and cas_devfuse_serve are called by one
- * thread, in that order. serve blocks SIGINT, SIGTERM and SIGUSR2 in the
- * calling thread (workers inherit it) and uses SIGUSR1 to wake workers;
+ * thread, in that order. mount blocks SIGINT, SIGTERM and SIGUSR2 in the
+ * calling thread (workers inherit it; serve restores the mask when it
+ * returns) and serve uses SIGUSR1 to wake workers;
  * SIGINT or SIGTERM unmounts and returns 0; an unmount from outside also
  * returns 0. The ops and fs must outlive serve; serve returns only after
  * every worker has stopped, so the caller may free fs right after.
