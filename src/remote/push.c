@@ -5,12 +5,14 @@
  * a non-recursive Get, and one the remote has is taken with its whole
  * subtree (a castore server stores a Directory only with its closure), so
  * nothing below it is asked for. Files of the missing Directories are
- * Stat-ed and the missing blobs Put, one stream each. Last, the missing
+ * Stat-ed and the missing blobs Put, one stream each, by PUSH_THREADS
+ * threads at once. Last, the missing
  * Directories go in one Put stream, leaves first, the root last. A server
  * that insists on receiving the whole closure in the stream (refusing
  * children it already has) gets it on a second try.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,15 +40,30 @@ struct pusher {
 	/* Post-order (leaves first) list of the Directories of one root. */
 	struct pushed_dir *order;
 	size_t n_order, cap_order;
-	struct cas_remote_progress p;
+	struct cas_remote_progress p; /* protected by lock while blobs go */
 	cas_remote_progress_cb progress;
 	void *userdata;
+	pthread_mutex_t lock;
+	/* Blobs of the current root that the remote may lack, each once. */
+	cas_digest *blobs;
+	size_t n_blobs, cap_blobs;
+	size_t next_blob; /* protected by lock */
+	int blobs_r;      /* first failure; protected by lock */
 };
 
+/* Blobs are checked and sent by this many threads at once (each call is
+ * a round trip; the remote serves them in parallel). */
+#define PUSH_THREADS 8
+
+/* From the calling thread only. */
 static void tick(struct pusher *ps)
 {
-	if (ps->progress)
-		ps->progress(ps->userdata, &ps->p);
+	if (!ps->progress)
+		return;
+	pthread_mutex_lock(&ps->lock);
+	struct cas_remote_progress p = ps->p;
+	pthread_mutex_unlock(&ps->lock);
+	ps->progress(ps->userdata, &p);
 }
 
 /* 1 if the remote has the Directory, 0 if not. */
@@ -98,7 +115,7 @@ struct blob_stream {
 	size_t hdr_len, hdr_pos;
 	size_t chunk_left; /* data bytes of the current message left */
 	bool started, done;
-	struct pusher *ps;
+	uint64_t sent;
 };
 
 static ssize_t blob_produce(void *userdata, uint8_t *buf, size_t size)
@@ -122,7 +139,7 @@ static ssize_t blob_produce(void *userdata, uint8_t *buf, size_t size)
 				return -EBADMSG; /* the blob shrank */
 			b->off += (uint64_t)got;
 			b->chunk_left -= (size_t)got;
-			b->ps->p.sent_bytes += (uint64_t)got;
+			b->sent += (uint64_t)got;
 			n += (size_t)got;
 			continue;
 		}
@@ -150,20 +167,38 @@ static int dir_digest_msg(void *userdata, const uint8_t *msg, size_t len)
 	return cas_grpc_decode_digest_response(msg, len, true, userdata);
 }
 
+/* Notes a blob to check and send (each digest once). */
+static int want_blob(struct pusher *ps, const cas_digest *d)
+{
+	int r = cas_dmap_put(&ps->blobs_seen, d, NULL);
+	if (r <= 0)
+		return r;
+	if (ps->n_blobs == ps->cap_blobs) {
+		size_t cap = ps->cap_blobs ? ps->cap_blobs * 2 : 256;
+		cas_digest *n = realloc(ps->blobs, cap * sizeof(*n));
+		if (!n)
+			return -ENOMEM;
+		ps->blobs = n;
+		ps->cap_blobs = cap;
+	}
+	ps->blobs[ps->n_blobs++] = *d;
+	return 0;
+}
+
+/* Stat, and Put if missing. Any thread. */
 static int push_blob(struct pusher *ps, const cas_digest *d)
 {
 	char hex[CAS_DIGEST_HEX_LEN + 1], got_hex[CAS_DIGEST_HEX_LEN + 1];
 	char msg[256];
 	int status;
-	int r = cas_dmap_put(&ps->blobs_seen, d, NULL);
-	if (r <= 0)
-		return r;
+	int r = remote_has_blob(ps, d);
+	pthread_mutex_lock(&ps->lock);
 	ps->p.blobs++;
-	r = remote_has_blob(ps, d);
+	pthread_mutex_unlock(&ps->lock);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	cas_digest_to_hex(d, hex);
-	struct blob_stream b = { .fd = -1, .ps = ps };
+	struct blob_stream b = { .fd = -1 };
 	r = ps->s->ops->blob_open(ps->s, d, &b.fd, &b.size);
 	if (r < 0)
 		return cas_log_errno(r, "blob %s: %m", hex);
@@ -181,9 +216,58 @@ static int push_blob(struct pusher *ps, const cas_digest *d)
 		return cas_log_errno(-EIO, "blob %s: %s stored it as %s", hex,
 				     cas_grpc_client_url(ps->client), got_hex);
 	}
+	pthread_mutex_lock(&ps->lock);
 	ps->p.sent_objects++;
-	tick(ps);
+	ps->p.sent_bytes += b.sent;
+	pthread_mutex_unlock(&ps->lock);
 	return 0;
+}
+
+static void *blob_worker(void *arg)
+{
+	struct pusher *ps = arg;
+	pthread_mutex_lock(&ps->lock);
+	while (ps->blobs_r == 0 && ps->next_blob < ps->n_blobs) {
+		cas_digest d = ps->blobs[ps->next_blob++];
+		pthread_mutex_unlock(&ps->lock);
+		int r = push_blob(ps, &d);
+		pthread_mutex_lock(&ps->lock);
+		if (r < 0 && ps->blobs_r == 0)
+			ps->blobs_r = r;
+	}
+	pthread_mutex_unlock(&ps->lock);
+	return NULL;
+}
+
+/* Checks and sends the noted blobs with PUSH_THREADS threads (the
+ * calling one among them, which also reports progress). */
+static int push_blobs(struct pusher *ps)
+{
+	pthread_t t[PUSH_THREADS - 1];
+	size_t n_threads = 0;
+	ps->next_blob = 0;
+	ps->blobs_r = 0;
+	for (size_t i = 0; i + 1 < PUSH_THREADS && i + 1 < ps->n_blobs; i++) {
+		if (pthread_create(&t[n_threads], NULL, blob_worker, ps) != 0)
+			break;
+		n_threads++;
+	}
+	pthread_mutex_lock(&ps->lock);
+	while (ps->blobs_r == 0 && ps->next_blob < ps->n_blobs) {
+		cas_digest d = ps->blobs[ps->next_blob++];
+		pthread_mutex_unlock(&ps->lock);
+		int r = push_blob(ps, &d);
+		tick(ps);
+		pthread_mutex_lock(&ps->lock);
+		if (r < 0 && ps->blobs_r == 0)
+			ps->blobs_r = r;
+	}
+	pthread_mutex_unlock(&ps->lock);
+	for (size_t i = 0; i < n_threads; i++)
+		pthread_join(t[i], NULL);
+	ps->n_blobs = 0;
+	tick(ps);
+	return ps->blobs_r;
 }
 
 static int order_add(struct pusher *ps, const cas_digest *d, uint8_t *raw,
@@ -269,7 +353,7 @@ static int walk_tree(struct pusher *ps, const cas_digest *root)
 			todo = NULL;
 			if (!f->remote_has)
 				for (size_t i = 0; i < f->dir->n_files && r >= 0; i++)
-					r = push_blob(ps, &f->dir->files[i].digest);
+					r = want_blob(ps, &f->dir->files[i].digest);
 			if (r < 0)
 				break;
 			tick(ps);
@@ -386,7 +470,8 @@ static int push_root(struct pusher *ps, const char *name, const cas_node *node)
 	int r;
 	switch (node->type) {
 	case CAS_NODE_FILE:
-		return push_blob(ps, &node->digest);
+		r = want_blob(ps, &node->digest);
+		return r < 0 ? r : push_blobs(ps);
 	case CAS_NODE_SYMLINK:
 		return 0;
 	case CAS_NODE_DIRECTORY:
@@ -396,6 +481,9 @@ static int push_root(struct pusher *ps, const char *name, const cas_node *node)
 		return 0;
 	order_clear(ps);
 	r = walk_tree(ps, &node->digest);
+	if (r < 0)
+		return r;
+	r = push_blobs(ps);
 	if (r < 0)
 		return r;
 	bool missing = false;
@@ -422,6 +510,7 @@ int cas_remote_push(cas_store *s, const char *url, char *const *names,
 	int r = cas_grpc_client_new(url, &ps.client);
 	if (r < 0)
 		return r;
+	pthread_mutex_init(&ps.lock, NULL);
 	for (size_t i = 0; i < n_names && r >= 0; i++) {
 		cas_node *node = NULL;
 		r = s->ops->root_get(s, names[i], &node);
@@ -441,5 +530,7 @@ int cas_remote_push(cas_store *s, const char *url, char *const *names,
 	cas_dmap_release(&ps.dirs_seen, NULL);
 	cas_dmap_release(&ps.blobs_seen, NULL);
 	cas_grpc_client_free(ps.client);
+	free(ps.blobs);
+	pthread_mutex_destroy(&ps.lock);
 	return r < 0 ? r : 0;
 }
