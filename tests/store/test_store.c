@@ -14,6 +14,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <lmdb.h>
+#include <signal.h>
+#include <time.h>
+
 #include "../core/check.h"
 #include "core/log.h"
 #include "store/import.h"
@@ -581,6 +585,18 @@ static void on_problem(void *userdata, const char *problem)
 	fprintf(stderr, "  (verify, expected) %s\n", problem);
 }
 
+static char match_want[512];
+static int match_found;
+
+static void on_problem_match(void *userdata, const char *problem)
+{
+	struct problems *p = userdata;
+	p->n++;
+	fprintf(stderr, "  (verify, expected) %s\n", problem);
+	if (!strncmp(problem, match_want, strlen(match_want)))
+		match_found++;
+}
+
 static void test_verify(void)
 {
 	cas_store *s = open_store("verify");
@@ -611,6 +627,113 @@ static void test_verify(void)
 	REQUIRE(s->ops->root_set(s, "foo", &n) == 0);
 	pr.n = 0;
 	CHECK(cas_local_verify(s, on_problem, &pr) == 2);
+	cas_store_free(s);
+}
+
+/* Writes raw entries into the "directories" database behind the store's
+ * back (the store must be closed: LMDB allows one env per process). */
+static void raw_put_directory(const char *dir, const cas_digest *key,
+			      const void *val, size_t len)
+{
+	MDB_env *env;
+	MDB_txn *txn;
+	MDB_dbi dbi;
+	REQUIRE(mdb_env_create(&env) == 0);
+	REQUIRE(mdb_env_set_maxdbs(env, 4) == 0);
+	REQUIRE(mdb_env_set_mapsize(env, 1ull << 40) == 0);
+	REQUIRE(mdb_env_open(env, dir, MDB_NOTLS, 0644) == 0);
+	REQUIRE(mdb_txn_begin(env, NULL, 0, &txn) == 0);
+	REQUIRE(mdb_dbi_open(txn, "directories", 0, &dbi) == 0);
+	MDB_val k = { CAS_DIGEST_LEN, (void *)key->bytes }, v = { len, (void *)val };
+	REQUIRE(mdb_put(txn, dbi, &k, &v, 0) == 0);
+	REQUIRE(mdb_txn_commit(txn) == 0);
+	mdb_env_close(env);
+}
+
+static int has_problem(const char *dir, const char *want)
+{
+	struct cas_local_options o = { 0 };
+	cas_store *s = NULL;
+	REQUIRE(cas_local_open(dir, &o, &s) == 0);
+	struct problems pr = { 0 };
+	int n = cas_local_verify(s, on_problem_match, &pr);
+	cas_store_free(s);
+	(void)want;
+	return n == pr.n ? n : -1;
+}
+
+static void test_verify_directories(void)
+{
+	char dir[512];
+	snprintf(dir, sizeof(dir), "%s/verify-dirs", base);
+	cas_store_free(open_store("verify-dirs"));
+
+	/* A Directory whose child is absent (bypassing closure). */
+	cas_node child = { .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"x",
+			   .name_len = 1, .size = 1 };
+	cas_hash_buffer("not a directory", 15, &child.digest);
+	_cleanup_free_ uint8_t *buf = NULL;
+	size_t len;
+	encode(&child, 1, &buf, &len);
+	cas_digest d;
+	cas_directory_digest(buf, len, &d);
+	raw_put_directory(dir, &d, buf, len);
+	char hex[65], chex[65];
+	cas_digest_to_hex(&d, hex);
+	cas_digest_to_hex(&child.digest, chex);
+	snprintf(match_want, sizeof(match_want),
+		 "directory %s: child directory %s (name 'x') is missing", hex, chex);
+	match_found = 0;
+	CHECK(has_problem(dir, match_want) == 1 && match_found == 1);
+
+	/* Bytes that do not hash to their key. */
+	cas_digest wrong = d;
+	wrong.bytes[5] ^= 1;
+	raw_put_directory(dir, &wrong, buf, len);
+	cas_digest_to_hex(&wrong, hex);
+	snprintf(match_want, sizeof(match_want), "directory %s: content hashes to ",
+		 hex);
+	match_found = 0;
+	CHECK(has_problem(dir, match_want) == 2 && match_found == 1);
+}
+
+/* An import killed at any moment leaves a store that verify accepts, and
+ * a re-run completes. */
+static void test_kill_import(void)
+{
+	char src[512], dir[512];
+	snprintf(src, sizeof(src), "%s/tree", base);
+	snprintf(dir, sizeof(dir), "%s/killed", base);
+	for (int i = 0; i < 8; i++) {
+		pid_t pid = fork();
+		REQUIRE(pid >= 0);
+		if (pid == 0) {
+			cas_log_set_level(CAS_LOG_ERROR);
+			cas_store *s = NULL;
+			struct cas_local_options o = { .create = true };
+			int r = cas_local_open(dir, &o, &s);
+			if (r == 0)
+				r = cas_import(s, src, "t", NULL, NULL, NULL);
+			_exit(r == 0 ? 0 : 1);
+		}
+		struct timespec ts = { 0, (long)i * 7000000 };
+		nanosleep(&ts, NULL);
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+		struct stat st;
+		char mdb[600];
+		snprintf(mdb, sizeof(mdb), "%s/data.mdb", dir);
+		if (stat(mdb, &st) < 0)
+			continue; /* killed before the store existed */
+		cas_store *s = NULL;
+		struct cas_local_options o = { 0 };
+		REQUIRE(cas_local_open(dir, &o, &s) == 0);
+		CHECK(cas_local_verify(s, NULL, NULL) == 0);
+		cas_store_free(s);
+	}
+	cas_store *s = open_store("killed");
+	CHECK(cas_import(s, src, "t", NULL, NULL, NULL) == 0);
+	CHECK(cas_local_verify(s, NULL, NULL) == 0);
 	cas_store_free(s);
 }
 
@@ -661,7 +784,9 @@ int main(void)
 	test_import_export();
 	test_import_refused();
 	test_verify();
+	test_verify_directories();
 	test_concurrent();
+	test_kill_import();
 
 	int r = check_exit("store");
 	if (r == 0) {
