@@ -237,7 +237,13 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	if (r < 0)
 		return cas_log_errno(r == -EBADMSG ? -EIO : r,
 				     "blob %s: cache: %m", hex);
-	maybe_evict(c, size);
+	/* Counted now, evicted by the caller once it holds the blob open
+	 * (flocked): evicting here could remove the blob just fetched. */
+	if (c->cache_max) {
+		pthread_mutex_lock(&c->lock);
+		c->cache_bytes += size;
+		pthread_mutex_unlock(&c->lock);
+	}
 	return 0;
 }
 
@@ -294,6 +300,7 @@ static void *prefetch_main(void *arg)
 		c->pq_len--;
 		pthread_mutex_unlock(&c->lock);
 		int r = ensure_blob(c, &d, true);
+		maybe_evict(c, 0);
 		pthread_mutex_lock(&c->lock);
 		if (r == -EIO) {
 			/* The remote fails: stop prefetching for a while
@@ -353,14 +360,20 @@ static int cache_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
 {
 	struct cache_store *c = to_cache(s);
 	int r = c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
-	if (r == -ENOENT) {
+	bool fetched = false;
+	/* Another thread's eviction may remove the blob between its fetch
+	 * and our open: fetch again, a few times. */
+	for (unsigned attempt = 0; r == -ENOENT && attempt < 3; attempt++) {
 		r = ensure_blob(c, d, false);
 		if (r < 0)
 			return r;
+		fetched = true;
 		r = c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
 	}
 	if (r >= 0)
 		mark_used(c, *ret_fd);
+	if (fetched)
+		maybe_evict(c, 0);
 	return r;
 }
 
@@ -376,7 +389,9 @@ static int cache_blob_stat(cas_store *s, const cas_digest *d,
 	r = ensure_blob(c, d, false);
 	if (r < 0)
 		return r;
-	return c->cache->ops->blob_stat(c->cache, d, ret_size);
+	r = c->cache->ops->blob_stat(c->cache, d, ret_size);
+	maybe_evict(c, 0);
+	return r;
 }
 
 static int cache_blob_writer_new(cas_store *s, cas_blob_writer **ret)
