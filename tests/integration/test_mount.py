@@ -578,7 +578,7 @@ def public_dir():
     os.chmod(d, 0o755)
     yield d
     for m in Path(d).iterdir():
-        if os.path.ismount(m):
+        if in_mountinfo(m):
             subprocess.run(["umount", "-l", str(m)], check=False)
     shutil.rmtree(d, ignore_errors=True)
 
