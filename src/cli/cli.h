@@ -78,6 +78,11 @@ int cas_cli_check_spec(const char *verb, const char *spec);
 int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
 		      int fd);
 
+/* Prints a root as one line of `roots list` (and of what import prints):
+ * NAME directory DIGEST SIZE | NAME file DIGEST SIZE [executable] |
+ * NAME symlink TARGET. */
+void cas_cli_print_root(const char *name, const cas_node *node);
+
 /* Flushes stdout; prints an error and returns CAS_EXIT_FAILURE if writing
  * it failed, else `status`. */
 int cas_cli_finish(int status);

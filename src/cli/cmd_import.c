@@ -97,29 +97,6 @@ static char *default_name(const char *path)
 	return name;
 }
 
-static void print_root(const char *name, const cas_node *node)
-{
-	char hex[CAS_DIGEST_HEX_LEN + 1];
-
-	fputs(name, stdout);
-	switch (node->type) {
-	case CAS_NODE_DIRECTORY:
-		cas_digest_to_hex(&node->digest, hex);
-		printf(" directory %s %" PRIu64 "\n", hex, node->size);
-		break;
-	case CAS_NODE_FILE:
-		cas_digest_to_hex(&node->digest, hex);
-		printf(" file %s %" PRIu64 "%s\n", hex, node->size,
-		       node->executable ? " executable" : "");
-		break;
-	case CAS_NODE_SYMLINK:
-		fputs(" symlink ", stdout);
-		fwrite(node->target, 1, node->target_len, stdout);
-		fputc('\n', stdout);
-		break;
-	}
-}
-
 int cmd_import(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
@@ -202,6 +179,6 @@ int cmd_import(struct cas_cli *cli, int argc, char **argv)
 	if (r < 0)
 		return cas_cli_store_fail(mark, "import", "%s: %s", path,
 					  strerror(-r));
-	print_root(name, node);
+	cas_cli_print_root(name, node);
 	return CAS_EXIT_OK;
 }

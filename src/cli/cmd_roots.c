@@ -1,7 +1,6 @@
 /* castore roots list [--json] | add NAME ... | rm NAME */
 #include <errno.h>
 #include <getopt.h>
-#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +31,6 @@ struct list_state {
 static int list_one(void *userdata, const char *name, const cas_node *node)
 {
 	struct list_state *ls = userdata;
-	char hex[CAS_DIGEST_HEX_LEN + 1];
 
 	if (ls->json) {
 		cas_node named = *node;
@@ -40,25 +38,8 @@ static int list_one(void *userdata, const char *name, const cas_node *node)
 		named.name_len = strlen(name);
 		fputs(ls->n ? ",\n  " : "\n  ", stdout);
 		cas_json_node(stdout, &named, true);
-		ls->n++;
-		return 0;
-	}
-	fputs(name, stdout);
-	switch (node->type) {
-	case CAS_NODE_DIRECTORY:
-		cas_digest_to_hex(&node->digest, hex);
-		printf(" directory %s %" PRIu64 "\n", hex, node->size);
-		break;
-	case CAS_NODE_FILE:
-		cas_digest_to_hex(&node->digest, hex);
-		printf(" file %s %" PRIu64 "%s\n", hex, node->size,
-		       node->executable ? " executable" : "");
-		break;
-	case CAS_NODE_SYMLINK:
-		fputs(" symlink ", stdout);
-		fwrite(node->target, 1, node->target_len, stdout);
-		fputc('\n', stdout);
-		break;
+	} else {
+		cas_cli_print_root(name, node);
 	}
 	ls->n++;
 	return 0;

@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <getopt.h>
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -355,4 +356,27 @@ int cas_cli_finish(int status)
 	if (fflush(stdout) != 0 || ferror(stdout))
 		return cas_cli_fail("stdout", "write: %m");
 	return status;
+}
+
+void cas_cli_print_root(const char *name, const cas_node *node)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+
+	fputs(name, stdout);
+	switch (node->type) {
+	case CAS_NODE_DIRECTORY:
+		cas_digest_to_hex(&node->digest, hex);
+		printf(" directory %s %" PRIu64 "\n", hex, node->size);
+		break;
+	case CAS_NODE_FILE:
+		cas_digest_to_hex(&node->digest, hex);
+		printf(" file %s %" PRIu64 "%s\n", hex, node->size,
+		       node->executable ? " executable" : "");
+		break;
+	case CAS_NODE_SYMLINK:
+		fputs(" symlink ", stdout);
+		fwrite(node->target, 1, node->target_len, stdout);
+		fputc('\n', stdout);
+		break;
+	}
 }
