@@ -23,6 +23,7 @@
 #include "core/log.h"
 
 #define MAP_SIZE (1ull << 40) /* sparse: the file grows as it is used */
+#define MAP_SIZE_MIN (1ull << 30)
 #define MAX_READERS 1024
 /* Leftovers older than this cannot belong to a live writer: staged files
  * are renamed within seconds, and O_TMPFILE leaves no name at all. */
@@ -1187,18 +1188,29 @@ static int open_subdir(struct cas_local *ls, const char *name, bool create,
 
 static int open_env(struct cas_local *ls, bool create)
 {
-	int rc = mdb_env_create(&ls->env);
-	if (rc == MDB_SUCCESS)
-		rc = mdb_env_set_mapsize(ls->env, MAP_SIZE);
-	if (rc == MDB_SUCCESS)
-		rc = mdb_env_set_maxdbs(ls->env, 4);
-	if (rc == MDB_SUCCESS)
-		rc = mdb_env_set_maxreaders(ls->env, MAX_READERS);
-	if (rc == MDB_SUCCESS) {
-		/* MDB_NOTLS: read transactions are not tied to threads (FUSE
-		 * workers, the transaction pool). */
-		unsigned flags = MDB_NOTLS | (ls->readonly ? MDB_RDONLY : 0);
-		rc = mdb_env_open(ls->env, ls->dir, flags, 0644);
+	int rc;
+	/* The map is only address space, but `ulimit -v` (or a sanitizer's
+	 * smaller address range) can refuse 1 TiB: halve it until it fits.
+	 * LMDB never maps less than the file holds. A failed open leaves
+	 * an environment that can only be closed. */
+	for (uint64_t map = MAP_SIZE;; map /= 2) {
+		rc = mdb_env_create(&ls->env);
+		if (rc == MDB_SUCCESS)
+			rc = mdb_env_set_mapsize(ls->env, map);
+		if (rc == MDB_SUCCESS)
+			rc = mdb_env_set_maxdbs(ls->env, 4);
+		if (rc == MDB_SUCCESS)
+			rc = mdb_env_set_maxreaders(ls->env, MAX_READERS);
+		if (rc == MDB_SUCCESS) {
+			/* MDB_NOTLS: read transactions are not tied to
+			 * threads (FUSE workers, the transaction pool). */
+			unsigned flags = MDB_NOTLS | (ls->readonly ? MDB_RDONLY : 0);
+			rc = mdb_env_open(ls->env, ls->dir, flags, 0644);
+		}
+		if (rc != ENOMEM || map <= MAP_SIZE_MIN)
+			break;
+		mdb_env_close(ls->env);
+		ls->env = NULL;
 	}
 	if (rc != MDB_SUCCESS)
 		return cas_log_errno(cas_local_mdb_errno(rc),
