@@ -13,36 +13,15 @@ const cas_digest CAS_DIGEST_EMPTY_DIRECTORY = { {
 
 void cas_digest_to_hex(const cas_digest *d, char ret_hex[CAS_DIGEST_HEX_LEN + 1])
 {
-	static const char hex[] = "0123456789abcdef";
-	for (size_t i = 0; i < CAS_DIGEST_LEN; i++) {
-		ret_hex[2 * i] = hex[d->bytes[i] >> 4];
-		ret_hex[2 * i + 1] = hex[d->bytes[i] & 15];
-	}
-	ret_hex[CAS_DIGEST_HEX_LEN] = 0;
-}
-
-static int unhex(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
+	cas_hex_encode(d->bytes, CAS_DIGEST_LEN, ret_hex);
 }
 
 int cas_digest_from_hexn(const char *hex, size_t len, cas_digest *ret)
 {
-	if (len != CAS_DIGEST_HEX_LEN)
-		return -EINVAL;
 	cas_digest d;
-	for (size_t i = 0; i < CAS_DIGEST_LEN; i++) {
-		int hi = unhex(hex[2 * i]), lo = unhex(hex[2 * i + 1]);
-		if (hi < 0 || lo < 0)
-			return -EINVAL;
-		d.bytes[i] = (uint8_t)(hi << 4 | lo);
-	}
+	if (len != CAS_DIGEST_HEX_LEN ||
+	    cas_hex_decode(hex, CAS_DIGEST_LEN, d.bytes) < 0)
+		return -EINVAL;
 	*ret = d;
 	return 0;
 }

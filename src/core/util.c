@@ -38,3 +38,37 @@ int cas_pread_all(int fd, void *buf, size_t len, uint64_t off)
 	}
 	return 0;
 }
+
+void cas_hex_encode(const void *buf, size_t len, char *out)
+{
+	static const char digits[] = "0123456789abcdef";
+	const uint8_t *p = buf;
+	for (size_t i = 0; i < len; i++) {
+		out[2 * i] = digits[p[i] >> 4];
+		out[2 * i + 1] = digits[p[i] & 15];
+	}
+	out[2 * len] = 0;
+}
+
+static int unhex(char c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	if (c >= 'a' && c <= 'f')
+		return c - 'a' + 10;
+	if (c >= 'A' && c <= 'F')
+		return c - 'A' + 10;
+	return -1;
+}
+
+int cas_hex_decode(const char *hex, size_t len, void *out)
+{
+	uint8_t *p = out;
+	for (size_t i = 0; i < len; i++) {
+		int hi = unhex(hex[2 * i]), lo = unhex(hex[2 * i + 1]);
+		if (hi < 0 || lo < 0)
+			return -EINVAL;
+		p[i] = (uint8_t)(hi << 4 | lo);
+	}
+	return 0;
+}

@@ -1,6 +1,6 @@
 /* util.h - small helpers shared by every layer.
  *
- * Contract: header-only, no state, thread-safe. The cleanup attributes run
+ * Contract: no state, thread-safe. The cleanup attributes run
  * when a local goes out of scope (as in casync and systemd): a function
  * that returns early never leaks what it owns. TAKE_PTR/TAKE_FD hand
  * ownership to the caller and leave the local empty.
@@ -64,5 +64,12 @@ static inline int cas_negerrno(void)
 int cas_write_all(int fd, const void *buf, size_t len);
 /* Read exactly len bytes at off; -EBADMSG when the file is shorter. */
 int cas_pread_all(int fd, void *buf, size_t len, uint64_t off);
+
+/* Lowercase hex of len bytes: 2 * len characters and a NUL into out. */
+void cas_hex_encode(const void *buf, size_t len, char *out);
+/* Parses 2 * len hex characters (either case) into len bytes of out;
+ * -EINVAL at the first character that is not hex (out is then partly
+ * written). */
+int cas_hex_decode(const char *hex, size_t len, void *out);
 
 #endif

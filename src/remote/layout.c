@@ -8,19 +8,6 @@
 #include "core/util.h"
 #include "remote/remote_i.h"
 
-static const char hexdigits[] = "0123456789abcdef";
-
-static int unhex1(char c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
-}
-
 int cas_roots_file_write_line(FILE *f, const char *name, const cas_node *node)
 {
 	_cleanup_free_ uint8_t *buf = NULL;
@@ -33,16 +20,20 @@ int cas_roots_file_write_line(FILE *f, const char *name, const cas_node *node)
 	r = cas_node_encode(&n, &buf, &len, NULL);
 	if (r < 0)
 		return r;
+	_cleanup_free_ char *hex = malloc(2 * len + 1);
+	if (!hex)
+		return -ENOMEM;
 	for (const unsigned char *p = (const unsigned char *)name; *p; p++) {
-		if (*p <= 0x20 || *p >= 0x7f || *p == '%')
-			fprintf(f, "%%%c%c", hexdigits[*p >> 4], hexdigits[*p & 15]);
-		else
+		if (*p <= 0x20 || *p >= 0x7f || *p == '%') {
+			char esc[3];
+			cas_hex_encode(p, 1, esc);
+			fprintf(f, "%%%s", esc);
+		} else {
 			fputc(*p, f);
+		}
 	}
-	fputc('\t', f);
-	for (size_t i = 0; i < len; i++)
-		fprintf(f, "%c%c", hexdigits[buf[i] >> 4], hexdigits[buf[i] & 15]);
-	fputc('\n', f);
+	cas_hex_encode(buf, len, hex);
+	fprintf(f, "\t%s\n", hex);
 	return ferror(f) ? -EIO : 0;
 }
 
@@ -65,10 +56,9 @@ static int parse_line(const char *line, size_t len, cas_root_cb cb,
 		if (line[i] == '%') {
 			if (i + 2 >= name_enc)
 				return -EBADMSG;
-			int hi = unhex1(line[i + 1]), lo = unhex1(line[i + 2]);
-			if (hi < 0 || lo < 0)
+			if (cas_hex_decode(line + i + 1, 1, name + n) < 0)
 				return -EBADMSG;
-			name[n++] = (char)(hi << 4 | lo);
+			n++;
 			i += 2;
 		} else {
 			name[n++] = line[i];
@@ -77,12 +67,8 @@ static int parse_line(const char *line, size_t len, cas_root_cb cb,
 	name[n] = 0;
 	if (strlen(name) != n || !cas_root_name_valid(name))
 		return -EBADMSG;
-	for (size_t i = 0; i < node_hex / 2; i++) {
-		int hi = unhex1(tab[1 + 2 * i]), lo = unhex1(tab[2 + 2 * i]);
-		if (hi < 0 || lo < 0)
-			return -EBADMSG;
-		node_buf[i] = (uint8_t)(hi << 4 | lo);
-	}
+	if (cas_hex_decode(tab + 1, node_hex / 2, node_buf) < 0)
+		return -EBADMSG;
 	cas_node node;
 	int r = cas_node_decode(node_buf, node_hex / 2, &node, NULL);
 	if (r < 0)

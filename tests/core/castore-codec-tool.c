@@ -58,26 +58,16 @@ static uint8_t *read_all(FILE *f, size_t *ret_len)
 
 static void put_hex(const uint8_t *p, size_t len)
 {
-	static const char hex[] = "0123456789abcdef";
 	if (len == 0) {
 		fputc('-', stdout);
 		return;
 	}
-	for (size_t i = 0; i < len; i++) {
-		fputc(hex[p[i] >> 4], stdout);
-		fputc(hex[p[i] & 15], stdout);
-	}
-}
-
-static int unhex(int c)
-{
-	if (c >= '0' && c <= '9')
-		return c - '0';
-	if (c >= 'a' && c <= 'f')
-		return c - 'a' + 10;
-	if (c >= 'A' && c <= 'F')
-		return c - 'A' + 10;
-	return -1;
+	char *hex = malloc(2 * len + 1);
+	if (!hex)
+		die("out of memory");
+	cas_hex_encode(p, len, hex);
+	fputs(hex, stdout);
+	free(hex);
 }
 
 /* Hex (or "-" for empty) into a new buffer. */
@@ -93,12 +83,8 @@ static uint8_t *parse_hex(const char *s, size_t *ret_len)
 	uint8_t *p = malloc(n / 2 + 1);
 	if (!p)
 		die("out of memory");
-	for (size_t i = 0; i < n / 2; i++) {
-		int hi = unhex(s[2 * i]), lo = unhex(s[2 * i + 1]);
-		if (hi < 0 || lo < 0)
-			die("bad hex");
-		p[i] = (uint8_t)(hi << 4 | lo);
-	}
+	if (cas_hex_decode(s, n / 2, p) < 0)
+		die("bad hex");
 	*ret_len = n / 2;
 	return p;
 }
