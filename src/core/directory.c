@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "core/util.h"
+#include "core/varint.h"
 
 enum { WT_VARINT = 0, WT_I64 = 1, WT_LEN = 2, WT_I32 = 5 };
 
@@ -77,25 +78,12 @@ struct cursor {
 
 static int cur_varint(struct cursor *c, uint64_t *ret, const char **why)
 {
-	uint64_t v = 0;
-	for (unsigned i = 0; i < 10; i++) {
-		if (c->p >= c->end) {
-			*why = "truncated input";
-			return -EBADMSG;
-		}
-		uint8_t b = *c->p++;
-		if (i == 9 && b > 1) {
-			*why = "varint overflow";
-			return -EBADMSG;
-		}
-		v |= (uint64_t)(b & 0x7f) << (7 * i);
-		if (!(b & 0x80)) {
-			*ret = v;
-			return 0;
-		}
+	int r = cas_varint_get(&c->p, c->end, ret);
+	if (r < 0) {
+		*why = r == -EOVERFLOW ? "varint overflow" : "truncated input";
+		return -EBADMSG;
 	}
-	*why = "varint overflow";
-	return -EBADMSG;
+	return 0;
 }
 
 static int cur_tag(struct cursor *c, uint32_t *ret_field, unsigned *ret_wt,
@@ -215,37 +203,17 @@ static int parse_node(const uint8_t *buf, size_t len, enum cas_node_type type,
 
 /* --- encoding ---------------------------------------------------------- */
 
-static size_t varint_len(uint64_t v)
-{
-	size_t n = 1;
-	while (v >= 0x80) {
-		v >>= 7;
-		n++;
-	}
-	return n;
-}
-
-static uint8_t *put_varint(uint8_t *p, uint64_t v)
-{
-	while (v >= 0x80) {
-		*p++ = (uint8_t)(v | 0x80);
-		v >>= 7;
-	}
-	*p++ = (uint8_t)v;
-	return p;
-}
-
 static uint8_t *put_bytes(uint8_t *p, uint32_t field, const void *b, size_t len)
 {
-	p = put_varint(p, (uint64_t)field << 3 | WT_LEN);
-	p = put_varint(p, len);
+	p = cas_varint_put(p, (uint64_t)field << 3 | WT_LEN);
+	p = cas_varint_put(p, len);
 	memcpy(p, b, len);
 	return p + len;
 }
 
 static size_t bytes_field_len(size_t len)
 {
-	return 1 + varint_len(len) + len;
+	return 1 + cas_varint_len(len) + len;
 }
 
 /* Length of the node message body (without its own tag and length). */
@@ -256,7 +224,7 @@ static size_t node_body_len(const cas_node *n)
 		return len + (n->target_len ? bytes_field_len(n->target_len) : 0);
 	len += bytes_field_len(CAS_DIGEST_LEN);
 	if (n->size)
-		len += 1 + varint_len(n->size);
+		len += 1 + cas_varint_len(n->size);
 	if (n->type == CAS_NODE_FILE && n->executable)
 		len += 2;
 	return len;
@@ -273,8 +241,8 @@ static uint8_t *put_node_body(uint8_t *p, const cas_node *n)
 	}
 	p = put_bytes(p, 2, n->digest.bytes, CAS_DIGEST_LEN);
 	if (n->size) {
-		p = put_varint(p, 3 << 3 | WT_VARINT);
-		p = put_varint(p, n->size);
+		p = cas_varint_put(p, 3 << 3 | WT_VARINT);
+		p = cas_varint_put(p, n->size);
 	}
 	if (n->type == CAS_NODE_FILE && n->executable) {
 		*p++ = 4 << 3 | WT_VARINT;
@@ -301,8 +269,8 @@ static uint8_t *put_directory(uint8_t *p, const cas_directory *d)
 	for (int l = 0; l < 3; l++)
 		for (size_t i = 0; i < counts[l]; i++) {
 			const cas_node *n = &lists[l][i];
-			p = put_varint(p, (uint64_t)(l + 1) << 3 | WT_LEN);
-			p = put_varint(p, node_body_len(n));
+			p = cas_varint_put(p, (uint64_t)(l + 1) << 3 | WT_LEN);
+			p = cas_varint_put(p, node_body_len(n));
 			p = put_node_body(p, n);
 		}
 	return p;
@@ -565,8 +533,8 @@ int cas_node_encode(const cas_node *node, uint8_t **ret_buf, size_t *ret_len,
 	uint8_t *buf = malloc(len), *p = buf;
 	if (!buf)
 		return -ENOMEM;
-	p = put_varint(p, (uint64_t)node->type << 3 | WT_LEN);
-	p = put_varint(p, body);
+	p = cas_varint_put(p, (uint64_t)node->type << 3 | WT_LEN);
+	p = cas_varint_put(p, body);
 	put_node_body(p, node);
 	*ret_buf = buf;
 	*ret_len = len;
@@ -614,8 +582,8 @@ int cas_node_decode(const void *buf, size_t len, cas_node *ret_node,
 	_cleanup_free_ uint8_t *again = malloc(len);
 	if (!again)
 		return -ENOMEM;
-	uint8_t *p = put_varint(again, (uint64_t)f << 3 | WT_LEN);
-	p = put_varint(p, node_body_len(&n));
+	uint8_t *p = cas_varint_put(again, (uint64_t)f << 3 | WT_LEN);
+	p = cas_varint_put(p, node_body_len(&n));
 	put_node_body(p, &n);
 	if (memcmp(again, buf, len) != 0) {
 		*why = "not canonical encoding";

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/varint.h"
 #include "remote/grpc_i.h"
 #include "rpc_blobstore.pb-c.h"
 #include "rpc_directory.pb-c.h"
@@ -53,27 +54,6 @@ void cas_grpc_frame_prefix(uint8_t out[5], size_t len)
 	out[4] = (uint8_t)len;
 }
 
-static size_t put_varint(uint8_t *p, uint64_t v)
-{
-	size_t n = 0;
-	while (v >= 0x80) {
-		p[n++] = (uint8_t)(v | 0x80);
-		v >>= 7;
-	}
-	p[n++] = (uint8_t)v;
-	return n;
-}
-
-static size_t varint_len(uint64_t v)
-{
-	size_t n = 1;
-	while (v >= 0x80) {
-		v >>= 7;
-		n++;
-	}
-	return n;
-}
-
 size_t cas_grpc_blob_chunk_header(uint8_t out[16], size_t data_len)
 {
 	if (data_len == 0) {
@@ -81,10 +61,10 @@ size_t cas_grpc_blob_chunk_header(uint8_t out[16], size_t data_len)
 		cas_grpc_frame_prefix(out, 0);
 		return 5;
 	}
-	size_t msg_len = 1 + varint_len(data_len) + data_len;
+	size_t msg_len = 1 + cas_varint_len(data_len) + data_len;
 	cas_grpc_frame_prefix(out, msg_len);
 	out[5] = 0x0a; /* field 1, length-delimited */
-	return 6 + put_varint(out + 6, data_len);
+	return (size_t)(cas_varint_put(out + 6, data_len) - out);
 }
 
 bool cas_grpc_reader_idle(const struct cas_grpc_reader *r)
@@ -253,23 +233,6 @@ int cas_grpc_decode_get(const uint8_t *msg, size_t len, cas_digest *ret,
 	return r;
 }
 
-/* A bounded cursor over protobuf wire format (BlobChunk only). */
-static int get_varint(const uint8_t **p, const uint8_t *end, uint64_t *ret)
-{
-	uint64_t v = 0;
-	for (unsigned shift = 0; shift < 64; shift += 7) {
-		if (*p >= end)
-			return -EINVAL;
-		uint8_t b = *(*p)++;
-		v |= (uint64_t)(b & 0x7f) << shift;
-		if (!(b & 0x80)) {
-			*ret = v;
-			return 0;
-		}
-	}
-	return -EINVAL;
-}
-
 int cas_grpc_decode_blob_chunk(const uint8_t *msg, size_t len,
 			       const uint8_t **ret_data, size_t *ret_len,
 			       const char **ret_why)
@@ -280,11 +243,11 @@ int cas_grpc_decode_blob_chunk(const uint8_t *msg, size_t len,
 	*ret_why = "malformed BlobChunk";
 	while (p < end) {
 		uint64_t tag, v;
-		if (get_varint(&p, end, &tag) < 0 || (tag >> 3) == 0)
+		if (cas_varint_get(&p, end, &tag) < 0 || (tag >> 3) == 0)
 			return -EINVAL;
 		switch (tag & 7) {
 		case 0:
-			if (get_varint(&p, end, &v) < 0)
+			if (cas_varint_get(&p, end, &v) < 0)
 				return -EINVAL;
 			break;
 		case 1:
@@ -293,7 +256,7 @@ int cas_grpc_decode_blob_chunk(const uint8_t *msg, size_t len,
 			p += 8;
 			break;
 		case 2:
-			if (get_varint(&p, end, &v) < 0 || v > (uint64_t)(end - p))
+			if (cas_varint_get(&p, end, &v) < 0 || v > (uint64_t)(end - p))
 				return -EINVAL;
 			if (tag >> 3 == 1) { /* data; the last one wins */
 				*ret_data = p;
