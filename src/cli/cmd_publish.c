@@ -9,16 +9,21 @@
 static const char publish_help[] =
 	"Usage: castore publish DIR [NAME...]\n"
 	"\n"
-	"Writes the static HTTP layout of the named roots (no name: every root)\n"
+	"Writes the static HTTP layout of the named roots (no name: every "
+	"root)\n"
 	"into DIR, which any web server or bucket can serve as it is; read it\n"
 	"with --store http://HOST/PATH. Only objects DIR lacks are written,\n"
 	"leaves first; the roots file is replaced last, atomically, and keeps\n"
 	"roots published before under other names (docs/remote.md).\n";
 
-static void publish_progress(void *userdata, const struct cas_remote_progress *p)
+static void publish_progress(void *userdata,
+			     const struct cas_remote_progress *p)
 {
-	fprintf(stderr, "\rpublish: %llu directories, %llu blobs walked, %llu objects (%llu MiB) written",
-		(unsigned long long)p->directories, (unsigned long long)p->blobs,
+	fprintf(stderr,
+		"\rpublish: %llu directories, %llu blobs walked, %llu objects "
+		"(%llu MiB) written",
+		(unsigned long long)p->directories,
+		(unsigned long long)p->blobs,
 		(unsigned long long)p->sent_objects,
 		(unsigned long long)(p->sent_bytes >> 20));
 }
@@ -26,7 +31,7 @@ static void publish_progress(void *userdata, const struct cas_remote_progress *p
 int cmd_publish(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "help", no_argument, NULL, 'h' },
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
@@ -49,14 +54,14 @@ int cmd_publish(struct cas_cli *cli, int argc, char **argv)
 		return cas_cli_usage("publish", "empty DIR");
 	for (int i = optind + 1; i < argc; i++)
 		if (!cas_root_name_valid(argv[i]))
-			return cas_cli_usage("publish", "%s: not a valid root name",
+			return cas_cli_usage("publish",
+					     "%s: not a valid root name",
 					     argv[i]);
 	if (cas_cli_open_store(cli, false, &s) < 0)
 		return CAS_EXIT_FAILURE;
-	r = cas_remote_publish(s, dir, argv + optind + 1,
-			       (size_t)(argc - optind - 1),
-			       cli->progress ? publish_progress : NULL, NULL,
-			       &stats);
+	r = cas_remote_publish(
+		s, dir, argv + optind + 1, (size_t)(argc - optind - 1),
+		cli->progress ? publish_progress : NULL, NULL, &stats);
 	if (cli->progress)
 		fputc('\n', stderr);
 	if (r < 0)

@@ -10,8 +10,10 @@
 static const char push_help[] =
 	"Usage: castore push URL NAME...\n"
 	"\n"
-	"Copies the closures of the named roots to the tvix castore gRPC store\n"
-	"at URL (grpc+http://HOST:PORT or grpc+unix:///PATH): blobs first, then\n"
+	"Copies the closures of the named roots to the tvix castore gRPC "
+	"store\n"
+	"at URL (grpc+http://HOST:PORT or grpc+unix:///PATH): blobs first, "
+	"then\n"
 	"the Directories leaves first. Whatever the remote already has is not\n"
 	"sent, so running it again after an interruption sends only the rest.\n"
 	"gRPC stores have no roots: register the names where they are read.\n";
@@ -24,8 +26,11 @@ static void push_progress(void *userdata, const struct cas_remote_progress *p)
 	if (now.tv_sec == last.tv_sec && now.tv_nsec - last.tv_nsec < 100000000)
 		return;
 	last = now;
-	fprintf(stderr, "\rpush: %llu directories, %llu blobs checked, %llu objects (%llu MiB) sent",
-		(unsigned long long)p->directories, (unsigned long long)p->blobs,
+	fprintf(stderr,
+		"\rpush: %llu directories, %llu blobs checked, %llu objects "
+		"(%llu MiB) sent",
+		(unsigned long long)p->directories,
+		(unsigned long long)p->blobs,
 		(unsigned long long)p->sent_objects,
 		(unsigned long long)(p->sent_bytes >> 20));
 }
@@ -33,7 +38,7 @@ static void push_progress(void *userdata, const struct cas_remote_progress *p)
 int cmd_push(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "help", no_argument, NULL, 'h' },
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
@@ -53,17 +58,23 @@ int cmd_push(struct cas_cli *cli, int argc, char **argv)
 		return cas_cli_usage("push", "URL and NAME... expected");
 	const char *url = argv[optind];
 	if (!cas_remote_is_url(url) || url[0] != 'g')
-		return cas_cli_usage("push", "%s: not grpc+http://HOST:PORT or grpc+unix:///PATH",
-				     url);
+		return cas_cli_usage(
+			"push",
+			"%s: not grpc+http://HOST:PORT or grpc+unix:///PATH",
+			url);
 	for (int i = optind + 1; i < argc; i++)
 		if (!cas_root_name_valid(argv[i]))
-			return cas_cli_usage("push", "%s: not a valid root name", argv[i]);
+			return cas_cli_usage(
+				"push", "%s: not a valid root name", argv[i]);
 	if (cas_cli_open_store(cli, false, &s) < 0)
 		return CAS_EXIT_FAILURE;
-	r = cas_remote_push(s, url, argv + optind + 1, (size_t)(argc - optind - 1),
+	r = cas_remote_push(s, url, argv + optind + 1,
+			    (size_t)(argc - optind - 1),
 			    cli->progress ? push_progress : NULL, NULL, &stats);
 	if (cli->progress)
-		fprintf(stderr, "\rpush: %llu directories, %llu blobs checked, %llu objects (%llu MiB) sent\n",
+		fprintf(stderr,
+			"\rpush: %llu directories, %llu blobs checked, %llu "
+			"objects (%llu MiB) sent\n",
 			(unsigned long long)stats.directories,
 			(unsigned long long)stats.blobs,
 			(unsigned long long)stats.sent_objects,

@@ -15,7 +15,7 @@
 
 #include <blake3.h>
 
-#define CAS_DIGEST_LEN 32
+#define CAS_DIGEST_LEN	   32
 #define CAS_DIGEST_HEX_LEN 64
 
 typedef struct cas_digest {
@@ -31,7 +31,8 @@ static inline bool cas_digest_eq(const cas_digest *a, const cas_digest *b)
 }
 
 /* Writes 64 hex characters and a NUL into ret_hex. */
-void cas_digest_to_hex(const cas_digest *d, char ret_hex[CAS_DIGEST_HEX_LEN + 1]);
+void cas_digest_to_hex(const cas_digest *d,
+		       char ret_hex[CAS_DIGEST_HEX_LEN + 1]);
 /* Parses exactly 64 hex characters (either case) followed by NUL.
  * -EINVAL for anything else. */
 int cas_digest_from_hex(const char *hex, cas_digest *ret);

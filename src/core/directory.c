@@ -153,7 +153,7 @@ static int field_check(int want_wt, unsigned wt, const char **why)
 static int parse_node(const uint8_t *buf, size_t len, enum cas_node_type type,
 		      cas_node *n, const char **why)
 {
-	struct cursor c = { buf, buf + len };
+	struct cursor c = {buf, buf + len};
 	const uint8_t *digest = NULL;
 	size_t digest_len = 0;
 
@@ -175,7 +175,8 @@ static int parse_node(const uint8_t *buf, size_t len, enum cas_node_type type,
 			break;
 		case 2:
 			if (type == CAS_NODE_SYMLINK)
-				r = cur_bytes(&c, &n->target, &n->target_len, why);
+				r = cur_bytes(&c, &n->target, &n->target_len,
+					      why);
 			else
 				r = cur_bytes(&c, &digest, &digest_len, why);
 			break;
@@ -221,7 +222,8 @@ static size_t node_body_len(const cas_node *n)
 {
 	size_t len = n->name_len ? bytes_field_len(n->name_len) : 0;
 	if (n->type == CAS_NODE_SYMLINK)
-		return len + (n->target_len ? bytes_field_len(n->target_len) : 0);
+		return len +
+		       (n->target_len ? bytes_field_len(n->target_len) : 0);
 	len += bytes_field_len(CAS_DIGEST_LEN);
 	if (n->size)
 		len += 1 + cas_varint_len(n->size);
@@ -253,8 +255,8 @@ static uint8_t *put_node_body(uint8_t *p, const cas_node *n)
 
 static size_t directory_encoded_len(const cas_directory *d)
 {
-	const cas_node *lists[3] = { d->directories, d->files, d->symlinks };
-	size_t counts[3] = { d->n_directories, d->n_files, d->n_symlinks };
+	const cas_node *lists[3] = {d->directories, d->files, d->symlinks};
+	size_t counts[3] = {d->n_directories, d->n_files, d->n_symlinks};
 	size_t len = 0;
 	for (int l = 0; l < 3; l++)
 		for (size_t i = 0; i < counts[l]; i++)
@@ -264,8 +266,8 @@ static size_t directory_encoded_len(const cas_directory *d)
 
 static uint8_t *put_directory(uint8_t *p, const cas_directory *d)
 {
-	const cas_node *lists[3] = { d->directories, d->files, d->symlinks };
-	size_t counts[3] = { d->n_directories, d->n_files, d->n_symlinks };
+	const cas_node *lists[3] = {d->directories, d->files, d->symlinks};
+	size_t counts[3] = {d->n_directories, d->n_files, d->n_symlinks};
 	for (int l = 0; l < 3; l++)
 		for (size_t i = 0; i < counts[l]; i++) {
 			const cas_node *n = &lists[l][i];
@@ -310,10 +312,10 @@ int cas_directory_size(const cas_directory *d, uint64_t *ret_size)
 
 const char *cas_directory_check(const cas_directory *d)
 {
-	const cas_node *lists[3] = { d->directories, d->files, d->symlinks };
-	size_t counts[3] = { d->n_directories, d->n_files, d->n_symlinks };
-	const enum cas_node_type types[3] = { CAS_NODE_DIRECTORY, CAS_NODE_FILE,
-					      CAS_NODE_SYMLINK };
+	const cas_node *lists[3] = {d->directories, d->files, d->symlinks};
+	size_t counts[3] = {d->n_directories, d->n_files, d->n_symlinks};
+	const enum cas_node_type types[3] = {CAS_NODE_DIRECTORY, CAS_NODE_FILE,
+					     CAS_NODE_SYMLINK};
 
 	for (int l = 0; l < 3; l++)
 		for (size_t i = 0; i < counts[l]; i++) {
@@ -333,7 +335,7 @@ const char *cas_directory_check(const cas_directory *d)
 		}
 
 	/* Unique across the lists: merge the three sorted lists. */
-	size_t pos[3] = { 0, 0, 0 };
+	size_t pos[3] = {0, 0, 0};
 	const cas_node *prev = NULL;
 	for (;;) {
 		int best = -1;
@@ -390,8 +392,8 @@ int cas_directory_decode(const void *buf, size_t len, cas_directory **ret,
 	const char *why_local, **why = ret_why ? ret_why : &why_local;
 	if (len == 0)
 		buf = no_bytes;
-	size_t counts[3] = { 0, 0, 0 };
-	struct cursor c = { buf, (const uint8_t *)buf + len };
+	size_t counts[3] = {0, 0, 0};
+	struct cursor c = {buf, (const uint8_t *)buf + len};
 	int r;
 
 	/* Pass 1: framing, field numbers and wire types; count entries. */
@@ -402,7 +404,8 @@ int cas_directory_decode(const void *buf, size_t len, cas_directory **ret,
 		size_t sublen;
 		if ((r = cur_tag(&c, &f, &wt, why)) < 0)
 			return r;
-		if ((r = field_check(f >= 1 && f <= 3 ? WT_LEN : -1, wt, why)) < 0)
+		if ((r = field_check(f >= 1 && f <= 3 ? WT_LEN : -1, wt, why)) <
+		    0)
 			return r;
 		if ((r = cur_bytes(&c, &sub, &sublen, why)) < 0)
 			return r;
@@ -430,7 +433,7 @@ int cas_directory_decode(const void *buf, size_t len, cas_directory **ret,
 	/* Pass 2: the nodes. Entries of a list that come after another list
 	 * started are out of field order; the re-encode refuses them, but
 	 * they must still land in their own list here. */
-	c = (struct cursor){ copy, copy + len };
+	c = (struct cursor){copy, copy + len};
 	while (c.p < c.end) {
 		uint32_t f = 0;
 		unsigned wt = 0;
@@ -495,7 +498,8 @@ static const cas_node *find_in(const cas_node *list, size_t count,
 	size_t lo = 0, hi = count;
 	while (lo < hi) {
 		size_t mid = lo + (hi - lo) / 2;
-		int c = cas_name_cmp(list[mid].name, list[mid].name_len, name, len);
+		int c = cas_name_cmp(list[mid].name, list[mid].name_len, name,
+				     len);
 		if (c == 0)
 			return &list[mid];
 		if (c < 0)
@@ -509,7 +513,8 @@ static const cas_node *find_in(const cas_node *list, size_t count,
 const cas_node *cas_directory_find(const cas_directory *d, const uint8_t *name,
 				   size_t len)
 {
-	const cas_node *n = find_in(d->directories, d->n_directories, name, len);
+	const cas_node *n =
+		find_in(d->directories, d->n_directories, name, len);
 	if (!n)
 		n = find_in(d->files, d->n_files, name, len);
 	if (!n)
@@ -550,7 +555,7 @@ int cas_node_decode(const void *buf, size_t len, cas_node *ret_node,
 		*why = "empty node";
 		return -EBADMSG;
 	}
-	struct cursor c = { buf, (const uint8_t *)buf + len };
+	struct cursor c = {buf, (const uint8_t *)buf + len};
 	uint32_t f;
 	unsigned wt;
 	const uint8_t *sub;
@@ -597,7 +602,8 @@ cas_node *cas_node_dup(const cas_node *node)
 {
 	/* Only a symlink has a target; another node's target fields may be
 	 * left uninitialised by its builder. */
-	size_t target_len = node->type == CAS_NODE_SYMLINK ? node->target_len : 0;
+	size_t target_len =
+		node->type == CAS_NODE_SYMLINK ? node->target_len : 0;
 	cas_node *n = malloc(sizeof(*n) + node->name_len + target_len + 2);
 	if (!n)
 		return NULL;

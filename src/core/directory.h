@@ -44,7 +44,7 @@ typedef struct cas_node {
 	const uint8_t *name; /* not NUL-terminated */
 	size_t name_len;
 	cas_digest digest; /* directory, file */
-	uint64_t size;     /* directory: its size (see below); file: bytes */
+	uint64_t size;	   /* directory: its size (see below); file: bytes */
 	bool executable;   /* file */
 	const uint8_t *target; /* symlink; not NUL-terminated */
 	size_t target_len;

@@ -35,14 +35,14 @@ int cas_log_internal(enum cas_log_level level, int r, const char *fmt, ...)
  * named the failure: one failure, one line. */
 unsigned long cas_log_error_count(void);
 
-#define cas_log_error(...) cas_log_internal(CAS_LOG_ERROR, 0, __VA_ARGS__)
-#define cas_log_warning(...) cas_log_internal(CAS_LOG_WARNING, 0, __VA_ARGS__)
-#define cas_log_info(...) cas_log_internal(CAS_LOG_INFO, 0, __VA_ARGS__)
-#define cas_log_debug(...) cas_log_internal(CAS_LOG_DEBUG, 0, __VA_ARGS__)
+#define cas_log_error(...)    cas_log_internal(CAS_LOG_ERROR, 0, __VA_ARGS__)
+#define cas_log_warning(...)  cas_log_internal(CAS_LOG_WARNING, 0, __VA_ARGS__)
+#define cas_log_info(...)     cas_log_internal(CAS_LOG_INFO, 0, __VA_ARGS__)
+#define cas_log_debug(...)    cas_log_internal(CAS_LOG_DEBUG, 0, __VA_ARGS__)
 #define cas_log_errno(r, ...) cas_log_internal(CAS_LOG_ERROR, (r), __VA_ARGS__)
-#define cas_log_warning_errno(r, ...)                                          \
+#define cas_log_warning_errno(r, ...) \
 	cas_log_internal(CAS_LOG_WARNING, (r), __VA_ARGS__)
-#define cas_log_debug_errno(r, ...)                                            \
+#define cas_log_debug_errno(r, ...) \
 	cas_log_internal(CAS_LOG_DEBUG, (r), __VA_ARGS__)
 
 #endif

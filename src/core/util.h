@@ -15,29 +15,29 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-#define _cleanup_(f) __attribute__((cleanup(f)))
-#define _cleanup_free_ _cleanup_(cas_freep)
+#define _cleanup_(f)	__attribute__((cleanup(f)))
+#define _cleanup_free_	_cleanup_(cas_freep)
 #define _cleanup_close_ _cleanup_(cas_closep)
-#define _unused_ __attribute__((unused))
-#define _printf_(a, b) __attribute__((format(printf, a, b)))
-#define _likely_(x) __builtin_expect(!!(x), 1)
-#define _unlikely_(x) __builtin_expect(!!(x), 0)
+#define _unused_	__attribute__((unused))
+#define _printf_(a, b)	__attribute__((format(printf, a, b)))
+#define _likely_(x)	__builtin_expect(!!(x), 1)
+#define _unlikely_(x)	__builtin_expect(!!(x), 0)
 
 #define CAS_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
-#define CAS_MIN(a, b) ((a) < (b) ? (a) : (b))
-#define CAS_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define CAS_MIN(a, b)	  ((a) < (b) ? (a) : (b))
+#define CAS_MAX(a, b)	  ((a) > (b) ? (a) : (b))
 
-#define TAKE_PTR(p)                                                            \
-	({                                                                     \
-		__typeof__(p) _take_ = (p);                                    \
-		(p) = NULL;                                                    \
-		_take_;                                                        \
+#define TAKE_PTR(p)                         \
+	({                                  \
+		__typeof__(p) _take_ = (p); \
+		(p) = NULL;                 \
+		_take_;                     \
 	})
-#define TAKE_FD(fd)                                                            \
-	({                                                                     \
-		int _take_fd_ = (fd);                                          \
-		(fd) = -1;                                                     \
-		_take_fd_;                                                     \
+#define TAKE_FD(fd)                   \
+	({                            \
+		int _take_fd_ = (fd); \
+		(fd) = -1;            \
+		_take_fd_;            \
 	})
 
 static inline void cas_freep(void *p)

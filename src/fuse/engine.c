@@ -25,17 +25,17 @@
 #include "fuse/fuse_kernel_ext.h"
 
 /* The protocol minor we speak: 7.40 brings passthrough. */
-#define CAS_FUSE_OUR_MINOR 40
+#define CAS_FUSE_OUR_MINOR	   40
 #define CAS_FUSE_DEFAULT_MAX_PAGES 32
 #define CAS_FUSE_DEFAULT_MAX_WRITE (128 * 1024)
-#define CAS_FUSE_PAGE 4096
+#define CAS_FUSE_PAGE		   4096
 
 /* ---- bounds-checked cursor over the input buffers ---- */
 
 void cas_fuse_cursor_init(struct cas_fuse_cursor *c, const struct iovec *iov,
 			  int cnt)
 {
-	*c = (struct cas_fuse_cursor){ .iov = iov, .cnt = cnt > 0 ? cnt : 0 };
+	*c = (struct cas_fuse_cursor){.iov = iov, .cnt = cnt > 0 ? cnt : 0};
 	size_t total = 0;
 	for (int i = 0; i < c->cnt; i++) {
 		/* Saturate: a wrapping sum must not make a short input look
@@ -176,7 +176,7 @@ int cas_fuse_dirbuf_add(struct cas_fuse_dirbuf *db, const uint8_t *name,
 		.type = (mode & S_IFMT) >> 12,
 	};
 	if (db->plus) {
-		struct fuse_entry_out eo = { 0 };
+		struct fuse_entry_out eo = {0};
 		if (entry)
 			fill_entry(&eo, entry);
 		memcpy(p, &eo, sizeof(eo));
@@ -239,15 +239,14 @@ static struct pt_entry *pt_find(struct pt_table *t, uint64_t k1, uint64_t k2)
 	return NULL;
 }
 
-static struct pt_entry *pt_insert(struct pt_table *t, uint64_t k1,
-				  uint64_t k2)
+static struct pt_entry *pt_insert(struct pt_table *t, uint64_t k1, uint64_t k2)
 {
 	if (t->n >= t->nbuckets) {
 		size_t nb = t->nbuckets ? t->nbuckets * 2 : 64;
 		struct pt_entry **b = calloc(nb, sizeof(*b));
 		if (!b)
 			return NULL;
-		struct pt_table nt = { .buckets = b, .nbuckets = nb, .n = t->n };
+		struct pt_table nt = {.buckets = b, .nbuckets = nb, .n = t->n};
 		for (size_t i = 0; i < t->nbuckets; i++) {
 			struct pt_entry *e = t->buckets[i];
 			while (e) {
@@ -297,7 +296,7 @@ static void pt_clear(struct pt_table *t)
 		}
 	}
 	free(t->buckets);
-	*t = (struct pt_table){ 0 };
+	*t = (struct pt_table){0};
 }
 
 /* ---- the session ---- */
@@ -314,8 +313,8 @@ struct cas_fuse_session {
 	atomic_bool initialized;
 	atomic_bool destroyed;
 	struct cas_fuse_conn conn; /* written once under init_lock */
-	uint32_t minor;            /* negotiated: min(ours, kernel's) */
-	bool passthrough;          /* negotiated and wanted */
+	uint32_t minor;		   /* negotiated: min(ours, kernel's) */
+	bool passthrough;	   /* negotiated and wanted */
 
 	/* Set when backing_open failed in a way every later call would too
 	 * (no privilege, stacking too deep): opens then skip the ioctl. */
@@ -327,7 +326,8 @@ struct cas_fuse_session {
 
 static uint32_t cfg_max_pages(const struct cas_fuse_config *cfg)
 {
-	uint32_t p = cfg->max_pages ? cfg->max_pages : CAS_FUSE_DEFAULT_MAX_PAGES;
+	uint32_t p =
+		cfg->max_pages ? cfg->max_pages : CAS_FUSE_DEFAULT_MAX_PAGES;
 	return CAS_MIN(p, 65535u);
 }
 
@@ -383,7 +383,8 @@ bool cas_fuse_session_initialized(const struct cas_fuse_session *s)
 	return atomic_load_explicit(&s->initialized, memory_order_acquire);
 }
 
-const struct cas_fuse_conn *cas_fuse_session_conn(const struct cas_fuse_session *s)
+const struct cas_fuse_conn *
+cas_fuse_session_conn(const struct cas_fuse_session *s)
 {
 	return &s->conn;
 }
@@ -426,7 +427,8 @@ static void reply_finish(struct cas_fuse_reply *reply, int error)
 		reply->fd_offset = 0;
 	}
 	struct fuse_out_header oh = {
-		.len = (uint32_t)(reply->len + (reply->fd >= 0 ? reply->fd_len : 0)),
+		.len = (uint32_t)(reply->len +
+				  (reply->fd >= 0 ? reply->fd_len : 0)),
 		.error = error < 0 ? error : 0,
 		.unique = reply->unique,
 	};
@@ -537,7 +539,7 @@ static int do_init(struct req *q)
 	else
 		want &= 0xffffffffULL;
 
-	size_t out_size = minor < 5	 ? FUSE_COMPAT_INIT_OUT_SIZE
+	size_t out_size = minor < 5    ? FUSE_COMPAT_INIT_OUT_SIZE
 			  : minor < 23 ? FUSE_COMPAT_22_INIT_OUT_SIZE
 				       : sizeof(struct cas_fuse_init_out);
 	struct cas_fuse_init_out out = {
@@ -593,7 +595,7 @@ static int do_lookup(struct req *q)
 		return r;
 	if (!q->s->ops->lookup)
 		return -ENOSYS;
-	struct cas_fuse_entry e = { 0 };
+	struct cas_fuse_entry e = {0};
 	r = q->s->ops->lookup(q->s->fs, q->h.nodeid, name, namelen, &e);
 	if (r < 0)
 		return r;
@@ -644,12 +646,12 @@ static int do_getattr(struct req *q)
 	/* fuse_getattr_in (7.9+) only matters for handles; we ignore it. */
 	if (!q->s->ops->getattr)
 		return -ENOSYS;
-	struct cas_fuse_attr a = { 0 };
+	struct cas_fuse_attr a = {0};
 	uint64_t valid = 0;
 	int r = q->s->ops->getattr(q->s->fs, q->h.nodeid, &a, &valid);
 	if (r < 0)
 		return r;
-	struct fuse_attr_out ao = { .attr_valid = valid };
+	struct fuse_attr_out ao = {.attr_valid = valid};
 	fill_attr(&ao.attr, &a);
 	size_t size = attr_out_size(q->s);
 	void *p = reply_payload(q->reply, size);
@@ -663,7 +665,8 @@ static int do_readlink(struct req *q)
 {
 	if (!q->s->ops->readlink)
 		return -ENOSYS;
-	size_t size = CAS_MIN(reply_room(q->reply), (size_t)CAS_FUSE_NAME_MAX + 1);
+	size_t size =
+		CAS_MIN(reply_room(q->reply), (size_t)CAS_FUSE_NAME_MAX + 1);
 	char *buf = reply_payload(q->reply, size);
 	if (!buf)
 		return -EIO;
@@ -678,8 +681,8 @@ static int do_readlink(struct req *q)
 
 /* Takes a reference on the node's backing id, opening one if needed.
  * Returns the id or -errno. */
-static int backing_get(struct cas_fuse_session *s, uint64_t nodeid,
-		       uint64_t fh, int fd)
+static int backing_get(struct cas_fuse_session *s, uint64_t nodeid, uint64_t fh,
+		       int fd)
 {
 	pthread_mutex_lock(&s->backing_lock);
 	struct pt_entry *node = pt_find(&s->nodes, nodeid, 0);
@@ -705,7 +708,8 @@ static int backing_get(struct cas_fuse_session *s, uint64_t nodeid,
 	if (!open) {
 		if (node->refs == 0) {
 			if (s->cfg.backing_close)
-				s->cfg.backing_close(s->cfg.transport, node->id);
+				s->cfg.backing_close(s->cfg.transport,
+						     node->id);
 			pt_remove(&s->nodes, node);
 		}
 		r = -ENOMEM;
@@ -732,7 +736,8 @@ static void backing_put(struct cas_fuse_session *s, uint64_t nodeid,
 			pt_remove(&s->opens, open);
 		if (--node->refs == 0) {
 			if (s->cfg.backing_close)
-				s->cfg.backing_close(s->cfg.transport, node->id);
+				s->cfg.backing_close(s->cfg.transport,
+						     node->id);
 			pt_remove(&s->nodes, node);
 		}
 	}
@@ -753,7 +758,7 @@ static int do_open(struct req *q, bool dir)
 		dir ? s->ops->opendir : s->ops->open;
 	if (!op)
 		return -ENOSYS;
-	struct cas_fuse_open o = { .backing_fd = -1 };
+	struct cas_fuse_open o = {.backing_fd = -1};
 	r = op(s->fs, q->h.nodeid, in.flags, &o);
 	if (r < 0)
 		return r;
@@ -774,10 +779,13 @@ static int do_open(struct req *q, bool dir)
 		} else if (id == -EPERM || id == -ELOOP || id == -ENOTTY ||
 			   id == -EOPNOTSUPP) {
 			if (!atomic_exchange(&s->backing_broken, true))
-				cas_log_warning_errno(id, "fuse: passthrough unavailable, reads go through us: %m");
+				cas_log_warning_errno(
+					id, "fuse: passthrough unavailable, "
+					    "reads go through us: %m");
 		} else {
-			cas_log_debug_errno(id, "fuse: backing open of node %llu: %m",
-					    (unsigned long long)q->h.nodeid);
+			cas_log_debug_errno(
+				id, "fuse: backing open of node %llu: %m",
+				(unsigned long long)q->h.nodeid);
 		}
 	}
 	void *p = reply_payload(q->reply, sizeof(out));
@@ -819,14 +827,16 @@ static int do_read(struct req *q)
 	uint8_t *buf = reply_payload(q->reply, 0);
 	if (!buf)
 		return -EIO;
-	struct cas_fuse_read rd = { .buf = buf, .len = size, .fd = -1 };
+	struct cas_fuse_read rd = {.buf = buf, .len = size, .fd = -1};
 	r = s->ops->read(s->fs, q->h.nodeid, in.fh, in.offset, (uint32_t)size,
 			 &rd);
 	if (r < 0)
 		return r;
 	if (rd.len > size)
-		return cas_log_errno(-EIO, "fuse: read of node %llu returned %zu > %zu bytes",
-				     (unsigned long long)q->h.nodeid, rd.len, size);
+		return cas_log_errno(
+			-EIO,
+			"fuse: read of node %llu returned %zu > %zu bytes",
+			(unsigned long long)q->h.nodeid, rd.len, size);
 	if (rd.fd >= 0) {
 		q->reply->len = OUT_HDR;
 		q->reply->fd = rd.fd;
@@ -869,7 +879,7 @@ static int do_readdir(struct req *q, bool plus)
 
 static int do_statfs(struct req *q)
 {
-	struct cas_fuse_statfs st = { 0 };
+	struct cas_fuse_statfs st = {0};
 	if (q->s->ops->statfs) {
 		int r = q->s->ops->statfs(q->s->fs, q->h.nodeid, &st);
 		if (r < 0)
@@ -879,16 +889,17 @@ static int do_statfs(struct req *q)
 		st.bsize = 512;
 	}
 	struct fuse_statfs_out o = {
-		.st = {
-			.blocks = st.blocks,
-			.bfree = st.bfree,
-			.bavail = st.bavail,
-			.files = st.files,
-			.ffree = st.ffree,
-			.bsize = st.bsize,
-			.namelen = st.namelen,
-			.frsize = st.frsize,
-		},
+		.st =
+			{
+				.blocks = st.blocks,
+				.bfree = st.bfree,
+				.bavail = st.bavail,
+				.files = st.files,
+				.ffree = st.ffree,
+				.bsize = st.bsize,
+				.namelen = st.namelen,
+				.frsize = st.frsize,
+			},
 	};
 	size_t size = q->s->minor < 4 ? FUSE_COMPAT_STATFS_SIZE : sizeof(o);
 	void *p = reply_payload(q->reply, size);
@@ -915,7 +926,7 @@ static int xattr_reply(struct req *q, uint32_t want_size, const char *name)
 	if (r < 0)
 		return r;
 	if (want_size == 0) {
-		struct fuse_getxattr_out o = { .size = (uint32_t)r };
+		struct fuse_getxattr_out o = {.size = (uint32_t)r};
 		memcpy(reply_payload(q->reply, sizeof(o)), &o, sizeof(o));
 		return 0;
 	}
@@ -996,25 +1007,45 @@ struct opdesc {
 	int error;
 };
 
-static int do_open_file(struct req *q) { return do_open(q, false); }
-static int do_opendir(struct req *q) { return do_open(q, true); }
-static int do_release_file(struct req *q) { return do_release(q, false); }
-static int do_releasedir(struct req *q) { return do_release(q, true); }
-static int do_readdir_plain(struct req *q) { return do_readdir(q, false); }
-static int do_readdirplus(struct req *q) { return do_readdir(q, true); }
+static int do_open_file(struct req *q)
+{
+	return do_open(q, false);
+}
+static int do_opendir(struct req *q)
+{
+	return do_open(q, true);
+}
+static int do_release_file(struct req *q)
+{
+	return do_release(q, false);
+}
+static int do_releasedir(struct req *q)
+{
+	return do_release(q, true);
+}
+static int do_readdir_plain(struct req *q)
+{
+	return do_readdir(q, false);
+}
+static int do_readdirplus(struct req *q)
+{
+	return do_readdir(q, true);
+}
 
-#define MOD(op, nm, min)                                                       \
-	[op] = { .name = nm, .min_size = min, .flags = OP_MODIFIES,           \
-		 .error = -ENOSYS }
-#define UNSUP(op, nm, min, err)                                                \
-	[op] = { .name = nm, .min_size = min, .error = err }
+#define MOD(op, nm, min)              \
+	[op] = {.name = nm,           \
+		.min_size = min,      \
+		.flags = OP_MODIFIES, \
+		.error = -ENOSYS}
+#define UNSUP(op, nm, min, err) \
+	[op] = {.name = nm, .min_size = min, .error = err}
 
 static const struct opdesc opcodes[] = {
-	[FUSE_LOOKUP] = { "LOOKUP", 2, 0, do_lookup, 0 },
-	[FUSE_FORGET] = { "FORGET", 8, OP_NO_REPLY, do_forget, 0 },
-	[FUSE_GETATTR] = { "GETATTR", 0, 0, do_getattr, 0 },
+	[FUSE_LOOKUP] = {"LOOKUP", 2, 0, do_lookup, 0},
+	[FUSE_FORGET] = {"FORGET", 8, OP_NO_REPLY, do_forget, 0},
+	[FUSE_GETATTR] = {"GETATTR", 0, 0, do_getattr, 0},
 	MOD(FUSE_SETATTR, "SETATTR", 0),
-	[FUSE_READLINK] = { "READLINK", 0, 0, do_readlink, 0 },
+	[FUSE_READLINK] = {"READLINK", 0, 0, do_readlink, 0},
 	MOD(FUSE_SYMLINK, "SYMLINK", 0),
 	MOD(FUSE_MKNOD, "MKNOD", 0),
 	MOD(FUSE_MKDIR, "MKDIR", 0),
@@ -1022,42 +1053,43 @@ static const struct opdesc opcodes[] = {
 	MOD(FUSE_RMDIR, "RMDIR", 0),
 	MOD(FUSE_RENAME, "RENAME", 0),
 	MOD(FUSE_LINK, "LINK", 0),
-	[FUSE_OPEN] = { "OPEN", 8, 0, do_open_file, 0 },
-	[FUSE_READ] = { "READ", 24, 0, do_read, 0 },
+	[FUSE_OPEN] = {"OPEN", 8, 0, do_open_file, 0},
+	[FUSE_READ] = {"READ", 24, 0, do_read, 0},
 	MOD(FUSE_WRITE, "WRITE", 0),
-	[FUSE_STATFS] = { "STATFS", 0, 0, do_statfs, 0 },
-	[FUSE_RELEASE] = { "RELEASE", 8, 0, do_release_file, 0 },
-	[FUSE_FSYNC] = { "FSYNC", 0, 0, do_ok, 0 },
+	[FUSE_STATFS] = {"STATFS", 0, 0, do_statfs, 0},
+	[FUSE_RELEASE] = {"RELEASE", 8, 0, do_release_file, 0},
+	[FUSE_FSYNC] = {"FSYNC", 0, 0, do_ok, 0},
 	MOD(FUSE_SETXATTR, "SETXATTR", 0),
-	[FUSE_GETXATTR] = { "GETXATTR", 10, 0, do_getxattr, 0 },
-	[FUSE_LISTXATTR] = { "LISTXATTR", 8, 0, do_listxattr, 0 },
+	[FUSE_GETXATTR] = {"GETXATTR", 10, 0, do_getxattr, 0},
+	[FUSE_LISTXATTR] = {"LISTXATTR", 8, 0, do_listxattr, 0},
 	MOD(FUSE_REMOVEXATTR, "REMOVEXATTR", 0),
-	[FUSE_FLUSH] = { "FLUSH", 0, 0, do_ok, 0 },
-	[FUSE_INIT] = { "INIT", 8, OP_BEFORE_INIT, do_init, 0 },
-	[FUSE_OPENDIR] = { "OPENDIR", 8, 0, do_opendir, 0 },
-	[FUSE_READDIR] = { "READDIR", 24, 0, do_readdir_plain, 0 },
-	[FUSE_RELEASEDIR] = { "RELEASEDIR", 8, 0, do_releasedir, 0 },
-	[FUSE_FSYNCDIR] = { "FSYNCDIR", 0, 0, do_ok, 0 },
+	[FUSE_FLUSH] = {"FLUSH", 0, 0, do_ok, 0},
+	[FUSE_INIT] = {"INIT", 8, OP_BEFORE_INIT, do_init, 0},
+	[FUSE_OPENDIR] = {"OPENDIR", 8, 0, do_opendir, 0},
+	[FUSE_READDIR] = {"READDIR", 24, 0, do_readdir_plain, 0},
+	[FUSE_RELEASEDIR] = {"RELEASEDIR", 8, 0, do_releasedir, 0},
+	[FUSE_FSYNCDIR] = {"FSYNCDIR", 0, 0, do_ok, 0},
 	UNSUP(FUSE_GETLK, "GETLK", 0, -ENOSYS),
 	UNSUP(FUSE_SETLK, "SETLK", 0, -ENOSYS),
 	UNSUP(FUSE_SETLKW, "SETLKW", 0, -ENOSYS),
-	[FUSE_ACCESS] = { "ACCESS", 8, 0, do_access, 0 },
+	[FUSE_ACCESS] = {"ACCESS", 8, 0, do_access, 0},
 	MOD(FUSE_CREATE, "CREATE", 0),
-	[FUSE_INTERRUPT] = { "INTERRUPT", 0, OP_NO_REPLY, do_no_reply, 0 },
+	[FUSE_INTERRUPT] = {"INTERRUPT", 0, OP_NO_REPLY, do_no_reply, 0},
 	UNSUP(FUSE_BMAP, "BMAP", 0, -ENOSYS),
-	[FUSE_DESTROY] = { "DESTROY", 0, 0, do_destroy, 0 },
+	[FUSE_DESTROY] = {"DESTROY", 0, 0, do_destroy, 0},
 	UNSUP(FUSE_IOCTL, "IOCTL", 0, -ENOTTY),
 	UNSUP(FUSE_POLL, "POLL", 0, -ENOSYS),
-	[FUSE_NOTIFY_REPLY] = { "NOTIFY_REPLY", 0, OP_NO_REPLY, do_no_reply, 0 },
-	[FUSE_BATCH_FORGET] = { "BATCH_FORGET", 8, OP_NO_REPLY, do_batch_forget, 0 },
+	[FUSE_NOTIFY_REPLY] = {"NOTIFY_REPLY", 0, OP_NO_REPLY, do_no_reply, 0},
+	[FUSE_BATCH_FORGET] = {"BATCH_FORGET", 8, OP_NO_REPLY, do_batch_forget,
+			       0},
 	MOD(FUSE_FALLOCATE, "FALLOCATE", 0),
-	[FUSE_READDIRPLUS] = { "READDIRPLUS", 24, 0, do_readdirplus, 0 },
+	[FUSE_READDIRPLUS] = {"READDIRPLUS", 24, 0, do_readdirplus, 0},
 	MOD(FUSE_RENAME2, "RENAME2", 0),
 	UNSUP(FUSE_LSEEK, "LSEEK", 0, -ENOSYS),
 	MOD(FUSE_COPY_FILE_RANGE, "COPY_FILE_RANGE", 0),
 	UNSUP(FUSE_SETUPMAPPING, "SETUPMAPPING", 0, -ENOSYS),
 	UNSUP(FUSE_REMOVEMAPPING, "REMOVEMAPPING", 0, -ENOSYS),
-	[FUSE_SYNCFS] = { "SYNCFS", 0, 0, do_ok, 0 },
+	[FUSE_SYNCFS] = {"SYNCFS", 0, 0, do_ok, 0},
 	MOD(FUSE_TMPFILE, "TMPFILE", 0),
 	UNSUP(CAS_FUSE_STATX, "STATX", 0, -ENOSYS),
 };
@@ -1069,9 +1101,8 @@ const char *cas_fuse_opcode_name(uint32_t opcode)
 	return "UNKNOWN";
 }
 
-int cas_fuse_session_process(struct cas_fuse_session *s,
-			     const struct iovec *in, int in_cnt,
-			     struct cas_fuse_reply *reply)
+int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
+			     int in_cnt, struct cas_fuse_reply *reply)
 {
 	reply->len = 0;
 	reply->fd = -1;
@@ -1084,10 +1115,11 @@ int cas_fuse_session_process(struct cas_fuse_session *s,
 
 	struct cas_fuse_cursor c;
 	cas_fuse_cursor_init(&c, in, in_cnt);
-	struct req q = { .s = s, .c = &c, .reply = reply };
+	struct req q = {.s = s, .c = &c, .reply = reply};
 	/* Without a whole header there is no `unique` to answer to. */
 	if (cas_fuse_cursor_copy(&c, &q.h, sizeof(q.h)) < 0) {
-		cas_log_debug("fuse: request of %zu bytes has no header", c.left);
+		cas_log_debug("fuse: request of %zu bytes has no header",
+			      c.left);
 		return 0;
 	}
 	reply->unique = q.h.unique;

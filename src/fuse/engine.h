@@ -54,9 +54,9 @@ struct cas_fuse_entry {
 };
 
 /* FOPEN_* flags the filesystem wants on an open/opendir reply. */
-#define CAS_FOPEN_KEEP_CACHE (1u << 1)
-#define CAS_FOPEN_CACHE_DIR (1u << 3)
-#define CAS_FOPEN_NOFLUSH (1u << 5)
+#define CAS_FOPEN_KEEP_CACHE  (1u << 1)
+#define CAS_FOPEN_CACHE_DIR   (1u << 3)
+#define CAS_FOPEN_NOFLUSH     (1u << 5)
 #define CAS_FOPEN_PASSTHROUGH (1u << 7)
 
 /* When an open goes passthrough the engine keeps only the flags the kernel
@@ -114,8 +114,8 @@ struct cas_fuse_conn {
 	uint32_t max_readahead;
 	uint32_t max_write;
 	uint32_t max_pages;
-	bool can_passthrough;   /* kernel offered it and transport supports it */
-	bool want_passthrough;  /* fs wants it (default: can_passthrough) */
+	bool can_passthrough;  /* kernel offered it and transport supports it */
+	bool want_passthrough; /* fs wants it (default: can_passthrough) */
 	bool can_readdirplus;
 	bool want_readdirplus;
 };
@@ -159,7 +159,7 @@ struct cas_fuse_ops {
 
 struct cas_fuse_config {
 	bool readonly;
-	uint32_t max_write;     /* largest request payload we accept */
+	uint32_t max_write; /* largest request payload we accept */
 	/* Pages per READ offered to the kernel (0: 32). Reply buffers hold
 	 * at least 32 pages whatever this says: a kernel without
 	 * FUSE_MAX_PAGES reads that much, and a short READ means EOF. */
@@ -170,7 +170,7 @@ struct cas_fuse_config {
 	 * (backing_open, once per node while any open of it uses the id) or
 	 * the RELEASE of the node's last such open (backing_close); both may
 	 * run concurrently with other requests, never for the same id. */
-	int (*backing_open)(void *transport, int fd);      /* -> id or -errno */
+	int (*backing_open)(void *transport, int fd); /* -> id or -errno */
 	int (*backing_close)(void *transport, int backing_id);
 	void *transport;
 };
@@ -213,12 +213,12 @@ void cas_fuse_session_free(struct cas_fuse_session *s);
 /* Processes one request made of `in_cnt` buffers (concatenated, they are
  * the bytes of the request). Always returns 0 with a reply to send (or
  * reply->send == false); never fails because of request contents. */
-int cas_fuse_session_process(struct cas_fuse_session *s,
-			     const struct iovec *in, int in_cnt,
-			     struct cas_fuse_reply *reply);
+int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
+			     int in_cnt, struct cas_fuse_reply *reply);
 
 /* Negotiated state (after INIT). */
 bool cas_fuse_session_initialized(const struct cas_fuse_session *s);
-const struct cas_fuse_conn *cas_fuse_session_conn(const struct cas_fuse_session *s);
+const struct cas_fuse_conn *
+cas_fuse_session_conn(const struct cas_fuse_session *s);
 
 #endif

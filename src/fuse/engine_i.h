@@ -20,8 +20,8 @@
 struct cas_fuse_cursor {
 	const struct iovec *iov;
 	int cnt;
-	int idx;    /* current buffer */
-	size_t off; /* offset in iov[idx] */
+	int idx;     /* current buffer */
+	size_t off;  /* offset in iov[idx] */
 	size_t left; /* bytes that may still be read */
 };
 

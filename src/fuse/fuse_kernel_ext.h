@@ -23,17 +23,17 @@
 
 /* INIT flags above bit 31 travel in flags2 (bit n in flags2 is bit n+32 of
  * the 64-bit flag word) and only when both sides set FUSE_INIT_EXT. */
-#define CAS_FUSE_CREATE_SUPP_GROUP (1ULL << 34)
+#define CAS_FUSE_CREATE_SUPP_GROUP    (1ULL << 34)
 #define CAS_FUSE_DIRECT_IO_ALLOW_MMAP (1ULL << 36) /* 7.39 */
-#define CAS_FUSE_PASSTHROUGH (1ULL << 37)          /* 7.40 */
-#define CAS_FUSE_NO_EXPORT_SUPPORT (1ULL << 38)    /* 7.40 */
-#define CAS_FUSE_HAS_RESEND (1ULL << 39)           /* 7.40 */
+#define CAS_FUSE_PASSTHROUGH	      (1ULL << 37) /* 7.40 */
+#define CAS_FUSE_NO_EXPORT_SUPPORT    (1ULL << 38) /* 7.40 */
+#define CAS_FUSE_HAS_RESEND	      (1ULL << 39) /* 7.40 */
 
 /* Open reply flag (7.40): reads and writes go to the backing file. */
 #define CAS_FOPEN_PASSTHROUGH_BIT (1u << 7)
 
 /* Protocol minor where each feature appeared. */
-#define CAS_FUSE_MINOR_STATX 39
+#define CAS_FUSE_MINOR_STATX	   39
 #define CAS_FUSE_MINOR_PASSTHROUGH 40
 
 /* fuse_init_out as of 7.40: max_stack_depth took the first unused word.
@@ -54,8 +54,7 @@ struct cas_fuse_init_out {
 	uint32_t max_stack_depth;
 	uint32_t unused[6];
 };
-_Static_assert(sizeof(struct cas_fuse_init_out) ==
-		       sizeof(struct fuse_init_out),
+_Static_assert(sizeof(struct cas_fuse_init_out) == sizeof(struct fuse_init_out),
 	       "fuse_init_out layout");
 
 /* fuse_open_out as of 7.40: the old padding word is the backing id. */
@@ -64,8 +63,7 @@ struct cas_fuse_open_out {
 	uint32_t open_flags;
 	int32_t backing_id;
 };
-_Static_assert(sizeof(struct cas_fuse_open_out) ==
-		       sizeof(struct fuse_open_out),
+_Static_assert(sizeof(struct cas_fuse_open_out) == sizeof(struct fuse_open_out),
 	       "fuse_open_out layout");
 
 /* Argument of FUSE_DEV_IOC_BACKING_OPEN: registers fd as a backing file and
@@ -78,7 +76,7 @@ struct cas_fuse_backing_map {
 };
 
 #define CAS_FUSE_DEV_IOC_MAGIC 229
-#define CAS_FUSE_DEV_IOC_BACKING_OPEN                                          \
+#define CAS_FUSE_DEV_IOC_BACKING_OPEN \
 	_IOW(CAS_FUSE_DEV_IOC_MAGIC, 1, struct cas_fuse_backing_map)
 #define CAS_FUSE_DEV_IOC_BACKING_CLOSE _IOW(CAS_FUSE_DEV_IOC_MAGIC, 2, uint32_t)
 

@@ -47,9 +47,9 @@ struct inflight {
  * flight instead of paying one round trip per file. Bounded queue; off
  * with $CASTORE_PREFETCH=0 (else that many threads, default 8). */
 #define PREFETCH_DEFAULT_THREADS 8
-#define PREFETCH_MAX_THREADS 32
-#define PREFETCH_QUEUE 8192
-#define PREFETCH_MAX_SIZE (1u << 20)
+#define PREFETCH_MAX_THREADS	 32
+#define PREFETCH_QUEUE		 8192
+#define PREFETCH_MAX_SIZE	 (1u << 20)
 
 struct published_root {
 	char *name;
@@ -66,25 +66,26 @@ struct cache_store {
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
-	struct inflight *blobs_inflight; /* protected by lock */
-	struct inflight *dirs_inflight;  /* protected by lock */
-	bool roots_loaded;               /* protected by lock */
+	struct inflight *blobs_inflight;  /* protected by lock */
+	struct inflight *dirs_inflight;	  /* protected by lock */
+	bool roots_loaded;		  /* protected by lock */
 	struct published_root *published; /* protected by lock */
-	size_t n_published;               /* protected by lock */
-	uint64_t cache_bytes;             /* protected by lock */
+	size_t n_published;		  /* protected by lock */
+	uint64_t cache_bytes;		  /* protected by lock */
 
 	pthread_mutex_t evict_lock; /* one eviction at a time */
 
-	unsigned prefetch_threads;    /* 0: no prefetch */
+	unsigned prefetch_threads; /* 0: no prefetch */
 	pthread_t workers[PREFETCH_MAX_THREADS];
-	unsigned n_workers;           /* protected by lock */
+	unsigned n_workers; /* protected by lock */
 	pthread_cond_t pq_cond;
-	cas_digest *pq;               /* protected by lock: ring */
-	size_t pq_head, pq_len;       /* protected by lock */
-	bool stopping;                /* protected by lock */
+	cas_digest *pq;		      /* protected by lock: ring */
+	size_t pq_head, pq_len;	      /* protected by lock */
+	bool stopping;		      /* protected by lock */
 	struct timespec paused_until; /* protected by lock */
 	struct cas_dmap prefetched;   /* Directories done; protected by lock */
-	struct cas_dmap bad_logged;   /* blobs reported wrong; protected by lock */
+	struct cas_dmap
+		bad_logged; /* blobs reported wrong; protected by lock */
 };
 
 static struct cache_store *to_cache(cas_store *s)
@@ -200,7 +201,7 @@ static void maybe_evict(struct cache_store *c, uint64_t added)
 static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 {
 	char hex[CAS_DIGEST_HEX_LEN + 1], got_hex[CAS_DIGEST_HEX_LEN + 1];
-	struct blob_sink b = { 0 };
+	struct blob_sink b = {0};
 	cas_digest got;
 	uint64_t size;
 	int r;
@@ -216,9 +217,9 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 		b.w->ops->abort(b.w);
 		if (r == -ENOENT)
 			return r;
-		return cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
-					"blob %s: fetch from %s failed: %m", hex,
-					c->what);
+		return cas_log_internal(
+			quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
+			"blob %s: fetch from %s failed: %m", hex, c->what);
 	}
 	cas_hasher_final(&b.hasher, &got);
 	if (!cas_digest_eq(&got, d)) {
@@ -229,9 +230,10 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 		if (!quiet && cas_dmap_put(&c->bad_logged, d, NULL) == 0)
 			quiet = true;
 		pthread_mutex_unlock(&c->lock);
-		return cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
-					"blob %s: remote sent bytes that hash to %s",
-					hex, got_hex);
+		return cas_log_internal(
+			quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
+			"blob %s: remote sent bytes that hash to %s", hex,
+			got_hex);
 	}
 	r = b.w->ops->commit(b.w, d, NULL, &size);
 	if (r < 0)
@@ -254,7 +256,7 @@ static void mark_used(struct cache_store *c, int fd)
 	if (c->cache_max == 0)
 		return;
 	(void)flock(fd, LOCK_SH | LOCK_NB);
-	struct timespec ts[2] = { { 0, UTIME_NOW }, { 0, UTIME_OMIT } };
+	struct timespec ts[2] = {{0, UTIME_NOW}, {0, UTIME_OMIT}};
 	(void)futimens(fd, ts);
 }
 
@@ -265,11 +267,13 @@ static int ensure_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	for (unsigned attempt = 0;; attempt++) {
 		bool owner, was_quiet = false;
 		uint64_t size;
-		struct inflight *e = inflight_join(c, &c->blobs_inflight, d, &owner);
+		struct inflight *e =
+			inflight_join(c, &c->blobs_inflight, d, &owner);
 		if (!e)
 			return -ENOMEM;
 		if (!owner) {
-			int r = inflight_wait(c, &c->blobs_inflight, e, &was_quiet);
+			int r = inflight_wait(c, &c->blobs_inflight, e,
+					      &was_quiet);
 			/* A failed prefetch logged nothing: a reader asks
 			 * again itself, so that its error is reported. */
 			if (r < 0 && was_quiet && !quiet && attempt < 3)
@@ -337,11 +341,13 @@ static void prefetch_directory(struct cache_store *c, const cas_digest *d,
 		 * is being read. */
 		if (f->size > PREFETCH_MAX_SIZE ||
 		    (c->cache_max && f->size > c->cache_max / 64) ||
-		    c->cache->ops->blob_stat(c->cache, &f->digest, &size) != -ENOENT)
+		    c->cache->ops->blob_stat(c->cache, &f->digest, &size) !=
+			    -ENOENT)
 			continue;
 		pthread_mutex_lock(&c->lock);
 		if (c->pq_len < PREFETCH_QUEUE) {
-			c->pq[(c->pq_head + c->pq_len) % PREFETCH_QUEUE] = f->digest;
+			c->pq[(c->pq_head + c->pq_len) % PREFETCH_QUEUE] =
+				f->digest;
 			c->pq_len++;
 			if (c->n_workers < c->prefetch_threads &&
 			    c->n_workers < c->pq_len &&
@@ -420,7 +426,7 @@ static void fetched_dir_free(void *p)
 
 struct tree_fetch {
 	struct cache_store *c;
-	struct cas_dmap got;    /* digest -> fetched_dir */
+	struct cas_dmap got;	/* digest -> fetched_dir */
 	struct cas_dmap wanted; /* digests named and not yet received */
 };
 
@@ -437,13 +443,14 @@ static int tree_accept(struct tree_fetch *t, const cas_digest *want,
 	cas_digest_to_hex(&d, got_hex);
 	if (want && !cas_digest_eq(want, &d)) {
 		cas_digest_to_hex(want, hex);
-		return cas_log_errno(-EIO,
-				     "directory %s: remote sent bytes that hash to %s",
-				     hex, got_hex);
+		return cas_log_errno(
+			-EIO, "directory %s: remote sent bytes that hash to %s",
+			hex, got_hex);
 	}
 	if (!want && !cas_dmap_find(&t->wanted, &d))
 		return cas_log_errno(-EIO,
-				     "directory %s: sent by %s but named by no Directory before it",
+				     "directory %s: sent by %s but named by no "
+				     "Directory before it",
 				     got_hex, t->c->what);
 	if (cas_dmap_find(&t->got, &d))
 		return 0;
@@ -455,8 +462,10 @@ static int tree_accept(struct tree_fetch *t, const cas_digest *want,
 		free(f);
 		if (r == -ENOMEM)
 			return r;
-		return cas_log_errno(-EIO, "directory %s: remote sent an invalid Directory: %s",
-				     got_hex, why ? why : "?");
+		return cas_log_errno(
+			-EIO,
+			"directory %s: remote sent an invalid Directory: %s",
+			got_hex, why ? why : "?");
 	}
 	if (len > 0 && !(f->buf = malloc(len))) {
 		fetched_dir_free(f);
@@ -471,7 +480,8 @@ static int tree_accept(struct tree_fetch *t, const cas_digest *want,
 		return r;
 	}
 	for (size_t i = 0; i < f->dir->n_directories; i++) {
-		r = cas_dmap_put(&t->wanted, &f->dir->directories[i].digest, NULL);
+		r = cas_dmap_put(&t->wanted, &f->dir->directories[i].digest,
+				 NULL);
 		if (r < 0)
 			return r;
 	}
@@ -494,10 +504,10 @@ static bool cache_has_dir(struct cache_store *c, const cas_digest *d)
 
 /* Children of the Directories in `level` that neither the fetch nor the
  * cache has, each once. */
-static int next_level(struct tree_fetch *t, const cas_digest *level,
-		      size_t n, cas_digest **ret, size_t *ret_n)
+static int next_level(struct tree_fetch *t, const cas_digest *level, size_t n,
+		      cas_digest **ret, size_t *ret_n)
 {
-	struct cas_dmap seen = { 0 };
+	struct cas_dmap seen = {0};
 	cas_digest *out = NULL;
 	size_t n_out = 0, cap = 0;
 	int r = 0;
@@ -518,7 +528,8 @@ static int next_level(struct tree_fetch *t, const cas_digest *level,
 				continue;
 			if (n_out == cap) {
 				cap = cap ? cap * 2 : 64;
-				cas_digest *nb = realloc(out, cap * sizeof(*out));
+				cas_digest *nb =
+					realloc(out, cap * sizeof(*out));
 				if (!nb) {
 					r = -ENOMEM;
 					break;
@@ -547,7 +558,7 @@ static int tree_commit(struct tree_fetch *t, const cas_digest *root)
 		cas_digest d;
 		size_t next_child;
 	};
-	struct cas_dmap done = { 0 };
+	struct cas_dmap done = {0};
 	struct frame *stack = NULL;
 	size_t depth = 0, cap = 0;
 	cas_dir_batch *b = NULL;
@@ -567,25 +578,27 @@ static int tree_commit(struct tree_fetch *t, const cas_digest *root)
 		r = -ENOMEM;
 		goto out;
 	}
-	stack[depth++] = (struct frame){ re->value, *root, 0 };
+	stack[depth++] = (struct frame){re->value, *root, 0};
 	while (depth > 0) {
 		struct frame *fr = &stack[depth - 1];
 		if (fr->next_child < fr->f->dir->n_directories) {
 			const cas_digest *cd =
-				&fr->f->dir->directories[fr->next_child++].digest;
+				&fr->f->dir->directories[fr->next_child++]
+					 .digest;
 			struct cas_dmap_entry *ce = cas_dmap_find(&t->got, cd);
 			if (!ce || cas_dmap_find(&done, cd))
 				continue; /* in the cache, or put already */
 			if (depth == cap) {
 				cap *= 2;
-				struct frame *ns = realloc(stack, cap * sizeof(*ns));
+				struct frame *ns =
+					realloc(stack, cap * sizeof(*ns));
 				if (!ns) {
 					r = -ENOMEM;
 					goto out;
 				}
 				stack = ns;
 			}
-			stack[depth++] = (struct frame){ ce->value, *cd, 0 };
+			stack[depth++] = (struct frame){ce->value, *cd, 0};
 			continue;
 		}
 		if (cas_dmap_find(&done, &fr->d) == NULL) {
@@ -594,8 +607,10 @@ static int tree_commit(struct tree_fetch *t, const cas_digest *root)
 			if (r < 0) {
 				char hex[CAS_DIGEST_HEX_LEN + 1];
 				cas_digest_to_hex(&fr->d, hex);
-				r = cas_log_errno(r == -EBADMSG || r == -ENOENT ? -EIO : r,
-						  "directory %s: cache: %m", hex);
+				r = cas_log_errno(
+					r == -EBADMSG || r == -ENOENT ? -EIO
+								      : r,
+					"directory %s: cache: %m", hex);
 				goto out;
 			}
 			r = cas_dmap_put(&done, &fr->d, NULL);
@@ -619,7 +634,7 @@ out:
 
 static int fetch_tree(struct cache_store *c, const cas_digest *d)
 {
-	struct tree_fetch t = { .c = c };
+	struct tree_fetch t = {.c = c};
 	char hex[CAS_DIGEST_HEX_LEN + 1];
 	int r;
 
@@ -638,7 +653,9 @@ static int fetch_tree(struct cache_store *c, const cas_digest *d)
 			char chex[CAS_DIGEST_HEX_LEN + 1];
 			cas_digest_to_hex(&e->digest, chex);
 			r = cas_dmap_find(&t.got, d)
-				    ? cas_log_errno(-EIO, "directory %s: %s did not send it (below %s)",
+				    ? cas_log_errno(-EIO,
+						    "directory %s: %s did not "
+						    "send it (below %s)",
 						    chex, c->what, hex)
 				    : -ENOENT;
 		}
@@ -650,10 +667,12 @@ static int fetch_tree(struct cache_store *c, const cas_digest *d)
 			level[0] = *d;
 		bool first = true;
 		while (r >= 0 && n > 0) {
-			r = c->fetcher->ops->directories_fetch(c->fetcher, level,
-							       n, tree_cb, &t);
+			r = c->fetcher->ops->directories_fetch(
+				c->fetcher, level, n, tree_cb, &t);
 			if (r == -ENOENT && !first)
-				r = cas_log_errno(-EIO, "directory %s: a Directory below it is missing on %s",
+				r = cas_log_errno(-EIO,
+						  "directory %s: a Directory "
+						  "below it is missing on %s",
 						  hex, c->what);
 			first = false;
 			cas_digest *nl = NULL;
@@ -669,8 +688,9 @@ static int fetch_tree(struct cache_store *c, const cas_digest *d)
 	if (r == -EIO || r == -ENOMEM || r == -ENOENT)
 		; /* logged where it happened, or absent */
 	else if (r < 0)
-		r = cas_log_errno(-EIO, "directory %s: fetch from %s failed: %m",
-				  hex, c->what);
+		r = cas_log_errno(-EIO,
+				  "directory %s: fetch from %s failed: %m", hex,
+				  c->what);
 	if (r >= 0)
 		r = tree_commit(&t, d);
 	cas_dmap_release(&t.got, fetched_dir_free);
@@ -705,7 +725,8 @@ static int cache_directory_get_raw(cas_store *s, const cas_digest *d,
 		r = ensure_dir(c, d);
 		if (r < 0)
 			return r;
-		r = c->cache->ops->directory_get_raw(c->cache, d, ret_buf, ret_len);
+		r = c->cache->ops->directory_get_raw(c->cache, d, ret_buf,
+						     ret_len);
 	}
 	if (r >= 0)
 		prefetch_directory(c, d, *ret_buf, *ret_len);
@@ -825,14 +846,15 @@ static int load_published(struct cache_store *c)
 	pthread_mutex_unlock(&c->lock);
 	if (loaded)
 		return 0;
-	struct load_roots l = { 0 };
+	struct load_roots l = {0};
 	_cleanup_free_ char *buf = NULL;
 	size_t len = 0;
 	bool stale = false;
 	int r = c->fetcher->ops->roots_fetch(c->fetcher, &buf, &len);
 	if (r == -EIO && roots_copy_load(c, &buf, &len) == 0) {
-		cas_log_warning("%s: unreachable; using the roots fetched before",
-				c->what);
+		cas_log_warning(
+			"%s: unreachable; using the roots fetched before",
+			c->what);
 		stale = true;
 		r = 0;
 	}
@@ -913,10 +935,11 @@ static int foreach_local_cb(void *userdata, const char *name,
 static int cache_roots_foreach(cas_store *s, cas_root_cb cb, void *userdata)
 {
 	struct cache_store *c = to_cache(s);
-	struct foreach_ctx f = { cb, userdata, NULL, 0 };
+	struct foreach_ctx f = {cb, userdata, NULL, 0};
 	int r = load_published(c);
 	if (r >= 0)
-		r = c->cache->ops->roots_foreach(c->cache, foreach_local_cb, &f);
+		r = c->cache->ops->roots_foreach(c->cache, foreach_local_cb,
+						 &f);
 	for (size_t i = 0; r >= 0 && i < c->n_published; i++) {
 		const struct published_root *p = &c->published[i];
 		bool shadowed = false;
@@ -948,8 +971,9 @@ static int cache_root_remove(cas_store *s, const char *name)
 	if (r != -ENOENT)
 		return r;
 	if (load_published(c) >= 0 && find_published(c, name))
-		return cas_log_errno(-EROFS, "root %s: published by %s, not removable here",
-				     name, c->what);
+		return cas_log_errno(
+			-EROFS, "root %s: published by %s, not removable here",
+			name, c->what);
 	return r;
 }
 
@@ -1014,13 +1038,14 @@ static int mkdir_parents(const char *path)
 int cas_cache_store_new(cas_fetcher *f, const char *what,
 			const struct cas_remote_options *opts, cas_store **ret)
 {
-	struct cas_local_options lo = { .create = true };
+	struct cas_local_options lo = {.create = true};
 	struct cache_store *c = NULL;
 	int r;
 
 	if (!opts || !opts->cache_dir) {
 		f->ops->free(f);
-		return cas_log_errno(-EINVAL, "%s: a remote store needs a cache folder",
+		return cas_log_errno(-EINVAL,
+				     "%s: a remote store needs a cache folder",
 				     what);
 	}
 	c = calloc(1, sizeof(*c));
@@ -1038,9 +1063,11 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	c->prefetch_threads = PREFETCH_DEFAULT_THREADS;
 	const char *pf = getenv("CASTORE_PREFETCH");
 	if (pf && *pf)
-		c->prefetch_threads = (unsigned)CAS_MIN(strtoul(pf, NULL, 10),
-							(unsigned long)PREFETCH_MAX_THREADS);
-	if (c->prefetch_threads && !(c->pq = calloc(PREFETCH_QUEUE, sizeof(*c->pq)))) {
+		c->prefetch_threads =
+			(unsigned)CAS_MIN(strtoul(pf, NULL, 10),
+					  (unsigned long)PREFETCH_MAX_THREADS);
+	if (c->prefetch_threads &&
+	    !(c->pq = calloc(PREFETCH_QUEUE, sizeof(*c->pq)))) {
 		r = -ENOMEM;
 		goto fail;
 	}

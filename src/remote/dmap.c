@@ -59,7 +59,7 @@ int cas_dmap_put(struct cas_dmap *m, const cas_digest *d, void *value)
 	size_t i = slot_of(d, m->cap);
 	while (m->slots[i].used)
 		i = (i + 1) & (m->cap - 1);
-	m->slots[i] = (struct cas_dmap_entry){ *d, value, true };
+	m->slots[i] = (struct cas_dmap_entry){*d, value, true};
 	m->n++;
 	return 1;
 }
@@ -71,5 +71,5 @@ void cas_dmap_release(struct cas_dmap *m, void (*free_value)(void *))
 			if (m->slots[i].used)
 				free_value(m->slots[i].value);
 	free(m->slots);
-	*m = (struct cas_dmap){ 0 };
+	*m = (struct cas_dmap){0};
 }

@@ -56,7 +56,8 @@ static int list_blobs(const char *dir, struct blob_list *l, bool keep_list)
 	while (r >= 0 && (de = readdir(top))) {
 		if (strlen(de->d_name) != 2 || de->d_name[0] == '.')
 			continue;
-		int sfd = openat(bfd, de->d_name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		int sfd = openat(bfd, de->d_name,
+				 O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (sfd < 0)
 			continue;
 		DIR *sub = fdopendir(sfd);
@@ -68,7 +69,8 @@ static int list_blobs(const char *dir, struct blob_list *l, bool keep_list)
 		while ((fe = readdir(sub))) {
 			struct stat st;
 			if (!is_hex_name(fe->d_name) ||
-			    fstatat(sfd, fe->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+			    fstatat(sfd, fe->d_name, &st, AT_SYMLINK_NOFOLLOW) <
+				    0 ||
 			    !S_ISREG(st.st_mode))
 				continue;
 			l->total += (uint64_t)st.st_size;
@@ -76,7 +78,8 @@ static int list_blobs(const char *dir, struct blob_list *l, bool keep_list)
 				continue;
 			if (l->n == l->cap) {
 				size_t cap = l->cap ? l->cap * 2 : 1024;
-				struct blob_file *nv = realloc(l->v, cap * sizeof(*nv));
+				struct blob_file *nv =
+					realloc(l->v, cap * sizeof(*nv));
 				if (!nv) {
 					r = -ENOMEM;
 					break;
@@ -99,7 +102,7 @@ static int list_blobs(const char *dir, struct blob_list *l, bool keep_list)
 
 int64_t cas_cache_blob_bytes(const char *dir)
 {
-	struct blob_list l = { 0 };
+	struct blob_list l = {0};
 	int r = list_blobs(dir, &l, false);
 	return r < 0 ? r : (int64_t)l.total;
 }
@@ -116,7 +119,7 @@ static int by_atime(const void *a, const void *b)
 
 int64_t cas_cache_evict(const char *dir, uint64_t target)
 {
-	struct blob_list l = { 0 };
+	struct blob_list l = {0};
 	char path[4096];
 	int r = list_blobs(dir, &l, true);
 	if (r < 0) {
@@ -127,7 +130,8 @@ int64_t cas_cache_evict(const char *dir, uint64_t target)
 	size_t evicted = 0;
 	for (size_t i = 0; i < l.n && l.total > target; i++) {
 		snprintf(path, sizeof(path), "%s/blobs/%s", dir, l.v[i].name);
-		_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+		_cleanup_close_ int fd =
+			open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 		if (fd < 0)
 			continue;
 		if (flock(fd, LOCK_EX | LOCK_NB) < 0)
@@ -138,8 +142,8 @@ int64_t cas_cache_evict(const char *dir, uint64_t target)
 		evicted++;
 	}
 	if (evicted)
-		cas_log_debug("cache %s: evicted %zu blobs, %llu bytes left", dir,
-			      evicted, (unsigned long long)l.total);
+		cas_log_debug("cache %s: evicted %zu blobs, %llu bytes left",
+			      dir, evicted, (unsigned long long)l.total);
 	free(l.v);
 	return (int64_t)l.total;
 }

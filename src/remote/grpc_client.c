@@ -42,13 +42,13 @@ struct h2conn {
 };
 
 struct cas_grpc_client {
-	char *url;       /* as given, for messages */
+	char *url;	 /* as given, for messages */
 	char *authority; /* HOST:PORT, or "localhost" */
 	char *host, *port;
 	char *unix_path; /* or NULL */
 	pthread_mutex_t lock;
 	struct h2conn *idle[MAX_IDLE]; /* protected by lock */
-	size_t n_idle;                 /* protected by lock */
+	size_t n_idle;		       /* protected by lock */
 };
 
 const char *cas_grpc_client_url(const cas_grpc_client *c)
@@ -84,9 +84,11 @@ int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 			goto oom;
 		char *colon = strrchr(c->authority, ':');
 		char *close_br = strrchr(c->authority, ']');
-		if (n == 0 || !colon || (close_br && colon < close_br) || !colon[1]) {
+		if (n == 0 || !colon || (close_br && colon < close_br) ||
+		    !colon[1]) {
 			cas_grpc_client_free(c);
-			return cas_log_errno(-EINVAL, "%s: HOST:PORT expected", url);
+			return cas_log_errno(-EINVAL, "%s: HOST:PORT expected",
+					     url);
 		}
 		const char *h = c->authority;
 		size_t hl = (size_t)(colon - c->authority);
@@ -105,8 +107,10 @@ int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 			goto oom;
 	} else {
 		cas_grpc_client_free(c);
-		return cas_log_errno(-EINVAL, "%s: not grpc+http://HOST:PORT or grpc+unix:///PATH",
-				     url);
+		return cas_log_errno(
+			-EINVAL,
+			"%s: not grpc+http://HOST:PORT or grpc+unix:///PATH",
+			url);
 	}
 	*ret = c;
 	return 0;
@@ -132,10 +136,10 @@ void cas_grpc_client_free(cas_grpc_client *c)
 
 struct call {
 	int32_t stream_id;
-	bool done;       /* stream closed */
-	bool answered;   /* any frame of the answer arrived */
-	uint32_t rst;    /* error code the stream closed with */
-	int status;      /* grpc-status, -1 until seen */
+	bool done;     /* stream closed */
+	bool answered; /* any frame of the answer arrived */
+	uint32_t rst;  /* error code the stream closed with */
+	int status;    /* grpc-status, -1 until seen */
 	char message[512];
 	int http_status;
 	struct cas_grpc_reader reader;
@@ -158,18 +162,21 @@ static int hexval(char c)
 	return -1;
 }
 
-static void percent_decode(const uint8_t *in, size_t len, char *out, size_t size)
+static void percent_decode(const uint8_t *in, size_t len, char *out,
+			   size_t size)
 {
 	size_t o = 0;
 	for (size_t i = 0; i < len && o + 1 < size; i++) {
-		if (in[i] == '%' && i + 2 < len && hexval((char)in[i + 1]) >= 0 &&
+		if (in[i] == '%' && i + 2 < len &&
+		    hexval((char)in[i + 1]) >= 0 &&
 		    hexval((char)in[i + 2]) >= 0) {
 			char ch = (char)(hexval((char)in[i + 1]) << 4 |
 					 hexval((char)in[i + 2]));
 			out[o++] = ch >= 0x20 && ch != 0x7f ? ch : '?';
 			i += 2;
 		} else {
-			out[o++] = in[i] >= 0x20 && in[i] < 0x7f ? (char)in[i] : '?';
+			out[o++] = in[i] >= 0x20 && in[i] < 0x7f ? (char)in[i]
+								 : '?';
 		}
 	}
 	out[o] = 0;
@@ -197,7 +204,8 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
 		v[n] = 0;
 		call->status = atoi(v);
 	} else if (namelen == 12 && memcmp(name, "grpc-message", 12) == 0) {
-		percent_decode(value, valuelen, call->message, sizeof(call->message));
+		percent_decode(value, valuelen, call->message,
+			       sizeof(call->message));
 	}
 	return 0;
 }
@@ -268,7 +276,7 @@ static int connect_to(cas_grpc_client *c, int *ret_fd)
 {
 	int fd = -1, r = -ECONNREFUSED;
 	if (c->unix_path) {
-		struct sockaddr_un sa = { .sun_family = AF_UNIX };
+		struct sockaddr_un sa = {.sun_family = AF_UNIX};
 		if (strlen(c->unix_path) >= sizeof(sa.sun_path))
 			return -ENAMETOOLONG;
 		strcpy(sa.sun_path, c->unix_path);
@@ -283,8 +291,9 @@ static int connect_to(cas_grpc_client *c, int *ret_fd)
 		*ret_fd = fd;
 		return 0;
 	}
-	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-				  .ai_flags = AI_NUMERICSERV },
+	struct addrinfo hints = {.ai_family = AF_UNSPEC,
+				 .ai_socktype = SOCK_STREAM,
+				 .ai_flags = AI_NUMERICSERV},
 			*res = NULL;
 	if (getaddrinfo(c->host, c->port, &hints, &res) != 0)
 		return -EHOSTUNREACH;
@@ -296,7 +305,8 @@ static int connect_to(cas_grpc_client *c, int *ret_fd)
 		}
 		if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
 			int one = 1;
-			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
+				   sizeof(one));
 			r = 0;
 			break;
 		}
@@ -327,9 +337,12 @@ static int conn_new(cas_grpc_client *c, struct h2conn **ret)
 		return -ENOMEM;
 	}
 	nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
-	nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
-	nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
-	nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
+	nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
+		cbs, on_data_chunk);
+	nghttp2_session_callbacks_set_on_stream_close_callback(cbs,
+							       on_stream_close);
+	nghttp2_session_callbacks_set_on_frame_recv_callback(cbs,
+							     on_frame_recv);
 	r = nghttp2_session_client_new(&h->session, cbs, h);
 	nghttp2_session_callbacks_del(cbs);
 	if (r != 0) {
@@ -338,9 +351,9 @@ static int conn_new(cas_grpc_client *c, struct h2conn **ret)
 		return -ENOMEM;
 	}
 	nghttp2_settings_entry settings[] = {
-		{ NGHTTP2_SETTINGS_ENABLE_PUSH, 0 },
-		{ NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 8u << 20 },
-		{ NGHTTP2_SETTINGS_MAX_FRAME_SIZE, 1u << 18 },
+		{NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+		{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 8u << 20},
+		{NGHTTP2_SETTINGS_MAX_FRAME_SIZE, 1u << 18},
 	};
 	nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, settings,
 				CAS_ARRAY_SIZE(settings));
@@ -363,12 +376,13 @@ static struct h2conn *conn_take_idle(cas_grpc_client *c)
 			return NULL;
 		/* Closed by the peer while idle? (A GOAWAY or PING is read
 		 * and handled here too.) */
-		struct pollfd p = { h->fd, POLLIN, 0 };
+		struct pollfd p = {h->fd, POLLIN, 0};
 		bool ok = true;
 		if (poll(&p, 1, 0) > 0) {
 			uint8_t buf[4096];
 			ssize_t n = recv(h->fd, buf, sizeof(buf), MSG_DONTWAIT);
-			ok = n > 0 && nghttp2_session_mem_recv(h->session, buf, (size_t)n) >= 0;
+			ok = n > 0 && nghttp2_session_mem_recv(h->session, buf,
+							       (size_t)n) >= 0;
 		}
 		if (ok && !h->broken && nghttp2_session_want_read(h->session))
 			return h;
@@ -400,7 +414,8 @@ static int conn_send(struct h2conn *h)
 			return 0;
 		size_t off = 0;
 		while (off < (size_t)n) {
-			ssize_t w = send(h->fd, data + off, (size_t)n - off, MSG_NOSIGNAL);
+			ssize_t w = send(h->fd, data + off, (size_t)n - off,
+					 MSG_NOSIGNAL);
 			if (w < 0 && errno == EINTR)
 				continue;
 			if (w < 0)
@@ -416,23 +431,28 @@ static int conn_run(cas_grpc_client *c, struct h2conn *h, const char *path,
 		    struct call *call)
 {
 	nghttp2_nv nva[] = {
-		{ (uint8_t *)":method", (uint8_t *)"POST", 7, 4, NGHTTP2_NV_FLAG_NONE },
-		{ (uint8_t *)":scheme", (uint8_t *)"http", 7, 4, NGHTTP2_NV_FLAG_NONE },
-		{ (uint8_t *)":path", (uint8_t *)path, 5, strlen(path), NGHTTP2_NV_FLAG_NONE },
-		{ (uint8_t *)":authority", (uint8_t *)c->authority, 10,
-		  strlen(c->authority), NGHTTP2_NV_FLAG_NONE },
-		{ (uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16,
-		  NGHTTP2_NV_FLAG_NONE },
-		{ (uint8_t *)"te", (uint8_t *)"trailers", 2, 8, NGHTTP2_NV_FLAG_NONE },
-		{ (uint8_t *)"user-agent", (uint8_t *)"castore/0.1 grpc-c-nghttp2", 10, 26,
-		  NGHTTP2_NV_FLAG_NONE },
+		{(uint8_t *)":method", (uint8_t *)"POST", 7, 4,
+		 NGHTTP2_NV_FLAG_NONE},
+		{(uint8_t *)":scheme", (uint8_t *)"http", 7, 4,
+		 NGHTTP2_NV_FLAG_NONE},
+		{(uint8_t *)":path", (uint8_t *)path, 5, strlen(path),
+		 NGHTTP2_NV_FLAG_NONE},
+		{(uint8_t *)":authority", (uint8_t *)c->authority, 10,
+		 strlen(c->authority), NGHTTP2_NV_FLAG_NONE},
+		{(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12,
+		 16, NGHTTP2_NV_FLAG_NONE},
+		{(uint8_t *)"te", (uint8_t *)"trailers", 2, 8,
+		 NGHTTP2_NV_FLAG_NONE},
+		{(uint8_t *)"user-agent",
+		 (uint8_t *)"castore/0.1 grpc-c-nghttp2", 10, 26,
+		 NGHTTP2_NV_FLAG_NONE},
 	};
-	nghttp2_data_provider dp = { .read_callback = request_read };
+	nghttp2_data_provider dp = {.read_callback = request_read};
 	uint8_t buf[64 * 1024];
 
 	h->call = call;
-	call->stream_id = nghttp2_submit_request(h->session, NULL, nva,
-						 CAS_ARRAY_SIZE(nva), &dp, NULL);
+	call->stream_id = nghttp2_submit_request(
+		h->session, NULL, nva, CAS_ARRAY_SIZE(nva), &dp, NULL);
 	if (call->stream_id < 0)
 		return -EPROTO;
 	while (!call->done) {
@@ -441,7 +461,7 @@ static int conn_run(cas_grpc_client *c, struct h2conn *h, const char *path,
 			return r;
 		if (call->done)
 			break;
-		struct pollfd p = { h->fd, POLLIN, 0 };
+		struct pollfd p = {h->fd, POLLIN, 0};
 		if (nghttp2_session_want_write(h->session))
 			p.events |= POLLOUT;
 		int pr = poll(&p, 1, STALL_MS);
@@ -459,7 +479,8 @@ static int conn_run(cas_grpc_client *c, struct h2conn *h, const char *path,
 				return cas_negerrno();
 			if (n == 0)
 				return -ECONNRESET;
-			if (nghttp2_session_mem_recv(h->session, buf, (size_t)n) < 0)
+			if (nghttp2_session_mem_recv(h->session, buf,
+						     (size_t)n) < 0)
 				return -EPROTO;
 		}
 	}
@@ -481,18 +502,21 @@ int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
 	int r;
 
 	for (int attempt = 0;; attempt++) {
-		call = (struct call){ .status = -1,
-				      .on_msg = on_msg ? on_msg : ignore_msg,
-				      .msg_ud = msg_ud, .req = req,
-				      .req_len = req_len, .produce = produce,
-				      .produce_ud = produce_ud };
+		call = (struct call){.status = -1,
+				     .on_msg = on_msg ? on_msg : ignore_msg,
+				     .msg_ud = msg_ud,
+				     .req = req,
+				     .req_len = req_len,
+				     .produce = produce,
+				     .produce_ud = produce_ud};
 		struct h2conn *h = attempt == 0 ? conn_take_idle(c) : NULL;
 		bool reused = h != NULL;
 		if (!h) {
 			r = conn_new(c, &h);
 			if (r < 0) {
-				r = cas_log_errno(-EIO, "%s: cannot connect: %s", c->url,
-						  strerror(-r));
+				r = cas_log_errno(-EIO,
+						  "%s: cannot connect: %s",
+						  c->url, strerror(-r));
 				break;
 			}
 		}
@@ -510,24 +534,30 @@ int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
 			continue;
 		if (r < 0)
 			r = call.r < 0 ? call.r
-				       : cas_log_errno(-EIO, "%s%s: %s", c->url, path,
-						       strerror(-r));
+				       : cas_log_errno(-EIO, "%s%s: %s", c->url,
+						       path, strerror(-r));
 		break;
 	}
 	if (r >= 0) {
 		if (call.r < 0) {
 			r = call.r == -EPROTONOSUPPORT || call.r == -EMSGSIZE
-				    ? cas_log_errno(-EIO, "%s%s: bad response message: %m",
-						    c->url, path)
+				    ? cas_log_errno(
+					      -EIO,
+					      "%s%s: bad response message: %m",
+					      c->url, path)
 				    : call.r;
 		} else if (call.http_status != 200) {
-			r = cas_log_errno(-EIO, "%s%s: HTTP status %d", c->url, path,
-					  call.http_status);
+			r = cas_log_errno(-EIO, "%s%s: HTTP status %d", c->url,
+					  path, call.http_status);
 		} else if (call.status < 0) {
-			r = cas_log_errno(-EIO, "%s%s: no grpc-status (stream closed with HTTP/2 error %u)",
+			r = cas_log_errno(-EIO,
+					  "%s%s: no grpc-status (stream closed "
+					  "with HTTP/2 error %u)",
 					  c->url, path, call.rst);
-		} else if (call.status == 0 && !cas_grpc_reader_idle(&call.reader)) {
-			r = cas_log_errno(-EIO, "%s%s: truncated response message",
+		} else if (call.status == 0 &&
+			   !cas_grpc_reader_idle(&call.reader)) {
+			r = cas_log_errno(-EIO,
+					  "%s%s: truncated response message",
 					  c->url, path);
 		} else {
 			r = cas_grpc_errno_from_status(call.status);
@@ -579,7 +609,7 @@ static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d,
 			   cas_fetch_sink sink, void *userdata)
 {
 	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	struct read_ctx rc = { sink, userdata };
+	struct read_ctx rc = {sink, userdata};
 	_cleanup_free_ uint8_t *req = NULL;
 	size_t req_len;
 	char message[512];
@@ -588,8 +618,9 @@ static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d,
 					   &req, &req_len);
 	if (r < 0)
 		return r;
-	r = cas_grpc_call(g->client, CAS_GRPC_PATH_BLOB_READ, req, req_len, NULL,
-			  NULL, read_msg, &rc, &status, message, sizeof(message));
+	r = cas_grpc_call(g->client, CAS_GRPC_PATH_BLOB_READ, req, req_len,
+			  NULL, NULL, read_msg, &rc, &status, message,
+			  sizeof(message));
 	if (r < 0)
 		return call_failed(g, "Read", r, status, message);
 	return 0;
@@ -618,27 +649,28 @@ static int get_call(struct grpc_fetcher *g, const cas_digest *d, bool recursive,
 	size_t req_len;
 	char message[512];
 	int status;
-	int r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_GET_REQUEST, d, recursive,
-					   &req, &req_len);
+	int r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_GET_REQUEST, d,
+					   recursive, &req, &req_len);
 	if (r < 0)
 		return r;
 	r = cas_grpc_call(g->client, CAS_GRPC_PATH_DIRECTORY_GET, req, req_len,
 			  NULL, NULL, dir_msg, dc, &status, message,
 			  sizeof(message));
 	if (r < 0)
-		return call_failed(g, "DirectoryService/Get", r, status, message);
+		return call_failed(g, "DirectoryService/Get", r, status,
+				   message);
 	/* An OK Get with no Directory: the server does not have it. */
 	if (dc->count == 0 && dc->want)
 		return -ENOENT;
 	return 0;
 }
 
-static int grpc_directories_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
-				  cas_fetch_dir_cb cb, void *userdata)
+static int grpc_directories_fetch(cas_fetcher *f, const cas_digest *ds,
+				  size_t n, cas_fetch_dir_cb cb, void *userdata)
 {
 	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
 	for (size_t i = 0; i < n; i++) {
-		struct dir_ctx dc = { cb, userdata, &ds[i], 0 };
+		struct dir_ctx dc = {cb, userdata, &ds[i], 0};
 		int r = get_call(g, &ds[i], false, &dc);
 		if (r < 0)
 			return r;
@@ -650,7 +682,7 @@ static int grpc_directory_fetch_tree(cas_fetcher *f, const cas_digest *d,
 				     cas_fetch_dir_cb cb, void *userdata)
 {
 	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	struct dir_ctx dc = { cb, userdata, NULL, 0 };
+	struct dir_ctx dc = {cb, userdata, NULL, 0};
 	int r = get_call(g, d, true, &dc);
 	if (r >= 0 && dc.count == 0)
 		return -ENOENT;

@@ -79,9 +79,9 @@ enum cas_grpc_method {
 	CAS_GRPC_DIRECTORY_GET,
 	CAS_GRPC_DIRECTORY_PUT,
 };
-#define CAS_GRPC_PATH_BLOB_STAT "/tvix.castore.v1.BlobService/Stat"
-#define CAS_GRPC_PATH_BLOB_READ "/tvix.castore.v1.BlobService/Read"
-#define CAS_GRPC_PATH_BLOB_PUT "/tvix.castore.v1.BlobService/Put"
+#define CAS_GRPC_PATH_BLOB_STAT	    "/tvix.castore.v1.BlobService/Stat"
+#define CAS_GRPC_PATH_BLOB_READ	    "/tvix.castore.v1.BlobService/Read"
+#define CAS_GRPC_PATH_BLOB_PUT	    "/tvix.castore.v1.BlobService/Put"
 #define CAS_GRPC_PATH_DIRECTORY_GET "/tvix.castore.v1.DirectoryService/Get"
 #define CAS_GRPC_PATH_DIRECTORY_PUT "/tvix.castore.v1.DirectoryService/Put"
 

@@ -79,7 +79,7 @@ struct stream {
 	enum cas_grpc_method method;
 	bool grpc_content_type;
 	bool responded; /* a response was submitted: ignore further input */
-	bool ended;     /* the client has sent END_STREAM */
+	bool ended;	/* the client has sent END_STREAM */
 	/* A call that failed before the client finished sending: the
 	 * trailers-only answer waits for END_STREAM (libcurl before 8.x
 	 * stalls on an answer that comes while it is still uploading). */
@@ -146,9 +146,11 @@ static void stream_free(struct stream *st)
 
 /* Responses ---------------------------------------------------------------- */
 
-#define NV(n, v)                                                               \
-	{ (uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, strlen(v),            \
-	  NGHTTP2_NV_FLAG_NO_COPY_NAME }
+#define NV(n, v)                                                          \
+	{                                                                 \
+		(uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, strlen(v), \
+			NGHTTP2_NV_FLAG_NO_COPY_NAME                      \
+	}
 
 /* Trailers-only response: the call failed before any message. */
 static int respond_error(struct conn *c, struct stream *st, int status,
@@ -251,7 +253,8 @@ static void next_message(struct conn *c, struct stream *st)
 		cas_directory *dir = NULL;
 		if (r >= 0 && st->recursive)
 			r = cas_directory_decode(raw, len, &dir, NULL);
-		for (size_t i = 0; r >= 0 && dir && i < dir->n_directories; i++) {
+		for (size_t i = 0; r >= 0 && dir && i < dir->n_directories;
+		     i++) {
 			const cas_digest *cd = &dir->directories[i].digest;
 			int pr = cas_dmap_put(&st->seen, cd, NULL);
 			if (pr < 0) {
@@ -262,7 +265,8 @@ static void next_message(struct conn *c, struct stream *st)
 				continue;
 			if (st->q_tail == st->q_cap) {
 				size_t cap = st->q_cap * 2;
-				cas_digest *nq = realloc(st->queue, cap * sizeof(*nq));
+				cas_digest *nq =
+					realloc(st->queue, cap * sizeof(*nq));
 				if (!nq) {
 					r = -ENOMEM;
 					break;
@@ -314,7 +318,8 @@ static ssize_t data_read(nghttp2_session *session, int32_t stream_id,
 			 nghttp2_data_source *source, void *user_data)
 {
 	struct conn *c = user_data;
-	struct stream *st = nghttp2_session_get_stream_user_data(session, stream_id);
+	struct stream *st =
+		nghttp2_session_get_stream_user_data(session, stream_id);
 	if (!st)
 		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
 	if (st->out_pos == st->out_len && !st->out_done)
@@ -327,7 +332,8 @@ static ssize_t data_read(nghttp2_session *session, int32_t stream_id,
 		if (st->method != CAS_GRPC_BLOB_READ &&
 		    st->method != CAS_GRPC_DIRECTORY_GET && !st->reply)
 			st->out_done = true;
-		else if (st->method == CAS_GRPC_BLOB_READ && st->off >= st->size)
+		else if (st->method == CAS_GRPC_BLOB_READ &&
+			 st->off >= st->size)
 			st->out_done = true;
 		else if (st->method == CAS_GRPC_DIRECTORY_GET &&
 			 st->q_head == st->q_tail)
@@ -341,7 +347,8 @@ static ssize_t data_read(nghttp2_session *session, int32_t stream_id,
 			NV("grpc-status", code),
 			NV("grpc-message", msg),
 		};
-		*data_flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+		*data_flags |=
+			NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
 		if (nghttp2_submit_trailer(session, stream_id, trailers,
 					   st->end_message[0] ? 2 : 1) != 0)
 			return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
@@ -355,7 +362,7 @@ static int respond_stream(struct conn *c, struct stream *st)
 		NV(":status", "200"),
 		NV("content-type", "application/grpc"),
 	};
-	nghttp2_data_provider dp = { .read_callback = data_read };
+	nghttp2_data_provider dp = {.read_callback = data_read};
 	st->responded = true;
 	int r = nghttp2_submit_response(c->session, st->id, nva,
 					CAS_ARRAY_SIZE(nva), &dp);
@@ -419,8 +426,11 @@ static int on_message(void *userdata, const uint8_t *msg, size_t len)
 		}
 		r = st->batch->ops->put(st->batch, msg, len, &st->last);
 		if (r == -EBADMSG || r == -ENOENT || r == -EINVAL) {
-			m->why = r == -ENOENT ? "Directory names a child Directory that is neither earlier in the stream nor stored"
-					      : "invalid Directory";
+			m->why = r == -ENOENT
+					 ? "Directory names a child Directory "
+					   "that is neither earlier in the "
+					   "stream nor stored"
+					 : "invalid Directory";
 			return -EINVAL;
 		}
 		if (r < 0)
@@ -460,7 +470,8 @@ static int finish_call(struct conn *c, struct stream *st)
 	case CAS_GRPC_BLOB_READ:
 	case CAS_GRPC_DIRECTORY_GET:
 		if (st->n_msgs != 1)
-			return fail_call(c, st, -EINVAL, "one request message expected");
+			return fail_call(c, st, -EINVAL,
+					 "one request message expected");
 		break;
 	default:
 		break;
@@ -473,7 +484,9 @@ static int finish_call(struct conn *c, struct stream *st)
 			return fail_call(c, st, r, why);
 		r = s->ops->blob_stat(s, &d, &size);
 		if (r < 0)
-			return fail_call(c, st, r, r == -ENOENT ? "blob not found" : NULL);
+			return fail_call(c, st, r,
+					 r == -ENOENT ? "blob not found"
+						      : NULL);
 		return respond_unary(c, st, CAS_GRPC_MSG_STAT_RESPONSE, &d);
 	}
 	case CAS_GRPC_BLOB_READ:
@@ -483,11 +496,14 @@ static int finish_call(struct conn *c, struct stream *st)
 		r = s->ops->blob_open(s, &d, &st->fd, &st->size);
 		if (r < 0) {
 			st->fd = -1;
-			return fail_call(c, st, r, r == -ENOENT ? "blob not found" : NULL);
+			return fail_call(c, st, r,
+					 r == -ENOENT ? "blob not found"
+						      : NULL);
 		}
 		return respond_stream(c, st);
 	case CAS_GRPC_DIRECTORY_GET: {
-		r = cas_grpc_decode_get(st->req, st->req_len, &d, &st->recursive, &why);
+		r = cas_grpc_decode_get(st->req, st->req_len, &d,
+					&st->recursive, &why);
 		if (r < 0)
 			return fail_call(c, st, r, why);
 		/* Absence is known before the first message. */
@@ -496,7 +512,10 @@ static int finish_call(struct conn *c, struct stream *st)
 			if (r == 0)
 				r = -ENOENT;
 			if (r < 0)
-				return fail_call(c, st, r, r == -ENOENT ? "directory not found" : NULL);
+				return fail_call(c, st, r,
+						 r == -ENOENT
+							 ? "directory not found"
+							 : NULL);
 		}
 		st->q_cap = 64;
 		st->queue = malloc(st->q_cap * sizeof(*st->queue));
@@ -508,11 +527,13 @@ static int finish_call(struct conn *c, struct stream *st)
 	case CAS_GRPC_BLOB_PUT: {
 		uint64_t size;
 		if (!st->writer && s->ops->blob_writer_new(s, &st->writer) < 0)
-			return fail_call(c, st, -EIO, "cannot write to the store");
+			return fail_call(c, st, -EIO,
+					 "cannot write to the store");
 		cas_blob_writer *w = TAKE_PTR(st->writer);
 		r = w->ops->commit(w, NULL, &d, &size);
 		if (r < 0)
-			return fail_call(c, st, -EIO, "cannot write to the store");
+			return fail_call(c, st, -EIO,
+					 "cannot write to the store");
 		return respond_unary(c, st, CAS_GRPC_MSG_PUT_BLOB_RESPONSE, &d);
 	}
 	case CAS_GRPC_DIRECTORY_PUT: {
@@ -521,11 +542,13 @@ static int finish_call(struct conn *c, struct stream *st)
 		/* Blobs Put before are written without fsync (local.h):
 		 * durable before a Directory that names them. */
 		if (cas_store_is_local(s) && (r = cas_local_sync(s)) < 0)
-			return fail_call(c, st, -EIO, "cannot write to the store");
+			return fail_call(c, st, -EIO,
+					 "cannot write to the store");
 		cas_dir_batch *b = TAKE_PTR(st->batch);
 		r = b->ops->commit(b, NULL, NULL);
 		if (r < 0)
-			return fail_call(c, st, -EIO, "cannot write to the store");
+			return fail_call(c, st, -EIO,
+					 "cannot write to the store");
 		return respond_unary(c, st, CAS_GRPC_MSG_PUT_DIRECTORY_RESPONSE,
 				     &st->last);
 	}
@@ -536,8 +559,8 @@ static int finish_call(struct conn *c, struct stream *st)
 
 /* nghttp2 callbacks -------------------------------------------------------- */
 
-static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
-			    void *user_data)
+static int on_begin_headers(nghttp2_session *session,
+			    const nghttp2_frame *frame, void *user_data)
 {
 	if (frame->hd.type != NGHTTP2_HEADERS ||
 	    frame->headers.cat != NGHTTP2_HCAT_REQUEST)
@@ -564,15 +587,17 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
 	if (frame->hd.type != NGHTTP2_HEADERS ||
 	    frame->headers.cat != NGHTTP2_HCAT_REQUEST)
 		return 0;
-	struct stream *st = nghttp2_session_get_stream_user_data(session,
-								 frame->hd.stream_id);
+	struct stream *st = nghttp2_session_get_stream_user_data(
+		session, frame->hd.stream_id);
 	if (!st)
 		return 0;
 	if (namelen == 5 && memcmp(name, ":path", 5) == 0)
-		st->method = cas_grpc_method_from_path((const char *)value, valuelen);
+		st->method = cas_grpc_method_from_path((const char *)value,
+						       valuelen);
 	else if (namelen == 12 && memcmp(name, "content-type", 12) == 0)
-		st->grpc_content_type = valuelen >= 16 &&
-					memcmp(value, "application/grpc", 16) == 0;
+		st->grpc_content_type =
+			valuelen >= 16 &&
+			memcmp(value, "application/grpc", 16) == 0;
 	return 0;
 }
 
@@ -582,17 +607,19 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
 	struct conn *c = user_data;
 	if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA)
 		return 0;
-	struct stream *st = nghttp2_session_get_stream_user_data(session,
-								 frame->hd.stream_id);
+	struct stream *st = nghttp2_session_get_stream_user_data(
+		session, frame->hd.stream_id);
 	if (!st)
 		return 0;
 	int r = 0;
 	if (frame->hd.type == NGHTTP2_HEADERS &&
 	    frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
 		if (!st->grpc_content_type)
-			r = fail_call(c, st, -EINVAL, "content-type is not application/grpc");
+			r = fail_call(c, st, -EINVAL,
+				      "content-type is not application/grpc");
 		else if (st->method == CAS_GRPC_UNKNOWN_METHOD)
-			r = fail_call(c, st, -EPROTONOSUPPORT, "unknown method");
+			r = fail_call(c, st, -EPROTONOSUPPORT,
+				      "unknown method");
 	}
 	if (r == 0 && (frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
 		r = finish_call(c, st);
@@ -604,10 +631,11 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags,
 			 void *user_data)
 {
 	struct conn *c = user_data;
-	struct stream *st = nghttp2_session_get_stream_user_data(session, stream_id);
+	struct stream *st =
+		nghttp2_session_get_stream_user_data(session, stream_id);
 	if (!st || st->responded || st->failed)
 		return 0;
-	struct msg_ctx m = { c, st, NULL };
+	struct msg_ctx m = {c, st, NULL};
 	int r = cas_grpc_reader_feed(&st->reader, data, len, on_message, &m);
 	if (r < 0) {
 		const char *why = m.why;
@@ -624,7 +652,8 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags,
 static int on_stream_close(nghttp2_session *session, int32_t stream_id,
 			   uint32_t error_code, void *user_data)
 {
-	struct stream *st = nghttp2_session_get_stream_user_data(session, stream_id);
+	struct stream *st =
+		nghttp2_session_get_stream_user_data(session, stream_id);
 	if (st) {
 		nghttp2_session_set_stream_user_data(session, stream_id, NULL);
 		stream_free(st); /* aborts an unfinished Put */
@@ -649,7 +678,8 @@ static int conn_flush(struct conn *c)
 			if ((size_t)n > OUT_CAP - c->out_len) {
 				/* Bigger than the room left: send what is
 				 * buffered first, keep this piece next. */
-				uint8_t *nb = realloc(c->out, c->out_len + (size_t)n);
+				uint8_t *nb =
+					realloc(c->out, c->out_len + (size_t)n);
 				if (!nb)
 					return -ENOMEM;
 				c->out = nb;
@@ -661,7 +691,8 @@ static int conn_flush(struct conn *c)
 			c->out_pos = c->out_len = 0;
 			return 0;
 		}
-		ssize_t w = send(c->fd, c->out + c->out_pos, c->out_len - c->out_pos,
+		ssize_t w = send(c->fd, c->out + c->out_pos,
+				 c->out_len - c->out_pos,
 				 MSG_NOSIGNAL | MSG_DONTWAIT);
 		if (w < 0) {
 			if (errno == EAGAIN || errno == EWOULDBLOCK)
@@ -689,17 +720,21 @@ static void *conn_main(void *arg)
 	c->out = malloc(OUT_CAP);
 	if (!in || !c->out || nghttp2_session_callbacks_new(&cbs) != 0)
 		goto out;
-	nghttp2_session_callbacks_set_on_begin_headers_callback(cbs, on_begin_headers);
+	nghttp2_session_callbacks_set_on_begin_headers_callback(
+		cbs, on_begin_headers);
 	nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
-	nghttp2_session_callbacks_set_on_frame_recv_callback(cbs, on_frame_recv);
-	nghttp2_session_callbacks_set_on_data_chunk_recv_callback(cbs, on_data_chunk);
-	nghttp2_session_callbacks_set_on_stream_close_callback(cbs, on_stream_close);
+	nghttp2_session_callbacks_set_on_frame_recv_callback(cbs,
+							     on_frame_recv);
+	nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
+		cbs, on_data_chunk);
+	nghttp2_session_callbacks_set_on_stream_close_callback(cbs,
+							       on_stream_close);
 	if (nghttp2_session_server_new(&c->session, cbs, c) != 0)
 		goto out;
 	nghttp2_settings_entry settings[] = {
-		{ NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 128 },
-		{ NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1u << 20 },
-		{ NGHTTP2_SETTINGS_MAX_FRAME_SIZE, 1u << 16 },
+		{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 128},
+		{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1u << 20},
+		{NGHTTP2_SETTINGS_MAX_FRAME_SIZE, 1u << 16},
 	};
 	if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, settings,
 				    CAS_ARRAY_SIZE(settings)) != 0)
@@ -711,19 +746,21 @@ static void *conn_main(void *arg)
 	       nghttp2_session_want_write(c->session) || c->out_len > 0) {
 		if (conn_flush(c) < 0)
 			break;
-		if (atomic_load_explicit(&srv->stopping, memory_order_relaxed) &&
+		if (atomic_load_explicit(&srv->stopping,
+					 memory_order_relaxed) &&
 		    !stopping) {
 			/* GOAWAY; the streams still open are closed with
 			 * the session below, aborting their Puts. */
 			stopping = true;
-			nghttp2_session_terminate_session(c->session, NGHTTP2_NO_ERROR);
+			nghttp2_session_terminate_session(c->session,
+							  NGHTTP2_NO_ERROR);
 			(void)conn_flush(c);
 			break;
 		}
 		if (!nghttp2_session_want_read(c->session) && c->out_len == 0 &&
 		    !nghttp2_session_want_write(c->session))
 			break;
-		struct pollfd p = { c->fd, POLLIN, 0 };
+		struct pollfd p = {c->fd, POLLIN, 0};
 		if (c->out_len > 0)
 			p.events |= POLLOUT;
 		int pr = poll(&p, 1, POLL_MS);
@@ -737,11 +774,13 @@ static void *conn_main(void *arg)
 				continue;
 			if (n <= 0)
 				break; /* peer gone */
-			ssize_t done = nghttp2_session_mem_recv(c->session, in, (size_t)n);
+			ssize_t done = nghttp2_session_mem_recv(c->session, in,
+								(size_t)n);
 			if (done < 0) {
 				cas_log_debug("grpc connection: %s",
 					      nghttp2_strerror((int)done));
-				(void)conn_flush(c); /* GOAWAY if nghttp2 queued one */
+				(void)conn_flush(
+					c); /* GOAWAY if nghttp2 queued one */
 				break;
 			}
 		}
@@ -769,7 +808,7 @@ out:
 
 static int listen_unix(const char *path, int *ret_fd)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	struct stat st;
 	if (strlen(path) >= sizeof(sa.sun_path))
 		return -ENAMETOOLONG;
@@ -780,7 +819,8 @@ static int listen_unix(const char *path, int *ret_fd)
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return cas_negerrno();
-	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(fd, 128) < 0) {
+	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
+	    listen(fd, 128) < 0) {
 		int r = cas_negerrno();
 		close(fd);
 		return r;
@@ -804,8 +844,9 @@ static int listen_tcp(const char *spec, int *ret_fd, char *bound, size_t size)
 		host[hl - 1] = 0;
 		h = host + 1;
 	}
-	struct addrinfo hints = { .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-				  .ai_flags = AI_PASSIVE | AI_NUMERICSERV },
+	struct addrinfo hints = {.ai_family = AF_UNSPEC,
+				 .ai_socktype = SOCK_STREAM,
+				 .ai_flags = AI_PASSIVE | AI_NUMERICSERV},
 			*res = NULL;
 	int gr = getaddrinfo(*h ? h : NULL, port, &hints, &res);
 	if (gr != 0) {
@@ -814,14 +855,16 @@ static int listen_tcp(const char *spec, int *ret_fd, char *bound, size_t size)
 	}
 	int r = -EADDRNOTAVAIL;
 	for (struct addrinfo *ai = res; ai; ai = ai->ai_next) {
-		int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC, 0);
+		int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+				0);
 		if (fd < 0) {
 			r = cas_negerrno();
 			continue;
 		}
 		int one = 1;
 		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-		if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 || listen(fd, 128) < 0) {
+		if (bind(fd, ai->ai_addr, ai->ai_addrlen) < 0 ||
+		    listen(fd, 128) < 0) {
 			r = cas_negerrno();
 			close(fd);
 			continue;
@@ -830,9 +873,11 @@ static int listen_tcp(const char *spec, int *ret_fd, char *bound, size_t size)
 		socklen_t sl = sizeof(ss);
 		char hbuf[NI_MAXHOST], pbuf[NI_MAXSERV];
 		if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0 &&
-		    getnameinfo((struct sockaddr *)&ss, sl, hbuf, sizeof(hbuf), pbuf,
-				sizeof(pbuf), NI_NUMERICHOST | NI_NUMERICSERV) == 0)
-			snprintf(bound, size, ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s",
+		    getnameinfo((struct sockaddr *)&ss, sl, hbuf, sizeof(hbuf),
+				pbuf, sizeof(pbuf),
+				NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+			snprintf(bound, size,
+				 ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s",
 				 hbuf, pbuf);
 		*ret_fd = fd;
 		r = 0;
@@ -847,7 +892,7 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 		   void (*ready)(void *userdata, const char *address),
 		   void *userdata)
 {
-	struct server srv = { .store = s, .stop = stop };
+	struct server srv = {.store = s, .stop = stop};
 	char bound[512];
 	int lfd = -1, r;
 	bool is_unix = strncmp(listen_spec, "unix:", 5) == 0;
@@ -871,7 +916,7 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	r = 0;
 	while (!*stop) {
-		struct pollfd p = { lfd, POLLIN, 0 };
+		struct pollfd p = {lfd, POLLIN, 0};
 		int pr = poll(&p, 1, POLL_MS);
 		if (pr <= 0)
 			continue;
@@ -880,7 +925,8 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 			continue; /* EMFILE, a client gone: keep serving */
 		int one = 1;
 		if (!is_unix)
-			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
+				   sizeof(one));
 		struct conn *c = calloc(1, sizeof(*c));
 		if (!c) {
 			close(fd);

@@ -75,7 +75,7 @@ bool cas_grpc_reader_idle(const struct cas_grpc_reader *r)
 void cas_grpc_reader_release(struct cas_grpc_reader *r)
 {
 	free(r->msg);
-	*r = (struct cas_grpc_reader){ 0 };
+	*r = (struct cas_grpc_reader){0};
 }
 
 int cas_grpc_reader_feed(struct cas_grpc_reader *r, const uint8_t *buf,
@@ -96,7 +96,8 @@ int cas_grpc_reader_feed(struct cas_grpc_reader *r, const uint8_t *buf,
 				return -EPROTONOSUPPORT;
 			uint32_t mlen = (uint32_t)r->prefix[1] << 24 |
 					(uint32_t)r->prefix[2] << 16 |
-					(uint32_t)r->prefix[3] << 8 | r->prefix[4];
+					(uint32_t)r->prefix[3] << 8 |
+					r->prefix[4];
 			if (mlen > CAS_GRPC_MAX_MESSAGE)
 				return -EMSGSIZE;
 			r->prefix_len = 0;
@@ -157,11 +158,11 @@ static const struct {
 	const char *path;
 	enum cas_grpc_method method;
 } methods[] = {
-	{ CAS_GRPC_PATH_BLOB_STAT, CAS_GRPC_BLOB_STAT },
-	{ CAS_GRPC_PATH_BLOB_READ, CAS_GRPC_BLOB_READ },
-	{ CAS_GRPC_PATH_BLOB_PUT, CAS_GRPC_BLOB_PUT },
-	{ CAS_GRPC_PATH_DIRECTORY_GET, CAS_GRPC_DIRECTORY_GET },
-	{ CAS_GRPC_PATH_DIRECTORY_PUT, CAS_GRPC_DIRECTORY_PUT },
+	{CAS_GRPC_PATH_BLOB_STAT, CAS_GRPC_BLOB_STAT},
+	{CAS_GRPC_PATH_BLOB_READ, CAS_GRPC_BLOB_READ},
+	{CAS_GRPC_PATH_BLOB_PUT, CAS_GRPC_BLOB_PUT},
+	{CAS_GRPC_PATH_DIRECTORY_GET, CAS_GRPC_DIRECTORY_GET},
+	{CAS_GRPC_PATH_DIRECTORY_PUT, CAS_GRPC_DIRECTORY_PUT},
 };
 
 enum cas_grpc_method cas_grpc_method_from_path(const char *path, size_t len)
@@ -216,13 +217,15 @@ int cas_grpc_decode_get(const uint8_t *msg, size_t len, cas_digest *ret,
 			bool *ret_recursive, const char **ret_why)
 {
 	Tvix__Castore__V1__GetDirectoryRequest *m =
-		tvix__castore__v1__get_directory_request__unpack(NULL, len, msg);
+		tvix__castore__v1__get_directory_request__unpack(NULL, len,
+								 msg);
 	int r;
 	if (!m) {
 		*ret_why = "malformed GetDirectoryRequest";
 		return -EINVAL;
 	}
-	if (m->by_what_case != TVIX__CASTORE__V1__GET_DIRECTORY_REQUEST__BY_WHAT_DIGEST) {
+	if (m->by_what_case !=
+	    TVIX__CASTORE__V1__GET_DIRECTORY_REQUEST__BY_WHAT_DIGEST) {
 		*ret_why = "no digest given";
 		r = -EINVAL;
 	} else {
@@ -256,7 +259,8 @@ int cas_grpc_decode_blob_chunk(const uint8_t *msg, size_t len,
 			p += 8;
 			break;
 		case 2:
-			if (cas_varint_get(&p, end, &v) < 0 || v > (uint64_t)(end - p))
+			if (cas_varint_get(&p, end, &v) < 0 ||
+			    v > (uint64_t)(end - p))
 				return -EINVAL;
 			if (tag >> 3 == 1) { /* data; the last one wins */
 				*ret_data = p;
@@ -285,14 +289,17 @@ int cas_grpc_decode_digest_response(const uint8_t *msg, size_t len,
 	int r;
 	if (directory) {
 		Tvix__Castore__V1__PutDirectoryResponse *m =
-			tvix__castore__v1__put_directory_response__unpack(NULL, len, msg);
+			tvix__castore__v1__put_directory_response__unpack(
+				NULL, len, msg);
 		if (!m)
 			return -EBADMSG;
 		r = take_digest(&m->root_digest, ret, &why);
-		tvix__castore__v1__put_directory_response__free_unpacked(m, NULL);
+		tvix__castore__v1__put_directory_response__free_unpacked(m,
+									 NULL);
 	} else {
 		Tvix__Castore__V1__PutBlobResponse *m =
-			tvix__castore__v1__put_blob_response__unpack(NULL, len, msg);
+			tvix__castore__v1__put_blob_response__unpack(NULL, len,
+								     msg);
 		if (!m)
 			return -EBADMSG;
 		r = take_digest(&m->digest, ret, &why);

@@ -15,7 +15,7 @@
 /* No Directory a sane store makes comes near this; a server sending more
  * is refused before it fills memory. */
 #define HTTP_MAX_DIRECTORY (64u << 20)
-#define HTTP_MAX_ROOTS (256u << 20)
+#define HTTP_MAX_ROOTS	   (256u << 20)
 
 struct dir_multi {
 	CURLM *multi;
@@ -28,7 +28,7 @@ struct http_fetcher {
 	struct cas_curl_pool pool;
 	pthread_mutex_t lock;
 	struct dir_multi *multis[8]; /* protected by lock */
-	size_t n_multis;             /* protected by lock */
+	size_t n_multis;	     /* protected by lock */
 };
 
 static struct http_fetcher *to_http(cas_fetcher *f)
@@ -53,7 +53,9 @@ static void setup_easy(CURL *e, const char *url)
 	/* A stalled server is a failure, not a hang. */
 	curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
 	curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, 60L);
-	curl_easy_setopt(e, CURLOPT_USERAGENT, "castore/" "0.1");
+	curl_easy_setopt(e, CURLOPT_USERAGENT,
+			 "castore/"
+			 "0.1");
 	curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
 }
 
@@ -65,7 +67,8 @@ static int transfer_result(CURL *e, CURLcode c, const char *url, int sink_r)
 	if (sink_r < 0)
 		return sink_r;
 	if (c != CURLE_OK)
-		return cas_log_errno(-EIO, "%s: %s", url, curl_easy_strerror(c));
+		return cas_log_errno(-EIO, "%s: %s", url,
+				     curl_easy_strerror(c));
 	curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code);
 	if (code == 200)
 		return 0;
@@ -107,7 +110,7 @@ static int http_blob_fetch(cas_fetcher *f, const cas_digest *d,
 	if (!e)
 		return -ENOMEM;
 	object_url(h, "blobs", d, url, sizeof(url));
-	struct blob_get g = { e, sink, userdata, 0, -1 };
+	struct blob_get g = {e, sink, userdata, 0, -1};
 	setup_easy(e, url);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, blob_write);
 	curl_easy_setopt(e, CURLOPT_WRITEDATA, &g);
@@ -208,12 +211,13 @@ static int http_directories_fetch(cas_fetcher *f, const cas_digest *ds,
 		return -ENOMEM;
 	for (size_t i = 0; i < HTTP_PARALLEL; i++) {
 		slots[i].index = SIZE_MAX;
-		slots[i].body = (struct membuf){ .max = HTTP_MAX_DIRECTORY };
+		slots[i].body = (struct membuf){.max = HTTP_MAX_DIRECTORY};
 	}
 
 	while ((next < n || running > 0)) {
 		/* Fill idle slots. */
-		for (size_t i = 0; i < HTTP_PARALLEL && next < n && r == 0; i++) {
+		for (size_t i = 0; i < HTTP_PARALLEL && next < n && r == 0;
+		     i++) {
 			struct slot *s = &slots[i];
 			if (s->index != SIZE_MAX)
 				continue;
@@ -259,7 +263,8 @@ static int http_directories_fetch(cas_fetcher *f, const cas_digest *ds,
 			progressed = true;
 			int tr;
 			if (s->body.too_big)
-				tr = cas_log_errno(-EIO, "%s: larger than %u bytes",
+				tr = cas_log_errno(-EIO,
+						   "%s: larger than %u bytes",
 						   s->url, HTTP_MAX_DIRECTORY);
 			else
 				tr = transfer_result(e, c, s->url, 0);
@@ -300,7 +305,7 @@ static int http_roots_fetch(cas_fetcher *f, char **ret_buf, size_t *ret_len)
 {
 	struct http_fetcher *h = to_http(f);
 	char url[4096];
-	struct membuf body = { .max = HTTP_MAX_ROOTS };
+	struct membuf body = {.max = HTTP_MAX_ROOTS};
 	CURL *e = cas_curl_pool_get(&h->pool);
 	if (!e)
 		return -ENOMEM;

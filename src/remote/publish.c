@@ -109,8 +109,8 @@ static int write_object(struct publisher *pb, const char *path, int in_fd,
 	if (r < 0)
 		return r;
 	snprintf(tmp, sizeof(tmp), "tmp/%ld.%u", (long)getpid(), pb->tmp_seq++);
-	_cleanup_close_ int fd = openat(pb->dirfd, tmp,
-					O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	_cleanup_close_ int fd = openat(
+		pb->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
 	if (fd < 0)
 		return cas_negerrno();
 	if (in_fd >= 0)
@@ -148,7 +148,8 @@ static int publish_blob(struct publisher *pb, const cas_digest *d)
 		return cas_log_errno(r, "blob %s: %m", hex);
 	r = write_object(pb, path, fd, size, NULL, 0);
 	if (r < 0)
-		return cas_log_errno(r, "publish blob %s into %s: %m", hex, pb->dir);
+		return cas_log_errno(r, "publish blob %s into %s: %m", hex,
+				     pb->dir);
 	pb->p.sent_objects++;
 	pb->p.sent_bytes += size;
 	return 0;
@@ -184,14 +185,15 @@ static int frame_load(struct publisher *pb, const cas_digest *d,
 	if (object_exists(pb, path))
 		return 0;
 	cas_digest_to_hex(d, hex);
-	*f = (struct pub_frame){ .d = *d };
+	*f = (struct pub_frame){.d = *d};
 	r = pb->s->ops->directory_get_raw(pb->s, d, &f->raw, &f->raw_len);
 	if (r < 0)
 		return cas_log_errno(r, "directory %s: %m", hex);
 	r = cas_directory_decode(f->raw, f->raw_len, &f->dir, &why);
 	if (r < 0) {
 		free(f->raw);
-		return cas_log_errno(r, "directory %s: %s", hex, why ? why : "?");
+		return cas_log_errno(r, "directory %s: %s", hex,
+				     why ? why : "?");
 	}
 	return 1;
 }
@@ -216,13 +218,16 @@ static int publish_tree(struct publisher *pb, const cas_digest *root)
 		cas_directory *dir = f->dir;
 		if (f->next_child == 0)
 			for (size_t i = 0; i < dir->n_files; i++)
-				if ((r = publish_blob(pb, &dir->files[i].digest)) < 0)
+				if ((r = publish_blob(
+					     pb, &dir->files[i].digest)) < 0)
 					goto out;
 		if (f->next_child < dir->n_directories) {
-			const cas_digest *cd = &dir->directories[f->next_child++].digest;
+			const cas_digest *cd =
+				&dir->directories[f->next_child++].digest;
 			if (depth == cap) {
 				cap *= 2;
-				struct pub_frame *ns = realloc(stack, cap * sizeof(*ns));
+				struct pub_frame *ns =
+					realloc(stack, cap * sizeof(*ns));
 				if (!ns) {
 					r = -ENOMEM;
 					goto out;
@@ -316,7 +321,7 @@ static int root_set_put(void *userdata, const char *name, const cas_node *node)
 		return -ENOMEM;
 	}
 	rs->v = nv;
-	nv[rs->n++] = (struct root_entry){ nname, dup };
+	nv[rs->n++] = (struct root_entry){nname, dup};
 	return 0;
 }
 
@@ -328,7 +333,8 @@ static int by_name(const void *a, const void *b)
 
 static int read_roots_file(struct publisher *pb, struct root_set *rs)
 {
-	_cleanup_close_ int fd = openat(pb->dirfd, "roots", O_RDONLY | O_CLOEXEC);
+	_cleanup_close_ int fd =
+		openat(pb->dirfd, "roots", O_RDONLY | O_CLOEXEC);
 	struct stat st;
 	if (fd < 0)
 		return errno == ENOENT ? 0 : cas_negerrno();
@@ -342,8 +348,9 @@ static int read_roots_file(struct publisher *pb, struct root_set *rs)
 		return r;
 	r = cas_roots_file_parse(buf, (size_t)st.st_size, root_set_put, rs);
 	if (r == -EBADMSG)
-		return cas_log_errno(r, "%s/roots: malformed; remove it to publish afresh",
-				     pb->dir);
+		return cas_log_errno(
+			r, "%s/roots: malformed; remove it to publish afresh",
+			pb->dir);
 	return r;
 }
 
@@ -352,7 +359,8 @@ static int write_roots_file(struct publisher *pb, struct root_set *rs)
 	char tmp[128];
 	snprintf(tmp, sizeof(tmp), "tmp/roots.%ld", (long)getpid());
 	(void)unlinkat(pb->dirfd, tmp, 0);
-	int fd = openat(pb->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	int fd = openat(pb->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+			0644);
 	if (fd < 0)
 		return cas_negerrno();
 	FILE *f = fdopen(fd, "w");
@@ -362,7 +370,9 @@ static int write_roots_file(struct publisher *pb, struct root_set *rs)
 	}
 	qsort(rs->v, rs->n, sizeof(*rs->v), by_name);
 	int r = 0;
-	fputs("# castore published roots v1: percent-encoded name TAB hex Node\n", f);
+	fputs("# castore published roots v1: percent-encoded name TAB hex "
+	      "Node\n",
+	      f);
 	for (size_t i = 0; i < rs->n && r >= 0; i++)
 		r = cas_roots_file_write_line(f, rs->v[i].name, rs->v[i].node);
 	if (fflush(f) != 0 || fsync(fileno(f)) < 0)
@@ -387,9 +397,11 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 		       size_t n_names, cas_remote_progress_cb progress,
 		       void *userdata, struct cas_remote_progress *ret_stats)
 {
-	struct publisher pb = { .s = s, .dirfd = -1, .progress = progress,
-				.userdata = userdata };
-	struct root_set todo = { 0 }, published = { 0 };
+	struct publisher pb = {.s = s,
+			       .dirfd = -1,
+			       .progress = progress,
+			       .userdata = userdata};
+	struct root_set todo = {0}, published = {0};
 	int r;
 
 	if (mkdir(dir, 0755) < 0 && errno != EEXIST)
@@ -402,10 +414,12 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 		r = -ENOMEM;
 		goto out;
 	}
-	static const char *const subdirs[] = { "blobs", "directories", "tmp" };
+	static const char *const subdirs[] = {"blobs", "directories", "tmp"};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(subdirs); i++)
-		if (mkdirat(pb.dirfd, subdirs[i], 0755) < 0 && errno != EEXIST) {
-			r = cas_log_errno(cas_negerrno(), "%s/%s: %m", dir, subdirs[i]);
+		if (mkdirat(pb.dirfd, subdirs[i], 0755) < 0 &&
+		    errno != EEXIST) {
+			r = cas_log_errno(cas_negerrno(), "%s/%s: %m", dir,
+					  subdirs[i]);
 			goto out;
 		}
 

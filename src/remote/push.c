@@ -48,7 +48,7 @@ struct pusher {
 	cas_digest *blobs;
 	size_t n_blobs, cap_blobs;
 	size_t next_blob; /* protected by lock */
-	int blobs_r;      /* first failure; protected by lock */
+	int blobs_r;	  /* first failure; protected by lock */
 };
 
 /* Blobs are checked and sent by this many threads at once (each call is
@@ -84,7 +84,8 @@ static int remote_has_dir(struct pusher *ps, const cas_digest *d)
 		return 0;
 	if (r < 0 && status >= 0)
 		return cas_log_errno(-EIO, "%s: Get: grpc-status %d: %s",
-				     cas_grpc_client_url(ps->client), status, msg);
+				     cas_grpc_client_url(ps->client), status,
+				     msg);
 	return r < 0 ? r : 1;
 }
 
@@ -104,7 +105,8 @@ static int remote_has_blob(struct pusher *ps, const cas_digest *d)
 		return 0;
 	if (r < 0 && status >= 0)
 		return cas_log_errno(-EIO, "%s: Stat: grpc-status %d: %s",
-				     cas_grpc_client_url(ps->client), status, msg);
+				     cas_grpc_client_url(ps->client), status,
+				     msg);
 	return r < 0 ? r : 1;
 }
 
@@ -148,7 +150,8 @@ static ssize_t blob_produce(void *userdata, uint8_t *buf, size_t size)
 		/* Next message (one empty message for an empty blob:
 		 * a Put stream of no message is a blob too, but explicit
 		 * is clearer to servers). */
-		size_t want = (size_t)CAS_MIN(b->size - b->off, (uint64_t)CAS_GRPC_CHUNK);
+		size_t want = (size_t)CAS_MIN(b->size - b->off,
+					      (uint64_t)CAS_GRPC_CHUNK);
 		b->hdr_len = cas_grpc_blob_chunk_header(b->hdr, want);
 		b->hdr_pos = 0;
 		b->chunk_left = want;
@@ -198,11 +201,11 @@ static int push_blob(struct pusher *ps, const cas_digest *d)
 	if (r != 0)
 		return r < 0 ? r : 0;
 	cas_digest_to_hex(d, hex);
-	struct blob_stream b = { .fd = -1 };
+	struct blob_stream b = {.fd = -1};
 	r = ps->s->ops->blob_open(ps->s, d, &b.fd, &b.size);
 	if (r < 0)
 		return cas_log_errno(r, "blob %s: %m", hex);
-	cas_digest got = { { 0 } };
+	cas_digest got = {{0}};
 	r = cas_grpc_call(ps->client, CAS_GRPC_PATH_BLOB_PUT, NULL, 0,
 			  blob_produce, &b, digest_msg, &got, &status, msg,
 			  sizeof(msg));
@@ -281,7 +284,8 @@ static int order_add(struct pusher *ps, const cas_digest *d, uint8_t *raw,
 		ps->order = n;
 		ps->cap_order = cap;
 	}
-	ps->order[ps->n_order++] = (struct pushed_dir){ *d, raw, len, remote_has };
+	ps->order[ps->n_order++] =
+		(struct pushed_dir){*d, raw, len, remote_has};
 	return 0;
 }
 
@@ -318,7 +322,8 @@ static int walk_tree(struct pusher *ps, const cas_digest *root)
 			ps->p.directories++;
 			if (depth == cap) {
 				cap = cap ? cap * 2 : 16;
-				struct frame *ns = realloc(stack, cap * sizeof(*ns));
+				struct frame *ns =
+					realloc(stack, cap * sizeof(*ns));
 				if (!ns) {
 					r = -ENOMEM;
 					break;
@@ -326,9 +331,10 @@ static int walk_tree(struct pusher *ps, const cas_digest *root)
 				stack = ns;
 			}
 			struct frame *f = &stack[depth];
-			*f = (struct frame){ .d = *todo };
+			*f = (struct frame){.d = *todo};
 			cas_digest_to_hex(todo, hex);
-			r = ps->s->ops->directory_get_raw(ps->s, todo, &f->raw, &f->len);
+			r = ps->s->ops->directory_get_raw(ps->s, todo, &f->raw,
+							  &f->len);
 			if (r < 0) {
 				r = cas_log_errno(r, "directory %s: %m", hex);
 				break;
@@ -336,7 +342,8 @@ static int walk_tree(struct pusher *ps, const cas_digest *root)
 			r = cas_directory_decode(f->raw, f->len, &f->dir, &why);
 			if (r < 0) {
 				free(f->raw);
-				r = cas_log_errno(r, "directory %s: %s", hex, why ? why : "?");
+				r = cas_log_errno(r, "directory %s: %s", hex,
+						  why ? why : "?");
 				break;
 			}
 			f->remote_has = parent_has;
@@ -352,8 +359,10 @@ static int walk_tree(struct pusher *ps, const cas_digest *root)
 			depth++;
 			todo = NULL;
 			if (!f->remote_has)
-				for (size_t i = 0; i < f->dir->n_files && r >= 0; i++)
-					r = want_blob(ps, &f->dir->files[i].digest);
+				for (size_t i = 0;
+				     i < f->dir->n_files && r >= 0; i++)
+					r = want_blob(ps,
+						      &f->dir->files[i].digest);
 			if (r < 0)
 				break;
 			tick(ps);
@@ -438,8 +447,8 @@ static int put_dirs(struct pusher *ps, const cas_digest *root, bool all)
 	char hex[CAS_DIGEST_HEX_LEN + 1], got_hex[CAS_DIGEST_HEX_LEN + 1];
 	char msg[256];
 	int status;
-	struct dir_stream ds = { .ps = ps, .all = all };
-	cas_digest got = { { 0 } };
+	struct dir_stream ds = {.ps = ps, .all = all};
+	cas_digest got = {{0}};
 	cas_digest_to_hex(root, hex);
 	int r = cas_grpc_call(ps->client, CAS_GRPC_PATH_DIRECTORY_PUT, NULL, 0,
 			      dir_produce, &ds, dir_digest_msg, &got, &status,
@@ -452,8 +461,9 @@ static int put_dirs(struct pusher *ps, const cas_digest *root, bool all)
 				     msg[0] ? ": " : "", msg);
 	if (!cas_digest_eq(&got, root)) {
 		cas_digest_to_hex(&got, got_hex);
-		return cas_log_errno(-EIO, "directory %s: %s stored the closure as %s",
-				     hex, cas_grpc_client_url(ps->client), got_hex);
+		return cas_log_errno(
+			-EIO, "directory %s: %s stored the closure as %s", hex,
+			cas_grpc_client_url(ps->client), got_hex);
 	}
 	return 0;
 }
@@ -494,7 +504,8 @@ static int push_root(struct pusher *ps, const char *name, const cas_node *node)
 		return 0;
 	r = put_dirs(ps, &node->digest, false);
 	if (r == -EAGAIN) {
-		cas_log_debug("root %s: the remote wants the whole closure; sending it",
+		cas_log_debug("root %s: the remote wants the whole closure; "
+			      "sending it",
 			      name);
 		r = put_dirs(ps, &node->digest, true);
 	}
@@ -506,7 +517,7 @@ int cas_remote_push(cas_store *s, const char *url, char *const *names,
 		    size_t n_names, cas_remote_progress_cb progress,
 		    void *userdata, struct cas_remote_progress *ret_stats)
 {
-	struct pusher ps = { .s = s, .progress = progress, .userdata = userdata };
+	struct pusher ps = {.s = s, .progress = progress, .userdata = userdata};
 	int r = cas_grpc_client_new(url, &ps.client);
 	if (r < 0)
 		return r;
@@ -521,7 +532,8 @@ int cas_remote_push(cas_store *s, const char *url, char *const *names,
 		r = push_root(&ps, names[i], node);
 		free(node);
 		if (r < 0)
-			cas_log_error("root %s: not pushed to %s", names[i], url);
+			cas_log_error("root %s: not pushed to %s", names[i],
+				      url);
 	}
 	if (ret_stats)
 		*ret_stats = ps.p;

@@ -13,9 +13,10 @@ static bool has_prefix(const char *s, const char *prefix)
 
 bool cas_remote_is_url(const char *spec)
 {
-	return spec && (has_prefix(spec, "grpc+http://") ||
-			has_prefix(spec, "grpc+unix://") ||
-			has_prefix(spec, "http://") || has_prefix(spec, "https://"));
+	return spec &&
+	       (has_prefix(spec, "grpc+http://") ||
+		has_prefix(spec, "grpc+unix://") ||
+		has_prefix(spec, "http://") || has_prefix(spec, "https://"));
 }
 
 int cas_remote_open(const char *url, const struct cas_remote_options *opts,
@@ -29,7 +30,8 @@ int cas_remote_open(const char *url, const struct cas_remote_options *opts,
 	else if (has_prefix(url, "http://") || has_prefix(url, "https://"))
 		r = cas_http_fetcher_new(url, &f);
 	else
-		return cas_log_errno(-EINVAL, "%s: not a remote store URL", url);
+		return cas_log_errno(-EINVAL, "%s: not a remote store URL",
+				     url);
 	if (r < 0)
 		return r;
 	return cas_cache_store_new(f, url, opts, ret);

@@ -36,8 +36,8 @@ int cas_remote_open(const char *url, const struct cas_remote_options *opts,
 /* Progress of publish and push (called now and then from the calling
  * thread; may be NULL). */
 struct cas_remote_progress {
-	uint64_t directories; /* Directories walked */
-	uint64_t blobs;       /* blobs walked */
+	uint64_t directories;  /* Directories walked */
+	uint64_t blobs;	       /* blobs walked */
 	uint64_t sent_objects; /* objects written or sent (missing remotely) */
 	uint64_t sent_bytes;
 };

@@ -37,8 +37,8 @@ struct cas_fetcher_ops {
 			  cas_fetch_sink sink, void *userdata);
 	/* Fetches each of the n Directories (concurrently if the transport
 	 * can), calling cb once per Directory. An absent one is -ENOENT. */
-	int (*directories_fetch)(cas_fetcher *f, const cas_digest *ds,
-				 size_t n, cas_fetch_dir_cb cb, void *userdata);
+	int (*directories_fetch)(cas_fetcher *f, const cas_digest *ds, size_t n,
+				 cas_fetch_dir_cb cb, void *userdata);
 	/* Optional (NULL): d and every Directory below it in one request,
 	 * each sent after one that names it. */
 	int (*directory_fetch_tree)(cas_fetcher *f, const cas_digest *d,
@@ -88,7 +88,7 @@ int cas_curl_init(void);
 struct cas_curl_pool {
 	pthread_mutex_t lock;
 	CURL *free_handles[16]; /* protected by lock */
-	size_t n_free;          /* protected by lock */
+	size_t n_free;		/* protected by lock */
 };
 void cas_curl_pool_init(struct cas_curl_pool *p);
 void cas_curl_pool_release(struct cas_curl_pool *p);

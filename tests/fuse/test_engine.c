@@ -26,7 +26,7 @@
  * 4 /dir         empty dir
  * 5 /fdfile      20000 bytes of pattern, read through an fd (passthrough)
  */
-#define FILE_SIZE 10000
+#define FILE_SIZE   10000
 #define FDFILE_SIZE 20000
 
 struct fake {
@@ -100,10 +100,10 @@ static void f_destroy(void *fs)
 	((struct fake *)fs)->destroy_calls++;
 }
 
-static const char *names[] = { NULL, NULL, "file", "link", "dir", "fdfile" };
+static const char *names[] = {NULL, NULL, "file", "link", "dir", "fdfile"};
 
-static int f_lookup(void *fs, uint64_t parent, const char *name,
-		    size_t namelen, struct cas_fuse_entry *ret)
+static int f_lookup(void *fs, uint64_t parent, const char *name, size_t namelen,
+		    struct cas_fuse_entry *ret)
 {
 	if (parent != 1)
 		return parent <= 5 ? -ENOENT : -ESTALE;
@@ -214,17 +214,16 @@ static int f_readdir(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
 	if (ino != 1)
 		return ino == 4 ? 0 : -ENOTDIR;
 	/* offsets: 0 "." 1 ".." 2 file 3 link 4 dir 5 fdfile 6 (end) */
-	static const char *all[] = { ".", "..", "file", "link", "dir", "fdfile" };
-	static const uint64_t inos[] = { 1, 1, 2, 3, 4, 5 };
+	static const char *all[] = {".", "..", "file", "link", "dir", "fdfile"};
+	static const uint64_t inos[] = {1, 1, 2, 3, 4, 5};
 	for (uint64_t i = off; i < 6; i++) {
-		struct cas_fuse_entry e = { .entry_valid = 11, .attr_valid = 12 };
+		struct cas_fuse_entry e = {.entry_valid = 11, .attr_valid = 12};
 		make_attr(inos[i], &e.attr);
 		bool dot = i < 2;
-		int r = cas_fuse_dirbuf_add(db, (const uint8_t *)all[i],
-					    strlen(all[i]), inos[i], e.attr.mode,
-					    i + 1,
-					    cas_fuse_dirbuf_plus(db) && !dot ? &e
-									     : NULL);
+		int r = cas_fuse_dirbuf_add(
+			db, (const uint8_t *)all[i], strlen(all[i]), inos[i],
+			e.attr.mode, i + 1,
+			cas_fuse_dirbuf_plus(db) && !dot ? &e : NULL);
 		if (r < 0)
 			return r;
 		if (r == 0)
@@ -370,7 +369,8 @@ static void run_iov(struct cas_fuse_session *s, const struct iovec *iov,
 		return;
 	REQUIRE(o->reply.len >= sizeof(o->oh) && o->reply.len <= reply_size);
 	memcpy(&o->oh, reply_buf, sizeof(o->oh));
-	CHECK(o->oh.len == o->reply.len + (o->reply.fd >= 0 ? o->reply.fd_len : 0));
+	CHECK(o->oh.len ==
+	      o->reply.len + (o->reply.fd >= 0 ? o->reply.fd_len : 0));
 	CHECK(o->oh.unique == o->reply.unique);
 	if (o->oh.error != 0)
 		CHECK(o->reply.len == sizeof(o->oh) && o->reply.fd < 0);
@@ -380,7 +380,7 @@ static void run_iov(struct cas_fuse_session *s, const struct iovec *iov,
 
 static void run(struct cas_fuse_session *s, struct req *r, struct out *o)
 {
-	struct iovec iov = { .iov_base = r->b, .iov_len = r->len };
+	struct iovec iov = {.iov_base = r->b, .iov_len = r->len};
 	run_iov(s, &iov, 1, o);
 }
 
@@ -408,7 +408,8 @@ static struct cas_fuse_session *new_session(bool passthrough,
 		cfg.transport = &fake;
 	}
 	size_t need = cas_fuse_reply_bufsize(&cfg);
-	CHECK(need >= sizeof(struct fuse_out_header) + (size_t)max_pages * 4096);
+	CHECK(need >=
+	      sizeof(struct fuse_out_header) + (size_t)max_pages * 4096);
 	CHECK(need >= sizeof(struct fuse_out_header) + 65536);
 	if (need > reply_size) {
 		free(reply_buf);
@@ -498,7 +499,8 @@ static void test_init_new(void)
 	CHECK(io.max_readahead <= 1 << 20);
 	CHECK(fake.init_calls == 1);
 	CHECK(fake.seen_conn.can_passthrough && fake.seen_conn.can_readdirplus);
-	CHECK(fake.seen_conn.proto_major == 7 && fake.seen_conn.proto_minor == 45);
+	CHECK(fake.seen_conn.proto_major == 7 &&
+	      fake.seen_conn.proto_minor == 45);
 	const struct cas_fuse_conn *conn = cas_fuse_session_conn(s);
 	CHECK(conn->want_passthrough && conn->want_readdirplus);
 
@@ -521,7 +523,7 @@ static void test_init_new(void)
 	CHECK(io.max_pages == 64);
 	/* READDIRPLUS not negotiated: refused. */
 	req_start(&r, FUSE_READDIRPLUS, 1);
-	struct fuse_read_in rin = { .fh = 7, .size = 4096 };
+	struct fuse_read_in rin = {.fh = 7, .size = 4096};
 	req_add(&r, &rin, sizeof(rin));
 	req_end(&r);
 	CHECK(run_err(s, &r) == -ENOSYS);
@@ -604,7 +606,7 @@ static void test_init_old(void)
 	/* A newer major: answer with ours, stay uninitialised. */
 	s = new_session(false, 32);
 	req_start(&r, FUSE_INIT, 0);
-	struct fuse_init_in in = { .major = 8, .minor = 1 };
+	struct fuse_init_in in = {.major = 8, .minor = 1};
 	req_add(&r, &in, sizeof(in));
 	req_end(&r);
 	run(s, &r, &o);
@@ -619,7 +621,7 @@ static void test_init_old(void)
 	/* An older major is refused. */
 	s = new_session(false, 32);
 	req_start(&r, FUSE_INIT, 0);
-	in = (struct fuse_init_in){ .major = 6, .minor = 99 };
+	in = (struct fuse_init_in){.major = 6, .minor = 99};
 	req_add(&r, &in, sizeof(in));
 	req_end(&r);
 	CHECK(run_err(s, &r) == -EPROTO);
@@ -698,7 +700,7 @@ static void test_lookup_getattr(void)
 
 	/* GETATTR with and without its (7.9+) argument. */
 	req_start(&r, FUSE_GETATTR, 5);
-	struct fuse_getattr_in gin = { 0 };
+	struct fuse_getattr_in gin = {0};
 	req_add(&r, &gin, sizeof(gin));
 	req_end(&r);
 	run(s, &r, &o);
@@ -738,7 +740,7 @@ static uint64_t open_file(struct cas_fuse_session *s, uint64_t ino,
 	struct req r;
 	struct out o;
 	req_start(&r, FUSE_OPEN, ino);
-	struct fuse_open_in in = { .flags = O_RDONLY };
+	struct fuse_open_in in = {.flags = O_RDONLY};
 	req_add(&r, &in, sizeof(in));
 	req_end(&r);
 	run(s, &r, &o);
@@ -757,7 +759,7 @@ static int release_file(struct cas_fuse_session *s, uint64_t ino, uint64_t fh)
 {
 	struct req r;
 	req_start(&r, FUSE_RELEASE, ino);
-	struct fuse_release_in in = { .fh = fh };
+	struct fuse_release_in in = {.fh = fh};
 	req_add(&r, &in, sizeof(in));
 	req_end(&r);
 	return run_err(s, &r);
@@ -767,7 +769,7 @@ static void read_req(struct req *r, uint64_t ino, uint64_t fh, uint64_t off,
 		     uint32_t size)
 {
 	req_start(r, FUSE_READ, ino);
-	struct fuse_read_in in = { .fh = fh, .offset = off, .size = size };
+	struct fuse_read_in in = {.fh = fh, .offset = off, .size = size};
 	req_add(r, &in, sizeof(in));
 	req_end(r);
 }
@@ -779,17 +781,17 @@ static void test_open_read(void)
 	struct out o;
 
 	/* Writable opens are refused before the fs sees them. */
-	uint32_t modes[] = { O_WRONLY, O_RDWR, O_RDONLY | O_TRUNC,
-			     O_WRONLY | O_APPEND };
+	uint32_t modes[] = {O_WRONLY, O_RDWR, O_RDONLY | O_TRUNC,
+			    O_WRONLY | O_APPEND};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(modes); i++) {
 		req_start(&r, FUSE_OPEN, 2);
-		struct fuse_open_in in = { .flags = modes[i] };
+		struct fuse_open_in in = {.flags = modes[i]};
 		req_add(&r, &in, sizeof(in));
 		req_end(&r);
 		CHECK(run_err(s, &r) == -EROFS);
 	}
 	req_start(&r, FUSE_OPEN, 1);
-	struct fuse_open_in oin = { .flags = O_RDONLY };
+	struct fuse_open_in oin = {.flags = O_RDONLY};
 	req_add(&r, &oin, sizeof(oin));
 	req_end(&r);
 	CHECK(run_err(s, &r) == -EISDIR);
@@ -803,8 +805,9 @@ static void test_open_read(void)
 
 	/* Whole file through the buffer, in odd pieces. */
 	uint64_t off = 0;
-	size_t sizes[] = { 1, 4095, 4096, 7, 100000 };
-	for (size_t i = 0; off < FILE_SIZE; i = (i + 1) % CAS_ARRAY_SIZE(sizes)) {
+	size_t sizes[] = {1, 4095, 4096, 7, 100000};
+	for (size_t i = 0; off < FILE_SIZE;
+	     i = (i + 1) % CAS_ARRAY_SIZE(sizes)) {
 		read_req(&r, 2, fh, off, (uint32_t)sizes[i]);
 		run(s, &r, &o);
 		CHECK(o.oh.error == 0 && o.reply.fd == -1);
@@ -832,7 +835,7 @@ static void test_open_read(void)
 	CHECK(run_err(s, &r) == -EINVAL);
 	/* The pre-7.9 24-byte fuse_read_in is enough. */
 	req_start(&r, FUSE_READ, 2);
-	struct fuse_read_in rin = { .fh = fh, .offset = 3, .size = 2 };
+	struct fuse_read_in rin = {.fh = fh, .offset = 3, .size = 2};
 	req_add(&r, &rin, 24);
 	req_end(&r);
 	run(s, &r, &o);
@@ -864,8 +867,8 @@ static void test_open_read(void)
 	struct fuse_init_out io;
 	memcpy(&io, o.payload, sizeof(io));
 	CHECK(io.max_pages == 1);
-	CHECK(cas_fuse_reply_bufsize(&(struct cas_fuse_config){ .max_pages = 1 }) >=
-	      16 + 32 * 4096);
+	CHECK(cas_fuse_reply_bufsize(&(struct cas_fuse_config){
+		      .max_pages = 1}) >= 16 + 32 * 4096);
 	fh = open_file(s, 2, NULL, NULL);
 	read_req(&r, 2, fh, 0, 10000);
 	run(s, &r, &o);
@@ -882,7 +885,7 @@ static size_t decode_dir(const struct out *o, bool plus, char names_out[][16],
 	while (pos < o->payload_len) {
 		CHECK(pos % 8 == 0);
 		REQUIRE(o->payload_len - pos >= head);
-		struct fuse_entry_out eo = { 0 };
+		struct fuse_entry_out eo = {0};
 		struct fuse_dirent de;
 		if (plus) {
 			memcpy(&eo, o->payload + pos, sizeof(eo));
@@ -902,8 +905,9 @@ static size_t decode_dir(const struct out *o, bool plus, char names_out[][16],
 		nodeids[n] = plus ? eo.nodeid : de.ino;
 		if (plus && eo.nodeid)
 			CHECK(eo.attr.ino == de.ino && eo.entry_valid == 11);
-		CHECK(de.type == (plus && eo.nodeid ? (eo.attr.mode & S_IFMT) >> 12
-						    : de.type));
+		CHECK(de.type == (plus && eo.nodeid
+					  ? (eo.attr.mode & S_IFMT) >> 12
+					  : de.type));
 		n++;
 		pos += rec;
 	}
@@ -919,7 +923,7 @@ static void test_readdir(void)
 	uint64_t offs[16], ids[16];
 
 	req_start(&r, FUSE_OPENDIR, 1);
-	struct fuse_open_in oin = { .flags = O_RDONLY | O_DIRECTORY };
+	struct fuse_open_in oin = {.flags = O_RDONLY | O_DIRECTORY};
 	req_add(&r, &oin, sizeof(oin));
 	req_end(&r);
 	run(s, &r, &o);
@@ -932,7 +936,7 @@ static void test_readdir(void)
 	for (int plus = 0; plus <= 1; plus++) {
 		uint32_t opc = plus ? FUSE_READDIRPLUS : FUSE_READDIR;
 		req_start(&r, opc, 1);
-		struct fuse_read_in in = { .fh = 7, .size = 4096 };
+		struct fuse_read_in in = {.fh = 7, .size = 4096};
 		req_add(&r, &in, sizeof(in));
 		req_end(&r);
 		run(s, &r, &o);
@@ -940,7 +944,8 @@ static void test_readdir(void)
 		size_t n = decode_dir(&o, plus, nm, offs, ids, 16);
 		CHECK(n == 6);
 		CHECK(strcmp(nm[0], ".") == 0 && strcmp(nm[1], "..") == 0);
-		CHECK(strcmp(nm[2], "file") == 0 && strcmp(nm[5], "fdfile") == 0);
+		CHECK(strcmp(nm[2], "file") == 0 &&
+		      strcmp(nm[5], "fdfile") == 0);
 		CHECK(offs[0] == 1 && offs[5] == 6);
 		if (plus) {
 			/* "." and "..": no attributes, no lookup. */
@@ -952,14 +957,15 @@ static void test_readdir(void)
 
 		/* A small buffer: entries stop where the kernel's size ends,
 		 * and the offset resumes after the last one. */
-		size_t one = plus ? FUSE_DIRENT_ALIGN(FUSE_NAME_OFFSET_DIRENTPLUS + 4)
+		size_t one = plus ? FUSE_DIRENT_ALIGN(
+					    FUSE_NAME_OFFSET_DIRENTPLUS + 4)
 				  : FUSE_DIRENT_ALIGN(FUSE_NAME_OFFSET + 4);
 		uint64_t off = 0;
 		size_t total = 0;
 		for (int iter = 0; iter < 20; iter++) {
 			req_start(&r, opc, 1);
-			in = (struct fuse_read_in){ .fh = 7, .offset = off,
-						    .size = (uint32_t)one };
+			in = (struct fuse_read_in){
+				.fh = 7, .offset = off, .size = (uint32_t)one};
 			req_add(&r, &in, sizeof(in));
 			req_end(&r);
 			run(s, &r, &o);
@@ -976,12 +982,12 @@ static void test_readdir(void)
 		/* Every record of this directory has the same aligned size:
 		 * exactly size / rec of them fit, never a byte more. */
 		size_t rec = plus ? 160 : 32;
-		size_t sizes[] = { rec - 1, rec, rec + 7, 2 * rec - 1, 2 * rec,
-				   5 * rec + 3 };
+		size_t sizes[] = {rec - 1,     rec,	rec + 7,
+				  2 * rec - 1, 2 * rec, 5 * rec + 3};
 		for (size_t k = 0; k < CAS_ARRAY_SIZE(sizes); k++) {
 			req_start(&r, opc, 1);
-			in = (struct fuse_read_in){ .fh = 7,
-						    .size = (uint32_t)sizes[k] };
+			in = (struct fuse_read_in){.fh = 7,
+						   .size = (uint32_t)sizes[k]};
 			req_add(&r, &in, sizeof(in));
 			req_end(&r);
 			run(s, &r, &o);
@@ -992,7 +998,7 @@ static void test_readdir(void)
 		}
 		/* Too small for any entry: an empty reply. */
 		req_start(&r, opc, 1);
-		in = (struct fuse_read_in){ .fh = 7, .size = 10 };
+		in = (struct fuse_read_in){.fh = 7, .size = 10};
 		req_add(&r, &in, sizeof(in));
 		req_end(&r);
 		run(s, &r, &o);
@@ -1000,7 +1006,7 @@ static void test_readdir(void)
 	}
 	/* An empty dir, and readdir of a file. */
 	req_start(&r, FUSE_READDIR, 4);
-	struct fuse_read_in in = { .fh = 7, .size = 4096 };
+	struct fuse_read_in in = {.fh = 7, .size = 4096};
 	req_add(&r, &in, sizeof(in));
 	req_end(&r);
 	run(s, &r, &o);
@@ -1011,7 +1017,7 @@ static void test_readdir(void)
 	CHECK(run_err(s, &r) == -ENOTDIR);
 
 	req_start(&r, FUSE_RELEASEDIR, 1);
-	struct fuse_release_in rin = { .fh = 7 };
+	struct fuse_release_in rin = {.fh = 7};
 	req_add(&r, &rin, sizeof(rin));
 	req_end(&r);
 	CHECK(run_err(s, &r) == 0);
@@ -1028,7 +1034,7 @@ static void test_truncated(void)
 	for (size_t n = 0; n < sizeof(struct fuse_in_header); n++) {
 		req_start(&r, FUSE_GETATTR, 1);
 		req_end(&r);
-		struct iovec iov = { .iov_base = r.b, .iov_len = n };
+		struct iovec iov = {.iov_base = r.b, .iov_len = n};
 		run_iov(s, &iov, 1, &o);
 		CHECK(!o.reply.send);
 	}
@@ -1082,16 +1088,17 @@ static void test_truncated(void)
 	CHECK(run_err(s, &r) == 0);
 
 	/* Unknown opcodes, a hole in the table, huge ones. */
-	uint32_t unknown[] = { 0, 7, 19, 53, 99, 4096, 1u << 24, UINT32_MAX };
+	uint32_t unknown[] = {0, 7, 19, 53, 99, 4096, 1u << 24, UINT32_MAX};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(unknown); i++) {
 		req_start(&r, unknown[i], 1);
 		req_end(&r);
 		CHECK(run_err(s, &r) == -ENOSYS);
 	}
 	/* Known but unsupported. */
-	uint32_t enosys[] = { FUSE_GETLK, FUSE_SETLK, FUSE_SETLKW, FUSE_BMAP,
-			      FUSE_POLL, FUSE_LSEEK, CAS_FUSE_STATX,
-			      FUSE_SETUPMAPPING, FUSE_REMOVEMAPPING };
+	uint32_t enosys[] = {
+		FUSE_GETLK,	FUSE_SETLK,	   FUSE_SETLKW,
+		FUSE_BMAP,	FUSE_POLL,	   FUSE_LSEEK,
+		CAS_FUSE_STATX, FUSE_SETUPMAPPING, FUSE_REMOVEMAPPING};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(enosys); i++) {
 		req_start(&r, enosys[i], 2);
 		req_add(&r, reply_buf, 64);
@@ -1102,10 +1109,11 @@ static void test_truncated(void)
 	req_end(&r);
 	CHECK(run_err(s, &r) == -ENOTTY);
 	/* Harmless ones answer 0. */
-	uint32_t ok[] = { FUSE_FLUSH, FUSE_FSYNC, FUSE_FSYNCDIR, FUSE_SYNCFS };
+	uint32_t ok[] = {FUSE_FLUSH, FUSE_FSYNC, FUSE_FSYNCDIR, FUSE_SYNCFS};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(ok); i++) {
 		req_start(&r, ok[i], 2);
-		req_add(&r, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0", 24);
+		req_add(&r, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
+			24);
 		req_end(&r);
 		CHECK(run_err(s, &r) == 0);
 	}
@@ -1152,12 +1160,12 @@ static void test_split(void)
 				 * any read past a piece. */
 				uint8_t *p[3];
 				struct iovec iov[3];
-				size_t cut[4] = { 0, a, b, r.len };
+				size_t cut[4] = {0, a, b, r.len};
 				for (int k = 0; k < 3; k++) {
 					size_t n = cut[k + 1] - cut[k];
 					p[k] = malloc(n ? n : 1);
 					memcpy(p[k], r.b + cut[k], n);
-					iov[k] = (struct iovec){ p[k], n };
+					iov[k] = (struct iovec){p[k], n};
 				}
 				run_iov(s, iov, 3, &o);
 				if (o.reply.len != wlen ||
@@ -1173,12 +1181,12 @@ static void test_split(void)
 	req_start(&r, FUSE_LOOKUP, 1);
 	req_name(&r, "file");
 	req_end(&r);
-	struct iovec iov[2] = { { r.b, 20 }, { r.b + 20, r.len - 21 } };
+	struct iovec iov[2] = {{r.b, 20}, {r.b + 20, r.len - 21}};
 	run_iov(s, iov, 2, &o);
 	CHECK(o.reply.send && o.oh.error == -EINVAL);
 	/* Empty pieces are fine. */
-	struct iovec iov4[4] = { { r.b, 0 }, { r.b, 40 }, { r.b, 0 },
-				 { r.b + 40, r.len - 40 } };
+	struct iovec iov4[4] = {
+		{r.b, 0}, {r.b, 40}, {r.b, 0}, {r.b + 40, r.len - 40}};
 	run_iov(s, iov4, 4, &o);
 	CHECK(o.reply.send && o.oh.error == 0);
 	cas_fuse_session_free(s);
@@ -1192,7 +1200,7 @@ static void test_forget(void)
 	atomic_store(&fake.forgets, 0);
 	atomic_store(&fake.forget_sum, 0);
 	req_start(&r, FUSE_FORGET, 2);
-	struct fuse_forget_in fin = { .nlookup = 3 };
+	struct fuse_forget_in fin = {.nlookup = 3};
 	req_add(&r, &fin, sizeof(fin));
 	req_end(&r);
 	CHECK(run_err(s, &r) == 1);
@@ -1205,14 +1213,14 @@ static void test_forget(void)
 	CHECK(fake.forgets == 1);
 
 	/* BATCH_FORGET: exact, and with counts larger than the entries. */
-	uint32_t counts[] = { 2, 3, 1000, UINT32_MAX, 0 };
-	unsigned want[] = { 2, 2, 2, 2, 0 };
+	uint32_t counts[] = {2, 3, 1000, UINT32_MAX, 0};
+	unsigned want[] = {2, 2, 2, 2, 0};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(counts); i++) {
 		atomic_store(&fake.forgets, 0);
 		req_start(&r, FUSE_BATCH_FORGET, 0);
-		struct fuse_batch_forget_in bin = { .count = counts[i] };
+		struct fuse_batch_forget_in bin = {.count = counts[i]};
 		req_add(&r, &bin, sizeof(bin));
-		struct fuse_forget_one one[2] = { { 2, 1 }, { 3, 5 } };
+		struct fuse_forget_one one[2] = {{2, 1}, {3, 5}};
 		req_add(&r, one, sizeof(one));
 		req_add(&r, "\1\2\3", 3); /* a partial third entry */
 		req_end(&r);
@@ -1239,11 +1247,13 @@ static void test_readonly(void)
 {
 	struct cas_fuse_session *s = ready_session(false);
 	struct req r;
-	uint32_t mods[] = { FUSE_SETATTR, FUSE_SYMLINK, FUSE_MKNOD, FUSE_MKDIR,
-			    FUSE_UNLINK, FUSE_RMDIR, FUSE_RENAME, FUSE_LINK,
-			    FUSE_WRITE, FUSE_SETXATTR, FUSE_REMOVEXATTR,
-			    FUSE_CREATE, FUSE_FALLOCATE, FUSE_RENAME2,
-			    FUSE_COPY_FILE_RANGE, FUSE_TMPFILE };
+	uint32_t mods[] = {
+		FUSE_SETATTR,	FUSE_SYMLINK,	  FUSE_MKNOD,
+		FUSE_MKDIR,	FUSE_UNLINK,	  FUSE_RMDIR,
+		FUSE_RENAME,	FUSE_LINK,	  FUSE_WRITE,
+		FUSE_SETXATTR,	FUSE_REMOVEXATTR, FUSE_CREATE,
+		FUSE_FALLOCATE, FUSE_RENAME2,	  FUSE_COPY_FILE_RANGE,
+		FUSE_TMPFILE};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(mods); i++) {
 		req_start(&r, mods[i], 2);
 		req_add(&r, reply_buf, 80);
@@ -1258,7 +1268,7 @@ static void test_readonly(void)
 	/* ACCESS for writing is refused, the rest allowed (NULL op: ENOSYS,
 	 * which the kernel takes as "allowed from now on"). */
 	req_start(&r, FUSE_ACCESS, 2);
-	struct fuse_access_in ain = { .mask = W_OK };
+	struct fuse_access_in ain = {.mask = W_OK};
 	req_add(&r, &ain, sizeof(ain));
 	req_end(&r);
 	CHECK(run_err(s, &r) == -EROFS);
@@ -1275,7 +1285,7 @@ static void test_xattr(void)
 	struct cas_fuse_session *s = ready_session(false);
 	struct req r;
 	struct out o;
-	struct fuse_getxattr_in gin = { .size = 100 };
+	struct fuse_getxattr_in gin = {.size = 100};
 
 	/* No getxattr op: ENOSYS. */
 	fake_ops.getxattr = NULL;
@@ -1299,7 +1309,8 @@ static void test_xattr(void)
 	run(s, &r, &o);
 	struct fuse_getxattr_out gout;
 	memcpy(&gout, o.payload, sizeof(gout));
-	CHECK(o.oh.error == 0 && o.payload_len == sizeof(gout) && gout.size == 5);
+	CHECK(o.oh.error == 0 && o.payload_len == sizeof(gout) &&
+	      gout.size == 5);
 	/* Too small, absent, unterminated name. */
 	req_start(&r, FUSE_GETXATTR, 2);
 	gin.size = 3;
@@ -1454,19 +1465,20 @@ static void *thread_main(void *p)
 	uint8_t *buf = malloc(size);
 	struct req r;
 	for (int i = 0; i < 2000; i++) {
-		struct cas_fuse_reply reply = { .buf = buf, .buf_size = size };
+		struct cas_fuse_reply reply = {.buf = buf, .buf_size = size};
 		if (i % 3 == 0) {
 			req_start(&r, FUSE_LOOKUP, 1);
 			req_name(&r, "file");
 		} else if (i % 3 == 1) {
 			req_start(&r, FUSE_OPEN, 5);
-			struct fuse_open_in in = { .flags = O_RDONLY };
+			struct fuse_open_in in = {.flags = O_RDONLY};
 			req_add(&r, &in, sizeof(in));
 		} else {
-			read_req(&r, 2, 200, (uint64_t)(i * 7 % FILE_SIZE), 512);
+			read_req(&r, 2, 200, (uint64_t)(i * 7 % FILE_SIZE),
+				 512);
 		}
 		req_end(&r);
-		struct iovec iov = { r.b, r.len };
+		struct iovec iov = {r.b, r.len};
 		cas_fuse_session_process(t->s, &iov, 1, &reply);
 		struct fuse_out_header oh;
 		memcpy(&oh, buf, sizeof(oh));
@@ -1478,10 +1490,10 @@ static void *thread_main(void *p)
 			if (!(oo.open_flags & CAS_FOPEN_PASSTHROUGH))
 				t->errors++;
 			req_start(&r, FUSE_RELEASE, 5);
-			struct fuse_release_in rin = { .fh = oo.fh };
+			struct fuse_release_in rin = {.fh = oo.fh};
 			req_add(&r, &rin, sizeof(rin));
 			req_end(&r);
-			iov = (struct iovec){ r.b, r.len };
+			iov = (struct iovec){r.b, r.len};
 			cas_fuse_session_process(t->s, &iov, 1, &reply);
 		}
 	}
@@ -1497,8 +1509,9 @@ static void test_threads(void)
 	pthread_t th[8];
 	struct thread_arg args[8];
 	for (int i = 0; i < 8; i++) {
-		args[i] = (struct thread_arg){ .s = s, .id = i };
-		REQUIRE(pthread_create(&th[i], NULL, thread_main, &args[i]) == 0);
+		args[i] = (struct thread_arg){.s = s, .id = i};
+		REQUIRE(pthread_create(&th[i], NULL, thread_main, &args[i]) ==
+			0);
 	}
 	int errors = 0;
 	for (int i = 0; i < 8; i++) {
@@ -1517,18 +1530,18 @@ static void test_small_reply_buffer(void)
 	struct cas_fuse_session *s = ready_session(false);
 	struct req r;
 	uint8_t small[20];
-	struct cas_fuse_reply reply = { .buf = small, .buf_size = sizeof(small) };
+	struct cas_fuse_reply reply = {.buf = small, .buf_size = sizeof(small)};
 	req_start(&r, FUSE_LOOKUP, 1);
 	req_name(&r, "file");
 	req_end(&r);
-	struct iovec iov = { r.b, r.len };
+	struct iovec iov = {r.b, r.len};
 	CHECK(cas_fuse_session_process(s, &iov, 1, &reply) == 0);
 	struct fuse_out_header oh;
 	memcpy(&oh, small, sizeof(oh));
 	CHECK(reply.send && oh.error == -EIO && reply.len == sizeof(oh));
 	/* A read into a tiny buffer is cut to it. */
 	read_req(&r, 2, 200, 0, 100);
-	iov = (struct iovec){ r.b, r.len };
+	iov = (struct iovec){r.b, r.len};
 	CHECK(cas_fuse_session_process(s, &iov, 1, &reply) == 0);
 	memcpy(&oh, small, sizeof(oh));
 	CHECK(reply.send && oh.error == 0 && reply.len == sizeof(small));
@@ -1541,8 +1554,8 @@ static void test_small_reply_buffer(void)
 
 static void test_cursor(void)
 {
-	uint8_t a[] = { 1, 2, 3 }, b[] = { 4 }, c[] = { 5, 6, 0, 8 };
-	struct iovec iov[] = { { a, 3 }, { b, 0 }, { b, 1 }, { c, 4 } };
+	uint8_t a[] = {1, 2, 3}, b[] = {4}, c[] = {5, 6, 0, 8};
+	struct iovec iov[] = {{a, 3}, {b, 0}, {b, 1}, {c, 4}};
 	struct cas_fuse_cursor cur;
 	cas_fuse_cursor_init(&cur, iov, 4);
 	CHECK(cur.left == 8);
@@ -1560,7 +1573,7 @@ static void test_cursor(void)
 	CHECK(cas_fuse_cursor_copy(&cur, out, 0) == 0);
 
 	/* Lengths that wrap size_t do not make the input look long. */
-	struct iovec huge[] = { { a, SIZE_MAX }, { b, 2 } };
+	struct iovec huge[] = {{a, SIZE_MAX}, {b, 2}};
 	cas_fuse_cursor_init(&cur, huge, 2);
 	CHECK(cur.left == SIZE_MAX);
 	cas_fuse_cursor_init(&cur, iov, -3);
@@ -1580,7 +1593,8 @@ static void test_cursor(void)
 	CHECK(cas_fuse_cursor_copy_partial(&cur, big, sizeof(big), 8) == 0);
 	CHECK(big[7] == 8 && big[8] == 0 && big[15] == 0);
 	cas_fuse_cursor_init(&cur, iov, 4);
-	CHECK(cas_fuse_cursor_copy_partial(&cur, big, sizeof(big), 9) == -EINVAL);
+	CHECK(cas_fuse_cursor_copy_partial(&cur, big, sizeof(big), 9) ==
+	      -EINVAL);
 
 	CHECK(strcmp(cas_fuse_opcode_name(FUSE_LOOKUP), "LOOKUP") == 0);
 	CHECK(strcmp(cas_fuse_opcode_name(12345), "UNKNOWN") == 0);

@@ -54,13 +54,15 @@ static void test_reader(void)
 
 	/* Whole, and byte by byte: the same messages. */
 	for (int bytewise = 0; bytewise < 2; bytewise++) {
-		struct cas_grpc_reader r = { 0 };
-		struct collected c = { 0 };
+		struct cas_grpc_reader r = {0};
+		struct collected c = {0};
 		if (bytewise)
 			for (size_t i = 0; i < n; i++)
-				CHECK(cas_grpc_reader_feed(&r, stream + i, 1, collect, &c) == 0);
+				CHECK(cas_grpc_reader_feed(&r, stream + i, 1,
+							   collect, &c) == 0);
 		else
-			CHECK(cas_grpc_reader_feed(&r, stream, n, collect, &c) == 0);
+			CHECK(cas_grpc_reader_feed(&r, stream, n, collect,
+						   &c) == 0);
 		CHECK(c.n == 3);
 		CHECK(c.lens[0] == 3 && c.lens[1] == 0 && c.lens[2] == 2);
 		CHECK(memcmp(c.buf, "abcde", 5) == 0);
@@ -68,20 +70,22 @@ static void test_reader(void)
 		cas_grpc_reader_release(&r);
 	}
 	/* Truncated: not idle. */
-	struct cas_grpc_reader r = { 0 };
-	struct collected c = { 0 };
+	struct cas_grpc_reader r = {0};
+	struct collected c = {0};
 	CHECK(cas_grpc_reader_feed(&r, stream, 6, collect, &c) == 0);
 	CHECK(!cas_grpc_reader_idle(&r));
 	cas_grpc_reader_release(&r);
 	/* Compressed, oversized. */
-	uint8_t comp[] = { 1, 0, 0, 0, 1, 'x' };
-	CHECK(cas_grpc_reader_feed(&r, comp, sizeof(comp), collect, &c) == -EPROTONOSUPPORT);
+	uint8_t comp[] = {1, 0, 0, 0, 1, 'x'};
+	CHECK(cas_grpc_reader_feed(&r, comp, sizeof(comp), collect, &c) ==
+	      -EPROTONOSUPPORT);
 	cas_grpc_reader_release(&r);
-	uint8_t big[] = { 0, 0xff, 0, 0, 0 };
-	CHECK(cas_grpc_reader_feed(&r, big, sizeof(big), collect, &c) == -EMSGSIZE);
+	uint8_t big[] = {0, 0xff, 0, 0, 0};
+	CHECK(cas_grpc_reader_feed(&r, big, sizeof(big), collect, &c) ==
+	      -EMSGSIZE);
 	cas_grpc_reader_release(&r);
 	/* A callback error stops and is returned. */
-	struct collected full = { .n = 16 };
+	struct collected full = {.n = 16};
 	CHECK(cas_grpc_reader_feed(&r, stream, n, collect, &full) == -E2BIG);
 	cas_grpc_reader_release(&r);
 }
@@ -95,28 +99,43 @@ static void test_messages(void)
 	size_t len;
 
 	cas_hash_buffer("x", 1, &d);
-	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_STAT_REQUEST, &d, false, &buf, &len) == 0);
-	CHECK(cas_grpc_decode_stat(buf + 5, len - 5, &got, &why) == 0 && cas_digest_eq(&d, &got));
+	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_STAT_REQUEST, &d, false,
+					   &buf, &len) == 0);
+	CHECK(cas_grpc_decode_stat(buf + 5, len - 5, &got, &why) == 0 &&
+	      cas_digest_eq(&d, &got));
 	CHECK(cas_grpc_decode_read(buf + 5, len - 5, &got, &why) == 0);
-	CHECK(cas_grpc_decode_get(buf + 5, len - 5, &got, &recursive, &why) == 0 && !recursive);
+	CHECK(cas_grpc_decode_get(buf + 5, len - 5, &got, &recursive, &why) ==
+		      0 &&
+	      !recursive);
 	free(buf);
-	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_GET_REQUEST, &d, true, &buf, &len) == 0);
-	CHECK(cas_grpc_decode_get(buf + 5, len - 5, &got, &recursive, &why) == 0 && recursive);
+	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_GET_REQUEST, &d, true,
+					   &buf, &len) == 0);
+	CHECK(cas_grpc_decode_get(buf + 5, len - 5, &got, &recursive, &why) ==
+		      0 &&
+	      recursive);
 	CHECK(cas_digest_eq(&d, &got));
 	/* Short digest. */
 	buf[6] = 31;
-	CHECK(cas_grpc_decode_get(buf + 5, 2 + 31, &got, &recursive, &why) == -EINVAL);
+	CHECK(cas_grpc_decode_get(buf + 5, 2 + 31, &got, &recursive, &why) ==
+	      -EINVAL);
 	CHECK_STREQ(why, "digest is not 32 bytes");
 	free(buf);
 	/* No digest at all. */
-	CHECK(cas_grpc_decode_get((const uint8_t *)"\x10\x01", 2, &got, &recursive, &why) == -EINVAL);
-	CHECK(cas_grpc_decode_stat((const uint8_t *)"", 0, &got, &why) == -EINVAL);
-	CHECK(cas_grpc_decode_stat((const uint8_t *)"\x0a\x05", 2, &got, &why) == -EINVAL);
-	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_PUT_BLOB_RESPONSE, &d, false, &buf, &len) == 0);
-	CHECK(cas_grpc_decode_digest_response(buf + 5, len - 5, false, &got) == 0);
-	CHECK(cas_grpc_decode_digest_response(buf + 5, len - 5, true, &got) == 0);
+	CHECK(cas_grpc_decode_get((const uint8_t *)"\x10\x01", 2, &got,
+				  &recursive, &why) == -EINVAL);
+	CHECK(cas_grpc_decode_stat((const uint8_t *)"", 0, &got, &why) ==
+	      -EINVAL);
+	CHECK(cas_grpc_decode_stat((const uint8_t *)"\x0a\x05", 2, &got,
+				   &why) == -EINVAL);
+	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_PUT_BLOB_RESPONSE, &d,
+					   false, &buf, &len) == 0);
+	CHECK(cas_grpc_decode_digest_response(buf + 5, len - 5, false, &got) ==
+	      0);
+	CHECK(cas_grpc_decode_digest_response(buf + 5, len - 5, true, &got) ==
+	      0);
 	free(buf);
-	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_STAT_RESPONSE, &d, false, &buf, &len) == 0);
+	REQUIRE(cas_grpc_encode_digest_msg(CAS_GRPC_MSG_STAT_RESPONSE, &d,
+					   false, &buf, &len) == 0);
 	CHECK(len == 5);
 	free(buf);
 
@@ -127,20 +146,29 @@ static void test_messages(void)
 	const uint8_t *data;
 	size_t dlen;
 	CHECK(chunk[1] == 0 && chunk[4] == h - 5 + 300 - 256);
-	CHECK(cas_grpc_decode_blob_chunk(chunk + 5, h - 5 + 300, &data, &dlen, &why) == 0);
+	CHECK(cas_grpc_decode_blob_chunk(chunk + 5, h - 5 + 300, &data, &dlen,
+					 &why) == 0);
 	CHECK(dlen == 300 && data == chunk + h);
 	CHECK(cas_grpc_blob_chunk_header(chunk, 0) == 5);
-	CHECK(cas_grpc_decode_blob_chunk(chunk + 5, 0, &data, &dlen, &why) == 0 && dlen == 0);
-	CHECK(cas_grpc_decode_blob_chunk((const uint8_t *)"\x0a\x09xx", 4, &data, &dlen, &why) == -EINVAL);
-	CHECK(cas_grpc_decode_blob_chunk((const uint8_t *)"\x08\x01", 2, &data, &dlen, &why) == -EINVAL);
+	CHECK(cas_grpc_decode_blob_chunk(chunk + 5, 0, &data, &dlen, &why) ==
+		      0 &&
+	      dlen == 0);
+	CHECK(cas_grpc_decode_blob_chunk((const uint8_t *)"\x0a\x09xx", 4,
+					 &data, &dlen, &why) == -EINVAL);
+	CHECK(cas_grpc_decode_blob_chunk((const uint8_t *)"\x08\x01", 2, &data,
+					 &dlen, &why) == -EINVAL);
 	/* Unknown fields are skipped. */
-	CHECK(cas_grpc_decode_blob_chunk((const uint8_t *)"\x10\x05\x0a\x01z", 5, &data, &dlen, &why) == 0 &&
+	CHECK(cas_grpc_decode_blob_chunk((const uint8_t *)"\x10\x05\x0a\x01z",
+					 5, &data, &dlen, &why) == 0 &&
 	      dlen == 1 && data[0] == 'z');
 
-	CHECK(cas_grpc_method_from_path(CAS_GRPC_PATH_BLOB_PUT, strlen(CAS_GRPC_PATH_BLOB_PUT)) == CAS_GRPC_BLOB_PUT);
+	CHECK(cas_grpc_method_from_path(CAS_GRPC_PATH_BLOB_PUT,
+					strlen(CAS_GRPC_PATH_BLOB_PUT)) ==
+	      CAS_GRPC_BLOB_PUT);
 	CHECK(cas_grpc_method_from_path("/x", 2) == CAS_GRPC_UNKNOWN_METHOD);
 	CHECK(cas_grpc_status_from_errno(-ENOENT) == CAS_GRPC_NOT_FOUND);
-	CHECK(cas_grpc_status_from_errno(-EBADMSG) == CAS_GRPC_INVALID_ARGUMENT);
+	CHECK(cas_grpc_status_from_errno(-EBADMSG) ==
+	      CAS_GRPC_INVALID_ARGUMENT);
 	CHECK(cas_grpc_errno_from_status(CAS_GRPC_NOT_FOUND) == -ENOENT);
 	CHECK(cas_grpc_errno_from_status(CAS_GRPC_UNAVAILABLE) == -EIO);
 
@@ -172,9 +200,11 @@ static void test_roots_file(void)
 	char *buf = NULL;
 	size_t len = 0;
 	FILE *f = open_memstream(&buf, &len);
-	cas_node dir = { .type = CAS_NODE_DIRECTORY, .size = 7 };
-	cas_node file = { .type = CAS_NODE_FILE, .size = 3, .executable = true };
-	cas_node link = { .type = CAS_NODE_SYMLINK, .target = (const uint8_t *)"t", .target_len = 1 };
+	cas_node dir = {.type = CAS_NODE_DIRECTORY, .size = 7};
+	cas_node file = {.type = CAS_NODE_FILE, .size = 3, .executable = true};
+	cas_node link = {.type = CAS_NODE_SYMLINK,
+			 .target = (const uint8_t *)"t",
+			 .target_len = 1};
 	cas_hash_buffer("d", 1, &dir.digest);
 	cas_hash_buffer("f", 1, &file.digest);
 	REQUIRE(f);
@@ -183,7 +213,7 @@ static void test_roots_file(void)
 	CHECK(cas_roots_file_write_line(f, "l", &link) == 0);
 	fclose(f);
 	CHECK(strchr(buf, ' ') == NULL);
-	struct roots_seen s = { 0 };
+	struct roots_seen s = {0};
 	CHECK(cas_roots_file_parse(buf, len, root_cb, &s) == 0);
 	CHECK(s.n == 3);
 	CHECK_STREQ(s.names[0], "plain");
@@ -191,31 +221,41 @@ static void test_roots_file(void)
 	      cas_digest_eq(&s.nodes[0].digest, &dir.digest));
 	CHECK_STREQ(s.names[1], "sp ace\t%\n\xc3\xa9");
 	CHECK(s.nodes[1].type == CAS_NODE_FILE && s.nodes[1].executable);
-	CHECK(s.nodes[2].type == CAS_NODE_SYMLINK && s.nodes[2].target_len == 1);
+	CHECK(s.nodes[2].type == CAS_NODE_SYMLINK &&
+	      s.nodes[2].target_len == 1);
 	free(buf);
 
 	static const char *const bad[] = {
-		"name\n", "\t0a00\n", "a%zz\t0a00\n", "a%2\t0a00\n", "a\t0a0\n",
-		"a\tzz\n", "a%2Fb\t1a03120178\n", "a%00\t1a03120178\n",
-		"..\t1a03120178\n", "a\t1a0312017878\n",
+		"name\n",
+		"\t0a00\n",
+		"a%zz\t0a00\n",
+		"a%2\t0a00\n",
+		"a\t0a0\n",
+		"a\tzz\n",
+		"a%2Fb\t1a03120178\n",
+		"a%00\t1a03120178\n",
+		"..\t1a03120178\n",
+		"a\t1a0312017878\n",
 	};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(bad); i++) {
-		struct roots_seen t = { 0 };
-		int r = cas_roots_file_parse(bad[i], strlen(bad[i]), root_cb, &t);
+		struct roots_seen t = {0};
+		int r = cas_roots_file_parse(bad[i], strlen(bad[i]), root_cb,
+					     &t);
 		if (r != -EBADMSG)
 			fprintf(stderr, "accepted bad roots line %zu\n", i);
 		CHECK(r == -EBADMSG);
 	}
-	struct roots_seen t = { 0 };
+	struct roots_seen t = {0};
 	const char *ok = "# comment\r\n\n%2ex\t1a03120178\r\n";
-	CHECK(cas_roots_file_parse(ok, strlen(ok), root_cb, &t) == 0 && t.n == 1);
+	CHECK(cas_roots_file_parse(ok, strlen(ok), root_cb, &t) == 0 &&
+	      t.n == 1);
 	CHECK_STREQ(t.names[0], ".x");
 	(void)t;
 }
 
 static void test_dmap(void)
 {
-	struct cas_dmap m = { 0 };
+	struct cas_dmap m = {0};
 	cas_digest d;
 	for (unsigned i = 0; i < 5000; i++) {
 		cas_hash_buffer(&i, sizeof(i), &d);
@@ -279,8 +319,8 @@ static int fake_blob_fetch(cas_fetcher *f, const cas_digest *d,
 	return r;
 }
 
-static int fake_directories_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
-				  cas_fetch_dir_cb cb, void *userdata)
+static int fake_directories_fetch(cas_fetcher *f, const cas_digest *ds,
+				  size_t n, cas_fetch_dir_cb cb, void *userdata)
 {
 	struct fake *k = (struct fake *)f;
 	for (size_t i = 0; i < n; i++) {
@@ -289,7 +329,8 @@ static int fake_directories_fetch(cas_fetcher *f, const cas_digest *ds, size_t n
 		k->dir_fetches++;
 		if (k->offline)
 			return -EIO;
-		int r = k->origin->ops->directory_get_raw(k->origin, &ds[i], &buf, &len);
+		int r = k->origin->ops->directory_get_raw(k->origin, &ds[i],
+							  &buf, &len);
 		if (r < 0)
 			return r;
 		if (k->corrupt && len)
@@ -314,7 +355,8 @@ static int fake_fetch_tree(cas_fetcher *f, const cas_digest *d,
 	while (head < tail) {
 		uint8_t *buf = NULL;
 		size_t len = 0;
-		int r = k->origin->ops->directory_get_raw(k->origin, &queue[head++], &buf, &len);
+		int r = k->origin->ops->directory_get_raw(
+			k->origin, &queue[head++], &buf, &len);
 		if (r < 0)
 			return r;
 		cas_directory *dir = NULL;
@@ -322,7 +364,8 @@ static int fake_fetch_tree(cas_fetcher *f, const cas_digest *d,
 		for (size_t i = 0; i < dir->n_directories && tail < 64; i++) {
 			bool seen = false;
 			for (size_t j = 0; j < tail; j++)
-				seen |= cas_digest_eq(&queue[j], &dir->directories[i].digest);
+				seen |= cas_digest_eq(
+					&queue[j], &dir->directories[i].digest);
 			if (!seen)
 				queue[tail++] = dir->directories[i].digest;
 		}
@@ -367,7 +410,7 @@ static cas_store *open_cache(struct fake *k, const char *name, uint64_t max)
 	char dir[256];
 	cas_store *s;
 	snprintf(dir, sizeof(dir), "%s/%s", base, name);
-	struct cas_remote_options o = { .cache_dir = dir, .cache_max = max };
+	struct cas_remote_options o = {.cache_dir = dir, .cache_max = max};
 	REQUIRE(cas_cache_store_new(&k->base, "fake://", &o, &s) == 0);
 	return s;
 }
@@ -391,7 +434,7 @@ static void *reader(void *arg)
 
 static void test_cache_blobs(cas_store *origin)
 {
-	struct fake k = { .base.ops = &fake_ops, .origin = origin };
+	struct fake k = {.base.ops = &fake_ops, .origin = origin};
 	pthread_mutex_init(&k.lock, NULL);
 	uint8_t data[100000];
 	for (size_t i = 0; i < sizeof(data); i++)
@@ -408,7 +451,8 @@ static void test_cache_blobs(cas_store *origin)
 	CHECK(s->ops->blob_open(s, &d, &fd, &size) == -EIO);
 	char path[512], hex[CAS_DIGEST_HEX_LEN + 1];
 	cas_digest_to_hex(&d, hex);
-	snprintf(path, sizeof(path), "%s/cache-blobs/blobs/%.2s/%s", base, hex, hex);
+	snprintf(path, sizeof(path), "%s/cache-blobs/blobs/%.2s/%s", base, hex,
+		 hex);
 	CHECK(access(path, F_OK) < 0);
 	/* Offline: EIO; back: fine. */
 	k.corrupt = false;
@@ -421,7 +465,7 @@ static void test_cache_blobs(cas_store *origin)
 	pthread_t t[8];
 	struct reader_arg a[8];
 	for (int i = 0; i < 8; i++) {
-		a[i] = (struct reader_arg){ s, d, -1 };
+		a[i] = (struct reader_arg){s, d, -1};
 		REQUIRE(pthread_create(&t[i], NULL, reader, &a[i]) == 0);
 	}
 	for (int i = 0; i < 8; i++) {
@@ -431,9 +475,11 @@ static void test_cache_blobs(cas_store *origin)
 	CHECK(k.blob_fetches == 1);
 	k.delay_ms = 0;
 	/* Cached: no fetch. */
-	CHECK(s->ops->blob_open(s, &d, &fd, &size) == 0 && size == sizeof(data));
+	CHECK(s->ops->blob_open(s, &d, &fd, &size) == 0 &&
+	      size == sizeof(data));
 	uint8_t back[100000];
-	CHECK(cas_pread_all(fd, back, sizeof(back), 0) == 0 && memcmp(back, data, sizeof(data)) == 0);
+	CHECK(cas_pread_all(fd, back, sizeof(back), 0) == 0 &&
+	      memcmp(back, data, sizeof(data)) == 0);
 	close(fd);
 	CHECK(k.blob_fetches == 1);
 	CHECK(access(path, F_OK) == 0);
@@ -449,25 +495,37 @@ static void build_tree(cas_store *origin, cas_digest *ret_root)
 {
 	cas_digest fx, leaf, mid;
 	put_blob(origin, "xx", 2, &fx);
-	cas_node lf[] = { { .type = CAS_NODE_FILE, .name = (const uint8_t *)"x",
-			    .name_len = 1, .digest = fx, .size = 2 } };
-	cas_directory dl = { .files = lf, .n_files = 1 };
+	cas_node lf[] = {{.type = CAS_NODE_FILE,
+			  .name = (const uint8_t *)"x",
+			  .name_len = 1,
+			  .digest = fx,
+			  .size = 2}};
+	cas_directory dl = {.files = lf, .n_files = 1};
 	uint8_t *b1, *b2, *b3;
 	size_t l1, l2, l3;
 	REQUIRE(cas_directory_encode(&dl, &b1, &l1, NULL) == 0);
 	cas_directory_digest(b1, l1, &leaf);
-	cas_node md[] = { { .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"leaf",
-			    .name_len = 4, .digest = leaf, .size = 1 } };
-	cas_directory dm = { .directories = md, .n_directories = 1 };
+	cas_node md[] = {{.type = CAS_NODE_DIRECTORY,
+			  .name = (const uint8_t *)"leaf",
+			  .name_len = 4,
+			  .digest = leaf,
+			  .size = 1}};
+	cas_directory dm = {.directories = md, .n_directories = 1};
 	REQUIRE(cas_directory_encode(&dm, &b2, &l2, NULL) == 0);
 	cas_directory_digest(b2, l2, &mid);
 	cas_node rd[] = {
-		{ .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"a", .name_len = 1,
-		  .digest = mid, .size = 2 },
-		{ .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"b", .name_len = 1,
-		  .digest = mid, .size = 2 },
+		{.type = CAS_NODE_DIRECTORY,
+		 .name = (const uint8_t *)"a",
+		 .name_len = 1,
+		 .digest = mid,
+		 .size = 2},
+		{.type = CAS_NODE_DIRECTORY,
+		 .name = (const uint8_t *)"b",
+		 .name_len = 1,
+		 .digest = mid,
+		 .size = 2},
 	};
-	cas_directory dr = { .directories = rd, .n_directories = 2 };
+	cas_directory dr = {.directories = rd, .n_directories = 2};
 	REQUIRE(cas_directory_encode(&dr, &b3, &l3, NULL) == 0);
 	cas_dir_batch *b;
 	REQUIRE(origin->ops->dir_batch_new(origin, &b) == 0);
@@ -483,8 +541,9 @@ static void build_tree(cas_store *origin, cas_digest *ret_root)
 
 static void test_cache_directories(cas_store *origin, bool tree)
 {
-	struct fake k = { .base.ops = tree ? &fake_tree_ops : &fake_ops,
-			  .origin = origin, .tree = tree };
+	struct fake k = {.base.ops = tree ? &fake_tree_ops : &fake_ops,
+			 .origin = origin,
+			 .tree = tree};
 	pthread_mutex_init(&k.lock, NULL);
 	cas_digest root;
 	build_tree(origin, &root);
@@ -505,7 +564,8 @@ static void test_cache_directories(cas_store *origin, bool tree)
 	REQUIRE(cas_store_directory_get(s, &root, &dir) == 0);
 	unsigned before = k.dir_fetches;
 	cas_directory *mid;
-	CHECK(cas_store_directory_get(s, &dir->directories[0].digest, &mid) == 0);
+	CHECK(cas_store_directory_get(s, &dir->directories[0].digest, &mid) ==
+	      0);
 	CHECK(k.dir_fetches == before);
 	cas_directory_free(mid);
 	cas_directory_free(dir);
@@ -513,14 +573,17 @@ static void test_cache_directories(cas_store *origin, bool tree)
 	cas_hash_buffer("no dir", 6, &absent);
 	CHECK(s->ops->directory_get_raw(s, &absent, &buf, &len) == -ENOENT);
 	CHECK(s->ops->directory_has(s, &absent) == 0);
-	CHECK(s->ops->directory_get_raw(s, &CAS_DIGEST_EMPTY_DIRECTORY, &buf, &len) == 0 && len == 0);
+	CHECK(s->ops->directory_get_raw(s, &CAS_DIGEST_EMPTY_DIRECTORY, &buf,
+					&len) == 0 &&
+	      len == 0);
 
 	/* The cache is an ordinary local store that verify accepts. */
 	char dirpath[256];
-	snprintf(dirpath, sizeof(dirpath), "%s/%s", base, tree ? "cache-tree" : "cache-levels");
+	snprintf(dirpath, sizeof(dirpath), "%s/%s", base,
+		 tree ? "cache-tree" : "cache-levels");
 	cas_store_free(s);
 	cas_store *ls;
-	struct cas_local_options lo = { 0 };
+	struct cas_local_options lo = {0};
 	REQUIRE(cas_local_open(dirpath, &lo, &ls) == 0);
 	CHECK(ls->ops->directory_has(ls, &root) == 1);
 	cas_store_free(ls);
@@ -529,7 +592,7 @@ static void test_cache_directories(cas_store *origin, bool tree)
 
 static void test_evict(cas_store *origin)
 {
-	struct fake k = { .base.ops = &fake_ops, .origin = origin };
+	struct fake k = {.base.ops = &fake_ops, .origin = origin};
 	pthread_mutex_init(&k.lock, NULL);
 	cas_digest d[6];
 	uint8_t data[10000];
@@ -581,7 +644,7 @@ int main(void)
 	test_dmap();
 	char origin_dir[256];
 	snprintf(origin_dir, sizeof(origin_dir), "%s/origin", base);
-	struct cas_local_options lo = { .create = true };
+	struct cas_local_options lo = {.create = true};
 	cas_store *origin;
 	REQUIRE(cas_local_open(origin_dir, &lo, &origin) == 0);
 	test_cache_blobs(origin);
