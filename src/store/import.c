@@ -595,12 +595,11 @@ static int list_dir(struct importer *imp, struct imp_dir *dir)
 static int dir_complete(struct importer *imp, struct imp_dir *dir)
 {
 	while (dir) {
-		size_t n = dir->n_entries, nd = 0, nf = 0, ns = 0;
+		size_t n = dir->n_entries, nd = 0, nf = 0;
 		for (size_t i = 0; i < n; i++) {
 			uint8_t t = dir->entries[i].type;
 			nd += t == CAS_NODE_DIRECTORY;
 			nf += t == CAS_NODE_FILE;
-			ns += t == CAS_NODE_SYMLINK;
 		}
 		_cleanup_free_ cas_node *nodes = calloc(n ? n : 1, sizeof(*nodes));
 		if (!nodes)
