@@ -19,6 +19,8 @@
 #endif
 
 static void vprint_line(const char *verb, const char *fmt, va_list ap)
+	__attribute__((format(printf, 2, 0)));
+static void vprint_line(const char *verb, const char *fmt, va_list ap)
 {
 	char line[2048];
 	/* "castore: ..." for the command itself, "castore VERB: ..." else. */
