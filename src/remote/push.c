@@ -66,47 +66,30 @@ static void tick(struct pusher *ps)
 	ps->progress(ps->userdata, &p);
 }
 
-/* 1 if the remote has the Directory, 0 if not. */
-static int remote_has_dir(struct pusher *ps, const cas_digest *d)
+/* 1 if the remote has the object, 0 if not: a Directory is asked for
+ * with a non-recursive Get (the protocol has no Stat for Directories),
+ * a blob with Stat. */
+static int remote_has(struct pusher *ps, const cas_digest *d, bool directory)
 {
 	_cleanup_free_ uint8_t *req = NULL;
 	size_t len;
 	char msg[256];
 	int status;
-	int r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_GET_REQUEST, d, false,
-					   &req, &len);
+	int kind = directory ? CAS_GRPC_MSG_GET_REQUEST
+			     : CAS_GRPC_MSG_STAT_REQUEST;
+	const char *path = directory ? CAS_GRPC_PATH_DIRECTORY_GET
+				     : CAS_GRPC_PATH_BLOB_STAT;
+	int r = cas_grpc_encode_digest_msg(kind, d, false, &req, &len);
 	if (r < 0)
 		return r;
-	unsigned count = 0;
-	r = cas_grpc_call(ps->client, CAS_GRPC_PATH_DIRECTORY_GET, req, len,
-			  NULL, NULL, NULL, &count, &status, msg, sizeof(msg));
+	r = cas_grpc_call(ps->client, path, req, len, NULL, NULL, NULL, NULL,
+			  &status, msg, sizeof(msg));
 	if (r == -ENOENT)
 		return 0;
 	if (r < 0 && status >= 0)
-		return cas_log_errno(-EIO, "%s: Get: grpc-status %d: %s",
-				     cas_grpc_client_url(ps->client), status,
-				     msg);
-	return r < 0 ? r : 1;
-}
-
-static int remote_has_blob(struct pusher *ps, const cas_digest *d)
-{
-	_cleanup_free_ uint8_t *req = NULL;
-	size_t len;
-	char msg[256];
-	int status;
-	int r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_STAT_REQUEST, d, false,
-					   &req, &len);
-	if (r < 0)
-		return r;
-	r = cas_grpc_call(ps->client, CAS_GRPC_PATH_BLOB_STAT, req, len, NULL,
-			  NULL, NULL, NULL, &status, msg, sizeof(msg));
-	if (r == -ENOENT)
-		return 0;
-	if (r < 0 && status >= 0)
-		return cas_log_errno(-EIO, "%s: Stat: grpc-status %d: %s",
-				     cas_grpc_client_url(ps->client), status,
-				     msg);
+		return cas_log_errno(-EIO, "%s: %s: grpc-status %d: %s",
+				     cas_grpc_client_url(ps->client),
+				     directory ? "Get" : "Stat", status, msg);
 	return r < 0 ? r : 1;
 }
 
@@ -194,7 +177,7 @@ static int push_blob(struct pusher *ps, const cas_digest *d)
 	char hex[CAS_DIGEST_HEX_LEN + 1], got_hex[CAS_DIGEST_HEX_LEN + 1];
 	char msg[256];
 	int status;
-	int r = remote_has_blob(ps, d);
+	int r = remote_has(ps, d, false);
 	pthread_mutex_lock(&ps->lock);
 	ps->p.blobs++;
 	pthread_mutex_unlock(&ps->lock);
@@ -348,7 +331,7 @@ static int walk_tree(struct pusher *ps, const cas_digest *root)
 			}
 			f->remote_has = parent_has;
 			if (!parent_has) {
-				r = remote_has_dir(ps, todo);
+				r = remote_has(ps, todo, true);
 				if (r < 0) {
 					free(f->raw);
 					cas_directory_free(f->dir);
