@@ -209,19 +209,27 @@ static int push_blob(struct pusher *ps, const cas_digest *d)
 	return 0;
 }
 
-static void *blob_worker(void *arg)
+/* Takes blobs off the list until it is empty or one failed. Only the
+ * calling thread of push_blobs reports progress. */
+static void blob_loop(struct pusher *ps, bool report)
 {
-	struct pusher *ps = arg;
 	pthread_mutex_lock(&ps->lock);
 	while (ps->blobs_r == 0 && ps->next_blob < ps->n_blobs) {
 		cas_digest d = ps->blobs[ps->next_blob++];
 		pthread_mutex_unlock(&ps->lock);
 		int r = push_blob(ps, &d);
+		if (report)
+			tick(ps);
 		pthread_mutex_lock(&ps->lock);
 		if (r < 0 && ps->blobs_r == 0)
 			ps->blobs_r = r;
 	}
 	pthread_mutex_unlock(&ps->lock);
+}
+
+static void *blob_worker(void *arg)
+{
+	blob_loop(arg, false);
 	return NULL;
 }
 
@@ -238,17 +246,7 @@ static int push_blobs(struct pusher *ps)
 			break;
 		n_threads++;
 	}
-	pthread_mutex_lock(&ps->lock);
-	while (ps->blobs_r == 0 && ps->next_blob < ps->n_blobs) {
-		cas_digest d = ps->blobs[ps->next_blob++];
-		pthread_mutex_unlock(&ps->lock);
-		int r = push_blob(ps, &d);
-		tick(ps);
-		pthread_mutex_lock(&ps->lock);
-		if (r < 0 && ps->blobs_r == 0)
-			ps->blobs_r = r;
-	}
-	pthread_mutex_unlock(&ps->lock);
+	blob_loop(ps, true);
 	for (size_t i = 0; i < n_threads; i++)
 		pthread_join(t[i], NULL);
 	ps->n_blobs = 0;
