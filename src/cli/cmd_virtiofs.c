@@ -99,9 +99,7 @@ int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 	const char *socket_path = NULL;
 	int c;
 
-	optind = 1;
-	opterr = 0;
-	while ((c = getopt_long(argc, argv, "+h", opts, NULL)) != -1) {
+	while ((c = cas_cli_getopt("virtiofs", argc, argv, "h", opts)) != -1) {
 		switch (c) {
 		case 's':
 			socket_path = optarg;
@@ -116,9 +114,7 @@ int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 			usage(stdout);
 			return CAS_EXIT_OK;
 		default:
-			return cas_cli_usage("virtiofs",
-					     "unknown option %s (see --help)",
-					     argv[optind - 1]);
+			return CAS_EXIT_USAGE;
 		}
 	}
 	if (optind < argc)
@@ -139,12 +135,12 @@ int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 		.userdata = &w,
 	};
 	struct cas_virtiofs *v;
+	unsigned long mark = cas_log_error_count();
 	r = cas_virtiofs_new(&cfg, &v);
 	if (r < 0) {
-		fprintf(stderr, "castore virtiofs: %s: %s\n", socket_path,
-			strerror(-r));
 		cas_store_free(w.store);
-		return CAS_EXIT_FAILURE;
+		return cas_cli_store_fail(mark, "virtiofs", "%s: %s",
+					  socket_path, strerror(-r));
 	}
 
 	struct sigaction sa = {.sa_handler = on_signal};
