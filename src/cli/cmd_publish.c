@@ -3,6 +3,7 @@
 #include <stdio.h>
 
 #include "cli/cli.h"
+#include "core/log.h"
 #include "core/util.h"
 #include "remote/remote.h"
 
@@ -59,12 +60,14 @@ int cmd_publish(struct cas_cli *cli, int argc, char **argv)
 					     argv[i]);
 	if (cas_cli_open_store(cli, false, &s) < 0)
 		return CAS_EXIT_FAILURE;
+	unsigned long mark = cas_log_error_count();
 	r = cas_remote_publish(
 		s, dir, argv + optind + 1, (size_t)(argc - optind - 1),
 		cli->progress ? publish_progress : NULL, NULL, &stats);
 	if (cli->progress)
 		fputc('\n', stderr);
 	if (r < 0)
-		return cas_cli_fail("publish", "%s: not published", dir);
+		return cas_cli_store_fail(mark, "publish", "%s: not published",
+					  dir);
 	return CAS_EXIT_OK;
 }

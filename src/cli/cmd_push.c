@@ -4,6 +4,7 @@
 #include <time.h>
 
 #include "cli/cli.h"
+#include "core/log.h"
 #include "core/util.h"
 #include "remote/remote.h"
 
@@ -68,6 +69,7 @@ int cmd_push(struct cas_cli *cli, int argc, char **argv)
 				"push", "%s: not a valid root name", argv[i]);
 	if (cas_cli_open_store(cli, false, &s) < 0)
 		return CAS_EXIT_FAILURE;
+	unsigned long mark = cas_log_error_count();
 	r = cas_remote_push(s, url, argv + optind + 1,
 			    (size_t)(argc - optind - 1),
 			    cli->progress ? push_progress : NULL, NULL, &stats);
@@ -80,6 +82,6 @@ int cmd_push(struct cas_cli *cli, int argc, char **argv)
 			(unsigned long long)stats.sent_objects,
 			(unsigned long long)(stats.sent_bytes >> 20));
 	if (r < 0)
-		return cas_cli_fail("push", "%s: push failed", url);
+		return cas_cli_store_fail(mark, "push", "%s: push failed", url);
 	return CAS_EXIT_OK;
 }
