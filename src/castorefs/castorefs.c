@@ -103,8 +103,14 @@ struct root_list {
 
 struct cas_handle {
 	_Atomic uint64_t fh;
-	/* Atomic because READ reads them without a lock; the kernel sends
-	 * RELEASE only after the last READ's reply, but a guest need not. */
+	/* One reference for the open, one per READ whose reply still uses the
+	 * fd: the kernel sends RELEASE only after the last READ's reply, but a
+	 * guest may send RELEASE on one queue while a READ of the same handle
+	 * is being copied on another. The fd is closed at zero, never under
+	 * a READ. Taken only from a non-zero count (handle_hold), so a stale
+	 * hold on a recycled slot is undone before it can matter. */
+	_Atomic uint32_t refs;
+	/* Atomic because READ reads them without a lock. */
 	_Atomic int fd;          /* file: the blob */
 	_Atomic uint64_t size;   /* file: the blob's size */
 	struct root_list *roots; /* root directory: snapshot at opendir */
@@ -712,6 +718,7 @@ static int handle_new(struct cas_fs *fs, struct cas_handle **ret)
 	h->fd = -1;
 	h->size = 0;
 	h->roots = NULL;
+	atomic_store(&h->refs, 1);
 	/* Not findable until the caller fills it and calls handle_publish. */
 	*ret = h;
 	return (int)(gen & INT32_MAX);
@@ -752,6 +759,31 @@ static void handle_free(struct cas_fs *fs, struct cas_handle *h)
 	pthread_mutex_unlock(&fs->handle_lock);
 }
 
+static void handle_unref(struct cas_fs *fs, struct cas_handle *h)
+{
+	if (atomic_fetch_sub(&h->refs, 1) == 1)
+		handle_free(fs, h);
+}
+
+/* A READ's hold on handle fh, or NULL if fh is not a current open. */
+static struct cas_handle *handle_hold(struct cas_fs *fs, uint64_t fh)
+{
+	struct cas_handle *h = handle_find(fs, fh);
+	if (!h)
+		return NULL;
+	uint32_t refs = atomic_load(&h->refs);
+	do {
+		if (refs == 0)
+			return NULL;
+	} while (!atomic_compare_exchange_weak(&h->refs, &refs, refs + 1));
+	/* Released, or released and reused, between find and hold? */
+	if (atomic_load_explicit(&h->fh, memory_order_acquire) != fh) {
+		handle_unref(fs, h);
+		return NULL;
+	}
+	return h;
+}
+
 /* Removes the handle fh if it is current; -EBADF otherwise. */
 static int handle_release(struct cas_fs *fs, uint64_t fh)
 {
@@ -762,7 +794,7 @@ static int handle_release(struct cas_fs *fs, uint64_t fh)
 	/* Only one release wins, even if a confused peer sends two. */
 	if (!atomic_compare_exchange_strong(&h->fh, &expected, 0))
 		return -EBADF;
-	handle_free(fs, h);
+	handle_unref(fs, h);
 	return 0;
 }
 
@@ -819,20 +851,29 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		   uint32_t size, struct cas_fuse_read *ret)
 {
 	struct cas_fs *fs = fs_;
-	struct cas_handle *h = handle_find(fs, fh);
+	struct cas_handle *h = handle_hold(fs, fh);
 	if (!h)
 		return -EBADF;
 	int fd = atomic_load_explicit(&h->fd, memory_order_relaxed);
 	uint64_t bsize = atomic_load_explicit(&h->size, memory_order_relaxed);
-	/* Still the same open? (Only a confused peer reuses a handle while
-	 * reading through it.) */
-	if (fd < 0 || atomic_load_explicit(&h->fh, memory_order_acquire) != fh)
+	if (fd < 0) { /* a directory's handle */
+		handle_unref(fs, h);
 		return -EBADF;
+	}
 	uint64_t len = off < bsize ? CAS_MIN((uint64_t)size, bsize - off) : 0;
 	ret->fd = fd;
 	ret->fd_offset = off;
 	ret->len = (size_t)len;
 	return 0;
+}
+
+/* The transport has sent the data of a READ that fs_read held. */
+static void fs_read_done(void *fs_, uint64_t ino, uint64_t fh)
+{
+	struct cas_fs *fs = fs_;
+	struct cas_handle *h = handle_slot(fs, (uint32_t)fh);
+	if (h)
+		handle_unref(fs, h);
 }
 
 static int fs_release(void *fs_, uint64_t ino, uint64_t fh)
@@ -1125,6 +1166,7 @@ static const struct cas_fuse_ops castorefs_ops = {
 	.readlink = fs_readlink,
 	.open = fs_open,
 	.read = fs_read,
+	.read_done = fs_read_done,
 	.release = fs_release,
 	.opendir = fs_opendir,
 	.readdir = fs_readdir,

@@ -832,16 +832,21 @@ static int do_read(struct req *q)
 			 &rd);
 	if (r < 0)
 		return r;
-	if (rd.len > size)
+	if (rd.len > size) {
+		if (rd.fd >= 0 && s->ops->read_done)
+			s->ops->read_done(s->fs, q->h.nodeid, in.fh);
 		return cas_log_errno(
 			-EIO,
 			"fuse: read of node %llu returned %zu > %zu bytes",
 			(unsigned long long)q->h.nodeid, rd.len, size);
+	}
 	if (rd.fd >= 0) {
 		q->reply->len = OUT_HDR;
 		q->reply->fd = rd.fd;
 		q->reply->fd_offset = rd.fd_offset;
 		q->reply->fd_len = rd.len;
+		q->reply->fd_ino = q->h.nodeid;
+		q->reply->fd_fh = in.fh;
 	} else {
 		q->reply->len = OUT_HDR + rd.len;
 	}
@@ -1101,6 +1106,15 @@ const char *cas_fuse_opcode_name(uint32_t opcode)
 	return "UNKNOWN";
 }
 
+void cas_fuse_reply_done(struct cas_fuse_session *s,
+			 struct cas_fuse_reply *reply)
+{
+	if (reply->fd >= 0 && s->ops->read_done)
+		s->ops->read_done(s->fs, reply->fd_ino, reply->fd_fh);
+	reply->fd = -1;
+	reply->fd_len = 0;
+}
+
 int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
 			     int in_cnt, struct cas_fuse_reply *reply)
 {
@@ -1111,7 +1125,7 @@ int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
 	reply->send = false;
 	reply->destroyed = false;
 	reply->unique = 0;
-	reply->backing_id_close = -1;
+	reply->fd_ino = reply->fd_fh = 0;
 
 	struct cas_fuse_cursor c;
 	cas_fuse_cursor_init(&c, in, in_cnt);

@@ -137,6 +137,9 @@ struct cas_fuse_ops {
 		    struct cas_fuse_open *ret);
 	int (*read)(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
 		    uint32_t size, struct cas_fuse_read *ret);
+	/* A read that returned an fd range holds that fd until the transport
+	 * has sent the data: then the engine calls read_done (may be NULL). */
+	void (*read_done)(void *fs, uint64_t ino, uint64_t fh);
 	int (*release)(void *fs, uint64_t ino, uint64_t fh);
 	int (*opendir)(void *fs, uint64_t ino, uint32_t flags,
 		       struct cas_fuse_open *ret);
@@ -193,14 +196,8 @@ struct cas_fuse_reply {
 	bool send;
 	bool destroyed;
 	uint64_t unique; /* of the request, for logging */
-	/* A passthrough backing id (cas_fuse_config.backing_open) that the
-	 * transport must close with backing_close after it has written this
-	 * reply (or failed to), -1: none. The engine keeps one id per open
-	 * inode and closes it itself on the last RELEASE, because the kernel
-	 * refuses (EBUSY) a second open of an inode with a different backing
-	 * id while the first is open. So this engine always sets -1; the
-	 * field stays so that transports honour it if that ever changes. */
-	int backing_id_close;
+	/* Which open the fd part belongs to (for cas_fuse_reply_done). */
+	uint64_t fd_ino, fd_fh;
 };
 
 struct cas_fuse_session;
@@ -215,6 +212,14 @@ void cas_fuse_session_free(struct cas_fuse_session *s);
  * reply->send == false); never fails because of request contents. */
 int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
 			     int in_cnt, struct cas_fuse_reply *reply);
+
+/* Ends the life of a reply: every transport calls it once per processed
+ * request, after the reply's bytes have been sent (or dropped). When the
+ * reply has an fd part, the filesystem's read_done releases its hold on
+ * that fd: until then a RELEASE of the handle (which a guest may send on
+ * another queue while the data is still being copied) cannot close it. */
+void cas_fuse_reply_done(struct cas_fuse_session *s,
+			 struct cas_fuse_reply *reply);
 
 /* Negotiated state (after INIT). */
 bool cas_fuse_session_initialized(const struct cas_fuse_session *s);

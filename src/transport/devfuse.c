@@ -447,13 +447,11 @@ static void *worker_main(void *arg)
 			.buf = w->reply,
 			.buf_size = w->reply_size,
 			.fd = -1,
-			.backing_id_close = -1,
 		};
 		cas_fuse_session_process(d->session, &in, 1, &reply);
 		if (reply.send)
 			send_reply(w, &reply);
-		if (reply.backing_id_close >= 0)
-			backing_close(d, reply.backing_id_close);
+		cas_fuse_reply_done(d->session, &reply);
 		if (reply.destroyed) {
 			w->unmounted = true;
 			break;

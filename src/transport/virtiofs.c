@@ -215,6 +215,7 @@ static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
 		written += (uint32_t)data_len;
 	}
 done:
+	cas_fuse_reply_done(v->session, &rep);
 	pthread_rwlock_unlock(&v->session_lock);
 	return written;
 }

@@ -448,6 +448,7 @@ static void test_read(void)
 	for (size_t i = 0; i < sizeof(buf); i++)
 		same = same && buf[i] == (uint8_t)((299000 + i + 2) % 251);
 	CHECK(same);
+	cas_fuse_reply_done(session, &o.reply);
 
 	in.offset = 400000;
 	req_start(&q, FUSE_READ, big);
@@ -455,6 +456,28 @@ static void test_read(void)
 	run(&q, &o);
 	CHECK(o.error == 0 && o.payload_len == 0 &&
 	      (o.reply.fd < 0 || o.reply.fd_len == 0));
+	cas_fuse_reply_done(session, &o.reply);
+
+	/* A RELEASE that overtakes a READ still being sent (a guest may send
+	 * them on two queues) does not close the fd under it: the fd lives
+	 * until the transport says the reply is done. */
+	uint64_t fh2 = 0;
+	CHECK(open_(FUSE_OPEN, big, O_RDONLY, &fh2, NULL) == 0);
+	struct fuse_read_in in2 = { .fh = fh2, .offset = 0, .size = 100 };
+	req_start(&q, FUSE_READ, big);
+	req_add(&q, &in2, sizeof(in2));
+	run(&q, &o);
+	CHECK(o.error == 0 && o.reply.fd >= 0);
+	int held_fd = o.reply.fd;
+	CHECK(release(FUSE_RELEASE, big, fh2) == 0);
+	CHECK(pread(held_fd, buf, 100, 0) == 100 && buf[5] == (5 + 2) % 251);
+	req_start(&q, FUSE_READ, big); /* the handle is gone for new READs */
+	req_add(&q, &in2, sizeof(in2));
+	struct out o2;
+	run(&q, &o2);
+	CHECK(o2.error == -EBADF);
+	cas_fuse_reply_done(session, &o.reply);
+	CHECK(fcntl(held_fd, F_GETFD) < 0 && errno == EBADF);
 
 	/* A stale or made-up handle is refused. */
 	in.offset = 0;
@@ -592,7 +615,12 @@ static void *hammer(void *arg)
 			req_add(&q, &in, sizeof(in));
 			run(&q, &o);
 			HCHECK(o.error == 0);
+			/* Released while the READ's data is still "in flight". */
 			HCHECK(release(FUSE_RELEASE, n, fh) == 0);
+			uint8_t b[16];
+			HCHECK(o.reply.fd < 0 ||
+			       pread(o.reply.fd, b, sizeof(b), 0) >= 0);
+			cas_fuse_reply_done(session, &o.reply);
 		} else if (S_ISDIR(at.mode)) {
 			forget(hlookup(n, "f"), 1);
 		}

@@ -34,6 +34,8 @@ struct fake {
 	atomic_uint forgets;
 	atomic_ullong forget_sum;
 	atomic_uint releases;
+	atomic_uint read_dones;
+	uint64_t last_done_ino, last_done_fh;
 	int init_calls, destroy_calls;
 	bool init_clear_passthrough;
 	bool init_clear_readdirplus;
@@ -190,6 +192,14 @@ static int f_read(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
 	return 0;
 }
 
+static void f_read_done(void *fs, uint64_t ino, uint64_t fh)
+{
+	struct fake *f = fs;
+	atomic_fetch_add(&f->read_dones, 1);
+	f->last_done_ino = ino;
+	f->last_done_fh = fh;
+}
+
 static int f_release(void *fs, uint64_t ino, uint64_t fh)
 {
 	struct fake *f = fs;
@@ -282,6 +292,7 @@ static struct cas_fuse_ops fake_ops = {
 	.readlink = f_readlink,
 	.open = f_open,
 	.read = f_read,
+	.read_done = f_read_done,
 	.release = f_release,
 	.opendir = f_opendir,
 	.readdir = f_readdir,
@@ -1411,11 +1422,24 @@ static void test_passthrough(void)
 	CHECK(release_file(s, 5, fh1) == 0);
 	CHECK(fake.backing_opens == 3 && fake.backing_closes == 3);
 
-	/* Every reply leaves backing_id_close unset. */
+	/* A READ answered from an fd holds the open until the transport says
+	 * the reply is done: read_done once, for that node and handle; a
+	 * buffer READ or an error reply holds nothing. */
 	fh1 = open_file(s, 5, NULL, NULL);
+	unsigned dones = atomic_load(&fake.read_dones);
 	read_req(&r, 5, fh1, 0, 10);
 	run(s, &r, &o);
-	CHECK(o.reply.backing_id_close == -1);
+	CHECK(o.reply.fd >= 0 && atomic_load(&fake.read_dones) == dones);
+	cas_fuse_reply_done(s, &o.reply);
+	CHECK(atomic_load(&fake.read_dones) == dones + 1);
+	CHECK(fake.last_done_ino == 5 && fake.last_done_fh == fh1);
+	CHECK(o.reply.fd == -1);
+	cas_fuse_reply_done(s, &o.reply);
+	CHECK(atomic_load(&fake.read_dones) == dones + 1);
+	read_req(&r, 5, fh1 + 1, 0, 10);
+	run(s, &r, &o);
+	cas_fuse_reply_done(s, &o.reply);
+	CHECK(atomic_load(&fake.read_dones) == dones + 1);
 	CHECK(release_file(s, 5, fh1) == 0);
 
 	/* A failure that will not pass (no privilege): not tried again. */
