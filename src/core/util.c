@@ -39,6 +39,50 @@ int cas_pread_all(int fd, void *buf, size_t len, uint64_t off)
 	return 0;
 }
 
+/* Bounce buffer of the plain copy; a large one keeps syscalls few. */
+#define COPY_CHUNK (1u << 20)
+
+int cas_copy_fd(int src, int dst, uint64_t size)
+{
+	_cleanup_free_ uint8_t *buf = NULL;
+	bool plain = false;
+	loff_t in = 0;
+
+	while ((uint64_t)in < size) {
+		size_t want = (size_t)CAS_MIN(size - (uint64_t)in, 1ull << 30);
+		ssize_t n;
+		if (!plain) {
+			n = copy_file_range(src, &in, dst, NULL, want, 0);
+			/* Not these files (another file system, a special
+			 * file, an old kernel): copy by hand. */
+			if (n < 0 && (errno == EXDEV || errno == EINVAL ||
+				      errno == ENOSYS || errno == EOPNOTSUPP ||
+				      errno == EBADF)) {
+				plain = true;
+				continue;
+			}
+		} else {
+			if (!buf && !(buf = malloc(COPY_CHUNK)))
+				return -ENOMEM;
+			n = pread(src, buf, CAS_MIN(want, COPY_CHUNK), in);
+			if (n > 0) {
+				int r = cas_write_all(dst, buf, (size_t)n);
+				if (r < 0)
+					return r;
+				in += n;
+			}
+		}
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return cas_negerrno();
+		}
+		if (n == 0)
+			return -EBADMSG; /* src shrank */
+	}
+	return 0;
+}
+
 void cas_hex_encode(const void *buf, size_t len, char *out)
 {
 	static const char digits[] = "0123456789abcdef";

@@ -64,6 +64,11 @@ static inline int cas_negerrno(void)
 int cas_write_all(int fd, const void *buf, size_t len);
 /* Read exactly len bytes at off; -EBADMSG when the file is shorter. */
 int cas_pread_all(int fd, void *buf, size_t len, uint64_t off);
+/* Copies the first size bytes of src (from offset 0, whatever its file
+ * position) to dst at dst's file position: copy_file_range, or pread and
+ * write where the kernel refuses it for these files. -EBADMSG when src
+ * is shorter than size. */
+int cas_copy_fd(int src, int dst, uint64_t size);
 
 /* Lowercase hex of len bytes: 2 * len characters and a NUL into out. */
 void cas_hex_encode(const void *buf, size_t len, char *out);

@@ -66,39 +66,6 @@ static int ensure_fanout(struct publisher *pb, const char *path)
 	return 0;
 }
 
-static int copy_fd(int out, int in, uint64_t size)
-{
-	uint64_t off = 0;
-	while (off < size) {
-		ssize_t n = copy_file_range(in, NULL, out, NULL, size - off, 0);
-		if (n < 0 && (errno == EXDEV || errno == EINVAL ||
-			      errno == ENOSYS || errno == EOPNOTSUPP))
-			break;
-		if (n < 0)
-			return cas_negerrno();
-		if (n == 0)
-			return -EBADMSG;
-		off += (uint64_t)n;
-	}
-	if (off == size)
-		return 0;
-	/* Fallback: plain reads (copy_file_range refused these files). */
-	_cleanup_free_ uint8_t *buf = malloc(1 << 20);
-	if (!buf)
-		return -ENOMEM;
-	while (off < size) {
-		size_t want = (size_t)CAS_MIN(size - off, (uint64_t)(1 << 20));
-		int r = cas_pread_all(in, buf, want, off);
-		if (r < 0)
-			return r;
-		r = cas_write_all(out, buf, want);
-		if (r < 0)
-			return r;
-		off += want;
-	}
-	return 0;
-}
-
 /* Writes an object from an fd (blob) or a buffer (Directory) to path via
  * a temporary file; an existing file is left alone. */
 static int write_object(struct publisher *pb, const char *path, int in_fd,
@@ -114,7 +81,7 @@ static int write_object(struct publisher *pb, const char *path, int in_fd,
 	if (fd < 0)
 		return cas_negerrno();
 	if (in_fd >= 0)
-		r = copy_fd(fd, in_fd, size);
+		r = cas_copy_fd(in_fd, fd, size);
 	else
 		r = len ? cas_write_all(fd, buf, len) : 0;
 	if (r >= 0 && linkat(pb->dirfd, tmp, pb->dirfd, path, 0) < 0 &&
