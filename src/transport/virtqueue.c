@@ -51,11 +51,11 @@ int cas_vu_mem_check(const struct cas_vu_mem *mem)
 
 int cas_vu_mem_map_region(struct cas_vu_mem *mem, unsigned i, int fd)
 {
-	struct cas_vu_region *r = &mem->regions[i];
 	struct stat st;
 
 	if (i >= mem->nregions)
 		return -EINVAL;
+	struct cas_vu_region *r = &mem->regions[i];
 	if (fstat(fd, &st) < 0)
 		return cas_negerrno();
 	/* Touching a page past the end of a shared file raises SIGBUS:
