@@ -67,7 +67,9 @@ static int ensure_fanout(struct publisher *pb, const char *path)
 }
 
 /* Writes an object from an fd (blob) or a buffer (Directory) to path via
- * a temporary file; an existing file is left alone. */
+ * a temporary file; an existing file is left alone. The data is made
+ * durable before the object gets its name: a later publish skips names
+ * that exist, so a name must never point at bytes a crash could cut. */
 static int write_object(struct publisher *pb, const char *path, int in_fd,
 			uint64_t size, const void *buf, size_t len)
 {
@@ -76,14 +78,21 @@ static int write_object(struct publisher *pb, const char *path, int in_fd,
 	if (r < 0)
 		return r;
 	snprintf(tmp, sizeof(tmp), "tmp/%ld.%u", (long)getpid(), pb->tmp_seq++);
-	_cleanup_close_ int fd = openat(
-		pb->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+	int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+	_cleanup_close_ int fd = openat(pb->dirfd, tmp, flags, 0644);
+	if (fd < 0 && errno == EEXIST) {
+		/* Left by a crashed publisher that had our pid. */
+		(void)unlinkat(pb->dirfd, tmp, 0);
+		fd = openat(pb->dirfd, tmp, flags, 0644);
+	}
 	if (fd < 0)
 		return cas_negerrno();
 	if (in_fd >= 0)
 		r = cas_copy_fd(in_fd, fd, size);
 	else
 		r = len ? cas_write_all(fd, buf, len) : 0;
+	if (r >= 0 && fdatasync(fd) < 0)
+		r = cas_negerrno();
 	if (r >= 0 && linkat(pb->dirfd, tmp, pb->dirfd, path, 0) < 0 &&
 	    errno != EEXIST)
 		r = cas_negerrno();
