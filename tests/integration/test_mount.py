@@ -141,6 +141,14 @@ def expect_errno(err, fn, *args):
 def test_root_listing_refused_but_lookup_works(tree, mount):
     m = mount()
     expect_errno(errno.EPERM, os.listdir, m.path)
+    # The root itself opens (tar -C, fchdir); only its listing is refused.
+    fd = os.open(m.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd2 = os.open("r/top.txt", os.O_RDONLY, dir_fd=fd)
+        assert os.read(fd2, 10) == pattern_bytes(10)
+        os.close(fd2)
+    finally:
+        os.close(fd)
     assert os.path.isdir(m.path / "r")
     assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
     expect_errno(errno.ENOENT, os.stat, m.path / "nosuchroot")
