@@ -87,7 +87,7 @@ int cmd_ls(struct cas_cli *cli, int argc, char **argv)
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
 	_cleanup_free_ cas_node *node = NULL;
 	_cleanup_(cas_directory_freep) cas_directory *d = NULL;
-	const char *spec;
+	const char *spec = NULL;
 	char hex[CAS_DIGEST_HEX_LEN + 1];
 
 	int r = one_arg("ls", ls_help, argc, argv, &spec);
@@ -150,7 +150,7 @@ int cmd_cat(struct cas_cli *cli, int argc, char **argv)
 {
 	_cleanup_(cas_store_freep) cas_store *s = NULL;
 	_cleanup_free_ cas_node *node = NULL;
-	const char *spec;
+	const char *spec = NULL;
 
 	int r = one_arg("cat", cat_help, argc, argv, &spec);
 	if (r)
