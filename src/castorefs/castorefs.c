@@ -916,8 +916,11 @@ static int fs_opendir(void *fs_, uint64_t ino, uint32_t flags,
 		ret->fh = 0;
 		ret->open_flags = CAS_FOPEN_CACHE_DIR | CAS_FOPEN_KEEP_CACHE;
 	} else if (in->kind == KIND_ROOT) {
+		/* Without --list-root the root opens (tar -C, fchdir and
+		 * openat need that) but READDIR says EPERM. */
 		if (!fs->opts.list_root) {
-			r = -EPERM;
+			ret->fh = 0;
+			ret->open_flags = 0;
 			goto out;
 		}
 		/* Roots change while mounted: a snapshot per opendir, so
@@ -1011,6 +1014,10 @@ static int fs_readdir(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 	if (!in)
 		return -ESTALE;
 	int r = 0;
+	if (in->kind == KIND_ROOT && !fs->opts.list_root) {
+		r = -EPERM;
+		goto out;
+	}
 	if (off == 0) {
 		r = add_dot(db, ".", ino, 1);
 		if (r <= 0)
