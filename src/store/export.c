@@ -16,46 +16,6 @@
 
 #include "core/log.h"
 
-#define COPY_CHUNK (1u << 20)
-
-static int copy_blob(int src, int dst, uint64_t size)
-{
-	loff_t in = 0;
-	bool plain = false;
-	_cleanup_free_ uint8_t *buf = NULL;
-	while ((uint64_t)in < size) {
-		size_t want = (size_t)CAS_MIN(size - (uint64_t)in, 1ull << 30);
-		ssize_t n;
-		if (!plain) {
-			n = copy_file_range(src, &in, dst, NULL, want, 0);
-			if (n < 0 && (errno == EXDEV || errno == EINVAL ||
-				      errno == ENOSYS || errno == EOPNOTSUPP ||
-				      errno == EBADF)) {
-				plain = true;
-				continue;
-			}
-		} else {
-			if (!buf && !(buf = malloc(COPY_CHUNK)))
-				return -ENOMEM;
-			n = pread(src, buf, CAS_MIN(want, COPY_CHUNK), in);
-			if (n > 0) {
-				int r = cas_write_all(dst, buf, (size_t)n);
-				if (r < 0)
-					return r;
-				in += n;
-			}
-		}
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return cas_negerrno();
-		}
-		if (n == 0)
-			return -EBADMSG;
-	}
-	return 0;
-}
-
 static int export_node(cas_store *s, int dir_fd, const char *name,
 		       const char *path, const cas_node *node);
 
@@ -83,7 +43,7 @@ static int export_file(cas_store *s, int dir_fd, const char *name,
 					 mode);
 	if (dst < 0)
 		return cas_log_errno(cas_negerrno(), "export %s: %m", path);
-	r = copy_blob(src, dst, size);
+	r = cas_copy_fd(src, dst, size);
 	if (r == -EBADMSG)
 		return cas_log_errno(r, "export %s: blob %s is shorter than %llu bytes",
 				     path, hex, (unsigned long long)size);

@@ -28,7 +28,6 @@
 /* Leftovers older than this cannot belong to a live writer: staged files
  * are renamed within seconds, and O_TMPFILE leaves no name at all. */
 #define TMP_MAX_AGE_S 3600
-#define COPY_CHUNK (1u << 20)
 
 enum {
 	TMP_UNKNOWN = 0,
@@ -340,51 +339,12 @@ int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
 	return tmp_publish(ls, &t, d);
 }
 
-static int copy_fd(int src, int dst, uint64_t size)
-{
-	loff_t in = 0, out = 0;
-	bool plain = false;
-	_cleanup_free_ uint8_t *buf = NULL;
-	while ((uint64_t)in < size) {
-		size_t want = (size_t)CAS_MIN(size - (uint64_t)in, 1ull << 30);
-		ssize_t n;
-		if (!plain) {
-			n = copy_file_range(src, &in, dst, &out, want, 0);
-			if (n < 0 && (errno == EXDEV || errno == EINVAL ||
-				      errno == ENOSYS || errno == EOPNOTSUPP ||
-				      errno == EBADF)) {
-				plain = true;
-				continue;
-			}
-		} else {
-			if (!buf && !(buf = malloc(COPY_CHUNK)))
-				return -ENOMEM;
-			n = pread(src, buf, CAS_MIN(want, COPY_CHUNK), in);
-			if (n > 0) {
-				int r = cas_write_all(dst, buf, (size_t)n);
-				if (r < 0)
-					return r;
-				in += n;
-				out += n;
-			}
-		}
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return cas_negerrno();
-		}
-		if (n == 0)
-			return -EBADMSG; /* shrank */
-	}
-	return 0;
-}
-
 /* Copies size bytes of src_fd; when st is given, the source must still
  * match it afterwards (size, mtime, ctime), else -EBADMSG. */
 static int fill_from_fd(int src_fd, int dst_fd, uint64_t size,
 			const struct stat *st)
 {
-	int r = copy_fd(src_fd, dst_fd, size);
+	int r = cas_copy_fd(src_fd, dst_fd, size);
 	if (r == 0 && st) {
 		struct stat now;
 		if (fstat(src_fd, &now) < 0)
