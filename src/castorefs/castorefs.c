@@ -59,6 +59,9 @@
 #define BLKSIZE 4096
 #define NAME_MAX_LEN 255
 #define LOGGED_MAX 256
+/* Files up to this size are read whole at open (the local store keeps
+ * blobs this small in LMDB, see local.h). */
+#define SMALL_FILE 4096
 
 enum inode_kind {
 	KIND_ROOT = 0,
@@ -113,6 +116,7 @@ struct cas_handle {
 	/* Atomic because READ reads them without a lock. */
 	_Atomic int fd;          /* file: the blob */
 	_Atomic uint64_t size;   /* file: the blob's size */
+	uint8_t *data;           /* small file: its bytes instead of fd */
 	struct root_list *roots; /* root directory: snapshot at opendir */
 	uint32_t idx;            /* this slot's index, fixed */
 	uint32_t next_free;      /* protected by fs->handle_lock */
@@ -717,6 +721,7 @@ static int handle_new(struct cas_fs *fs, struct cas_handle **ret)
 		return -EIO; /* cannot happen: the slot's chunk exists */
 	h->fd = -1;
 	h->size = 0;
+	h->data = NULL;
 	h->roots = NULL;
 	atomic_store(&h->refs, 1);
 	/* Not findable until the caller fills it and calls handle_publish. */
@@ -747,6 +752,8 @@ static void handle_free(struct cas_fs *fs, struct cas_handle *h)
 	int fd = atomic_exchange(&h->fd, -1);
 	if (fd >= 0)
 		close(fd);
+	free(h->data);
+	h->data = NULL;
 	if (h->roots) {
 		for (size_t i = 0; i < h->roots->n; i++)
 			free(h->roots->nodes[i]);
@@ -816,7 +823,14 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	memcpy(dg.bytes, in->key, CAS_DIGEST_LEN);
 	int fd = -1;
 	uint64_t size = 0;
-	r = fs->store->ops->blob_open(fs->store, &dg, &fd, &size);
+	uint8_t *data = NULL;
+	/* A small file is read whole now and served from memory: cheaper
+	 * than an fd (and a passthrough backing file) per open, and the
+	 * store may hold it in LMDB where there is no file to pass. */
+	if (in->size <= SMALL_FILE)
+		r = cas_store_blob_read(fs->store, &dg, SMALL_FILE, &data, &size);
+	else
+		r = fs->store->ops->blob_open(fs->store, &dg, &fd, &size);
 	if (r < 0) {
 		if (first_report(fs, in->key)) {
 			char hex[CAS_DIGEST_HEX_LEN + 1];
@@ -832,10 +846,13 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	struct cas_handle *h;
 	r = handle_new(fs, &h);
 	if (r < 0) {
-		close(fd);
+		if (fd >= 0)
+			close(fd);
+		free(data);
 		goto out;
 	}
 	h->fd = fd;
+	h->data = data;
 	h->size = size;
 	ret->fh = handle_publish(h, (uint32_t)r);
 	ret->open_flags = CAS_FOPEN_KEEP_CACHE | CAS_FOPEN_NOFLUSH;
@@ -846,7 +863,7 @@ out:
 	return r;
 }
 
-/* The hot path: no lock, no allocation, no copy. */
+/* The hot path: no lock, no allocation; a copy only for small files. */
 static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		   uint32_t size, struct cas_fuse_read *ret)
 {
@@ -856,11 +873,20 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		return -EBADF;
 	int fd = atomic_load_explicit(&h->fd, memory_order_relaxed);
 	uint64_t bsize = atomic_load_explicit(&h->size, memory_order_relaxed);
+	uint64_t len = off < bsize ? CAS_MIN((uint64_t)size, bsize - off) : 0;
+	if (h->data) {
+		/* Copied now: the hold ends here, read_done is not called. */
+		len = CAS_MIN(len, (uint64_t)ret->len);
+		if (len > 0)
+			memcpy(ret->buf, h->data + off, (size_t)len);
+		ret->len = (size_t)len;
+		handle_unref(fs, h);
+		return 0;
+	}
 	if (fd < 0) { /* a directory's handle */
 		handle_unref(fs, h);
 		return -EBADF;
 	}
-	uint64_t len = off < bsize ? CAS_MIN((uint64_t)size, bsize - off) : 0;
 	ret->fd = fd;
 	ret->fd_offset = off;
 	ret->len = (size_t)len;

@@ -1038,7 +1038,7 @@ static int mkdir_parents(const char *path)
 int cas_cache_store_new(cas_fetcher *f, const char *what,
 			const struct cas_remote_options *opts, cas_store **ret)
 {
-	struct cas_local_options lo = {.create = true};
+	struct cas_local_options lo = {.create = true, .no_inline = true}; /* evict.c works on blob files */
 	struct cache_store *c = NULL;
 	int r;
 

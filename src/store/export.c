@@ -4,7 +4,9 @@
  * exported. Everything is created relative to the parent folder's fd
  * (names are arbitrary bytes without '/' or NUL); modes are set with
  * fchmod so the umask does not change them. Blob bytes move with
- * copy_file_range from the blob's fd (read/write where it is refused).
+ * copy_file_range from the blob's fd (read/write where it is refused);
+ * small blobs are read whole and written, with no fd of their own (the
+ * local store keeps them in LMDB).
  */
 #include "store/import.h"
 
@@ -19,14 +21,24 @@
 static int export_node(cas_store *s, int dir_fd, const char *name,
 		       const char *path, const cas_node *node);
 
+#define SMALL_FILE 4096
+
 static int export_file(cas_store *s, int dir_fd, const char *name,
 		       const char *path, const cas_node *node)
 {
 	char hex[CAS_DIGEST_HEX_LEN + 1];
 	cas_digest_to_hex(&node->digest, hex);
 	_cleanup_close_ int src = -1;
+	_cleanup_free_ uint8_t *data = NULL;
 	uint64_t size;
-	int r = s->ops->blob_open(s, &node->digest, &src, &size);
+	int r = node->size <= SMALL_FILE
+			? cas_store_blob_read(s, &node->digest, SMALL_FILE, &data, &size)
+			: s->ops->blob_open(s, &node->digest, &src, &size);
+	if (r == -EFBIG)
+		return cas_log_errno(-EBADMSG,
+				     "export %s: blob %s has more than %u bytes, expected %llu",
+				     path, hex, SMALL_FILE,
+				     (unsigned long long)node->size);
 	if (r == -ENOENT)
 		return cas_log_errno(r, "export %s: blob %s is missing", path, hex);
 	if (r < 0)
@@ -43,7 +55,8 @@ static int export_file(cas_store *s, int dir_fd, const char *name,
 					 mode);
 	if (dst < 0)
 		return cas_log_errno(cas_negerrno(), "export %s: %m", path);
-	r = cas_copy_fd(src, dst, size);
+	r = data ? cas_write_all(dst, data, (size_t)size)
+		 : cas_copy_fd(src, dst, size);
 	if (r == -EBADMSG)
 		return cas_log_errno(r, "export %s: blob %s is shorter than %llu bytes",
 				     path, hex, (unsigned long long)size);

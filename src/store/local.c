@@ -15,6 +15,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
@@ -206,16 +207,16 @@ static int tmp_open(struct cas_local *ls, struct tmpfile *t)
 	return tmp_open_named(ls, t);
 }
 
-static int tmp_open_named(struct cas_local *ls, struct tmpfile *t)
+static int tmp_open_flags(struct cas_local *ls, struct tmpfile *t, int flags)
 {
 	for (int tries = 0; tries < 100; tries++) {
 		uint64_t n = atomic_fetch_add(&ls->tmp_counter, 1);
 		struct timespec ts;
 		clock_gettime(CLOCK_MONOTONIC, &ts);
-		snprintf(t->name, sizeof(t->name), "%d.%llu.%lx", (int)getpid(),
+		snprintf(t->name, sizeof(t->name), "%d.%llu.%lx", ls->pid,
 			 (unsigned long long)n, (unsigned long)ts.tv_nsec);
 		int fd = openat(ls->tmp_fd, t->name,
-				O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC, 0444);
+				O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | flags, 0444);
 		if (fd >= 0) {
 			t->fd = fd;
 			return 0;
@@ -225,7 +226,14 @@ static int tmp_open_named(struct cas_local *ls, struct tmpfile *t)
 	}
 	int r = cas_negerrno();
 	t->name[0] = 0;
+	if (r == -EINVAL && flags)
+		return r; /* O_DIRECT refused: the caller retries without */
 	return cas_log_errno(r, "store %s: temporary file: %m", ls->dir);
+}
+
+static int tmp_open_named(struct cas_local *ls, struct tmpfile *t)
+{
+	return tmp_open_flags(ls, t, 0);
 }
 
 /* Links the temporary file under the blob's name. 1: published, 0: the
@@ -305,6 +313,120 @@ int cas_local_blob_exists(struct cas_local *ls, const cas_digest *d)
 	return cas_log_errno(cas_negerrno(), "stat blob %s: %m", rel + 3);
 }
 
+/* Small blobs in LMDB ------------------------------------------------ */
+
+static int pwrite_all(int fd, const uint8_t *buf, size_t len, uint64_t off)
+{
+	while (len > 0) {
+		ssize_t n = pwrite(fd, buf, len, (off_t)off);
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			return cas_negerrno();
+		}
+		if (n == 0)
+			return -EIO;
+		buf += n;
+		off += (uint64_t)n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+
+bool cas_local_is_inline(const struct cas_local *ls, uint64_t size)
+{
+	return ls->write_inline && size <= CAS_LOCAL_INLINE_MAX;
+}
+
+int cas_local_inline_put(struct cas_local *ls, const struct cas_local_small *v,
+			 size_t n, size_t *ret_added)
+{
+	size_t added = 0;
+	if (ls->readonly || !ls->has_blobs_db)
+		return -EROFS;
+	MDB_txn *txn;
+	int r = cas_local_mdb_errno(mdb_txn_begin(ls->env, NULL, 0, &txn));
+	if (r < 0)
+		return cas_log_errno(r, "store %s: write transaction: %m", ls->dir);
+	for (size_t i = 0; i < n; i++) {
+		MDB_val key = { CAS_DIGEST_LEN, (void *)v[i].digest.bytes };
+		MDB_val val = { v[i].len, (void *)v[i].buf };
+		int rc = mdb_put(txn, ls->dbi_blobs, &key, &val, MDB_NOOVERWRITE);
+		if (rc == MDB_SUCCESS) {
+			added++;
+		} else if (rc != MDB_KEYEXIST) {
+			mdb_txn_abort(txn);
+			return cas_log_errno(cas_local_mdb_errno(rc),
+					     "store %s: put blob: %m", ls->dir);
+		}
+	}
+	r = cas_local_mdb_errno(mdb_txn_commit(txn));
+	if (r < 0)
+		return cas_log_errno(r, "store %s: commit: %m", ls->dir);
+	if (ret_added)
+		*ret_added = added;
+	return 0;
+}
+
+/* What an inline lookup does with the value while its transaction is
+ * open: copy it out, put it in a memfd, or only take its size. */
+enum inline_want { INLINE_SIZE, INLINE_COPY, INLINE_MEMFD };
+
+/* 1 when the blob is in LMDB (with *ret_size and, as asked, *ret_buf or
+ * *ret_fd), 0 when it is not. */
+static int inline_get(struct cas_local *ls, const cas_digest *d,
+		      enum inline_want want, uint64_t *ret_size,
+		      uint8_t **ret_buf, int *ret_fd)
+{
+	if (!ls->has_blobs_db)
+		return 0;
+	MDB_txn *txn;
+	int r = cas_local_rtxn_get(ls, &txn);
+	if (r < 0)
+		return r;
+	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
+	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_blobs, &key, &val));
+	if (r == -ENOENT) {
+		r = 0;
+		goto out;
+	}
+	if (r < 0)
+		goto out;
+	*ret_size = val.mv_size;
+	if (want == INLINE_COPY) {
+		uint8_t *buf = malloc(val.mv_size ? val.mv_size : 1);
+		if (!buf) {
+			r = -ENOMEM;
+			goto out;
+		}
+		memcpy(buf, val.mv_data, val.mv_size);
+		*ret_buf = buf;
+	} else if (want == INLINE_MEMFD) {
+		/* An fd for callers that need one (splice, passthrough,
+		 * copying): sealed, so nobody can change the bytes. */
+		_cleanup_close_ int fd =
+			memfd_create("castore-blob", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+		if (fd < 0 ||
+		    (r = pwrite_all(fd, val.mv_data, val.mv_size, 0)) < 0 ||
+		    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW |
+						   F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
+			r = r < 0 ? r : cas_negerrno();
+			goto out;
+		}
+		*ret_fd = TAKE_FD(fd);
+	}
+	r = 1;
+out:
+	cas_local_rtxn_put(ls, txn);
+	if (r < 0) {
+		char hex[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(d, hex);
+		return cas_log_errno(r, "get blob %s: %m", hex);
+	}
+	return r;
+}
+
 int cas_local_blob_path(cas_store *s, const cas_digest *d, char *buf,
 			size_t size)
 {
@@ -321,7 +443,14 @@ int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
 				  const cas_digest *d)
 {
 	struct cas_local *ls = to_local(s);
-	int r = cas_local_blob_exists(ls, d);
+	int r;
+	if (cas_local_is_inline(ls, len)) {
+		size_t added = 0;
+		struct cas_local_small one = { *d, buf, len };
+		r = cas_local_inline_put(ls, &one, 1, &added);
+		return r < 0 ? r : added > 0;
+	}
+	r = cas_local_blob_exists(ls, d);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	struct tmpfile t;
@@ -339,23 +468,28 @@ int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
 	return tmp_publish(ls, &t, d);
 }
 
+static int source_unchanged(int src_fd, const struct stat *st)
+{
+	struct stat now;
+	if (fstat(src_fd, &now) < 0)
+		return cas_negerrno();
+	if (now.st_size != st->st_size ||
+	    now.st_mtim.tv_sec != st->st_mtim.tv_sec ||
+	    now.st_mtim.tv_nsec != st->st_mtim.tv_nsec ||
+	    now.st_ctim.tv_sec != st->st_ctim.tv_sec ||
+	    now.st_ctim.tv_nsec != st->st_ctim.tv_nsec)
+		return -EBADMSG;
+	return 0;
+}
+
 /* Copies size bytes of src_fd; when st is given, the source must still
  * match it afterwards (size, mtime, ctime), else -EBADMSG. */
 static int fill_from_fd(int src_fd, int dst_fd, uint64_t size,
 			const struct stat *st)
 {
 	int r = cas_copy_fd(src_fd, dst_fd, size);
-	if (r == 0 && st) {
-		struct stat now;
-		if (fstat(src_fd, &now) < 0)
-			r = cas_negerrno();
-		else if (now.st_size != st->st_size ||
-			 now.st_mtim.tv_sec != st->st_mtim.tv_sec ||
-			 now.st_mtim.tv_nsec != st->st_mtim.tv_nsec ||
-			 now.st_ctim.tv_sec != st->st_ctim.tv_sec ||
-			 now.st_ctim.tv_nsec != st->st_ctim.tv_nsec)
-			r = -EBADMSG;
-	}
+	if (r == 0 && st)
+		r = source_unchanged(src_fd, st);
 	return r;
 }
 
@@ -363,37 +497,51 @@ int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 			      const cas_digest *d)
 {
 	struct cas_local *ls = to_local(s);
-	int r = cas_local_blob_exists(ls, d);
-	if (r != 0)
-		return r < 0 ? r : 0;
-	struct tmpfile t;
-	if ((r = tmp_open(ls, &t)) < 0)
-		return r;
-	r = fill_from_fd(src_fd, t.fd, size, NULL);
-	if (r == 0 && (r = tmp_datasync(ls, &t)) == 0)
-		return tmp_publish(ls, &t, d);
-	tmp_discard(ls, &t);
-	if (r == -EBADMSG) {
-		char hex[CAS_DIGEST_HEX_LEN + 1];
-		cas_digest_to_hex(d, hex);
-		return cas_log_errno(r, "publish blob %s: source is shorter than %llu bytes",
-				     hex, (unsigned long long)size);
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	int r;
+	if (cas_local_is_inline(ls, size)) {
+		uint8_t buf[CAS_LOCAL_INLINE_MAX];
+		r = cas_pread_all(src_fd, buf, (size_t)size, 0);
+		if (r == 0)
+			return cas_local_blob_publish_buffer(s, buf, (size_t)size, d);
+		if (r != -EBADMSG) {
+			cas_digest_to_hex(d, hex);
+			return cas_log_errno(r, "publish blob %s: read: %m", hex);
+		}
+	} else {
+		r = cas_local_blob_exists(ls, d);
+		if (r != 0)
+			return r < 0 ? r : 0;
+		struct tmpfile t;
+		if ((r = tmp_open(ls, &t)) < 0)
+			return r;
+		r = fill_from_fd(src_fd, t.fd, size, NULL);
+		if (r == 0 && (r = tmp_datasync(ls, &t)) == 0)
+			return tmp_publish(ls, &t, d);
+		tmp_discard(ls, &t);
 	}
-	return r;
+	if (r != -EBADMSG)
+		return r;
+	cas_digest_to_hex(d, hex);
+	return cas_log_errno(r, "publish blob %s: source is shorter than %llu bytes",
+			     hex, (unsigned long long)size);
 }
 
 /* Staging (import): named temporary files, made durable together by one
  * syncfs and only then renamed into place (cas_local_unstage). */
-static int stage_open(struct cas_local *ls, struct tmpfile *t)
+static int stage_open(struct cas_local *ls, struct tmpfile *t, bool direct)
 {
 	t->fd = -1;
 	t->name[0] = 0;
 	if (ls->readonly)
 		return -EROFS;
-	int r = tmp_open_named(ls, t);
-	if (r < 0)
-		return r;
-	return 0;
+	if (direct && !atomic_load_explicit(&ls->direct_off, memory_order_relaxed)) {
+		int r = tmp_open_flags(ls, t, O_DIRECT);
+		if (r != -EINVAL)
+			return r;
+		atomic_store(&ls->direct_off, true);
+	}
+	return tmp_open_named(ls, t);
 }
 
 static int stage_finish(struct cas_local *ls, struct tmpfile *t, int r,
@@ -409,27 +557,96 @@ static int stage_finish(struct cas_local *ls, struct tmpfile *t, int r,
 	return 0;
 }
 
+static bool aligned(const void *p, size_t n)
+{
+	return ((uintptr_t)p | n) % CAS_STAGE_ALIGN == 0;
+}
+
+/* Writes buf at off of a staged file. While the file is O_DIRECT, whole
+ * blocks go directly; a tail of less than a block (the end of the blob)
+ * is written through the page cache, which needs O_DIRECT off: the block
+ * is new, so the page cache has nothing to read back. A file system that
+ * refuses a direct write (EINVAL) gets buffered writes from then on. */
+static int stage_write(struct cas_local *ls, int fd, bool *direct,
+		       const uint8_t *buf, size_t len, uint64_t off)
+{
+	if (*direct) {
+		size_t head = len - len % CAS_STAGE_ALIGN;
+		int r = aligned(buf, head) && off % CAS_STAGE_ALIGN == 0
+				? pwrite_all(fd, buf, head, off)
+				: -EINVAL;
+		if (r == -EINVAL)
+			atomic_store(&ls->direct_off, true);
+		else if (r < 0)
+			return r;
+		else
+			buf += head, off += head, len -= head;
+		if (len > 0 || r == -EINVAL) {
+			int fl = fcntl(fd, F_GETFL);
+			if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_DIRECT) < 0)
+				return cas_negerrno();
+			*direct = false;
+		}
+	}
+	return pwrite_all(fd, buf, len, off);
+}
+
+static int stage_open_for(struct cas_local *ls, struct tmpfile *t,
+			  uint64_t size, bool *direct)
+{
+	int r = stage_open(ls, t, size >= CAS_STAGE_DIRECT_MIN);
+	if (r < 0)
+		return r;
+	int fl = fcntl(t->fd, F_GETFL);
+	*direct = fl >= 0 && (fl & O_DIRECT);
+	return 0;
+}
+
 int cas_local_stage_buffer(struct cas_local *ls, const void *buf, size_t len,
 			   char ret_name[CAS_STAGE_NAME_LEN])
 {
 	struct tmpfile t;
-	int r = stage_open(ls, &t);
+	bool direct;
+	int r = stage_open_for(ls, &t, len, &direct);
 	if (r < 0)
 		return r;
-	r = cas_write_all(t.fd, buf, len);
+	r = stage_write(ls, t.fd, &direct, buf, len, 0);
 	if (r < 0)
 		cas_log_errno(r, "store %s: write temporary file: %m", ls->dir);
 	return stage_finish(ls, &t, r, ret_name);
 }
 
 int cas_local_stage_fd(struct cas_local *ls, int src_fd, uint64_t size,
-		       const struct stat *st, char ret_name[CAS_STAGE_NAME_LEN])
+		       const struct stat *st, uint8_t *scratch,
+		       size_t scratch_size, char ret_name[CAS_STAGE_NAME_LEN])
 {
 	struct tmpfile t;
-	int r = stage_open(ls, &t);
+	bool direct;
+	int r = stage_open_for(ls, &t, size, &direct);
 	if (r < 0)
 		return r;
-	r = fill_from_fd(src_fd, t.fd, size, st);
+	if (!direct || !aligned(scratch, scratch_size)) {
+		r = fill_from_fd(src_fd, t.fd, size, st);
+		return stage_finish(ls, &t, r, ret_name);
+	}
+	uint64_t off = 0;
+	while (r == 0 && off < size) {
+		size_t want = (size_t)CAS_MIN((uint64_t)scratch_size, size - off);
+		ssize_t n = pread(src_fd, scratch, want, (off_t)off);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			r = cas_negerrno();
+		else if (n == 0)
+			r = -EBADMSG; /* shorter than it was */
+		else if ((r = stage_write(ls, t.fd, &direct, scratch, (size_t)n,
+					  off)) == 0)
+			off += (uint64_t)n; /* after a tail, buffered */
+	}
+	if (r == 0)
+		r = source_unchanged(src_fd, st);
+	if (r < 0 && r != -EBADMSG)
+		cas_log_errno(r, "store %s: write temporary file: %m", ls->dir);
 	return stage_finish(ls, &t, r, ret_name);
 }
 
@@ -478,6 +695,13 @@ static int local_blob_stat(cas_store *s, const cas_digest *d,
 			   uint64_t *ret_size)
 {
 	struct cas_local *ls = to_local(s);
+	uint64_t size = 0;
+	int r = inline_get(ls, d, INLINE_SIZE, &size, NULL, NULL);
+	if (r != 0) {
+		if (r > 0 && ret_size)
+			*ret_size = size;
+		return r < 0 ? r : 0;
+	}
 	char rel[CAS_BLOB_REL_LEN];
 	struct stat st;
 	cas_local_blob_rel(d, rel);
@@ -493,10 +717,10 @@ static int local_blob_stat(cas_store *s, const cas_digest *d,
 	return 0;
 }
 
-static int local_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
-			   uint64_t *ret_size)
+/* A blob file opened and checked to be a regular file. */
+static int blob_file_open(struct cas_local *ls, const cas_digest *d,
+			  int *ret_fd, uint64_t *ret_size)
 {
-	struct cas_local *ls = to_local(s);
 	char rel[CAS_BLOB_REL_LEN];
 	struct stat st;
 	cas_local_blob_rel(d, rel);
@@ -511,34 +735,97 @@ static int local_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
 		return cas_log_errno(cas_negerrno(), "stat blob %s: %m", rel + 3);
 	if (!S_ISREG(st.st_mode))
 		return cas_log_errno(-EIO, "blob %s: not a regular file", rel + 3);
-	if (ret_size)
-		*ret_size = (uint64_t)st.st_size;
+	*ret_size = (uint64_t)st.st_size;
 	*ret_fd = TAKE_FD(fd);
+	return 0;
+}
+
+static int local_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
+			   uint64_t *ret_size)
+{
+	struct cas_local *ls = to_local(s);
+	uint64_t size = 0;
+	int r = inline_get(ls, d, INLINE_MEMFD, &size, NULL, ret_fd);
+	if (r == 0)
+		r = blob_file_open(ls, d, ret_fd, &size);
+	else if (r > 0)
+		r = 0;
+	if (r == 0 && ret_size)
+		*ret_size = size;
+	return r;
+}
+
+static int local_blob_read(cas_store *s, const cas_digest *d, size_t max,
+			   uint8_t **ret_buf, uint64_t *ret_size)
+{
+	struct cas_local *ls = to_local(s);
+	uint64_t size = 0;
+	uint8_t *buf = NULL;
+	int r = inline_get(ls, d, INLINE_COPY, &size, &buf, NULL);
+	if (r > 0 && size > max) {
+		free(buf);
+		return -EFBIG;
+	}
+	if (r == 0) {
+		_cleanup_close_ int fd = -1;
+		if ((r = blob_file_open(ls, d, &fd, &size)) < 0)
+			return r;
+		if (size > max)
+			return -EFBIG;
+		if (!(buf = malloc(size ? size : 1)))
+			return -ENOMEM;
+		if ((r = cas_pread_all(fd, buf, size, 0)) < 0) {
+			free(buf);
+			char hex[CAS_DIGEST_HEX_LEN + 1];
+			cas_digest_to_hex(d, hex);
+			return cas_log_errno(r == -EBADMSG ? -EIO : r,
+					     "read blob %s: %m", hex);
+		}
+	}
+	if (r < 0)
+		return r;
+	*ret_buf = buf;
+	*ret_size = size;
 	return 0;
 }
 
 /* Blob writer ---------------------------------------------------------- */
 
+/* The first CAS_LOCAL_INLINE_MAX bytes stay in memory: a blob that ends
+ * there goes to LMDB (or, without inline blobs, to a file written in one
+ * piece); a larger one spills them to a temporary file first. */
 struct local_writer {
 	cas_blob_writer base;
 	struct cas_local *ls;
-	struct tmpfile tmp;
+	struct tmpfile tmp; /* fd -1 while the bytes fit in small[] */
 	cas_hasher hasher;
 	uint64_t size;
+	uint8_t small[CAS_LOCAL_INLINE_MAX];
 };
 
 static int writer_write(cas_blob_writer *w, const void *buf, size_t len)
 {
 	struct local_writer *lw = (struct local_writer *)w;
-	if (lw->tmp.fd < 0)
-		return -EBADF;
-	int r = cas_write_all(lw->tmp.fd, buf, len);
-	if (r < 0)
-		return cas_log_errno(r, "store %s: write temporary file: %m",
-				     lw->ls->dir);
+	struct cas_local *ls = lw->ls;
+	int r;
+	if (lw->tmp.fd < 0 && lw->size + len <= sizeof(lw->small)) {
+		memcpy(lw->small + lw->size, buf, len);
+	} else {
+		if (lw->tmp.fd < 0) {
+			if ((r = tmp_open(ls, &lw->tmp)) < 0)
+				return r;
+			r = cas_write_all(lw->tmp.fd, lw->small, (size_t)lw->size);
+			if (r < 0)
+				goto fail;
+		}
+		if ((r = cas_write_all(lw->tmp.fd, buf, len)) < 0)
+			goto fail;
+	}
 	cas_hasher_update(&lw->hasher, buf, len);
 	lw->size += len;
 	return 0;
+fail:
+	return cas_log_errno(r, "store %s: write temporary file: %m", ls->dir);
 }
 
 static void writer_abort(cas_blob_writer *w)
@@ -564,13 +851,14 @@ static int writer_commit(cas_blob_writer *w, const cas_digest *expected,
 		return cas_log_errno(-EBADMSG, "blob %s: content hashes to %s",
 				     want, got);
 	}
-	int r = tmp_datasync(lw->ls, &lw->tmp);
-	if (r < 0) {
-		free(lw);
-		return r;
-	}
-	r = tmp_publish(lw->ls, &lw->tmp, &d);
+	int r;
 	uint64_t size = lw->size;
+	if (lw->tmp.fd < 0) {
+		r = cas_local_blob_publish_buffer(&lw->ls->base, lw->small,
+						  (size_t)size, &d);
+	} else if ((r = tmp_datasync(lw->ls, &lw->tmp)) == 0) {
+		r = tmp_publish(lw->ls, &lw->tmp, &d);
+	}
 	writer_abort(w);
 	if (r < 0)
 		return r;
@@ -590,16 +878,14 @@ static const struct cas_blob_writer_ops writer_ops = {
 static int local_blob_writer_new(cas_store *s, cas_blob_writer **ret)
 {
 	struct cas_local *ls = to_local(s);
+	if (ls->readonly)
+		return -EROFS;
 	struct local_writer *lw = calloc(1, sizeof(*lw));
 	if (!lw)
 		return -ENOMEM;
 	lw->base.ops = &writer_ops;
 	lw->ls = ls;
-	int r = tmp_open(ls, &lw->tmp);
-	if (r < 0) {
-		free(lw);
-		return r;
-	}
+	lw->tmp.fd = -1;
 	cas_hasher_init(&lw->hasher);
 	*ret = &lw->base;
 	return 0;
@@ -1097,6 +1383,7 @@ static void local_free(cas_store *s)
 static const struct cas_store_ops local_ops = {
 	.blob_stat = local_blob_stat,
 	.blob_open = local_blob_open,
+	.blob_read = local_blob_read,
 	.blob_writer_new = local_blob_writer_new,
 	.directory_get_raw = local_directory_get_raw,
 	.directory_has = local_directory_has,
@@ -1187,6 +1474,12 @@ static int open_env(struct cas_local *ls, bool create)
 	rc = mdb_dbi_open(txn, "directories", dflags, &ls->dbi_directories);
 	if (rc == MDB_SUCCESS)
 		rc = mdb_dbi_open(txn, "roots", dflags, &ls->dbi_roots);
+	if (rc == MDB_SUCCESS) {
+		rc = mdb_dbi_open(txn, "blobs", dflags, &ls->dbi_blobs);
+		ls->has_blobs_db = rc == MDB_SUCCESS;
+		if (rc == MDB_NOTFOUND && ls->readonly)
+			rc = MDB_SUCCESS; /* a store written before there were small blobs */
+	}
 	if (rc == MDB_SUCCESS)
 		rc = mdb_txn_commit(txn);
 	else
@@ -1210,6 +1503,8 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 	ls->base.ops = &local_ops;
 	ls->dir_fd = ls->blobs_fd = ls->tmp_fd = -1;
 	ls->readonly = o.readonly;
+	ls->write_inline = !o.no_inline;
+	ls->pid = (int)getpid();
 	pthread_mutex_init(&ls->pool_lock, NULL);
 	_cleanup_(cas_store_freep) cas_store *s = &ls->base;
 	int r;

@@ -42,6 +42,11 @@ struct cas_store_ops {
 	 * backing file. */
 	int (*blob_open)(cas_store *s, const cas_digest *d, int *ret_fd,
 			 uint64_t *ret_size);
+	/* The whole (verified) blob in memory, malloc'd, if it has at most
+	 * max bytes; -EFBIG if it has more. For small files, where a copy
+	 * costs less than an fd. May be NULL: use cas_store_blob_read. */
+	int (*blob_read)(cas_store *s, const cas_digest *d, size_t max,
+			 uint8_t **ret_buf, uint64_t *ret_size);
 	int (*blob_writer_new)(cas_store *s, cas_blob_writer **ret);
 
 	/* Directories ----------------------------------------------------- */
@@ -119,6 +124,9 @@ int cas_store_directory_get(cas_store *s, const cas_digest *d,
 /* Puts one Directory (a batch of one); returns its digest. */
 int cas_store_directory_put(cas_store *s, const void *buf, size_t len,
 			    cas_digest *ret_digest);
+/* blob_read, or blob_open and a read where the store has no blob_read. */
+int cas_store_blob_read(cas_store *s, const cas_digest *d, size_t max,
+			uint8_t **ret_buf, uint64_t *ret_size);
 /* Reads a whole fd (or the rest of a stream) into a new blob. */
 int cas_store_blob_put_fd(cas_store *s, int fd, cas_digest *ret_digest,
 			  uint64_t *ret_size);

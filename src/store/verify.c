@@ -2,7 +2,8 @@
  *
  * Checked, each failure one problem line naming the object:
  * - every file under blobs/ is named by 64 hex digits in the right fan-out
- *   folder and its bytes hash to that name;
+ *   folder and its bytes hash to that name; every small blob in LMDB has a
+ *   32-byte key and its bytes hash to it;
  * - every Directory's key is 32 bytes, its bytes hash to the key and decode
  *   as canonical; every child Directory is stored (closure); every file it
  *   names has its blob, of the size the node says;
@@ -92,6 +93,25 @@ static int verify_blob(struct verifier *v, int fan_fd, const char *fan,
 	return 0;
 }
 
+static int verify_inline_blob(struct verifier *v, MDB_txn *txn,
+			      const MDB_val *key, const MDB_val *val)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1], ghex[CAS_DIGEST_HEX_LEN + 1];
+	cas_digest want, got;
+	if (key->mv_size != CAS_DIGEST_LEN) {
+		problem(v, "small blob with a key of %zu bytes", key->mv_size);
+		return 0;
+	}
+	memcpy(want.bytes, key->mv_data, CAS_DIGEST_LEN);
+	cas_hash_buffer(val->mv_data, val->mv_size, &got);
+	if (!cas_digest_eq(&want, &got)) {
+		cas_digest_to_hex(&want, hex);
+		cas_digest_to_hex(&got, ghex);
+		problem(v, "blob %s: content hashes to %s", hex, ghex);
+	}
+	return 0;
+}
+
 static int verify_blobs(struct verifier *v)
 {
 	int fd = openat(v->ls->blobs_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -132,9 +152,19 @@ static int verify_blobs(struct verifier *v)
 }
 
 /* 1 present, 0 absent; with its size. */
-static int blob_present(struct verifier *v, const cas_digest *d,
+static int blob_present(struct verifier *v, MDB_txn *txn, const cas_digest *d,
 			uint64_t *ret_size)
 {
+	if (v->ls->has_blobs_db) {
+		MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
+		int r = cas_local_mdb_errno(mdb_get(txn, v->ls->dbi_blobs, &key, &val));
+		if (r == 0) {
+			*ret_size = val.mv_size;
+			return 1;
+		}
+		if (r != -ENOENT)
+			return r;
+	}
 	char rel[CAS_BLOB_REL_LEN];
 	struct stat st;
 	cas_local_blob_rel(d, rel);
@@ -196,7 +226,7 @@ static int verify_directory(struct verifier *v, MDB_txn *txn,
 	for (size_t i = 0; i < d->n_files; i++) {
 		const cas_node *c = &d->files[i];
 		uint64_t size = 0;
-		if ((r = blob_present(v, &c->digest, &size)) < 0)
+		if ((r = blob_present(v, txn, &c->digest, &size)) < 0)
 			return r;
 		if (r == 1 && size == c->size)
 			continue;
@@ -237,7 +267,7 @@ static int verify_root(struct verifier *v, MDB_txn *txn, const MDB_val *key,
 			problem(v, "root '%s': directory %s is missing", name, hex);
 	} else if (node.type == CAS_NODE_FILE) {
 		uint64_t size = 0;
-		if ((r = blob_present(v, &node.digest, &size)) < 0)
+		if ((r = blob_present(v, txn, &node.digest, &size)) < 0)
 			return r;
 		if (r == 0)
 			problem(v, "root '%s': blob %s is missing", name, hex);
@@ -285,7 +315,10 @@ int cas_local_verify(cas_store *s, cas_verify_cb cb, void *userdata)
 	MDB_txn *txn;
 	if ((r = cas_local_rtxn_get(v.ls, &txn)) < 0)
 		return r;
-	r = verify_db(&v, txn, v.ls->dbi_directories, verify_directory);
+	if (v.ls->has_blobs_db)
+		r = verify_db(&v, txn, v.ls->dbi_blobs, verify_inline_blob);
+	if (r == 0)
+		r = verify_db(&v, txn, v.ls->dbi_directories, verify_directory);
 	if (r == 0)
 		r = verify_db(&v, txn, v.ls->dbi_roots, verify_root);
 	cas_local_rtxn_put(v.ls, txn);

@@ -22,6 +22,7 @@
 #include "core/log.h"
 #include "store/import.h"
 #include "store/local.h"
+#include "store/local_i.h"
 
 static char base[256];
 
@@ -52,6 +53,14 @@ static cas_store *open_store(const char *name)
 	cas_store *s = NULL;
 	REQUIRE(cas_local_open(dir, &o, &s) == 0);
 	return s;
+}
+
+static bool blob_file_exists(cas_store *s, const cas_digest *d)
+{
+	char path[512];
+	struct stat st;
+	REQUIRE(cas_local_blob_path(s, d, path, sizeof(path)) == 0);
+	return stat(path, &st) == 0;
 }
 
 static int put_blob(cas_store *s, const void *buf, size_t len,
@@ -467,6 +476,18 @@ static void test_import_export(void)
 	CHECK(pr.files == 309 && pr.symlinks == 3 && pr.directories == 8);
 	CHECK(pr.blobs_added == 307); /* 2 duplicates: empty files, run.sh */
 	CHECK(progress_calls >= 1);
+	/* Small blobs went to LMDB, large ones (written with O_DIRECT, with
+	 * and without a partial last block) to files. */
+	cas_digest dx;
+	cas_hash_buffer("x", 1, &dx);
+	CHECK(s->ops->blob_stat(s, &dx, NULL) == 0 && !blob_file_exists(s, &dx));
+	_cleanup_free_ uint8_t *big = pattern(3 << 20, 11);
+	const size_t big_sizes[] = { 3 << 20, (1 << 20) - 1, 1 << 20 };
+	for (size_t i = 0; i < CAS_ARRAY_SIZE(big_sizes); i++) {
+		cas_digest db;
+		cas_hash_buffer(big, big_sizes[i], &db);
+		CHECK(blob_file_exists(s, &db));
+	}
 
 	cas_node *root = NULL;
 	REQUIRE(s->ops->root_get(s, "tree", &root) == 0);
@@ -595,6 +616,79 @@ static void on_problem_match(void *userdata, const char *problem)
 	fprintf(stderr, "  (verify, expected) %s\n", problem);
 	if (!strncmp(problem, match_want, strlen(match_want)))
 		match_found++;
+}
+
+/* Small blobs live in LMDB (up to CAS_LOCAL_INLINE_MAX bytes), larger ones
+ * in files; every reader finds both; no_inline writes files only. */
+static void test_inline_blobs(void)
+{
+	cas_store *s = open_store("inline");
+	const size_t sizes[] = { 0, 1, 100, CAS_LOCAL_INLINE_MAX,
+				 CAS_LOCAL_INLINE_MAX + 1, 70000 };
+	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++) {
+		size_t len = sizes[i];
+		_cleanup_free_ uint8_t *data = pattern(len, (unsigned)i);
+		cas_digest d, want;
+		cas_hash_buffer(data, len, &want);
+		REQUIRE(put_blob(s, data, len, &want, &d) == 0);
+		CHECK(blob_file_exists(s, &d) == (len > CAS_LOCAL_INLINE_MAX));
+		uint64_t size = 1;
+		CHECK(s->ops->blob_stat(s, &d, &size) == 0 && size == len);
+
+		int fd = -1;
+		REQUIRE(s->ops->blob_open(s, &d, &fd, &size) == 0);
+		_cleanup_free_ uint8_t *back = malloc(len + 1);
+		CHECK(size == len && cas_pread_all(fd, back, len, 0) == 0 &&
+		      !memcmp(back, data, len));
+		/* An fd of an inline blob cannot change it. */
+		CHECK(pwrite(fd, "x", 1, 0) < 0);
+		close(fd);
+
+		uint8_t *buf = NULL;
+		size = 0;
+		REQUIRE(cas_store_blob_read(s, &d, 1u << 20, &buf, &size) == 0);
+		CHECK(size == len && !memcmp(buf, data, len));
+		free(buf);
+		if (len > 0)
+			CHECK(cas_store_blob_read(s, &d, len - 1, &buf, &size) == -EFBIG);
+
+		/* Publishing the same bytes again adds nothing. */
+		CHECK(cas_local_blob_publish_buffer(s, data, len, &d) == 0);
+	}
+	struct problems pr = { 0 };
+	CHECK(cas_local_verify(s, on_problem, &pr) == 0 && pr.n == 0);
+
+	/* Bytes in LMDB that do not hash to their key: verify names it. */
+	struct cas_local *ls = (struct cas_local *)s;
+	cas_digest bad;
+	_cleanup_free_ uint8_t *data = pattern(300, 9);
+	cas_hash_buffer(data, 300, &bad);
+	data[7] ^= 1;
+	struct cas_local_small one = { bad, data, 300 };
+	REQUIRE(cas_local_inline_put(ls, &one, 1, NULL) == 0);
+	char hex[65], want[200];
+	cas_digest_to_hex(&bad, hex);
+	snprintf(want, sizeof(want), "blob %s: content hashes to ", hex);
+	pr = (struct problems){ 0 };
+	CHECK(cas_local_verify(s, on_problem, &pr) == 1 && pr.n == 1);
+	CHECK(!strncmp(pr.first, want, strlen(want)));
+	cas_store_free(s);
+
+	/* A store that must keep every blob as a file (a cache). */
+	char dir[512];
+	snprintf(dir, sizeof(dir), "%s/no-inline", base);
+	struct cas_local_options o = { .create = true, .no_inline = true };
+	REQUIRE(cas_local_open(dir, &o, &s) == 0);
+	_cleanup_free_ uint8_t *small = pattern(10, 3);
+	cas_digest d;
+	REQUIRE(put_blob(s, small, 10, NULL, &d) == 0);
+	CHECK(blob_file_exists(s, &d));
+	uint8_t *buf = NULL;
+	uint64_t size = 0;
+	CHECK(cas_store_blob_read(s, &d, 4096, &buf, &size) == 0 && size == 10 &&
+	      !memcmp(buf, small, 10));
+	free(buf);
+	cas_store_free(s);
 }
 
 static void test_verify(void)
@@ -783,6 +877,7 @@ int main(void)
 	test_roots();
 	test_import_export();
 	test_import_refused();
+	test_inline_blobs();
 	test_verify();
 	test_verify_directories();
 	test_concurrent();
