@@ -2,10 +2,15 @@
  * (an ordinary local store), fetching what it lacks from a fetcher
  * (remote_i.h) and checking every byte before it is used or cached.
  *
- * Blobs: fetched whole into a cache blob writer while hashed; bytes that
- * do not hash to the name are dropped (writer aborted), -EIO, logged with
- * both digests. Concurrent readers of one absent blob wait for one fetch:
- * `inflight` lists the digests being fetched, `cond` wakes the waiters.
+ * Blobs: fetched whole into a file in the cache's tmp/ while hashed;
+ * bytes that do not hash to the name are dropped (file removed), -EIO,
+ * logged with both digests. A verified blob is "staged": readable at once
+ * through its tmp/ file, but named (renamed to its place in blobs/) only
+ * by the publisher thread, in groups, after one syncfs has made the group
+ * durable - so a name never points at bytes a power loss could have
+ * lost, and no fetch waits for a sync of its own (docs/remote.md).
+ * Concurrent readers of one absent blob wait for one fetch: `inflight`
+ * lists the digests being fetched, `cond` wakes the waiters.
  *
  * Directories: the cache stores a Directory only after its children
  * (closure), so a missing Directory is fetched with every Directory below
@@ -20,11 +25,13 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "core/directory.h"
 #include "core/log.h"
@@ -50,6 +57,18 @@ struct inflight {
 #define PREFETCH_MAX_THREADS	 32
 #define PREFETCH_QUEUE		 8192
 #define PREFETCH_MAX_SIZE	 (1u << 20)
+
+/* Staging: a group is published once this many blobs wait, or this long
+ * after the first of them; fetchers wait when STAGED_MAX are unnamed. */
+#define STAGE_GROUP	 4096
+#define STAGE_DELAY_MS	 200
+#define STAGED_MAX	 65536
+
+struct staged_blob {
+	char tmp[48]; /* name in the cache's tmp/ */
+	uint64_t size;
+	cas_digest digest;
+};
 
 struct published_root {
 	char *name;
@@ -86,6 +105,20 @@ struct cache_store {
 	struct cas_dmap prefetched;   /* Directories done; protected by lock */
 	struct cas_dmap
 		bad_logged; /* blobs reported wrong; protected by lock */
+
+	int tmp_fd; /* the cache's tmp/ */
+	atomic_uint_fast64_t tmp_counter;
+	struct cas_dmap staged;	     /* digest -> staged_blob; lock */
+	struct staged_blob **pending; /* staged, not yet synced; lock */
+	size_t n_pending, cap_pending; /* protected by lock */
+	bool publisher_started;	       /* protected by lock */
+	bool publisher_stopping;       /* protected by lock */
+	bool sync_failed_logged;       /* protected by lock */
+	bool publishing;	       /* a group is out; protected by lock */
+	unsigned flushers;	       /* in cas_cache_flush; lock */
+	uint64_t staged_bytes;	       /* protected by lock */
+	pthread_t publisher;
+	pthread_cond_t pub_cond;   /* publisher: work; fetchers: room */
 };
 
 static struct cache_store *to_cache(cas_store *s)
@@ -163,18 +196,52 @@ static void inflight_done(struct cache_store *c, struct inflight **list,
 
 /* Blobs ------------------------------------------------------------------ */
 
+/* Transports hand over small pieces (libcurl: 16 KiB, whatever its
+ * buffer size): gathered into SINK_BUFFER bytes, they cost one write and
+ * one wide hash update each instead of dozens. */
+#define SINK_BUFFER (1u << 20)
+
 struct blob_sink {
-	cas_blob_writer *w;
+	int fd;
 	cas_hasher hasher;
 	uint64_t size;
+	uint8_t *buf; /* SINK_BUFFER bytes, allocated on the first piece */
+	size_t len;
 };
+
+static int blob_sink_flush(struct blob_sink *b)
+{
+	if (b->len == 0)
+		return 0;
+	cas_hasher_update(&b->hasher, b->buf, b->len);
+	int r = cas_write_all(b->fd, b->buf, b->len);
+	b->len = 0;
+	return r;
+}
 
 static int blob_sink_write(void *userdata, const void *buf, size_t len)
 {
 	struct blob_sink *b = userdata;
-	cas_hasher_update(&b->hasher, buf, len);
 	b->size += len;
-	return b->w->ops->write(b->w, buf, len);
+	if (b->len == 0 && len >= SINK_BUFFER / 4) {
+		cas_hasher_update(&b->hasher, buf, len);
+		return cas_write_all(b->fd, buf, len);
+	}
+	if (!b->buf && !(b->buf = malloc(SINK_BUFFER)))
+		return -ENOMEM;
+	while (len > 0) {
+		size_t n = CAS_MIN(len, SINK_BUFFER - b->len);
+		memcpy(b->buf + b->len, buf, n);
+		b->len += n;
+		buf = (const uint8_t *)buf + n;
+		len -= n;
+		if (b->len == SINK_BUFFER) {
+			int r = blob_sink_flush(b);
+			if (r < 0)
+				return r;
+		}
+	}
+	return 0;
 }
 
 static void maybe_evict(struct cache_store *c, uint64_t added)
@@ -188,33 +255,107 @@ static void maybe_evict(struct cache_store *c, uint64_t added)
 	if (!over)
 		return;
 	pthread_mutex_lock(&c->evict_lock);
-	/* Down to 90 %, so that eviction does not run on every fetch. */
-	int64_t now = cas_cache_evict(c->cache_dir, c->cache_max / 10 * 9);
+	/* Down to 90 %, so that eviction does not run on every fetch.
+	 * Staged blobs are not files in blobs/ yet (nor evictable): room
+	 * is made for them among the named ones. */
+	pthread_mutex_lock(&c->lock);
+	uint64_t staged = c->staged_bytes, target = c->cache_max / 10 * 9;
+	pthread_mutex_unlock(&c->lock);
+	int64_t now = cas_cache_evict(c->cache_dir,
+				      target > staged ? target - staged : 0);
 	if (now >= 0) {
 		pthread_mutex_lock(&c->lock);
-		c->cache_bytes = (uint64_t)now;
+		c->cache_bytes = (uint64_t)now + c->staged_bytes;
 		pthread_mutex_unlock(&c->lock);
 	}
 	pthread_mutex_unlock(&c->evict_lock);
 }
 
+static void *publisher_main(void *arg);
+
+/* Hands a verified blob file to the publisher (waits while STAGED_MAX
+ * blobs are unnamed). Takes sb. */
+static int stage_blob(struct cache_store *c, struct staged_blob *sb)
+{
+	int r = 0;
+
+	pthread_mutex_lock(&c->lock);
+	while (c->staged.n >= STAGED_MAX && c->publisher_started &&
+	       !c->publisher_stopping)
+		pthread_cond_wait(&c->pub_cond, &c->lock);
+	if (!c->publisher_started) {
+		if (pthread_create(&c->publisher, NULL, publisher_main, c) != 0)
+			r = -EAGAIN;
+		else
+			c->publisher_started = true;
+	}
+	if (r >= 0 && c->n_pending == c->cap_pending) {
+		size_t cap = c->cap_pending ? c->cap_pending * 2 : 256;
+		struct staged_blob **np =
+			realloc(c->pending, cap * sizeof(*np));
+		if (np) {
+			c->pending = np;
+			c->cap_pending = cap;
+		} else {
+			r = -ENOMEM;
+		}
+	}
+	if (r >= 0)
+		r = cas_dmap_put(&c->staged, &sb->digest, sb);
+	if (r > 0) {
+		c->pending[c->n_pending++] = sb;
+		c->staged_bytes += sb->size;
+		if (c->n_pending == 1 || c->n_pending >= STAGE_GROUP)
+			pthread_cond_broadcast(&c->pub_cond);
+	}
+	pthread_mutex_unlock(&c->lock);
+	if (r <= 0) {
+		/* Staged already by another fetch, or no room: drop ours. */
+		(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+		free(sb);
+	}
+	return r < 0 ? r : 0;
+}
+
 static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 {
 	char hex[CAS_DIGEST_HEX_LEN + 1], got_hex[CAS_DIGEST_HEX_LEN + 1];
-	struct blob_sink b = {0};
+	struct blob_sink b = {.fd = -1};
+	struct staged_blob *sb;
 	cas_digest got;
-	uint64_t size;
 	int r;
 
 	cas_digest_to_hex(d, hex);
-	r = c->cache->ops->blob_writer_new(c->cache, &b.w);
-	if (r < 0)
-		return cas_log_errno(r, "blob %s: cache %s: %m", hex,
-				     c->cache_dir);
+	sb = calloc(1, sizeof(*sb));
+	if (!sb)
+		return -ENOMEM;
+	sb->digest = *d;
+	for (int tries = 0; b.fd < 0 && tries < 100; tries++) {
+		snprintf(sb->tmp, sizeof(sb->tmp), "remote.%ld.%llu",
+			 (long)getpid(),
+			 (unsigned long long)atomic_fetch_add(&c->tmp_counter,
+							      1));
+		b.fd = openat(c->tmp_fd, sb->tmp,
+			      O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+		if (b.fd < 0 && errno != EEXIST)
+			break;
+	}
+	if (b.fd < 0) {
+		free(sb);
+		return cas_log_errno(cas_negerrno(), "blob %s: cache %s: %m",
+				     hex, c->cache_dir);
+	}
 	cas_hasher_init(&b.hasher);
 	r = c->fetcher->ops->blob_fetch(c->fetcher, d, blob_sink_write, &b);
+	if (r >= 0)
+		r = blob_sink_flush(&b);
+	free(b.buf);
+	if (close(b.fd) < 0 && r >= 0)
+		r = cas_log_errno(cas_negerrno(), "blob %s: cache %s: %m", hex,
+				  c->cache_dir);
 	if (r < 0) {
-		b.w->ops->abort(b.w);
+		(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+		free(sb);
 		if (r == -ENOENT)
 			return r;
 		return cas_log_internal(
@@ -223,7 +364,8 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	}
 	cas_hasher_final(&b.hasher, &got);
 	if (!cas_digest_eq(&got, d)) {
-		b.w->ops->abort(b.w);
+		(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+		free(sb);
 		cas_digest_to_hex(&got, got_hex);
 		/* Once per digest: a mount's readers may ask again and again. */
 		pthread_mutex_lock(&c->lock);
@@ -235,18 +377,196 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 			"blob %s: remote sent bytes that hash to %s", hex,
 			got_hex);
 	}
-	r = b.w->ops->commit(b.w, d, NULL, &size);
+	sb->size = b.size;
+	r = stage_blob(c, sb);
 	if (r < 0)
-		return cas_log_errno(r == -EBADMSG ? -EIO : r,
-				     "blob %s: cache: %m", hex);
+		return cas_log_errno(r, "blob %s: cache %s: %m", hex,
+				     c->cache_dir);
 	/* Counted now, evicted by the caller once it holds the blob open
 	 * (flocked): evicting here could remove the blob just fetched. */
 	if (c->cache_max) {
 		pthread_mutex_lock(&c->lock);
-		c->cache_bytes += size;
+		c->cache_bytes += b.size;
 		pthread_mutex_unlock(&c->lock);
 	}
 	return 0;
+}
+
+/* Names one synced staged blob in the cache's blobs/ (never over a name
+ * that exists: that one holds the same bytes). */
+static void publish_staged(struct cache_store *c, const struct staged_blob *sb)
+{
+	char path[4096], hex[CAS_DIGEST_HEX_LEN + 1];
+	int r = cas_local_blob_path(c->cache, &sb->digest, path, sizeof(path));
+	for (int attempt = 0; r == 0 && attempt < 2; attempt++) {
+		if (renameat2(c->tmp_fd, sb->tmp, AT_FDCWD, path,
+			      RENAME_NOREPLACE) == 0)
+			return;
+		r = cas_negerrno();
+		if (r == -EEXIST)
+			break;
+		if (r == -EINVAL) {
+			/* A file system without RENAME_NOREPLACE. */
+			if (linkat(c->tmp_fd, sb->tmp, AT_FDCWD, path, 0) < 0 &&
+			    errno != EEXIST)
+				r = cas_negerrno();
+			else
+				r = -EEXIST;
+			break;
+		}
+		if (r != -ENOENT)
+			break;
+		/* The fan-out folder is missing. */
+		char *slash = strrchr(path, '/');
+		*slash = 0;
+		if (mkdir(path, 0755) < 0 && errno != EEXIST) {
+			r = cas_negerrno();
+			break;
+		}
+		*slash = '/';
+		r = 0;
+	}
+	(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+	if (r < 0 && r != -EEXIST) {
+		cas_digest_to_hex(&sb->digest, hex);
+		cas_log_warning("blob %s: cache %s: cannot name it: %s", hex,
+				c->cache_dir, strerror(-r));
+	}
+}
+
+/* Publishes the staged blobs in groups: waits for a group to gather,
+ * makes it durable with one syncfs, then names each blob. Until named,
+ * a staged blob is read through its tmp/ file (staged_open). */
+static void *publisher_main(void *arg)
+{
+	struct cache_store *c = arg;
+
+	pthread_mutex_lock(&c->lock);
+	for (;;) {
+		while (c->n_pending == 0 && !c->publisher_stopping)
+			pthread_cond_wait(&c->pub_cond, &c->lock);
+		if (c->n_pending == 0)
+			break;
+		struct timespec until;
+		clock_gettime(CLOCK_REALTIME, &until);
+		until.tv_nsec += STAGE_DELAY_MS * 1000000L;
+		until.tv_sec += until.tv_nsec / 1000000000L;
+		until.tv_nsec %= 1000000000L;
+		while (c->n_pending < STAGE_GROUP && !c->publisher_stopping &&
+		       c->staged.n < STAGED_MAX && c->flushers == 0 &&
+		       pthread_cond_timedwait(&c->pub_cond, &c->lock, &until) == 0)
+			;
+		struct staged_blob **group = c->pending;
+		size_t n = c->n_pending;
+		c->pending = NULL;
+		c->n_pending = c->cap_pending = 0;
+		c->publishing = true;
+		pthread_mutex_unlock(&c->lock);
+
+		/* Every byte of the group was written before this call. */
+		bool synced = syncfs(c->tmp_fd) == 0;
+		int sync_errno = errno;
+		for (size_t i = 0; synced && i < n; i++)
+			publish_staged(c, group[i]);
+
+		pthread_mutex_lock(&c->lock);
+		if (!synced && !c->sync_failed_logged) {
+			c->sync_failed_logged = true;
+			cas_log_warning("cache %s: syncfs: %s; blobs fetched "
+					"are not kept",
+					c->cache_dir, strerror(sync_errno));
+		}
+		for (size_t i = 0; i < n; i++) {
+			struct cas_dmap_entry *e =
+				cas_dmap_find(&c->staged, &group[i]->digest);
+			if (e)
+				cas_dmap_remove(&c->staged, e);
+			/* Open fds keep the bytes; the name goes. */
+			if (!synced)
+				(void)unlinkat(c->tmp_fd, group[i]->tmp, 0);
+			c->staged_bytes -= group[i]->size;
+			free(group[i]);
+		}
+		free(group);
+		pthread_mutex_unlock(&c->lock);
+		maybe_evict(c, 0);
+		pthread_mutex_lock(&c->lock);
+		c->publishing = false;
+		pthread_cond_broadcast(&c->pub_cond);
+	}
+	pthread_mutex_unlock(&c->lock);
+	return NULL;
+}
+
+void cas_cache_flush(cas_store *s)
+{
+	struct cache_store *c = to_cache(s);
+	pthread_mutex_lock(&c->lock);
+	c->flushers++;
+	pthread_cond_broadcast(&c->pub_cond);
+	while (c->publisher_started && (c->n_pending > 0 || c->publishing))
+		pthread_cond_wait(&c->pub_cond, &c->lock);
+	c->flushers--;
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* Opens a staged blob: 0, or -ENOENT when it is not staged (any more:
+ * the publisher may have named it meanwhile, so look in the cache). */
+static int staged_open(struct cache_store *c, const cas_digest *d,
+		       int *ret_fd, uint64_t *ret_size)
+{
+	int r = -ENOENT;
+
+	pthread_mutex_lock(&c->lock);
+	struct cas_dmap_entry *e =
+		c->staged.n ? cas_dmap_find(&c->staged, d) : NULL;
+	if (e) {
+		struct staged_blob *sb = e->value;
+		int fd = openat(c->tmp_fd, sb->tmp, O_RDONLY | O_CLOEXEC);
+		if (fd >= 0) {
+			*ret_fd = fd;
+			if (ret_size)
+				*ret_size = sb->size;
+			r = 0;
+		} else if (errno != ENOENT) {
+			r = cas_negerrno();
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	return r;
+}
+
+static bool is_staged(struct cache_store *c, const cas_digest *d,
+		      uint64_t *ret_size)
+{
+	pthread_mutex_lock(&c->lock);
+	struct cas_dmap_entry *e =
+		c->staged.n ? cas_dmap_find(&c->staged, d) : NULL;
+	if (e && ret_size)
+		*ret_size = ((struct staged_blob *)e->value)->size;
+	pthread_mutex_unlock(&c->lock);
+	return e != NULL;
+}
+
+/* The cache's blob_stat, staged blobs included. */
+static int cached_blob_stat(struct cache_store *c, const cas_digest *d,
+			    uint64_t *ret_size)
+{
+	uint64_t size;
+	if (is_staged(c, d, ret_size ? ret_size : &size))
+		return 0;
+	return c->cache->ops->blob_stat(c->cache, d,
+					ret_size ? ret_size : &size);
+}
+
+/* The cache's blob_open, staged blobs included. */
+static int cached_blob_open(struct cache_store *c, const cas_digest *d,
+			    int *ret_fd, uint64_t *ret_size)
+{
+	int r = staged_open(c, d, ret_fd, ret_size);
+	if (r != -ENOENT)
+		return r;
+	return c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
 }
 
 /* A shared flock marks the blob as in use for eviction (evict.c); the
@@ -282,7 +602,7 @@ static int ensure_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 		}
 		e->quiet = quiet;
 		/* It may have landed between the caller's miss and the join. */
-		int r = c->cache->ops->blob_stat(c->cache, d, &size);
+		int r = cached_blob_stat(c, d, &size);
 		if (r == -ENOENT)
 			r = fetch_blob(c, d, quiet);
 		inflight_done(c, &c->blobs_inflight, e, r);
@@ -341,8 +661,7 @@ static void prefetch_directory(struct cache_store *c, const cas_digest *d,
 		 * is being read. */
 		if (f->size > PREFETCH_MAX_SIZE ||
 		    (c->cache_max && f->size > c->cache_max / 64) ||
-		    c->cache->ops->blob_stat(c->cache, &f->digest, &size) !=
-			    -ENOENT)
+		    cached_blob_stat(c, &f->digest, &size) != -ENOENT)
 			continue;
 		pthread_mutex_lock(&c->lock);
 		if (c->pq_len < PREFETCH_QUEUE) {
@@ -365,7 +684,7 @@ static int cache_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
 			   uint64_t *ret_size)
 {
 	struct cache_store *c = to_cache(s);
-	int r = c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
+	int r = cached_blob_open(c, d, ret_fd, ret_size);
 	bool fetched = false;
 	/* Another thread's eviction may remove the blob between its fetch
 	 * and our open: fetch again, a few times. */
@@ -374,7 +693,7 @@ static int cache_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
 		if (r < 0)
 			return r;
 		fetched = true;
-		r = c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
+		r = cached_blob_open(c, d, ret_fd, ret_size);
 	}
 	if (r >= 0)
 		mark_used(c, *ret_fd);
@@ -387,7 +706,7 @@ static int cache_blob_stat(cas_store *s, const cas_digest *d,
 			   uint64_t *ret_size)
 {
 	struct cache_store *c = to_cache(s);
-	int r = c->cache->ops->blob_stat(c->cache, d, ret_size);
+	int r = cached_blob_stat(c, d, ret_size);
 	if (r != -ENOENT)
 		return r;
 	/* tvix's Stat carries no size, and a size not checked against the
@@ -395,7 +714,7 @@ static int cache_blob_stat(cas_store *s, const cas_digest *d,
 	r = ensure_blob(c, d, false);
 	if (r < 0)
 		return r;
-	r = c->cache->ops->blob_stat(c->cache, d, ret_size);
+	r = cached_blob_stat(c, d, ret_size);
 	maybe_evict(c, 0);
 	return r;
 }
@@ -987,6 +1306,19 @@ static void cache_free(cas_store *s)
 	pthread_mutex_unlock(&c->lock);
 	for (unsigned i = 0; i < n; i++)
 		pthread_join(c->workers[i], NULL);
+	/* Names what is staged (one last syncfs) before the cache closes. */
+	pthread_mutex_lock(&c->lock);
+	c->publisher_stopping = true;
+	pthread_cond_broadcast(&c->pub_cond);
+	bool started = c->publisher_started;
+	pthread_mutex_unlock(&c->lock);
+	if (started)
+		pthread_join(c->publisher, NULL);
+	cas_dmap_release(&c->staged, free);
+	free(c->pending);
+	if (c->tmp_fd >= 0)
+		close(c->tmp_fd);
+	pthread_cond_destroy(&c->pub_cond);
 	free(c->pq);
 	cas_dmap_release(&c->prefetched, NULL);
 	cas_dmap_release(&c->bad_logged, NULL);
@@ -1059,6 +1391,8 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	pthread_mutex_init(&c->evict_lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
 	pthread_cond_init(&c->pq_cond, NULL);
+	pthread_cond_init(&c->pub_cond, NULL);
+	c->tmp_fd = -1;
 	c->cache_max = opts->cache_max;
 	c->prefetch_threads = PREFETCH_DEFAULT_THREADS;
 	const char *pf = getenv("CASTORE_PREFETCH");
@@ -1086,6 +1420,19 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	if (r < 0) {
 		r = cas_log_errno(r, "cache %s: %m", c->cache_dir);
 		goto fail;
+	}
+	{
+		_cleanup_free_ char *tmp = NULL;
+		if (asprintf(&tmp, "%s/tmp", c->cache_dir) < 0) {
+			tmp = NULL;
+			r = -ENOMEM;
+			goto fail;
+		}
+		c->tmp_fd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (c->tmp_fd < 0) {
+			r = cas_log_errno(cas_negerrno(), "cache %s: %m", tmp);
+			goto fail;
+		}
 	}
 	if (c->cache_max) {
 		int64_t bytes = cas_cache_blob_bytes(c->cache_dir);

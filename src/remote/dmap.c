@@ -64,6 +64,24 @@ int cas_dmap_put(struct cas_dmap *m, const cas_digest *d, void *value)
 	return 1;
 }
 
+void cas_dmap_remove(struct cas_dmap *m, struct cas_dmap_entry *e)
+{
+	size_t mask = m->cap - 1, hole = (size_t)(e - m->slots);
+
+	/* Backward shift: move up every later entry of the run whose home
+	 * slot is not between the hole and it, so lookups never stop at the
+	 * hole too early. */
+	for (size_t j = (hole + 1) & mask; m->slots[j].used; j = (j + 1) & mask) {
+		size_t home = slot_of(&m->slots[j].digest, m->cap);
+		if (((j - home) & mask) >= ((j - hole) & mask)) {
+			m->slots[hole] = m->slots[j];
+			hole = j;
+		}
+	}
+	m->slots[hole] = (struct cas_dmap_entry){0};
+	m->n--;
+}
+
 void cas_dmap_release(struct cas_dmap *m, void (*free_value)(void *))
 {
 	if (free_value)

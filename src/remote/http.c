@@ -12,6 +12,7 @@
 #include "remote/remote_i.h"
 
 #define HTTP_PARALLEL 16
+#define HTTP_BLOB_BUFFER (512L << 10)
 /* No Directory a sane store makes comes near this; a server sending more
  * is refused before it fills memory. */
 #define HTTP_MAX_DIRECTORY (64u << 20)
@@ -112,6 +113,9 @@ static int http_blob_fetch(cas_fetcher *f, const cas_digest *d,
 	object_url(h, "blobs", d, url, sizeof(url));
 	struct blob_get g = {e, sink, userdata, 0, -1};
 	setup_easy(e, url);
+	/* libcurl's default 16 KiB means a callback (a write and a hash
+	 * update) per 16 KiB of a large blob. */
+	curl_easy_setopt(e, CURLOPT_BUFFERSIZE, HTTP_BLOB_BUFFER);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, blob_write);
 	curl_easy_setopt(e, CURLOPT_WRITEDATA, &g);
 	CURLcode c = curl_easy_perform(e);

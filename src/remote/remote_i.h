@@ -60,6 +60,11 @@ int cas_grpc_fetcher_new(const char *url, cas_fetcher **ret);
 int cas_cache_store_new(cas_fetcher *f, const char *what,
 			const struct cas_remote_options *opts, cas_store **ret);
 
+/* Waits until every blob the cache has fetched so far is synced and
+ * named in its blobs/ folder (the publisher does that within moments;
+ * for tests and callers that look at the files). */
+void cas_cache_flush(cas_store *s);
+
 /* A map from digest to pointer (open addressing; digests are uniformly
  * distributed, so their first bytes are the hash). Not thread-safe. */
 struct cas_dmap_entry {
@@ -76,6 +81,9 @@ int cas_dmap_put(struct cas_dmap *m, const cas_digest *d, void *value);
 /* The entry, or NULL. */
 struct cas_dmap_entry *cas_dmap_find(const struct cas_dmap *m,
 				     const cas_digest *d);
+/* Removes e (from cas_dmap_find; its value is the caller's). Other
+ * entries may move: pointers to them are stale afterwards. */
+void cas_dmap_remove(struct cas_dmap *m, struct cas_dmap_entry *e);
 /* Frees the table; free_value (may be NULL) is called on each value. */
 void cas_dmap_release(struct cas_dmap *m, void (*free_value)(void *));
 

@@ -2,6 +2,7 @@
  * file, the digest map, and the verified cache in front of a fake fetcher
  * (verification, nothing wrong cached, one fetch for concurrent readers,
  * Directory closures fetched leaves first, absence, eviction). */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -271,6 +272,28 @@ static void test_dmap(void)
 	cas_hash_buffer(&x, sizeof(x), &d);
 	CHECK(cas_dmap_find(&m, &d) == NULL);
 	CHECK(m.n == 5000);
+	/* Removing every third keeps the others findable (the runs they
+	 * share are shifted, not cut). */
+	for (unsigned i = 0; i < 5000; i += 3) {
+		cas_hash_buffer(&i, sizeof(i), &d);
+		struct cas_dmap_entry *e = cas_dmap_find(&m, &d);
+		REQUIRE(e);
+		cas_dmap_remove(&m, e);
+	}
+	for (unsigned i = 0; i < 5000; i++) {
+		cas_hash_buffer(&i, sizeof(i), &d);
+		struct cas_dmap_entry *e = cas_dmap_find(&m, &d);
+		if (i % 3 == 0)
+			CHECK(e == NULL);
+		else
+			CHECK(e && e->value == (void *)(uintptr_t)(i + 1));
+	}
+	CHECK(m.n == 5000 - 1667);
+	for (unsigned i = 0; i < 5000; i += 3) {
+		cas_hash_buffer(&i, sizeof(i), &d);
+		CHECK(cas_dmap_put(&m, &d, (void *)(uintptr_t)(i + 1)) == 1);
+	}
+	CHECK(m.n == 5000);
 	cas_dmap_release(&m, NULL);
 }
 
@@ -482,10 +505,27 @@ static void test_cache_blobs(cas_store *origin)
 	      memcmp(back, data, sizeof(data)) == 0);
 	close(fd);
 	CHECK(k.blob_fetches == 1);
-	CHECK(access(path, F_OK) == 0);
 	/* Absent on the remote too. */
 	CHECK(s->ops->blob_open(s, &absent, &fd, &size) == -ENOENT);
 	CHECK(s->ops->blob_stat(s, &d, &size) == 0 && size == sizeof(data));
+	/* Named in blobs/ once synced (by the publisher, at the latest when
+	 * the store closes), and nothing staged is left in tmp/. */
+	cas_store_free(s);
+	CHECK(access(path, F_OK) == 0);
+	snprintf(path, sizeof(path), "%s/cache-blobs/tmp", base);
+	DIR *td = opendir(path);
+	REQUIRE(td);
+	struct dirent *de;
+	while ((de = readdir(td)))
+		CHECK(strncmp(de->d_name, "remote.", 7) != 0);
+	closedir(td);
+	/* A reopened cache serves it without a fetch. */
+	k.blob_fetches = 1;
+	s = open_cache(&k, "cache-blobs", 0);
+	CHECK(s->ops->blob_open(s, &d, &fd, &size) == 0 &&
+	      size == sizeof(data));
+	close(fd);
+	CHECK(k.blob_fetches == 1);
 	cas_store_free(s);
 	pthread_mutex_destroy(&k.lock);
 }
@@ -612,6 +652,8 @@ static void test_evict(cas_store *origin)
 	}
 	char dir[256];
 	snprintf(dir, sizeof(dir), "%s/cache-evict", base);
+	/* Fetched blobs are named (and the cache trimmed) in the background. */
+	cas_cache_flush(s);
 	int64_t bytes = cas_cache_blob_bytes(dir);
 	CHECK(bytes > 0 && bytes <= 25000);
 	char path[512], hex[CAS_DIGEST_HEX_LEN + 1];
