@@ -60,7 +60,7 @@
 #define NAME_MAX_LEN 255
 #define LOGGED_MAX 256
 /* Files up to this size are read whole at open (the local store keeps
- * blobs this small in LMDB, see local.h). */
+ * blobs this small in packs, see local.h). */
 #define SMALL_FILE 4096
 
 enum inode_kind {
@@ -826,7 +826,7 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	uint8_t *data = NULL;
 	/* A small file is read whole now and served from memory: cheaper
 	 * than an fd (and a passthrough backing file) per open, and the
-	 * store may hold it in LMDB where there is no file to pass. */
+	 * store may hold it in a pack where there is no file to pass. */
 	if (in->size <= SMALL_FILE)
 		r = cas_store_blob_read(fs->store, &dg, SMALL_FILE, &data, &size);
 	else

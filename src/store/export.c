@@ -6,7 +6,7 @@
  * fchmod so the umask does not change them. Blob bytes move with
  * copy_file_range from the blob's fd (read/write where it is refused);
  * small blobs are read whole and written, with no fd of their own (the
- * local store keeps them in LMDB).
+ * local store keeps them in packs).
  */
 #include "store/import.h"
 

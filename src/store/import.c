@@ -13,13 +13,13 @@
  * must be unchanged afterwards, so a file modified while it is imported is
  * an error rather than a blob stored under a wrong name.
  *
- * Where blobs go (local.h): the smallest are copied into an in-memory
- * group that the publisher thread puts into LMDB in one transaction,
- * without asking first whether they are there (a put never replaces);
- * the others are staged as files (O_DIRECT for the large ones, from the
- * aligned per-thread buffer) and published by the publisher after one
- * syncfs per group. Both groups are bounded: a worker that finds the
- * small-blob group at its limit waits for the publisher.
+ * Where blobs go (local.h): the smallest, when the store lacks them, are
+ * copied into an in-memory group that the publisher thread appends to
+ * the import's pack and indexes in one transaction; the others are staged
+ * as files (O_DIRECT for the large ones, from the aligned per-thread
+ * buffer) and published by the publisher after one syncfs per group.
+ * Both groups are bounded: a worker that finds the small-blob group at
+ * its limit waits for the publisher.
  *
  * Lifetime of a folder (struct imp_dir): the walker lists it completely
  * (so its entry array never moves), queues its files, then walks its
@@ -88,12 +88,6 @@ struct staged {
 	cas_digest digest;
 };
 
-/* A small blob waiting for its LMDB transaction: bytes at `off` of the
- * group's arena. */
-struct small {
-	cas_digest digest;
-	size_t off, len;
-};
 
 struct importer {
 	cas_store *store;
@@ -117,10 +111,11 @@ struct importer {
 	size_t n_staged, cap_staged; /* protected by stage_lock */
 	uint64_t staged_bytes;      /* protected by stage_lock */
 	bool stage_want, stage_stop; /* protected by stage_lock */
-	struct small *smalls;        /* protected by stage_lock */
+	struct cas_local_pack *pack; /* publisher (and cas_import at the end) */
+	struct cas_local_small *smalls; /* protected by stage_lock */
 	size_t n_smalls, cap_smalls; /* protected by stage_lock */
-	uint8_t *arena;              /* protected by stage_lock */
-	size_t arena_len, arena_cap; /* protected by stage_lock */
+	uint8_t *arena;              /* protected by stage_lock, ARENA_SIZE */
+	size_t arena_len;            /* protected by stage_lock */
 	pthread_cond_t small_cond;   /* a full small group was taken */
 
 	_Atomic int error; /* first failure; workers skip jobs after it */
@@ -215,8 +210,10 @@ static double elapsed(const struct timespec *t0)
 
 #define STAGE_FILES 8192
 #define STAGE_BYTES (256ull << 20)
-#define SMALL_GROUP_BYTES (32u << 20)
-#define SMALL_GROUP_MAX (4 * SMALL_GROUP_BYTES) /* workers wait beyond */
+#define SMALL_GROUP_BYTES (16u << 20)
+#define SMALL_GROUP_MAX (2 * SMALL_GROUP_BYTES) /* workers wait beyond */
+/* Fixed, so it stays aligned: room for the last blob and the padding. */
+#define ARENA_SIZE (SMALL_GROUP_MAX + CAS_LOCAL_INLINE_MAX + CAS_STAGE_ALIGN)
 
 static void want_flush_locked(struct importer *imp)
 {
@@ -254,14 +251,16 @@ static int stage_add(struct importer *imp, const char *name,
 static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
 		     const cas_digest *d)
 {
-	int r = 0;
+	int r = cas_local_small_exists(imp->ls, d);
+	if (r != 0)
+		return r < 0 ? r : 0;
 	pthread_mutex_lock(&imp->stage_lock);
 	while (imp->arena_len >= SMALL_GROUP_MAX && !imp->stage_stop &&
 	       !failed(imp))
 		pthread_cond_wait(&imp->small_cond, &imp->stage_lock);
 	if (imp->n_smalls == imp->cap_smalls) {
 		size_t cap = imp->cap_smalls ? imp->cap_smalls * 2 : 1024;
-		struct small *v = realloc(imp->smalls, cap * sizeof(*v));
+		struct cas_local_small *v = realloc(imp->smalls, cap * sizeof(*v));
 		if (!v) {
 			r = -ENOMEM;
 			goto out;
@@ -269,20 +268,17 @@ static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
 		imp->smalls = v;
 		imp->cap_smalls = cap;
 	}
-	if (imp->arena_len + len > imp->arena_cap) {
-		size_t cap = imp->arena_cap ? imp->arena_cap * 2 : (1u << 20);
-		while (cap < imp->arena_len + len)
-			cap *= 2;
-		uint8_t *a = realloc(imp->arena, cap);
-		if (!a) {
+	if (!imp->arena) {
+		/* Only touched as it fills. */
+		imp->arena = aligned_alloc(CAS_STAGE_ALIGN, ARENA_SIZE);
+		if (!imp->arena) {
 			r = -ENOMEM;
 			goto out;
 		}
-		imp->arena = a;
-		imp->arena_cap = cap;
 	}
 	memcpy(imp->arena + imp->arena_len, buf, len);
-	imp->smalls[imp->n_smalls++] = (struct small){ *d, imp->arena_len, len };
+	imp->smalls[imp->n_smalls++] =
+		(struct cas_local_small){ *d, imp->arena_len, len };
 	imp->arena_len += len;
 	if (imp->arena_len >= SMALL_GROUP_BYTES)
 		want_flush_locked(imp);
@@ -297,29 +293,25 @@ static int small_cmp(const void *a, const void *b)
 	return memcmp(x->digest.bytes, y->digest.bytes, CAS_DIGEST_LEN);
 }
 
-/* One LMDB transaction for a group of small blobs, in key order (LMDB
- * then touches each page once). */
-static int small_flush(struct importer *imp, struct small *v, size_t n,
-		       const uint8_t *arena)
+/* A group goes to the pack, padded to a whole block (O_DIRECT), and is
+ * indexed in key order (LMDB then touches each page once). */
+static int small_flush(struct importer *imp, struct cas_local_small *v,
+		       size_t n, uint8_t *arena, size_t len)
 {
 	if (n == 0)
 		return 0;
-	_cleanup_free_ struct cas_local_small *w = malloc(n * sizeof(*w));
-	if (!w)
-		return -ENOMEM;
-	for (size_t i = 0; i < n; i++)
-		w[i] = (struct cas_local_small){ v[i].digest, arena + v[i].off,
-						 v[i].len };
-	qsort(w, n, sizeof(*w), small_cmp);
+	size_t padded = (len + CAS_STAGE_ALIGN - 1) / CAS_STAGE_ALIGN * CAS_STAGE_ALIGN;
+	memset(arena + len, 0, padded - len);
+	qsort(v, n, sizeof(*v), small_cmp);
 	size_t added = 0;
-	int r = cas_local_inline_put(imp->ls, w, n, &added);
+	int r = cas_local_pack_append(imp->pack, arena, padded, v, n, &added);
 	if (r == 0)
 		atomic_fetch_add_explicit(&imp->blobs_added, added,
 					  memory_order_relaxed);
 	return r;
 }
 
-/* The small-blob group goes to LMDB; then one syncfs for every file
+/* The small-blob group goes to the pack; then one syncfs for every file
  * staged so far, then the renames. After a failure the staged files are
  * only removed. */
 static void stage_flush(struct importer *imp)
@@ -329,23 +321,22 @@ static void stage_flush(struct importer *imp)
 	size_t n = imp->n_staged;
 	imp->n_staged = imp->cap_staged = 0;
 	imp->staged_bytes = 0;
-	struct small *sv = TAKE_PTR(imp->smalls);
+	struct cas_local_small *sv = TAKE_PTR(imp->smalls);
 	uint8_t *arena = TAKE_PTR(imp->arena);
 	size_t n_small = imp->n_smalls, cap_small = imp->cap_smalls;
-	size_t arena_cap = imp->arena_cap;
-	imp->n_smalls = imp->cap_smalls = imp->arena_len = imp->arena_cap = 0;
+	size_t arena_len = imp->arena_len;
+	imp->n_smalls = imp->cap_smalls = imp->arena_len = 0;
 	pthread_cond_broadcast(&imp->small_cond);
 	pthread_mutex_unlock(&imp->stage_lock);
 	int r = failed(imp);
-	if (r == 0 && (r = small_flush(imp, sv, n_small, arena)) < 0)
+	if (r == 0 && (r = small_flush(imp, sv, n_small, arena, arena_len)) < 0)
 		set_error(imp, r);
 	/* The group's memory is handed back for the next one if that has
-	 * not started its own: growing and faulting in a fresh arena for
-	 * every group showed in profiles. */
+	 * not started its own: faulting in a fresh arena for every group
+	 * showed in profiles. */
 	pthread_mutex_lock(&imp->stage_lock);
 	if (!imp->arena && !imp->smalls) {
 		imp->arena = TAKE_PTR(arena);
-		imp->arena_cap = arena_cap;
 		imp->smalls = TAKE_PTR(sv);
 		imp->cap_smalls = cap_small;
 	}
@@ -422,7 +413,7 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 		}
 		if (total < SMALL_FILE) {
 			cas_hash_buffer(buf, total, &d);
-			if (cas_local_is_inline(imp->ls, total))
+			if (imp->pack && cas_local_is_packed(imp->ls, total))
 				r = small_add(imp, buf, total, &d);
 			else if ((r = cas_local_blob_exists(imp->ls, &d)) == 0 &&
 				 (r = cas_local_stage_buffer(imp->ls, buf, total,
@@ -962,6 +953,8 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	}
 	if ((r = s->ops->dir_batch_new(s, &imp->batch)) < 0)
 		goto out;
+	if (imp->ls->write_packs && (r = cas_local_pack_new(imp->ls, &imp->pack)) < 0)
+		goto out;
 
 	/* Messages name "PATH/a/b", without a doubled slash. */
 	if (!clean) {
@@ -1046,6 +1039,7 @@ out:
 	free(imp->staged);
 	free(imp->smalls);
 	free(imp->arena);
+	cas_local_pack_close(imp->pack);
 	if (imp->batch)
 		imp->batch->ops->abort(imp->batch);
 	free(imp->ready);

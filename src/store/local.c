@@ -313,7 +313,10 @@ int cas_local_blob_exists(struct cas_local *ls, const cas_digest *d)
 	return cas_log_errno(cas_negerrno(), "stat blob %s: %m", rel + 3);
 }
 
-/* Small blobs in LMDB ------------------------------------------------ */
+/* Small blobs in packs ----------------------------------------------- */
+
+static int stage_write(struct cas_local *ls, int fd, bool *direct,
+		       const uint8_t *buf, size_t len, uint64_t off);
 
 static int pwrite_all(int fd, const uint8_t *buf, size_t len, uint64_t off)
 {
@@ -334,49 +337,245 @@ static int pwrite_all(int fd, const uint8_t *buf, size_t len, uint64_t off)
 }
 
 
-bool cas_local_is_inline(const struct cas_local *ls, uint64_t size)
+bool cas_local_is_packed(const struct cas_local *ls, uint64_t size)
 {
-	return ls->write_inline && size <= CAS_LOCAL_INLINE_MAX;
+	return ls->write_packs && size <= CAS_LOCAL_INLINE_MAX;
 }
 
-int cas_local_inline_put(struct cas_local *ls, const struct cas_local_small *v,
-			 size_t n, size_t *ret_added)
+/* An index entry, little-endian: pack id, offset, length. */
+#define PACK_REF_LEN 20
+
+static void pack_ref_encode(uint8_t out[PACK_REF_LEN], uint64_t id,
+			    uint64_t off, uint32_t len)
 {
-	size_t added = 0;
+	for (int i = 0; i < 8; i++) {
+		out[i] = (uint8_t)(id >> (8 * i));
+		out[8 + i] = (uint8_t)(off >> (8 * i));
+	}
+	for (int i = 0; i < 4; i++)
+		out[16 + i] = (uint8_t)(len >> (8 * i));
+}
+
+static void pack_ref_decode(const uint8_t in[PACK_REF_LEN], uint64_t *id,
+			    uint64_t *off, uint32_t *len)
+{
+	*id = *off = 0;
+	*len = 0;
+	for (int i = 0; i < 8; i++) {
+		*id |= (uint64_t)in[i] << (8 * i);
+		*off |= (uint64_t)in[8 + i] << (8 * i);
+	}
+	for (int i = 0; i < 4; i++)
+		*len |= (uint32_t)in[16 + i] << (8 * i);
+}
+
+void cas_local_pack_name(uint64_t id, char ret[CAS_PACK_NAME_LEN])
+{
+	snprintf(ret, CAS_PACK_NAME_LEN, "%016llx.pack", (unsigned long long)id);
+}
+
+/* An fd of pack `id`. Packs are few (one per import that had small
+ * files) and immutable where indexed, so their fds are kept open for the
+ * store's life, up to PACK_FDS; beyond that each read opens its own
+ * (*ret_owned set: the caller closes it). */
+static int pack_fd(struct cas_local *ls, uint64_t id, int *ret_fd,
+		   bool *ret_owned)
+{
+	pthread_mutex_lock(&ls->pack_lock);
+	for (size_t i = 0; i < ls->n_pack_fds; i++) {
+		if (ls->pack_fds[i].id == id) {
+			*ret_fd = ls->pack_fds[i].fd;
+			*ret_owned = false;
+			pthread_mutex_unlock(&ls->pack_lock);
+			return 0;
+		}
+	}
+	char name[CAS_PACK_NAME_LEN];
+	cas_local_pack_name(id, name);
+	int fd = openat(ls->packs_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0) {
+		int r = cas_negerrno();
+		pthread_mutex_unlock(&ls->pack_lock);
+		/* Indexed, so it must exist: absent is damage, not ENOENT. */
+		return cas_log_errno(r == -ENOENT ? -EIO : r,
+				     "store %s: open packs/%s: %m", ls->dir, name);
+	}
+	*ret_owned = ls->n_pack_fds == CAS_LOCAL_PACK_FDS;
+	if (!*ret_owned)
+		ls->pack_fds[ls->n_pack_fds++] = (struct cas_local_pack_fd){ id, fd };
+	*ret_fd = fd;
+	pthread_mutex_unlock(&ls->pack_lock);
+	return 0;
+}
+
+int cas_local_small_read(struct cas_local *ls, const void *ref, size_t ref_len,
+			 uint8_t *buf, size_t size)
+{
+	uint64_t id, off;
+	uint32_t len;
+	if (ref_len != PACK_REF_LEN)
+		return -EBADMSG;
+	pack_ref_decode(ref, &id, &off, &len);
+	if (len != size)
+		return -EBADMSG;
+	int fd = -1;
+	bool owned = false;
+	int r = pack_fd(ls, id, &fd, &owned);
+	if (r < 0)
+		return r;
+	r = cas_pread_all(fd, buf, size, off);
+	if (owned)
+		close(fd);
+	return r == -EBADMSG ? -EIO : r; /* a pack shorter than its index */
+}
+
+uint64_t cas_local_small_size(const void *ref, size_t ref_len)
+{
+	uint64_t id, off;
+	uint32_t len = 0;
+	if (ref_len == PACK_REF_LEN)
+		pack_ref_decode(ref, &id, &off, &len);
+	return len;
+}
+
+struct cas_local_pack {
+	struct cas_local *ls;
+	uint64_t id;
+	int fd; /* -1 until the first append */
+	uint64_t size;
+};
+
+int cas_local_pack_new(struct cas_local *ls, struct cas_local_pack **ret)
+{
 	if (ls->readonly || !ls->has_blobs_db)
 		return -EROFS;
+	struct cas_local_pack *p = calloc(1, sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	p->ls = ls;
+	p->fd = -1;
+	*ret = p;
+	return 0;
+}
+
+/* A pack name no other writer uses: created with O_EXCL. */
+static int pack_create(struct cas_local_pack *p)
+{
+	struct cas_local *ls = p->ls;
+	for (int tries = 0; tries < 100; tries++) {
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		uint64_t n = atomic_fetch_add(&ls->tmp_counter, 1);
+		p->id = (uint64_t)ts.tv_sec << 32 ^ (uint64_t)ts.tv_nsec << 8 ^
+			(uint64_t)ls->pid << 40 ^ n;
+		char name[CAS_PACK_NAME_LEN];
+		cas_local_pack_name(p->id, name);
+		int flags = O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC;
+		if (!atomic_load(&ls->direct_off))
+			flags |= O_DIRECT;
+		p->fd = openat(ls->packs_fd, name, flags, 0444);
+		if (p->fd < 0 && errno == EINVAL && (flags & O_DIRECT)) {
+			atomic_store(&ls->direct_off, true);
+			p->fd = openat(ls->packs_fd, name, flags & ~O_DIRECT, 0444);
+		}
+		if (p->fd >= 0)
+			return 0;
+		if (errno != EEXIST)
+			break;
+	}
+	return cas_log_errno(cas_negerrno(), "store %s: create pack: %m", ls->dir);
+}
+
+int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
+			  size_t len, const struct cas_local_small *v, size_t n,
+			  size_t *ret_added)
+{
+	struct cas_local *ls = p->ls;
+	size_t added = 0;
+	int r;
+	if (n == 0)
+		goto done;
+	if (p->fd < 0 && (r = pack_create(p)) < 0)
+		return r;
+	/* Durable before it is indexed: a crash leaves unindexed bytes at
+	 * the end of a pack, never an index entry without its bytes. */
+	int fl = fcntl(p->fd, F_GETFL);
+	bool direct = fl >= 0 && (fl & O_DIRECT);
+	if ((r = stage_write(ls, p->fd, &direct, buf, len, p->size)) < 0 ||
+	    fdatasync(p->fd) < 0) {
+		r = r < 0 ? r : cas_negerrno();
+		return cas_log_errno(r, "store %s: write pack: %m", ls->dir);
+	}
+	if (!direct && fl >= 0 && (fl & O_DIRECT)) {
+		/* The tail went through the page cache with O_DIRECT off;
+		 * the next group starts on a block boundary again. */
+		fcntl(p->fd, F_SETFL, fl);
+	}
 	MDB_txn *txn;
-	int r = cas_local_mdb_errno(mdb_txn_begin(ls->env, NULL, 0, &txn));
+	r = cas_local_mdb_errno(mdb_txn_begin(ls->env, NULL, 0, &txn));
 	if (r < 0)
 		return cas_log_errno(r, "store %s: write transaction: %m", ls->dir);
 	for (size_t i = 0; i < n; i++) {
+		uint8_t ref[PACK_REF_LEN];
+		pack_ref_encode(ref, p->id, p->size + v[i].off, (uint32_t)v[i].len);
 		MDB_val key = { CAS_DIGEST_LEN, (void *)v[i].digest.bytes };
-		MDB_val val = { v[i].len, (void *)v[i].buf };
+		MDB_val val = { PACK_REF_LEN, ref };
 		int rc = mdb_put(txn, ls->dbi_blobs, &key, &val, MDB_NOOVERWRITE);
 		if (rc == MDB_SUCCESS) {
 			added++;
 		} else if (rc != MDB_KEYEXIST) {
 			mdb_txn_abort(txn);
 			return cas_log_errno(cas_local_mdb_errno(rc),
-					     "store %s: put blob: %m", ls->dir);
+					     "store %s: index blob: %m", ls->dir);
 		}
 	}
 	r = cas_local_mdb_errno(mdb_txn_commit(txn));
 	if (r < 0)
 		return cas_log_errno(r, "store %s: commit: %m", ls->dir);
+	p->size += len;
+done:
 	if (ret_added)
 		*ret_added = added;
 	return 0;
 }
 
-/* What an inline lookup does with the value while its transaction is
- * open: copy it out, put it in a memfd, or only take its size. */
-enum inline_want { INLINE_SIZE, INLINE_COPY, INLINE_MEMFD };
+void cas_local_pack_close(struct cas_local_pack *p)
+{
+	if (!p)
+		return;
+	if (p->fd >= 0)
+		close(p->fd);
+	free(p);
+}
 
-/* 1 when the blob is in LMDB (with *ret_size and, as asked, *ret_buf or
+/* 1 if dbi has the key d, 0 if not. */
+static int db_has(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d)
+{
+	MDB_txn *txn;
+	int r = cas_local_rtxn_get(ls, &txn);
+	if (r < 0)
+		return r;
+	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
+	r = cas_local_mdb_errno(mdb_get(txn, dbi, &key, &val));
+	cas_local_rtxn_put(ls, txn);
+	if (r == -ENOENT)
+		return 0;
+	return r < 0 ? r : 1;
+}
+
+int cas_local_small_exists(struct cas_local *ls, const cas_digest *d)
+{
+	return ls->has_blobs_db ? db_has(ls, ls->dbi_blobs, d) : 0;
+}
+
+/* What a lookup of a packed blob does: copy it out, put it in a memfd, or
+ * only take its size. */
+enum packed_want { PACKED_SIZE, PACKED_COPY, PACKED_MEMFD };
+
+/* 1 when the blob is in a pack (with *ret_size and, as asked, *ret_buf or
  * *ret_fd), 0 when it is not. */
-static int inline_get(struct cas_local *ls, const cas_digest *d,
-		      enum inline_want want, uint64_t *ret_size,
+static int packed_get(struct cas_local *ls, const cas_digest *d,
+		      enum packed_want want, uint64_t *ret_size,
 		      uint8_t **ret_buf, int *ret_fd)
 {
 	if (!ls->has_blobs_db)
@@ -386,45 +585,44 @@ static int inline_get(struct cas_local *ls, const cas_digest *d,
 	if (r < 0)
 		return r;
 	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
+	uint8_t ref[PACK_REF_LEN];
 	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_blobs, &key, &val));
-	if (r == -ENOENT) {
-		r = 0;
-		goto out;
-	}
-	if (r < 0)
-		goto out;
-	*ret_size = val.mv_size;
-	if (want == INLINE_COPY) {
-		uint8_t *buf = malloc(val.mv_size ? val.mv_size : 1);
-		if (!buf) {
+	if (r == 0 && val.mv_size != PACK_REF_LEN)
+		r = -EBADMSG;
+	if (r == 0)
+		memcpy(ref, val.mv_data, PACK_REF_LEN);
+	cas_local_rtxn_put(ls, txn);
+	if (r == -ENOENT)
+		return 0;
+	uint64_t size = cas_local_small_size(ref, PACK_REF_LEN);
+	_cleanup_free_ uint8_t *buf = NULL;
+	if (r == 0 && want != PACKED_SIZE) {
+		if (!(buf = malloc(size ? size : 1)))
 			r = -ENOMEM;
-			goto out;
-		}
-		memcpy(buf, val.mv_data, val.mv_size);
-		*ret_buf = buf;
-	} else if (want == INLINE_MEMFD) {
+		else
+			r = cas_local_small_read(ls, ref, PACK_REF_LEN, buf, size);
+	}
+	if (r == 0 && want == PACKED_MEMFD) {
 		/* An fd for callers that need one (splice, passthrough,
 		 * copying): sealed, so nobody can change the bytes. */
 		_cleanup_close_ int fd =
 			memfd_create("castore-blob", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-		if (fd < 0 ||
-		    (r = pwrite_all(fd, val.mv_data, val.mv_size, 0)) < 0 ||
+		if (fd < 0 || (r = pwrite_all(fd, buf, size, 0)) < 0 ||
 		    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW |
-						   F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
+						   F_SEAL_WRITE | F_SEAL_SEAL) < 0)
 			r = r < 0 ? r : cas_negerrno();
-			goto out;
-		}
-		*ret_fd = TAKE_FD(fd);
+		else
+			*ret_fd = TAKE_FD(fd);
 	}
-	r = 1;
-out:
-	cas_local_rtxn_put(ls, txn);
 	if (r < 0) {
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(d, hex);
-		return cas_log_errno(r, "get blob %s: %m", hex);
+		return cas_log_errno(r == -EBADMSG ? -EIO : r, "get blob %s: %m", hex);
 	}
-	return r;
+	if (want == PACKED_COPY)
+		*ret_buf = TAKE_PTR(buf);
+	*ret_size = size;
+	return 1;
 }
 
 int cas_local_blob_path(cas_store *s, const cas_digest *d, char *buf,
@@ -443,14 +641,7 @@ int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
 				  const cas_digest *d)
 {
 	struct cas_local *ls = to_local(s);
-	int r;
-	if (cas_local_is_inline(ls, len)) {
-		size_t added = 0;
-		struct cas_local_small one = { *d, buf, len };
-		r = cas_local_inline_put(ls, &one, 1, &added);
-		return r < 0 ? r : added > 0;
-	}
-	r = cas_local_blob_exists(ls, d);
+	int r = cas_local_blob_exists(ls, d);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	struct tmpfile t;
@@ -499,27 +690,16 @@ int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 	struct cas_local *ls = to_local(s);
 	char hex[CAS_DIGEST_HEX_LEN + 1];
 	int r;
-	if (cas_local_is_inline(ls, size)) {
-		uint8_t buf[CAS_LOCAL_INLINE_MAX];
-		r = cas_pread_all(src_fd, buf, (size_t)size, 0);
-		if (r == 0)
-			return cas_local_blob_publish_buffer(s, buf, (size_t)size, d);
-		if (r != -EBADMSG) {
-			cas_digest_to_hex(d, hex);
-			return cas_log_errno(r, "publish blob %s: read: %m", hex);
-		}
-	} else {
-		r = cas_local_blob_exists(ls, d);
-		if (r != 0)
-			return r < 0 ? r : 0;
-		struct tmpfile t;
-		if ((r = tmp_open(ls, &t)) < 0)
-			return r;
-		r = fill_from_fd(src_fd, t.fd, size, NULL);
-		if (r == 0 && (r = tmp_datasync(ls, &t)) == 0)
-			return tmp_publish(ls, &t, d);
-		tmp_discard(ls, &t);
-	}
+	r = cas_local_blob_exists(ls, d);
+	if (r != 0)
+		return r < 0 ? r : 0;
+	struct tmpfile t;
+	if ((r = tmp_open(ls, &t)) < 0)
+		return r;
+	r = fill_from_fd(src_fd, t.fd, size, NULL);
+	if (r == 0 && (r = tmp_datasync(ls, &t)) == 0)
+		return tmp_publish(ls, &t, d);
+	tmp_discard(ls, &t);
 	if (r != -EBADMSG)
 		return r;
 	cas_digest_to_hex(d, hex);
@@ -696,7 +876,7 @@ static int local_blob_stat(cas_store *s, const cas_digest *d,
 {
 	struct cas_local *ls = to_local(s);
 	uint64_t size = 0;
-	int r = inline_get(ls, d, INLINE_SIZE, &size, NULL, NULL);
+	int r = packed_get(ls, d, PACKED_SIZE, &size, NULL, NULL);
 	if (r != 0) {
 		if (r > 0 && ret_size)
 			*ret_size = size;
@@ -745,7 +925,7 @@ static int local_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
 {
 	struct cas_local *ls = to_local(s);
 	uint64_t size = 0;
-	int r = inline_get(ls, d, INLINE_MEMFD, &size, NULL, ret_fd);
+	int r = packed_get(ls, d, PACKED_MEMFD, &size, NULL, ret_fd);
 	if (r == 0)
 		r = blob_file_open(ls, d, ret_fd, &size);
 	else if (r > 0)
@@ -761,7 +941,7 @@ static int local_blob_read(cas_store *s, const cas_digest *d, size_t max,
 	struct cas_local *ls = to_local(s);
 	uint64_t size = 0;
 	uint8_t *buf = NULL;
-	int r = inline_get(ls, d, INLINE_COPY, &size, &buf, NULL);
+	int r = packed_get(ls, d, PACKED_COPY, &size, &buf, NULL);
 	if (r > 0 && size > max) {
 		free(buf);
 		return -EFBIG;
@@ -792,8 +972,9 @@ static int local_blob_read(cas_store *s, const cas_digest *d, size_t max,
 /* Blob writer ---------------------------------------------------------- */
 
 /* The first CAS_LOCAL_INLINE_MAX bytes stay in memory: a blob that ends
- * there goes to LMDB (or, without inline blobs, to a file written in one
- * piece); a larger one spills them to a temporary file first. */
+ * there is written in one piece by publish_buffer (no temporary file for
+ * a blob that is already stored); a larger one spills them to a
+ * temporary file first. */
 struct local_writer {
 	cas_blob_writer base;
 	struct cas_local *ls;
@@ -932,16 +1113,7 @@ static int local_directory_has(cas_store *s, const cas_digest *d)
 	struct cas_local *ls = to_local(s);
 	if (cas_digest_eq(d, &CAS_DIGEST_EMPTY_DIRECTORY))
 		return 1;
-	MDB_txn *txn;
-	int r = cas_local_rtxn_get(ls, &txn);
-	if (r < 0)
-		return r;
-	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
-	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_directories, &key, &val));
-	cas_local_rtxn_put(ls, txn);
-	if (r == -ENOENT)
-		return 0;
-	return r < 0 ? r : 1;
+	return db_has(ls, ls->dbi_directories, d);
 }
 
 /* A batch keeps its Directories in memory, indexed by digest with open
@@ -1371,6 +1543,11 @@ static void local_free(cas_store *s)
 		mdb_env_close(ls->env);
 	if (ls->tmp_fd >= 0)
 		close(ls->tmp_fd);
+	if (ls->packs_fd >= 0)
+		close(ls->packs_fd);
+	for (size_t i = 0; i < ls->n_pack_fds; i++)
+		close(ls->pack_fds[i].fd);
+	pthread_mutex_destroy(&ls->pack_lock);
 	if (ls->blobs_fd >= 0)
 		close(ls->blobs_fd);
 	if (ls->dir_fd >= 0)
@@ -1501,9 +1678,10 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 	if (!ls)
 		return -ENOMEM;
 	ls->base.ops = &local_ops;
-	ls->dir_fd = ls->blobs_fd = ls->tmp_fd = -1;
+	ls->dir_fd = ls->blobs_fd = ls->tmp_fd = ls->packs_fd = -1;
+	pthread_mutex_init(&ls->pack_lock, NULL);
 	ls->readonly = o.readonly;
-	ls->write_inline = !o.no_inline;
+	ls->write_packs = !o.no_inline;
 	ls->pid = (int)getpid();
 	pthread_mutex_init(&ls->pool_lock, NULL);
 	_cleanup_(cas_store_freep) cas_store *s = &ls->base;
@@ -1523,6 +1701,10 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 	if ((r = open_subdir(ls, "blobs", !ls->readonly, &ls->blobs_fd)) < 0)
 		return r;
 	if (!ls->readonly && (r = open_subdir(ls, "tmp", true, &ls->tmp_fd)) < 0)
+		return r;
+	/* Read-only, a store without packs has no folder for them. */
+	if ((r = open_subdir(ls, "packs", !ls->readonly, &ls->packs_fd)) < 0 &&
+	    !ls->readonly)
 		return r;
 	if ((r = open_env(ls, o.create)) < 0)
 		return r;

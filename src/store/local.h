@@ -3,36 +3,42 @@
  *   DIR/data.mdb, DIR/lock.mdb  LMDB: named databases "directories"
  *                               (digest -> canonical bytes), "roots"
  *                               (name -> Node message without a name) and
- *                               "blobs" (digest -> bytes, for blobs of at
- *                               most CAS_LOCAL_INLINE_MAX bytes)
- *   DIR/blobs/ab/abcdef...      one file per larger blob, named by its hex
- *                               digest
+ *                               "blobs" (digest -> where in a pack)
+ *   DIR/blobs/ab/abcdef...      one file per blob, named by its hex digest
+ *   DIR/packs/<16 hex>.pack     small blobs that an import found, back to
+ *                               back in the order it read them
  *   DIR/tmp/                    temporary files, same file system
  *
- * Small blobs live in LMDB because most files of real trees are small
- * (three in four of /usr/share are at most 4 KiB) and a file per blob
- * costs a create, a rename and an inode each: inline, an import writes
- * them in a few transactions and a cold read of many small files reads
- * one compact file instead of seeking to thousands. A blob is in one
- * place or the other by its size, except that a store opened with
- * no_inline (a cache, whose eviction works on files) writes every blob as
- * a file; readers look in both.
+ * Packs: most files of real trees are small (three in four of /usr/share
+ * are at most CAS_LOCAL_INLINE_MAX bytes) and a file per blob costs a
+ * create, a rename and an inode each, which made importing twice as slow
+ * as hashing. Each import appends the small blobs it lacks to a pack of
+ * its own, in groups; an index entry (pack, offset, length) per blob goes
+ * to LMDB. A cold read of a tree then reads its small files from a few
+ * contiguous runs instead of seeking to thousands of inodes. Values in
+ * LMDB stay 20 bytes, so its copy-on-write pages stay few (blob bytes in
+ * LMDB itself would be rewritten with every leaf page a later group
+ * touches). Blobs put one at a time (writers, publish_*) are files, as is
+ * every blob of a store opened no_inline (a cache, whose eviction works
+ * on files). Readers look in both; a pack is never rewritten.
  *
- * Durability is ordered: a blob's name appears only once its bytes are on
- * disk, and a Directory or root is committed only once what it references
- * is. A single blob (writer, publish_*) is fdatasync'd before it is
- * linked; import instead stages its blob files as named files in tmp/
- * (written with O_DIRECT where the file system allows, so that the bytes
- * go to the disk without filling the page cache), makes a whole group
- * durable with one syncfs, then renames each into place, and syncs once
- * more before its LMDB commits; small blobs go to LMDB in groups, each one
- * transaction, before the Directories that name them. LMDB commits are
- * durable. Several processes may read and write one store at
- * once (LMDB's lock file; blob files published with linkat() or
- * renameat2(RENAME_NOREPLACE), never overwritten). A crash at any moment,
- * power loss included, leaves a store that cas_local_verify accepts;
- * leftovers in tmp/ are ignored by verify and removed by the next writer
- * that opens the store once they are an hour old.
+ * Durability is ordered: a blob is named (linked, or indexed) only once
+ * its bytes are on disk, and a Directory or root is committed only once
+ * what it references is. A single blob is fdatasync'd before it is
+ * linked. Import stages its blob files as named files in tmp/ (large ones
+ * written with O_DIRECT where the file system allows, so the bytes go to
+ * the disk without filling the page cache), makes a whole group durable
+ * with one syncfs, then renames each into place; a group of small blobs
+ * is written to the pack (O_DIRECT, padded to a block), fdatasync'd, then
+ * indexed in one transaction; one more sync precedes the commit of the
+ * Directories and root. LMDB commits are durable. Several processes may
+ * read and write one store at once (LMDB's lock file; blob files
+ * published with linkat() or renameat2(RENAME_NOREPLACE), never
+ * overwritten; each import its own pack, created O_EXCL). A crash at any
+ * moment, power loss included, leaves a store that cas_local_verify
+ * accepts (at worst unindexed bytes at the end of a pack); leftovers in
+ * tmp/ are ignored by verify and removed by the next writer that opens
+ * the store once they are an hour old.
  *
  * Contract: a store returned here is a cas_store (store.h) and shares its
  * thread-safety and ownership rules.
@@ -45,10 +51,10 @@
 struct cas_local_options {
 	bool create;   /* create DIR and the store if missing */
 	bool readonly; /* open without writing (no create, no tmp cleanup) */
-	bool no_inline; /* write every blob as a file (see above) */
+	bool no_inline; /* import writes every blob as a file (no packs) */
 };
 
-/* Blobs of at most this many bytes are kept in LMDB. */
+/* Import packs blobs of at most this many bytes. */
 #define CAS_LOCAL_INLINE_MAX 4096
 
 int cas_local_open(const char *dir, const struct cas_local_options *opts,
@@ -61,14 +67,14 @@ bool cas_store_is_local(const cas_store *s);
 int cas_local_sync(cas_store *s);
 
 /* Path of a blob's file (for tools that want to map or splice it); a
- * small blob has none (it is in LMDB), so callers must be ready for the
- * path not to exist. */
+ * packed blob has none, so callers must be ready for the path not to
+ * exist. */
 int cas_local_blob_path(cas_store *s, const cas_digest *d, char *buf,
 			size_t size);
 
 /* Publishes the contents of src_fd (regular file of known size whose
  * digest the caller has computed) as a blob, copying with
- * copy_file_range (or into LMDB when small). Returns 1 when the blob was added, 0 when it was
+ * copy_file_range. Returns 1 when the blob was added, 0 when it was
  * already there (nothing copied). The caller vouches for the digest. */
 int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 			      const cas_digest *d);

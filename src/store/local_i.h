@@ -18,6 +18,12 @@
 #define CAS_BLOB_REL_LEN (3 + CAS_DIGEST_HEX_LEN + 1)
 
 #define CAS_LOCAL_TXN_POOL 16
+#define CAS_LOCAL_PACK_FDS 256
+
+struct cas_local_pack_fd {
+	uint64_t id;
+	int fd;
+};
 
 struct cas_local {
 	cas_store base;
@@ -25,13 +31,14 @@ struct cas_local {
 	int dir_fd;
 	int blobs_fd;
 	int tmp_fd;
+	int packs_fd; /* -1: read-only store without packs */
 	bool readonly;
 	MDB_env *env;
 	MDB_dbi dbi_directories;
 	MDB_dbi dbi_roots;
 	MDB_dbi dbi_blobs;
 	bool has_blobs_db;  /* false: a read-only open of a store without it */
-	bool write_inline;  /* small blobs go to dbi_blobs (not no_inline) */
+	bool write_packs;  /* import packs small blobs (not no_inline) */
 	int pid;            /* in temporary file names */
 
 	/* Fan-out folders known to exist (one bit each). */
@@ -43,6 +50,10 @@ struct cas_local {
 	/* Staged files are written with O_DIRECT until the file system
 	 * refuses it once. */
 	_Atomic bool direct_off;
+
+	pthread_mutex_t pack_lock;
+	struct cas_local_pack_fd pack_fds[CAS_LOCAL_PACK_FDS]; /* pack_lock */
+	size_t n_pack_fds;                                     /* pack_lock */
 
 	pthread_mutex_t pool_lock;
 	MDB_txn *pool[CAS_LOCAL_TXN_POOL]; /* protected by pool_lock */
@@ -63,19 +74,34 @@ void cas_local_blob_rel(const cas_digest *d, char ret[CAS_BLOB_REL_LEN]);
  * looked at: import puts those without asking, see below). */
 int cas_local_blob_exists(struct cas_local *ls, const cas_digest *d);
 
-/* True when a blob of `size` bytes is written to LMDB rather than a file. */
-bool cas_local_is_inline(const struct cas_local *ls, uint64_t size);
+/* True when import puts a blob of `size` bytes into a pack. */
+bool cas_local_is_packed(const struct cas_local *ls, uint64_t size);
 
-/* Small blobs stored together: one LMDB write transaction, durable when
- * this returns, never replacing a key. The caller vouches for each
- * digest. ret_added (may be NULL) counts those that were new. */
+/* Packs (import only; local.h): an import appends its small blobs to a
+ * pack file of its own, a group at a time. append writes buf (the group:
+ * v[i] is at v[i].off of buf, len a multiple of CAS_STAGE_ALIGN and buf
+ * aligned to it, for O_DIRECT), makes it durable, then indexes v[0..n)
+ * in one LMDB transaction (never replacing an entry). The caller vouches
+ * for each digest. ret_added (may be NULL) counts new entries. */
 struct cas_local_small {
 	cas_digest digest;
-	const uint8_t *buf;
-	size_t len;
+	size_t off, len;
 };
-int cas_local_inline_put(struct cas_local *ls, const struct cas_local_small *v,
-			 size_t n, size_t *ret_added);
+struct cas_local_pack;
+int cas_local_pack_new(struct cas_local *ls, struct cas_local_pack **ret);
+int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
+			  size_t len, const struct cas_local_small *v, size_t n,
+			  size_t *ret_added);
+void cas_local_pack_close(struct cas_local_pack *p);
+/* 1 if a packed blob of this digest is indexed, 0 if not. */
+int cas_local_small_exists(struct cas_local *ls, const cas_digest *d);
+
+/* For verify: an index entry's size, and its bytes (exactly size). */
+#define CAS_PACK_NAME_LEN 32
+void cas_local_pack_name(uint64_t id, char ret[CAS_PACK_NAME_LEN]);
+uint64_t cas_local_small_size(const void *ref, size_t ref_len);
+int cas_local_small_read(struct cas_local *ls, const void *ref, size_t ref_len,
+			 uint8_t *buf, size_t size);
 
 /* Staging, for import: blobs are written to named files in tmp/ without
  * any sync; after one syncfs has made a whole group durable, each is

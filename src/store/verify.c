@@ -2,8 +2,8 @@
  *
  * Checked, each failure one problem line naming the object:
  * - every file under blobs/ is named by 64 hex digits in the right fan-out
- *   folder and its bytes hash to that name; every small blob in LMDB has a
- *   32-byte key and its bytes hash to it;
+ *   folder and its bytes hash to that name; every packed small blob's index
+ *   entry has a 32-byte key and its bytes in the pack hash to it;
  * - every Directory's key is 32 bytes, its bytes hash to the key and decode
  *   as canonical; every child Directory is stored (closure); every file it
  *   names has its blob, of the size the node says;
@@ -99,13 +99,29 @@ static int verify_inline_blob(struct verifier *v, MDB_txn *txn,
 	char hex[CAS_DIGEST_HEX_LEN + 1], ghex[CAS_DIGEST_HEX_LEN + 1];
 	cas_digest want, got;
 	if (key->mv_size != CAS_DIGEST_LEN) {
-		problem(v, "small blob with a key of %zu bytes", key->mv_size);
+		problem(v, "packed blob with a key of %zu bytes", key->mv_size);
 		return 0;
 	}
 	memcpy(want.bytes, key->mv_data, CAS_DIGEST_LEN);
-	cas_hash_buffer(val->mv_data, val->mv_size, &got);
+	cas_digest_to_hex(&want, hex);
+	uint64_t size = cas_local_small_size(val->mv_data, val->mv_size);
+	if (size > VERIFY_READ) {
+		problem(v, "blob %s: bad pack index entry", hex);
+		return 0;
+	}
+	int r = cas_local_small_read(v->ls, val->mv_data, val->mv_size, v->buf,
+				     (size_t)size);
+	if (r == -EBADMSG) {
+		problem(v, "blob %s: bad pack index entry", hex);
+		return 0;
+	}
+	if (r < 0) {
+		problem(v, "blob %s: cannot read from its pack: %s", hex,
+			strerror(-r));
+		return 0;
+	}
+	cas_hash_buffer(v->buf, (size_t)size, &got);
 	if (!cas_digest_eq(&want, &got)) {
-		cas_digest_to_hex(&want, hex);
 		cas_digest_to_hex(&got, ghex);
 		problem(v, "blob %s: content hashes to %s", hex, ghex);
 	}
@@ -159,7 +175,7 @@ static int blob_present(struct verifier *v, MDB_txn *txn, const cas_digest *d,
 		MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
 		int r = cas_local_mdb_errno(mdb_get(txn, v->ls->dbi_blobs, &key, &val));
 		if (r == 0) {
-			*ret_size = val.mv_size;
+			*ret_size = cas_local_small_size(val.mv_data, val.mv_size);
 			return 1;
 		}
 		if (r != -ENOENT)

@@ -618,77 +618,103 @@ static void on_problem_match(void *userdata, const char *problem)
 		match_found++;
 }
 
-/* Small blobs live in LMDB (up to CAS_LOCAL_INLINE_MAX bytes), larger ones
- * in files; every reader finds both; no_inline writes files only. */
-static void test_inline_blobs(void)
+/* Small blobs that an import finds live in a pack, indexed in LMDB;
+ * every reader finds them; blobs put one at a time, and every blob of a
+ * no_inline store, are files. */
+static void test_packs(void)
 {
-	cas_store *s = open_store("inline");
+	char src[512], p[1024], dir[512];
+	snprintf(src, sizeof(src), "%s/small-tree", base);
+	REQUIRE(mkdir(src, 0755) == 0);
 	const size_t sizes[] = { 0, 1, 100, CAS_LOCAL_INLINE_MAX,
 				 CAS_LOCAL_INLINE_MAX + 1, 70000 };
+	uint8_t *datas[CAS_ARRAY_SIZE(sizes)];
+	cas_digest ds[CAS_ARRAY_SIZE(sizes)];
+	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++) {
+		datas[i] = pattern(sizes[i], (unsigned)i + 40);
+		cas_hash_buffer(datas[i], sizes[i], &ds[i]);
+		snprintf(p, sizeof(p), "%s/f%zu", src, i);
+		write_file(p, datas[i], sizes[i], 0644);
+	}
+	cas_store *s = open_store("packs");
+	struct cas_import_options o = { 0 };
+	struct cas_import_progress pr;
+	REQUIRE(cas_import(s, src, "small", &o, NULL, &pr) == 0);
+	CHECK(pr.blobs_added == CAS_ARRAY_SIZE(sizes));
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++) {
 		size_t len = sizes[i];
-		_cleanup_free_ uint8_t *data = pattern(len, (unsigned)i);
-		cas_digest d, want;
-		cas_hash_buffer(data, len, &want);
-		REQUIRE(put_blob(s, data, len, &want, &d) == 0);
-		CHECK(blob_file_exists(s, &d) == (len > CAS_LOCAL_INLINE_MAX));
+		const cas_digest *d = &ds[i];
+		CHECK(blob_file_exists(s, d) == (len > CAS_LOCAL_INLINE_MAX));
 		uint64_t size = 1;
-		CHECK(s->ops->blob_stat(s, &d, &size) == 0 && size == len);
-
+		CHECK(s->ops->blob_stat(s, d, &size) == 0 && size == len);
 		int fd = -1;
-		REQUIRE(s->ops->blob_open(s, &d, &fd, &size) == 0);
+		REQUIRE(s->ops->blob_open(s, d, &fd, &size) == 0);
 		_cleanup_free_ uint8_t *back = malloc(len + 1);
 		CHECK(size == len && cas_pread_all(fd, back, len, 0) == 0 &&
-		      !memcmp(back, data, len));
-		/* An fd of an inline blob cannot change it. */
+		      !memcmp(back, datas[i], len));
+		/* An fd of a packed blob cannot change it. */
 		CHECK(pwrite(fd, "x", 1, 0) < 0);
 		close(fd);
-
 		uint8_t *buf = NULL;
 		size = 0;
-		REQUIRE(cas_store_blob_read(s, &d, 1u << 20, &buf, &size) == 0);
-		CHECK(size == len && !memcmp(buf, data, len));
+		REQUIRE(cas_store_blob_read(s, d, 1u << 20, &buf, &size) == 0);
+		CHECK(size == len && !memcmp(buf, datas[i], len));
 		free(buf);
 		if (len > 0)
-			CHECK(cas_store_blob_read(s, &d, len - 1, &buf, &size) == -EFBIG);
-
-		/* Publishing the same bytes again adds nothing. */
-		CHECK(cas_local_blob_publish_buffer(s, data, len, &d) == 0);
+			CHECK(cas_store_blob_read(s, d, len - 1, &buf, &size) == -EFBIG);
 	}
-	struct problems pr = { 0 };
-	CHECK(cas_local_verify(s, on_problem, &pr) == 0 && pr.n == 0);
+	struct problems vp = { 0 };
+	CHECK(cas_local_verify(s, on_problem, &vp) == 0 && vp.n == 0);
 
-	/* Bytes in LMDB that do not hash to their key: verify names it. */
-	struct cas_local *ls = (struct cas_local *)s;
-	cas_digest bad;
-	_cleanup_free_ uint8_t *data = pattern(300, 9);
-	cas_hash_buffer(data, 300, &bad);
-	data[7] ^= 1;
-	struct cas_local_small one = { bad, data, 300 };
-	REQUIRE(cas_local_inline_put(ls, &one, 1, NULL) == 0);
-	char hex[65], want[200];
-	cas_digest_to_hex(&bad, hex);
-	snprintf(want, sizeof(want), "blob %s: content hashes to ", hex);
-	pr = (struct problems){ 0 };
-	CHECK(cas_local_verify(s, on_problem, &pr) == 1 && pr.n == 1);
-	CHECK(!strncmp(pr.first, want, strlen(want)));
+	/* Importing again adds nothing, not even a pack. */
+	REQUIRE(cas_import(s, src, "small", &o, NULL, &pr) == 0);
+	CHECK(pr.blobs_added == 0);
+	char pack[1536] = "";
+	int n_packs = 0;
+	snprintf(p, sizeof(p), "%s/packs/packs", base);
+	DIR *dd = opendir(p);
+	REQUIRE(dd);
+	struct dirent *de;
+	while ((de = readdir(dd))) {
+		if (de->d_name[0] == '.')
+			continue;
+		n_packs++;
+		snprintf(pack, sizeof(pack), "%s/%s", p, de->d_name);
+	}
+	closedir(dd);
+	CHECK(n_packs == 1);
+
+	/* A flipped byte in the pack: verify names the blob. */
+	REQUIRE(chmod(pack, 0644) == 0);
+	int fd = open(pack, O_RDWR);
+	REQUIRE(fd >= 0);
+	uint8_t b;
+	REQUIRE(pread(fd, &b, 1, 0) == 1);
+	b ^= 0x20;
+	REQUIRE(pwrite(fd, &b, 1, 0) == 1);
+	close(fd);
+	vp = (struct problems){ 0 };
+	CHECK(cas_local_verify(s, on_problem, &vp) == 1 && vp.n == 1);
+	CHECK(!strncmp(vp.first, "blob ", 5) && strstr(vp.first, ": content hashes to "));
 	cas_store_free(s);
 
-	/* A store that must keep every blob as a file (a cache). */
-	char dir[512];
-	snprintf(dir, sizeof(dir), "%s/no-inline", base);
-	struct cas_local_options o = { .create = true, .no_inline = true };
-	REQUIRE(cas_local_open(dir, &o, &s) == 0);
-	_cleanup_free_ uint8_t *small = pattern(10, 3);
+	/* One at a time, small blobs are files. */
+	s = open_store("packs-single");
 	cas_digest d;
-	REQUIRE(put_blob(s, small, 10, NULL, &d) == 0);
+	REQUIRE(put_blob(s, datas[2], sizes[2], NULL, &d) == 0);
 	CHECK(blob_file_exists(s, &d));
-	uint8_t *buf = NULL;
-	uint64_t size = 0;
-	CHECK(cas_store_blob_read(s, &d, 4096, &buf, &size) == 0 && size == 10 &&
-	      !memcmp(buf, small, 10));
-	free(buf);
 	cas_store_free(s);
+
+	/* A store that keeps every blob as a file (a cache). */
+	snprintf(dir, sizeof(dir), "%s/no-inline", base);
+	struct cas_local_options lo = { .create = true, .no_inline = true };
+	REQUIRE(cas_local_open(dir, &lo, &s) == 0);
+	REQUIRE(cas_import(s, src, "small", &o, NULL, &pr) == 0);
+	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++)
+		CHECK(blob_file_exists(s, &ds[i]));
+	cas_store_free(s);
+	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++)
+		free(datas[i]);
 }
 
 static void test_verify(void)
@@ -877,7 +903,7 @@ int main(void)
 	test_roots();
 	test_import_export();
 	test_import_refused();
-	test_inline_blobs();
+	test_packs();
 	test_verify();
 	test_verify_directories();
 	test_concurrent();
