@@ -107,6 +107,7 @@ struct cache_store {
 		bad_logged; /* blobs reported wrong; protected by lock */
 
 	int tmp_fd; /* the cache's tmp/ */
+	pid_t pid;  /* in tmp/ names (O_EXCL settles a clash after fork) */
 	atomic_uint_fast64_t tmp_counter;
 	struct cas_dmap staged;	     /* digest -> staged_blob; lock */
 	struct staged_blob **pending; /* staged, not yet synced; lock */
@@ -198,40 +199,104 @@ static void inflight_done(struct cache_store *c, struct inflight **list,
 
 /* Transports hand over small pieces (libcurl: 16 KiB, whatever its
  * buffer size): gathered into SINK_BUFFER bytes, they cost one write and
- * one wide hash update each instead of dozens. */
+ * one wide hash update each instead of dozens. From the second buffer
+ * of a blob on, a helper thread hashes one buffer while the fetching
+ * thread writes it and fills the other, so that hashing a large blob
+ * overlaps its download instead of adding to it. */
 #define SINK_BUFFER (1u << 20)
 
 struct blob_sink {
 	int fd;
 	cas_hasher hasher;
 	uint64_t size;
-	uint8_t *buf; /* SINK_BUFFER bytes, allocated on the first piece */
-	size_t len;
+	uint8_t *bufs[2]; /* SINK_BUFFER bytes each, allocated when needed */
+	unsigned cur;	  /* the buffer being filled */
+	size_t len;	  /* bytes in it */
+
+	bool threaded; /* the hashing thread runs */
+	pthread_t thread;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;
+	const uint8_t *job; /* protected by lock: to hash, or NULL */
+	size_t job_len;	    /* protected by lock */
+	bool stop;	    /* protected by lock */
 };
+
+static void *sink_hash_main(void *arg)
+{
+	struct blob_sink *b = arg;
+	pthread_mutex_lock(&b->lock);
+	for (;;) {
+		while (!b->job && !b->stop)
+			pthread_cond_wait(&b->cond, &b->lock);
+		if (!b->job)
+			break;
+		const uint8_t *job = b->job;
+		size_t len = b->job_len;
+		pthread_mutex_unlock(&b->lock);
+		cas_hasher_update(&b->hasher, job, len);
+		pthread_mutex_lock(&b->lock);
+		b->job = NULL;
+		pthread_cond_broadcast(&b->cond);
+	}
+	pthread_mutex_unlock(&b->lock);
+	return NULL;
+}
+
+/* Waits until the hashing thread is idle (the hasher is then ours). */
+static void sink_hash_wait(struct blob_sink *b)
+{
+	if (!b->threaded)
+		return;
+	pthread_mutex_lock(&b->lock);
+	while (b->job)
+		pthread_cond_wait(&b->cond, &b->lock);
+	pthread_mutex_unlock(&b->lock);
+}
 
 static int blob_sink_flush(struct blob_sink *b)
 {
 	if (b->len == 0)
 		return 0;
-	cas_hasher_update(&b->hasher, b->buf, b->len);
-	int r = cas_write_all(b->fd, b->buf, b->len);
+	const uint8_t *buf = b->bufs[b->cur];
+	size_t len = b->len;
 	b->len = 0;
-	return r;
+	sink_hash_wait(b);
+	if (!b->threaded && b->size > len && !b->bufs[1]) {
+		/* A second buffer: the blob is large enough for the thread. */
+		b->bufs[1] = malloc(SINK_BUFFER);
+		if (b->bufs[1] && pthread_mutex_init(&b->lock, NULL) == 0) {
+			pthread_cond_init(&b->cond, NULL);
+			b->threaded = pthread_create(&b->thread, NULL,
+						     sink_hash_main, b) == 0;
+			if (!b->threaded) {
+				pthread_cond_destroy(&b->cond);
+				pthread_mutex_destroy(&b->lock);
+			}
+		}
+	}
+	if (b->threaded && b->bufs[1]) {
+		pthread_mutex_lock(&b->lock);
+		b->job = buf;
+		b->job_len = len;
+		pthread_cond_broadcast(&b->cond);
+		pthread_mutex_unlock(&b->lock);
+		b->cur ^= 1;
+	} else {
+		cas_hasher_update(&b->hasher, buf, len);
+	}
+	return cas_write_all(b->fd, buf, len);
 }
 
 static int blob_sink_write(void *userdata, const void *buf, size_t len)
 {
 	struct blob_sink *b = userdata;
 	b->size += len;
-	if (b->len == 0 && len >= SINK_BUFFER / 4) {
-		cas_hasher_update(&b->hasher, buf, len);
-		return cas_write_all(b->fd, buf, len);
-	}
-	if (!b->buf && !(b->buf = malloc(SINK_BUFFER)))
+	if (!b->bufs[b->cur] && !(b->bufs[b->cur] = malloc(SINK_BUFFER)))
 		return -ENOMEM;
 	while (len > 0) {
 		size_t n = CAS_MIN(len, SINK_BUFFER - b->len);
-		memcpy(b->buf + b->len, buf, n);
+		memcpy(b->bufs[b->cur] + b->len, buf, n);
 		b->len += n;
 		buf = (const uint8_t *)buf + n;
 		len -= n;
@@ -242,6 +307,27 @@ static int blob_sink_write(void *userdata, const void *buf, size_t len)
 		}
 	}
 	return 0;
+}
+
+/* Flushes what is buffered (when ok) and ends the hashing thread. */
+static int blob_sink_finish(struct blob_sink *b, bool ok)
+{
+	int r = ok ? blob_sink_flush(b) : 0;
+	if (b->threaded) {
+		pthread_mutex_lock(&b->lock);
+		b->stop = true;
+		pthread_cond_broadcast(&b->cond);
+		pthread_mutex_unlock(&b->lock);
+		/* The thread hashes its last job before it sees stop. */
+		pthread_join(b->thread, NULL);
+		pthread_cond_destroy(&b->cond);
+		pthread_mutex_destroy(&b->lock);
+		b->threaded = false;
+	}
+	free(b->bufs[0]);
+	free(b->bufs[1]);
+	b->bufs[0] = b->bufs[1] = NULL;
+	return r;
 }
 
 static void maybe_evict(struct cache_store *c, uint64_t added)
@@ -332,7 +418,7 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	sb->digest = *d;
 	for (int tries = 0; b.fd < 0 && tries < 100; tries++) {
 		snprintf(sb->tmp, sizeof(sb->tmp), "remote.%ld.%llu",
-			 (long)getpid(),
+			 (long)c->pid,
 			 (unsigned long long)atomic_fetch_add(&c->tmp_counter,
 							      1));
 		b.fd = openat(c->tmp_fd, sb->tmp,
@@ -347,9 +433,9 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	}
 	cas_hasher_init(&b.hasher);
 	r = c->fetcher->ops->blob_fetch(c->fetcher, d, blob_sink_write, &b);
+	int fr = blob_sink_finish(&b, r >= 0);
 	if (r >= 0)
-		r = blob_sink_flush(&b);
-	free(b.buf);
+		r = fr;
 	if (close(b.fd) < 0 && r >= 0)
 		r = cas_log_errno(cas_negerrno(), "blob %s: cache %s: %m", hex,
 				  c->cache_dir);
@@ -1393,6 +1479,7 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	pthread_cond_init(&c->pq_cond, NULL);
 	pthread_cond_init(&c->pub_cond, NULL);
 	c->tmp_fd = -1;
+	c->pid = getpid();
 	c->cache_max = opts->cache_max;
 	c->prefetch_threads = PREFETCH_DEFAULT_THREADS;
 	const char *pf = getenv("CASTORE_PREFETCH");

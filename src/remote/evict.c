@@ -126,7 +126,8 @@ int64_t cas_cache_evict(const char *dir, uint64_t target)
 		free(l.v);
 		return cas_log_errno(r, "cache %s: list blobs: %m", dir);
 	}
-	qsort(l.v, l.n, sizeof(*l.v), by_atime);
+	if (l.n > 1)
+		qsort(l.v, l.n, sizeof(*l.v), by_atime);
 	size_t evicted = 0;
 	for (size_t i = 0; i < l.n && l.total > target; i++) {
 		snprintf(path, sizeof(path), "%s/blobs/%s", dir, l.v[i].name);
