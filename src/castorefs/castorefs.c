@@ -114,8 +114,10 @@ struct cas_handle {
 	 * hold on a recycled slot is undone before it can matter. */
 	_Atomic uint32_t refs;
 	/* Atomic because READ reads them without a lock. */
-	_Atomic int fd;          /* file: the blob */
+	_Atomic int fd;          /* file: the blob, or a file holding it */
 	_Atomic uint64_t size;   /* file: the blob's size */
+	uint64_t base;           /* where the blob starts in fd */
+	bool fd_owned;           /* else the store's (a pack): not closed */
 	uint8_t *data;           /* small file: its bytes instead of fd */
 	struct root_list *roots; /* root directory: snapshot at opendir */
 	uint32_t idx;            /* this slot's index, fixed */
@@ -721,6 +723,8 @@ static int handle_new(struct cas_fs *fs, struct cas_handle **ret)
 		return -EIO; /* cannot happen: the slot's chunk exists */
 	h->fd = -1;
 	h->size = 0;
+	h->base = 0;
+	h->fd_owned = true;
 	h->data = NULL;
 	h->roots = NULL;
 	atomic_store(&h->refs, 1);
@@ -750,7 +754,7 @@ static void handle_free(struct cas_fs *fs, struct cas_handle *h)
 {
 	atomic_store(&h->fh, 0);
 	int fd = atomic_exchange(&h->fd, -1);
-	if (fd >= 0)
+	if (fd >= 0 && h->fd_owned)
 		close(fd);
 	free(h->data);
 	h->data = NULL;
@@ -822,14 +826,21 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	cas_digest dg;
 	memcpy(dg.bytes, in->key, CAS_DIGEST_LEN);
 	int fd = -1;
-	uint64_t size = 0;
+	uint64_t size = 0, base = 0;
 	uint8_t *data = NULL;
-	/* A small file is read whole now and served from memory: cheaper
-	 * than an fd (and a passthrough backing file) per open, and the
-	 * store may hold it in a pack where there is no file to pass. */
-	if (in->size <= SMALL_FILE)
+	bool owned = true;
+	/* A blob inside a file the store keeps open (a pack) is served from
+	 * there, spliced, with no fd of its own. Else a small file is read
+	 * whole now and served from memory (cheaper than an fd and a
+	 * passthrough backing file per open); a larger one gets its fd. */
+	r = -ENOENT;
+	if (fs->store->ops->blob_locate) {
+		r = fs->store->ops->blob_locate(fs->store, &dg, &fd, &base, &size);
+		owned = r < 0;
+	}
+	if (r == -ENOENT && in->size <= SMALL_FILE)
 		r = cas_store_blob_read(fs->store, &dg, SMALL_FILE, &data, &size);
-	else
+	else if (r == -ENOENT)
 		r = fs->store->ops->blob_open(fs->store, &dg, &fd, &size);
 	if (r < 0) {
 		if (first_report(fs, in->key)) {
@@ -846,17 +857,20 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	struct cas_handle *h;
 	r = handle_new(fs, &h);
 	if (r < 0) {
-		if (fd >= 0)
+		if (fd >= 0 && owned)
 			close(fd);
 		free(data);
 		goto out;
 	}
 	h->fd = fd;
+	h->fd_owned = owned;
+	h->base = base;
 	h->data = data;
 	h->size = size;
 	ret->fh = handle_publish(h, (uint32_t)r);
 	ret->open_flags = CAS_FOPEN_KEEP_CACHE | CAS_FOPEN_NOFLUSH;
-	ret->backing_fd = fd;
+	/* Passthrough needs a file that is the blob from offset 0. */
+	ret->backing_fd = owned && base == 0 ? fd : -1;
 	r = 0;
 out:
 	inode_put(fs, in);
@@ -888,7 +902,7 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		return -EBADF;
 	}
 	ret->fd = fd;
-	ret->fd_offset = off;
+	ret->fd_offset = h->base + off;
 	ret->len = (size_t)len;
 	return 0;
 }

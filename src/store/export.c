@@ -21,7 +21,9 @@
 static int export_node(cas_store *s, int dir_fd, const char *name,
 		       const char *path, const cas_node *node);
 
-#define SMALL_FILE 4096
+/* Read whole up to this size: the local store packs blobs this small,
+ * and a pack has no fd per blob to copy from. */
+#define SMALL_FILE (64u << 10)
 
 static int export_file(cas_store *s, int dir_fd, const char *name,
 		       const char *path, const cas_node *node)

@@ -213,7 +213,7 @@ static double elapsed(const struct timespec *t0)
 #define SMALL_GROUP_BYTES (16u << 20)
 #define SMALL_GROUP_MAX (2 * SMALL_GROUP_BYTES) /* workers wait beyond */
 /* Fixed, so it stays aligned: room for the last blob and the padding. */
-#define ARENA_SIZE (SMALL_GROUP_MAX + CAS_LOCAL_INLINE_MAX + CAS_STAGE_ALIGN)
+#define ARENA_SIZE (SMALL_GROUP_MAX + CAS_LOCAL_PACK_MAX + CAS_STAGE_ALIGN)
 
 static void want_flush_locked(struct importer *imp)
 {
@@ -794,11 +794,27 @@ static int drain_ready(struct importer *imp)
 	}
 }
 
+static int entry_cmp(const void *a, const void *b, void *names_)
+{
+	const struct imp_entry *x = a, *y = b;
+	const char *names = names_;
+	size_t n = CAS_MIN(x->name_len, y->name_len);
+	int c = memcmp(names + x->name_off, names + y->name_off, n);
+	if (c)
+		return c;
+	return x->name_len < y->name_len ? -1 : x->name_len > y->name_len;
+}
+
 static int walk(struct importer *imp, struct imp_dir *dir)
 {
 	int r = list_dir(imp, dir);
 	if (r < 0)
 		return r;
+	/* In name order, as a mount lists them: a tree read through the
+	 * mount then finds its small blobs in the pack, and its large ones
+	 * on disk, in roughly the order the import wrote them. */
+	qsort_r(dir->entries, dir->n_entries, sizeof(*dir->entries), entry_cmp,
+		dir->names);
 	size_t nsub = 0;
 	for (size_t i = 0; i < dir->n_entries; i++)
 		nsub += dir->entries[i].type != CAS_NODE_SYMLINK;

@@ -339,7 +339,7 @@ static int pwrite_all(int fd, const uint8_t *buf, size_t len, uint64_t off)
 
 bool cas_local_is_packed(const struct cas_local *ls, uint64_t size)
 {
-	return ls->write_packs && size <= CAS_LOCAL_INLINE_MAX;
+	return ls->write_packs && size <= CAS_LOCAL_PACK_MAX;
 }
 
 /* An index entry, little-endian: pack id, offset, length. */
@@ -405,6 +405,44 @@ static int pack_fd(struct cas_local *ls, uint64_t id, int *ret_fd,
 		ls->pack_fds[ls->n_pack_fds++] = (struct cas_local_pack_fd){ id, fd };
 	*ret_fd = fd;
 	pthread_mutex_unlock(&ls->pack_lock);
+	return 0;
+}
+
+static int local_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
+			     uint64_t *ret_off, uint64_t *ret_size)
+{
+	struct cas_local *ls = to_local(s);
+	if (!ls->has_blobs_db)
+		return -ENOENT;
+	MDB_txn *txn;
+	int r = cas_local_rtxn_get(ls, &txn);
+	if (r < 0)
+		return r;
+	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
+	uint8_t ref[PACK_REF_LEN];
+	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_blobs, &key, &val));
+	if (r == 0 && val.mv_size != PACK_REF_LEN)
+		r = -EIO;
+	if (r == 0)
+		memcpy(ref, val.mv_data, PACK_REF_LEN);
+	cas_local_rtxn_put(ls, txn);
+	if (r < 0)
+		return r;
+	uint64_t id, off;
+	uint32_t len;
+	pack_ref_decode(ref, &id, &off, &len);
+	int fd = -1;
+	bool owned = false;
+	if ((r = pack_fd(ls, id, &fd, &owned)) < 0)
+		return r;
+	if (owned) {
+		/* Not one the store keeps open: the caller takes a copy. */
+		close(fd);
+		return -ENOENT;
+	}
+	*ret_fd = fd;
+	*ret_off = off;
+	*ret_size = len;
 	return 0;
 }
 
@@ -971,17 +1009,19 @@ static int local_blob_read(cas_store *s, const cas_digest *d, size_t max,
 
 /* Blob writer ---------------------------------------------------------- */
 
-/* The first CAS_LOCAL_INLINE_MAX bytes stay in memory: a blob that ends
+/* The first WRITER_SMALL bytes stay in memory: a blob that ends
  * there is written in one piece by publish_buffer (no temporary file for
  * a blob that is already stored); a larger one spills them to a
  * temporary file first. */
+#define WRITER_SMALL 4096
+
 struct local_writer {
 	cas_blob_writer base;
 	struct cas_local *ls;
 	struct tmpfile tmp; /* fd -1 while the bytes fit in small[] */
 	cas_hasher hasher;
 	uint64_t size;
-	uint8_t small[CAS_LOCAL_INLINE_MAX];
+	uint8_t small[WRITER_SMALL];
 };
 
 static int writer_write(cas_blob_writer *w, const void *buf, size_t len)
@@ -1561,6 +1601,7 @@ static const struct cas_store_ops local_ops = {
 	.blob_stat = local_blob_stat,
 	.blob_open = local_blob_open,
 	.blob_read = local_blob_read,
+	.blob_locate = local_blob_locate,
 	.blob_writer_new = local_blob_writer_new,
 	.directory_get_raw = local_directory_get_raw,
 	.directory_has = local_directory_has,

@@ -47,6 +47,13 @@ struct cas_store_ops {
 	 * costs less than an fd. May be NULL: use cas_store_blob_read. */
 	int (*blob_read)(cas_store *s, const cas_digest *d, size_t max,
 			 uint8_t **ret_buf, uint64_t *ret_size);
+	/* Where a blob's (verified) bytes lie inside a file the store keeps
+	 * open as long as it lives: bytes [*ret_off, *ret_off + *ret_size)
+	 * of *ret_fd, to pread or splice, never to close. -ENOENT when the
+	 * blob is in no such file (it may have one of its own: blob_open).
+	 * May be NULL. */
+	int (*blob_locate)(cas_store *s, const cas_digest *d, int *ret_fd,
+			   uint64_t *ret_off, uint64_t *ret_size);
 	int (*blob_writer_new)(cas_store *s, cas_blob_writer **ret);
 
 	/* Directories ----------------------------------------------------- */

@@ -626,8 +626,8 @@ static void test_packs(void)
 	char src[512], p[1024], dir[512];
 	snprintf(src, sizeof(src), "%s/small-tree", base);
 	REQUIRE(mkdir(src, 0755) == 0);
-	const size_t sizes[] = { 0, 1, 100, CAS_LOCAL_INLINE_MAX,
-				 CAS_LOCAL_INLINE_MAX + 1, 70000 };
+	const size_t sizes[] = { 0, 1, 100, CAS_LOCAL_PACK_MAX,
+				 CAS_LOCAL_PACK_MAX + 1, 70000 };
 	uint8_t *datas[CAS_ARRAY_SIZE(sizes)];
 	cas_digest ds[CAS_ARRAY_SIZE(sizes)];
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++) {
@@ -644,7 +644,7 @@ static void test_packs(void)
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++) {
 		size_t len = sizes[i];
 		const cas_digest *d = &ds[i];
-		CHECK(blob_file_exists(s, d) == (len > CAS_LOCAL_INLINE_MAX));
+		CHECK(blob_file_exists(s, d) == (len > CAS_LOCAL_PACK_MAX));
 		uint64_t size = 1;
 		CHECK(s->ops->blob_stat(s, d, &size) == 0 && size == len);
 		int fd = -1;
@@ -655,6 +655,13 @@ static void test_packs(void)
 		/* An fd of a packed blob cannot change it. */
 		CHECK(pwrite(fd, "x", 1, 0) < 0);
 		close(fd);
+		/* Packed blobs are located inside the pack, the others not. */
+		uint64_t off = 0;
+		int r = s->ops->blob_locate(s, d, &fd, &off, &size);
+		CHECK(r == (len > CAS_LOCAL_PACK_MAX ? -ENOENT : 0));
+		if (r == 0)
+			CHECK(size == len && cas_pread_all(fd, back, len, off) == 0 &&
+			      !memcmp(back, datas[i], len));
 		uint8_t *buf = NULL;
 		size = 0;
 		REQUIRE(cas_store_blob_read(s, d, 1u << 20, &buf, &size) == 0);
