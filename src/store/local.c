@@ -408,26 +408,41 @@ static int pack_fd(struct cas_local *ls, uint64_t id, int *ret_fd,
 	return 0;
 }
 
-static int local_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
-			     uint64_t *ret_off, uint64_t *ret_size)
+/* A packed blob's index entry: 1 and ref, 0 when it has none. */
+static int pack_ref_get(struct cas_local *ls, const cas_digest *d,
+			uint8_t ref[PACK_REF_LEN])
 {
-	struct cas_local *ls = to_local(s);
 	if (!ls->has_blobs_db)
-		return -ENOENT;
+		return 0;
 	MDB_txn *txn;
 	int r = cas_local_rtxn_get(ls, &txn);
 	if (r < 0)
 		return r;
 	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
-	uint8_t ref[PACK_REF_LEN];
 	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_blobs, &key, &val));
 	if (r == 0 && val.mv_size != PACK_REF_LEN)
 		r = -EIO;
 	if (r == 0)
 		memcpy(ref, val.mv_data, PACK_REF_LEN);
 	cas_local_rtxn_put(ls, txn);
-	if (r < 0)
-		return r;
+	if (r == -ENOENT)
+		return 0;
+	if (r < 0) {
+		char hex[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(d, hex);
+		return cas_log_errno(r, "blob %s: pack index: %m", hex);
+	}
+	return 1;
+}
+
+static int local_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
+			     uint64_t *ret_off, uint64_t *ret_size)
+{
+	struct cas_local *ls = to_local(s);
+	uint8_t ref[PACK_REF_LEN];
+	int r = pack_ref_get(ls, d, ref);
+	if (r <= 0)
+		return r < 0 ? r : -ENOENT;
 	uint64_t id, off;
 	uint32_t len;
 	pack_ref_decode(ref, &id, &off, &len);
@@ -616,22 +631,11 @@ static int packed_get(struct cas_local *ls, const cas_digest *d,
 		      enum packed_want want, uint64_t *ret_size,
 		      uint8_t **ret_buf, int *ret_fd)
 {
-	if (!ls->has_blobs_db)
-		return 0;
-	MDB_txn *txn;
-	int r = cas_local_rtxn_get(ls, &txn);
-	if (r < 0)
-		return r;
-	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
 	uint8_t ref[PACK_REF_LEN];
-	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_blobs, &key, &val));
-	if (r == 0 && val.mv_size != PACK_REF_LEN)
-		r = -EBADMSG;
-	if (r == 0)
-		memcpy(ref, val.mv_data, PACK_REF_LEN);
-	cas_local_rtxn_put(ls, txn);
-	if (r == -ENOENT)
-		return 0;
+	int r = pack_ref_get(ls, d, ref);
+	if (r <= 0)
+		return r;
+	r = 0;
 	uint64_t size = cas_local_small_size(ref, PACK_REF_LEN);
 	_cleanup_free_ uint8_t *buf = NULL;
 	if (r == 0 && want != PACKED_SIZE) {
