@@ -88,7 +88,6 @@ struct staged {
 	cas_digest digest;
 };
 
-
 struct importer {
 	cas_store *store;
 	struct cas_local *ls;
@@ -114,6 +113,10 @@ struct importer {
 	struct cas_local_pack *pack; /* publisher (and cas_import at the end) */
 	struct cas_local_small *smalls; /* protected by stage_lock */
 	size_t n_smalls, cap_smalls; /* protected by stage_lock */
+	/* Open addressing over smalls (index + 1, 0 empty): the same bytes
+	 * twice in one group (licence texts, empty files) go in once. */
+	uint32_t *small_set;         /* protected by stage_lock */
+	size_t set_slots;            /* protected by stage_lock */
 	uint8_t *arena;              /* protected by stage_lock, ARENA_SIZE */
 	size_t arena_len;            /* protected by stage_lock */
 	pthread_cond_t small_cond;   /* a full small group was taken */
@@ -248,6 +251,34 @@ static int stage_add(struct importer *imp, const char *name,
 	return 0;
 }
 
+/* The slot of d in small_set: where it is, or the empty one to take. */
+static size_t small_slot(struct importer *imp, const cas_digest *d)
+{
+	uint64_t h;
+	memcpy(&h, d->bytes, sizeof(h)); /* a digest is uniform already */
+	size_t mask = imp->set_slots - 1;
+	for (size_t i = (size_t)h & mask;; i = (i + 1) & mask) {
+		uint32_t k = imp->small_set[i];
+		if (!k || cas_digest_eq(&imp->smalls[k - 1].digest, d))
+			return i;
+	}
+}
+
+static int small_set_grow(struct importer *imp)
+{
+	size_t slots = imp->set_slots ? imp->set_slots * 2 : 4096;
+	uint32_t *set = calloc(slots, sizeof(*set));
+	if (!set)
+		return -ENOMEM;
+	free(imp->small_set);
+	imp->small_set = set;
+	imp->set_slots = slots;
+	for (size_t k = 0; k < imp->n_smalls; k++)
+		imp->small_set[small_slot(imp, &imp->smalls[k].digest)] =
+			(uint32_t)k + 1;
+	return 0;
+}
+
 static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
 		     const cas_digest *d)
 {
@@ -258,6 +289,12 @@ static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
 	while (imp->arena_len >= SMALL_GROUP_MAX && !imp->stage_stop &&
 	       !failed(imp))
 		pthread_cond_wait(&imp->small_cond, &imp->stage_lock);
+	if ((imp->n_smalls + 1) * 2 > imp->set_slots &&
+	    (r = small_set_grow(imp)) < 0)
+		goto out;
+	size_t slot = small_slot(imp, d);
+	if (imp->small_set[slot])
+		goto out; /* already in this group */
 	if (imp->n_smalls == imp->cap_smalls) {
 		size_t cap = imp->cap_smalls ? imp->cap_smalls * 2 : 1024;
 		struct cas_local_small *v = realloc(imp->smalls, cap * sizeof(*v));
@@ -268,6 +305,7 @@ static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
 		imp->smalls = v;
 		imp->cap_smalls = cap;
 	}
+	imp->small_set[slot] = (uint32_t)imp->n_smalls + 1;
 	if (!imp->arena) {
 		/* Only touched as it fills. */
 		imp->arena = aligned_alloc(CAS_STAGE_ALIGN, ARENA_SIZE);
@@ -326,6 +364,8 @@ static void stage_flush(struct importer *imp)
 	size_t n_small = imp->n_smalls, cap_small = imp->cap_smalls;
 	size_t arena_len = imp->arena_len;
 	imp->n_smalls = imp->cap_smalls = imp->arena_len = 0;
+	if (imp->small_set)
+		memset(imp->small_set, 0, imp->set_slots * sizeof(*imp->small_set));
 	pthread_cond_broadcast(&imp->small_cond);
 	pthread_mutex_unlock(&imp->stage_lock);
 	int r = failed(imp);
@@ -1054,6 +1094,7 @@ out:
 	stage_flush(imp); /* after a failure: removes what is staged */
 	free(imp->staged);
 	free(imp->smalls);
+	free(imp->small_set);
 	free(imp->arena);
 	cas_local_pack_close(imp->pack);
 	if (imp->batch)

@@ -636,6 +636,9 @@ static void test_packs(void)
 		snprintf(p, sizeof(p), "%s/f%zu", src, i);
 		write_file(p, datas[i], sizes[i], 0644);
 	}
+	/* The same bytes twice in one import go into the pack once. */
+	snprintf(p, sizeof(p), "%s/f3-again", src);
+	write_file(p, datas[3], sizes[3], 0644);
 	cas_store *s = open_store("packs");
 	struct cas_import_options o = { 0 };
 	struct cas_import_progress pr;
@@ -690,6 +693,12 @@ static void test_packs(void)
 	}
 	closedir(dd);
 	CHECK(n_packs == 1);
+	struct stat pst;
+	size_t packed = 0;
+	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++)
+		packed += sizes[i] <= CAS_LOCAL_PACK_MAX ? sizes[i] : 0;
+	REQUIRE(stat(pack, &pst) == 0);
+	CHECK((uint64_t)pst.st_size == (packed + 4095) / 4096 * 4096);
 
 	/* A flipped byte in the pack: verify names the blob. */
 	REQUIRE(chmod(pack, 0644) == 0);
