@@ -19,7 +19,8 @@
 #                   reads only also with --no-passthrough (splice replies)
 # Every FUSE mount gets read_ahead_kb=$RA_KB (PERFORMANCE.md: READ size is
 # capped by the readahead); native keeps its disk's setting (printed).
-# Cold = fresh mount, then `echo 3 > /proc/sys/vm/drop_caches`.
+# Cold = fresh mount, then (PRIME=1, see prime_memory) the 1 GiB file read
+# from ext4, then `echo 3 > /proc/sys/vm/drop_caches`.
 # Measured: sequential read of the 1 GiB file (dd bs=1M) cold and warm; fio
 # random 4 KiB reads (psync, direct=0, caches dropped, $FIO_RUNTIME s);
 # traversal of the tree with `find -printf '%s %m\n'` (stat of every entry)
@@ -30,7 +31,11 @@
 # Environment: BENCH_DIR (default /var/tmp/castore-bench), RUNS (3),
 # FIO_RUNS (1), FIO_RUNTIME (10), RA_KB (1024), CASTORE (default
 # build/src/cli/castore; use a release build), CASTORE_MOUNT_OPTS (extra
-# options for castore mount).
+# options for castore mount), ONLY (a subset of the contenders, e.g.
+# "native castore"; the data of the others is not made), MEASURE (a subset
+# of "seq fio walk": sequential reads, random reads, traversals; e.g.
+# MEASURE=seq for the 1 GiB reads alone), PRIME (1: see prime_memory;
+# 0: cold = drop_caches only, as in the first runs).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,6 +46,9 @@ FIO_RUNTIME=${FIO_RUNTIME:-10}
 RA_KB=${RA_KB:-1024}
 CASTORE=${CASTORE:-$ROOT/build/src/cli/castore}
 CASTORE_MOUNT_OPTS=${CASTORE_MOUNT_OPTS:-}
+ONLY=${ONLY:-native ptll sqfs castore castore_np}
+MEASURE=${MEASURE:-seq fio walk}
+PRIME=${PRIME:-1}
 WORK=$BENCH_DIR/fs
 MNT=$WORK/mnt
 LOG=$BENCH_DIR/logs/fs.log
@@ -58,11 +66,27 @@ need() {
 		die "missing tools: ${missing[*]} (Debian: apt-get install -y fio squashfuse squashfs-tools libfuse3-dev pkg-config build-essential util-linux)"
 }
 
-need cc pkg-config fio squashfuse_ll mksquashfs mountpoint dd tar find awk
-[[ -e $EXAMPLES/passthrough_ll.c ]] || die "no $EXAMPLES/passthrough_ll.c (apt-get install -y libfuse3-dev)"
-pkg-config --exists fuse3 || die "pkg-config does not know fuse3 (apt-get install -y libfuse3-dev)"
+# wants WORD LIST: is WORD one of the words of LIST?
+wants() { [[ " $2 " == *" $1 "* ]]; }
+for w in $ONLY; do
+	wants "$w" "native ptll sqfs castore castore_np" || die "ONLY: unknown contender $w"
+done
+for w in $MEASURE; do
+	wants "$w" "seq fio walk" || die "MEASURE: unknown measurement $w"
+done
+
+need mountpoint dd tar find awk
+! wants fio "$MEASURE" || need fio
+if wants ptll "$ONLY"; then
+	need cc pkg-config
+	[[ -e $EXAMPLES/passthrough_ll.c ]] || die "no $EXAMPLES/passthrough_ll.c (apt-get install -y libfuse3-dev)"
+	pkg-config --exists fuse3 || die "pkg-config does not know fuse3 (apt-get install -y libfuse3-dev)"
+fi
+! wants sqfs "$ONLY" || need squashfuse_ll mksquashfs
 [[ $(id -u) == 0 ]] || die "run as root (mounts, drops caches)"
-[[ -x $CASTORE ]] || die "no castore binary at $CASTORE (set CASTORE=...)"
+if wants castore "$ONLY" || wants castore_np "$ONLY"; then
+	[[ -x $CASTORE ]] || die "no castore binary at $CASTORE (set CASTORE=...)"
+fi
 
 mkdir -p "$BENCH_DIR/logs" "$WORK"
 : >"$LOG"
@@ -77,6 +101,7 @@ SHARE=$BENCH_DIR/share
 BIGDIR=$WORK/big
 
 PEERS=(native ptll sqfs castore castore_np)
+PEERS_WALK=(native ptll sqfs castore)
 declare -A LABEL=(
 	[native]="native"
 	[ptll]="passthrough_ll"
@@ -244,18 +269,38 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# On a VM with free page reporting (virtio-balloon; this machine has
+# /sys/module/page_reporting), memory that stays free for about 2 s is
+# handed back to the host, and the guest's first touch of it again costs
+# 1-2 s of system time per GiB, charged to whichever read fills its page
+# cache from it (measured: a cold dd of the native file takes 0.3 s right
+# after drop_caches, 2.2-3.2 s when it starts 5 s later). A read right after
+# drop_caches mostly reuses the pages just dropped; how many it can reuse
+# depended on what the previous contender had left in the cache (after a
+# FUSE page cache the next cold ext4 read paid 2 times in 3, after an ext4
+# one 0 in 3), so the contenders paid unevenly. PRIME=1 (default) makes
+# every cold state the same way: the 1 GiB file read from ext4, then
+# drop_caches, then the timed work at once.
+prime_memory() {
+	((PRIME)) || return 0
+	cat "$BIGDIR/big.bin" >/dev/null
+}
+
 fresh() {
 	umount_peer "$1"
 	mount_peer "$1"
+	prime_memory
 	drop_caches
 }
 
 # --- data and peers ---------------------------------------------------------
 
-echo "building passthrough_ll from $EXAMPLES ..."
-# shellcheck disable=SC2046
-cc -O2 -I"$EXAMPLES" -o "$WORK/passthrough_ll" "$EXAMPLES/passthrough_ll.c" \
-	$(pkg-config --cflags --libs fuse3)
+if wants ptll "$ONLY"; then
+	echo "building passthrough_ll from $EXAMPLES ..."
+	# shellcheck disable=SC2046
+	cc -O2 -I"$EXAMPLES" -o "$WORK/passthrough_ll" "$EXAMPLES/passthrough_ll.c" \
+		$(pkg-config --cflags --libs fuse3)
+fi
 
 echo "making the 1 GiB file of binaries ..."
 mkdir -p "$BIGDIR"
@@ -263,27 +308,35 @@ find /usr/lib /usr/bin -type f -size +64k -print0 2>/dev/null |
 	xargs -0 cat 2>/dev/null | head -c $((1 << 30)) >"$BIGDIR/big.bin" || true
 [[ $(stat -c %s "$BIGDIR/big.bin") == $((1 << 30)) ]] || die "could not gather 1 GiB of binaries"
 
-echo "making the squashfs image (uncompressed) ..."
-mksquashfs "$SHARE" "$BIGDIR/big.bin" "$WORK/img.sqfs" -noI -noD -noF -noX \
-	-noappend -no-progress >>"$LOG" 2>&1
-
-ptll_partition >"$WORK/ptll.parts"
-nptll=$(($(wc -l <"$WORK/ptll.parts") + 1))
-
-echo "importing into castore ..."
-rm -rf "$WORK/store"
-AVAIL[castore]=1
-if ! "$CASTORE" --store "$WORK/store" import "$SHARE" --name share >>"$LOG" 2>&1 ||
-	! "$CASTORE" --store "$WORK/store" import "$BIGDIR" --name big >>"$LOG" 2>&1; then
-	echo "fs.sh: castore import failed; castore not measured (see $LOG)" >&2
-	AVAIL[castore]=0
+if wants sqfs "$ONLY"; then
+	echo "making the squashfs image (uncompressed) ..."
+	mksquashfs "$SHARE" "$BIGDIR/big.bin" "$WORK/img.sqfs" -noI -noD -noF -noX \
+		-noappend -no-progress >>"$LOG" 2>&1
 fi
-AVAIL[native]=1 AVAIL[ptll]=1 AVAIL[sqfs]=1
+
+nptll=0
+if wants ptll "$ONLY"; then
+	ptll_partition >"$WORK/ptll.parts"
+	nptll=$(($(wc -l <"$WORK/ptll.parts") + 1))
+fi
+
+for p in "${PEERS[@]}"; do
+	AVAIL[$p]=0
+	! wants "$p" "$ONLY" || AVAIL[$p]=1
+done
+if ((AVAIL[castore] || AVAIL[castore_np])); then
+	echo "importing into castore ..."
+	rm -rf "$WORK/store"
+	if ! "$CASTORE" --store "$WORK/store" import "$SHARE" --name share >>"$LOG" 2>&1 ||
+		! "$CASTORE" --store "$WORK/store" import "$BIGDIR" --name big >>"$LOG" 2>&1; then
+		echo "fs.sh: castore import failed; castore not measured (see $LOG)" >&2
+		AVAIL[castore]=0 AVAIL[castore_np]=0
+	fi
+fi
 # castore without FUSE passthrough (every READ through the daemon, splice):
 # reads only, the traversals take the same path as with passthrough.
-AVAIL[castore_np]=0
-if ((AVAIL[castore])) && "$CASTORE" mount --help 2>&1 | grep -q -- --no-passthrough; then
-	AVAIL[castore_np]=1
+if ((AVAIL[castore_np])) && ! "$CASTORE" mount --help 2>&1 | grep -q -- --no-passthrough; then
+	AVAIL[castore_np]=0
 fi
 
 TREE[native]=$SHARE BIG[native]=$BIGDIR/big.bin
@@ -320,19 +373,21 @@ measure_round() {
 	local p=$1 r=$2 iops
 	log "== ${LABEL[$p]}, round $r"
 	# Sequential read of the 1 GiB file, cold, then warm (second read).
-	fresh "$p" || return 1
-	timed seq_read "${BIG[$p]}" || return 1
-	keep_min "$p.seq_cold" $T
-	log "  seq cold: $(us2s $T) s"
-	timed seq_read "${BIG[$p]}" || return 1
-	timed seq_read "${BIG[$p]}" || return 1
-	keep_min "$p.seq_warm" $T
-	log "  seq warm: $(us2s $T) s"
+	if wants seq "$MEASURE"; then
+		fresh "$p" || return 1
+		timed seq_read "${BIG[$p]}" || return 1
+		keep_min "$p.seq_cold" $T
+		log "  seq cold: $(us2s $T) s"
+		timed seq_read "${BIG[$p]}" || return 1
+		timed seq_read "${BIG[$p]}" || return 1
+		keep_min "$p.seq_warm" $T
+		log "  seq warm: $(us2s $T) s"
+	fi
 	# Random 4 KiB reads: everything cold; then with the data the peer
 	# reads from warm in the page cache and only the file's own page cache
 	# dropped (fio's invalidate; native: no invalidation, all cached), which
 	# measures the cost per request.
-	if ((r <= FIO_RUNS)); then
+	if wants fio "$MEASURE" && ((r <= FIO_RUNS)); then
 		fresh "$p" || return 1
 		iops=$(fio_iops "${BIG[$p]}" 1)
 		[[ -n $iops ]] || return 1
@@ -345,7 +400,7 @@ measure_round() {
 		log "  fio randread, backing data cached: $iops IOPS"
 	fi
 	# Traversals, each cold in a fresh mount, then warm.
-	if [[ $p == castore_np ]]; then
+	if [[ $p == castore_np ]] || ! wants walk "$MEASURE"; then
 		umount_peer "$p"
 		return 0
 	fi
@@ -394,7 +449,7 @@ echo "castore mount benchmark - $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs,
 echo "load average before: $load_before, after: $load_after (figures are unreliable when it exceeds $(nproc))"
 echo "data: copy of /usr/share ($nentries entries) and a 1 GiB file of binaries; best of $RUNS runs (fio: $FIO_RUNS x ${FIO_RUNTIME}s)"
 echo "read_ahead_kb: $RA_KB on every FUSE mount, native disk $disk_ra; passthrough_ll: $nptll daemons (RLIMIT_NOFILE)"
-echo "cold = fresh mount + drop_caches; ratio = native time / peer time for reads and traversals (1.00 = as fast as native)"
+echo "cold = fresh mount + $( ((PRIME)) && echo "1 GiB read from ext4 (PRIME=1) + ")drop_caches; ratio = native time / peer time for reads and traversals (1.00 = as fast as native)"
 echo
 
 cell_t() { # seconds and speed ratio to native (higher is better)
@@ -426,9 +481,11 @@ for p in "${PEERS[@]}"; do
 		"$(cell_iops "$p" iops_cold)" "$(cell_iops "$p" iops_warm)"
 done
 echo "* rand warm: the data the peer reads from is in the page cache, the file's own cache dropped (native: all cached)"
+wants walk "$MEASURE" || PEERS_WALK=()
 echo
-printf '%-15s %18s %18s %18s %18s %10s\n' "" "find cold s" "find warm s" "tar cold s" "tar warm s" "peak RSS"
-for p in native ptll sqfs castore; do
+((${#PEERS_WALK[@]} == 0)) ||
+	printf '%-15s %18s %18s %18s %18s %10s\n' "" "find cold s" "find warm s" "tar cold s" "tar warm s" "peak RSS"
+for p in "${PEERS_WALK[@]}"; do
 	((AVAIL[$p])) || { printf '%-15s not measured\n' "${LABEL[$p]}"; continue; }
 	rss=-
 	[[ -z ${R[$p.rss]:-} ]] || rss="$(awk -v k="${R[$p.rss]}" 'BEGIN { printf "%.1f MB", k / 1024 }')"
@@ -447,11 +504,14 @@ if ((!AVAIL[castore])) || [[ -n ${R[castore.failed]:-} ]]; then
 	exit 0
 fi
 ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a >= b) }' && echo 1 || echo 0; }
-r=$(ratio "${R[native.seq_warm]}" "${R[castore.seq_warm]}")
-verdict "$(ge "$r" 0.9)" "warm sequential read ${r}x native (target >= 0.9x)"
-r=$(ratio "${R[native.seq_cold]}" "${R[castore.seq_cold]}")
-verdict "$(ge "$r" 0.9)" "cold sequential read ${r}x native (target >= 0.9x, with FUSE passthrough)"
+if [[ -n ${R[native.seq_cold]:-} && -n ${R[castore.seq_cold]:-} ]]; then
+	r=$(ratio "${R[native.seq_warm]}" "${R[castore.seq_warm]}")
+	verdict "$(ge "$r" 0.9)" "warm sequential read ${r}x native (target >= 0.9x)"
+	r=$(ratio "${R[native.seq_cold]}" "${R[castore.seq_cold]}")
+	verdict "$(ge "$r" 0.9)" "cold sequential read ${r}x native (target >= 0.9x, with FUSE passthrough)"
+fi
 for m in seq_cold find_cold tar_cold; do
+	[[ -n ${R[castore.$m]:-} ]] || continue
 	for p in sqfs ptll; do
 		[[ -n ${R[$p.$m]:-} ]] || { echo "not compared: $m, ${LABEL[$p]} has no figure"; continue; }
 		r=$(ratio "${R[$p.$m]}" "${R[castore.$m]}")
