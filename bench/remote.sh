@@ -21,6 +21,7 @@
 # CASTORE (default build/src/cli/castore; use a release build), RA_KB
 # (1024, read_ahead_kb of the mounts, as in fs.sh), BIG_MB (1024).
 set -euo pipefail
+trap 'echo "remote.sh: command failed at line $LINENO" >&2' ERR
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/var/tmp/castore-bench}
@@ -122,7 +123,7 @@ if ! "$CASTORE" --store "$STORE" publish "$WORK/pub" >>"$LOG" 2>&1; then
 	echo "remote.sh: castore publish failed; HTTP not measured (see $LOG)" >&2
 	OK_HTTP=0
 fi
-BIG_BLOB=$(find "$WORK/pub/blobs" -type f -size $((BIG_MB << 20))c 2>/dev/null | head -n 1)
+BIG_BLOB=$(find "$WORK/pub/blobs" -type f -size $((BIG_MB << 20))c 2>/dev/null | head -n 1 || true)
 [[ -n $BIG_BLOB ]] || OK_HTTP=0
 
 HTTP_PORT=$(free_port) || die "no free port"
