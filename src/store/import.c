@@ -118,6 +118,7 @@ struct importer {
 	uint32_t *small_set;         /* protected by stage_lock */
 	size_t set_slots;            /* protected by stage_lock */
 	uint8_t *arena;              /* protected by stage_lock, ARENA_SIZE */
+	uint8_t *spare_arena;        /* protected by stage_lock */
 	size_t arena_len;            /* protected by stage_lock */
 	pthread_cond_t small_cond;   /* a full small group was taken */
 
@@ -306,6 +307,8 @@ static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
 		imp->cap_smalls = cap;
 	}
 	imp->small_set[slot] = (uint32_t)imp->n_smalls + 1;
+	if (!imp->arena)
+		imp->arena = TAKE_PTR(imp->spare_arena);
 	if (!imp->arena) {
 		/* Only touched as it fills. */
 		imp->arena = aligned_alloc(CAS_STAGE_ALIGN, ARENA_SIZE);
@@ -371,12 +374,13 @@ static void stage_flush(struct importer *imp)
 	int r = failed(imp);
 	if (r == 0 && (r = small_flush(imp, sv, n_small, arena, arena_len)) < 0)
 		set_error(imp, r);
-	/* The group's memory is handed back for the next one if that has
-	 * not started its own: faulting in a fresh arena for every group
-	 * showed in profiles. */
+	/* Two arenas take turns: one fills while the other is written.
+	 * Allocating a fresh one per group faulted in every page of it
+	 * again, which showed in profiles. */
 	pthread_mutex_lock(&imp->stage_lock);
-	if (!imp->arena && !imp->smalls) {
-		imp->arena = TAKE_PTR(arena);
+	if (!imp->spare_arena)
+		imp->spare_arena = TAKE_PTR(arena);
+	if (!imp->smalls) {
 		imp->smalls = TAKE_PTR(sv);
 		imp->cap_smalls = cap_small;
 	}
@@ -1096,6 +1100,7 @@ out:
 	free(imp->smalls);
 	free(imp->small_set);
 	free(imp->arena);
+	free(imp->spare_arena);
 	cas_local_pack_close(imp->pack);
 	if (imp->batch)
 		imp->batch->ops->abort(imp->batch);
