@@ -20,23 +20,36 @@ int cas_write_all(int fd, const void *buf, size_t len)
 	return 0;
 }
 
-int cas_pread_all(int fd, void *buf, size_t len, uint64_t off)
+/* pread or pwrite of exactly len bytes at off, retrying EINTR and short
+ * transfers. */
+static int rw_all(int fd, void *buf, size_t len, uint64_t off, bool write)
 {
 	uint8_t *p = buf;
 	while (len > 0) {
-		ssize_t n = pread(fd, p, len, (off_t)off);
+		ssize_t n = write ? pwrite(fd, p, len, (off_t)off)
+				  : pread(fd, p, len, (off_t)off);
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
 			return cas_negerrno();
 		}
 		if (n == 0)
-			return -EBADMSG;
+			return write ? -EIO : -EBADMSG;
 		p += n;
 		off += (uint64_t)n;
 		len -= (size_t)n;
 	}
 	return 0;
+}
+
+int cas_pread_all(int fd, void *buf, size_t len, uint64_t off)
+{
+	return rw_all(fd, buf, len, off, false);
+}
+
+int cas_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
+{
+	return rw_all(fd, (void *)buf, len, off, true);
 }
 
 /* Bounce buffer of the plain copy; a large one keeps syscalls few. */

@@ -64,6 +64,8 @@ static inline int cas_negerrno(void)
 int cas_write_all(int fd, const void *buf, size_t len);
 /* Read exactly len bytes at off; -EBADMSG when the file is shorter. */
 int cas_pread_all(int fd, void *buf, size_t len, uint64_t off);
+/* Write all of buf at off; retries EINTR and short writes. */
+int cas_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 /* Copies the first size bytes of src (from offset 0, whatever its file
  * position) to dst at dst's file position: copy_file_range, or pread and
  * write where the kernel refuses it for these files. -EBADMSG when src

@@ -318,25 +318,6 @@ int cas_local_blob_exists(struct cas_local *ls, const cas_digest *d)
 static int stage_write(struct cas_local *ls, int fd, bool *direct,
 		       const uint8_t *buf, size_t len, uint64_t off);
 
-static int pwrite_all(int fd, const uint8_t *buf, size_t len, uint64_t off)
-{
-	while (len > 0) {
-		ssize_t n = pwrite(fd, buf, len, (off_t)off);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return cas_negerrno();
-		}
-		if (n == 0)
-			return -EIO;
-		buf += n;
-		off += (uint64_t)n;
-		len -= (size_t)n;
-	}
-	return 0;
-}
-
-
 bool cas_local_is_packed(const struct cas_local *ls, uint64_t size)
 {
 	return ls->write_packs && size <= CAS_LOCAL_PACK_MAX;
@@ -649,7 +630,7 @@ static int packed_get(struct cas_local *ls, const cas_digest *d,
 		 * copying): sealed, so nobody can change the bytes. */
 		_cleanup_close_ int fd =
 			memfd_create("castore-blob", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-		if (fd < 0 || (r = pwrite_all(fd, buf, size, 0)) < 0 ||
+		if (fd < 0 || (r = cas_pwrite_all(fd, buf, size, 0)) < 0 ||
 		    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW |
 						   F_SEAL_WRITE | F_SEAL_SEAL) < 0)
 			r = r < 0 ? r : cas_negerrno();
@@ -795,7 +776,7 @@ static int stage_write(struct cas_local *ls, int fd, bool *direct,
 	if (*direct) {
 		size_t head = len - len % CAS_STAGE_ALIGN;
 		int r = aligned(buf, head) && off % CAS_STAGE_ALIGN == 0
-				? pwrite_all(fd, buf, head, off)
+				? cas_pwrite_all(fd, buf, head, off)
 				: -EINVAL;
 		if (r == -EINVAL)
 			atomic_store(&ls->direct_off, true);
@@ -810,7 +791,7 @@ static int stage_write(struct cas_local *ls, int fd, bool *direct,
 			*direct = false;
 		}
 	}
-	return pwrite_all(fd, buf, len, off);
+	return cas_pwrite_all(fd, buf, len, off);
 }
 
 static int stage_open_for(struct cas_local *ls, struct tmpfile *t,
