@@ -857,8 +857,9 @@ static int walk(struct importer *imp, struct imp_dir *dir)
 	/* In name order, as a mount lists them: a tree read through the
 	 * mount then finds its small blobs in the pack, and its large ones
 	 * on disk, in roughly the order the import wrote them. */
-	qsort_r(dir->entries, dir->n_entries, sizeof(*dir->entries), entry_cmp,
-		dir->names);
+	if (dir->n_entries > 1)
+		qsort_r(dir->entries, dir->n_entries, sizeof(*dir->entries),
+			entry_cmp, dir->names);
 	size_t nsub = 0;
 	for (size_t i = 0; i < dir->n_entries; i++)
 		nsub += dir->entries[i].type != CAS_NODE_SYMLINK;
