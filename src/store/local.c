@@ -389,31 +389,52 @@ static int pack_fd(struct cas_local *ls, uint64_t id, int *ret_fd,
 	return 0;
 }
 
+/* Looks d up in dbi under a pooled read transaction: 1 when present
+ * (after `use`, if given, took what it needs of the value; its error is
+ * returned instead), 0 when absent. */
+static int db_lookup(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d,
+		     int (*use)(const MDB_val *val, void *ctx), void *ctx)
+{
+	MDB_txn *txn;
+	int r = cas_local_rtxn_get(ls, &txn);
+	if (r < 0)
+		return r;
+	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
+	r = cas_local_mdb_errno(mdb_get(txn, dbi, &key, &val));
+	if (r == 0 && use)
+		r = use(&val, ctx);
+	cas_local_rtxn_put(ls, txn);
+	if (r == -ENOENT)
+		return 0;
+	return r < 0 ? r : 1;
+}
+
+static int db_has(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d)
+{
+	return db_lookup(ls, dbi, d, NULL, NULL);
+}
+
+static int copy_ref(const MDB_val *val, void *ref)
+{
+	if (val->mv_size != PACK_REF_LEN)
+		return -EIO;
+	memcpy(ref, val->mv_data, PACK_REF_LEN);
+	return 0;
+}
+
 /* A packed blob's index entry: 1 and ref, 0 when it has none. */
 static int pack_ref_get(struct cas_local *ls, const cas_digest *d,
 			uint8_t ref[PACK_REF_LEN])
 {
 	if (!ls->has_blobs_db)
 		return 0;
-	MDB_txn *txn;
-	int r = cas_local_rtxn_get(ls, &txn);
-	if (r < 0)
-		return r;
-	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
-	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_blobs, &key, &val));
-	if (r == 0 && val.mv_size != PACK_REF_LEN)
-		r = -EIO;
-	if (r == 0)
-		memcpy(ref, val.mv_data, PACK_REF_LEN);
-	cas_local_rtxn_put(ls, txn);
-	if (r == -ENOENT)
-		return 0;
+	int r = db_lookup(ls, ls->dbi_blobs, d, copy_ref, ref);
 	if (r < 0) {
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(d, hex);
 		return cas_log_errno(r, "blob %s: pack index: %m", hex);
 	}
-	return 1;
+	return r;
 }
 
 static int local_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
@@ -580,21 +601,6 @@ void cas_local_pack_close(struct cas_local_pack *p)
 	if (p->fd >= 0)
 		close(p->fd);
 	free(p);
-}
-
-/* 1 if dbi has the key d, 0 if not. */
-static int db_has(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d)
-{
-	MDB_txn *txn;
-	int r = cas_local_rtxn_get(ls, &txn);
-	if (r < 0)
-		return r;
-	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
-	r = cas_local_mdb_errno(mdb_get(txn, dbi, &key, &val));
-	cas_local_rtxn_put(ls, txn);
-	if (r == -ENOENT)
-		return 0;
-	return r < 0 ? r : 1;
 }
 
 int cas_local_small_exists(struct cas_local *ls, const cas_digest *d)
@@ -1099,6 +1105,21 @@ static int local_blob_writer_new(cas_store *s, cas_blob_writer **ret)
 
 /* Directories ---------------------------------------------------------- */
 
+struct copy_out {
+	uint8_t *buf;
+	size_t len;
+};
+
+static int copy_alloc(const MDB_val *val, void *out_)
+{
+	struct copy_out *out = out_;
+	if (!(out->buf = malloc(val->mv_size ? val->mv_size : 1)))
+		return -ENOMEM;
+	memcpy(out->buf, val->mv_data, val->mv_size);
+	out->len = val->mv_size;
+	return 0;
+}
+
 static int local_directory_get_raw(cas_store *s, const cas_digest *d,
 				   uint8_t **ret_buf, size_t *ret_len)
 {
@@ -1108,29 +1129,18 @@ static int local_directory_get_raw(cas_store *s, const cas_digest *d,
 		*ret_len = 0;
 		return 0;
 	}
-	MDB_txn *txn;
-	int r = cas_local_rtxn_get(ls, &txn);
-	if (r < 0)
-		return r;
-	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
-	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_directories, &key, &val));
-	if (r == 0) {
-		uint8_t *buf = malloc(val.mv_size ? val.mv_size : 1);
-		if (!buf) {
-			r = -ENOMEM;
-		} else {
-			memcpy(buf, val.mv_data, val.mv_size);
-			*ret_buf = buf;
-			*ret_len = val.mv_size;
-		}
-	}
-	cas_local_rtxn_put(ls, txn);
-	if (r < 0 && r != -ENOENT) {
+	struct copy_out out = { 0 };
+	int r = db_lookup(ls, ls->dbi_directories, d, copy_alloc, &out);
+	if (r < 0) {
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(d, hex);
 		return cas_log_errno(r, "get directory %s: %m", hex);
 	}
-	return r;
+	if (r == 0)
+		return -ENOENT;
+	*ret_buf = out.buf;
+	*ret_len = out.len;
+	return 0;
 }
 
 static int local_directory_has(cas_store *s, const cas_digest *d)
