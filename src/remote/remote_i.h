@@ -29,6 +29,12 @@ typedef int (*cas_fetch_sink)(void *userdata, const void *buf, size_t len);
  * out which Directory it is by hashing). < 0 stops and is returned. */
 typedef int (*cas_fetch_dir_cb)(void *userdata, const cas_digest *want,
 				const uint8_t *buf, size_t len);
+/* Receives one blob of a blobs_fetch batch, i its index in ds: r == 0
+ * with its bytes (unverified; valid only during the call), or r < 0:
+ * -ENOENT when the remote says it is absent, -EFBIG when it has more
+ * than max bytes, -EIO when the transfer failed. */
+typedef void (*cas_fetch_blob_cb)(void *userdata, size_t i, int r,
+				  const uint8_t *buf, size_t len);
 
 struct cas_fetcher_ops {
 	/* Streams the blob's bytes to sink. -ENOENT when the remote says
@@ -46,6 +52,14 @@ struct cas_fetcher_ops {
 	/* Optional (NULL): the roots file the remote publishes (malloc'd;
 	 * NULL/0 when it publishes none yet). */
 	int (*roots_fetch)(cas_fetcher *f, char **ret_buf, size_t *ret_len);
+	/* Optional (NULL): fetches ds[0..n) concurrently (gRPC: streams of
+	 * one HTTP/2 connection; HTTP: parallel transfers of one curl multi),
+	 * each whole into memory. cb is called exactly once per index, from
+	 * the calling thread, in any order; nothing is logged per blob.
+	 * Returns 0, or -ENOMEM/-EIO when it could not even start (then cb
+	 * was called with that error for every index). */
+	int (*blobs_fetch)(cas_fetcher *f, const cas_digest *ds, size_t n,
+			   size_t max, cas_fetch_blob_cb cb, void *userdata);
 	void (*free)(cas_fetcher *f);
 };
 
