@@ -1,5 +1,7 @@
 #include "core/util.h"
 
+#include <fcntl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 int cas_write_all(int fd, const void *buf, size_t len)
@@ -50,6 +52,23 @@ int cas_pread_all(int fd, void *buf, size_t len, uint64_t off)
 int cas_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
 {
 	return rw_all(fd, (void *)buf, len, off, true);
+}
+
+int cas_memfd_sealed(const void *buf, size_t len, int *ret_fd)
+{
+	int fd = memfd_create("castore-blob", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0)
+		return cas_negerrno();
+	int r = cas_pwrite_all(fd, buf, len, 0);
+	if (r == 0 && fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW |
+						 F_SEAL_WRITE | F_SEAL_SEAL) < 0)
+		r = cas_negerrno();
+	if (r < 0) {
+		close(fd);
+		return r;
+	}
+	*ret_fd = fd;
+	return 0;
 }
 
 /* Bounce buffer of the plain copy; a large one keeps syscalls few. */

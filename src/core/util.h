@@ -71,6 +71,9 @@ int cas_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
  * write where the kernel refuses it for these files. -EBADMSG when src
  * is shorter than size. */
 int cas_copy_fd(int src, int dst, uint64_t size);
+/* A memfd holding a copy of buf, sealed against any change (an fd for
+ * bytes that live in memory, to splice or hand over as a file). */
+int cas_memfd_sealed(const void *buf, size_t len, int *ret_fd);
 
 /* Lowercase hex of len bytes: 2 * len characters and a NUL into out. */
 void cas_hex_encode(const void *buf, size_t len, char *out);

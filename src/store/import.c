@@ -1014,7 +1014,7 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	}
 	if ((r = s->ops->dir_batch_new(s, &imp->batch)) < 0)
 		goto out;
-	if (imp->ls->write_packs && (r = cas_local_pack_new(imp->ls, &imp->pack)) < 0)
+	if (imp->ls->write_packs && (r = cas_local_pack_new(&imp->ls->base, &imp->pack)) < 0)
 		goto out;
 
 	/* Messages name "PATH/a/b", without a doubled slash. */

@@ -500,8 +500,9 @@ struct cas_local_pack {
 	uint64_t size;
 };
 
-int cas_local_pack_new(struct cas_local *ls, struct cas_local_pack **ret)
+int cas_local_pack_new(cas_store *s, struct cas_local_pack **ret)
 {
+	struct cas_local *ls = to_local(s);
 	if (ls->readonly || !ls->has_blobs_db)
 		return -EROFS;
 	struct cas_local_pack *p = calloc(1, sizeof(*p));
@@ -633,15 +634,8 @@ static int packed_get(struct cas_local *ls, const cas_digest *d,
 	}
 	if (r == 0 && want == PACKED_MEMFD) {
 		/* An fd for callers that need one (splice, passthrough,
-		 * copying): sealed, so nobody can change the bytes. */
-		_cleanup_close_ int fd =
-			memfd_create("castore-blob", MFD_CLOEXEC | MFD_ALLOW_SEALING);
-		if (fd < 0 || (r = cas_pwrite_all(fd, buf, size, 0)) < 0 ||
-		    fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW |
-						   F_SEAL_WRITE | F_SEAL_SEAL) < 0)
-			r = r < 0 ? r : cas_negerrno();
-		else
-			*ret_fd = TAKE_FD(fd);
+		 * copying). */
+		r = cas_memfd_sealed(buf, size, ret_fd);
 	}
 	if (r < 0) {
 		char hex[CAS_DIGEST_HEX_LEN + 1];

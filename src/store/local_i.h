@@ -77,22 +77,6 @@ int cas_local_blob_exists(struct cas_local *ls, const cas_digest *d);
 /* True when import puts a blob of `size` bytes into a pack. */
 bool cas_local_is_packed(const struct cas_local *ls, uint64_t size);
 
-/* Packs (import only; local.h): an import appends its small blobs to a
- * pack file of its own, a group at a time. append writes buf (the group:
- * v[i] is at v[i].off of buf, len a multiple of CAS_STAGE_ALIGN and buf
- * aligned to it, for O_DIRECT), makes it durable, then indexes v[0..n)
- * in one LMDB transaction (never replacing an entry). The caller vouches
- * for each digest. ret_added (may be NULL) counts new entries. */
-struct cas_local_small {
-	cas_digest digest;
-	size_t off, len;
-};
-struct cas_local_pack;
-int cas_local_pack_new(struct cas_local *ls, struct cas_local_pack **ret);
-int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
-			  size_t len, const struct cas_local_small *v, size_t n,
-			  size_t *ret_added);
-void cas_local_pack_close(struct cas_local_pack *p);
 /* 1 if a packed blob of this digest is indexed, 0 if not. */
 int cas_local_small_exists(struct cas_local *ls, const cas_digest *d);
 
@@ -120,7 +104,7 @@ int cas_local_small_read(struct cas_local *ls, const void *ref, size_t ref_len,
  * writes of a whole tree cost more CPU than hashing it, here measured at
  * twice the system time; the direct ones leave that to the disk. */
 #define CAS_STAGE_NAME_LEN 64
-#define CAS_STAGE_ALIGN 4096
+#define CAS_STAGE_ALIGN CAS_LOCAL_PACK_ALIGN
 #define CAS_STAGE_DIRECT_MIN (64u << 10)
 int cas_local_stage_buffer(struct cas_local *ls, const void *buf, size_t len,
 			   char ret_name[CAS_STAGE_NAME_LEN]);
