@@ -9,6 +9,12 @@
  * (one stream at a time), runs it to the end with blocking I/O in a poll
  * loop, and gives it back if it is still good; a call on a reused
  * connection that dies before any answer is retried once on a new one.
+ *
+ * The fetcher's blobs_fetch runs many Read streams at once on one
+ * connection, in the calling thread: each stream's state is its nghttp2
+ * stream user data, frames queued by all of them go out in one send, and
+ * a recv takes whatever the socket holds, so a batch of small blobs
+ * costs a few syscalls rather than a few per blob.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -33,12 +39,20 @@
 /* No byte in either direction for this long: the call fails. */
 #define STALL_MS 60000
 #define MAX_IDLE 16
+#define RBUF_SIZE (256u << 10)
+#define WBUF_SIZE (64u << 10)
+/* Streams of one blobs_fetch open at once (and at most what the server
+ * allows). */
+#define BATCH_STREAMS 64
 
 struct h2conn {
 	int fd;
 	nghttp2_session *session;
 	bool broken; /* transport failed or GOAWAY: not reusable */
-	struct call *call;
+	bool rfull;  /* the last recv filled rbuf: more is likely waiting */
+	unsigned closed; /* streams closed so far */
+	uint8_t rbuf[RBUF_SIZE];
+	uint8_t wbuf[WBUF_SIZE];
 };
 
 struct cas_grpc_client {
@@ -186,9 +200,9 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
 		     const uint8_t *name, size_t namelen, const uint8_t *value,
 		     size_t valuelen, uint8_t flags, void *user_data)
 {
-	struct h2conn *h = user_data;
-	struct call *call = h->call;
-	if (!call || frame->hd.stream_id != call->stream_id)
+	struct call *call = nghttp2_session_get_stream_user_data(
+		session, frame->hd.stream_id);
+	if (!call)
 		return 0;
 	call->answered = true;
 	if (namelen == 7 && memcmp(name, ":status", 7) == 0) {
@@ -214,9 +228,9 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags,
 			 int32_t stream_id, const uint8_t *data, size_t len,
 			 void *user_data)
 {
-	struct h2conn *h = user_data;
-	struct call *call = h->call;
-	if (!call || stream_id != call->stream_id || call->r < 0)
+	struct call *call =
+		nghttp2_session_get_stream_user_data(session, stream_id);
+	if (!call || call->r < 0)
 		return 0;
 	call->answered = true;
 	call->r = cas_grpc_reader_feed(&call->reader, data, len, call->on_msg,
@@ -231,8 +245,10 @@ static int on_stream_close(nghttp2_session *session, int32_t stream_id,
 			   uint32_t error_code, void *user_data)
 {
 	struct h2conn *h = user_data;
-	struct call *call = h->call;
-	if (call && stream_id == call->stream_id) {
+	struct call *call =
+		nghttp2_session_get_stream_user_data(session, stream_id);
+	h->closed++;
+	if (call) {
 		call->done = true;
 		call->rst = error_code;
 	}
@@ -252,8 +268,7 @@ static ssize_t request_read(nghttp2_session *session, int32_t stream_id,
 			    uint8_t *buf, size_t length, uint32_t *data_flags,
 			    nghttp2_data_source *source, void *user_data)
 {
-	struct h2conn *h = user_data;
-	struct call *call = h->call;
+	struct call *call = source->ptr;
 	if (call->produce) {
 		ssize_t n = call->produce(call->produce_ud, buf, length);
 		if (n < 0) {
@@ -379,10 +394,10 @@ static struct h2conn *conn_take_idle(cas_grpc_client *c)
 		struct pollfd p = {h->fd, POLLIN, 0};
 		bool ok = true;
 		if (poll(&p, 1, 0) > 0) {
-			uint8_t buf[4096];
-			ssize_t n = recv(h->fd, buf, sizeof(buf), MSG_DONTWAIT);
-			ok = n > 0 && nghttp2_session_mem_recv(h->session, buf,
-							       (size_t)n) >= 0;
+			ssize_t n = recv(h->fd, h->rbuf, sizeof(h->rbuf),
+					 MSG_DONTWAIT);
+			ok = n > 0 && nghttp2_session_mem_recv(
+					      h->session, h->rbuf, (size_t)n) >= 0;
 		}
 		if (ok && !h->broken && nghttp2_session_want_read(h->session))
 			return h;
@@ -392,7 +407,6 @@ static struct h2conn *conn_take_idle(cas_grpc_client *c)
 
 static void conn_put_idle(cas_grpc_client *c, struct h2conn *h)
 {
-	h->call = NULL;
 	pthread_mutex_lock(&c->lock);
 	if (c->n_idle < MAX_IDLE) {
 		c->idle[c->n_idle++] = h;
@@ -402,33 +416,93 @@ static void conn_put_idle(cas_grpc_client *c, struct h2conn *h)
 	conn_free(h);
 }
 
-/* Sends what nghttp2 has queued, blocking until the socket takes it. */
+static int send_all(int fd, const uint8_t *data, size_t len)
+{
+	size_t off = 0;
+	while (off < len) {
+		ssize_t w = send(fd, data + off, len - off, MSG_NOSIGNAL);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0)
+			return cas_negerrno();
+		off += (size_t)w;
+	}
+	return 0;
+}
+
+/* Sends what nghttp2 has queued, blocking until the socket takes it.
+ * nghttp2 hands out about a frame at a time: they are gathered so that
+ * the requests of many streams go out in one send. */
 static int conn_send(struct h2conn *h)
 {
+	size_t len = 0;
+	int r;
 	for (;;) {
 		const uint8_t *data;
 		ssize_t n = nghttp2_session_mem_send(h->session, &data);
 		if (n < 0)
 			return -EPROTO;
 		if (n == 0)
-			return 0;
-		size_t off = 0;
-		while (off < (size_t)n) {
-			ssize_t w = send(h->fd, data + off, (size_t)n - off,
-					 MSG_NOSIGNAL);
-			if (w < 0 && errno == EINTR)
-				continue;
-			if (w < 0)
-				return cas_negerrno();
-			off += (size_t)w;
+			break;
+		if ((size_t)n <= WBUF_SIZE - len) {
+			memcpy(h->wbuf + len, data, (size_t)n);
+			len += (size_t)n;
+			continue;
 		}
+		/* data is valid until the next mem_send: out now. */
+		if ((r = send_all(h->fd, h->wbuf, len)) < 0 ||
+		    (r = send_all(h->fd, data, (size_t)n)) < 0)
+			return r;
+		len = 0;
+	}
+	return send_all(h->fd, h->wbuf, len);
+}
+
+/* Says whether there is nothing left to wait for on a connection; may
+ * submit more streams. */
+typedef bool (*conn_step)(void *userdata);
+
+/* Moves frames both ways until step says it is finished: 0, or -errno
+ * for a transport failure. */
+static int conn_pump(struct h2conn *h, conn_step step, void *userdata)
+{
+	for (;;) {
+		bool finished = step(userdata);
+		unsigned closed = h->closed;
+		int r = conn_send(h);
+		if (finished)
+			return 0; /* the send was best effort: WINDOW_UPDATEs */
+		if (r < 0)
+			return r;
+		if (h->closed != closed)
+			continue; /* sending our RST_STREAM closed a stream */
+		if (!h->rfull) {
+			struct pollfd p = {h->fd, POLLIN, 0};
+			int pr = poll(&p, 1, STALL_MS);
+			if (pr < 0 && errno == EINTR)
+				continue;
+			if (pr < 0)
+				return cas_negerrno();
+			if (pr == 0)
+				return -ETIMEDOUT;
+		}
+		ssize_t n = recv(h->fd, h->rbuf, sizeof(h->rbuf), MSG_DONTWAIT);
+		h->rfull = n == (ssize_t)sizeof(h->rbuf);
+		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+			continue;
+		if (n < 0)
+			return cas_negerrno();
+		if (n == 0)
+			return -ECONNRESET;
+		if (nghttp2_session_mem_recv(h->session, h->rbuf, (size_t)n) <
+		    0)
+			return -EPROTO;
 	}
 }
 
-/* Runs one call on h: 0 when the stream closed (see call), or -errno
- * for a transport failure. */
-static int conn_run(cas_grpc_client *c, struct h2conn *h, const char *path,
-		    struct call *call)
+/* Opens a stream for call on h (its state is the stream user data). */
+static int conn_submit(cas_grpc_client *c, struct h2conn *h, const char *path,
+		       struct call *call)
 {
 	nghttp2_nv nva[] = {
 		{(uint8_t *)":method", (uint8_t *)"POST", 7, 4,
@@ -447,45 +521,45 @@ static int conn_run(cas_grpc_client *c, struct h2conn *h, const char *path,
 		 (uint8_t *)"castore/0.1 grpc-c-nghttp2", 10, 26,
 		 NGHTTP2_NV_FLAG_NONE},
 	};
-	nghttp2_data_provider dp = {.read_callback = request_read};
-	uint8_t buf[64 * 1024];
+	nghttp2_data_provider dp = {.source.ptr = call,
+				    .read_callback = request_read};
 
-	h->call = call;
 	call->stream_id = nghttp2_submit_request(
-		h->session, NULL, nva, CAS_ARRAY_SIZE(nva), &dp, NULL);
-	if (call->stream_id < 0)
-		return -EPROTO;
-	while (!call->done) {
-		int r = conn_send(h);
-		if (r < 0)
-			return r;
-		if (call->done)
-			break;
-		struct pollfd p = {h->fd, POLLIN, 0};
-		if (nghttp2_session_want_write(h->session))
-			p.events |= POLLOUT;
-		int pr = poll(&p, 1, STALL_MS);
-		if (pr < 0 && errno == EINTR)
-			continue;
-		if (pr < 0)
-			return cas_negerrno();
-		if (pr == 0)
-			return -ETIMEDOUT;
-		if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-			ssize_t n = recv(h->fd, buf, sizeof(buf), MSG_DONTWAIT);
-			if (n < 0 && (errno == EAGAIN || errno == EINTR))
-				continue;
-			if (n < 0)
-				return cas_negerrno();
-			if (n == 0)
-				return -ECONNRESET;
-			if (nghttp2_session_mem_recv(h->session, buf,
-						     (size_t)n) < 0)
-				return -EPROTO;
-		}
-	}
-	(void)conn_send(h); /* best effort: WINDOW_UPDATEs, RST_STREAM */
-	return 0;
+		h->session, NULL, nva, CAS_ARRAY_SIZE(nva), &dp, call);
+	return call->stream_id < 0 ? -EPROTO : 0;
+}
+
+static bool call_step(void *userdata)
+{
+	const struct call *call = userdata;
+	return call->done;
+}
+
+/* Runs one call on h: 0 when the stream closed (see call), or -errno
+ * for a transport failure. */
+static int conn_run(cas_grpc_client *c, struct h2conn *h, const char *path,
+		    struct call *call)
+{
+	int r = conn_submit(c, h, path, call);
+	return r < 0 ? r : conn_pump(h, call_step, call);
+}
+
+/* The outcome of a closed stream when its answer is a proper one: the
+ * grpc-status as errno. Else -EIO with why saying what was wrong. */
+static int call_outcome(const struct call *call, char *why, size_t size)
+{
+	why[0] = 0;
+	if (call->http_status != 200)
+		snprintf(why, size, "HTTP status %d", call->http_status);
+	else if (call->status < 0)
+		snprintf(why, size,
+			 "no grpc-status (stream closed with HTTP/2 error %u)",
+			 call->rst);
+	else if (call->status == 0 && !cas_grpc_reader_idle(&call->reader))
+		snprintf(why, size, "truncated response message");
+	else
+		return cas_grpc_errno_from_status(call->status);
+	return -EIO;
 }
 
 static int ignore_msg(void *userdata, const uint8_t *msg, size_t len)
@@ -546,21 +620,12 @@ int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
 					      "%s%s: bad response message: %m",
 					      c->url, path)
 				    : call.r;
-		} else if (call.http_status != 200) {
-			r = cas_log_errno(-EIO, "%s%s: HTTP status %d", c->url,
-					  path, call.http_status);
-		} else if (call.status < 0) {
-			r = cas_log_errno(-EIO,
-					  "%s%s: no grpc-status (stream closed "
-					  "with HTTP/2 error %u)",
-					  c->url, path, call.rst);
-		} else if (call.status == 0 &&
-			   !cas_grpc_reader_idle(&call.reader)) {
-			r = cas_log_errno(-EIO,
-					  "%s%s: truncated response message",
-					  c->url, path);
 		} else {
-			r = cas_grpc_errno_from_status(call.status);
+			char why[128];
+			r = call_outcome(&call, why, sizeof(why));
+			if (why[0])
+				r = cas_log_errno(r, "%s%s: %s", c->url, path,
+						  why);
 		}
 	}
 	if (ret_status)
@@ -689,6 +754,232 @@ static int grpc_directory_fetch_tree(cas_fetcher *f, const cas_digest *d,
 	return r;
 }
 
+/* blobs_fetch: one connection, up to BATCH_STREAMS Read streams on it. */
+
+struct batch_slot {
+	struct call call;
+	struct read_ctx rc; /* the BlobChunks go to slot_sink */
+	struct batch *b;
+	size_t index; /* into ds; SIZE_MAX when free */
+	uint8_t *req;
+	size_t req_len;
+	uint8_t *buf; /* the blob so far */
+	size_t len, cap;
+};
+
+struct batch {
+	struct grpc_fetcher *g;
+	struct h2conn *h;
+	const cas_digest *ds;
+	size_t n, max, next;
+	cas_fetch_blob_cb cb;
+	void *userdata;
+	struct batch_slot *slots;
+	size_t n_open;
+	/* Streams a dead connection left unanswered, sent again on a new
+	 * one (at most BATCH_STREAMS). */
+	size_t *again;
+	size_t n_again;
+	bool stop;     /* submit no more: the rest fail */
+	bool answered; /* the server answered a stream */
+};
+
+static int slot_sink(void *userdata, const void *data, size_t dlen)
+{
+	struct batch_slot *s = userdata;
+	if (dlen > s->b->max - s->len)
+		return -EFBIG;
+	if (s->len + dlen > s->cap) {
+		size_t cap = s->cap ? s->cap : 4096;
+		while (cap < s->len + dlen)
+			cap *= 2;
+		cap = CAS_MIN(cap, s->b->max);
+		uint8_t *nb = realloc(s->buf, cap);
+		if (!nb)
+			return -ENOMEM;
+		s->buf = nb;
+		s->cap = cap;
+	}
+	memcpy(s->buf + s->len, data, dlen);
+	s->len += dlen;
+	return 0;
+}
+
+/* Hands slot s's result to the caller and frees the slot. */
+static void slot_finish(struct batch *b, struct batch_slot *s, int r)
+{
+	size_t i = s->index;
+	s->index = SIZE_MAX;
+	b->answered |= s->call.answered;
+	b->n_open--;
+	cas_grpc_reader_release(&s->call.reader);
+	free(s->req);
+	s->req = NULL;
+	b->cb(b->userdata, i, r, r == 0 ? s->buf : NULL, r == 0 ? s->len : 0);
+}
+
+/* A closed stream's result: only absence and size are told apart. */
+static int slot_result(const struct batch_slot *s)
+{
+	char why[128];
+	if (s->call.r == -EFBIG)
+		return -EFBIG;
+	if (s->call.r < 0)
+		return -EIO;
+	int r = call_outcome(&s->call, why, sizeof(why));
+	return r == 0 || r == -ENOENT ? r : -EIO;
+}
+
+static bool batch_more(const struct batch *b)
+{
+	return !b->stop && (b->n_again > 0 || b->next < b->n);
+}
+
+static int slot_start(struct batch *b, struct batch_slot *s, size_t i)
+{
+	int r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_READ_REQUEST, &b->ds[i],
+					   false, &s->req, &s->req_len);
+	if (r < 0)
+		return r;
+	s->index = i;
+	s->len = 0;
+	s->rc = (struct read_ctx){slot_sink, s};
+	s->call = (struct call){.status = -1,
+			       .on_msg = read_msg,
+			       .msg_ud = &s->rc,
+			       .req = s->req,
+			       .req_len = s->req_len};
+	b->n_open++;
+	r = conn_submit(b->g->client, b->h, CAS_GRPC_PATH_BLOB_READ, &s->call);
+	if (r < 0)
+		slot_finish(b, s, -EIO);
+	return r;
+}
+
+static bool batch_step(void *userdata)
+{
+	struct batch *b = userdata;
+	uint32_t peer = nghttp2_session_get_remote_settings(
+		b->h->session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+	size_t limit = CAS_MIN((size_t)BATCH_STREAMS, (size_t)peer);
+	if (limit == 0)
+		limit = 1;
+
+	for (size_t k = 0; k < BATCH_STREAMS; k++) {
+		struct batch_slot *s = &b->slots[k];
+		if (s->index != SIZE_MAX && s->call.done)
+			slot_finish(b, s, slot_result(s));
+	}
+	for (size_t k = 0; k < BATCH_STREAMS && b->n_open < limit; k++) {
+		struct batch_slot *s = &b->slots[k];
+		if (s->index != SIZE_MAX)
+			continue;
+		if (!batch_more(b))
+			break;
+		size_t i = b->n_again > 0 ? b->again[--b->n_again] : b->next++;
+		if (slot_start(b, s, i) < 0)
+			b->stop = true; /* out of memory, or nghttp2 refuses */
+	}
+	return b->n_open == 0 && !batch_more(b);
+}
+
+/* Every index not yet answered gets r. */
+static void batch_fail_rest(struct batch *b, int r)
+{
+	for (size_t k = 0; k < BATCH_STREAMS; k++)
+		if (b->slots[k].index != SIZE_MAX)
+			slot_finish(b, &b->slots[k], r);
+	while (b->n_again > 0)
+		b->cb(b->userdata, b->again[--b->n_again], r, NULL, 0);
+	for (; b->next < b->n; b->next++)
+		b->cb(b->userdata, b->next, r, NULL, 0);
+}
+
+static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
+			    size_t max, cas_fetch_blob_cb cb, void *userdata)
+{
+	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
+	struct batch b = {.g = g,
+			  .ds = ds,
+			  .n = n,
+			  .max = max,
+			  .cb = cb,
+			  .userdata = userdata};
+	bool retried = false;
+	int r = 0;
+
+	if (n == 0)
+		return 0;
+	b.slots = calloc(BATCH_STREAMS, sizeof(*b.slots));
+	b.again = calloc(BATCH_STREAMS, sizeof(*b.again));
+	if (!b.slots || !b.again) {
+		free(b.slots);
+		free(b.again);
+		for (size_t i = 0; i < n; i++)
+			cb(userdata, i, -ENOMEM, NULL, 0);
+		return -ENOMEM;
+	}
+	for (size_t k = 0; k < BATCH_STREAMS; k++) {
+		b.slots[k].b = &b;
+		b.slots[k].index = SIZE_MAX;
+	}
+	for (;;) {
+		struct h2conn *h = retried ? NULL : conn_take_idle(g->client);
+		if (!h && (r = conn_new(g->client, &h)) < 0) {
+			cas_log_debug("%s: cannot connect: %s",
+				      cas_grpc_client_url(g->client),
+				      strerror(-r));
+			r = b.answered ? 0 : -EIO; /* could not even start */
+			batch_fail_rest(&b, -EIO);
+			break;
+		}
+		b.h = h;
+		r = conn_pump(h, batch_step, &b);
+		if (r == 0) {
+			if (h->broken || b.n_open > 0)
+				conn_free(h);
+			else
+				conn_put_idle(g->client, h);
+			batch_fail_rest(&b, -EIO); /* after a refused submit */
+			break;
+		}
+		cas_log_debug("%s: Read batch: %s",
+			      cas_grpc_client_url(g->client), strerror(-r));
+		r = 0;
+		/* Streams the dead connection closed in full are good; those
+		 * with no answer at all go once more on a new connection. */
+		for (size_t k = 0; k < BATCH_STREAMS; k++) {
+			struct batch_slot *s = &b.slots[k];
+			if (s->index == SIZE_MAX)
+				continue;
+			if (s->call.done) {
+				slot_finish(&b, s, slot_result(s));
+			} else if (!retried && !s->call.answered) {
+				b.again[b.n_again++] = s->index;
+				s->index = SIZE_MAX;
+				b.n_open--;
+				cas_grpc_reader_release(&s->call.reader);
+				free(s->req);
+				s->req = NULL;
+			} else {
+				slot_finish(&b, s, -EIO);
+			}
+		}
+		conn_free(h);
+		b.h = NULL;
+		if (retried) {
+			batch_fail_rest(&b, -EIO);
+			break;
+		}
+		retried = true;
+	}
+	for (size_t k = 0; k < BATCH_STREAMS; k++)
+		free(b.slots[k].buf);
+	free(b.slots);
+	free(b.again);
+	return r;
+}
+
 static void grpc_fetcher_free(cas_fetcher *f)
 {
 	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
@@ -700,6 +991,7 @@ static const struct cas_fetcher_ops grpc_fetcher_ops = {
 	.blob_fetch = grpc_blob_fetch,
 	.directories_fetch = grpc_directories_fetch,
 	.directory_fetch_tree = grpc_directory_fetch_tree,
+	.blobs_fetch = grpc_blobs_fetch,
 	.free = grpc_fetcher_free,
 };
 

@@ -1,8 +1,9 @@
 /* http.c - the fetcher for a published HTTP layout (docs/remote.md):
  *   URL/blobs/ab/<hex>  URL/directories/ab/<hex>  URL/roots
  * Plain GETs with libcurl, so any web server, CDN or bucket serves it.
- * Blobs stream to the caller's sink; Directories are fetched many at a
- * time with a curl multi handle (one tree level per round). */
+ * Blobs stream to the caller's sink; Directories (one tree level per
+ * round) and batches of small blobs are fetched many at a time into
+ * memory with a curl multi handle. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,22 +61,28 @@ static void setup_easy(CURL *e, const char *url)
 	curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
 }
 
-/* Maps a finished transfer to 0, -ENOENT or -EIO (logged). */
-static int transfer_result(CURL *e, CURLcode c, const char *url, int sink_r)
+/* Maps a finished transfer to 0, -ENOENT or -EIO; log: an -EIO is
+ * logged. */
+static int transfer_errno(CURL *e, CURLcode c, const char *url, bool log)
 {
 	long code = 0;
 
-	if (sink_r < 0)
-		return sink_r;
 	if (c != CURLE_OK)
-		return cas_log_errno(-EIO, "%s: %s", url,
-				     curl_easy_strerror(c));
+		return log ? cas_log_errno(-EIO, "%s: %s", url,
+					   curl_easy_strerror(c))
+			   : -EIO;
 	curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code);
 	if (code == 200)
 		return 0;
 	if (code == 404 || code == 410)
 		return -ENOENT;
-	return cas_log_errno(-EIO, "%s: HTTP status %ld", url, code);
+	return log ? cas_log_errno(-EIO, "%s: HTTP status %ld", url, code)
+		   : -EIO;
+}
+
+static int transfer_result(CURL *e, CURLcode c, const char *url, int sink_r)
+{
+	return sink_r < 0 ? sink_r : transfer_errno(e, c, url, true);
 }
 
 struct blob_get {
@@ -128,6 +135,10 @@ struct membuf {
 	uint8_t *buf;
 	size_t len, cap, max;
 	bool too_big;
+	/* When set, the body of an answer other than 200 (a 404 page) is
+	 * dropped rather than kept (and counted against max). */
+	CURL *easy;
+	int ok; /* -1 unknown, 0 no, 1 yes */
 };
 
 static size_t mem_write(char *ptr, size_t size, size_t nmemb, void *userdata)
@@ -135,6 +146,13 @@ static size_t mem_write(char *ptr, size_t size, size_t nmemb, void *userdata)
 	struct membuf *m = userdata;
 	size_t len = size * nmemb;
 
+	if (m->easy && m->ok < 0) {
+		long code = 0;
+		curl_easy_getinfo(m->easy, CURLINFO_RESPONSE_CODE, &code);
+		m->ok = code == 200;
+	}
+	if (m->easy && !m->ok)
+		return len;
 	if (len > m->max - m->len) {
 		m->too_big = true;
 		return 0;
@@ -202,26 +220,41 @@ struct slot {
 	char url[4096];
 };
 
-static int http_directories_fetch(cas_fetcher *f, const cas_digest *ds,
-				  size_t n, cas_fetch_dir_cb cb, void *userdata)
+/* A batch of GETs into memory, HTTP_PARALLEL at a time on one multi. */
+struct multi_job {
+	const char *kind; /* "blobs" or "directories" */
+	const cas_digest *ds;
+	size_t n, max;
+	/* Blobs: a failure is that blob's result, never logged here, and a
+	 * broken multi fails every blob not done rather than the batch. */
+	bool per_item;
+	/* Called once per finished transfer with 0, -ENOENT, -EFBIG or
+	 * -EIO; < 0 stops the batch and is returned. */
+	int (*done)(struct multi_job *j, size_t i, int r, const uint8_t *buf,
+		    size_t len);
+	cas_fetch_dir_cb dir_cb;
+	cas_fetch_blob_cb blob_cb;
+	void *userdata;
+};
+
+static int multi_fetch(struct http_fetcher *h, struct multi_job *j)
 {
-	struct http_fetcher *h = to_http(f);
 	struct slot slots[HTTP_PARALLEL];
 	size_t next = 0, running = 0;
+	bool finished_any = false, answered = false;
 	int r = 0;
 
 	struct dir_multi *m = multi_get(h);
 	if (!m)
-		return -ENOMEM;
+		r = -ENOMEM;
 	for (size_t i = 0; i < HTTP_PARALLEL; i++) {
 		slots[i].index = SIZE_MAX;
-		slots[i].body = (struct membuf){.max = HTTP_MAX_DIRECTORY};
+		slots[i].body = (struct membuf){.max = j->max};
 	}
 
-	while ((next < n || running > 0)) {
+	while (r == 0 && (next < j->n || running > 0)) {
 		/* Fill idle slots. */
-		for (size_t i = 0; i < HTTP_PARALLEL && next < n && r == 0;
-		     i++) {
+		for (size_t i = 0; i < HTTP_PARALLEL && next < j->n; i++) {
 			struct slot *s = &slots[i];
 			if (s->index != SIZE_MAX)
 				continue;
@@ -234,7 +267,9 @@ static int http_directories_fetch(cas_fetcher *f, const cas_digest *ds,
 			s->index = next++;
 			s->body.len = 0;
 			s->body.too_big = false;
-			object_url(h, "directories", &ds[s->index], s->url,
+			s->body.easy = e;
+			s->body.ok = -1;
+			object_url(h, j->kind, &j->ds[s->index], s->url,
 				   sizeof(s->url));
 			setup_easy(e, s->url);
 			curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
@@ -243,13 +278,17 @@ static int http_directories_fetch(cas_fetcher *f, const cas_digest *ds,
 			curl_multi_add_handle(m->multi, e);
 			running++;
 		}
-		if (running == 0)
+		if (r < 0 || running == 0)
 			break;
 		int still;
 		CURLMcode mc = curl_multi_perform(m->multi, &still);
 		if (mc != CURLM_OK) {
-			r = cas_log_errno(-EIO, "%s: %s", h->url,
-					  curl_multi_strerror(mc));
+			if (j->per_item)
+				cas_log_debug("%s: %s", h->url,
+					      curl_multi_strerror(mc));
+			r = j->per_item ? -EIO
+					: cas_log_errno(-EIO, "%s: %s", h->url,
+							curl_multi_strerror(mc));
 			break;
 		}
 		CURLMsg *msg;
@@ -265,44 +304,100 @@ static int http_directories_fetch(cas_fetcher *f, const cas_digest *ds,
 			curl_multi_remove_handle(m->multi, e);
 			running--;
 			progressed = true;
-			int tr;
-			if (s->body.too_big)
-				tr = cas_log_errno(-EIO,
-						   "%s: larger than %u bytes",
-						   s->url, HTTP_MAX_DIRECTORY);
-			else
-				tr = transfer_result(e, c, s->url, 0);
+			finished_any = true;
 			size_t idx = s->index;
 			s->index = SIZE_MAX;
 			if (r < 0)
 				continue;
-			if (tr < 0) {
-				r = tr;
-				continue;
-			}
-			tr = cb(userdata, &ds[idx], s->body.buf, s->body.len);
+			long code = 0;
+			curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code);
+			answered |= code != 0;
+			int tr;
+			if (s->body.too_big)
+				tr = j->per_item ? -EFBIG
+						 : cas_log_errno(
+							   -EIO,
+							   "%s: larger than "
+							   "%zu bytes",
+							   s->url, j->max);
+			else
+				tr = transfer_errno(e, c, s->url, !j->per_item);
+			tr = j->done(j, idx, tr, s->body.buf, s->body.len);
 			if (tr < 0)
 				r = tr;
 		}
-		if (r < 0 && running > 0) {
-			/* Stop the others: drop them. */
-			for (size_t i = 0; i < HTTP_PARALLEL; i++) {
-				if (slots[i].index == SIZE_MAX)
-					continue;
-				curl_multi_remove_handle(m->multi, m->easy[i]);
-				slots[i].index = SIZE_MAX;
-			}
-			running = 0;
-		}
-		if (r < 0)
-			break;
-		if (!progressed && running > 0)
+		if (r == 0 && !progressed && running > 0)
 			curl_multi_poll(m->multi, NULL, 0, 1000, NULL);
 	}
+	/* Stopped early: drop the transfers still running; per item, each
+	 * blob not done gets the failure. */
+	for (size_t i = 0; i < HTTP_PARALLEL; i++) {
+		if (slots[i].index == SIZE_MAX)
+			continue;
+		curl_multi_remove_handle(m->multi, m->easy[i]);
+		if (j->per_item)
+			(void)j->done(j, slots[i].index, -EIO, NULL, 0);
+		slots[i].index = SIZE_MAX;
+	}
+	if (r < 0 && j->per_item) {
+		for (; next < j->n; next++)
+			(void)j->done(j, next, r == -ENOMEM && !finished_any
+						       ? -ENOMEM
+						       : -EIO,
+				      NULL, 0);
+		/* Could it even start? Else each blob has its result. */
+		if (finished_any)
+			r = 0;
+	}
+	/* Per item, a server that answered nothing is the call's failure
+	 * too (each blob has had its -EIO). */
+	if (r == 0 && j->per_item && j->n > 0 && !answered)
+		r = -EIO;
 	for (size_t i = 0; i < HTTP_PARALLEL; i++)
 		free(slots[i].body.buf);
-	multi_put(h, m);
+	if (m)
+		multi_put(h, m);
 	return r;
+}
+
+static int directory_done(struct multi_job *j, size_t i, int r,
+			  const uint8_t *buf, size_t len)
+{
+	return r < 0 ? r : j->dir_cb(j->userdata, &j->ds[i], buf, len);
+}
+
+static int http_directories_fetch(cas_fetcher *f, const cas_digest *ds,
+				  size_t n, cas_fetch_dir_cb cb, void *userdata)
+{
+	struct multi_job j = {.kind = "directories",
+			      .ds = ds,
+			      .n = n,
+			      .max = HTTP_MAX_DIRECTORY,
+			      .done = directory_done,
+			      .dir_cb = cb,
+			      .userdata = userdata};
+	return multi_fetch(to_http(f), &j);
+}
+
+static int blob_done(struct multi_job *j, size_t i, int r, const uint8_t *buf,
+		     size_t len)
+{
+	j->blob_cb(j->userdata, i, r, r == 0 ? buf : NULL, r == 0 ? len : 0);
+	return 0;
+}
+
+static int http_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
+			    size_t max, cas_fetch_blob_cb cb, void *userdata)
+{
+	struct multi_job j = {.kind = "blobs",
+			      .ds = ds,
+			      .n = n,
+			      .max = max,
+			      .per_item = true,
+			      .done = blob_done,
+			      .blob_cb = cb,
+			      .userdata = userdata};
+	return multi_fetch(to_http(f), &j);
 }
 
 static int http_roots_fetch(cas_fetcher *f, char **ret_buf, size_t *ret_len)
@@ -350,6 +445,7 @@ static const struct cas_fetcher_ops http_ops = {
 	.blob_fetch = http_blob_fetch,
 	.directories_fetch = http_directories_fetch,
 	.roots_fetch = http_roots_fetch,
+	.blobs_fetch = http_blobs_fetch,
 	.free = http_free,
 };
 

@@ -2,15 +2,20 @@
  * file, the digest map, and the verified cache in front of a fake fetcher
  * (verification, nothing wrong cached, one fetch for concurrent readers,
  * Directory closures fetched leaves first, absence, eviction). */
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "../core/check.h"
@@ -721,6 +726,9 @@ static void test_evict(cas_store *origin)
 	pthread_mutex_destroy(&k.lock);
 }
 
+static void test_grpc_blobs_fetch(void);
+static void test_http_blobs_fetch(void);
+
 int main(void)
 {
 	cas_log_set_level(CAS_LOG_ERROR + 0);
@@ -740,9 +748,269 @@ int main(void)
 	test_cache_directories(origin, true);
 	test_evict(origin);
 	cas_store_free(origin);
+	test_grpc_blobs_fetch();
+	test_http_blobs_fetch();
 	char cmd[512];
 	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", base);
 	if (system(cmd) != 0)
 		fprintf(stderr, "could not remove %s\n", base);
 	return check_exit("test_remote");
+}
+
+/* blobs_fetch over gRPC (cas_grpc_serve in this process) and HTTP
+ * (python3's http.server on a layout written here) ----------------------- */
+
+static const size_t batch_sizes[] = {0,	     1,	 4096, 65536, 65537,
+				     300000, 17, 1000, 32768, 65535};
+enum {
+	BATCH_N_SIZES = CAS_ARRAY_SIZE(batch_sizes),
+	BATCH_N_ABSENT = 3,
+	BATCH_N = 300,
+	BATCH_MAX = 65536,
+};
+
+/* Every size (one above max), absences and duplicates, interleaved. */
+struct batch_fixture {
+	uint8_t *blobs[BATCH_N_SIZES];
+	cas_digest present[BATCH_N_SIZES], absent[BATCH_N_ABSENT];
+	cas_digest ds[BATCH_N];
+	int want_r[BATCH_N];
+	const uint8_t *want_buf[BATCH_N];
+	size_t want_len[BATCH_N];
+	unsigned calls[BATCH_N];
+	size_t bad; /* results that differ from want */
+};
+
+static void batch_fixture_init(struct batch_fixture *x, cas_store *store)
+{
+	memset(x, 0, sizeof(*x));
+	for (size_t k = 0; k < BATCH_N_SIZES; k++) {
+		x->blobs[k] = malloc(batch_sizes[k] + 1);
+		REQUIRE(x->blobs[k]);
+		for (size_t j = 0; j < batch_sizes[k]; j++)
+			x->blobs[k][j] = (uint8_t)(j * 31 + k * 7 + (j >> 9));
+		put_blob(store, x->blobs[k], batch_sizes[k], &x->present[k]);
+	}
+	for (size_t k = 0; k < BATCH_N_ABSENT; k++) {
+		char s[16];
+		snprintf(s, sizeof(s), "absent %zu", k);
+		cas_hash_buffer(s, strlen(s), &x->absent[k]);
+	}
+	for (size_t i = 0; i < BATCH_N; i++) {
+		size_t k = (i * 7) % (BATCH_N_SIZES + BATCH_N_ABSENT);
+		if (k < BATCH_N_SIZES) {
+			x->ds[i] = x->present[k];
+			x->want_r[i] = batch_sizes[k] > BATCH_MAX ? -EFBIG : 0;
+			x->want_buf[i] = x->blobs[k];
+			x->want_len[i] = batch_sizes[k];
+		} else {
+			x->ds[i] = x->absent[k - BATCH_N_SIZES];
+			x->want_r[i] = -ENOENT;
+		}
+	}
+}
+
+static void batch_fixture_release(struct batch_fixture *x)
+{
+	for (size_t k = 0; k < BATCH_N_SIZES; k++)
+		free(x->blobs[k]);
+}
+
+static void batch_cb(void *userdata, size_t i, int r, const uint8_t *buf,
+		     size_t len)
+{
+	struct batch_fixture *x = userdata;
+	REQUIRE(i < BATCH_N);
+	x->calls[i]++;
+	if (r != x->want_r[i]) {
+		fprintf(stderr, "blobs_fetch[%zu]: %d, expected %d\n", i, r,
+			x->want_r[i]);
+		x->bad++;
+	} else if (r == 0 && (len != x->want_len[i] ||
+			      (len && memcmp(buf, x->want_buf[i], len) != 0))) {
+		fprintf(stderr, "blobs_fetch[%zu]: wrong bytes (%zu)\n", i,
+			len);
+		x->bad++;
+	}
+}
+
+/* One batch of the first n; every index answered once, as expected. */
+static void batch_check(cas_fetcher *f, struct batch_fixture *x, size_t n,
+			int want)
+{
+	memset(x->calls, 0, sizeof(x->calls));
+	x->bad = 0;
+	CHECK(f->ops->blobs_fetch(f, x->ds, n, BATCH_MAX, batch_cb, x) ==
+	      want);
+	CHECK(x->bad == 0);
+	for (size_t i = 0; i < BATCH_N; i++)
+		CHECK(x->calls[i] == (i < n));
+}
+
+/* Batches of all, again (on kept connections), of one and of none. */
+static void batch_check_all(cas_fetcher *f, struct batch_fixture *x)
+{
+	REQUIRE(f->ops->blobs_fetch);
+	batch_check(f, x, BATCH_N, 0);
+	batch_check(f, x, BATCH_N, 0);
+	batch_check(f, x, 1, 0);
+	batch_check(f, x, 0, 0);
+}
+
+/* The server gone: -EIO for every index, and for the call. */
+static void batch_check_gone(cas_fetcher *f, struct batch_fixture *x)
+{
+	for (size_t i = 0; i < BATCH_N; i++)
+		x->want_r[i] = -EIO;
+	batch_check(f, x, BATCH_N, -EIO);
+}
+
+static int count_sink(void *userdata, const void *buf, size_t len)
+{
+	*(size_t *)userdata += len;
+	return 0;
+}
+
+struct serve_arg {
+	cas_store *store;
+	char listen[300];
+	volatile sig_atomic_t stop;
+	volatile int ready;
+	int r;
+};
+
+static void serve_ready(void *userdata, const char *address)
+{
+	struct serve_arg *a = userdata;
+	a->ready = 1;
+}
+
+static void *serve_main(void *arg)
+{
+	struct serve_arg *a = arg;
+	a->r = cas_grpc_serve(a->store, a->listen, &a->stop, serve_ready, a);
+	a->ready = 1; /* also when listening failed */
+	return NULL;
+}
+
+static void test_grpc_blobs_fetch(void)
+{
+	static struct batch_fixture x;
+	struct serve_arg a = {0};
+	char dir[256], url[300];
+	cas_store *store;
+	cas_fetcher *f;
+	pthread_t t;
+
+	snprintf(dir, sizeof(dir), "%s/grpc-origin", base);
+	struct cas_local_options lo = {.create = true};
+	REQUIRE(cas_local_open(dir, &lo, &store) == 0);
+	batch_fixture_init(&x, store);
+	a.store = store;
+	snprintf(a.listen, sizeof(a.listen), "unix:%s/grpc.sock", base);
+	REQUIRE(pthread_create(&t, NULL, serve_main, &a) == 0);
+	while (!a.ready)
+		usleep(1000);
+	REQUIRE(a.r == 0);
+	snprintf(url, sizeof(url), "grpc+unix://%s/grpc.sock", base);
+	REQUIRE(cas_grpc_fetcher_new(url, &f) == 0);
+	batch_check_all(f, &x);
+	/* A plain call still works on a connection a batch used. */
+	size_t got = 0;
+	CHECK(f->ops->blob_fetch(f, &x.present[3], count_sink, &got) == 0);
+	CHECK(got == batch_sizes[3]);
+
+	a.stop = 1;
+	pthread_join(t, NULL);
+	batch_check_gone(f, &x);
+	f->ops->free(f);
+	cas_store_free(store);
+	batch_fixture_release(&x);
+}
+
+/* A free TCP port of 127.0.0.1 (free a moment ago). */
+static int free_port(void)
+{
+	struct sockaddr_in sa = {.sin_family = AF_INET,
+				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	socklen_t sl = sizeof(sa);
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	REQUIRE(fd >= 0);
+	REQUIRE(bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
+	REQUIRE(getsockname(fd, (struct sockaddr *)&sa, &sl) == 0);
+	close(fd);
+	return ntohs(sa.sin_port);
+}
+
+static bool port_open(int port)
+{
+	struct sockaddr_in sa = {.sin_family = AF_INET,
+				 .sin_port = htons((uint16_t)port),
+				 .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+	int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	REQUIRE(fd >= 0);
+	bool ok = connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0;
+	close(fd);
+	return ok;
+}
+
+static void test_http_blobs_fetch(void)
+{
+	static struct batch_fixture x;
+	char dir[256], path[512], url[64], port_s[16];
+	cas_store *store;
+	cas_fetcher *f;
+
+	if (access("/usr/bin/python3", X_OK) != 0) {
+		fprintf(stderr, "test_http_blobs_fetch: skipped, no python3\n");
+		return;
+	}
+	snprintf(dir, sizeof(dir), "%s/http-origin", base);
+	struct cas_local_options lo = {.create = true};
+	REQUIRE(cas_local_open(dir, &lo, &store) == 0);
+	batch_fixture_init(&x, store);
+	/* The published layout of those blobs (docs/remote.md). */
+	snprintf(dir, sizeof(dir), "%s/http-layout", base);
+	REQUIRE(mkdir(dir, 0755) == 0);
+	snprintf(path, sizeof(path), "%s/blobs", dir);
+	REQUIRE(mkdir(path, 0755) == 0);
+	for (size_t k = 0; k < BATCH_N_SIZES; k++) {
+		char hex[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(&x.present[k], hex);
+		snprintf(path, sizeof(path), "%s/blobs/%.2s", dir, hex);
+		REQUIRE(mkdir(path, 0755) == 0 || errno == EEXIST);
+		snprintf(path, sizeof(path), "%s/blobs/%.2s/%s", dir, hex, hex);
+		FILE *fp = fopen(path, "wb");
+		REQUIRE(fp);
+		REQUIRE(fwrite(x.blobs[k], 1, batch_sizes[k], fp) ==
+			batch_sizes[k]);
+		REQUIRE(fclose(fp) == 0);
+	}
+
+	int port = free_port();
+	snprintf(port_s, sizeof(port_s), "%d", port);
+	pid_t pid = fork();
+	REQUIRE(pid >= 0);
+	if (pid == 0) {
+		int null = open("/dev/null", O_RDWR);
+		dup2(null, 1);
+		dup2(null, 2);
+		execl("/usr/bin/python3", "python3", "-m", "http.server",
+		      "--bind", "127.0.0.1", "--directory", dir, port_s,
+		      (char *)NULL);
+		_exit(127);
+	}
+	for (int i = 0; i < 1000 && !port_open(port); i++)
+		usleep(10000);
+	CHECK(port_open(port));
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d/", port);
+	REQUIRE(cas_http_fetcher_new(url, &f) == 0);
+	batch_check_all(f, &x);
+
+	kill(pid, SIGTERM);
+	waitpid(pid, NULL, 0);
+	batch_check_gone(f, &x);
+	f->ops->free(f);
+	cas_store_free(store);
+	batch_fixture_release(&x);
 }
