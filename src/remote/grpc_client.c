@@ -164,6 +164,9 @@ struct call {
 	size_t req_len, req_pos;
 	cas_grpc_produce produce;
 	void *produce_ud;
+	/* When not 0: a response message announced longer than this fails
+	 * the call with -EFBIG before it is buffered. */
+	size_t max_msg;
 };
 
 static int hexval(char c)
@@ -235,6 +238,9 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags,
 	call->answered = true;
 	call->r = cas_grpc_reader_feed(&call->reader, data, len, call->on_msg,
 				       call->msg_ud);
+	if (call->r == 0 && call->max_msg && call->reader.in_msg &&
+	    call->reader.msg_len > call->max_msg)
+		call->r = -EFBIG;
 	if (call->r < 0)
 		nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, stream_id,
 					  NGHTTP2_CANCEL);
@@ -772,6 +778,7 @@ struct batch {
 	struct h2conn *h;
 	const cas_digest *ds;
 	size_t n, max, next;
+	size_t max_msg; /* for call.max_msg */
 	cas_fetch_blob_cb cb;
 	void *userdata;
 	struct batch_slot *slots;
@@ -839,8 +846,10 @@ static int slot_start(struct batch *b, struct batch_slot *s, size_t i)
 {
 	int r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_READ_REQUEST, &b->ds[i],
 					   false, &s->req, &s->req_len);
-	if (r < 0)
+	if (r < 0) {
+		b->cb(b->userdata, i, -EIO, NULL, 0);
 		return r;
+	}
 	s->index = i;
 	s->len = 0;
 	s->rc = (struct read_ctx){slot_sink, s};
@@ -848,7 +857,8 @@ static int slot_start(struct batch *b, struct batch_slot *s, size_t i)
 			       .on_msg = read_msg,
 			       .msg_ud = &s->rc,
 			       .req = s->req,
-			       .req_len = s->req_len};
+			       .req_len = s->req_len,
+			       .max_msg = b->max_msg};
 	b->n_open++;
 	r = conn_submit(b->g->client, b->h, CAS_GRPC_PATH_BLOB_READ, &s->call);
 	if (r < 0)
@@ -910,6 +920,9 @@ static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 
 	if (n == 0)
 		return 0;
+	/* A BlobChunk's own fields take a few bytes; unknown ones get some
+	 * room too. */
+	b.max_msg = max < SIZE_MAX - 1024 ? max + 1024 : 0;
 	b.slots = calloc(BATCH_STREAMS, sizeof(*b.slots));
 	b.again = calloc(BATCH_STREAMS, sizeof(*b.again));
 	if (!b.slots || !b.again) {
@@ -968,6 +981,7 @@ static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 		conn_free(h);
 		b.h = NULL;
 		if (retried) {
+			r = b.answered ? 0 : -EIO;
 			batch_fail_rest(&b, -EIO);
 			break;
 		}

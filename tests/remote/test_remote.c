@@ -920,6 +920,18 @@ static void test_grpc_blobs_fetch(void)
 	CHECK(f->ops->blob_fetch(f, &x.present[3], count_sink, &got) == 0);
 	CHECK(got == batch_sizes[3]);
 
+	/* A server restarted: the pooled connection is dead, a batch still
+	 * gets every blob. */
+	a.stop = 1;
+	pthread_join(t, NULL);
+	a.stop = 0;
+	a.ready = 0;
+	REQUIRE(pthread_create(&t, NULL, serve_main, &a) == 0);
+	while (!a.ready)
+		usleep(1000);
+	REQUIRE(a.r == 0);
+	batch_check(f, &x, BATCH_N, 0);
+
 	a.stop = 1;
 	pthread_join(t, NULL);
 	batch_check_gone(f, &x);
