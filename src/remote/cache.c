@@ -9,6 +9,13 @@
  * by the publisher thread, in groups, after one syncfs has made the group
  * durable - so a name never points at bytes a power loss could have
  * lost, and no fetch waits for a sync of its own (docs/remote.md).
+ * Small blobs (at most CAS_LOCAL_PACK_MAX bytes) of an unbounded cache
+ * never get a file: they are gathered in memory, readable from there at
+ * once, and the publisher appends each full group to a pack of the
+ * cache's own (local.h: written, synced, then indexed), as import does.
+ * A file per small blob cost a create, a rename and an open each, more
+ * than the transfer itself. A bounded cache keeps files: eviction works
+ * on them one blob at a time.
  * Concurrent readers of one absent blob wait for one fetch: `inflight`
  * lists the digests being fetched, `cond` wakes the waiters.
  *
@@ -49,14 +56,39 @@ struct inflight {
 };
 
 /* Prefetch: when a Directory is read, the small blobs it names that the
- * cache lacks are fetched by a few worker threads, so that a reader going
- * through the files (export, cp -r, a build) finds them cached or in
- * flight instead of paying one round trip per file. Bounded queue; off
- * with $CASTORE_PREFETCH=0 (else that many threads, default 8). */
+ * cache lacks - and those of the Directories below it that the cache
+ * holds, up to PREFETCH_AHEAD blobs ahead - are fetched by worker
+ * threads, so that a reader going through the files (export, cp -r, a
+ * build) finds them cached or in flight instead of paying one round trip
+ * per file. A transport that fetches batches (blobs_fetch: streams of one
+ * HTTP/2 connection, or parallel transfers) gets up to PREFETCH_BATCH
+ * blobs per call from one or two threads; else each of 8 threads fetches
+ * one blob at a time. Bounded queue; off with $CASTORE_PREFETCH=0 (else
+ * that many threads). */
 #define PREFETCH_DEFAULT_THREADS 8
+#define PREFETCH_BATCH_THREADS	 2
 #define PREFETCH_MAX_THREADS	 32
 #define PREFETCH_QUEUE		 8192
+#define PREFETCH_AHEAD		 4096
+#define PREFETCH_BATCH		 256
 #define PREFETCH_MAX_SIZE	 (1u << 20)
+#define PREFETCH_MAX_DEPTH	 64
+
+struct prefetch_item {
+	cas_digest digest;
+	uint64_t size;
+};
+
+/* Small blobs gathered in memory for the cache's pack: group bytes back
+ * to back in buf (aligned for O_DIRECT), v[i] where each lies. */
+#define MGROUP_BYTES (16u << 20)
+#define MGROUP_BLOBS 16384
+
+struct mgroup {
+	uint8_t *buf;
+	size_t used, n;
+	struct cas_local_small *v; /* MGROUP_BLOBS entries */
+};
 
 /* Staging: a group is published once this many blobs wait, or this long
  * after the first of them; fetchers wait when STAGED_MAX are unnamed. */
@@ -98,11 +130,11 @@ struct cache_store {
 	pthread_t workers[PREFETCH_MAX_THREADS];
 	unsigned n_workers; /* protected by lock */
 	pthread_cond_t pq_cond;
-	cas_digest *pq;		      /* protected by lock: ring */
+	struct prefetch_item *pq;     /* protected by lock: ring */
 	size_t pq_head, pq_len;	      /* protected by lock */
 	bool stopping;		      /* protected by lock */
 	struct timespec paused_until; /* protected by lock */
-	struct cas_dmap prefetched;   /* Directories done; protected by lock */
+	struct cas_dmap prefetched;   /* Directories queued; protected by lock */
 	struct cas_dmap
 		bad_logged; /* blobs reported wrong; protected by lock */
 
@@ -120,6 +152,15 @@ struct cache_store {
 	uint64_t staged_bytes;	       /* protected by lock */
 	pthread_t publisher;
 	pthread_cond_t pub_cond;   /* publisher: work; fetchers: room */
+
+	bool pack_small;	   /* small blobs go to a pack (unbounded) */
+	struct cas_local_pack *pack; /* the publisher's */
+	struct mgroup *mfill;	   /* being filled; protected by lock */
+	struct mgroup *mwrite;	   /* being written; protected by lock */
+	struct mgroup *mspare;	   /* a written one, for reuse; lock */
+	bool mem_full;		   /* a stager waits for room; lock */
+	bool pack_failed_logged;   /* protected by lock */
+	struct cas_dmap mstaged;   /* digest -> entry of mfill or mwrite; lock */
 };
 
 static struct cache_store *to_cache(cas_store *s)
@@ -206,7 +247,9 @@ static void inflight_done(struct cache_store *c, struct inflight **list,
 #define SINK_BUFFER (1u << 20)
 
 struct blob_sink {
-	int fd;
+	struct cache_store *c;
+	char *tmp; /* the file's name in tmp/, once made */
+	int fd;	   /* -1 until the first buffer is written out */
 	cas_hasher hasher;
 	uint64_t size;
 	uint8_t *bufs[2]; /* SINK_BUFFER bytes each, allocated when needed */
@@ -221,6 +264,13 @@ struct blob_sink {
 	size_t job_len;	    /* protected by lock */
 	bool stop;	    /* protected by lock */
 };
+
+static void blob_sink_free(struct blob_sink *b)
+{
+	free(b->bufs[0]);
+	free(b->bufs[1]);
+	b->bufs[0] = b->bufs[1] = NULL;
+}
 
 static void *sink_hash_main(void *arg)
 {
@@ -254,10 +304,37 @@ static void sink_hash_wait(struct blob_sink *b)
 	pthread_mutex_unlock(&b->lock);
 }
 
+/* The blob's file in tmp/, made when its first buffer is written out (a
+ * small blob that the cache packs never has one). */
+static int sink_open(struct blob_sink *b)
+{
+	struct cache_store *c = b->c;
+	for (int tries = 0; b->fd < 0 && tries < 100; tries++) {
+		snprintf(b->tmp, sizeof(((struct staged_blob *)0)->tmp),
+			 "remote.%ld.%llu", (long)c->pid,
+			 (unsigned long long)atomic_fetch_add(&c->tmp_counter,
+							      1));
+		b->fd = openat(c->tmp_fd, b->tmp,
+			       O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+		if (b->fd < 0 && errno != EEXIST)
+			break;
+	}
+	if (b->fd >= 0)
+		return 0;
+	b->tmp[0] = 0;
+	return cas_log_errno(cas_negerrno(), "cache %s: create in tmp/: %m",
+			     c->cache_dir);
+}
+
 static int blob_sink_flush(struct blob_sink *b)
 {
 	if (b->len == 0)
 		return 0;
+	if (b->fd < 0) {
+		int r = sink_open(b);
+		if (r < 0)
+			return r;
+	}
 	const uint8_t *buf = b->bufs[b->cur];
 	size_t len = b->len;
 	b->len = 0;
@@ -309,10 +386,20 @@ static int blob_sink_write(void *userdata, const void *buf, size_t len)
 	return 0;
 }
 
-/* Flushes what is buffered (when ok) and ends the hashing thread. */
+/* Flushes what is buffered (when ok; keep_small: unless the blob is all
+ * in the buffer, which then holds it) and ends the hashing thread. */
 static int blob_sink_finish(struct blob_sink *b, bool ok)
 {
-	int r = ok ? blob_sink_flush(b) : 0;
+	int r = 0;
+	if (ok && b->fd < 0 && b->c->pack_small &&
+	    b->size <= CAS_LOCAL_PACK_MAX) {
+		/* All in bufs[cur]: hashed here, handed to the pack. */
+		if (b->len)
+			cas_hasher_update(&b->hasher, b->bufs[b->cur], b->len);
+		return 0;
+	}
+	if (ok)
+		r = blob_sink_flush(b);
 	if (b->threaded) {
 		pthread_mutex_lock(&b->lock);
 		b->stop = true;
@@ -324,9 +411,7 @@ static int blob_sink_finish(struct blob_sink *b, bool ok)
 		pthread_mutex_destroy(&b->lock);
 		b->threaded = false;
 	}
-	free(b->bufs[0]);
-	free(b->bufs[1]);
-	b->bufs[0] = b->bufs[1] = NULL;
+	blob_sink_free(b);
 	return r;
 }
 
@@ -359,6 +444,16 @@ static void maybe_evict(struct cache_store *c, uint64_t added)
 
 static void *publisher_main(void *arg);
 
+static int start_publisher_locked(struct cache_store *c)
+{
+	if (c->publisher_started)
+		return 0;
+	if (pthread_create(&c->publisher, NULL, publisher_main, c) != 0)
+		return -EAGAIN;
+	c->publisher_started = true;
+	return 0;
+}
+
 /* Hands a verified blob file to the publisher (waits while STAGED_MAX
  * blobs are unnamed). Takes sb. */
 static int stage_blob(struct cache_store *c, struct staged_blob *sb)
@@ -369,12 +464,7 @@ static int stage_blob(struct cache_store *c, struct staged_blob *sb)
 	while (c->staged.n >= STAGED_MAX && c->publisher_started &&
 	       !c->publisher_stopping)
 		pthread_cond_wait(&c->pub_cond, &c->lock);
-	if (!c->publisher_started) {
-		if (pthread_create(&c->publisher, NULL, publisher_main, c) != 0)
-			r = -EAGAIN;
-		else
-			c->publisher_started = true;
-	}
+	r = start_publisher_locked(c);
 	if (r >= 0 && c->n_pending == c->cap_pending) {
 		size_t cap = c->cap_pending ? c->cap_pending * 2 : 256;
 		struct staged_blob **np =
@@ -403,10 +493,106 @@ static int stage_blob(struct cache_store *c, struct staged_blob *sb)
 	return r < 0 ? r : 0;
 }
 
-static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
+/* Bytes that hashed to `got` for d: 0 when right, else -EIO, logged once
+ * per digest (a mount's readers may ask again and again) unless quiet. */
+static int check_fetched(struct cache_store *c, const cas_digest *d,
+			 const cas_digest *got, bool quiet)
 {
 	char hex[CAS_DIGEST_HEX_LEN + 1], got_hex[CAS_DIGEST_HEX_LEN + 1];
-	struct blob_sink b = {.fd = -1};
+	if (cas_digest_eq(got, d))
+		return 0;
+	pthread_mutex_lock(&c->lock);
+	if (!quiet && cas_dmap_put(&c->bad_logged, d, NULL) == 0)
+		quiet = true;
+	pthread_mutex_unlock(&c->lock);
+	cas_digest_to_hex(d, hex);
+	cas_digest_to_hex(got, got_hex);
+	return cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
+				"blob %s: remote sent bytes that hash to %s",
+				hex, got_hex);
+}
+
+static bool mgroup_room(const struct mgroup *g, size_t len)
+{
+	return g->n < MGROUP_BLOBS && g->used + len <= MGROUP_BYTES;
+}
+
+static struct mgroup *mgroup_new(struct cache_store *c)
+{
+	struct mgroup *g = c->mspare;
+	if (g) {
+		c->mspare = NULL;
+		g->used = g->n = 0;
+		return g;
+	}
+	g = calloc(1, sizeof(*g));
+	if (!g)
+		return NULL;
+	g->buf = aligned_alloc(CAS_LOCAL_PACK_ALIGN, MGROUP_BYTES);
+	g->v = calloc(MGROUP_BLOBS, sizeof(*g->v));
+	if (!g->buf || !g->v) {
+		free(g->buf);
+		free(g->v);
+		free(g);
+		return NULL;
+	}
+	return g;
+}
+
+static void mgroup_free(struct mgroup *g)
+{
+	if (!g)
+		return;
+	free(g->buf);
+	free(g->v);
+	free(g);
+}
+
+/* Adds a verified small blob to the group in memory (readable at once,
+ * packed by the publisher); waits while both groups are full. */
+static int mem_stage(struct cache_store *c, const cas_digest *d,
+		     const uint8_t *buf, size_t len)
+{
+	int r;
+	pthread_mutex_lock(&c->lock);
+	for (;;) {
+		r = start_publisher_locked(c);
+		if (r < 0 || (c->mstaged.n && cas_dmap_find(&c->mstaged, d)))
+			goto out;
+		if (!c->mfill || mgroup_room(c->mfill, len) ||
+		    c->publisher_stopping)
+			break;
+		c->mem_full = true;
+		pthread_cond_broadcast(&c->pub_cond);
+		pthread_cond_wait(&c->pub_cond, &c->lock);
+	}
+	if (!c->mfill && !(c->mfill = mgroup_new(c))) {
+		r = -ENOMEM;
+		goto out;
+	}
+	struct mgroup *g = c->mfill;
+	if (!mgroup_room(g, len)) {
+		r = -ENOSPC; /* stopping: not kept */
+		goto out;
+	}
+	struct cas_local_small *e = &g->v[g->n];
+	*e = (struct cas_local_small){*d, g->used, len};
+	r = cas_dmap_put(&c->mstaged, d, e);
+	if (r > 0) {
+		if (len)
+			memcpy(g->buf + g->used, buf, len);
+		g->used += len;
+		if (++g->n == 1)
+			pthread_cond_broadcast(&c->pub_cond);
+	}
+out:
+	pthread_mutex_unlock(&c->lock);
+	return r < 0 ? r : 0;
+}
+
+static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1];
 	struct staged_blob *sb;
 	cas_digest got;
 	int r;
@@ -416,52 +602,38 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	if (!sb)
 		return -ENOMEM;
 	sb->digest = *d;
-	for (int tries = 0; b.fd < 0 && tries < 100; tries++) {
-		snprintf(sb->tmp, sizeof(sb->tmp), "remote.%ld.%llu",
-			 (long)c->pid,
-			 (unsigned long long)atomic_fetch_add(&c->tmp_counter,
-							      1));
-		b.fd = openat(c->tmp_fd, sb->tmp,
-			      O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
-		if (b.fd < 0 && errno != EEXIST)
-			break;
-	}
-	if (b.fd < 0) {
-		free(sb);
-		return cas_log_errno(cas_negerrno(), "blob %s: cache %s: %m",
-				     hex, c->cache_dir);
-	}
+	struct blob_sink b = {.c = c, .tmp = sb->tmp, .fd = -1};
 	cas_hasher_init(&b.hasher);
 	r = c->fetcher->ops->blob_fetch(c->fetcher, d, blob_sink_write, &b);
 	int fr = blob_sink_finish(&b, r >= 0);
 	if (r >= 0)
 		r = fr;
-	if (close(b.fd) < 0 && r >= 0)
+	if (b.fd >= 0 && close(b.fd) < 0 && r >= 0)
 		r = cas_log_errno(cas_negerrno(), "blob %s: cache %s: %m", hex,
 				  c->cache_dir);
-	if (r < 0) {
-		(void)unlinkat(c->tmp_fd, sb->tmp, 0);
-		free(sb);
-		if (r == -ENOENT)
-			return r;
-		return cas_log_internal(
-			quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
-			"blob %s: fetch from %s failed: %m", hex, c->what);
+	if (r >= 0) {
+		cas_hasher_final(&b.hasher, &got);
+		r = check_fetched(c, d, &got, quiet);
+	} else if (r != -ENOENT) {
+		r = cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR,
+				     -EIO, "blob %s: fetch from %s failed: %m",
+				     hex, c->what);
 	}
-	cas_hasher_final(&b.hasher, &got);
-	if (!cas_digest_eq(&got, d)) {
-		(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+	if (r >= 0 && b.fd < 0) {
+		/* Small, all in memory: to the pack. */
+		r = mem_stage(c, d, b.bufs[b.cur], b.size);
+		blob_sink_free(&b);
 		free(sb);
-		cas_digest_to_hex(&got, got_hex);
-		/* Once per digest: a mount's readers may ask again and again. */
-		pthread_mutex_lock(&c->lock);
-		if (!quiet && cas_dmap_put(&c->bad_logged, d, NULL) == 0)
-			quiet = true;
-		pthread_mutex_unlock(&c->lock);
-		return cas_log_internal(
-			quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, -EIO,
-			"blob %s: remote sent bytes that hash to %s", hex,
-			got_hex);
+		return r < 0 ? cas_log_errno(r, "blob %s: cache %s: %m", hex,
+					     c->cache_dir)
+			     : 0;
+	}
+	blob_sink_free(&b);
+	if (r < 0) {
+		if (sb->tmp[0])
+			(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+		free(sb);
+		return r;
 	}
 	sb->size = b.size;
 	r = stage_blob(c, sb);
@@ -520,18 +692,41 @@ static void publish_staged(struct cache_store *c, const struct staged_blob *sb)
 	}
 }
 
+static bool publisher_has_work(const struct cache_store *c)
+{
+	return c->n_pending > 0 || (c->mfill && c->mfill->n > 0);
+}
+
+/* Appends a group of small blobs to the cache's pack: written, synced,
+ * then indexed (local.h). */
+static int mgroup_write(struct cache_store *c, struct mgroup *g)
+{
+	size_t padded = (g->used + CAS_LOCAL_PACK_ALIGN - 1) /
+			CAS_LOCAL_PACK_ALIGN * CAS_LOCAL_PACK_ALIGN;
+	memset(g->buf + g->used, 0, padded - g->used);
+	int r = 0;
+	if (!c->pack)
+		r = cas_local_pack_new(c->cache, &c->pack);
+	if (r == 0)
+		r = cas_local_pack_append(c->pack, g->buf, padded, g->v, g->n,
+					  NULL);
+	return r;
+}
+
 /* Publishes the staged blobs in groups: waits for a group to gather,
- * makes it durable with one syncfs, then names each blob. Until named,
- * a staged blob is read through its tmp/ file (staged_open). */
+ * makes it durable with one syncfs, then names each blob; and appends
+ * the small blobs gathered in memory to the pack. Until named, a staged
+ * blob is read through its tmp/ file (staged_open), a small one from
+ * memory (mem_get). */
 static void *publisher_main(void *arg)
 {
 	struct cache_store *c = arg;
 
 	pthread_mutex_lock(&c->lock);
 	for (;;) {
-		while (c->n_pending == 0 && !c->publisher_stopping)
+		while (!publisher_has_work(c) && !c->publisher_stopping)
 			pthread_cond_wait(&c->pub_cond, &c->lock);
-		if (c->n_pending == 0)
+		if (!publisher_has_work(c))
 			break;
 		struct timespec until;
 		clock_gettime(CLOCK_REALTIME, &until);
@@ -540,18 +735,31 @@ static void *publisher_main(void *arg)
 		until.tv_nsec %= 1000000000L;
 		while (c->n_pending < STAGE_GROUP && !c->publisher_stopping &&
 		       c->staged.n < STAGED_MAX && c->flushers == 0 &&
+		       !c->mem_full &&
 		       pthread_cond_timedwait(&c->pub_cond, &c->lock, &until) == 0)
 			;
 		struct staged_blob **group = c->pending;
 		size_t n = c->n_pending;
 		c->pending = NULL;
 		c->n_pending = c->cap_pending = 0;
+		struct mgroup *mg = NULL;
+		if (c->mfill && c->mfill->n > 0) {
+			mg = c->mwrite = c->mfill;
+			c->mfill = NULL;
+			c->mem_full = false;
+			pthread_cond_broadcast(&c->pub_cond); /* room */
+		}
 		c->publishing = true;
 		pthread_mutex_unlock(&c->lock);
 
-		/* Every byte of the group was written before this call. */
-		bool synced = syncfs(c->tmp_fd) == 0;
-		int sync_errno = errno;
+		int pack_r = mg ? mgroup_write(c, mg) : 0;
+		bool synced = true;
+		int sync_errno = 0;
+		if (n > 0) {
+			/* Every byte of the group was written before this. */
+			synced = syncfs(c->tmp_fd) == 0;
+			sync_errno = errno;
+		}
 		for (size_t i = 0; synced && i < n; i++)
 			publish_staged(c, group[i]);
 
@@ -561,6 +769,12 @@ static void *publisher_main(void *arg)
 			cas_log_warning("cache %s: syncfs: %s; blobs fetched "
 					"are not kept",
 					c->cache_dir, strerror(sync_errno));
+		}
+		if (pack_r < 0 && !c->pack_failed_logged) {
+			c->pack_failed_logged = true;
+			cas_log_warning("cache %s: pack: %s; small blobs "
+					"fetched are not kept",
+					c->cache_dir, strerror(-pack_r));
 		}
 		for (size_t i = 0; i < n; i++) {
 			struct cas_dmap_entry *e =
@@ -574,6 +788,20 @@ static void *publisher_main(void *arg)
 			free(group[i]);
 		}
 		free(group);
+		if (mg) {
+			/* Indexed now (or lost): read from the pack. */
+			for (size_t i = 0; i < mg->n; i++) {
+				struct cas_dmap_entry *e = cas_dmap_find(
+					&c->mstaged, &mg->v[i].digest);
+				if (e && e->value == &mg->v[i])
+					cas_dmap_remove(&c->mstaged, e);
+			}
+			c->mwrite = NULL;
+			if (c->mspare)
+				mgroup_free(mg);
+			else
+				c->mspare = mg;
+		}
 		pthread_mutex_unlock(&c->lock);
 		maybe_evict(c, 0);
 		pthread_mutex_lock(&c->lock);
@@ -590,7 +818,8 @@ void cas_cache_flush(cas_store *s)
 	pthread_mutex_lock(&c->lock);
 	c->flushers++;
 	pthread_cond_broadcast(&c->pub_cond);
-	while (c->publisher_started && (c->n_pending > 0 || c->publishing))
+	while (c->publisher_started &&
+	       (publisher_has_work(c) || c->publishing))
 		pthread_cond_wait(&c->pub_cond, &c->lock);
 	c->flushers--;
 	pthread_mutex_unlock(&c->lock);
@@ -628,10 +857,41 @@ static bool is_staged(struct cache_store *c, const cas_digest *d,
 	pthread_mutex_lock(&c->lock);
 	struct cas_dmap_entry *e =
 		c->staged.n ? cas_dmap_find(&c->staged, d) : NULL;
-	if (e && ret_size)
+	if (e)
 		*ret_size = ((struct staged_blob *)e->value)->size;
+	else if ((e = c->mstaged.n ? cas_dmap_find(&c->mstaged, d) : NULL))
+		*ret_size = ((struct cas_local_small *)e->value)->len;
 	pthread_mutex_unlock(&c->lock);
 	return e != NULL;
+}
+
+/* A small blob gathered in memory: 0 with a copy (malloc'd) if it has at
+ * most max bytes (else -EFBIG), -ENOENT when it is not there (any more:
+ * look in the cache). */
+static int mem_get(struct cache_store *c, const cas_digest *d, size_t max,
+		   uint8_t **ret_buf, uint64_t *ret_size)
+{
+	int r = -ENOENT;
+	pthread_mutex_lock(&c->lock);
+	struct cas_dmap_entry *e =
+		c->mstaged.n ? cas_dmap_find(&c->mstaged, d) : NULL;
+	if (e) {
+		const struct cas_local_small *v = e->value;
+		const struct mgroup *g =
+			c->mfill && v >= c->mfill->v &&
+					v < c->mfill->v + MGROUP_BLOBS
+				? c->mfill
+				: c->mwrite;
+		uint8_t *buf = v->len > max ? NULL : malloc(v->len ? v->len : 1);
+		r = v->len > max ? -EFBIG : buf ? 0 : -ENOMEM;
+		if (buf) {
+			memcpy(buf, g->buf + v->off, v->len);
+			*ret_buf = buf;
+			*ret_size = v->len;
+		}
+	}
+	pthread_mutex_unlock(&c->lock);
+	return r;
 }
 
 /* The cache's blob_stat, staged blobs included. */
@@ -649,10 +909,38 @@ static int cached_blob_stat(struct cache_store *c, const cas_digest *d,
 static int cached_blob_open(struct cache_store *c, const cas_digest *d,
 			    int *ret_fd, uint64_t *ret_size)
 {
-	int r = staged_open(c, d, ret_fd, ret_size);
+	_cleanup_free_ uint8_t *buf = NULL;
+	uint64_t size;
+	int r = mem_get(c, d, SIZE_MAX, &buf, &size);
+	if (r == 0) {
+		r = cas_memfd_sealed(buf, size, ret_fd);
+		if (r == 0 && ret_size)
+			*ret_size = size;
+		return r;
+	}
+	if (r != -ENOENT)
+		return r;
+	r = staged_open(c, d, ret_fd, ret_size);
 	if (r != -ENOENT)
 		return r;
 	return c->cache->ops->blob_open(c->cache, d, ret_fd, ret_size);
+}
+
+/* The cache's blob_read, staged blobs included. */
+static int cached_blob_read(struct cache_store *c, const cas_digest *d,
+			    size_t max, uint8_t **ret_buf, uint64_t *ret_size)
+{
+	int r = mem_get(c, d, max, ret_buf, ret_size);
+	if (r != -ENOENT)
+		return r;
+	_cleanup_close_ int fd = -1;
+	uint64_t size;
+	r = staged_open(c, d, &fd, &size);
+	if (r == -ENOENT)
+		return cas_store_blob_read(c->cache, d, max, ret_buf, ret_size);
+	if (r < 0)
+		return r;
+	return cas_store_blob_read_fd(d, fd, size, max, ret_buf, ret_size);
 }
 
 /* A shared flock marks the blob as in use for eviction (evict.c); the
@@ -696,20 +984,115 @@ static int ensure_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	}
 }
 
+/* One blobs_fetch batch: the digests this worker owns in the in-flight
+ * table, their entries, and the results. */
+struct batch {
+	struct cache_store *c;
+	cas_digest ds[PREFETCH_BATCH];
+	struct inflight *e[PREFETCH_BATCH];
+	int r[PREFETCH_BATCH];
+	size_t n;
+};
+
+static void batch_blob(void *userdata, size_t i, int r, const uint8_t *buf,
+		       size_t len)
+{
+	struct batch *b = userdata;
+	if (r == 0) {
+		cas_digest got;
+		cas_hash_buffer(buf, len, &got);
+		r = check_fetched(b->c, &b->ds[i], &got, true);
+	}
+	if (r == 0)
+		r = mem_stage(b->c, &b->ds[i], buf, len);
+	b->r[i] = r < 0 && r != -ENOENT ? -EIO : r;
+}
+
+/* Fetches small blobs in one blobs_fetch call (those nobody else is
+ * fetching and the cache still lacks); every waiter is woken once at
+ * the end. Returns -EIO when any failed for a reason other than
+ * absence. */
+static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
+			  size_t n)
+{
+	struct batch *b = malloc(sizeof(*b));
+	if (!b)
+		return -ENOMEM;
+	b->c = c;
+	b->n = 0;
+	for (size_t i = 0; i < n; i++) {
+		bool owner;
+		uint64_t size;
+		struct inflight *e =
+			inflight_join(c, &c->blobs_inflight, &v[i].digest, &owner);
+		if (!e)
+			continue;
+		if (!owner || cached_blob_stat(c, &v[i].digest, &size) == 0) {
+			/* Fetched by another thread, or already here. */
+			if (owner) {
+				inflight_done(c, &c->blobs_inflight, e, 0);
+			} else {
+				pthread_mutex_lock(&c->lock);
+				inflight_unref_locked(&c->blobs_inflight, e);
+				pthread_mutex_unlock(&c->lock);
+			}
+			continue;
+		}
+		e->quiet = true;
+		b->ds[b->n] = v[i].digest;
+		b->e[b->n] = e;
+		b->r[b->n] = -EIO;
+		b->n++;
+	}
+	int r = 0;
+	if (b->n)
+		r = c->fetcher->ops->blobs_fetch(c->fetcher, b->ds, b->n,
+						 CAS_LOCAL_PACK_MAX, batch_blob,
+						 b);
+	pthread_mutex_lock(&c->lock);
+	for (size_t i = 0; i < b->n; i++) {
+		b->e[i]->done = true;
+		b->e[i]->r = b->r[i];
+		if (b->r[i] == -EIO)
+			r = -EIO;
+		inflight_unref_locked(&c->blobs_inflight, b->e[i]);
+	}
+	pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->lock);
+	free(b);
+	return r < 0 ? -EIO : 0;
+}
+
 static void *prefetch_main(void *arg)
 {
 	struct cache_store *c = arg;
+	struct prefetch_item v[PREFETCH_BATCH];
+	bool batched = c->fetcher->ops->blobs_fetch && c->pack_small;
+
 	pthread_mutex_lock(&c->lock);
 	for (;;) {
 		while (!c->stopping && c->pq_len == 0)
 			pthread_cond_wait(&c->pq_cond, &c->lock);
 		if (c->stopping)
 			break;
-		cas_digest d = c->pq[c->pq_head];
-		c->pq_head = (c->pq_head + 1) % PREFETCH_QUEUE;
-		c->pq_len--;
+		/* A batch of small blobs, or one blob. */
+		size_t n = 0;
+		while (c->pq_len > 0 && n < (batched ? PREFETCH_BATCH : 1)) {
+			const struct prefetch_item *it = &c->pq[c->pq_head];
+			if (n > 0 && it->size > CAS_LOCAL_PACK_MAX)
+				break;
+			v[n++] = *it;
+			c->pq_head = (c->pq_head + 1) % PREFETCH_QUEUE;
+			c->pq_len--;
+			if (it->size > CAS_LOCAL_PACK_MAX)
+				break;
+		}
 		pthread_mutex_unlock(&c->lock);
-		int r = ensure_blob(c, &d, true);
+		int r;
+		if (batched && v[0].size <= CAS_LOCAL_PACK_MAX)
+			r = prefetch_batch(c, v, n);
+		else
+			r = ensure_blob(c, &v[0].digest, true);
 		maybe_evict(c, 0);
 		pthread_mutex_lock(&c->lock);
 		if (r == -EIO) {
@@ -724,22 +1107,26 @@ static void *prefetch_main(void *arg)
 	return NULL;
 }
 
-/* Queues the small blobs of a Directory that the cache lacks. */
-static void prefetch_directory(struct cache_store *c, const cas_digest *d,
-			       const uint8_t *buf, size_t len)
+/* Queues the small blobs of a Directory that the cache lacks, then those
+ * of the Directories below it that the cache holds (depth first, in the
+ * order export and cp -r go), until PREFETCH_AHEAD blobs wait. A
+ * Directory is marked once its blobs are queued, so that each is queued
+ * once; one that does not fit is left for when it is read. */
+static void prefetch_walk(struct cache_store *c, const cas_digest *d,
+			  const uint8_t *buf, size_t len, unsigned depth)
 {
-	struct timespec now;
 	cas_directory *dir = NULL;
-
-	if (c->prefetch_threads == 0)
+	if (cas_directory_decode(buf, len, &dir, NULL) < 0)
 		return;
-	clock_gettime(CLOCK_MONOTONIC, &now);
 	pthread_mutex_lock(&c->lock);
-	bool skip = c->stopping || now.tv_sec < c->paused_until.tv_sec ||
+	bool skip = c->stopping || c->pq_len >= PREFETCH_AHEAD ||
+		    c->pq_len + dir->n_files > PREFETCH_QUEUE ||
 		    cas_dmap_put(&c->prefetched, d, NULL) <= 0;
 	pthread_mutex_unlock(&c->lock);
-	if (skip || cas_directory_decode(buf, len, &dir, NULL) < 0)
+	if (skip) {
+		cas_directory_free(dir);
 		return;
+	}
 	for (size_t i = 0; i < dir->n_files; i++) {
 		const cas_node *f = &dir->files[i];
 		uint64_t size;
@@ -750,27 +1137,59 @@ static void prefetch_directory(struct cache_store *c, const cas_digest *d,
 		    cached_blob_stat(c, &f->digest, &size) != -ENOENT)
 			continue;
 		pthread_mutex_lock(&c->lock);
-		if (c->pq_len < PREFETCH_QUEUE) {
-			c->pq[(c->pq_head + c->pq_len) % PREFETCH_QUEUE] =
-				f->digest;
-			c->pq_len++;
-			if (c->n_workers < c->prefetch_threads &&
-			    c->n_workers < c->pq_len &&
-			    pthread_create(&c->workers[c->n_workers], NULL,
-					   prefetch_main, c) == 0)
-				c->n_workers++;
-			pthread_cond_signal(&c->pq_cond);
-		}
+		c->pq[(c->pq_head + c->pq_len) % PREFETCH_QUEUE] =
+			(struct prefetch_item){f->digest, f->size};
+		c->pq_len++;
+		if (c->n_workers < c->prefetch_threads &&
+		    c->n_workers < c->pq_len &&
+		    pthread_create(&c->workers[c->n_workers], NULL,
+				   prefetch_main, c) == 0)
+			c->n_workers++;
+		pthread_cond_signal(&c->pq_cond);
 		pthread_mutex_unlock(&c->lock);
+	}
+	for (size_t i = 0; depth < PREFETCH_MAX_DEPTH && i < dir->n_directories;
+	     i++) {
+		const cas_digest *sub = &dir->directories[i].digest;
+		uint8_t *sbuf = NULL;
+		size_t slen = 0;
+		pthread_mutex_lock(&c->lock);
+		bool stop = c->pq_len >= PREFETCH_AHEAD;
+		bool done = cas_dmap_find(&c->prefetched, sub) != NULL;
+		pthread_mutex_unlock(&c->lock);
+		if (stop)
+			break;
+		if (done || c->cache->ops->directory_get_raw(c->cache, sub, &sbuf,
+							     &slen) < 0)
+			continue;
+		prefetch_walk(c, sub, sbuf, slen, depth + 1);
+		free(sbuf);
 	}
 	cas_directory_free(dir);
 }
 
-static int cache_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
-			   uint64_t *ret_size)
+static void prefetch_directory(struct cache_store *c, const cas_digest *d,
+			       const uint8_t *buf, size_t len)
 {
-	struct cache_store *c = to_cache(s);
-	int r = cached_blob_open(c, d, ret_fd, ret_size);
+	struct timespec now;
+	if (c->prefetch_threads == 0)
+		return;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	pthread_mutex_lock(&c->lock);
+	bool skip = c->stopping || now.tv_sec < c->paused_until.tv_sec ||
+		    (c->prefetched.n && cas_dmap_find(&c->prefetched, d));
+	pthread_mutex_unlock(&c->lock);
+	if (!skip)
+		prefetch_walk(c, d, buf, len, 0);
+}
+
+/* blob_open (ret_fd) or blob_read (ret_buf), fetching what is absent. */
+static int cache_blob_get(struct cache_store *c, const cas_digest *d,
+			  int *ret_fd, size_t max, uint8_t **ret_buf,
+			  uint64_t *ret_size)
+{
+	int r = ret_fd ? cached_blob_open(c, d, ret_fd, ret_size)
+		       : cached_blob_read(c, d, max, ret_buf, ret_size);
 	bool fetched = false;
 	/* Another thread's eviction may remove the blob between its fetch
 	 * and our open: fetch again, a few times. */
@@ -779,13 +1198,50 @@ static int cache_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
 		if (r < 0)
 			return r;
 		fetched = true;
-		r = cached_blob_open(c, d, ret_fd, ret_size);
+		r = ret_fd ? cached_blob_open(c, d, ret_fd, ret_size)
+			   : cached_blob_read(c, d, max, ret_buf, ret_size);
 	}
-	if (r >= 0)
+	if (r >= 0 && ret_fd)
 		mark_used(c, *ret_fd);
 	if (fetched)
 		maybe_evict(c, 0);
 	return r;
+}
+
+static int cache_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
+			   uint64_t *ret_size)
+{
+	return cache_blob_get(to_cache(s), d, ret_fd, 0, NULL, ret_size);
+}
+
+static int cache_blob_read(cas_store *s, const cas_digest *d, size_t max,
+			   uint8_t **ret_buf, uint64_t *ret_size)
+{
+	struct cache_store *c = to_cache(s);
+	uint64_t size;
+	int fd;
+	if (c->cache_max) {
+		/* Through an fd, which marks the blob used for eviction. */
+		int r = cache_blob_get(c, d, &fd, 0, NULL, &size);
+		if (r < 0)
+			return r;
+		r = cas_store_blob_read_fd(d, fd, size, max, ret_buf, ret_size);
+		close(fd);
+		return r;
+	}
+	return cache_blob_get(c, d, NULL, max, ret_buf, ret_size);
+}
+
+/* Where the cache's pack holds a blob; what is not packed yet (or not
+ * fetched) is -ENOENT, and the caller reads or opens it instead. */
+static int cache_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
+			     uint64_t *ret_off, uint64_t *ret_size)
+{
+	struct cache_store *c = to_cache(s);
+	if (!c->cache->ops->blob_locate)
+		return -ENOENT;
+	return c->cache->ops->blob_locate(c->cache, d, ret_fd, ret_off,
+					  ret_size);
 }
 
 static int cache_blob_stat(cas_store *s, const cas_digest *d,
@@ -1402,6 +1858,10 @@ static void cache_free(cas_store *s)
 		pthread_join(c->publisher, NULL);
 	cas_dmap_release(&c->staged, free);
 	free(c->pending);
+	cas_dmap_release(&c->mstaged, NULL);
+	mgroup_free(c->mfill);
+	mgroup_free(c->mspare);
+	cas_local_pack_close(c->pack);
 	if (c->tmp_fd >= 0)
 		close(c->tmp_fd);
 	pthread_cond_destroy(&c->pub_cond);
@@ -1424,6 +1884,8 @@ static void cache_free(cas_store *s)
 static const struct cas_store_ops cache_ops = {
 	.blob_stat = cache_blob_stat,
 	.blob_open = cache_blob_open,
+	.blob_read = cache_blob_read,
+	.blob_locate = cache_blob_locate,
 	.blob_writer_new = cache_blob_writer_new,
 	.directory_get_raw = cache_directory_get_raw,
 	.directory_has = cache_directory_has,
@@ -1456,7 +1918,8 @@ static int mkdir_parents(const char *path)
 int cas_cache_store_new(cas_fetcher *f, const char *what,
 			const struct cas_remote_options *opts, cas_store **ret)
 {
-	struct cas_local_options lo = {.create = true, .no_inline = true}; /* evict.c works on blob files */
+	/* The cache never imports; what it packs, the publisher packs. */
+	struct cas_local_options lo = {.create = true, .no_inline = true};
 	struct cache_store *c = NULL;
 	int r;
 
@@ -1481,7 +1944,10 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	c->tmp_fd = -1;
 	c->pid = getpid();
 	c->cache_max = opts->cache_max;
-	c->prefetch_threads = PREFETCH_DEFAULT_THREADS;
+	c->pack_small = c->cache_max == 0;
+	c->prefetch_threads = f->ops->blobs_fetch && c->pack_small
+				      ? PREFETCH_BATCH_THREADS
+				      : PREFETCH_DEFAULT_THREADS;
 	const char *pf = getenv("CASTORE_PREFETCH");
 	if (pf && *pf)
 		c->prefetch_threads =

@@ -105,9 +105,11 @@ struct stream {
 	int end_status;
 	char end_message[256];
 
-	/* Read */
+	/* Read: bytes [base, base + size) of fd, which is the store's own
+	 * (a pack: never closed here) when borrowed. */
 	int fd;
-	uint64_t size, off;
+	bool borrowed;
+	uint64_t base, size, off;
 
 	/* Get recursive: breadth first, each digest once */
 	bool recursive;
@@ -133,7 +135,7 @@ static void stream_free(struct stream *st)
 		st->writer->ops->abort(st->writer);
 	if (st->batch)
 		st->batch->ops->abort(st->batch);
-	if (st->fd >= 0)
+	if (st->fd >= 0 && !st->borrowed)
 		close(st->fd);
 	cas_grpc_reader_release(&st->reader);
 	cas_dmap_release(&st->seen, NULL);
@@ -226,7 +228,8 @@ static void next_message(struct conn *c, struct stream *st)
 			return;
 		}
 		size_t h = cas_grpc_blob_chunk_header(st->out, want);
-		int r = cas_pread_all(st->fd, st->out + h, want, st->off);
+		int r = cas_pread_all(st->fd, st->out + h, want,
+				      st->base + st->off);
 		if (r < 0) {
 			st->end_status = CAS_GRPC_INTERNAL;
 			snprintf(st->end_message, sizeof(st->end_message),
@@ -493,7 +496,15 @@ static int finish_call(struct conn *c, struct stream *st)
 		r = cas_grpc_decode_read(st->req, st->req_len, &d, &why);
 		if (r < 0)
 			return fail_call(c, st, r, why);
-		r = s->ops->blob_open(s, &d, &st->fd, &st->size);
+		/* A packed blob is read where it lies: blob_open would copy
+		 * it into a memfd first. */
+		r = s->ops->blob_locate ? s->ops->blob_locate(s, &d, &st->fd,
+							      &st->base,
+							      &st->size)
+					: -ENOENT;
+		st->borrowed = r == 0;
+		if (r == -ENOENT)
+			r = s->ops->blob_open(s, &d, &st->fd, &st->size);
 		if (r < 0) {
 			st->fd = -1;
 			return fail_call(c, st, r,

@@ -19,9 +19,10 @@
  * contiguous runs instead of seeking to thousands of inodes. Values in
  * LMDB stay 20 bytes, so its copy-on-write pages stay few (blob bytes in
  * LMDB itself would be rewritten with every leaf page a later group
- * touches). Blobs put one at a time (writers, publish_*) are files, as is
- * every blob of a store opened no_inline (a cache, whose eviction works
- * on files). Readers look in both; a pack is never rewritten.
+ * touches). Blobs put one at a time (writers, publish_*) are files, and
+ * so is every blob that import writes to a store opened no_inline. The
+ * remote cache packs the small blobs it fetches through the same calls
+ * (cas_local_pack_*). Readers look in both; a pack is never rewritten.
  *
  * Durability is ordered: a blob is named (linked, or indexed) only once
  * its bytes are on disk, and a Directory or root is committed only once

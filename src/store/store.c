@@ -43,6 +43,27 @@ int cas_store_directory_put(cas_store *s, const void *buf, size_t len,
 	return b->ops->commit(b, NULL, NULL);
 }
 
+int cas_store_blob_read_fd(const cas_digest *d, int fd, uint64_t size,
+			   size_t max, uint8_t **ret_buf, uint64_t *ret_size)
+{
+	if (size > max)
+		return -EFBIG;
+	uint8_t *buf = malloc(size ? size : 1);
+	if (!buf)
+		return -ENOMEM;
+	int r = cas_pread_all(fd, buf, (size_t)size, 0);
+	if (r < 0) {
+		free(buf);
+		char hex[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(d, hex);
+		return cas_log_errno(r == -EBADMSG ? -EIO : r, "read blob %s: %m",
+				     hex);
+	}
+	*ret_buf = buf;
+	*ret_size = size;
+	return 0;
+}
+
 int cas_store_blob_read(cas_store *s, const cas_digest *d, size_t max,
 			uint8_t **ret_buf, uint64_t *ret_size)
 {
@@ -53,21 +74,7 @@ int cas_store_blob_read(cas_store *s, const cas_digest *d, size_t max,
 	int r = s->ops->blob_open(s, d, &fd, &size);
 	if (r < 0)
 		return r;
-	if (size > max)
-		return -EFBIG;
-	uint8_t *buf = malloc(size ? size : 1);
-	if (!buf)
-		return -ENOMEM;
-	if ((r = cas_pread_all(fd, buf, (size_t)size, 0)) < 0) {
-		free(buf);
-		char hex[CAS_DIGEST_HEX_LEN + 1];
-		cas_digest_to_hex(d, hex);
-		return cas_log_errno(r == -EBADMSG ? -EIO : r, "read blob %s: %m",
-				     hex);
-	}
-	*ret_buf = buf;
-	*ret_size = size;
-	return 0;
+	return cas_store_blob_read_fd(d, fd, size, max, ret_buf, ret_size);
 }
 
 int cas_store_blob_put_fd(cas_store *s, int fd, cas_digest *ret_digest,

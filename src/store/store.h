@@ -134,6 +134,10 @@ int cas_store_directory_put(cas_store *s, const void *buf, size_t len,
 /* blob_read, or blob_open and a read where the store has no blob_read. */
 int cas_store_blob_read(cas_store *s, const cas_digest *d, size_t max,
 			uint8_t **ret_buf, uint64_t *ret_size);
+/* The whole blob d of `size` bytes from an fd blob_open gave (for
+ * backends that build blob_read on their own fds). */
+int cas_store_blob_read_fd(const cas_digest *d, int fd, uint64_t size,
+			   size_t max, uint8_t **ret_buf, uint64_t *ret_size);
 /* Reads a whole fd (or the rest of a stream) into a new blob. */
 int cas_store_blob_put_fd(cas_store *s, int fd, cas_digest *ret_digest,
 			  uint64_t *ret_size);

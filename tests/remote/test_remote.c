@@ -311,9 +311,11 @@ struct fake {
 	cas_store *origin;
 	pthread_mutex_t lock;
 	unsigned blob_fetches;
+	unsigned batches; /* blobs_fetch calls */
 	unsigned dir_fetches;
 	unsigned delay_ms;
 	bool corrupt;
+	bool corrupt_batch; /* blobs_fetch only */
 	bool offline;
 	bool tree; /* offer directory_fetch_tree */
 	size_t piece; /* deliver blobs in pieces of this size (0: halves) */
@@ -729,6 +731,239 @@ static void test_evict(cas_store *origin)
 static void test_grpc_blobs_fetch(void);
 static void test_http_blobs_fetch(void);
 
+/* Small blobs in the cache's pack ------------------------------------ */
+
+static int fake_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
+			    size_t max, cas_fetch_blob_cb cb, void *userdata)
+{
+	struct fake *k = (struct fake *)f;
+	pthread_mutex_lock(&k->lock);
+	k->batches++;
+	k->blob_fetches += (unsigned)n;
+	pthread_mutex_unlock(&k->lock);
+	for (size_t i = 0; i < n; i++) {
+		uint8_t *buf = NULL;
+		uint64_t size = 0;
+		int r = k->offline ? -EIO
+				   : cas_store_blob_read(k->origin, &ds[i], max,
+							 &buf, &size);
+		if (r == 0 && k->corrupt_batch && size)
+			buf[size - 1] ^= 1;
+		cb(userdata, i, r, buf, (size_t)size);
+		free(buf);
+	}
+	return 0;
+}
+
+static struct cas_fetcher_ops fake_batch_ops = {
+	.blob_fetch = fake_blob_fetch,
+	.blobs_fetch = fake_blobs_fetch,
+	.directories_fetch = fake_directories_fetch,
+	.directory_fetch_tree = fake_fetch_tree,
+	.free = fake_free,
+};
+
+static unsigned count_entries(const char *dir, const char *suffix)
+{
+	DIR *d = opendir(dir);
+	unsigned n = 0;
+	if (!d)
+		return 0;
+	struct dirent *de;
+	while ((de = readdir(d))) {
+		size_t l = strlen(de->d_name), sl = strlen(suffix);
+		n += de->d_name[0] != '.' && l >= sl &&
+		     strcmp(de->d_name + l - sl, suffix) == 0;
+	}
+	closedir(d);
+	return n;
+}
+
+static void blob_file_path(const char *cache, const cas_digest *d, char *buf,
+			   size_t size)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	cas_digest_to_hex(d, hex);
+	snprintf(buf, size, "%s/%s/blobs/%.2s/%s", base, cache, hex, hex);
+}
+
+static void wait_fetches(struct fake *k, unsigned n)
+{
+	for (int i = 0; i < 500; i++) {
+		pthread_mutex_lock(&k->lock);
+		unsigned got = k->blob_fetches;
+		pthread_mutex_unlock(&k->lock);
+		if (got >= n)
+			return;
+		usleep(10000);
+	}
+}
+
+/* An unbounded cache packs the small blobs it fetches: readable at once
+ * (from memory), in its pack and in no file once flushed, kept across a
+ * reopen; wrong bytes are never packed; a bounded cache keeps files. */
+static void test_cache_packs(cas_store *origin)
+{
+	struct fake k = {.base.ops = &fake_ops, .origin = origin};
+	pthread_mutex_init(&k.lock, NULL);
+	uint8_t data[1000];
+	for (size_t i = 0; i < sizeof(data); i++)
+		data[i] = (uint8_t)(i * 13 % 256);
+	cas_digest d;
+	put_blob(origin, data, sizeof(data), &d);
+	char path[512], packs[512];
+
+	cas_store *s = open_cache(&k, "cache-packs", 0);
+	uint8_t *buf = NULL;
+	uint64_t size = 0;
+	int fd;
+	k.corrupt = true;
+	CHECK(cas_store_blob_read(s, &d, 4096, &buf, &size) == -EIO);
+	k.corrupt = false;
+	CHECK(cas_store_blob_read(s, &d, 999, &buf, &size) == -EFBIG);
+	CHECK(cas_store_blob_read(s, &d, 4096, &buf, &size) == 0 &&
+	      size == sizeof(data) && memcmp(buf, data, size) == 0);
+	free(buf);
+	unsigned fetches = k.blob_fetches;
+	/* From memory until packed: an fd too, and the size. */
+	CHECK(s->ops->blob_open(s, &d, &fd, &size) == 0 &&
+	      size == sizeof(data));
+	uint8_t back[1000];
+	CHECK(cas_pread_all(fd, back, sizeof(back), 0) == 0 &&
+	      memcmp(back, data, sizeof(data)) == 0);
+	close(fd);
+	CHECK(s->ops->blob_stat(s, &d, &size) == 0 && size == sizeof(data));
+	cas_cache_flush(s);
+	uint64_t off = 0;
+	CHECK(s->ops->blob_locate(s, &d, &fd, &off, &size) == 0 &&
+	      size == sizeof(data));
+	CHECK(cas_pread_all(fd, back, sizeof(back), off) == 0 &&
+	      memcmp(back, data, sizeof(data)) == 0);
+	CHECK(k.blob_fetches == fetches);
+	blob_file_path("cache-packs", &d, path, sizeof(path));
+	CHECK(access(path, F_OK) < 0);
+	snprintf(packs, sizeof(packs), "%s/cache-packs/packs", base);
+	CHECK(count_entries(packs, ".pack") == 1);
+	cas_store_free(s);
+	/* Reopened: no fetch; the cache is a store verify accepts. */
+	s = open_cache(&k, "cache-packs", 0);
+	CHECK(cas_store_blob_read(s, &d, 4096, &buf, &size) == 0 &&
+	      size == sizeof(data) && memcmp(buf, data, size) == 0);
+	free(buf);
+	CHECK(k.blob_fetches == fetches);
+	cas_store_free(s);
+	cas_store *ls;
+	struct cas_local_options lo = {0};
+	snprintf(path, sizeof(path), "%s/cache-packs", base);
+	REQUIRE(cas_local_open(path, &lo, &ls) == 0);
+	CHECK(cas_local_verify(ls, NULL, NULL) == 0);
+	cas_store_free(ls);
+
+	/* Bounded: a file, which eviction can remove. */
+	s = open_cache(&k, "cache-packs-bounded", 1u << 30);
+	CHECK(cas_store_blob_read(s, &d, 4096, &buf, &size) == 0 &&
+	      size == sizeof(data) && memcmp(buf, data, size) == 0);
+	free(buf);
+	cas_cache_flush(s);
+	blob_file_path("cache-packs-bounded", &d, path, sizeof(path));
+	CHECK(access(path, F_OK) == 0);
+	snprintf(packs, sizeof(packs), "%s/cache-packs-bounded/packs", base);
+	CHECK(count_entries(packs, ".pack") == 0);
+	cas_store_free(s);
+	pthread_mutex_destroy(&k.lock);
+}
+
+/* Prefetch through blobs_fetch: reading a Directory fetches, in batches,
+ * the small blobs of the Directories below it too, and every one of them
+ * is then read without a fetch; a corrupt blob among them is not cached
+ * and its reader gets EIO. */
+static void test_cache_prefetch_batches(cas_store *origin)
+{
+	enum { N = 300 };
+	struct fake k = {.base.ops = &fake_batch_ops, .origin = origin};
+	pthread_mutex_init(&k.lock, NULL);
+	cas_node files[N];
+	char names[N][8];
+	for (int i = 0; i < N; i++) {
+		char content[64];
+		int len = snprintf(content, sizeof(content), "prefetched %d", i);
+		snprintf(names[i], sizeof(names[i]), "f%03d", i);
+		files[i] = (cas_node){.type = CAS_NODE_FILE,
+				      .name = (const uint8_t *)names[i],
+				      .name_len = 4,
+				      .size = (uint64_t)len};
+		put_blob(origin, content, (size_t)len, &files[i].digest);
+	}
+	cas_directory sub = {.files = files, .n_files = N};
+	uint8_t *b1, *b2;
+	size_t l1, l2;
+	cas_digest sub_d, root_d;
+	REQUIRE(cas_directory_encode(&sub, &b1, &l1, NULL) == 0);
+	cas_directory_digest(b1, l1, &sub_d);
+	cas_node rd[] = {{.type = CAS_NODE_DIRECTORY,
+			  .name = (const uint8_t *)"sub",
+			  .name_len = 3,
+			  .digest = sub_d,
+			  .size = N}};
+	cas_directory root = {.directories = rd, .n_directories = 1};
+	REQUIRE(cas_directory_encode(&root, &b2, &l2, NULL) == 0);
+	cas_dir_batch *b;
+	REQUIRE(origin->ops->dir_batch_new(origin, &b) == 0);
+	REQUIRE(b->ops->put(b, b1, l1, &sub_d) == 0);
+	REQUIRE(b->ops->put(b, b2, l2, &root_d) == 0);
+	REQUIRE(b->ops->commit(b, NULL, NULL) == 0);
+	free(b1);
+	free(b2);
+
+	cas_store *s = open_cache(&k, "cache-prefetch", 0);
+	uint8_t *buf = NULL;
+	size_t len = 0;
+	/* Only the root is read: the blobs below it come anyway. */
+	REQUIRE(s->ops->directory_get_raw(s, &root_d, &buf, &len) == 0);
+	free(buf);
+	wait_fetches(&k, N);
+	cas_cache_flush(s);
+	CHECK(k.blob_fetches == N);
+	CHECK(k.batches >= 1 && k.batches < N / 2);
+	for (int i = 0; i < N; i++) {
+		uint8_t *data = NULL;
+		uint64_t size = 0;
+		char want[64];
+		int wl = snprintf(want, sizeof(want), "prefetched %d", i);
+		CHECK(cas_store_blob_read(s, &files[i].digest, 4096, &data,
+					  &size) == 0 &&
+		      size == (uint64_t)wl && memcmp(data, want, size) == 0);
+		free(data);
+	}
+	CHECK(k.blob_fetches == N);
+	cas_store_free(s);
+
+	int fd_unused;
+	uint64_t size;
+	/* Corrupt batches: nothing cached (and prefetch pauses: the remote
+	 * fails); a reader fetches for itself and gets the right bytes. */
+	k.corrupt_batch = true;
+	k.blob_fetches = 0;
+	s = open_cache(&k, "cache-prefetch-bad", 0);
+	REQUIRE(s->ops->directory_get_raw(s, &sub_d, &buf, &len) == 0);
+	free(buf);
+	wait_fetches(&k, 1);
+	uint8_t *data = NULL;
+	CHECK(cas_store_blob_read(s, &files[7].digest, 4096, &data, &size) ==
+	      0 && size == files[7].size && memcmp(data, "prefetched 7", 12) == 0);
+	free(data);
+	cas_cache_flush(s);
+	for (int i = 0; i < N; i++) {
+		uint64_t off;
+		int r = s->ops->blob_locate(s, &files[i].digest, &fd_unused,
+					    &off, &size);
+		CHECK(i == 7 ? r == 0 : r == -ENOENT); /* 7: fetched right */
+	}
+	k.corrupt_batch = false;
+	cas_store_free(s);
+	pthread_mutex_destroy(&k.lock);
+}
+
 int main(void)
 {
 	cas_log_set_level(CAS_LOG_ERROR + 0);
@@ -747,6 +982,8 @@ int main(void)
 	test_cache_directories(origin, false);
 	test_cache_directories(origin, true);
 	test_evict(origin);
+	test_cache_packs(origin);
+	test_cache_prefetch_batches(origin);
 	cas_store_free(origin);
 	test_grpc_blobs_fetch();
 	test_http_blobs_fetch();
