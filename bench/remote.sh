@@ -15,7 +15,10 @@
 #     counted for all);
 #   cold sequential read of the 1 GiB file (dd bs=1M) through a mount of
 #     each remote (and of the local store, for reference), beside
-#     `curl -o /dev/null` of the same bytes from nginx.
+#     `curl -o /dev/null` of the same bytes from nginx;
+#   for reference, the requests alone: `curl --parallel` (16 at once, as
+#     castore's HTTP fetcher) of every blob of the tree from nginx, cold,
+#     without writing anything - the floor of one GET per blob.
 #
 # Environment: BENCH_DIR (default /var/tmp/castore-bench), RUNS (3),
 # CASTORE (default build/src/cli/castore; use a release build), RA_KB
@@ -225,6 +228,15 @@ do_mount_read() {
 	return $rc
 }
 do_curl() { curl -fsS -o /dev/null "$BIG_URL"; }
+# Every blob of the published tree but the big one, as a curl config.
+NBLOBS=0
+if ((OK_HTTP)); then
+	find "$WORK/pub/blobs" -type f ! -size $((BIG_MB << 20))c -printf '%P\n' |
+		awk -v u="$HTTP_URL/blobs/" '{ print "url = \"" u $0 "\"\noutput = \"/dev/null\"" }' \
+			>"$WORK/blobs.curl"
+	NBLOBS=$(grep -c '^url' "$WORK/blobs.curl")
+fi
+do_curl_blobs() { curl -fsS --parallel --parallel-max 16 -K "$WORK/blobs.curl"; }
 
 SOURCES=(local)
 ((OK_GRPC)) && SOURCES+=(grpc)
@@ -259,6 +271,15 @@ for ((round = 1; round <= RUNS; round++)); do
 		keep_min "$s.read" $T
 		echo "  cold read through a mount of $s: $(us2s $T) s"
 	done
+	if ((OK_HTTP)) && [[ -z ${FAILED[curl_blobs]:-} ]]; then
+		drop_caches
+		if timed do_curl_blobs; then
+			keep_min curl_blobs $T
+			echo "  curl --parallel of the tree's $NBLOBS blobs: $(us2s $T) s"
+		else
+			FAILED[curl_blobs]=1
+		fi
+	fi
 	if ((OK_HTTP)) && [[ -z ${FAILED[curl]:-} ]]; then
 		drop_caches
 		if timed do_curl; then
@@ -290,7 +311,12 @@ for s in local grpc http; do
 		"$(us2s "${R[$s.export_sync]}")" \
 		"$([[ -n ${R[local.export_sync]:-} ]] && ratio "${R[$s.export_sync]}" "${R[local.export_sync]}" || echo -)"
 done
-echo "(ratio = +sync time / local +sync time; target <= 2x)"
+if [[ -n ${R[curl_blobs]:-} ]]; then
+	printf '%-34s %10s %12s %9sx\n' "curl --parallel, every blob" "$(us2s "${R[curl_blobs]}")" "-" \
+		"$([[ -n ${R[local.export_sync]:-} ]] && ratio "${R[curl_blobs]}" "${R[local.export_sync]}" || echo -)"
+fi
+echo "(ratio = +sync time / local +sync time; target <= 2x; the curl row is"
+echo " the requests alone, $NBLOBS GETs from nginx writing nothing: a floor for HTTP)"
 echo
 printf '%-34s %10s %8s %10s\n' "cold read of the $BIG_MB MiB file" "seconds" "GB/s" "vs curl"
 gbs() { awk -v u="$1" -v b=$((BIG_MB << 20)) 'BEGIN { printf "%.2f", b / u / 1000 }'; }
