@@ -62,6 +62,7 @@
 /* Files up to this size are read whole at open (the local store keeps
  * blobs this small in packs, see local.h). */
 #define SMALL_FILE 4096
+#define SEQUENTIAL_HINT_MIN (1u << 20)
 
 enum inode_kind {
 	KIND_ROOT = 0,
@@ -840,8 +841,14 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	}
 	if (r == -ENOENT && in->size <= SMALL_FILE)
 		r = cas_store_blob_read(fs->store, &dg, SMALL_FILE, &data, &size);
-	else if (r == -ENOENT)
+	else if (r == -ENOENT) {
 		r = fs->store->ops->blob_open(fs->store, &dg, &fd, &size);
+		/* Its own fd becomes the passthrough backing file, whose
+		 * readahead then serves the kernel's reads: files are mostly
+		 * read start to end, so let it grow to twice the default. */
+		if (r >= 0 && size > SEQUENTIAL_HINT_MIN)
+			(void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+	}
 	if (r < 0) {
 		if (first_report(fs, in->key)) {
 			char hex[CAS_DIGEST_HEX_LEN + 1];
