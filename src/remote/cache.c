@@ -1006,25 +1006,12 @@ static void batch_blob(void *userdata, size_t i, int r, const uint8_t *buf,
 	if (r == 0)
 		r = mem_stage(b->c, &b->ds[i], buf, len);
 	b->r[i] = r < 0 && r != -ENOENT ? -EIO : r;
-	/* Done now; a reader that waits for this one is woken now (only
-	 * then: a wakeup per blob is what batches save). */
-	struct cache_store *c = b->c;
-	pthread_mutex_lock(&c->lock);
-	struct inflight *e = b->e[i];
-	if (e) {
-		e->done = true;
-		e->r = b->r[i];
-		if (e->refs > 1)
-			pthread_cond_broadcast(&c->cond);
-		inflight_unref_locked(&c->blobs_inflight, e);
-		b->e[i] = NULL;
-	}
-	pthread_mutex_unlock(&c->lock);
 }
 
 /* Fetches small blobs in one blobs_fetch call (those nobody else is
- * fetching and the cache still lacks). Returns -EIO when any failed for a
- * reason other than absence. */
+ * fetching and the cache still lacks); every waiter is woken once at
+ * the end. Returns -EIO when any failed for a reason other than
+ * absence. */
 static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 			  size_t n)
 {
@@ -1062,18 +1049,15 @@ static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 		r = c->fetcher->ops->blobs_fetch(c->fetcher, b->ds, b->n,
 						 CAS_LOCAL_PACK_MAX, batch_blob,
 						 b);
-	/* The transport calls back once per blob; any it missed fails. */
 	pthread_mutex_lock(&c->lock);
 	for (size_t i = 0; i < b->n; i++) {
-		if (b->e[i]) {
-			b->e[i]->done = true;
-			b->e[i]->r = -EIO;
-			pthread_cond_broadcast(&c->cond);
-			inflight_unref_locked(&c->blobs_inflight, b->e[i]);
-		}
+		b->e[i]->done = true;
+		b->e[i]->r = b->r[i];
 		if (b->r[i] == -EIO)
 			r = -EIO;
+		inflight_unref_locked(&c->blobs_inflight, b->e[i]);
 	}
+	pthread_cond_broadcast(&c->cond);
 	pthread_mutex_unlock(&c->lock);
 	free(b);
 	return r < 0 ? -EIO : 0;
