@@ -877,11 +877,11 @@ static int mem_get(struct cache_store *c, const cas_digest *d, size_t max,
 		c->mstaged.n ? cas_dmap_find(&c->mstaged, d) : NULL;
 	if (e) {
 		const struct cas_local_small *v = e->value;
-		const struct mgroup *g =
-			c->mfill && v >= c->mfill->v &&
-					v < c->mfill->v + MGROUP_BLOBS
-				? c->mfill
-				: c->mwrite;
+		/* An entry of mfill's or of mwrite's table. */
+		const struct mgroup *g = c->mwrite;
+		if (c->mfill && (uintptr_t)v >= (uintptr_t)c->mfill->v &&
+		    (uintptr_t)v < (uintptr_t)(c->mfill->v + MGROUP_BLOBS))
+			g = c->mfill;
 		uint8_t *buf = v->len > max ? NULL : malloc(v->len ? v->len : 1);
 		r = v->len > max ? -EFBIG : buf ? 0 : -ENOMEM;
 		if (buf) {
