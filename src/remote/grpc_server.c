@@ -926,7 +926,8 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 	pthread_attr_init(&attr);
 	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
 	r = 0;
-	while (!*stop) {
+	/* Set by a signal handler, or by another thread (tests). */
+	while (!__atomic_load_n(stop, __ATOMIC_RELAXED)) {
 		struct pollfd p = {lfd, POLLIN, 0};
 		int pr = poll(&p, 1, POLL_MS);
 		if (pr <= 0)

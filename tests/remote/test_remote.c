@@ -740,6 +740,7 @@ static int fake_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 	pthread_mutex_lock(&k->lock);
 	k->batches++;
 	k->blob_fetches += (unsigned)n;
+	bool corrupt = k->corrupt_batch;
 	pthread_mutex_unlock(&k->lock);
 	for (size_t i = 0; i < n; i++) {
 		uint8_t *buf = NULL;
@@ -747,7 +748,7 @@ static int fake_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 		int r = k->offline ? -EIO
 				   : cas_store_blob_read(k->origin, &ds[i], max,
 							 &buf, &size);
-		if (r == 0 && k->corrupt_batch && size)
+		if (r == 0 && corrupt && size)
 			buf[size - 1] ^= 1;
 		cb(userdata, i, r, buf, (size_t)size);
 		free(buf);
@@ -959,8 +960,8 @@ static void test_cache_prefetch_batches(cas_store *origin)
 					    &off, &size);
 		CHECK(i == 7 ? r == 0 : r == -ENOENT); /* 7: fetched right */
 	}
+	cas_store_free(s); /* joins the prefetch threads */
 	k.corrupt_batch = false;
-	cas_store_free(s);
 	pthread_mutex_destroy(&k.lock);
 }
 
@@ -1119,14 +1120,15 @@ struct serve_arg {
 static void serve_ready(void *userdata, const char *address)
 {
 	struct serve_arg *a = userdata;
-	a->ready = 1;
+	__atomic_store_n(&a->ready, 1, __ATOMIC_RELEASE);
 }
 
 static void *serve_main(void *arg)
 {
 	struct serve_arg *a = arg;
 	a->r = cas_grpc_serve(a->store, a->listen, &a->stop, serve_ready, a);
-	a->ready = 1; /* also when listening failed */
+	/* also when listening failed */
+	__atomic_store_n(&a->ready, 1, __ATOMIC_RELEASE);
 	return NULL;
 }
 
@@ -1146,7 +1148,7 @@ static void test_grpc_blobs_fetch(void)
 	a.store = store;
 	snprintf(a.listen, sizeof(a.listen), "unix:%s/grpc.sock", base);
 	REQUIRE(pthread_create(&t, NULL, serve_main, &a) == 0);
-	while (!a.ready)
+	while (!__atomic_load_n(&a.ready, __ATOMIC_ACQUIRE))
 		usleep(1000);
 	REQUIRE(a.r == 0);
 	snprintf(url, sizeof(url), "grpc+unix://%s/grpc.sock", base);
@@ -1159,17 +1161,17 @@ static void test_grpc_blobs_fetch(void)
 
 	/* A server restarted: the pooled connection is dead, a batch still
 	 * gets every blob. */
-	a.stop = 1;
+	__atomic_store_n(&a.stop, 1, __ATOMIC_RELAXED);
 	pthread_join(t, NULL);
 	a.stop = 0;
 	a.ready = 0;
 	REQUIRE(pthread_create(&t, NULL, serve_main, &a) == 0);
-	while (!a.ready)
+	while (!__atomic_load_n(&a.ready, __ATOMIC_ACQUIRE))
 		usleep(1000);
 	REQUIRE(a.r == 0);
 	batch_check(f, &x, BATCH_N, 0);
 
-	a.stop = 1;
+	__atomic_store_n(&a.stop, 1, __ATOMIC_RELAXED);
 	pthread_join(t, NULL);
 	batch_check_gone(f, &x);
 	f->ops->free(f);
