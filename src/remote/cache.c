@@ -77,7 +77,17 @@ struct inflight {
 struct prefetch_item {
 	cas_digest digest;
 	uint64_t size;
+	/* Where the published layout's pack of its Directory holds it
+	 * (remote_i.h); off UINT64_MAX when in none. */
+	cas_digest pack;
+	uint64_t off;
 };
+
+/* Pack ranges: a run of queued blobs of one pack is one request, taking
+ * in gaps of up to RANGE_GAP bytes (blobs already cached or fetched by
+ * another thread) rather than splitting, up to RANGE_MAX bytes. */
+#define RANGE_GAP (64u << 10)
+#define RANGE_MAX (8u << 20)
 
 /* Small blobs gathered in memory for the cache's pack: group bytes back
  * to back in buf (aligned for O_DIRECT), v[i] where each lies. */
@@ -134,7 +144,13 @@ struct cache_store {
 	size_t pq_head, pq_len;	      /* protected by lock */
 	bool stopping;		      /* protected by lock */
 	struct timespec paused_until; /* protected by lock */
-	struct cas_dmap prefetched;   /* Directories queued; protected by lock */
+	struct cas_dmap prefetched;   /* Directories walked; protected by lock */
+	pthread_mutex_t walk_lock;    /* the walk; taken before lock */
+	struct walk_frame *walk;      /* PREFETCH_MAX_DEPTH; walk_lock */
+	size_t walk_depth;	      /* protected by walk_lock */
+	unsigned walk_budget;	      /* blobs it may queue; lock */
+	bool walk_active;	      /* it has more to go; lock */
+	bool walk_kick;		      /* a worker is to continue it; lock */
 	struct cas_dmap
 		bad_logged; /* blobs reported wrong; protected by lock */
 
@@ -161,6 +177,8 @@ struct cache_store {
 	bool mem_full;		   /* a stager waits for room; lock */
 	bool pack_failed_logged;   /* protected by lock */
 	struct cas_dmap mstaged;   /* digest -> entry of mfill or mwrite; lock */
+	bool packs_found;	   /* a pack range was fetched; lock */
+	bool no_packs;		   /* the layout has none; lock */
 };
 
 static struct cache_store *to_cache(cas_store *s)
@@ -984,33 +1002,156 @@ static int ensure_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	}
 }
 
-/* One blobs_fetch batch: the digests this worker owns in the in-flight
- * table, their entries, and the results. */
+/* One prefetch batch: the blobs this worker owns in the in-flight table
+ * (it), their entries and results; the pack ranges that fetch runs of
+ * them; and the blobs fetched alone (ds, idx: their index in it). */
+#define BATCH_RETRY 1 /* r: a range did not give it; fetch it alone */
+
 struct batch {
 	struct cache_store *c;
-	cas_digest ds[PREFETCH_BATCH];
+	struct prefetch_item it[PREFETCH_BATCH];
 	struct inflight *e[PREFETCH_BATCH];
 	int r[PREFETCH_BATCH];
 	size_t n;
+	struct cas_fetch_range ranges[PREFETCH_BATCH];
+	size_t range_of[PREFETCH_BATCH]; /* SIZE_MAX: fetched alone */
+	size_t range_first[PREFETCH_BATCH], range_end[PREFETCH_BATCH];
+	size_t n_ranges;
+	bool pack_absent, pack_found;
+	cas_digest ds[PREFETCH_BATCH];
+	size_t idx[PREFETCH_BATCH];
+	size_t n_ds;
 };
 
-static void batch_blob(void *userdata, size_t i, int r, const uint8_t *buf,
+/* A verified blob that was fetched whole into memory but goes to a file
+ * (too large for the pack, or a bounded cache): written to tmp/, staged. */
+static int file_stage(struct cache_store *c, const cas_digest *d,
+		      const uint8_t *buf, size_t len)
+{
+	struct staged_blob *sb = calloc(1, sizeof(*sb));
+	if (!sb)
+		return -ENOMEM;
+	sb->digest = *d;
+	sb->size = len;
+	struct blob_sink b = {.c = c, .tmp = sb->tmp, .fd = -1};
+	int r = sink_open(&b);
+	if (r >= 0)
+		r = cas_write_all(b.fd, buf, len);
+	if (b.fd >= 0 && close(b.fd) < 0 && r >= 0)
+		r = cas_negerrno();
+	if (r < 0) {
+		if (sb->tmp[0])
+			(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+		free(sb);
+		return r;
+	}
+	r = stage_blob(c, sb);
+	if (r >= 0 && c->cache_max) {
+		pthread_mutex_lock(&c->lock);
+		c->cache_bytes += len;
+		pthread_mutex_unlock(&c->lock);
+	}
+	return r;
+}
+
+/* A fetched blob: verified, then kept in memory for the pack, or put in
+ * a file. */
+static int batch_stage(struct batch *b, size_t k, const uint8_t *buf,
+		       size_t len)
+{
+	cas_digest got;
+	cas_hash_buffer(buf, len, &got);
+	int r = check_fetched(b->c, &b->it[k].digest, &got, true);
+	if (r == 0 && b->c->pack_small && len <= CAS_LOCAL_PACK_MAX)
+		r = mem_stage(b->c, &b->it[k].digest, buf, len);
+	else if (r == 0)
+		r = file_stage(b->c, &b->it[k].digest, buf, len);
+	return r;
+}
+
+static void batch_blob(void *userdata, size_t j, int r, const uint8_t *buf,
 		       size_t len)
 {
 	struct batch *b = userdata;
-	if (r == 0) {
-		cas_digest got;
-		cas_hash_buffer(buf, len, &got);
-		r = check_fetched(b->c, &b->ds[i], &got, true);
-	}
+	size_t k = b->idx[j];
 	if (r == 0)
-		r = mem_stage(b->c, &b->ds[i], buf, len);
-	b->r[i] = r < 0 && r != -ENOENT ? -EIO : r;
+		r = batch_stage(b, k, buf, len);
+	b->r[k] = r < 0 && r != -ENOENT ? -EIO : r;
 }
 
-/* Fetches small blobs in one blobs_fetch call (those nobody else is
- * fetching and the cache still lacks); every waiter is woken once at
- * the end. Returns -EIO when any failed for a reason other than
+static void batch_range(void *userdata, size_t i, int r, const uint8_t *buf,
+			size_t len)
+{
+	struct batch *b = userdata;
+	const struct cas_fetch_range *rg = &b->ranges[i];
+	if (r == -ENOENT)
+		b->pack_absent = true;
+	else if (r == 0)
+		b->pack_found = true;
+	for (size_t k = b->range_first[i]; k < b->range_end[i]; k++) {
+		if (b->range_of[k] != i)
+			continue;
+		uint64_t at = b->it[k].off - rg->off;
+		/* Anything wrong with the pack (absent, short, bytes that
+		 * are not the blob): the blob is fetched alone, whose
+		 * answer is the one that counts. */
+		b->r[k] = BATCH_RETRY;
+		if (r == 0 && at + b->it[k].size <= len &&
+		    batch_stage(b, k, buf + at, (size_t)b->it[k].size) == 0)
+			b->r[k] = 0;
+	}
+}
+
+/* Groups the batch's packed blobs into ranges of their packs; a range
+ * of one blob is not worth one (the blob is fetched alone). */
+static void batch_plan_ranges(struct batch *b, bool packs)
+{
+	size_t n_tent = 0;
+	size_t count[PREFETCH_BATCH];
+	for (size_t k = 0; k < b->n; k++) {
+		const struct prefetch_item *it = &b->it[k];
+		b->range_of[k] = SIZE_MAX;
+		if (!packs || it->off == UINT64_MAX)
+			continue;
+		struct cas_fetch_range *cur =
+			n_tent ? &b->ranges[n_tent - 1] : NULL;
+		uint64_t end = cur ? cur->off + cur->len : 0;
+		if (cur && cas_digest_eq(&cur->pack, &it->pack) &&
+		    it->off >= end && it->off - end <= RANGE_GAP &&
+		    it->off + it->size - cur->off <= RANGE_MAX) {
+			cur->len = it->off + it->size - cur->off;
+		} else {
+			cur = &b->ranges[n_tent];
+			*cur = (struct cas_fetch_range){it->pack, it->off,
+							it->size};
+			b->range_first[n_tent] = k;
+			count[n_tent++] = 0;
+		}
+		b->range_of[k] = n_tent - 1;
+		b->range_end[n_tent - 1] = k + 1;
+		count[n_tent - 1]++;
+	}
+	/* Keep the ranges of two or more blobs, renumbered. */
+	size_t map[PREFETCH_BATCH];
+	b->n_ranges = 0;
+	for (size_t i = 0; i < n_tent; i++) {
+		map[i] = count[i] >= 2 ? b->n_ranges : SIZE_MAX;
+		if (count[i] < 2)
+			continue;
+		b->ranges[b->n_ranges] = b->ranges[i];
+		b->range_first[b->n_ranges] = b->range_first[i];
+		b->range_end[b->n_ranges] = b->range_end[i];
+		b->n_ranges++;
+	}
+	for (size_t k = 0; k < b->n; k++)
+		if (b->range_of[k] != SIZE_MAX)
+			b->range_of[k] = map[b->range_of[k]];
+}
+
+/* Fetches small blobs (those nobody else is fetching and the cache still
+ * lacks): runs of a published pack with ranges_fetch, the rest (and what
+ * a range did not give) with one blobs_fetch call; every waiter is woken
+ * once at the end. Returns -EIO when any failed for a reason other than
  * absence. */
 static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 			  size_t n)
@@ -1020,6 +1161,7 @@ static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 		return -ENOMEM;
 	b->c = c;
 	b->n = 0;
+	b->pack_absent = b->pack_found = false;
 	for (size_t i = 0; i < n; i++) {
 		bool owner;
 		uint64_t size;
@@ -1039,17 +1181,35 @@ static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 			continue;
 		}
 		e->quiet = true;
-		b->ds[b->n] = v[i].digest;
+		b->it[b->n] = v[i];
 		b->e[b->n] = e;
 		b->r[b->n] = -EIO;
 		b->n++;
 	}
+	pthread_mutex_lock(&c->lock);
+	bool packs = !c->no_packs;
+	pthread_mutex_unlock(&c->lock);
+	batch_plan_ranges(b, packs);
+	if (b->n_ranges)
+		(void)c->fetcher->ops->ranges_fetch(c->fetcher, b->ranges,
+						    b->n_ranges, batch_range, b);
+	b->n_ds = 0;
+	for (size_t k = 0; k < b->n; k++)
+		if (b->range_of[k] == SIZE_MAX || b->r[k] == BATCH_RETRY) {
+			b->r[k] = -EIO;
+			b->ds[b->n_ds] = b->it[k].digest;
+			b->idx[b->n_ds++] = k;
+		}
 	int r = 0;
-	if (b->n)
-		r = c->fetcher->ops->blobs_fetch(c->fetcher, b->ds, b->n,
-						 CAS_LOCAL_PACK_MAX, batch_blob,
+	if (b->n_ds)
+		r = c->fetcher->ops->blobs_fetch(c->fetcher, b->ds, b->n_ds,
+						 PREFETCH_MAX_SIZE, batch_blob,
 						 b);
 	pthread_mutex_lock(&c->lock);
+	/* A layout published without packs: stop asking for them. */
+	c->packs_found |= b->pack_found;
+	if (b->pack_absent && !c->packs_found)
+		c->no_packs = true;
 	for (size_t i = 0; i < b->n; i++) {
 		b->e[i]->done = true;
 		b->e[i]->r = b->r[i];
@@ -1063,33 +1223,39 @@ static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 	return r < 0 ? -EIO : 0;
 }
 
+static void walk_continue(struct cache_store *c);
+
 static void *prefetch_main(void *arg)
 {
 	struct cache_store *c = arg;
 	struct prefetch_item v[PREFETCH_BATCH];
-	bool batched = c->fetcher->ops->blobs_fetch && c->pack_small;
+	bool batched = c->fetcher->ops->blobs_fetch != NULL;
 
 	pthread_mutex_lock(&c->lock);
 	for (;;) {
-		while (!c->stopping && c->pq_len == 0)
+		while (!c->stopping && c->pq_len == 0 && !c->walk_kick)
 			pthread_cond_wait(&c->pq_cond, &c->lock);
 		if (c->stopping)
 			break;
-		/* A batch of small blobs, or one blob. */
+		/* A batch (every queued blob is at most PREFETCH_MAX_SIZE),
+		 * or one blob. */
 		size_t n = 0;
 		while (c->pq_len > 0 && n < (batched ? PREFETCH_BATCH : 1)) {
-			const struct prefetch_item *it = &c->pq[c->pq_head];
-			if (n > 0 && it->size > CAS_LOCAL_PACK_MAX)
-				break;
-			v[n++] = *it;
+			v[n++] = c->pq[c->pq_head];
 			c->pq_head = (c->pq_head + 1) % PREFETCH_QUEUE;
 			c->pq_len--;
-			if (it->size > CAS_LOCAL_PACK_MAX)
-				break;
 		}
+		bool more = c->walk_kick || c->pq_len < PREFETCH_AHEAD / 2;
+		c->walk_kick = false;
 		pthread_mutex_unlock(&c->lock);
+		if (more)
+			walk_continue(c);
+		if (n == 0) {
+			pthread_mutex_lock(&c->lock);
+			continue;
+		}
 		int r;
-		if (batched && v[0].size <= CAS_LOCAL_PACK_MAX)
+		if (batched)
 			r = prefetch_batch(c, v, n);
 		else
 			r = ensure_blob(c, &v[0].digest, true);
@@ -1107,67 +1273,160 @@ static void *prefetch_main(void *arg)
 	return NULL;
 }
 
-/* Queues the small blobs of a Directory that the cache lacks, then those
- * of the Directories below it that the cache holds (depth first, in the
- * order export and cp -r go), until PREFETCH_AHEAD blobs wait. A
- * Directory is marked once its blobs are queued, so that each is queued
- * once; one that does not fit is left for when it is read. */
-static void prefetch_walk(struct cache_store *c, const cas_digest *d,
-			  const uint8_t *buf, size_t len, unsigned depth)
+/* The prefetch walk: one per cache, a stack of the Directories it is in.
+ * It goes in export's order - the Directories below one first, then its
+ * own files - and queues the small blobs the cache lacks until
+ * PREFETCH_AHEAD wait; workers continue it as they drain the queue, so
+ * it stays ahead of the reader instead of restarting behind it; each blob
+ * a reader reads lets it go one further (walk_budget), so that it stays
+ * at most PREFETCH_AHEAD ahead and stops when nobody reads. A
+ * Directory is marked when the walk enters it, so each is walked once. A
+ * reader that reads a Directory the walk has not entered is elsewhere:
+ * the walk moves there (the old one is dropped). */
+struct walk_frame {
+	cas_digest d;
+	cas_directory *dir;
+	uint64_t *off;	  /* where its pack holds its files, or NULL */
+	size_t next_dir;  /* the next Directory below to enter */
+	size_t next_file; /* then the next file to queue */
+};
+
+static void walk_clear(struct cache_store *c)
+{
+	for (size_t i = 0; i < c->walk_depth; i++) {
+		cas_directory_free(c->walk[i].dir);
+		free(c->walk[i].off);
+	}
+	c->walk_depth = 0;
+}
+
+/* Enters Directory d (buf: its bytes) unless the walk has been there;
+ * walk_lock held. */
+static void walk_push(struct cache_store *c, const cas_digest *d,
+		      const uint8_t *buf, size_t len)
 {
 	cas_directory *dir = NULL;
-	if (cas_directory_decode(buf, len, &dir, NULL) < 0)
+	if (c->walk_depth == PREFETCH_MAX_DEPTH ||
+	    cas_directory_decode(buf, len, &dir, NULL) < 0)
 		return;
 	pthread_mutex_lock(&c->lock);
-	bool skip = c->stopping || c->pq_len >= PREFETCH_AHEAD ||
-		    c->pq_len + dir->n_files > PREFETCH_QUEUE ||
-		    cas_dmap_put(&c->prefetched, d, NULL) <= 0;
+	bool seen = cas_dmap_put(&c->prefetched, d, NULL) <= 0;
+	bool packs = c->fetcher->ops->ranges_fetch && !c->no_packs;
 	pthread_mutex_unlock(&c->lock);
-	if (skip) {
+	if (seen) {
 		cas_directory_free(dir);
 		return;
 	}
-	for (size_t i = 0; i < dir->n_files; i++) {
-		const cas_node *f = &dir->files[i];
-		uint64_t size;
-		/* Within a bounded cache, prefetch must not push out what
-		 * is being read. */
-		if (f->size > PREFETCH_MAX_SIZE ||
-		    (c->cache_max && f->size > c->cache_max / 64) ||
-		    cached_blob_stat(c, &f->digest, &size) != -ENOENT)
-			continue;
-		pthread_mutex_lock(&c->lock);
-		c->pq[(c->pq_head + c->pq_len) % PREFETCH_QUEUE] =
-			(struct prefetch_item){f->digest, f->size};
-		c->pq_len++;
-		if (c->n_workers < c->prefetch_threads &&
-		    c->n_workers < c->pq_len &&
-		    pthread_create(&c->workers[c->n_workers], NULL,
-				   prefetch_main, c) == 0)
-			c->n_workers++;
-		pthread_cond_signal(&c->pq_cond);
-		pthread_mutex_unlock(&c->lock);
+	uint64_t *off = NULL;
+	if (packs && dir->n_files &&
+	    (off = malloc(dir->n_files * sizeof(*off))) &&
+	    cas_layout_pack_offsets(dir, off, &(uint64_t){0}) == 0) {
+		free(off);
+		off = NULL;
 	}
-	for (size_t i = 0; depth < PREFETCH_MAX_DEPTH && i < dir->n_directories;
-	     i++) {
-		const cas_digest *sub = &dir->directories[i].digest;
-		uint8_t *sbuf = NULL;
-		size_t slen = 0;
-		pthread_mutex_lock(&c->lock);
-		bool stop = c->pq_len >= PREFETCH_AHEAD;
-		bool done = cas_dmap_find(&c->prefetched, sub) != NULL;
-		pthread_mutex_unlock(&c->lock);
-		if (stop)
-			break;
-		if (done || c->cache->ops->directory_get_raw(c->cache, sub, &sbuf,
-							     &slen) < 0)
-			continue;
-		prefetch_walk(c, sub, sbuf, slen, depth + 1);
-		free(sbuf);
-	}
-	cas_directory_free(dir);
+	c->walk[c->walk_depth++] =
+		(struct walk_frame){.d = *d, .dir = dir, .off = off};
 }
 
+/* Whether the walk queues file i of f: a small blob the cache lacks. */
+static bool walk_wants(struct cache_store *c, const struct walk_frame *f,
+		       size_t i)
+{
+	const cas_node *n = &f->dir->files[i];
+	uint64_t size;
+	/* Within a bounded cache, prefetch must not push out what is
+	 * being read. */
+	return n->size <= PREFETCH_MAX_SIZE &&
+	       !(c->cache_max && n->size > c->cache_max / 64) &&
+	       cached_blob_stat(c, &n->digest, &size) == -ENOENT;
+}
+
+/* Queues file i of f; c->lock held, the queue not full. */
+static void walk_queue_file(struct cache_store *c, const struct walk_frame *f,
+			    size_t i)
+{
+	const cas_node *n = &f->dir->files[i];
+	c->pq[(c->pq_head + c->pq_len) % PREFETCH_QUEUE] =
+		(struct prefetch_item){n->digest, n->size, f->d,
+				       f->off ? f->off[i] : UINT64_MAX};
+	c->pq_len++;
+	c->walk_budget--;
+	if (c->n_workers < c->prefetch_threads && c->n_workers < c->pq_len &&
+	    pthread_create(&c->workers[c->n_workers], NULL, prefetch_main,
+			   c) == 0)
+		c->n_workers++;
+	pthread_cond_signal(&c->pq_cond);
+}
+
+/* Goes on until PREFETCH_AHEAD blobs wait or the walk is done;
+ * walk_lock held. */
+static void walk_run(struct cache_store *c)
+{
+	struct timespec now;
+	clock_gettime(CLOCK_MONOTONIC, &now);
+	pthread_mutex_lock(&c->lock);
+	while (c->walk_depth > 0 && !c->stopping &&
+	       now.tv_sec >= c->paused_until.tv_sec &&
+	       c->pq_len < PREFETCH_AHEAD && c->walk_budget > 0) {
+		struct walk_frame *f = &c->walk[c->walk_depth - 1];
+		if (f->next_dir < f->dir->n_directories) {
+			const cas_digest *sub =
+				&f->dir->directories[f->next_dir++].digest;
+			if (cas_dmap_find(&c->prefetched, sub))
+				continue;
+			pthread_mutex_unlock(&c->lock);
+			uint8_t *buf = NULL;
+			size_t len = 0;
+			/* Only what the cache holds: a Directory comes with
+			 * its closure, so below a held one all are held. */
+			if (c->cache->ops->directory_get_raw(c->cache, sub, &buf,
+							     &len) == 0)
+				walk_push(c, sub, buf, len);
+			free(buf);
+			pthread_mutex_lock(&c->lock);
+			continue;
+		}
+		/* Looked up unlocked, queued in one go: a worker that wakes
+		 * takes the Directory's run whole (one range of its pack). */
+		size_t start = f->next_file, nf = f->dir->n_files - start;
+		pthread_mutex_unlock(&c->lock);
+		_cleanup_free_ bool *want = malloc(nf ? nf : 1);
+		for (size_t i = 0; want && i < nf; i++)
+			want[i] = walk_wants(c, f, start + i);
+		pthread_mutex_lock(&c->lock);
+		if (!want)
+			break;
+		bool full = false;
+		for (; f->next_file < f->dir->n_files; f->next_file++) {
+			full = c->pq_len == PREFETCH_QUEUE || c->stopping ||
+			       c->walk_budget == 0;
+			if (full)
+				break;
+			if (want[f->next_file - start])
+				walk_queue_file(c, f, f->next_file);
+		}
+		if (full)
+			break;
+		cas_directory_free(f->dir);
+		free(f->off);
+		c->walk_depth--;
+	}
+	c->walk_active = c->walk_depth > 0;
+	pthread_mutex_unlock(&c->lock);
+}
+
+/* A worker that drained the queue below half continues the walk (unless
+ * another thread is at it). */
+static void walk_continue(struct cache_store *c)
+{
+	if (pthread_mutex_trylock(&c->walk_lock) != 0)
+		return;
+	walk_run(c);
+	pthread_mutex_unlock(&c->walk_lock);
+}
+
+/* A reader read Directory d: if the walk has not been there, it starts
+ * there. */
 static void prefetch_directory(struct cache_store *c, const cas_digest *d,
 			       const uint8_t *buf, size_t len)
 {
@@ -1179,8 +1438,36 @@ static void prefetch_directory(struct cache_store *c, const cas_digest *d,
 	bool skip = c->stopping || now.tv_sec < c->paused_until.tv_sec ||
 		    (c->prefetched.n && cas_dmap_find(&c->prefetched, d));
 	pthread_mutex_unlock(&c->lock);
-	if (!skip)
-		prefetch_walk(c, d, buf, len, 0);
+	if (skip)
+		return;
+	pthread_mutex_lock(&c->walk_lock);
+	walk_clear(c);
+	pthread_mutex_lock(&c->lock);
+	c->walk_budget = PREFETCH_AHEAD;
+	pthread_mutex_unlock(&c->lock);
+	walk_push(c, d, buf, len);
+	walk_run(c);
+	pthread_mutex_unlock(&c->walk_lock);
+}
+
+/* A reader reads a blob: the walk may go one further. It stays
+ * PREFETCH_AHEAD ahead of a reader, and stops when nobody reads (a
+ * mount's ls does not fetch the store). */
+static void walk_credit(struct cache_store *c)
+{
+	if (!c->prefetch_threads)
+		return;
+	pthread_mutex_lock(&c->lock);
+	c->walk_budget += c->walk_budget < PREFETCH_AHEAD;
+	/* The workers are idle once the queue is drained: wake one to go
+	 * on (not the reader: it has reading to do). */
+	if (c->walk_active && !c->walk_kick &&
+	    c->walk_budget >= PREFETCH_BATCH &&
+	    c->pq_len < PREFETCH_AHEAD / 2) {
+		c->walk_kick = true;
+		pthread_cond_signal(&c->pq_cond);
+	}
+	pthread_mutex_unlock(&c->lock);
 }
 
 /* blob_open (ret_fd) or blob_read (ret_buf), fetching what is absent. */
@@ -1188,6 +1475,7 @@ static int cache_blob_get(struct cache_store *c, const cas_digest *d,
 			  int *ret_fd, size_t max, uint8_t **ret_buf,
 			  uint64_t *ret_size)
 {
+	walk_credit(c);
 	int r = ret_fd ? cached_blob_open(c, d, ret_fd, ret_size)
 		       : cached_blob_read(c, d, max, ret_buf, ret_size);
 	bool fetched = false;
@@ -1238,6 +1526,7 @@ static int cache_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
 			     uint64_t *ret_off, uint64_t *ret_size)
 {
 	struct cache_store *c = to_cache(s);
+	walk_credit(c);
 	if (!c->cache->ops->blob_locate)
 		return -ENOENT;
 	return c->cache->ops->blob_locate(c->cache, d, ret_fd, ret_off,
@@ -1866,6 +2155,10 @@ static void cache_free(cas_store *s)
 		close(c->tmp_fd);
 	pthread_cond_destroy(&c->pub_cond);
 	free(c->pq);
+	if (c->walk)
+		walk_clear(c);
+	free(c->walk);
+	pthread_mutex_destroy(&c->walk_lock);
 	cas_dmap_release(&c->prefetched, NULL);
 	cas_dmap_release(&c->bad_logged, NULL);
 	pthread_cond_destroy(&c->pq_cond);
@@ -1940,21 +2233,22 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	pthread_mutex_init(&c->evict_lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
 	pthread_cond_init(&c->pq_cond, NULL);
+	pthread_mutex_init(&c->walk_lock, NULL);
 	pthread_cond_init(&c->pub_cond, NULL);
 	c->tmp_fd = -1;
 	c->pid = getpid();
 	c->cache_max = opts->cache_max;
 	c->pack_small = c->cache_max == 0;
-	c->prefetch_threads = f->ops->blobs_fetch && c->pack_small
-				      ? PREFETCH_BATCH_THREADS
-				      : PREFETCH_DEFAULT_THREADS;
+	c->prefetch_threads = f->ops->blobs_fetch ? PREFETCH_BATCH_THREADS
+						  : PREFETCH_DEFAULT_THREADS;
 	const char *pf = getenv("CASTORE_PREFETCH");
 	if (pf && *pf)
 		c->prefetch_threads =
 			(unsigned)CAS_MIN(strtoul(pf, NULL, 10),
 					  (unsigned long)PREFETCH_MAX_THREADS);
 	if (c->prefetch_threads &&
-	    !(c->pq = calloc(PREFETCH_QUEUE, sizeof(*c->pq)))) {
+	    (!(c->pq = calloc(PREFETCH_QUEUE, sizeof(*c->pq))) ||
+	     !(c->walk = calloc(PREFETCH_MAX_DEPTH, sizeof(*c->walk))))) {
 		r = -ENOMEM;
 		goto fail;
 	}

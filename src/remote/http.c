@@ -1,10 +1,12 @@
 /* http.c - the fetcher for a published HTTP layout (docs/remote.md):
  *   URL/blobs/ab/<hex>  URL/directories/ab/<hex>  URL/roots
+ *   URL/packs/ab/<hex>  (ranges of a Directory's small files)
  * Plain GETs with libcurl, so any web server, CDN or bucket serves it.
  * Blobs stream to the caller's sink; Directories (one tree level per
  * round) and batches of small blobs are fetched many at a time into
  * memory with a curl multi handle. */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,7 +74,7 @@ static int transfer_errno(CURL *e, CURLcode c, const char *url, bool log)
 					   curl_easy_strerror(c))
 			   : -EIO;
 	curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code);
-	if (code == 200)
+	if (code == 200 || code == 206)
 		return 0;
 	if (code == 404 || code == 410)
 		return -ENOENT;
@@ -139,6 +141,11 @@ struct membuf {
 	 * dropped rather than kept (and counted against max). */
 	CURL *easy;
 	int ok; /* -1 unknown, 0 no, 1 yes */
+	/* A Range request: 206 is the range; 200 (a server that ignores
+	 * Range) the whole file, of which skip bytes are dropped and the
+	 * transfer is cut, on purpose (full), once max bytes are kept. */
+	bool range, full;
+	uint64_t skip;
 };
 
 static size_t mem_write(char *ptr, size_t size, size_t nmemb, void *userdata)
@@ -149,11 +156,22 @@ static size_t mem_write(char *ptr, size_t size, size_t nmemb, void *userdata)
 	if (m->easy && m->ok < 0) {
 		long code = 0;
 		curl_easy_getinfo(m->easy, CURLINFO_RESPONSE_CODE, &code);
-		m->ok = code == 200;
+		m->ok = code == 200 || (m->range && code == 206);
+		if (code != 200)
+			m->skip = 0;
 	}
 	if (m->easy && !m->ok)
 		return len;
-	if (len > m->max - m->len) {
+	if (m->skip) {
+		size_t drop = m->skip < len ? (size_t)m->skip : len;
+		m->skip -= drop;
+		ptr += drop;
+		len -= drop;
+	}
+	if (m->range && len > m->max - m->len) {
+		len = m->max - m->len;
+		m->full = true;
+	} else if (len > m->max - m->len) {
 		m->too_big = true;
 		return 0;
 	}
@@ -167,9 +185,10 @@ static size_t mem_write(char *ptr, size_t size, size_t nmemb, void *userdata)
 		m->buf = n;
 		m->cap = cap;
 	}
-	memcpy(m->buf + m->len, ptr, len);
+	if (len)
+		memcpy(m->buf + m->len, ptr, len);
 	m->len += len;
-	return len;
+	return m->full ? 0 : size * nmemb;
 }
 
 static struct dir_multi *multi_get(struct http_fetcher *h)
@@ -222,8 +241,9 @@ struct slot {
 
 /* A batch of GETs into memory, HTTP_PARALLEL at a time on one multi. */
 struct multi_job {
-	const char *kind; /* "blobs" or "directories" */
+	const char *kind; /* "blobs", "directories" or "packs" */
 	const cas_digest *ds;
+	const struct cas_fetch_range *ranges; /* packs: instead of ds */
 	size_t n, max;
 	/* Blobs: a failure is that blob's result, never logged here, and a
 	 * broken multi fails every blob not done rather than the batch. */
@@ -269,9 +289,23 @@ static int multi_fetch(struct http_fetcher *h, struct multi_job *j)
 			s->body.too_big = false;
 			s->body.easy = e;
 			s->body.ok = -1;
-			object_url(h, j->kind, &j->ds[s->index], s->url,
-				   sizeof(s->url));
+			s->body.range = s->body.full = false;
+			s->body.skip = 0;
+			const struct cas_fetch_range *rg =
+				j->ranges ? &j->ranges[s->index] : NULL;
+			object_url(h, j->kind, rg ? &rg->pack : &j->ds[s->index],
+				   s->url, sizeof(s->url));
 			setup_easy(e, s->url);
+			if (rg) {
+				char range[64];
+				snprintf(range, sizeof(range),
+					 "%" PRIu64 "-%" PRIu64, rg->off,
+					 rg->off + rg->len - 1);
+				curl_easy_setopt(e, CURLOPT_RANGE, range);
+				s->body.range = true;
+				s->body.skip = rg->off;
+				s->body.max = rg->len;
+			}
 			curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
 			curl_easy_setopt(e, CURLOPT_WRITEDATA, &s->body);
 			curl_easy_setopt(e, CURLOPT_PRIVATE, s);
@@ -313,7 +347,9 @@ static int multi_fetch(struct http_fetcher *h, struct multi_job *j)
 			curl_easy_getinfo(e, CURLINFO_RESPONSE_CODE, &code);
 			answered |= code != 0;
 			int tr;
-			if (s->body.too_big)
+			if (s->body.full)
+				tr = 0;
+			else if (s->body.too_big)
 				tr = j->per_item ? -EFBIG
 						 : cas_log_errno(
 							   -EIO,
@@ -400,6 +436,19 @@ static int http_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 	return multi_fetch(to_http(f), &j);
 }
 
+static int http_ranges_fetch(cas_fetcher *f, const struct cas_fetch_range *v,
+			     size_t n, cas_fetch_blob_cb cb, void *userdata)
+{
+	struct multi_job j = {.kind = "packs",
+			      .ranges = v,
+			      .n = n,
+			      .per_item = true,
+			      .done = blob_done,
+			      .blob_cb = cb,
+			      .userdata = userdata};
+	return multi_fetch(to_http(f), &j);
+}
+
 static int http_roots_fetch(cas_fetcher *f, char **ret_buf, size_t *ret_len)
 {
 	struct http_fetcher *h = to_http(f);
@@ -446,6 +495,7 @@ static const struct cas_fetcher_ops http_ops = {
 	.directories_fetch = http_directories_fetch,
 	.roots_fetch = http_roots_fetch,
 	.blobs_fetch = http_blobs_fetch,
+	.ranges_fetch = http_ranges_fetch,
 	.free = http_free,
 };
 

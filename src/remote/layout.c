@@ -1,4 +1,5 @@
-/* layout.c - the roots file of a published HTTP layout (remote_i.h). */
+/* layout.c - the roots file and the Directory packs of a published HTTP
+ * layout (remote_i.h). */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,4 +97,25 @@ int cas_roots_file_parse(const char *buf, size_t len, cas_root_cb cb,
 		pos = end + 1;
 	}
 	return 0;
+}
+
+size_t cas_layout_pack_offsets(const cas_directory *dir, uint64_t *off,
+			       uint64_t *ret_len)
+{
+	size_t n = 0;
+	for (size_t i = 0; i < dir->n_files; i++)
+		n += dir->files[i].size > 0 &&
+		     dir->files[i].size <= CAS_LAYOUT_PACK_MAX;
+	if (n < CAS_LAYOUT_PACK_MIN)
+		return 0;
+	uint64_t pos = 0;
+	for (size_t i = 0; i < dir->n_files; i++) {
+		uint64_t size = dir->files[i].size;
+		off[i] = size > 0 && size <= CAS_LAYOUT_PACK_MAX ? pos
+								 : UINT64_MAX;
+		if (off[i] != UINT64_MAX)
+			pos += size;
+	}
+	*ret_len = pos;
+	return n;
 }

@@ -3,12 +3,14 @@
  *
  *   DIR/blobs/ab/<hex>        the blob's bytes
  *   DIR/directories/ab/<hex>  the Directory's canonical bytes
+ *   DIR/packs/ab/<hex>        its small files back to back (remote_i.h)
  *   DIR/roots                 the published roots (remote_i.h format)
  *   DIR/tmp/                  files being written
  *
- * Objects are written leaves first (a Directory after all it names), each
- * to a temporary file then linked into place without overwriting, so a
- * Directory file that exists promises its whole closure and publishing
+ * Objects are written leaves first (a Directory after all it names and
+ * its pack), each to a temporary file then linked into place without
+ * overwriting, so a Directory file that exists promises its whole
+ * closure and its pack, and publishing
  * again skips it. All objects are made durable (syncfs) before the roots
  * file is replaced by rename: a reader never sees a root whose objects
  * are missing.
@@ -66,31 +68,33 @@ static int ensure_fanout(struct publisher *pb, const char *path)
 	return 0;
 }
 
-/* Writes an object from an fd (blob) or a buffer (Directory) to path via
- * a temporary file; an existing file is left alone. The data is made
- * durable before the object gets its name: a later publish skips names
- * that exist, so a name must never point at bytes a crash could cut. */
-static int write_object(struct publisher *pb, const char *path, int in_fd,
-			uint64_t size, const void *buf, size_t len)
+/* A temporary file in DIR/tmp/ (its name into tmp) for the object at
+ * path, whose fan-out folder it makes. */
+static int tmp_create(struct publisher *pb, const char *path, char *tmp,
+		      size_t size)
 {
-	char tmp[128];
 	int r = ensure_fanout(pb, path);
 	if (r < 0)
 		return r;
-	snprintf(tmp, sizeof(tmp), "tmp/%ld.%u", (long)getpid(), pb->tmp_seq++);
+	snprintf(tmp, size, "tmp/%ld.%u", (long)getpid(), pb->tmp_seq++);
 	int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
-	_cleanup_close_ int fd = openat(pb->dirfd, tmp, flags, 0644);
+	int fd = openat(pb->dirfd, tmp, flags, 0644);
 	if (fd < 0 && errno == EEXIST) {
 		/* Left by a crashed publisher that had our pid. */
 		(void)unlinkat(pb->dirfd, tmp, 0);
 		fd = openat(pb->dirfd, tmp, flags, 0644);
 	}
-	if (fd < 0)
-		return cas_negerrno();
-	if (in_fd >= 0)
-		r = cas_copy_fd(in_fd, fd, size);
-	else
-		r = len ? cas_write_all(fd, buf, len) : 0;
+	return fd < 0 ? cas_negerrno() : fd;
+}
+
+/* Gives the written temporary file its name (r: how writing it went;
+ * an existing file is left alone) and removes the temporary name. The
+ * data is made durable before the object gets its name: a later publish
+ * skips names that exist, so a name must never point at bytes a crash
+ * could cut. */
+static int tmp_commit(struct publisher *pb, int fd, const char *tmp,
+		      const char *path, int r)
+{
 	if (r >= 0 && fdatasync(fd) < 0)
 		r = cas_negerrno();
 	if (r >= 0 && linkat(pb->dirfd, tmp, pb->dirfd, path, 0) < 0 &&
@@ -98,6 +102,22 @@ static int write_object(struct publisher *pb, const char *path, int in_fd,
 		r = cas_negerrno();
 	(void)unlinkat(pb->dirfd, tmp, 0);
 	return r;
+}
+
+/* Writes an object from an fd (blob) or a buffer (Directory) to path. */
+static int write_object(struct publisher *pb, const char *path, int in_fd,
+			uint64_t size, const void *buf, size_t len)
+{
+	char tmp[128];
+	int r;
+	_cleanup_close_ int fd = tmp_create(pb, path, tmp, sizeof(tmp));
+	if (fd < 0)
+		return fd;
+	if (in_fd >= 0)
+		r = cas_copy_fd(in_fd, fd, size);
+	else
+		r = len ? cas_write_all(fd, buf, len) : 0;
+	return tmp_commit(pb, fd, tmp, path, r);
 }
 
 static bool object_exists(struct publisher *pb, const char *path)
@@ -128,6 +148,57 @@ static int publish_blob(struct publisher *pb, const cas_digest *d)
 				     pb->dir);
 	pb->p.sent_objects++;
 	pb->p.sent_bytes += size;
+	return 0;
+}
+
+/* The pack of Directory d (remote_i.h), written before the Directory so
+ * that a Directory file promises its pack too. A file whose bytes do
+ * not have the size the Directory gives leaves the Directory without a
+ * pack: readers then fetch its blobs one by one. */
+static int publish_pack(struct publisher *pb, const cas_digest *d,
+			const cas_directory *dir)
+{
+	char path[128], tmp[128], hex[CAS_DIGEST_HEX_LEN + 1];
+	uint64_t len;
+	_cleanup_free_ uint64_t *off =
+		malloc((dir->n_files ? dir->n_files : 1) * sizeof(*off));
+	if (!off)
+		return -ENOMEM;
+	if (cas_layout_pack_offsets(dir, off, &len) == 0)
+		return 0;
+	object_path("packs", d, path, sizeof(path));
+	if (object_exists(pb, path))
+		return 0;
+	int r = 0;
+	_cleanup_close_ int fd = tmp_create(pb, path, tmp, sizeof(tmp));
+	if (fd < 0)
+		return fd;
+	for (size_t i = 0; i < dir->n_files && r >= 0; i++) {
+		const cas_node *f = &dir->files[i];
+		_cleanup_free_ uint8_t *buf = NULL;
+		uint64_t size;
+		if (off[i] == UINT64_MAX)
+			continue;
+		r = cas_store_blob_read(pb->s, &f->digest, f->size, &buf,
+					&size);
+		if (r == -EFBIG || (r >= 0 && size != f->size)) {
+			cas_digest_to_hex(d, hex);
+			cas_log_debug("directory %s: a file's size is not its "
+				      "blob's: no pack",
+				      hex);
+			(void)unlinkat(pb->dirfd, tmp, 0);
+			return 0;
+		}
+		if (r >= 0)
+			r = cas_write_all(fd, buf, size);
+	}
+	r = tmp_commit(pb, fd, tmp, path, r);
+	if (r < 0) {
+		cas_digest_to_hex(d, hex);
+		return cas_log_errno(r, "publish pack of directory %s into %s: %m",
+				     hex, pb->dir);
+	}
+	pb->p.sent_bytes += len;
 	return 0;
 }
 
@@ -219,6 +290,9 @@ static int publish_tree(struct publisher *pb, const cas_digest *root)
 			continue;
 		}
 		char path[128];
+		r = publish_pack(pb, &f->d, dir);
+		if (r < 0)
+			goto out;
 		object_path("directories", &f->d, path, sizeof(path));
 		r = write_object(pb, path, -1, 0, f->raw, f->raw_len);
 		if (r < 0) {
@@ -390,7 +464,8 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 		r = -ENOMEM;
 		goto out;
 	}
-	static const char *const subdirs[] = {"blobs", "directories", "tmp"};
+	static const char *const subdirs[] = {"blobs", "directories", "packs",
+						     "tmp"};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(subdirs); i++)
 		if (mkdirat(pb.dirfd, subdirs[i], 0755) < 0 &&
 		    errno != EEXIST) {

@@ -36,6 +36,12 @@ typedef int (*cas_fetch_dir_cb)(void *userdata, const cas_digest *want,
 typedef void (*cas_fetch_blob_cb)(void *userdata, size_t i, int r,
 				  const uint8_t *buf, size_t len);
 
+/* Bytes [off, off + len) of the pack of Directory `pack` (below). */
+struct cas_fetch_range {
+	cas_digest pack;
+	uint64_t off, len;
+};
+
 struct cas_fetcher_ops {
 	/* Streams the blob's bytes to sink. -ENOENT when the remote says
 	 * it is absent, -EIO when the remote cannot be reached or fails. */
@@ -60,6 +66,12 @@ struct cas_fetcher_ops {
 	 * was called with that error for every index). */
 	int (*blobs_fetch)(cas_fetcher *f, const cas_digest *ds, size_t n,
 			   size_t max, cas_fetch_blob_cb cb, void *userdata);
+	/* Optional (NULL): the ranges v[0..n) of Directory packs, as
+	 * blobs_fetch fetches blobs (cb once per index; -ENOENT when the
+	 * remote has no such pack, -EIO when the transfer failed). A
+	 * range's bytes may be short: the caller checks what it slices. */
+	int (*ranges_fetch)(cas_fetcher *f, const struct cas_fetch_range *v,
+			    size_t n, cas_fetch_blob_cb cb, void *userdata);
 	void (*free)(cas_fetcher *f);
 };
 
@@ -127,6 +139,21 @@ int cas_roots_file_write_line(FILE *f, const char *name, const cas_node *node);
 /* Calls cb for each root of the file's bytes; -EBADMSG on a bad line. */
 int cas_roots_file_parse(const char *buf, size_t len, cas_root_cb cb,
 			 void *userdata);
+
+/* The pack of a Directory in the published layout (docs/remote.md):
+ * packs/ab/<hex of the Directory> holds the bytes of its files of 1 to
+ * CAS_LAYOUT_PACK_MAX bytes back to back, in the Directory's order (a
+ * blob named twice is there twice); only a Directory with at least
+ * CAS_LAYOUT_PACK_MIN such files has one. Its content follows from the
+ * Directory, so it needs no index, and a reader fetches any run of its
+ * files with one Range GET. Format constants: never change them. */
+#define CAS_LAYOUT_PACK_MAX (64u << 10)
+#define CAS_LAYOUT_PACK_MIN 2
+/* Sets off[i] for each of dir->n_files (UINT64_MAX: not in the pack)
+ * and *ret_len to the pack's size; returns how many files the pack
+ * holds, 0 when the Directory has no pack (then off is not set). */
+size_t cas_layout_pack_offsets(const cas_directory *dir, uint64_t *off,
+			       uint64_t *ret_len);
 
 /* Blob eviction of a cache store (evict.c): removes least recently used
  * blob files of the cache at dir (local.h layout) that no one holds open

@@ -740,6 +740,109 @@ def test_publish_layout(tmp_path, filled, tree, published):
     assert not any((published / "tmp").iterdir())
 
 
+def expected_packs(pb, published):
+    """The pack each published Directory must have, worked out here from
+    the Directory files and the blob files (docs/remote.md): its files of
+    1 to 64 KiB back to back, in its order, when there are two or more."""
+    castore_pb2 = pb[0]
+    want = {}
+    for f in (published / "directories").rglob("*"):
+        if not f.is_file():
+            continue
+        d = castore_pb2.Directory()
+        d.ParseFromString(f.read_bytes())
+        small = [x.digest.hex() for x in d.files if 0 < x.size <= 65536]
+        if len(small) >= 2:
+            want[f.name] = b"".join((published / "blobs" / h[:2] / h).read_bytes()
+                                    for h in small)
+    return want
+
+
+def published_packs(published):
+    return {p.name: p for p in (published / "packs").rglob("*") if p.is_file()}
+
+
+def test_publish_packs(pb, published):
+    want = expected_packs(pb, published)
+    assert len(want) >= 2  # the root and include/ at least
+    got = {name: p.read_bytes() for name, p in published_packs(published).items()}
+    assert got == want
+
+
+def request_counts(log):
+    """GETs per folder of the layout, and the statuses of the pack ones."""
+    counts, pack_status = {}, set()
+    for line in log.splitlines():
+        path, status = line.split('"')[1].split()[1], line.split('"')[2].split()[0]
+        kind = path.split("/")[1]
+        counts[kind] = counts.get(kind, 0) + 1
+        if kind == "packs":
+            pack_status.add(status)
+    return counts, pack_status
+
+
+def export_counting(tmp_path, tree, published, nginx):
+    """Exports root t through nginx into an empty cache (checked equal, and
+    verified); returns the GETs per folder, the statuses of the pack ones,
+    and how many blobs the layout has."""
+    cache = tmp_path / "cache"
+    out = tmp_path / "out"
+    run(["--cache", cache, "export", "t", out], store=nginx.url)
+    trees_equal(tree, out)
+    assert "no problems" in run(["verify"], store=cache).stdout.decode()
+    counts, pack_status = request_counts(nginx.requests())
+    n_blobs = sum(1 for p in (published / "blobs").rglob("*") if p.is_file())
+    return counts, pack_status, n_blobs
+
+
+def test_http_export_uses_packs(tmp_path, tree, published, nginx):
+    counts, pack_status, n_blobs = export_counting(tmp_path, tree, published, nginx)
+    # Ranges of packs (206), and fewer blob GETs than blobs: the small
+    # files came with their Directory's pack.
+    assert counts.get("packs", 0) >= 1 and pack_status == {"206"}
+    assert counts.get("blobs", 0) < n_blobs - 30
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "absent"])
+def test_http_bad_packs_fall_back(tmp_path, tree, published, nginx, damage):
+    # Packs of wrong bytes, or a layout without packs: the blobs are
+    # fetched one by one, and nothing wrong is cached.
+    for p in published_packs(published).values():
+        if damage == "absent":
+            p.unlink()
+        else:
+            p.write_bytes(bytes(b ^ 0x20 for b in p.read_bytes()))
+    counts, _, n_blobs = export_counting(tmp_path, tree, published, nginx)
+    assert counts.get("blobs", 0) >= n_blobs - 1  # the empty blob is never asked
+
+
+def test_http_server_ignoring_range(tmp_path, tree, published):
+    # Python's http.server answers a Range request with the whole file
+    # (200): the reader takes its range out of it.
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(published))
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}"
+        cache = tmp_path / "cache"
+        out = tmp_path / "out"
+        run(["--cache", cache, "export", "t", out], store=url)
+        trees_equal(tree, out)
+        assert "no problems" in run(["verify"], store=cache).stdout.decode()
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_http_export_equal(tmp_path, tree, nginx):
     cache = tmp_path / "cache"
     out = tmp_path / "out"

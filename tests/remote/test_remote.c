@@ -318,6 +318,9 @@ struct fake {
 	bool corrupt_batch; /* blobs_fetch only */
 	bool offline;
 	bool tree; /* offer directory_fetch_tree */
+	unsigned ranges;    /* pack ranges asked for (ranges_fetch) */
+	bool packs_absent;  /* ranges_fetch: every pack is -ENOENT */
+	bool corrupt_packs; /* ranges_fetch: one wrong byte per blob */
 	size_t piece; /* deliver blobs in pieces of this size (0: halves) */
 };
 
@@ -965,6 +968,164 @@ static void test_cache_prefetch_batches(cas_store *origin)
 	pthread_mutex_destroy(&k.lock);
 }
 
+/* Pack ranges (the published layout's packs) ------------------------- */
+
+/* Builds the pack of Directory ds[i].pack from the origin, as publish
+ * does (remote_i.h), and hands out the range asked for. */
+static int fake_ranges_fetch(cas_fetcher *f, const struct cas_fetch_range *v,
+			     size_t n, cas_fetch_blob_cb cb, void *userdata)
+{
+	struct fake *k = (struct fake *)f;
+	pthread_mutex_lock(&k->lock);
+	k->ranges += (unsigned)n;
+	bool absent = k->packs_absent, corrupt = k->corrupt_packs;
+	pthread_mutex_unlock(&k->lock);
+	for (size_t i = 0; i < n; i++) {
+		cas_directory *dir = NULL;
+		uint64_t off[512], len = 0;
+		if (absent || cas_store_directory_get(k->origin, &v[i].pack,
+						      &dir) < 0) {
+			cb(userdata, i, -ENOENT, NULL, 0);
+			continue;
+		}
+		REQUIRE(dir->n_files <= 512);
+		REQUIRE(cas_layout_pack_offsets(dir, off, &len) >= 2);
+		uint8_t *pack = malloc(len);
+		REQUIRE(pack);
+		for (size_t j = 0; j < dir->n_files; j++) {
+			uint8_t *buf = NULL;
+			uint64_t size = 0;
+			if (off[j] == UINT64_MAX)
+				continue;
+			REQUIRE(cas_store_blob_read(k->origin,
+						    &dir->files[j].digest,
+						    65536, &buf, &size) == 0);
+			memcpy(pack + off[j], buf, size);
+			if (corrupt)
+				pack[off[j]] ^= 1;
+			free(buf);
+		}
+		REQUIRE(v[i].off + v[i].len <= len);
+		cb(userdata, i, 0, pack + v[i].off, (size_t)v[i].len);
+		free(pack);
+		cas_directory_free(dir);
+	}
+	return 0;
+}
+
+static struct cas_fetcher_ops fake_range_ops = {
+	.blob_fetch = fake_blob_fetch,
+	.blobs_fetch = fake_blobs_fetch,
+	.ranges_fetch = fake_ranges_fetch,
+	.directories_fetch = fake_directories_fetch,
+	.free = fake_free,
+};
+
+/* Reading a Directory prefetches its small files as ranges of its pack
+ * (a blob the cache has is a gap, not a split), a 200 KiB one in a batch
+ * to a file, and not the one over 1 MiB; a corrupt or absent pack costs
+ * blob fetches, never a wrong byte. */
+static void test_cache_prefetch_ranges(cas_store *origin)
+{
+	enum { N = 200 };
+	static char names[N + 2][8];
+	cas_node files[N + 2];
+	for (int i = 0; i < N + 2; i++) {
+		size_t len = i < N ? 100 + (size_t)i : i == N ? 200000 : 1100000;
+		uint8_t *data = malloc(len);
+		REQUIRE(data);
+		for (size_t j = 0; j < len; j++)
+			data[j] = (uint8_t)(j * 7 + (size_t)i);
+		snprintf(names[i], sizeof(names[i]), "r%03d", i);
+		files[i] = (cas_node){.type = CAS_NODE_FILE,
+				      .name = (const uint8_t *)names[i],
+				      .name_len = 4,
+				      .size = len};
+		put_blob(origin, data, len, &files[i].digest);
+		free(data);
+	}
+	cas_directory dir = {.files = files, .n_files = N + 2};
+	uint8_t *raw;
+	size_t raw_len;
+	cas_digest d;
+	REQUIRE(cas_directory_encode(&dir, &raw, &raw_len, NULL) == 0);
+	REQUIRE(cas_store_directory_put(origin, raw, raw_len, &d) == 0);
+
+	for (int round = 0; round < 3; round++) {
+		struct fake k = {.base.ops = &fake_range_ops, .origin = origin};
+		pthread_mutex_init(&k.lock, NULL);
+		k.corrupt_packs = round == 1;
+		k.packs_absent = round == 2;
+		char name[64];
+		snprintf(name, sizeof(name), "cache-ranges-%d", round);
+		cas_store *s = open_cache(&k, name, 0);
+		uint8_t *buf = NULL;
+		uint64_t size;
+		/* One blob in the middle first: a gap in the ranges. */
+		CHECK(cas_store_blob_read(s, &files[N / 2].digest, 65536, &buf,
+					  &size) == 0 &&
+		      size == files[N / 2].size);
+		free(buf);
+		CHECK(k.blob_fetches == 1);
+		size_t len;
+		REQUIRE(s->ops->directory_get_raw(s, &d, &buf, &len) == 0);
+		free(buf);
+		/* Wait until the small blobs are in the pack and the 200 KiB
+		 * one in its file (looking without fetching). */
+		char path[512];
+		blob_file_path(name, &files[N].digest, path, sizeof(path));
+		for (int i = 0; i < 500; i++) {
+			int have = access(path, F_OK) == 0;
+			cas_cache_flush(s);
+			for (int j = 0; j < N; j++) {
+				int fd;
+				uint64_t off, sz;
+				have += s->ops->blob_locate(s, &files[j].digest,
+							    &fd, &off, &sz) == 0;
+			}
+			if (have == N + 1)
+				break;
+			usleep(10000);
+		}
+		pthread_mutex_lock(&k.lock);
+		unsigned fetches = k.blob_fetches, ranges = k.ranges;
+		pthread_mutex_unlock(&k.lock);
+		if (round == 0) {
+			/* The first read and the 200 KiB file alone; the rest
+			 * (a gap in the middle) in ranges, one per batch. */
+			CHECK(fetches >= 2 && fetches < 10);
+			CHECK(ranges >= 1 && ranges < 10);
+		} else if (round == 1) {
+			CHECK(fetches == N + 1);
+		} else {
+			CHECK(fetches == N + 1);
+			CHECK(ranges <= 2); /* stops asking after a 404 */
+		}
+		for (int i = 0; i < N + 2; i++) {
+			uint8_t *data = NULL;
+			CHECK(cas_store_blob_read(s, &files[i].digest, 2000000,
+						  &data, &size) == 0 &&
+			      size == files[i].size);
+			for (size_t j = 0; data && j < size; j++)
+				if (data[j] != (uint8_t)(j * 7 + (size_t)i)) {
+					CHECK(!"wrong byte");
+					break;
+				}
+			free(data);
+		}
+		CHECK(access(path, F_OK) == 0);
+		cas_store_free(s);
+		cas_store *ls;
+		struct cas_local_options lo = {0};
+		snprintf(path, sizeof(path), "%s/%s", base, name);
+		REQUIRE(cas_local_open(path, &lo, &ls) == 0);
+		CHECK(cas_local_verify(ls, NULL, NULL) == 0);
+		cas_store_free(ls);
+		pthread_mutex_destroy(&k.lock);
+	}
+	free(raw);
+}
+
 int main(void)
 {
 	cas_log_set_level(CAS_LOG_ERROR + 0);
@@ -985,6 +1146,7 @@ int main(void)
 	test_evict(origin);
 	test_cache_packs(origin);
 	test_cache_prefetch_batches(origin);
+	test_cache_prefetch_ranges(origin);
 	cas_store_free(origin);
 	test_grpc_blobs_fetch();
 	test_http_blobs_fetch();
