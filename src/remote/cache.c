@@ -71,6 +71,7 @@ struct inflight {
 #define PREFETCH_QUEUE		 8192
 #define PREFETCH_AHEAD		 4096
 #define PREFETCH_BATCH		 256
+#define PREFETCH_BATCH_BYTES	 (4u << 20)
 #define PREFETCH_MAX_SIZE	 (1u << 20)
 #define PREFETCH_MAX_DEPTH	 64
 
@@ -1148,11 +1149,11 @@ static void batch_plan_ranges(struct batch *b, bool packs)
 			b->range_of[k] = map[b->range_of[k]];
 }
 
-/* Fetches small blobs (those nobody else is fetching and the cache still
- * lacks): runs of a published pack with ranges_fetch, the rest (and what
- * a range did not give) with one blobs_fetch call; every waiter is woken
- * once at the end. Returns -EIO when any failed for a reason other than
- * absence. */
+/* Fetches blobs of up to PREFETCH_MAX_SIZE (those nobody else is
+ * fetching and the cache still lacks): runs of a published pack with
+ * ranges_fetch, the rest (and what a range did not give) with one
+ * blobs_fetch call; waiters are woken once the ranges are in, and at the
+ * end. Returns -EIO when any failed for a reason other than absence. */
 static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 			  size_t n)
 {
@@ -1194,12 +1195,23 @@ static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 		(void)c->fetcher->ops->ranges_fetch(c->fetcher, b->ranges,
 						    b->n_ranges, batch_range, b);
 	b->n_ds = 0;
+	pthread_mutex_lock(&c->lock);
 	for (size_t k = 0; k < b->n; k++)
 		if (b->range_of[k] == SIZE_MAX || b->r[k] == BATCH_RETRY) {
 			b->r[k] = -EIO;
 			b->ds[b->n_ds] = b->it[k].digest;
 			b->idx[b->n_ds++] = k;
+		} else {
+			/* Its readers need not wait for the larger blobs
+			 * fetched next. */
+			b->e[k]->done = true;
+			b->e[k]->r = 0;
+			inflight_unref_locked(&c->blobs_inflight, b->e[k]);
+			b->e[k] = NULL;
 		}
+	if (b->n_ds < b->n)
+		pthread_cond_broadcast(&c->cond);
+	pthread_mutex_unlock(&c->lock);
 	int r = 0;
 	if (b->n_ds)
 		r = c->fetcher->ops->blobs_fetch(c->fetcher, b->ds, b->n_ds,
@@ -1211,6 +1223,8 @@ static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 	if (b->pack_absent && !c->packs_found)
 		c->no_packs = true;
 	for (size_t i = 0; i < b->n; i++) {
+		if (!b->e[i])
+			continue;
 		b->e[i]->done = true;
 		b->e[i]->r = b->r[i];
 		if (b->r[i] == -EIO)
@@ -1240,8 +1254,11 @@ static void *prefetch_main(void *arg)
 		/* A batch (every queued blob is at most PREFETCH_MAX_SIZE),
 		 * or one blob. */
 		size_t n = 0;
-		while (c->pq_len > 0 && n < (batched ? PREFETCH_BATCH : 1)) {
-			v[n++] = c->pq[c->pq_head];
+		uint64_t bytes = 0;
+		while (c->pq_len > 0 && n < (batched ? PREFETCH_BATCH : 1) &&
+		       bytes < PREFETCH_BATCH_BYTES) {
+			v[n] = c->pq[c->pq_head];
+			bytes += v[n++].size;
 			c->pq_head = (c->pq_head + 1) % PREFETCH_QUEUE;
 			c->pq_len--;
 		}
