@@ -1595,6 +1595,8 @@ struct tree_fetch {
 	struct cache_store *c;
 	struct cas_dmap got;	/* digest -> fetched_dir */
 	struct cas_dmap wanted; /* digests named and not yet received */
+	enum cas_log_level level; /* of what goes wrong: CAS_LOG_DEBUG when
+				 * there is a fallback */
 };
 
 /* Verifies and keeps one fetched Directory; names its children. */
@@ -1610,15 +1612,16 @@ static int tree_accept(struct tree_fetch *t, const cas_digest *want,
 	cas_digest_to_hex(&d, got_hex);
 	if (want && !cas_digest_eq(want, &d)) {
 		cas_digest_to_hex(want, hex);
-		return cas_log_errno(
-			-EIO, "directory %s: remote sent bytes that hash to %s",
-			hex, got_hex);
+		return cas_log_internal(
+			t->level, -EIO,
+			"directory %s: remote sent bytes that hash to %s", hex,
+			got_hex);
 	}
 	if (!want && !cas_dmap_find(&t->wanted, &d))
-		return cas_log_errno(-EIO,
-				     "directory %s: sent by %s but named by no "
-				     "Directory before it",
-				     got_hex, t->c->what);
+		return cas_log_internal(t->level, -EIO,
+					"directory %s: sent by %s but named by "
+					"no Directory before it",
+					got_hex, t->c->what);
 	if (cas_dmap_find(&t->got, &d))
 		return 0;
 	struct fetched_dir *f = calloc(1, sizeof(*f));
@@ -1629,8 +1632,8 @@ static int tree_accept(struct tree_fetch *t, const cas_digest *want,
 		free(f);
 		if (r == -ENOMEM)
 			return r;
-		return cas_log_errno(
-			-EIO,
+		return cas_log_internal(
+			t->level, -EIO,
 			"directory %s: remote sent an invalid Directory: %s",
 			got_hex, why ? why : "?");
 	}
@@ -1799,58 +1802,87 @@ out:
 	return r;
 }
 
+/* d and the Directories below it in one request (directory_fetch_tree);
+ * each one named must arrive or be in the cache. */
+static int fetch_tree_whole(struct tree_fetch *t, const cas_digest *d,
+			    const char *hex)
+{
+	struct cache_store *c = t->c;
+	int r = cas_dmap_put(&t->wanted, d, NULL);
+	if (r >= 0)
+		r = c->fetcher->ops->directory_fetch_tree(c->fetcher, d, tree_cb,
+							  t);
+	for (size_t i = 0; r >= 0 && i < t->wanted.cap; i++) {
+		struct cas_dmap_entry *e = &t->wanted.slots[i];
+		if (!e->used || cas_dmap_find(&t->got, &e->digest) ||
+		    cache_has_dir(c, &e->digest))
+			continue;
+		char chex[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(&e->digest, chex);
+		r = cas_dmap_find(&t->got, d)
+			    ? cas_log_internal(t->level, -EIO,
+					       "directory %s: %s did not send "
+					       "it (below %s)",
+					       chex, c->what, hex)
+			    : -ENOENT;
+	}
+	return r;
+}
+
+/* d, then the Directories below it the cache lacks, one tree level per
+ * directories_fetch call. */
+static int fetch_tree_levels(struct tree_fetch *t, const cas_digest *d,
+			     const char *hex)
+{
+	struct cache_store *c = t->c;
+	cas_digest *level = malloc(sizeof(*level));
+	size_t n = 1;
+	int r = level ? 0 : -ENOMEM;
+	if (level)
+		level[0] = *d;
+	bool first = true;
+	while (r >= 0 && n > 0) {
+		r = c->fetcher->ops->directories_fetch(c->fetcher, level, n,
+						       tree_cb, t);
+		if (r == -ENOENT && !first)
+			r = cas_log_errno(-EIO,
+					  "directory %s: a Directory below it "
+					  "is missing on %s",
+					  hex, c->what);
+		first = false;
+		cas_digest *nl = NULL;
+		size_t nn = 0;
+		if (r >= 0)
+			r = next_level(t, level, n, &nl, &nn);
+		free(level);
+		level = nl;
+		n = nn;
+	}
+	free(level);
+	return r;
+}
+
 static int fetch_tree(struct cache_store *c, const cas_digest *d)
 {
-	struct tree_fetch t = {.c = c};
+	const struct cas_fetcher_ops *ops = c->fetcher->ops;
+	struct tree_fetch t = {.c = c, .level = CAS_LOG_ERROR};
 	char hex[CAS_DIGEST_HEX_LEN + 1];
-	int r;
+	int r = -ENOSYS;
 
 	cas_digest_to_hex(d, hex);
-	if (c->fetcher->ops->directory_fetch_tree) {
-		r = cas_dmap_put(&t.wanted, d, NULL);
-		if (r >= 0)
-			r = c->fetcher->ops->directory_fetch_tree(c->fetcher, d,
-								  tree_cb, &t);
-		/* Everything named must be here or in the cache. */
-		for (size_t i = 0; r >= 0 && i < t.wanted.cap; i++) {
-			struct cas_dmap_entry *e = &t.wanted.slots[i];
-			if (!e->used || cas_dmap_find(&t.got, &e->digest) ||
-			    cache_has_dir(c, &e->digest))
-				continue;
-			char chex[CAS_DIGEST_HEX_LEN + 1];
-			cas_digest_to_hex(&e->digest, chex);
-			r = cas_dmap_find(&t.got, d)
-				    ? cas_log_errno(-EIO,
-						    "directory %s: %s did not "
-						    "send it (below %s)",
-						    chex, c->what, hex)
-				    : -ENOENT;
-		}
-	} else {
-		cas_digest *level = malloc(sizeof(*level));
-		size_t n = 1;
-		r = level ? 0 : -ENOMEM;
-		if (level)
-			level[0] = *d;
-		bool first = true;
-		while (r >= 0 && n > 0) {
-			r = c->fetcher->ops->directories_fetch(
-				c->fetcher, level, n, tree_cb, &t);
-			if (r == -ENOENT && !first)
-				r = cas_log_errno(-EIO,
-						  "directory %s: a Directory "
-						  "below it is missing on %s",
-						  hex, c->what);
-			first = false;
-			cas_digest *nl = NULL;
-			size_t nn = 0;
-			if (r >= 0)
-				r = next_level(&t, level, n, &nl, &nn);
-			free(level);
-			level = nl;
-			n = nn;
-		}
-		free(level);
+	if (ops->directory_fetch_tree) {
+		if (ops->tree_optional)
+			t.level = CAS_LOG_DEBUG;
+		r = fetch_tree_whole(&t, d, hex);
+	}
+	if (r < 0 && r != -ENOMEM &&
+	    (!ops->directory_fetch_tree || ops->tree_optional)) {
+		/* Whatever the tree request gave is dropped: the
+		 * Directories' own answers decide. */
+		cas_dmap_release(&t.got, fetched_dir_free);
+		cas_dmap_release(&t.wanted, NULL);
+		t = (struct tree_fetch){.c = c, .level = CAS_LOG_ERROR};
+		r = fetch_tree_levels(&t, d, hex);
 	}
 	if (r == -EIO || r == -ENOMEM || r == -ENOENT)
 		; /* logged where it happened, or absent */

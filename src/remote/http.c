@@ -1,6 +1,7 @@
 /* http.c - the fetcher for a published HTTP layout (docs/remote.md):
  *   URL/blobs/ab/<hex>  URL/directories/ab/<hex>  URL/roots
  *   URL/packs/ab/<hex>  (ranges of a Directory's small files)
+ *   URL/trees/ab/<hex>  (a root's Directories in one file)
  * Plain GETs with libcurl, so any web server, CDN or bucket serves it.
  * Blobs stream to the caller's sink; Directories (one tree level per
  * round) and batches of small blobs are fetched many at a time into
@@ -479,6 +480,32 @@ static int http_roots_fetch(cas_fetcher *f, char **ret_buf, size_t *ret_len)
 	return 0;
 }
 
+/* The tree file of a published root (remote_i.h), split into its
+ * Directories. Quiet: the caller falls back to the Directory files. */
+static int http_directory_fetch_tree(cas_fetcher *f, const cas_digest *d,
+				     cas_fetch_dir_cb cb, void *userdata)
+{
+	struct http_fetcher *h = to_http(f);
+	char url[4096];
+	struct membuf body = {.max = CAS_LAYOUT_TREE_MAX};
+	CURL *e = cas_curl_pool_get(&h->pool);
+	if (!e)
+		return -ENOMEM;
+	object_url(h, "trees", d, url, sizeof(url));
+	setup_easy(e, url);
+	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
+	curl_easy_setopt(e, CURLOPT_WRITEDATA, &body);
+	body.easy = e;
+	body.ok = -1;
+	CURLcode c = curl_easy_perform(e);
+	int r = body.too_big ? -EIO : transfer_errno(e, c, url, false);
+	cas_curl_pool_put(&h->pool, e);
+	if (r >= 0)
+		r = cas_tree_file_split(body.buf, body.len, cb, userdata);
+	free(body.buf);
+	return r < 0 ? r : 0;
+}
+
 static void http_free(cas_fetcher *f)
 {
 	struct http_fetcher *h = to_http(f);
@@ -496,6 +523,8 @@ static const struct cas_fetcher_ops http_ops = {
 	.roots_fetch = http_roots_fetch,
 	.blobs_fetch = http_blobs_fetch,
 	.ranges_fetch = http_ranges_fetch,
+	.directory_fetch_tree = http_directory_fetch_tree,
+	.tree_optional = true,
 	.free = http_free,
 };
 

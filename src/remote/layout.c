@@ -1,5 +1,5 @@
-/* layout.c - the roots file and the Directory packs of a published HTTP
- * layout (remote_i.h). */
+/* layout.c - the roots file, the Directory packs and the tree files of a
+ * published HTTP layout (remote_i.h). */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,6 +7,7 @@
 #include "core/directory.h"
 #include "core/log.h"
 #include "core/util.h"
+#include "core/varint.h"
 #include "remote/remote_i.h"
 
 int cas_roots_file_write_line(FILE *f, const char *name, const cas_node *node)
@@ -118,4 +119,21 @@ size_t cas_layout_pack_offsets(const cas_directory *dir, uint64_t *off,
 	}
 	*ret_len = pos;
 	return n;
+}
+
+int cas_tree_file_split(const uint8_t *buf, size_t len, cas_fetch_dir_cb cb,
+			void *userdata)
+{
+	const uint8_t *p = buf, *end = len ? buf + len : buf;
+	while (p < end) {
+		uint64_t n;
+		int r = cas_varint_get(&p, end, &n);
+		if (r < 0 || n > (uint64_t)(end - p))
+			return -EBADMSG;
+		r = cb(userdata, NULL, p, (size_t)n);
+		if (r < 0)
+			return r;
+		p += n;
+	}
+	return 0;
 }

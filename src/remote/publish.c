@@ -4,6 +4,7 @@
  *   DIR/blobs/ab/<hex>        the blob's bytes
  *   DIR/directories/ab/<hex>  the Directory's canonical bytes
  *   DIR/packs/ab/<hex>        its small files back to back (remote_i.h)
+ *   DIR/trees/ab/<hex>        a root Directory's closure (remote_i.h)
  *   DIR/roots                 the published roots (remote_i.h format)
  *   DIR/tmp/                  files being written
  *
@@ -25,6 +26,7 @@
 
 #include "core/directory.h"
 #include "core/log.h"
+#include "core/varint.h"
 #include "core/util.h"
 #include "remote/remote.h"
 #include "remote/remote_i.h"
@@ -315,11 +317,79 @@ out:
 	return r;
 }
 
+/* The Directories of root's closure in one file (remote_i.h), written
+ * once its objects are: a reader gets a whole tree's structure with one
+ * GET instead of one per Directory. */
+static int publish_tree_file(struct publisher *pb, const cas_digest *root)
+{
+	char path[128], tmp[128], hex[CAS_DIGEST_HEX_LEN + 1];
+	if (cas_digest_eq(root, &CAS_DIGEST_EMPTY_DIRECTORY))
+		return 0;
+	object_path("trees", root, path, sizeof(path));
+	if (object_exists(pb, path))
+		return 0;
+	_cleanup_close_ int fd = tmp_create(pb, path, tmp, sizeof(tmp));
+	if (fd < 0)
+		return fd;
+	struct cas_dmap seen = {0};
+	cas_digest *queue = malloc(sizeof(*queue));
+	size_t head = 0, tail = 0, cap = 1;
+	int r = queue ? cas_dmap_put(&seen, root, NULL) : -ENOMEM;
+	if (r >= 0)
+		queue[tail++] = *root;
+	/* Breadth first: each Directory after the one that names it. */
+	while (r >= 0 && head < tail) {
+		const cas_digest d = queue[head++];
+		_cleanup_free_ uint8_t *raw = NULL;
+		size_t len = 0;
+		cas_directory *dir = NULL;
+		uint8_t lenbuf[10];
+		r = pb->s->ops->directory_get_raw(pb->s, &d, &raw, &len);
+		if (r >= 0)
+			r = cas_directory_decode(raw, len, &dir, NULL);
+		if (r >= 0)
+			r = cas_write_all(fd, lenbuf,
+					  (size_t)(cas_varint_put(lenbuf, len) -
+						   lenbuf));
+		if (r >= 0 && len)
+			r = cas_write_all(fd, raw, len);
+		for (size_t i = 0; r >= 0 && i < dir->n_directories; i++) {
+			const cas_digest *cd = &dir->directories[i].digest;
+			r = cas_dmap_put(&seen, cd, NULL);
+			if (r <= 0)
+				continue;
+			if (tail == cap) {
+				cas_digest *nq =
+					realloc(queue, 2 * cap * sizeof(*nq));
+				if (!nq) {
+					r = -ENOMEM;
+					break;
+				}
+				queue = nq;
+				cap *= 2;
+			}
+			queue[tail++] = *cd;
+		}
+		cas_directory_free(dir);
+	}
+	free(queue);
+	cas_dmap_release(&seen, NULL);
+	r = tmp_commit(pb, fd, tmp, path, r < 0 ? r : 0);
+	if (r < 0) {
+		cas_digest_to_hex(root, hex);
+		return cas_log_errno(r, "publish tree of directory %s into %s: %m",
+				     hex, pb->dir);
+	}
+	return 0;
+}
+
 static int publish_node(struct publisher *pb, const cas_node *node)
 {
 	switch (node->type) {
-	case CAS_NODE_DIRECTORY:
-		return publish_tree(pb, &node->digest);
+	case CAS_NODE_DIRECTORY: {
+		int r = publish_tree(pb, &node->digest);
+		return r < 0 ? r : publish_tree_file(pb, &node->digest);
+	}
 	case CAS_NODE_FILE:
 		return publish_blob(pb, &node->digest);
 	default:
@@ -465,7 +535,7 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 		goto out;
 	}
 	static const char *const subdirs[] = {"blobs", "directories", "packs",
-						     "tmp"};
+						     "trees", "tmp"};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(subdirs); i++)
 		if (mkdirat(pb.dirfd, subdirs[i], 0755) < 0 &&
 		    errno != EEXIST) {

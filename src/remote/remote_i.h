@@ -55,6 +55,10 @@ struct cas_fetcher_ops {
 	 * each sent after one that names it. */
 	int (*directory_fetch_tree)(cas_fetcher *f, const cas_digest *d,
 				    cas_fetch_dir_cb cb, void *userdata);
+	/* directory_fetch_tree may fail where directories_fetch works (an
+	 * HTTP layout has tree files for its roots only): any failure of it
+	 * is then quiet, and the Directories are fetched level by level. */
+	bool tree_optional;
 	/* Optional (NULL): the roots file the remote publishes (malloc'd;
 	 * NULL/0 when it publishes none yet). */
 	int (*roots_fetch)(cas_fetcher *f, char **ret_buf, size_t *ret_len);
@@ -154,6 +158,18 @@ int cas_roots_file_parse(const char *buf, size_t len, cas_root_cb cb,
  * holds, 0 when the Directory has no pack (then off is not set). */
 size_t cas_layout_pack_offsets(const cas_directory *dir, uint64_t *off,
 			       uint64_t *ret_len);
+
+/* The tree of a published root (docs/remote.md): trees/ab/<hex of a root
+ * Directory> holds every Directory of its closure, each as its length (a
+ * varint) and its canonical bytes, the root first and each after one that
+ * names it, each once. Only an accelerator: the Directory files are the
+ * layout; a reader that finds no usable tree file fetches those. */
+#define CAS_LAYOUT_TREE_MAX (1u << 30)
+/* Calls cb(userdata, NULL, bytes, len) for each Directory of a tree
+ * file's bytes (unverified); -EBADMSG when they are not a sequence of
+ * varint-framed messages; a cb result < 0 stops and is returned. */
+int cas_tree_file_split(const uint8_t *buf, size_t len, cas_fetch_dir_cb cb,
+			void *userdata);
 
 /* Blob eviction of a cache store (evict.c): removes least recently used
  * blob files of the cache at dir (local.h layout) that no one holds open

@@ -816,6 +816,59 @@ def test_http_bad_packs_fall_back(tmp_path, tree, published, nginx, damage):
     assert counts.get("blobs", 0) >= n_blobs - 1  # the empty blob is never asked
 
 
+def test_publish_tree_file(pb, filled, published):
+    # The root's Directories, each as a varint length and its bytes, the
+    # root first, each after one that names it, each once: every
+    # Directory file of the layout (all belong to root t).
+    castore_pb2 = pb[0]
+    r = root_digest(filled)
+    data = (published / "trees" / r[:2] / r).read_bytes()
+    msgs, pos = [], 0
+    while pos < len(data):
+        n, shift = 0, 0
+        while True:
+            b = data[pos]
+            pos += 1
+            n |= (b & 0x7F) << shift
+            shift += 7
+            if b < 0x80:
+                break
+        msgs.append(data[pos:pos + n])
+        pos += n
+    assert pos == len(data)
+    digests = [b3(m).hex() for m in msgs]
+    assert digests[0] == r and len(set(digests)) == len(digests)
+    files = {p.name for p in (published / "directories").rglob("*") if p.is_file()}
+    empty = b3(b"").hex()
+    assert set(digests) == files - {empty} or set(digests) == files
+    named = {r}
+    for m in msgs:
+        d = castore_pb2.Directory()
+        d.ParseFromString(m)
+        assert b3(m).hex() in named
+        named |= {x.digest.hex() for x in d.directories}
+
+
+@pytest.mark.parametrize("damage", ["none", "corrupt", "absent"])
+def test_http_tree_file(tmp_path, filled, tree, published, nginx, damage):
+    # One GET for the whole tree of Directories; a tree file with a wrong
+    # byte, or none, costs the Directory files' GETs, never a wrong byte.
+    r = root_digest(filled)
+    f = published / "trees" / r[:2] / r
+    if damage == "absent":
+        f.unlink()
+    elif damage == "corrupt":
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        f.write_bytes(bytes(data))
+    counts, _, _ = export_counting(tmp_path, tree, published, nginx)
+    assert counts.get("trees", 0) == 1
+    if damage == "none":
+        assert counts.get("directories", 0) == 0
+    else:
+        assert counts.get("directories", 0) >= 4
+
+
 def test_http_server_ignoring_range(tmp_path, tree, published):
     # Python's http.server answers a Range request with the whole file
     # (200): the reader takes its range out of it.
@@ -878,6 +931,8 @@ def test_http_corrupt_blob_refused(tmp_path, tree, published, nginx):
 
 def test_http_corrupt_directory_refused(tmp_path, filled, published, nginx):
     r = root_digest(filled)
+    # Without the root's tree file, which has the right bytes.
+    (published / "trees" / r[:2] / r).unlink()
     f = published / "directories" / r[:2] / r
     good = f.read_bytes()
     f.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
