@@ -52,7 +52,6 @@ struct inflight {
 	bool done;
 	bool quiet; /* a prefetch: its failure is not the waiter's answer */
 	int r;
-	struct inflight *next;
 };
 
 /* Prefetch: when a Directory is read, the small blobs it names that the
@@ -128,8 +127,8 @@ struct cache_store {
 
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
-	struct inflight *blobs_inflight;  /* protected by lock */
-	struct inflight *dirs_inflight;	  /* protected by lock */
+	struct cas_dmap blobs_inflight;	  /* -> inflight; protected by lock */
+	struct cas_dmap dirs_inflight;	  /* -> inflight; protected by lock */
 	bool roots_loaded;		  /* protected by lock */
 	struct published_root *published; /* protected by lock */
 	size_t n_published;		  /* protected by lock */
@@ -192,15 +191,12 @@ static struct cache_store *to_cache(cas_store *s)
 /* Returns the entry for d, creating it (*ret_owner = true: the caller
  * fetches and must call inflight_done) or joining it. */
 static struct inflight *inflight_join(struct cache_store *c,
-				      struct inflight **list,
+				      struct cas_dmap *map,
 				      const cas_digest *d, bool *ret_owner)
 {
-	struct inflight *e;
-
 	pthread_mutex_lock(&c->lock);
-	for (e = *list; e; e = e->next)
-		if (cas_digest_eq(&e->digest, d))
-			break;
+	struct cas_dmap_entry *me = map->n ? cas_dmap_find(map, d) : NULL;
+	struct inflight *e = me ? me->value : NULL;
 	if (e) {
 		e->refs++;
 		*ret_owner = false;
@@ -209,8 +205,10 @@ static struct inflight *inflight_join(struct cache_store *c,
 		if (e) {
 			e->digest = *d;
 			e->refs = 1;
-			e->next = *list;
-			*list = e;
+			if (cas_dmap_put(map, d, e) < 0) {
+				free(e);
+				e = NULL;
+			}
 		}
 		*ret_owner = true;
 	}
@@ -218,19 +216,17 @@ static struct inflight *inflight_join(struct cache_store *c,
 	return e;
 }
 
-static void inflight_unref_locked(struct inflight **list, struct inflight *e)
+static void inflight_unref_locked(struct cas_dmap *map, struct inflight *e)
 {
 	if (--e->refs > 0)
 		return;
-	for (struct inflight **p = list; *p; p = &(*p)->next)
-		if (*p == e) {
-			*p = e->next;
-			break;
-		}
+	struct cas_dmap_entry *me = cas_dmap_find(map, &e->digest);
+	if (me && me->value == e)
+		cas_dmap_remove(map, me);
 	free(e);
 }
 
-static int inflight_wait(struct cache_store *c, struct inflight **list,
+static int inflight_wait(struct cache_store *c, struct cas_dmap *list,
 			 struct inflight *e, bool *ret_quiet)
 {
 	pthread_mutex_lock(&c->lock);
@@ -244,7 +240,7 @@ static int inflight_wait(struct cache_store *c, struct inflight **list,
 	return r;
 }
 
-static void inflight_done(struct cache_store *c, struct inflight **list,
+static void inflight_done(struct cache_store *c, struct cas_dmap *list,
 			  struct inflight *e, int r)
 {
 	pthread_mutex_lock(&c->lock);
@@ -2209,6 +2205,8 @@ static void cache_free(cas_store *s)
 	free(c->walk);
 	pthread_mutex_destroy(&c->walk_lock);
 	cas_dmap_release(&c->prefetched, NULL);
+	cas_dmap_release(&c->blobs_inflight, NULL);
+	cas_dmap_release(&c->dirs_inflight, NULL);
 	cas_dmap_release(&c->bad_logged, NULL);
 	pthread_cond_destroy(&c->pq_cond);
 	if (c->fetcher)
