@@ -450,31 +450,46 @@ static int http_ranges_fetch(cas_fetcher *f, const struct cas_fetch_range *v,
 	return multi_fetch(to_http(f), &j);
 }
 
+/* GETs url whole into *body (at most max bytes; an error page is
+ * dropped): 0, -ENOENT, or -EIO (logged when log). */
+static int get_whole(struct http_fetcher *h, const char *url, size_t max,
+		     bool log, struct membuf *body)
+{
+	*body = (struct membuf){.max = max, .ok = -1};
+	CURL *e = cas_curl_pool_get(&h->pool);
+	if (!e)
+		return -ENOMEM;
+	body->easy = e;
+	setup_easy(e, url);
+	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
+	curl_easy_setopt(e, CURLOPT_WRITEDATA, body);
+	CURLcode c = curl_easy_perform(e);
+	int r = transfer_errno(e, c, url, log);
+	if (body->too_big)
+		r = log ? cas_log_errno(-EIO, "%s: larger than %zu bytes", url,
+					max)
+			: -EIO;
+	cas_curl_pool_put(&h->pool, e);
+	body->easy = NULL;
+	if (r < 0) {
+		free(body->buf);
+		body->buf = NULL;
+		body->len = 0;
+	}
+	return r;
+}
+
 static int http_roots_fetch(cas_fetcher *f, char **ret_buf, size_t *ret_len)
 {
 	struct http_fetcher *h = to_http(f);
 	char url[4096];
-	struct membuf body = {.max = HTTP_MAX_ROOTS};
-	CURL *e = cas_curl_pool_get(&h->pool);
-	if (!e)
-		return -ENOMEM;
+	struct membuf body;
 	snprintf(url, sizeof(url), "%s/roots", h->url);
-	setup_easy(e, url);
-	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
-	curl_easy_setopt(e, CURLOPT_WRITEDATA, &body);
-	CURLcode c = curl_easy_perform(e);
-	int r = body.too_big ? -EIO : transfer_result(e, c, url, 0);
-	cas_curl_pool_put(&h->pool, e);
-	if (r == -ENOENT) {
-		free(body.buf);
-		body.buf = NULL;
-		body.len = 0;
+	int r = get_whole(h, url, HTTP_MAX_ROOTS, true, &body);
+	if (r == -ENOENT)
 		r = 0; /* a layout with no roots published yet */
-	}
-	if (r < 0) {
-		free(body.buf);
+	if (r < 0)
 		return r;
-	}
 	*ret_buf = (char *)body.buf;
 	*ret_len = body.len;
 	return 0;
@@ -487,19 +502,9 @@ static int http_directory_fetch_tree(cas_fetcher *f, const cas_digest *d,
 {
 	struct http_fetcher *h = to_http(f);
 	char url[4096];
-	struct membuf body = {.max = CAS_LAYOUT_TREE_MAX};
-	CURL *e = cas_curl_pool_get(&h->pool);
-	if (!e)
-		return -ENOMEM;
+	struct membuf body;
 	object_url(h, "trees", d, url, sizeof(url));
-	setup_easy(e, url);
-	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
-	curl_easy_setopt(e, CURLOPT_WRITEDATA, &body);
-	body.easy = e;
-	body.ok = -1;
-	CURLcode c = curl_easy_perform(e);
-	int r = body.too_big ? -EIO : transfer_errno(e, c, url, false);
-	cas_curl_pool_put(&h->pool, e);
+	int r = get_whole(h, url, CAS_LAYOUT_TREE_MAX, false, &body);
 	if (r >= 0)
 		r = cas_tree_file_split(body.buf, body.len, cb, userdata);
 	free(body.buf);
