@@ -74,6 +74,17 @@ struct inflight {
 #define PREFETCH_MAX_SIZE	 (1u << 20)
 #define PREFETCH_MAX_DEPTH	 64
 
+/* Larger blobs are prefetched too, but one at a time by a thread of their
+ * own, streamed to a file as a reader's fetch is (no batch, no memory
+ * copy): a reader would otherwise fetch them itself, one by one, each a
+ * pause in its work. At most LARGE_QUEUE wait, and the walk waits at a
+ * large blob until readers have read, since the walk began, as many
+ * bytes as the large blobs it queued, less LARGE_AHEAD: so a mount's ls
+ * (no blob read) fetches none, a cat of one file at most LARGE_AHEAD
+ * bytes of them, and an export stays that far ahead. */
+#define LARGE_QUEUE 8
+#define LARGE_AHEAD (64ull << 20)
+
 struct prefetch_item {
 	cas_digest digest;
 	uint64_t size;
@@ -90,14 +101,21 @@ struct prefetch_item {
 #define RANGE_MAX (8u << 20)
 
 /* Small blobs gathered in memory for the cache's pack: group bytes back
- * to back in buf (aligned for O_DIRECT), v[i] where each lies. */
-#define MGROUP_BYTES (16u << 20)
-#define MGROUP_BLOBS 16384
+ * to back in buf (aligned for O_DIRECT), v[i] where each lies. A group
+ * is written when full, or MGROUP_DELAY_MS after its first blob, and
+ * stays readable from memory until the next one is written (mspare): a
+ * reader a little behind the prefetch (export, a few thousand blobs)
+ * then copies from memory instead of reading back from the disk what
+ * went there with O_DIRECT, one small read each. */
+#define MGROUP_BYTES	(16u << 20)
+#define MGROUP_BLOBS	16384
+#define MGROUP_DELAY_MS 1000
 
 struct mgroup {
 	uint8_t *buf;
 	size_t used, n;
 	struct cas_local_small *v; /* MGROUP_BLOBS entries */
+	struct timespec first;	   /* CLOCK_REALTIME, of v[0] */
 };
 
 /* Staging: a group is published once this many blobs wait, or this long
@@ -151,6 +169,13 @@ struct cache_store {
 	unsigned walk_budget;	      /* blobs it may queue; lock */
 	bool walk_active;	      /* it has more to go; lock */
 	bool walk_kick;		      /* a worker is to continue it; lock */
+	uint64_t walk_read_bytes;     /* readers read since it began; lock */
+	uint64_t walk_large_bytes;    /* it queued in lq since; lock */
+	struct prefetch_item lq[LARGE_QUEUE]; /* ring; lock */
+	size_t lq_head, lq_len;	      /* protected by lock */
+	bool large_started;	      /* protected by lock */
+	pthread_t large_worker;
+	pthread_cond_t lq_cond;
 	struct cas_dmap
 		bad_logged; /* blobs reported wrong; protected by lock */
 
@@ -173,10 +198,10 @@ struct cache_store {
 	struct cas_local_pack *pack; /* the publisher's */
 	struct mgroup *mfill;	   /* being filled; protected by lock */
 	struct mgroup *mwrite;	   /* being written; protected by lock */
-	struct mgroup *mspare;	   /* a written one, for reuse; lock */
+	struct mgroup *mspare;	   /* written, readable, for reuse; lock */
 	bool mem_full;		   /* a stager waits for room; lock */
 	bool pack_failed_logged;   /* protected by lock */
-	struct cas_dmap mstaged;   /* digest -> entry of mfill or mwrite; lock */
+	struct cas_dmap mstaged;   /* digest -> entry of a group; lock */
 	bool packs_found;	   /* a pack range was fetched; lock */
 	bool no_packs;		   /* the layout has none; lock */
 };
@@ -532,10 +557,22 @@ static bool mgroup_room(const struct mgroup *g, size_t len)
 	return g->n < MGROUP_BLOBS && g->used + len <= MGROUP_BYTES;
 }
 
+/* Drops g's blobs from mstaged (read from the pack from now on); lock. */
+static void mgroup_forget(struct cache_store *c, const struct mgroup *g)
+{
+	for (size_t i = 0; i < g->n; i++) {
+		struct cas_dmap_entry *e = cas_dmap_find(&c->mstaged,
+							 &g->v[i].digest);
+		if (e && e->value == &g->v[i])
+			cas_dmap_remove(&c->mstaged, e);
+	}
+}
+
 static struct mgroup *mgroup_new(struct cache_store *c)
 {
 	struct mgroup *g = c->mspare;
 	if (g) {
+		mgroup_forget(c, g);
 		c->mspare = NULL;
 		g->used = g->n = 0;
 		return g;
@@ -597,8 +634,10 @@ static int mem_stage(struct cache_store *c, const cas_digest *d,
 		if (len)
 			memcpy(g->buf + g->used, buf, len);
 		g->used += len;
-		if (++g->n == 1)
+		if (++g->n == 1) {
+			clock_gettime(CLOCK_REALTIME, &g->first);
 			pthread_cond_broadcast(&c->pub_cond);
+		}
 	}
 out:
 	pthread_mutex_unlock(&c->lock);
@@ -707,9 +746,28 @@ static void publish_staged(struct cache_store *c, const struct staged_blob *sb)
 	}
 }
 
+/* When mfill is to be written: its deadline (MGROUP_DELAY_MS after its
+ * first blob) in *ret_when, and whether it is due now. */
+static bool mfill_due(const struct cache_store *c, struct timespec *ret_when)
+{
+	if (!c->mfill || c->mfill->n == 0)
+		return false;
+	struct timespec now, when = c->mfill->first;
+	when.tv_nsec += MGROUP_DELAY_MS % 1000 * 1000000L;
+	when.tv_sec += MGROUP_DELAY_MS / 1000 + when.tv_nsec / 1000000000L;
+	when.tv_nsec %= 1000000000L;
+	if (ret_when)
+		*ret_when = when;
+	clock_gettime(CLOCK_REALTIME, &now);
+	return c->mem_full || c->publisher_stopping || c->flushers > 0 ||
+	       !mgroup_room(c->mfill, CAS_LOCAL_PACK_MAX) ||
+	       now.tv_sec > when.tv_sec ||
+	       (now.tv_sec == when.tv_sec && now.tv_nsec >= when.tv_nsec);
+}
+
 static bool publisher_has_work(const struct cache_store *c)
 {
-	return c->n_pending > 0 || (c->mfill && c->mfill->n > 0);
+	return c->n_pending > 0 || mfill_due(c, NULL);
 }
 
 /* Appends a group of small blobs to the cache's pack: written, synced,
@@ -739,16 +797,24 @@ static void *publisher_main(void *arg)
 
 	pthread_mutex_lock(&c->lock);
 	for (;;) {
-		while (!publisher_has_work(c) && !c->publisher_stopping)
-			pthread_cond_wait(&c->pub_cond, &c->lock);
+		struct timespec until;
+		while (!publisher_has_work(c) && !c->publisher_stopping) {
+			if (c->mfill && c->mfill->n > 0) {
+				(void)mfill_due(c, &until);
+				(void)pthread_cond_timedwait(&c->pub_cond,
+							     &c->lock, &until);
+			} else {
+				pthread_cond_wait(&c->pub_cond, &c->lock);
+			}
+		}
 		if (!publisher_has_work(c))
 			break;
-		struct timespec until;
 		clock_gettime(CLOCK_REALTIME, &until);
 		until.tv_nsec += STAGE_DELAY_MS * 1000000L;
 		until.tv_sec += until.tv_nsec / 1000000000L;
 		until.tv_nsec %= 1000000000L;
-		while (c->n_pending < STAGE_GROUP && !c->publisher_stopping &&
+		while (c->n_pending > 0 && c->n_pending < STAGE_GROUP &&
+		       !c->publisher_stopping &&
 		       c->staged.n < STAGED_MAX && c->flushers == 0 &&
 		       !c->mem_full &&
 		       pthread_cond_timedwait(&c->pub_cond, &c->lock, &until) == 0)
@@ -758,7 +824,7 @@ static void *publisher_main(void *arg)
 		c->pending = NULL;
 		c->n_pending = c->cap_pending = 0;
 		struct mgroup *mg = NULL;
-		if (c->mfill && c->mfill->n > 0) {
+		if (mfill_due(c, NULL)) {
 			mg = c->mwrite = c->mfill;
 			c->mfill = NULL;
 			c->mem_full = false;
@@ -804,18 +870,14 @@ static void *publisher_main(void *arg)
 		}
 		free(group);
 		if (mg) {
-			/* Indexed now (or lost): read from the pack. */
-			for (size_t i = 0; i < mg->n; i++) {
-				struct cas_dmap_entry *e = cas_dmap_find(
-					&c->mstaged, &mg->v[i].digest);
-				if (e && e->value == &mg->v[i])
-					cas_dmap_remove(&c->mstaged, e);
-			}
+			/* Indexed now (or lost): still read from memory
+			 * until the next group is written. */
 			c->mwrite = NULL;
-			if (c->mspare)
-				mgroup_free(mg);
-			else
-				c->mspare = mg;
+			if (c->mspare) {
+				mgroup_forget(c, c->mspare);
+				mgroup_free(c->mspare);
+			}
+			c->mspare = mg;
 		}
 		pthread_mutex_unlock(&c->lock);
 		maybe_evict(c, 0);
@@ -892,11 +954,13 @@ static int mem_get(struct cache_store *c, const cas_digest *d, size_t max,
 		c->mstaged.n ? cas_dmap_find(&c->mstaged, d) : NULL;
 	if (e) {
 		const struct cas_local_small *v = e->value;
-		/* An entry of mfill's or of mwrite's table. */
-		const struct mgroup *g = c->mwrite;
-		if (c->mfill && (uintptr_t)v >= (uintptr_t)c->mfill->v &&
-		    (uintptr_t)v < (uintptr_t)(c->mfill->v + MGROUP_BLOBS))
-			g = c->mfill;
+		/* An entry of mfill's, mwrite's or mspare's table. */
+		const struct mgroup *g = c->mspare;
+		const struct mgroup *gs[] = { c->mfill, c->mwrite };
+		for (size_t i = 0; i < 2; i++)
+			if (gs[i] && (uintptr_t)v >= (uintptr_t)gs[i]->v &&
+			    (uintptr_t)v < (uintptr_t)(gs[i]->v + MGROUP_BLOBS))
+				g = gs[i];
 		uint8_t *buf = v->len > max ? NULL : malloc(v->len ? v->len : 1);
 		r = v->len > max ? -EFBIG : buf ? 0 : -ENOMEM;
 		if (buf) {
@@ -1074,6 +1138,21 @@ static void batch_blob(void *userdata, size_t j, int r, const uint8_t *buf,
 	if (r == 0)
 		r = batch_stage(b, k, buf, len);
 	b->r[k] = r < 0 && r != -ENOENT ? -EIO : r;
+	if (r == 0) {
+		/* A reader waiting for it need not wait for the rest of the
+		 * batch; woken only then (waking every reader per blob costs
+		 * each a sleep and a wake per blob). */
+		struct cache_store *c = b->c;
+		pthread_mutex_lock(&c->lock);
+		bool waited = b->e[k]->refs > 1;
+		b->e[k]->done = true;
+		b->e[k]->r = 0;
+		inflight_unref_locked(&c->blobs_inflight, b->e[k]);
+		b->e[k] = NULL;
+		if (waited)
+			pthread_cond_broadcast(&c->cond);
+		pthread_mutex_unlock(&c->lock);
+	}
 }
 
 static void batch_range(void *userdata, size_t i, int r, const uint8_t *buf,
@@ -1286,6 +1365,39 @@ static void *prefetch_main(void *arg)
 	return NULL;
 }
 
+/* The large worker: one blob at a time from lq, then on with the walk
+ * (it may have stopped at a full lq). */
+static void *large_main(void *arg)
+{
+	struct cache_store *c = arg;
+
+	pthread_mutex_lock(&c->lock);
+	for (;;) {
+		while (!c->stopping && c->lq_len == 0)
+			pthread_cond_wait(&c->lq_cond, &c->lock);
+		if (c->stopping)
+			break;
+		struct prefetch_item it = c->lq[c->lq_head];
+		pthread_mutex_unlock(&c->lock);
+		int r = ensure_blob(c, &it.digest, true);
+		maybe_evict(c, 0);
+		pthread_mutex_lock(&c->lock);
+		c->lq_head = (c->lq_head + 1) % LARGE_QUEUE;
+		c->lq_len--;
+		if (r == -EIO) {
+			/* As prefetch_main: leave the remote alone a while. */
+			clock_gettime(CLOCK_MONOTONIC, &c->paused_until);
+			c->paused_until.tv_sec += 5;
+			c->lq_len = 0;
+		}
+		pthread_mutex_unlock(&c->lock);
+		walk_continue(c);
+		pthread_mutex_lock(&c->lock);
+	}
+	pthread_mutex_unlock(&c->lock);
+	return NULL;
+}
+
 /* The prefetch walk: one per cache, a stack of the Directories it is in.
  * It goes in export's order - the Directories below one first, then its
  * own files - and queues the small blobs the cache lacks until
@@ -1300,6 +1412,7 @@ struct walk_frame {
 	cas_digest d;
 	cas_directory *dir;
 	uint64_t *off;	  /* where its pack holds its files, or NULL */
+	uint8_t *want;	  /* walk_wants of its files, once looked up */
 	size_t next_dir;  /* the next Directory below to enter */
 	size_t next_file; /* then the next file to queue */
 };
@@ -1309,6 +1422,7 @@ static void walk_clear(struct cache_store *c)
 	for (size_t i = 0; i < c->walk_depth; i++) {
 		cas_directory_free(c->walk[i].dir);
 		free(c->walk[i].off);
+		free(c->walk[i].want);
 	}
 	c->walk_depth = 0;
 }
@@ -1341,17 +1455,44 @@ static void walk_push(struct cache_store *c, const cas_digest *d,
 		(struct walk_frame){.d = *d, .dir = dir, .off = off};
 }
 
-/* Whether the walk queues file i of f: a small blob the cache lacks. */
-static bool walk_wants(struct cache_store *c, const struct walk_frame *f,
-		       size_t i)
+enum walk_want { WANT_NONE, WANT_SMALL, WANT_LARGE };
+
+/* Whether and where the walk queues file i of f: a blob the cache lacks. */
+static uint8_t walk_wants(struct cache_store *c, const struct walk_frame *f,
+			  size_t i)
 {
 	const cas_node *n = &f->dir->files[i];
 	uint64_t size;
 	/* Within a bounded cache, prefetch must not push out what is
 	 * being read. */
-	return n->size <= PREFETCH_MAX_SIZE &&
-	       !(c->cache_max && n->size > c->cache_max / 64) &&
-	       cached_blob_stat(c, &n->digest, &size) == -ENOENT;
+	if ((c->cache_max && n->size > c->cache_max / 64) ||
+	    cached_blob_stat(c, &n->digest, &size) != -ENOENT)
+		return WANT_NONE;
+	return n->size <= PREFETCH_MAX_SIZE ? WANT_SMALL : WANT_LARGE;
+}
+
+static void *large_main(void *arg);
+
+/* Queues large file i of f for the large worker: false when the walk
+ * must wait (lq full, or readers not far enough); c->lock held. */
+static bool walk_queue_large(struct cache_store *c, const struct walk_frame *f,
+			     size_t i)
+{
+	const cas_node *n = &f->dir->files[i];
+	if (c->lq_len == LARGE_QUEUE || c->walk_read_bytes == 0 ||
+	    c->walk_large_bytes + n->size > c->walk_read_bytes + LARGE_AHEAD)
+		return false;
+	if (!c->large_started) {
+		if (pthread_create(&c->large_worker, NULL, large_main, c) != 0)
+			return true; /* no thread: the reader fetches it */
+		c->large_started = true;
+	}
+	c->lq[(c->lq_head + c->lq_len++) % LARGE_QUEUE] =
+		(struct prefetch_item){n->digest, n->size, f->d, UINT64_MAX};
+	c->walk_large_bytes += n->size;
+	c->walk_budget--;
+	pthread_cond_signal(&c->lq_cond);
+	return true;
 }
 
 /* Queues file i of f; c->lock held, the queue not full. */
@@ -1399,29 +1540,40 @@ static void walk_run(struct cache_store *c)
 			pthread_mutex_lock(&c->lock);
 			continue;
 		}
-		/* Looked up unlocked, queued in one go: a worker that wakes
-		 * takes the Directory's run whole (one range of its pack). */
-		size_t start = f->next_file, nf = f->dir->n_files - start;
-		pthread_mutex_unlock(&c->lock);
-		_cleanup_free_ bool *want = malloc(nf ? nf : 1);
-		for (size_t i = 0; want && i < nf; i++)
-			want[i] = walk_wants(c, f, start + i);
-		pthread_mutex_lock(&c->lock);
-		if (!want)
-			break;
+		/* Looked up unlocked, once (a walk that waits goes on from
+		 * there), queued in one go: a worker that wakes takes the
+		 * Directory's run whole (one range of its pack). */
+		if (!f->want) {
+			size_t nf = f->dir->n_files;
+			pthread_mutex_unlock(&c->lock);
+			uint8_t *want = malloc(nf ? nf : 1);
+			for (size_t i = 0; want && i < nf; i++)
+				want[i] = walk_wants(c, f, i);
+			pthread_mutex_lock(&c->lock);
+			if (!want)
+				break;
+			f->want = want;
+		}
 		bool full = false;
 		for (; f->next_file < f->dir->n_files; f->next_file++) {
 			full = c->pq_len == PREFETCH_QUEUE || c->stopping ||
 			       c->walk_budget == 0;
 			if (full)
 				break;
-			if (want[f->next_file - start])
+			uint8_t w = f->want[f->next_file];
+			if (w == WANT_LARGE) {
+				full = !walk_queue_large(c, f, f->next_file);
+				if (full)
+					break;
+			} else if (w == WANT_SMALL) {
 				walk_queue_file(c, f, f->next_file);
+			}
 		}
 		if (full)
 			break;
 		cas_directory_free(f->dir);
 		free(f->off);
+		free(f->want);
 		c->walk_depth--;
 	}
 	c->walk_active = c->walk_depth > 0;
@@ -1457,21 +1609,23 @@ static void prefetch_directory(struct cache_store *c, const cas_digest *d,
 	walk_clear(c);
 	pthread_mutex_lock(&c->lock);
 	c->walk_budget = PREFETCH_AHEAD;
+	c->walk_read_bytes = c->walk_large_bytes = 0;
 	pthread_mutex_unlock(&c->lock);
 	walk_push(c, d, buf, len);
 	walk_run(c);
 	pthread_mutex_unlock(&c->walk_lock);
 }
 
-/* A reader reads a blob: the walk may go one further. It stays
- * PREFETCH_AHEAD ahead of a reader, and stops when nobody reads (a
+/* A reader read a blob of size bytes: the walk may go one further. It
+ * stays PREFETCH_AHEAD ahead of a reader, and stops when nobody reads (a
  * mount's ls does not fetch the store). */
-static void walk_credit(struct cache_store *c)
+static void walk_credit(struct cache_store *c, uint64_t size)
 {
 	if (!c->prefetch_threads)
 		return;
 	pthread_mutex_lock(&c->lock);
 	c->walk_budget += c->walk_budget < PREFETCH_AHEAD;
+	c->walk_read_bytes += size ? size : 1;
 	/* The workers are idle once the queue is drained: wake one to go
 	 * on (not the reader: it has reading to do). */
 	if (c->walk_active && !c->walk_kick &&
@@ -1488,7 +1642,9 @@ static int cache_blob_get(struct cache_store *c, const cas_digest *d,
 			  int *ret_fd, size_t max, uint8_t **ret_buf,
 			  uint64_t *ret_size)
 {
-	walk_credit(c);
+	uint64_t size;
+	if (!ret_size)
+		ret_size = &size;
 	int r = ret_fd ? cached_blob_open(c, d, ret_fd, ret_size)
 		       : cached_blob_read(c, d, max, ret_buf, ret_size);
 	bool fetched = false;
@@ -1502,6 +1658,8 @@ static int cache_blob_get(struct cache_store *c, const cas_digest *d,
 		r = ret_fd ? cached_blob_open(c, d, ret_fd, ret_size)
 			   : cached_blob_read(c, d, max, ret_buf, ret_size);
 	}
+	if (r >= 0)
+		walk_credit(c, *ret_size);
 	if (r >= 0 && ret_fd)
 		mark_used(c, *ret_fd);
 	if (fetched)
@@ -1539,11 +1697,14 @@ static int cache_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
 			     uint64_t *ret_off, uint64_t *ret_size)
 {
 	struct cache_store *c = to_cache(s);
-	walk_credit(c);
 	if (!c->cache->ops->blob_locate)
 		return -ENOENT;
-	return c->cache->ops->blob_locate(c->cache, d, ret_fd, ret_off,
-					  ret_size);
+	int r = c->cache->ops->blob_locate(c->cache, d, ret_fd, ret_off,
+					   ret_size);
+	/* Else the caller opens or reads it, which counts then. */
+	if (r >= 0)
+		walk_credit(c, *ret_size);
+	return r;
 }
 
 static int cache_blob_stat(cas_store *s, const cas_digest *d,
@@ -2178,10 +2339,14 @@ static void cache_free(cas_store *s)
 	pthread_mutex_lock(&c->lock);
 	c->stopping = true;
 	pthread_cond_broadcast(&c->pq_cond);
+	pthread_cond_broadcast(&c->lq_cond);
 	unsigned n = c->n_workers;
+	bool large = c->large_started;
 	pthread_mutex_unlock(&c->lock);
 	for (unsigned i = 0; i < n; i++)
 		pthread_join(c->workers[i], NULL);
+	if (large)
+		pthread_join(c->large_worker, NULL);
 	/* Names what is staged (one last syncfs) before the cache closes. */
 	pthread_mutex_lock(&c->lock);
 	c->publisher_stopping = true;
@@ -2209,6 +2374,7 @@ static void cache_free(cas_store *s)
 	cas_dmap_release(&c->dirs_inflight, NULL);
 	cas_dmap_release(&c->bad_logged, NULL);
 	pthread_cond_destroy(&c->pq_cond);
+	pthread_cond_destroy(&c->lq_cond);
 	if (c->fetcher)
 		c->fetcher->ops->free(c->fetcher);
 	cas_store_free(c->cache);
@@ -2280,6 +2446,7 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	pthread_mutex_init(&c->evict_lock, NULL);
 	pthread_cond_init(&c->cond, NULL);
 	pthread_cond_init(&c->pq_cond, NULL);
+	pthread_cond_init(&c->lq_cond, NULL);
 	pthread_mutex_init(&c->walk_lock, NULL);
 	pthread_cond_init(&c->pub_cond, NULL);
 	c->tmp_fd = -1;

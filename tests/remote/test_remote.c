@@ -311,6 +311,7 @@ struct fake {
 	cas_store *origin;
 	pthread_mutex_t lock;
 	unsigned blob_fetches;
+	unsigned large_fetches; /* blob_fetch of blobs over 1 MiB */
 	unsigned batches; /* blobs_fetch calls */
 	unsigned dir_fetches;
 	unsigned delay_ms;
@@ -340,6 +341,11 @@ static int fake_blob_fetch(cas_fetcher *f, const cas_digest *d,
 	int r = k->origin->ops->blob_open(k->origin, d, &fd, &size);
 	if (r < 0)
 		return r;
+	if (size > (1u << 20)) {
+		pthread_mutex_lock(&k->lock);
+		k->large_fetches++;
+		pthread_mutex_unlock(&k->lock);
+	}
 	uint8_t *buf = malloc(size ? size : 1);
 	REQUIRE(buf && cas_pread_all(fd, buf, size, 0) == 0);
 	close(fd);
@@ -1023,8 +1029,8 @@ static struct cas_fetcher_ops fake_range_ops = {
 
 /* Reading a Directory prefetches its small files as ranges of its pack
  * (a blob the cache has is a gap, not a split), a 200 KiB one in a batch
- * to a file, and not the one over 1 MiB; a corrupt or absent pack costs
- * blob fetches, never a wrong byte. */
+ * to a file (the one over 1 MiB goes alone: test_cache_prefetch_large);
+ * a corrupt or absent pack costs blob fetches, never a wrong byte. */
 static void test_cache_prefetch_ranges(cas_store *origin)
 {
 	enum { N = 200 };
@@ -1088,7 +1094,8 @@ static void test_cache_prefetch_ranges(cas_store *origin)
 			usleep(10000);
 		}
 		pthread_mutex_lock(&k.lock);
-		unsigned fetches = k.blob_fetches, ranges = k.ranges;
+		unsigned fetches = k.blob_fetches - k.large_fetches,
+			 ranges = k.ranges;
 		pthread_mutex_unlock(&k.lock);
 		if (round == 0) {
 			/* The first read and the 200 KiB file alone; the rest
@@ -1126,6 +1133,105 @@ static void test_cache_prefetch_ranges(cas_store *origin)
 	free(raw);
 }
 
+/* Blobs over 1 MiB are prefetched one at a time, streamed to files: none
+ * before a reader reads a blob (a Directory read alone, as ls, fetches
+ * none); then as far as the bytes read allow plus 64 MiB, so the walk
+ * waits at a 70 MiB blob until that one is read, and goes on after it. */
+static uint8_t large_byte(size_t i, size_t j)
+{
+	return (uint8_t)(j * 31 + i + (j >> 12));
+}
+
+static unsigned large_count(struct fake *k)
+{
+	pthread_mutex_lock(&k->lock);
+	unsigned n = k->large_fetches;
+	pthread_mutex_unlock(&k->lock);
+	return n;
+}
+
+static bool large_wait(struct fake *k, unsigned n)
+{
+	for (int i = 0; i < 1000 && large_count(k) < n; i++)
+		usleep(10000);
+	return large_count(k) == n;
+}
+
+static void large_check(cas_store *s, const cas_node *f, size_t i)
+{
+	int fd;
+	uint64_t size;
+	REQUIRE(s->ops->blob_open(s, &f->digest, &fd, &size) == 0);
+	CHECK(size == f->size);
+	uint8_t *data = malloc(size);
+	REQUIRE(data && cas_pread_all(fd, data, size, 0) == 0);
+	for (size_t j = 0; j < size; j++)
+		if (data[j] != large_byte(i, j)) {
+			CHECK(!"wrong byte");
+			break;
+		}
+	free(data);
+	close(fd);
+}
+
+static void test_cache_prefetch_large(cas_store *origin)
+{
+	/* Sorted by name: small a*, then b0 b1 (prefetched at once), c
+	 * (70 MiB: more than the head start), d (after c). */
+	static const char *names[] = {"a0", "a1", "a2", "b0", "b1", "c", "d"};
+	static const size_t sizes[] = {100, 200, 300, 1536u << 10,
+				       2u << 20, 70u << 20, 1200u << 10};
+	enum { N = 7 };
+	cas_node files[N];
+	for (size_t i = 0; i < N; i++) {
+		uint8_t *data = malloc(sizes[i]);
+		REQUIRE(data);
+		for (size_t j = 0; j < sizes[i]; j++)
+			data[j] = large_byte(i, j);
+		files[i] = (cas_node){.type = CAS_NODE_FILE,
+				      .name = (const uint8_t *)names[i],
+				      .name_len = strlen(names[i]),
+				      .size = sizes[i]};
+		put_blob(origin, data, sizes[i], &files[i].digest);
+		free(data);
+	}
+	cas_directory dir = {.files = files, .n_files = N};
+	uint8_t *raw;
+	size_t raw_len;
+	cas_digest d;
+	REQUIRE(cas_directory_encode(&dir, &raw, &raw_len, NULL) == 0);
+	REQUIRE(cas_store_directory_put(origin, raw, raw_len, &d) == 0);
+	free(raw);
+
+	struct fake k = {.base.ops = &fake_batch_ops, .origin = origin};
+	pthread_mutex_init(&k.lock, NULL);
+	cas_store *s = open_cache(&k, "cache-large-prefetch", 0);
+	uint8_t *buf = NULL;
+	size_t len;
+	REQUIRE(s->ops->directory_get_raw(s, &d, &buf, &len) == 0);
+	free(buf);
+	wait_fetches(&k, 3); /* the small ones */
+	usleep(300000);
+	CHECK(large_count(&k) == 0);
+
+	uint64_t size;
+	CHECK(cas_store_blob_read(s, &files[0].digest, 4096, &buf, &size) ==
+	      0 && size == 100);
+	free(buf);
+	CHECK(large_wait(&k, 2)); /* b0, b1 */
+	usleep(300000);
+	CHECK(large_count(&k) == 2); /* not c, nor d behind it */
+	large_check(s, &files[3], 3);
+	large_check(s, &files[4], 4);
+	CHECK(large_count(&k) == 2); /* read from the cache */
+	large_check(s, &files[5], 5); /* the reader fetches c */
+	CHECK(large_wait(&k, 4)); /* and d comes by itself */
+	large_check(s, &files[6], 6);
+	CHECK(large_count(&k) == 4);
+	cas_store_free(s);
+	pthread_mutex_destroy(&k.lock);
+}
+
 int main(void)
 {
 	cas_log_set_level(CAS_LOG_ERROR + 0);
@@ -1147,6 +1253,7 @@ int main(void)
 	test_cache_packs(origin);
 	test_cache_prefetch_batches(origin);
 	test_cache_prefetch_ranges(origin);
+	test_cache_prefetch_large(origin);
 	cas_store_free(origin);
 	test_grpc_blobs_fetch();
 	test_http_blobs_fetch();
