@@ -1,7 +1,10 @@
 #include "core/util.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 int cas_write_all(int fd, const void *buf, size_t len)
@@ -147,4 +150,27 @@ int cas_hex_decode(const char *hex, size_t len, void *out)
 		p[i] = (uint8_t)(hi << 4 | lo);
 	}
 	return 0;
+}
+
+void cas_remove_stale_files(int dir_fd, long max_age_s)
+{
+	int fd = openat(dir_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return;
+	DIR *d = fdopendir(fd);
+	if (!d) {
+		close(fd);
+		return;
+	}
+	time_t now = time(NULL);
+	struct dirent *de;
+	while ((de = readdir(d))) {
+		struct stat st;
+		if (de->d_name[0] == '.')
+			continue;
+		if (fstatat(dir_fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+		    S_ISREG(st.st_mode) && st.st_mtime + max_age_s < now)
+			(void)unlinkat(dir_fd, de->d_name, 0);
+	}
+	closedir(d);
 }

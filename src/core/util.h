@@ -82,4 +82,9 @@ void cas_hex_encode(const void *buf, size_t len, char *out);
  * written). */
 int cas_hex_decode(const char *hex, size_t len, void *out);
 
+/* Removes the regular files directly in dir_fd (a folder of temporary
+ * files) last modified more than max_age_s seconds ago: leftovers of
+ * writers that crashed. Best effort: errors are ignored. */
+void cas_remove_stale_files(int dir_fd, long max_age_s);
+
 #endif

@@ -11,10 +11,15 @@
  * Objects are written leaves first (a Directory after all it names and
  * its pack), each to a temporary file then linked into place without
  * overwriting, so a Directory file that exists promises its whole
- * closure and its pack, and publishing
- * again skips it. All objects are made durable (syncfs) before the roots
+ * closure and its pack, and publishing again skips it. Names are given
+ * in groups: the written objects wait unnamed until PUBLISH_GROUP do,
+ * one syncfs makes them durable, then each is linked in the order it
+ * was written - so no name points at bytes a crash could cut, and the
+ * order above holds at any moment. (An fdatasync per object cost 43 s
+ * of the 48 s /usr/share took.) All objects are named before the roots
  * file is replaced by rename: a reader never sees a root whose objects
- * are missing.
+ * are missing. What a crashed publish left in tmp/ is removed by the
+ * next one, once an hour old.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -31,6 +36,14 @@
 #include "remote/remote.h"
 #include "remote/remote_i.h"
 
+#define PUBLISH_GROUP 4096
+
+/* An object written to tmp, to be linked at path once durable. */
+struct pending_name {
+	char tmp[48];
+	char path[96];
+};
+
 struct publisher {
 	cas_store *s;
 	int dirfd;
@@ -42,6 +55,8 @@ struct publisher {
 	cas_remote_progress_cb progress;
 	void *userdata;
 	unsigned tmp_seq;
+	struct pending_name *pending; /* in the order written */
+	size_t n_pending, cap_pending;
 };
 
 static void tick(struct publisher *pb)
@@ -89,21 +104,60 @@ static int tmp_create(struct publisher *pb, const char *path, char *tmp,
 	return fd < 0 ? cas_negerrno() : fd;
 }
 
-/* Gives the written temporary file its name (r: how writing it went;
- * an existing file is left alone) and removes the temporary name. The
- * data is made durable before the object gets its name: a later publish
- * skips names that exist, so a name must never point at bytes a crash
- * could cut. */
-static int tmp_commit(struct publisher *pb, int fd, const char *tmp,
-		      const char *path, int r)
+/* The written temporary file (r: how writing it went) is to get its
+ * name with the next group (publish_flush); a failed one is removed. */
+static int tmp_commit(struct publisher *pb, const char *tmp, const char *path,
+		      int r)
 {
-	if (r >= 0 && fdatasync(fd) < 0)
-		r = cas_negerrno();
-	if (r >= 0 && linkat(pb->dirfd, tmp, pb->dirfd, path, 0) < 0 &&
-	    errno != EEXIST)
-		r = cas_negerrno();
-	(void)unlinkat(pb->dirfd, tmp, 0);
+	if (r >= 0 && pb->n_pending == pb->cap_pending) {
+		size_t cap = pb->cap_pending ? 2 * pb->cap_pending : 256;
+		struct pending_name *np =
+			realloc(pb->pending, cap * sizeof(*np));
+		if (np) {
+			pb->pending = np;
+			pb->cap_pending = cap;
+		} else {
+			r = -ENOMEM;
+		}
+	}
+	if (r < 0) {
+		(void)unlinkat(pb->dirfd, tmp, 0);
+		return r;
+	}
+	struct pending_name *p = &pb->pending[pb->n_pending++];
+	snprintf(p->tmp, sizeof(p->tmp), "%s", tmp);
+	snprintf(p->path, sizeof(p->path), "%s", path);
+	return 0;
+}
+
+/* Names the objects written so far: one syncfs, then each linked in the
+ * order written (an existing name is left alone: it holds the same
+ * bytes), the temporary names removed. A later publish skips names that
+ * exist, so a name must never point at bytes a crash could cut. On a
+ * failure nothing after it is named. */
+static int publish_flush(struct publisher *pb)
+{
+	if (pb->n_pending == 0)
+		return 0;
+	int r = syncfs(pb->dirfd) < 0 ? cas_negerrno() : 0;
+	if (r < 0)
+		cas_log_errno(r, "%s: syncfs: %m", pb->dir);
+	for (size_t i = 0; i < pb->n_pending; i++) {
+		const struct pending_name *p = &pb->pending[i];
+		if (r >= 0 && linkat(pb->dirfd, p->tmp, pb->dirfd, p->path, 0) <
+				      0 &&
+		    errno != EEXIST)
+			r = cas_log_errno(cas_negerrno(), "%s/%s: %m", pb->dir,
+					  p->path);
+		(void)unlinkat(pb->dirfd, p->tmp, 0);
+	}
+	pb->n_pending = 0;
 	return r;
+}
+
+static int maybe_flush(struct publisher *pb)
+{
+	return pb->n_pending >= PUBLISH_GROUP ? publish_flush(pb) : 0;
 }
 
 /* Writes an object from an fd (blob) or a buffer (Directory) to path. */
@@ -119,7 +173,7 @@ static int write_object(struct publisher *pb, const char *path, int in_fd,
 		r = cas_copy_fd(in_fd, fd, size);
 	else
 		r = len ? cas_write_all(fd, buf, len) : 0;
-	return tmp_commit(pb, fd, tmp, path, r);
+	return tmp_commit(pb, tmp, path, r);
 }
 
 static bool object_exists(struct publisher *pb, const char *path)
@@ -194,7 +248,7 @@ static int publish_pack(struct publisher *pb, const cas_digest *d,
 		if (r >= 0)
 			r = cas_write_all(fd, buf, size);
 	}
-	r = tmp_commit(pb, fd, tmp, path, r);
+	r = tmp_commit(pb, tmp, path, r);
 	if (r < 0) {
 		cas_digest_to_hex(d, hex);
 		return cas_log_errno(r, "publish pack of directory %s into %s: %m",
@@ -308,6 +362,8 @@ static int publish_tree(struct publisher *pb, const cas_digest *root)
 		pb->p.sent_bytes += f->raw_len;
 		frame_release(f);
 		depth--;
+		if ((r = maybe_flush(pb)) < 0)
+			goto out;
 	}
 	r = 0;
 out:
@@ -374,7 +430,7 @@ static int publish_tree_file(struct publisher *pb, const cas_digest *root)
 	}
 	free(queue);
 	cas_dmap_release(&seen, NULL);
-	r = tmp_commit(pb, fd, tmp, path, r < 0 ? r : 0);
+	r = tmp_commit(pb, tmp, path, r < 0 ? r : 0);
 	if (r < 0) {
 		cas_digest_to_hex(root, hex);
 		return cas_log_errno(r, "publish tree of directory %s into %s: %m",
@@ -390,8 +446,10 @@ static int publish_node(struct publisher *pb, const cas_node *node)
 		int r = publish_tree(pb, &node->digest);
 		return r < 0 ? r : publish_tree_file(pb, &node->digest);
 	}
-	case CAS_NODE_FILE:
-		return publish_blob(pb, &node->digest);
+	case CAS_NODE_FILE: {
+		int r = publish_blob(pb, &node->digest);
+		return r < 0 ? r : maybe_flush(pb);
+	}
 	default:
 		return 0;
 	}
@@ -543,6 +601,12 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 					  subdirs[i]);
 			goto out;
 		}
+	/* A crashed publisher's unnamed objects (a group at most). */
+	int tmp_fd = openat(pb.dirfd, "tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (tmp_fd >= 0) {
+		cas_remove_stale_files(tmp_fd, 3600);
+		close(tmp_fd);
+	}
 
 	if (n_names == 0) {
 		r = s->ops->roots_foreach(s, collect_all, &todo);
@@ -570,11 +634,9 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 			goto out;
 		}
 	}
-	/* Every object durable before any root names it. */
-	if (syncfs(pb.dirfd) < 0) {
-		r = cas_log_errno(cas_negerrno(), "%s: syncfs: %m", dir);
+	/* Every object named (durable) before any root names it. */
+	if ((r = publish_flush(&pb)) < 0)
 		goto out;
-	}
 	r = read_roots_file(&pb, &published);
 	if (r < 0)
 		goto out;
@@ -589,6 +651,10 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 	if (ret_stats)
 		*ret_stats = pb.p;
 out:
+	/* After a failure, what was written whole is still worth naming:
+	 * publishing again skips it. */
+	(void)publish_flush(&pb);
+	free(pb.pending);
 	root_set_release(&todo);
 	root_set_release(&published);
 	cas_dmap_release(&pb.blobs_done, NULL);

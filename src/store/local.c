@@ -11,7 +11,6 @@
  */
 #include "store/local_i.h"
 
-#include <dirent.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -1605,25 +1604,7 @@ static const struct cas_store_ops local_ops = {
 /* Named leftovers of crashed writers; O_TMPFILE leaves none. */
 static void tmp_cleanup(struct cas_local *ls)
 {
-	int fd = openat(ls->tmp_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0)
-		return;
-	DIR *d = fdopendir(fd);
-	if (!d) {
-		close(fd);
-		return;
-	}
-	time_t now = time(NULL);
-	struct dirent *de;
-	while ((de = readdir(d))) {
-		struct stat st;
-		if (de->d_name[0] == '.')
-			continue;
-		if (fstatat(ls->tmp_fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
-		    S_ISREG(st.st_mode) && st.st_mtime + TMP_MAX_AGE_S < now)
-			unlinkat(ls->tmp_fd, de->d_name, 0);
-	}
-	closedir(d);
+	cas_remove_stale_files(ls->tmp_fd, TMP_MAX_AGE_S);
 }
 
 static int open_subdir(struct cas_local *ls, const char *name, bool create,

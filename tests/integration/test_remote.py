@@ -849,6 +849,62 @@ def test_publish_tree_file(pb, filled, published):
         named |= {x.digest.hex() for x in d.directories}
 
 
+def layout_closed(pb, pub):
+    """Every Directory file of a layout promises what it names: the
+    Directory files below it, its blobs, and its pack when it has two or
+    more files of 1 to 64 KiB. Returns how many Directory files there are."""
+    castore_pb2 = pb[0]
+    dirs = [p for p in (pub / "directories").rglob("*") if p.is_file()]
+    for f in dirs:
+        d = castore_pb2.Directory()
+        d.ParseFromString(f.read_bytes())
+        for x in d.directories:
+            h = x.digest.hex()
+            assert (pub / "directories" / h[:2] / h).is_file(), (f.name, h)
+        for x in d.files:
+            h = x.digest.hex()
+            assert (pub / "blobs" / h[:2] / h).stat().st_size == x.size, (f.name, h)
+        if sum(1 for x in d.files if 0 < x.size <= 65536) >= 2:
+            assert (pub / "packs" / f.name[:2] / f.name).is_file(), f.name
+    return len(dirs)
+
+
+def test_publish_failed_then_again(pb, tmp_path):
+    """Publish names its objects in groups (one syncfs each), leaves
+    first. One that fails part way (a blob missing from the store) says
+    which blob, writes no roots file, leaves nothing in tmp/, and every
+    Directory it named promises all it names; publishing again, once the
+    blob is back, completes the layout. Data: /usr/share/doc."""
+    store, pub = tmp_path / "store", tmp_path / "pub"
+    run(["import", "/usr/share/doc", "--name", "doc"], store=store)
+    # A blob file of the store (over 64 KiB) met late in publish's order.
+    src = sorted((p for p in Path("/usr/share/doc").rglob("*")
+                  if p.is_file() and not p.is_symlink()
+                  and p.stat().st_size > 65536), key=str)[-1]
+    h = b3(src.read_bytes()).hex()
+    blob = store / "blobs" / h[:2] / h
+    assert blob.is_file()
+    aside = tmp_path / "aside"
+    blob.rename(aside)
+    p = run(["publish", pub], store=store, check=False)
+    assert p.returncode != 0
+    assert h in p.stderr.decode()
+    assert not (pub / "roots").exists()
+    assert not any((pub / "tmp").iterdir())
+    named = layout_closed(pb, pub)
+    assert named > 0  # groups before the failure were named
+    aside.rename(blob)
+    run(["publish", pub], store=store)
+    assert (pub / "roots").read_text().count("\ndoc\t") == 1
+    r = root_digest(store, "doc")
+    assert (pub / "directories" / r[:2] / r).is_file()
+    assert layout_closed(pb, pub) > named
+    assert not any((pub / "tmp").iterdir())
+    dest = tmp_path / "dest"
+    run(["export", "doc", dest], store=store)
+    trees_equal("/usr/share/doc", dest)
+
+
 @pytest.mark.parametrize("damage", ["none", "corrupt", "absent"])
 def test_http_tree_file(tmp_path, filled, tree, published, nginx, damage):
     # One GET for the whole tree of Directories; a tree file with a wrong
