@@ -792,21 +792,30 @@ static int do_open(struct req *q, bool dir)
 	if (!p)
 		return -EIO; /* cannot happen: the buffer holds a header+page */
 	memcpy(p, &out, sizeof(out));
+	q->reply->open_kind = dir ? 2 : 1;
+	q->reply->open_ino = q->h.nodeid;
+	q->reply->open_fh = o.fh;
 	return 0;
+}
+
+static int release_handle(struct cas_fuse_session *s, uint64_t ino,
+			  uint64_t fh, bool dir)
+{
+	int (*op)(void *, uint64_t, uint64_t) =
+		dir ? s->ops->releasedir : s->ops->release;
+	int r = op ? op(s->fs, ino, fh) : 0;
+	if (!dir)
+		backing_put(s, ino, fh);
+	return r;
 }
 
 static int do_release(struct req *q, bool dir)
 {
-	struct cas_fuse_session *s = q->s;
 	struct fuse_release_in in;
 	int r = cas_fuse_cursor_copy_partial(q->c, &in, sizeof(in), 8);
 	if (r < 0)
 		return r;
-	int (*op)(void *, uint64_t, uint64_t) =
-		dir ? s->ops->releasedir : s->ops->release;
-	r = op ? op(s->fs, q->h.nodeid, in.fh) : 0;
-	if (!dir)
-		backing_put(s, q->h.nodeid, in.fh);
+	r = release_handle(q->s, q->h.nodeid, in.fh, dir);
 	reply_payload(q->reply, 0);
 	return r < 0 ? r : 0;
 }
@@ -1113,6 +1122,11 @@ void cas_fuse_reply_done(struct cas_fuse_session *s,
 		s->ops->read_done(s->fs, reply->fd_ino, reply->fd_fh);
 	reply->fd = -1;
 	reply->fd_len = 0;
+	if (reply->lost && reply->open_kind)
+		(void)release_handle(s, reply->open_ino, reply->open_fh,
+				     reply->open_kind == 2);
+	reply->open_kind = 0;
+	reply->lost = false;
 }
 
 int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
@@ -1126,6 +1140,8 @@ int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
 	reply->destroyed = false;
 	reply->unique = 0;
 	reply->fd_ino = reply->fd_fh = 0;
+	reply->lost = false;
+	reply->open_kind = 0;
 
 	struct cas_fuse_cursor c;
 	cas_fuse_cursor_init(&c, in, in_cnt);

@@ -198,6 +198,14 @@ struct cas_fuse_reply {
 	uint64_t unique; /* of the request, for logging */
 	/* Which open the fd part belongs to (for cas_fuse_reply_done). */
 	uint64_t fd_ino, fd_fh;
+	/* Set by the transport when the reply could not be delivered: the
+	 * kernel refused it (ENOENT) because the request was interrupted. */
+	bool lost;
+	/* A handle this reply hands out (an OPEN or OPENDIR answered): when
+	 * the reply is lost nobody will ever RELEASE it, so
+	 * cas_fuse_reply_done does. 0: none, 1: a file, 2: a folder. */
+	uint8_t open_kind;
+	uint64_t open_ino, open_fh;
 };
 
 struct cas_fuse_session;
@@ -217,7 +225,8 @@ int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
  * request, after the reply's bytes have been sent (or dropped). When the
  * reply has an fd part, the filesystem's read_done releases its hold on
  * that fd: until then a RELEASE of the handle (which a guest may send on
- * another queue while the data is still being copied) cannot close it. */
+ * another queue while the data is still being copied) cannot close it.
+ * A lost reply that opened a handle releases it. */
 void cas_fuse_reply_done(struct cas_fuse_session *s,
 			 struct cas_fuse_reply *reply);
 

@@ -324,14 +324,18 @@ static int backing_close(void *transport, int backing_id)
 		       0;
 }
 
-static void write_reply(struct worker *w, const struct iovec *iov, int cnt)
+static void write_reply(struct worker *w, struct cas_fuse_reply *reply,
+			const struct iovec *iov, int cnt)
 {
 	ssize_t n;
 	do
 		n = writev(w->fd, iov, cnt);
 	while (n < 0 && errno == EINTR);
-	/* ENOENT: the request was interrupted meanwhile; nothing to do. */
-	if (n < 0 && errno != ENOENT && errno != ENODEV)
+	/* ENOENT: the request was interrupted meanwhile; the engine
+	 * releases a handle the reply would have handed out. */
+	if (n < 0 && errno == ENOENT)
+		reply->lost = true;
+	else if (n < 0 && errno != ENODEV)
 		cas_log_warning_errno(cas_negerrno(), "write reply: %m");
 }
 
@@ -346,7 +350,7 @@ static void drain_pipe(struct worker *w)
 }
 
 /* 1 if sent (or the request is gone), 0 to fall back to copying. */
-static int send_splice(struct worker *w, const struct cas_fuse_reply *reply)
+static int send_splice(struct worker *w, struct cas_fuse_reply *reply)
 {
 	size_t total = reply->len + reply->fd_len;
 	if (total + PAGE > (size_t)w->d->pipe_size)
@@ -378,6 +382,7 @@ static int send_splice(struct worker *w, const struct cas_fuse_reply *reply)
 		return 1;
 	int e = errno;
 	drain_pipe(w);
+	reply->lost = n < 0 && e == ENOENT;
 	if (n < 0 && (e == ENOENT || e == ENODEV))
 		return 1;
 	return 0;
@@ -403,20 +408,20 @@ static void send_copy(struct worker *w, struct cas_fuse_reply *reply)
 			oh->len = sizeof(*oh);
 			oh->error = -EIO;
 			struct iovec e = { reply->buf, sizeof(*oh) };
-			write_reply(w, &e, 1);
+			write_reply(w, reply, &e, 1);
 			return;
 		}
 		oh->len = (uint32_t)(reply->len + got);
 	}
 	struct iovec iov[2] = { { reply->buf, reply->len }, { w->scratch, got } };
-	write_reply(w, iov, got ? 2 : 1);
+	write_reply(w, reply, iov, got ? 2 : 1);
 }
 
 static void send_reply(struct worker *w, struct cas_fuse_reply *reply)
 {
 	if (reply->fd < 0 || reply->fd_len == 0) {
 		struct iovec iov = { reply->buf, reply->len };
-		write_reply(w, &iov, 1);
+		write_reply(w, reply, &iov, 1);
 		return;
 	}
 	if (w->pipe[0] >= 0 && reply->fd_len >= SPLICE_MIN &&

@@ -34,6 +34,7 @@ struct fake {
 	atomic_uint forgets;
 	atomic_ullong forget_sum;
 	atomic_uint releases;
+	atomic_uint releasedirs;
 	atomic_uint read_dones;
 	uint64_t last_done_ino, last_done_fh;
 	int init_calls, destroy_calls;
@@ -244,6 +245,7 @@ static int f_readdir(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
 
 static int f_releasedir(void *fs, uint64_t ino, uint64_t fh)
 {
+	atomic_fetch_add(&((struct fake *)fs)->releasedirs, 1);
 	return fh == 7 ? 0 : -EBADF;
 }
 
@@ -1455,6 +1457,55 @@ static void test_passthrough(void)
 	cas_fuse_session_free(s);
 }
 
+/* An OPEN or OPENDIR whose reply the kernel refused (the request was
+ * interrupted: ENOENT from /dev/fuse, and the transport marks the reply
+ * lost) hands its handle to nobody, who would ever RELEASE it: the
+ * engine releases it, passthrough id included. A delivered reply, or a
+ * lost one that opened nothing, releases nothing. */
+static void test_lost_open(void)
+{
+	struct cas_fuse_session *s = ready_session(true);
+	struct req r;
+	struct out o;
+	unsigned rel = fake.releases, reldirs = fake.releasedirs;
+	int opens = fake.backing_opens, closes = fake.backing_closes;
+
+	req_start(&r, FUSE_OPEN, 5);
+	struct fuse_open_in in = {.flags = O_RDONLY};
+	req_add(&r, &in, sizeof(in));
+	req_end(&r);
+	run(s, &r, &o);
+	CHECK(o.oh.error == 0 && fake.backing_opens == opens + 1);
+	o.reply.lost = true;
+	cas_fuse_reply_done(s, &o.reply);
+	CHECK(fake.releases == rel + 1);
+	CHECK(fake.backing_closes == closes + 1);
+
+	uint64_t fh = open_file(s, 5, NULL, NULL); /* delivered */
+	CHECK(fake.releases == rel + 1);
+	CHECK(release_file(s, 5, fh) == 0);
+	CHECK(fake.releases == rel + 2);
+
+	req_start(&r, FUSE_OPENDIR, 1);
+	req_add(&r, &in, sizeof(in));
+	req_end(&r);
+	run(s, &r, &o);
+	CHECK(o.oh.error == 0);
+	o.reply.lost = true;
+	cas_fuse_reply_done(s, &o.reply);
+	CHECK(fake.releasedirs == reldirs + 1);
+
+	req_start(&r, FUSE_GETATTR, 2);
+	struct fuse_getattr_in gin = {0};
+	req_add(&r, &gin, sizeof(gin));
+	req_end(&r);
+	run(s, &r, &o);
+	o.reply.lost = true;
+	cas_fuse_reply_done(s, &o.reply);
+	CHECK(fake.releases == rel + 2 && fake.releasedirs == reldirs + 1);
+	cas_fuse_session_free(s);
+}
+
 static void test_destroy(void)
 {
 	struct cas_fuse_session *s = ready_session(false);
@@ -1641,6 +1692,7 @@ int main(void)
 	test_readonly();
 	test_xattr();
 	test_passthrough();
+	test_lost_open();
 	test_destroy();
 	test_threads();
 	test_small_reply_buffer();
