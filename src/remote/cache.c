@@ -11,8 +11,9 @@
  * lost, and no fetch waits for a sync of its own (docs/remote.md).
  * Small blobs (at most CAS_LOCAL_PACK_MAX bytes) of an unbounded cache
  * never get a file: they are gathered in memory, readable from there at
- * once, and the publisher appends each full group to a pack of the
- * cache's own (local.h: written, synced, then indexed), as import does.
+ * once, and the publisher appends each group (full, or 1 s old) to a
+ * pack of the cache's own (local.h: written, synced, then indexed), as
+ * import does.
  * A file per small blob cost a create, a rename and an open each, more
  * than the transfer itself. A bounded cache keeps files: eviction works
  * on them one blob at a time.
