@@ -162,6 +162,7 @@ struct cache_store {
 	struct prefetch_item *pq;     /* protected by lock: ring */
 	size_t pq_head, pq_len;	      /* protected by lock */
 	bool stopping;		      /* protected by lock */
+	atomic_bool closing;	      /* cache_free began: abort fetches */
 	struct timespec paused_until; /* protected by lock */
 	struct cas_dmap prefetched;   /* Directories walked; protected by lock */
 	pthread_mutex_t walk_lock;    /* the walk; taken before lock */
@@ -419,6 +420,11 @@ static int blob_sink_write(void *userdata, const void *buf, size_t len)
 		buf = (const uint8_t *)buf + n;
 		len -= n;
 		if (b->len == SINK_BUFFER) {
+			/* The cache is closing: a prefetch in flight (a large
+			 * blob, maybe on a slow link) must not hold it open. */
+			if (atomic_load_explicit(&b->c->closing,
+						 memory_order_relaxed))
+				return -ECANCELED;
 			int r = blob_sink_flush(b);
 			if (r < 0)
 				return r;
@@ -2337,6 +2343,7 @@ static int cache_root_remove(cas_store *s, const char *name)
 static void cache_free(cas_store *s)
 {
 	struct cache_store *c = to_cache(s);
+	atomic_store(&c->closing, true);
 	pthread_mutex_lock(&c->lock);
 	c->stopping = true;
 	pthread_cond_broadcast(&c->pq_cond);
