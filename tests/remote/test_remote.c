@@ -1184,20 +1184,17 @@ static void large_check(cas_store *s, const cas_node *f, size_t i)
 	close(fd);
 }
 
-static void test_cache_prefetch_large(cas_store *origin)
+/* Puts n blobs (large_byte(i + seed, j)) and the Directory of files
+ * that names them (names sorted) into origin. */
+static void put_files_dir(cas_store *origin, const char *const *names,
+			  const size_t *sizes, size_t n, size_t seed,
+			  cas_node *files, cas_digest *ret)
 {
-	/* Sorted by name: small a*, then b0 b1 (prefetched at once), c
-	 * (70 MiB: more than the head start), d (after c). */
-	static const char *names[] = {"a0", "a1", "a2", "b0", "b1", "c", "d"};
-	static const size_t sizes[] = {100, 200, 300, 1536u << 10,
-				       2u << 20, 70u << 20, 1200u << 10};
-	enum { N = 7 };
-	cas_node files[N];
-	for (size_t i = 0; i < N; i++) {
-		uint8_t *data = malloc(sizes[i]);
+	for (size_t i = 0; i < n; i++) {
+		uint8_t *data = malloc(sizes[i] ? sizes[i] : 1);
 		REQUIRE(data);
 		for (size_t j = 0; j < sizes[i]; j++)
-			data[j] = large_byte(i, j);
+			data[j] = large_byte(i + seed, j);
 		files[i] = (cas_node){.type = CAS_NODE_FILE,
 				      .name = (const uint8_t *)names[i],
 				      .name_len = strlen(names[i]),
@@ -1205,13 +1202,26 @@ static void test_cache_prefetch_large(cas_store *origin)
 		put_blob(origin, data, sizes[i], &files[i].digest);
 		free(data);
 	}
-	cas_directory dir = {.files = files, .n_files = N};
+	cas_directory dir = {.files = files, .n_files = n};
 	uint8_t *raw;
 	size_t raw_len;
-	cas_digest d;
 	REQUIRE(cas_directory_encode(&dir, &raw, &raw_len, NULL) == 0);
-	REQUIRE(cas_store_directory_put(origin, raw, raw_len, &d) == 0);
+	REQUIRE(cas_store_directory_put(origin, raw, raw_len, ret) == 0);
 	free(raw);
+}
+
+static void test_cache_prefetch_large(cas_store *origin)
+{
+	/* Sorted by name: small a*, then b0 b1 (prefetched at once), c
+	 * (70 MiB: more than the head start), d (after c). */
+	static const char *const names[] = {"a0", "a1", "a2", "b0",
+					    "b1", "c",	"d"};
+	static const size_t sizes[] = {100, 200, 300, 1536u << 10,
+				       2u << 20, 70u << 20, 1200u << 10};
+	enum { N = 7 };
+	cas_node files[N];
+	cas_digest d;
+	put_files_dir(origin, names, sizes, N, 0, files, &d);
 
 	struct fake k = {.base.ops = &fake_batch_ops, .origin = origin};
 	pthread_mutex_init(&k.lock, NULL);
@@ -1263,28 +1273,11 @@ static void note_problem(void *userdata, const char *problem)
 
 static void test_cache_close_cancels(cas_store *origin)
 {
-	static const char *names[] = {"a", "b"};
+	static const char *const names[] = {"a", "b"};
 	static const size_t sizes[] = {100, 8u << 20};
 	cas_node files[2];
-	for (size_t i = 0; i < 2; i++) {
-		uint8_t *data = malloc(sizes[i]);
-		REQUIRE(data);
-		for (size_t j = 0; j < sizes[i]; j++)
-			data[j] = large_byte(i + 40, j);
-		files[i] = (cas_node){.type = CAS_NODE_FILE,
-				      .name = (const uint8_t *)names[i],
-				      .name_len = 1,
-				      .size = sizes[i]};
-		put_blob(origin, data, sizes[i], &files[i].digest);
-		free(data);
-	}
-	cas_directory dir = {.files = files, .n_files = 2};
-	uint8_t *raw;
-	size_t raw_len;
 	cas_digest d;
-	REQUIRE(cas_directory_encode(&dir, &raw, &raw_len, NULL) == 0);
-	REQUIRE(cas_store_directory_put(origin, raw, raw_len, &d) == 0);
-	free(raw);
+	put_files_dir(origin, names, sizes, 2, 40, files, &d);
 
 	struct fake k = {.base.ops = &fake_batch_ops,
 			 .origin = origin,
