@@ -191,29 +191,44 @@ static void vring_drain(struct cas_vu_vring *vr, void *ctx, struct iovec *iov,
 	}
 }
 
+/* The queue's scratch space and the backend's context. Out of memory is
+ * not the guest's fault and may pass: the ring thread tries again at each
+ * kick rather than leave the guest waiting for a reply that never comes. */
+static bool vring_setup(struct cas_vu_vring *vr, struct iovec **iov,
+			int iov_max, void **ctx, bool *logged)
+{
+	struct cas_vu_dev *dev = vr->dev;
+
+	if (!*iov)
+		*iov = calloc((size_t)iov_max, sizeof(**iov));
+	if (*iov && dev->cfg.ops->queue_start &&
+	    dev->cfg.ops->queue_start(dev->cfg.opaque, vr->index, ctx) < 0)
+		*ctx = NULL;
+	else if (*iov)
+		return true;
+	if (!*logged)
+		cas_log_error("vhost-user: ring %u cannot start: out of "
+			      "memory; trying again at each kick",
+			      vr->index);
+	*logged = true;
+	return false;
+}
+
 static void *vring_thread(void *arg)
 {
 	struct cas_vu_vring *vr = arg;
 	struct cas_vu_dev *dev = vr->dev;
 	sigset_t all;
 	void *ctx = NULL;
-	bool ok = true;
+	bool logged = false;
 
 	/* Signals are the main thread's business. */
 	sigfillset(&all);
 	pthread_sigmask(SIG_BLOCK, &all, NULL);
 
 	int iov_max = 2 * (int)vr->vq.num + 16;
-	_cleanup_free_ struct iovec *iov =
-		calloc((size_t)iov_max, sizeof(*iov));
-	if (!iov)
-		ok = false;
-	if (ok && dev->cfg.ops->queue_start &&
-	    dev->cfg.ops->queue_start(dev->cfg.opaque, vr->index, &ctx) < 0)
-		ok = false;
-	if (!ok)
-		cas_log_error("vhost-user: ring %u cannot start: out of memory",
-			      vr->index);
+	_cleanup_free_ struct iovec *iov = NULL;
+	bool ok = vring_setup(vr, &iov, iov_max, &ctx, &logged);
 
 	/* Entries may be waiting since before we started. */
 	if (ok)
@@ -244,6 +259,8 @@ static void *vring_thread(void *arg)
 			ssize_t n = read(vr->kick_fd, &v, sizeof(v));
 			(void)n;
 		}
+		if (!ok)
+			ok = vring_setup(vr, &iov, iov_max, &ctx, &logged);
 		if (ok)
 			vring_drain(vr, ctx, iov, iov_max);
 	}

@@ -433,6 +433,63 @@ static bool fd_is_open(int fd)
 	CHECK((m).r == 0 && (m).reply_size == 8 && (m).reply[0] == (status) && \
 	      (m).rh.flags == (CAS_VU_VERSION | CAS_VU_FLAG_REPLY))
 
+/* A one-region memory table over mfd, accepted. */
+static void mem_table(struct cas_vu_dev *dev, int mfd)
+{
+	uint8_t buf[8 + 32];
+	uint32_t hdr[2] = {1, 0};
+	uint64_t reg[4] = {GPA0, REGION_SIZE, UVA0, 0};
+	memcpy(buf, hdr, 8);
+	memcpy(buf + 8, reg, 32);
+	int fd = dup(mfd);
+	struct msg_result m =
+		send_msg(dev, CAS_VU_SET_MEM_TABLE, ACK, buf, sizeof(buf), &fd, 1);
+	CHECK_ACK(m, 0);
+	CHECK(!fd_is_open(fd)); /* mapped, not kept */
+}
+
+struct vring_addr {
+	uint32_t index, flags;
+	uint64_t desc, used, avail, log;
+};
+
+/* Ring 1 in region 0 at the layout's offsets, from avail index 0; the
+ * kick fd last, which starts it. */
+static void ring_up(struct cas_vu_dev *dev, int kick, int call)
+{
+	struct {
+		uint32_t index, num;
+	} st = {1, NUM};
+	struct msg_result m;
+	m = send_msg(dev, CAS_VU_SET_VRING_NUM, ACK, &st, sizeof(st), NULL, 0);
+	CHECK_ACK(m, 0);
+	st.num = 0;
+	m = send_msg(dev, CAS_VU_SET_VRING_BASE, ACK, &st, sizeof(st), NULL, 0);
+	CHECK_ACK(m, 0);
+	struct vring_addr addr = {1, 0, UVA0 + DESC_OFF, UVA0 + USED_OFF,
+				  UVA0 + AVAIL_OFF, 0};
+	m = send_msg(dev, CAS_VU_SET_VRING_ADDR, ACK, &addr, sizeof(addr), NULL,
+		     0);
+	CHECK_ACK(m, 0);
+	uint64_t v = 1;
+	int call_dup = dup(call), kick_dup = dup(kick);
+	m = send_msg(dev, CAS_VU_SET_VRING_CALL, ACK, &v, 8, &call_dup, 1);
+	CHECK_ACK(m, 0);
+	m = send_msg(dev, CAS_VU_SET_VRING_KICK, ACK, &v, 8, &kick_dup, 1);
+	CHECK_ACK(m, 0);
+	CHECK(cas_vu_dev_started(dev, 1));
+}
+
+static bool wait_int(const int *p, int want)
+{
+	for (int i = 0; i < 500; i++) {
+		if (__atomic_load_n(p, __ATOMIC_SEQ_CST) == want)
+			return true;
+		usleep(10000);
+	}
+	return false;
+}
+
 static void test_messages(void)
 {
 	struct cas_vu_config cfg = {.queues = 2, .ops = &test_ops};
@@ -562,43 +619,20 @@ static void test_messages(void)
 	m = send_msg(dev, CAS_VU_SET_MEM_TABLE, ACK, buf, 8 + 32, &dup1, 1);
 	CHECK_ACK(m, 1);
 	CHECK(!fd_is_open(dup1));
-	reg[1] = REGION_SIZE;
-	memcpy(buf + 8, reg, 32);
-	dup1 = dup(mfd);
-	m = send_msg(dev, CAS_VU_SET_MEM_TABLE, ACK, buf, 8 + 32, &dup1, 1);
-	CHECK_ACK(m, 0);
-	CHECK(!fd_is_open(dup1)); /* mapped, not kept */
+	mem_table(dev, mfd);
 
 	/* A ring for real: the test is the driver. */
 	uint8_t *r0 = mmap(NULL, REGION_SIZE, PROT_READ | PROT_WRITE,
 			   MAP_SHARED, mfd, 0);
 	REQUIRE(r0 != MAP_FAILED);
-	st.index = 1;
-	st.num = NUM;
-	m = send_msg(dev, CAS_VU_SET_VRING_NUM, ACK, &st, sizeof(st), NULL, 0);
-	CHECK_ACK(m, 0);
-	st.num = 0;
-	m = send_msg(dev, CAS_VU_SET_VRING_BASE, ACK, &st, sizeof(st), NULL, 0);
-	CHECK_ACK(m, 0);
-	struct {
-		uint32_t index, flags;
-		uint64_t desc, used, avail, log;
-	} addr = {1, 0, UVA0 + DESC_OFF, UVA0 + USED_OFF, UVA0 + AVAIL_OFF, 0};
+	struct vring_addr addr = {1, 0, UVA0 + DESC_OFF, UVA0 + USED_OFF,
+				  UVA0 + AVAIL_OFF, 0};
 	m = send_msg(dev, CAS_VU_SET_VRING_ADDR, ACK, &addr, sizeof(addr) - 8,
 		     NULL, 0);
 	CHECK_ACK(m, 1);
-	m = send_msg(dev, CAS_VU_SET_VRING_ADDR, ACK, &addr, sizeof(addr), NULL,
-		     0);
-	CHECK_ACK(m, 0);
 	int kick = eventfd(0, EFD_CLOEXEC),
 	    call = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	int call_dup = dup(call), kick_dup = dup(kick);
-	v = 1;
-	m = send_msg(dev, CAS_VU_SET_VRING_CALL, ACK, &v, 8, &call_dup, 1);
-	CHECK_ACK(m, 0);
-	m = send_msg(dev, CAS_VU_SET_VRING_KICK, ACK, &v, 8, &kick_dup, 1);
-	CHECK_ACK(m, 0);
-	CHECK(cas_vu_dev_started(dev, 1));
+	ring_up(dev, kick, call);
 
 	/* Two chains: a good one and one pointing outside memory. */
 	struct cas_vring_desc *d = (void *)(r0 + DESC_OFF);
@@ -634,8 +668,8 @@ static void test_messages(void)
 	/* A chain posted while stopped is served after a restart. */
 	a->ring[2] = 0;
 	__atomic_store_n(&a->idx, 3, __ATOMIC_RELEASE);
-	kick_dup = dup(kick);
-	call_dup = dup(call);
+	int kick_dup = dup(kick), call_dup = dup(call);
+	v = 1;
 	m = send_msg(dev, CAS_VU_SET_VRING_CALL, ACK, &v, 8, &call_dup, 1);
 	m = send_msg(dev, CAS_VU_SET_VRING_KICK, ACK, &v, 8, &kick_dup, 1);
 	CHECK_ACK(m, 0);
@@ -645,9 +679,7 @@ static void test_messages(void)
 	CHECK(u->idx == 3);
 
 	/* A new memory table while the ring runs. */
-	dup1 = dup(mfd);
-	m = send_msg(dev, CAS_VU_SET_MEM_TABLE, ACK, buf, 8 + 32, &dup1, 1);
-	CHECK_ACK(m, 0);
+	mem_table(dev, mfd);
 	a->ring[3] = 0;
 	__atomic_store_n(&a->idx, 4, __ATOMIC_RELEASE);
 	CHECK(write(kick, &one, 8) == 8);
@@ -666,6 +698,79 @@ static void test_messages(void)
 	close(call);
 }
 
+/* A queue whose backend cannot start (out of memory) is tried again at
+ * each kick, rather than leaving the guest without replies for good. */
+static int starts, stops, start_failures;
+static void *stopped_ctx;
+
+static int flaky_start(void *opaque, unsigned qidx, void **ret_ctx)
+{
+	if (__atomic_fetch_add(&starts, 1, __ATOMIC_SEQ_CST) < start_failures)
+		return -ENOMEM;
+	*ret_ctx = &starts;
+	return 0;
+}
+
+static void flaky_stop(void *opaque, unsigned qidx, void *ctx)
+{
+	__atomic_store_n(&stopped_ctx, ctx, __ATOMIC_SEQ_CST);
+	__atomic_add_fetch(&stops, 1, __ATOMIC_SEQ_CST);
+}
+
+static void test_start_retry(void)
+{
+	static const struct cas_vu_ops ops = {.queue_start = flaky_start,
+					      .queue_stop = flaky_stop,
+					      .process = test_process};
+	struct cas_vu_config cfg = {.queues = 2, .ops = &ops};
+	struct cas_vu_dev *dev;
+	REQUIRE(cas_vu_dev_new(&cfg, &dev) == 0);
+	int mfd = new_memfd(REGION_SIZE);
+	uint8_t *r0 = mmap(NULL, REGION_SIZE, PROT_READ | PROT_WRITE,
+			   MAP_SHARED, mfd, 0);
+	REQUIRE(r0 != MAP_FAILED);
+	mem_table(dev, mfd);
+
+	/* A chain is waiting before the ring starts. */
+	struct cas_vring_desc *d = (void *)(r0 + DESC_OFF);
+	set_desc(&d[0], GPA0 + DATA_OFF, 40, CAS_VRING_DESC_F_NEXT, 1);
+	set_desc(&d[1], GPA0 + DATA_OFF + 64, 64, CAS_VRING_DESC_F_WRITE, 0);
+	struct cas_vring_avail *a = (void *)(r0 + AVAIL_OFF);
+	struct cas_vring_used *u = (void *)(r0 + USED_OFF);
+	a->ring[0] = 0;
+	__atomic_store_n(&a->idx, 1, __ATOMIC_RELEASE);
+
+	int before = __atomic_load_n(&processed, __ATOMIC_SEQ_CST);
+	start_failures = 2;
+	int kick = eventfd(0, EFD_CLOEXEC),
+	    call = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	ring_up(dev, kick, call);
+	CHECK(wait_int(&starts, 1));
+	uint64_t one = 1;
+	CHECK(write(kick, &one, 8) == 8);
+	CHECK(wait_int(&starts, 2));
+	CHECK(__atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) == 0);
+	/* The third try succeeds and serves what waited. */
+	CHECK(write(kick, &one, 8) == 8);
+	CHECK(wait_int(&starts, 3));
+	struct pollfd p = {.fd = call, .events = POLLIN};
+	CHECK(poll(&p, 1, 5000) == 1);
+	CHECK(__atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) == 1);
+	CHECK(u->ring[0].id == 0 && u->ring[0].len == 6);
+	CHECK(__atomic_load_n(&processed, __ATOMIC_SEQ_CST) == before + 1);
+	CHECK(__atomic_load_n(&stops, __ATOMIC_SEQ_CST) == 0);
+
+	/* Stopped, it ends its context once. */
+	cas_vu_dev_reset(dev);
+	CHECK(stops == 1 && stopped_ctx == &starts);
+	CHECK(starts == 3);
+	cas_vu_dev_free(dev);
+	munmap(r0, REGION_SIZE);
+	close(mfd);
+	close(kick);
+	close(call);
+}
+
 int main(void)
 {
 	test_direct_chain();
@@ -675,5 +780,6 @@ int main(void)
 	test_event_idx();
 	test_iov_copy();
 	test_messages();
+	test_start_retry();
 	return check_exit("test_virtqueue");
 }
