@@ -57,16 +57,10 @@ LOG=$BENCH_DIR/logs/fs.log
 EXAMPLES=/usr/share/doc/libfuse3-dev/examples
 PTLL_LIMIT=15000
 
-die() { echo "fs.sh: $*" >&2; exit 1; }
-
-need() {
-	local t missing=()
-	for t in "$@"; do
-		command -v "$t" >/dev/null 2>&1 || missing+=("$t")
-	done
-	((${#missing[@]} == 0)) ||
-		die "missing tools: ${missing[*]} (Debian: apt-get install -y fio squashfuse squashfs-tools libfuse3-dev pkg-config build-essential util-linux)"
-}
+NAME=fs.sh
+NEED_HINT="fio squashfuse squashfs-tools libfuse3-dev pkg-config build-essential util-linux"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 # wants WORD LIST: is WORD one of the words of LIST?
 wants() { [[ " $2 " == *" $1 "* ]]; }
@@ -114,29 +108,6 @@ declare -A LABEL=(
 declare -A TREE BIG PIDS MOUNTS AVAIL R
 
 log() { echo "$*" | tee -a "$LOG"; }
-
-drop_caches() {
-	sync
-	echo 3 >/proc/sys/vm/drop_caches
-}
-
-# Times "$@" into $T (µs), output to the log; returns its status.
-timed() {
-	local t0 t1 rc=0
-	echo "+ $*" >>"$LOG"
-	t0=${EPOCHREALTIME/[.,]/}
-	"$@" >>"$LOG" 2>&1 || rc=$?
-	t1=${EPOCHREALTIME/[.,]/}
-	T=$((t1 - t0))
-	return $rc
-}
-
-us2s() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1e6 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-
-# keep_min KEY VALUE / keep_max KEY VALUE into R[KEY].
-keep_min() { if [[ -z ${R[$1]:-} ]] || (($2 < R[$1])); then R[$1]=$2; fi; }
-keep_max() { if [[ -z ${R[$1]:-} ]] || (($2 > R[$1])); then R[$1]=$2; fi; }
 
 wait_mounted() {
 	local mnt=$1 pid=$2 i

@@ -28,16 +28,10 @@ CASTORE=${CASTORE:-$ROOT/build/src/cli/castore}
 WORK=$BENCH_DIR/import
 LOG=$BENCH_DIR/logs/import.log
 
-die() { echo "import.sh: $*" >&2; exit 1; }
-
-need() {
-	local t missing=()
-	for t in "$@"; do
-		command -v "$t" >/dev/null 2>&1 || missing+=("$t")
-	done
-	((${#missing[@]} == 0)) ||
-		die "missing tools: ${missing[*]} (Debian: apt-get install -y b3sum casync squashfs-tools ostree findutils)"
-}
+NAME=import.sh
+NEED_HINT="b3sum casync squashfs-tools ostree findutils"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 need b3sum casync mksquashfs ostree find xargs awk
 [[ $(id -u) == 0 ]] || die "run as root (drops caches, compares system-wide sync)"
@@ -82,7 +76,8 @@ trap cleanup EXIT
 # Times "$@" (stdout/stderr to the log): wall clock in $T, user+system CPU
 # time of the command and its children in $CPU (both µs); returns its exit
 # status. CPU time says how much work a contender does even when other
-# processes on the machine make the wall clock unreliable.
+# processes on the machine make the wall clock unreliable. (It replaces
+# lib.sh's, which keeps no CPU time.)
 timed() {
 	local rc TIMEFORMAT='%3R %3U %3S'
 	echo "+ $*" >>"$LOG"
@@ -126,9 +121,6 @@ run_one() {
 	printf '  %-20s %8.3f s (+sync %8.3f s, CPU %8.3f s)\n' "$key" "$(us2s "$tc")" "$(us2s "$ts")" "$(us2s "$cpu")"
 	"post_$key" >>"$LOG" 2>&1
 }
-
-us2s() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1e6 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 # Warm the page cache: every file read once, and the metadata. Done before
 # every run: other work on the machine may drop or evict the cache.

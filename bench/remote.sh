@@ -31,21 +31,14 @@ BENCH_DIR=${BENCH_DIR:-/var/tmp/castore-bench}
 RUNS=${RUNS:-3}
 RA_KB=${RA_KB:-1024}
 BIG_MB=${BIG_MB:-1024}
-NO_DROP=${NO_DROP:-0} # 1: never drop caches (only to try the script out)
 CASTORE=${CASTORE:-$ROOT/build/src/cli/castore}
 WORK=$BENCH_DIR/remote
 LOG=$BENCH_DIR/logs/remote.log
 
-die() { echo "remote.sh: $*" >&2; exit 1; }
-
-need() {
-	local t missing=()
-	for t in "$@"; do
-		command -v "$t" >/dev/null 2>&1 || missing+=("$t")
-	done
-	((${#missing[@]} == 0)) ||
-		die "missing tools: ${missing[*]} (Debian: apt-get install -y nginx-light curl util-linux iproute2)"
-}
+NAME=remote.sh
+NEED_HINT="nginx-light curl util-linux iproute2"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 need curl ss mountpoint dd awk
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
@@ -79,25 +72,6 @@ cleanup() {
 	rm -rf "$WORK"
 }
 trap cleanup EXIT
-
-drop_caches() {
-	sync
-	((NO_DROP)) || echo 3 >/proc/sys/vm/drop_caches
-}
-
-timed() {
-	local t0 t1 rc=0
-	echo "+ $*" >>"$LOG"
-	t0=${EPOCHREALTIME/[.,]/}
-	"$@" >>"$LOG" 2>&1 || rc=$?
-	t1=${EPOCHREALTIME/[.,]/}
-	T=$((t1 - t0))
-	return $rc
-}
-us2s() { awk -v u="$1" 'BEGIN { printf "%.3f", u / 1e6 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
-declare -A R
-keep_min() { if [[ -z ${R[$1]:-} ]] || (($2 < R[$1])); then R[$1]=$2; fi; }
 
 free_port() {
 	local p

@@ -42,16 +42,10 @@ TAG=castore
 BOOT_TIMEOUT=${BOOT_TIMEOUT:-600}
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci fuse virtiofs)
 
-die() { echo "virtiofs.sh: $*" >&2; exit 1; }
-
-need() {
-	local t missing=()
-	for t in "$@"; do
-		command -v "$t" >/dev/null 2>&1 || missing+=("$t")
-	done
-	((${#missing[@]} == 0)) ||
-		die "missing tools: ${missing[*]} (Debian: apt-get install -y qemu-system-x86 busybox-static cpio xz-utils zstd)"
-}
+NAME=virtiofs.sh
+NEED_HINT="qemu-system-x86 busybox-static cpio xz-utils zstd"
+# shellcheck source=bench/lib.sh
+. "$ROOT/bench/lib.sh"
 
 need qemu-system-x86_64 cpio awk timeout
 [[ -x /bin/busybox ]] || die "no /bin/busybox (apt-get install -y busybox-static)"
