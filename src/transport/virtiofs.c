@@ -6,12 +6,14 @@
 #include <linux/fuse.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 #include "core/log.h"
 #include "transport/vhost_user.h"
@@ -289,15 +291,28 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 		r = cas_log_errno(cas_negerrno(), "virtiofs: socket: %m");
 		goto fail;
 	}
-	if (bind(v->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+	/* Bound under a name of its own and renamed once listening: whoever
+	 * waits for the socket to appear (QEMU's user, a supervisor) never
+	 * finds one that refuses connections. A path too long for the
+	 * suffix is bound in place. */
+	struct sockaddr_un tmp = sa;
+	int n = snprintf(tmp.sun_path, sizeof(tmp.sun_path), "%s.%d~",
+			 cfg->socket_path, (int)getpid());
+	bool renamed = n > 0 && (size_t)n < sizeof(tmp.sun_path);
+	if (!renamed)
+		tmp = sa;
+	else
+		unlink(tmp.sun_path);
+	if (bind(v->listen_fd, (struct sockaddr *)&tmp, sizeof(tmp)) < 0) {
 		r = cas_log_errno(cas_negerrno(), "virtiofs: bind %s: %m",
-				  cfg->socket_path);
+				  tmp.sun_path);
 		goto fail;
 	}
-	if (listen(v->listen_fd, 4) < 0) {
-		r = cas_log_errno(cas_negerrno(), "virtiofs: listen %s: %m",
+	if (listen(v->listen_fd, 4) < 0 ||
+	    (renamed && rename(tmp.sun_path, sa.sun_path) < 0)) {
+		r = cas_log_errno(cas_negerrno(), "virtiofs: listen on %s: %m",
 				  cfg->socket_path);
-		unlink(cfg->socket_path);
+		unlink(tmp.sun_path);
 		goto fail;
 	}
 	*ret = v;
