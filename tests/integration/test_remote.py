@@ -61,6 +61,28 @@ def b3(data):
     return bytes.fromhex(p.stdout.decode().strip())
 
 
+def store_temp_fds(pid, store):
+    """The unnamed temporary files (O_TMPFILE in STORE/tmp) process pid has
+    open: a blob being written."""
+    found = []
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(store / "tmp") + "/"):
+            found.append(target)
+    return found
+
+
+def wait_for(what, cond, timeout=60):
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -374,14 +396,13 @@ def test_sigkill_mid_put(pb, tmp_path, serve):
     s = serve(st)
     c = Client(pb, s.address)
     data = pattern_bytes(8 * 1024 * 1024, 11)
-    sent = threading.Event()
+    killed = threading.Event()
 
     def slow_chunks():
         for i in range(0, len(data), 256 * 1024):
             yield c.B.BlobChunk(data=data[i:i + 256 * 1024])
             if i >= 2 * 1024 * 1024:
-                sent.set()
-                time.sleep(0.05)
+                killed.wait(60)  # the rest only once the server is gone
 
     errors = []
 
@@ -392,10 +413,12 @@ def test_sigkill_mid_put(pb, tmp_path, serve):
             errors.append(e.code())
     t = threading.Thread(target=put)
     t.start()
-    assert sent.wait(20)
-    time.sleep(0.2)
+    # Killed while the blob is being written: its temporary file is open.
+    wait_for("the server to write the blob",
+             lambda: store_temp_fds(s.proc.pid, st))
     s.proc.kill()
     s.proc.wait()
+    killed.set()
     t.join(30)
     assert errors, "the Put should have failed"
     c.close()
@@ -413,19 +436,28 @@ def test_sigkill_mid_put(pb, tmp_path, serve):
 def test_disconnect_mid_put_leaves_nothing(tmp_path, serve):
     st = tmp_path / "srv"
     s = serve(st)
-    host, port = s.address.rsplit(":", 1)
-    # A raw client: HTTP/2 preface, a Put, half a message, then gone.
-    body = bytes([0, 0, 0x10, 0, 0]) + b"\x0a" + b"\x80\x80\x04" + b"z" * 1000
+    # A client that sends one whole BlobChunk and half of the next, then
+    # is gone (curl -T - sends stdin as it comes).
+    chunk = b"z" * 100000
+    msg = b"\x0a" + bytes([0xa0, 0x8d, 0x06]) + chunk  # field 1, 100000 bytes
+    body = b"\x00" + len(msg).to_bytes(4, "big") + msg
+    body += bytes([0, 0, 0x10, 0, 0]) + b"\x0a" + b"\x80\x80\x04" + b"z" * 1000
     p = subprocess.Popen(["curl", "-s", "--http2-prior-knowledge", "-H",
-                          "content-type: application/grpc", "--data-binary", "@-",
+                          "content-type: application/grpc", "-X", "POST", "-T", "-",
                           f"http://{s.address}/tvix.castore.v1.BlobService/Put"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    p.stdin.write(body)
-    p.stdin.flush()
-    time.sleep(0.5)
-    p.kill()
-    p.wait()
-    time.sleep(0.5)
+    try:
+        p.stdin.write(body)
+        p.stdin.flush()
+        # The first chunk is being written into the store's tmp/ ...
+        wait_for("the server to start the blob",
+                 lambda: store_temp_fds(s.proc.pid, st))
+    finally:
+        p.kill()
+        p.wait()
+    # ... and the disconnect drops it.
+    wait_for("the server to drop the blob",
+             lambda: not store_temp_fds(s.proc.pid, st))
     assert s.stop() == 0
     run(["verify"], store=st)
     tmp = st / "tmp"
@@ -669,7 +701,8 @@ http {{
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.proc = subprocess.Popen([nginx, "-c", str(self.conf), "-p", str(self.dir)],
                                      stderr=subprocess.PIPE)
-        for _ in range(100):
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
@@ -1083,13 +1116,13 @@ def test_sigterm_mid_put_stops_cleanly(pb, tmp_path, serve):
     s = serve(st)
     c = Client(pb, s.address)
     data = pattern_bytes(4 * 1024 * 1024, 13)
-    sent = threading.Event()
+    stopped = threading.Event()
 
     def slow_chunks():
         for i in range(0, len(data), 128 * 1024):
             yield c.B.BlobChunk(data=data[i:i + 128 * 1024])
-            sent.set()
-            time.sleep(0.1)
+            if i >= 512 * 1024:
+                stopped.wait(60)  # the rest only once the server is gone
 
     errors = []
 
@@ -1100,13 +1133,12 @@ def test_sigterm_mid_put_stops_cleanly(pb, tmp_path, serve):
             errors.append(e.code())
     t = threading.Thread(target=put)
     t.start()
-    assert sent.wait(20)
-    time.sleep(0.3)
-    # The server ends within a moment, exit 0, and the unfinished Put
-    # leaves nothing behind.
-    start = time.monotonic()
+    wait_for("the server to write the blob",
+             lambda: store_temp_fds(s.proc.pid, st))
+    # The server ends although the Put is unfinished, exit 0, and that
+    # Put leaves nothing behind.
     assert s.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - start < 10
+    stopped.set()
     t.join(30)
     assert errors
     c.close()

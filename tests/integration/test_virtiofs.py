@@ -437,6 +437,36 @@ def test_refuses_non_socket(tmp_path, store, castore):
     assert p.returncode == 2
 
 
+GET_FEATURES = b"\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00"
+
+
+def served_connection(sock, timeout=30):
+    """A connection the daemon serves: it answers GET_FEATURES. Until the
+    daemon has seen the previous frontend leave, it refuses a new one
+    (closes it at once), so this tries again until then."""
+    end = time.monotonic() + timeout
+    while True:
+        c = socket.socket(socket.AF_UNIX)
+        c.settimeout(timeout)
+        c.connect(str(sock))
+        c.sendall(GET_FEATURES)
+        reply = b""
+        try:
+            while len(reply) < 20:
+                got = c.recv(20 - len(reply))
+                if not got:
+                    break
+                reply += got
+        except ConnectionResetError:
+            pass
+        if len(reply) == 20:
+            assert reply[:4] == b"\x01\x00\x00\x00"
+            return c
+        c.close()
+        assert time.monotonic() < end, "the daemon never served a new frontend"
+        time.sleep(0.05)
+
+
 def test_sigint_without_guest(tmp_path, store, castore):
     castore("roots", "add", "x", "--symlink", "target")
     sock = tmp_path / "s.sock"
@@ -444,23 +474,20 @@ def test_sigint_without_guest(tmp_path, store, castore):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_socket(sock, proc)
+        # Bound under another name, renamed once listening: nothing else left.
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith("s.sock.")]
         # A client that connects and leaves at once is survived.
-        c = socket.socket(socket.AF_UNIX)
-        c.connect(str(sock))
-        c.sendall(b"\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00")  # GET_FEATURES
-        reply = c.recv(20)
-        assert len(reply) == 20 and reply[:4] == b"\x01\x00\x00\x00"
-        c.close()
-        # Garbage: the connection is dropped, the daemon stays.
-        c = socket.socket(socket.AF_UNIX)
-        c.connect(str(sock))
+        served_connection(sock).close()
+        # Garbage from a served frontend: its connection is dropped...
+        c = served_connection(sock)
         c.sendall(b"\xff" * 12)
         try:
             assert c.recv(1) == b""
         except ConnectionResetError:
             pass
         c.close()
-        time.sleep(0.2)
+        # ...and the daemon serves the next one.
+        served_connection(sock).close()
         assert proc.poll() is None
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=30) == 0

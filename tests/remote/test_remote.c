@@ -809,7 +809,7 @@ static void blob_file_path(const char *cache, const cas_digest *d, char *buf,
 
 static void wait_fetches(struct fake *k, unsigned n)
 {
-	for (int i = 0; i < 500; i++) {
+	for (int i = 0; i < 6000; i++) {
 		pthread_mutex_lock(&k->lock);
 		unsigned got = k->blob_fetches;
 		pthread_mutex_unlock(&k->lock);
@@ -1090,7 +1090,7 @@ static void test_cache_prefetch_ranges(cas_store *origin)
 		 * one in its file (looking without fetching). */
 		char path[512];
 		blob_file_path(name, &files[N].digest, path, sizeof(path));
-		for (int i = 0; i < 500; i++) {
+		for (int i = 0; i < 6000; i++) {
 			int have = access(path, F_OK) == 0;
 			cas_cache_flush(s);
 			for (int j = 0; j < N; j++) {
@@ -1162,7 +1162,7 @@ static unsigned large_count(struct fake *k)
 
 static bool large_wait(struct fake *k, unsigned n)
 {
-	for (int i = 0; i < 1000 && large_count(k) < n; i++)
+	for (int i = 0; i < 6000 && large_count(k) < n; i++)
 		usleep(10000);
 	return large_count(k) == n;
 }
@@ -1282,7 +1282,7 @@ static void test_cache_close_cancels(cas_store *origin)
 	struct fake k = {.base.ops = &fake_batch_ops,
 			 .origin = origin,
 			 .piece = 64u << 10,
-			 .piece_delay_ms = 5}; /* 8 MiB: 128 pieces, 0.64 s */
+			 .piece_delay_ms = 50}; /* 8 MiB: 128 pieces, 6.4 s */
 	pthread_mutex_init(&k.lock, NULL);
 	cas_store *s = open_cache(&k, "cache-close", 0);
 	uint8_t *buf = NULL;

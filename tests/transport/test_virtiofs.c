@@ -292,7 +292,7 @@ static uint32_t submit(struct frontend *f)
 	__atomic_store_n(&a->idx, want, __ATOMIC_RELEASE);
 	uint64_t one = 1;
 	REQUIRE(write(f->kick, &one, 8) == 8);
-	for (int i = 0; i < 1000; i++) {
+	for (int i = 0; i < 6000; i++) {
 		if (__atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) == want)
 			break;
 		struct pollfd p = {.fd = f->call, .events = POLLIN};
@@ -418,7 +418,7 @@ static void exercise(struct frontend *f)
 	if (f->calls == 0) {
 		struct pollfd p = {.fd = f->call, .events = POLLIN};
 		uint64_t v;
-		if (poll(&p, 1, 5000) > 0 && read(f->call, &v, 8) == 8)
+		if (poll(&p, 1, 60000) > 0 && read(f->call, &v, 8) == 8)
 			f->calls++;
 	}
 	CHECK(f->calls > 0);
@@ -439,7 +439,7 @@ static void *run_thread(void *arg)
 
 static void wait_closed(int want)
 {
-	for (int i = 0; i < 500; i++) {
+	for (int i = 0; i < 6000; i++) {
 		if (__atomic_load_n(&sessions_closed, __ATOMIC_SEQ_CST) >= want)
 			return;
 		usleep(10000);

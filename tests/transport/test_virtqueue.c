@@ -482,7 +482,7 @@ static void ring_up(struct cas_vu_dev *dev, int kick, int call)
 
 static bool wait_int(const int *p, int want)
 {
-	for (int i = 0; i < 500; i++) {
+	for (int i = 0; i < 6000; i++) {
 		if (__atomic_load_n(p, __ATOMIC_SEQ_CST) == want)
 			return true;
 		usleep(10000);
@@ -647,9 +647,9 @@ static void test_messages(void)
 	uint64_t one = 1;
 	CHECK(write(kick, &one, 8) == 8);
 	struct pollfd p = {.fd = call, .events = POLLIN};
-	CHECK(poll(&p, 1, 5000) == 1);
+	CHECK(poll(&p, 1, 60000) == 1);
 	for (int i = 0;
-	     i < 500 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 2; i++)
+	     i < 6000 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 2; i++)
 		usleep(10000);
 	CHECK(u->idx == 2);
 	CHECK(u->ring[0].id == 2 && u->ring[0].len == 0);
@@ -674,7 +674,7 @@ static void test_messages(void)
 	m = send_msg(dev, CAS_VU_SET_VRING_KICK, ACK, &v, 8, &kick_dup, 1);
 	CHECK_ACK(m, 0);
 	for (int i = 0;
-	     i < 500 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 3; i++)
+	     i < 6000 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 3; i++)
 		usleep(10000);
 	CHECK(u->idx == 3);
 
@@ -684,7 +684,7 @@ static void test_messages(void)
 	__atomic_store_n(&a->idx, 4, __ATOMIC_RELEASE);
 	CHECK(write(kick, &one, 8) == 8);
 	for (int i = 0;
-	     i < 500 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 4; i++)
+	     i < 6000 && __atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) != 4; i++)
 		usleep(10000);
 	CHECK(u->idx == 4);
 
@@ -754,7 +754,7 @@ static void test_start_retry(void)
 	CHECK(write(kick, &one, 8) == 8);
 	CHECK(wait_int(&starts, 3));
 	struct pollfd p = {.fd = call, .events = POLLIN};
-	CHECK(poll(&p, 1, 5000) == 1);
+	CHECK(poll(&p, 1, 60000) == 1);
 	CHECK(__atomic_load_n(&u->idx, __ATOMIC_ACQUIRE) == 1);
 	CHECK(u->ring[0].id == 0 && u->ring[0].len == 6);
 	CHECK(__atomic_load_n(&processed, __ATOMIC_SEQ_CST) == before + 1);
