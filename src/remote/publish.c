@@ -26,6 +26,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -54,7 +56,7 @@ struct publisher {
 	struct cas_remote_progress p;
 	cas_remote_progress_cb progress;
 	void *userdata;
-	unsigned tmp_seq;
+	uint64_t tmp_seq; /* starts at random: see tmp_create */
 	struct pending_name *pending; /* in the order written */
 	size_t n_pending, cap_pending;
 };
@@ -85,23 +87,33 @@ static int ensure_fanout(struct publisher *pb, const char *path)
 	return 0;
 }
 
-/* A temporary file in DIR/tmp/ (its name into tmp) for the object at
- * path, whose fan-out folder it makes. */
+/* A new file DIR/tmp/<pid>.<n><suffix> (its name into tmp). Another
+ * publisher into DIR may have our pid (containers, other hosts on a
+ * shared folder), and its files wait here unnamed until its group is
+ * linked: a name that exists is never taken over, and n starts at
+ * random, which makes meeting one unlikely. */
+static int tmp_open(struct publisher *pb, const char *suffix, char *tmp,
+		    size_t size)
+{
+	int fd = -1;
+	for (int tries = 0; fd < 0 && tries < 100; tries++) {
+		snprintf(tmp, size, "tmp/%ld.%016llx%s", (long)getpid(),
+			 (unsigned long long)pb->tmp_seq++, suffix);
+		fd = openat(pb->dirfd, tmp,
+			    O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		if (fd < 0 && errno != EEXIST)
+			break;
+	}
+	return fd < 0 ? cas_negerrno() : fd;
+}
+
+/* A temporary file for the object at path, whose fan-out folder it
+ * makes. */
 static int tmp_create(struct publisher *pb, const char *path, char *tmp,
 		      size_t size)
 {
 	int r = ensure_fanout(pb, path);
-	if (r < 0)
-		return r;
-	snprintf(tmp, size, "tmp/%ld.%u", (long)getpid(), pb->tmp_seq++);
-	int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
-	int fd = openat(pb->dirfd, tmp, flags, 0644);
-	if (fd < 0 && errno == EEXIST) {
-		/* Left by a crashed publisher that had our pid. */
-		(void)unlinkat(pb->dirfd, tmp, 0);
-		fd = openat(pb->dirfd, tmp, flags, 0644);
-	}
-	return fd < 0 ? cas_negerrno() : fd;
+	return r < 0 ? r : tmp_open(pb, "", tmp, size);
 }
 
 /* The written temporary file (r: how writing it went) is to get its
@@ -535,12 +547,9 @@ static int read_roots_file(struct publisher *pb, struct root_set *rs)
 static int write_roots_file(struct publisher *pb, struct root_set *rs)
 {
 	char tmp[128];
-	snprintf(tmp, sizeof(tmp), "tmp/roots.%ld", (long)getpid());
-	(void)unlinkat(pb->dirfd, tmp, 0);
-	int fd = openat(pb->dirfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
-			0644);
+	int fd = tmp_open(pb, ".roots", tmp, sizeof(tmp));
 	if (fd < 0)
-		return cas_negerrno();
+		return fd;
 	FILE *f = fdopen(fd, "w");
 	if (!f) {
 		close(fd);
@@ -592,6 +601,9 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 		r = -ENOMEM;
 		goto out;
 	}
+	if (getrandom(&pb.tmp_seq, sizeof(pb.tmp_seq), GRND_NONBLOCK) !=
+	    sizeof(pb.tmp_seq))
+		pb.tmp_seq = (uint64_t)time(NULL) << 20;
 	static const char *const subdirs[] = {"blobs", "directories", "packs",
 						     "trees", "tmp"};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(subdirs); i++)
@@ -634,9 +646,14 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 			goto out;
 		}
 	}
-	/* Every object named (durable) before any root names it. */
+	/* Every object named, and the names durable (publish_flush syncs
+	 * the bytes before it links), before any root names them. */
 	if ((r = publish_flush(&pb)) < 0)
 		goto out;
+	if (syncfs(pb.dirfd) < 0) {
+		r = cas_log_errno(cas_negerrno(), "%s: syncfs: %m", dir);
+		goto out;
+	}
 	r = read_roots_file(&pb, &published);
 	if (r < 0)
 		goto out;

@@ -938,6 +938,46 @@ def test_publish_failed_then_again(pb, tmp_path):
     trees_equal("/usr/share/doc", dest)
 
 
+def test_publish_same_pid_concurrently(pb, tmp_path):
+    """Two publishers into one folder, each pid 1 of its own pid namespace
+    (as in two containers), publishing different trees at once: their
+    unnamed objects wait side by side in tmp/, and none is ever named with
+    the other's bytes. Data: /usr/share/doc and /usr/include."""
+    pub = tmp_path / "pub"
+    procs = []
+    for name, src in (("doc", "/usr/share/doc"), ("inc", "/usr/include")):
+        store = tmp_path / name
+        run(["import", src, "--name", name], store=store)
+        procs.append(subprocess.Popen(
+            ["unshare", "--pid", "--fork", CASTORE, "--store", str(store),
+             "publish", str(pub)], stderr=subprocess.PIPE))
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err
+    # Every object holds the bytes its name promises.
+    files = [f for kind in ("blobs", "directories")
+             for f in (pub / kind).rglob("*") if f.is_file()]
+    assert len(files) > 2 * 4096  # more than a group each
+    sums = subprocess.run(["xargs", "-0", "b3sum"], check=True, capture_output=True,
+                          input=b"\0".join(bytes(f) for f in files)).stdout
+    lines = sums.decode().splitlines()
+    assert len(lines) == len(files)
+    for line in lines:
+        digest, path = line.split(None, 1)
+        assert Path(path).name == digest, line
+    layout_closed(pb, pub)
+    assert not any((pub / "tmp").iterdir())
+    # The roots file is replaced whole by each (the last one wins); once
+    # both published again, both roots are there, with their Directories.
+    for name in ("doc", "inc"):
+        run(["publish", pub], store=tmp_path / name)
+    roots = (pub / "roots").read_text()
+    for name in ("doc", "inc"):
+        assert f"\n{name}\t" in roots
+        r = root_digest(tmp_path / name, name)
+        assert (pub / "directories" / r[:2] / r).is_file()
+
+
 @pytest.mark.parametrize("damage", ["none", "corrupt", "absent"])
 def test_http_tree_file(tmp_path, filled, tree, published, nginx, damage):
     # One GET for the whole tree of Directories; a tree file with a wrong
