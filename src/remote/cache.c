@@ -78,12 +78,13 @@ struct inflight {
 /* Larger blobs are prefetched too, but one at a time by a thread of their
  * own, streamed to a file as a reader's fetch is (no batch, no memory
  * copy): a reader would otherwise fetch them itself, one by one, each a
- * pause in its work. At most LARGE_QUEUE wait, and the walk waits at a
- * large blob until readers have read, since the walk began, as many
- * bytes as the large blobs it queued, less LARGE_AHEAD: so a mount's ls
- * (no blob read) fetches none, a cat of one file at most LARGE_AHEAD
- * bytes of them, and an export stays that far ahead. */
-#define LARGE_QUEUE 8
+ * pause in its work. The walk queues them in order, up to LARGE_QUEUE,
+ * and goes on with the small ones behind them; the large worker starts
+ * the next one only once readers have read, since the walk began, as
+ * many bytes as the large blobs it started, less LARGE_AHEAD: so a
+ * mount's ls (no blob read) fetches none, a cat of one file at most
+ * LARGE_AHEAD bytes of them, and an export stays that far ahead. */
+#define LARGE_QUEUE 64
 #define LARGE_AHEAD (64ull << 20)
 
 struct prefetch_item {
@@ -116,7 +117,7 @@ struct mgroup {
 	uint8_t *buf;
 	size_t used, n;
 	struct cas_local_small *v; /* MGROUP_BLOBS entries */
-	struct timespec first;	   /* CLOCK_REALTIME, of v[0] */
+	struct timespec first;	   /* CLOCK_MONOTONIC, of v[0] */
 };
 
 /* Staging: a group is published once this many blobs wait, or this long
@@ -172,7 +173,8 @@ struct cache_store {
 	bool walk_active;	      /* it has more to go; lock */
 	bool walk_kick;		      /* a worker is to continue it; lock */
 	uint64_t walk_read_bytes;     /* readers read since it began; lock */
-	uint64_t walk_large_bytes;    /* it queued in lq since; lock */
+	uint64_t walk_large_bytes;    /* large worker started since; lock */
+	bool walk_large_full;	      /* it waits for room in lq; lock */
 	struct prefetch_item lq[LARGE_QUEUE]; /* ring; lock */
 	size_t lq_head, lq_len;	      /* protected by lock */
 	bool large_started;	      /* protected by lock */
@@ -410,6 +412,10 @@ static int blob_sink_flush(struct blob_sink *b)
 static int blob_sink_write(void *userdata, const void *buf, size_t len)
 {
 	struct blob_sink *b = userdata;
+	/* The cache is closing: a prefetch in flight (a large blob, maybe
+	 * on a slow link) must not hold it open. */
+	if (atomic_load_explicit(&b->c->closing, memory_order_relaxed))
+		return -ECANCELED;
 	b->size += len;
 	if (!b->bufs[b->cur] && !(b->bufs[b->cur] = malloc(SINK_BUFFER)))
 		return -ENOMEM;
@@ -420,11 +426,6 @@ static int blob_sink_write(void *userdata, const void *buf, size_t len)
 		buf = (const uint8_t *)buf + n;
 		len -= n;
 		if (b->len == SINK_BUFFER) {
-			/* The cache is closing: a prefetch in flight (a large
-			 * blob, maybe on a slow link) must not hold it open. */
-			if (atomic_load_explicit(&b->c->closing,
-						 memory_order_relaxed))
-				return -ECANCELED;
 			int r = blob_sink_flush(b);
 			if (r < 0)
 				return r;
@@ -642,7 +643,7 @@ static int mem_stage(struct cache_store *c, const cas_digest *d,
 			memcpy(g->buf + g->used, buf, len);
 		g->used += len;
 		if (++g->n == 1) {
-			clock_gettime(CLOCK_REALTIME, &g->first);
+			clock_gettime(CLOCK_MONOTONIC, &g->first);
 			pthread_cond_broadcast(&c->pub_cond);
 		}
 	}
@@ -765,7 +766,7 @@ static bool mfill_due(const struct cache_store *c, struct timespec *ret_when)
 	when.tv_nsec %= 1000000000L;
 	if (ret_when)
 		*ret_when = when;
-	clock_gettime(CLOCK_REALTIME, &now);
+	clock_gettime(CLOCK_MONOTONIC, &now);
 	return c->mem_full || c->publisher_stopping || c->flushers > 0 ||
 	       !mgroup_room(c->mfill, CAS_LOCAL_PACK_MAX) ||
 	       now.tv_sec > when.tv_sec ||
@@ -816,7 +817,7 @@ static void *publisher_main(void *arg)
 		}
 		if (!publisher_has_work(c))
 			break;
-		clock_gettime(CLOCK_REALTIME, &until);
+		clock_gettime(CLOCK_MONOTONIC, &until);
 		until.tv_nsec += STAGE_DELAY_MS * 1000000L;
 		until.tv_sec += until.tv_nsec / 1000000000L;
 		until.tv_nsec %= 1000000000L;
@@ -1372,34 +1373,54 @@ static void *prefetch_main(void *arg)
 	return NULL;
 }
 
-/* The large worker: one blob at a time from lq, then on with the walk
- * (it may have stopped at a full lq). */
+/* Whether the large worker may start a blob of size bytes (LARGE_QUEUE's
+ * comment); the size comes from the remote: no overflow. lock held. */
+static bool large_admitted(const struct cache_store *c, uint64_t size)
+{
+	uint64_t limit = c->walk_read_bytes + LARGE_AHEAD;
+	return c->walk_read_bytes > 0 && size <= limit &&
+	       c->walk_large_bytes <= limit - size;
+}
+
+static void walk_run(struct cache_store *c);
+
+/* The large worker: one blob at a time from lq, in order, each once
+ * readers are far enough; it continues the walk when that waits for
+ * room in lq (blocking on walk_lock: a walk_run in progress may have
+ * found lq full already). */
 static void *large_main(void *arg)
 {
 	struct cache_store *c = arg;
 
 	pthread_mutex_lock(&c->lock);
 	for (;;) {
-		while (!c->stopping && c->lq_len == 0)
+		while (!c->stopping &&
+		       !(c->lq_len > 0 &&
+			 large_admitted(c, c->lq[c->lq_head].size)))
 			pthread_cond_wait(&c->lq_cond, &c->lock);
 		if (c->stopping)
 			break;
 		struct prefetch_item it = c->lq[c->lq_head];
+		c->lq_head = (c->lq_head + 1) % LARGE_QUEUE;
+		c->lq_len--;
+		c->walk_large_bytes += it.size;
+		bool go_on = c->walk_large_full;
+		c->walk_large_full = false;
 		pthread_mutex_unlock(&c->lock);
+		if (go_on) {
+			pthread_mutex_lock(&c->walk_lock);
+			walk_run(c);
+			pthread_mutex_unlock(&c->walk_lock);
+		}
 		int r = ensure_blob(c, &it.digest, true);
 		maybe_evict(c, 0);
 		pthread_mutex_lock(&c->lock);
-		c->lq_head = (c->lq_head + 1) % LARGE_QUEUE;
-		c->lq_len--;
 		if (r == -EIO) {
 			/* As prefetch_main: leave the remote alone a while. */
 			clock_gettime(CLOCK_MONOTONIC, &c->paused_until);
 			c->paused_until.tv_sec += 5;
 			c->lq_len = 0;
 		}
-		pthread_mutex_unlock(&c->lock);
-		walk_continue(c);
-		pthread_mutex_lock(&c->lock);
 	}
 	pthread_mutex_unlock(&c->lock);
 	return NULL;
@@ -1481,14 +1502,15 @@ static uint8_t walk_wants(struct cache_store *c, const struct walk_frame *f,
 static void *large_main(void *arg);
 
 /* Queues large file i of f for the large worker: false when the walk
- * must wait (lq full, or readers not far enough); c->lock held. */
+ * must wait for room in lq; c->lock held. */
 static bool walk_queue_large(struct cache_store *c, const struct walk_frame *f,
 			     size_t i)
 {
 	const cas_node *n = &f->dir->files[i];
-	if (c->lq_len == LARGE_QUEUE || c->walk_read_bytes == 0 ||
-	    c->walk_large_bytes + n->size > c->walk_read_bytes + LARGE_AHEAD)
+	if (c->lq_len == LARGE_QUEUE) {
+		c->walk_large_full = true;
 		return false;
+	}
 	if (!c->large_started) {
 		if (pthread_create(&c->large_worker, NULL, large_main, c) != 0)
 			return true; /* no thread: the reader fetches it */
@@ -1496,10 +1518,18 @@ static bool walk_queue_large(struct cache_store *c, const struct walk_frame *f,
 	}
 	c->lq[(c->lq_head + c->lq_len++) % LARGE_QUEUE] =
 		(struct prefetch_item){n->digest, n->size, f->d, UINT64_MAX};
-	c->walk_large_bytes += n->size;
 	c->walk_budget--;
 	pthread_cond_signal(&c->lq_cond);
 	return true;
+}
+
+/* One more prefetch worker, if the cache may have one; lock held. */
+static void spawn_worker(struct cache_store *c)
+{
+	if (c->n_workers < c->prefetch_threads &&
+	    pthread_create(&c->workers[c->n_workers], NULL, prefetch_main,
+			   c) == 0)
+		c->n_workers++;
 }
 
 /* Queues file i of f; c->lock held, the queue not full. */
@@ -1512,10 +1542,8 @@ static void walk_queue_file(struct cache_store *c, const struct walk_frame *f,
 				       f->off ? f->off[i] : UINT64_MAX};
 	c->pq_len++;
 	c->walk_budget--;
-	if (c->n_workers < c->prefetch_threads && c->n_workers < c->pq_len &&
-	    pthread_create(&c->workers[c->n_workers], NULL, prefetch_main,
-			   c) == 0)
-		c->n_workers++;
+	if (c->n_workers < c->pq_len)
+		spawn_worker(c);
 	pthread_cond_signal(&c->pq_cond);
 }
 
@@ -1617,6 +1645,9 @@ static void prefetch_directory(struct cache_store *c, const cas_digest *d,
 	pthread_mutex_lock(&c->lock);
 	c->walk_budget = PREFETCH_AHEAD;
 	c->walk_read_bytes = c->walk_large_bytes = 0;
+	/* Large blobs of the old place not started yet are dropped. */
+	c->lq_len = 0;
+	c->walk_large_full = false;
 	pthread_mutex_unlock(&c->lock);
 	walk_push(c, d, buf, len);
 	walk_run(c);
@@ -1634,13 +1665,19 @@ static void walk_credit(struct cache_store *c, uint64_t size)
 	c->walk_budget += c->walk_budget < PREFETCH_AHEAD;
 	c->walk_read_bytes += size ? size : 1;
 	/* The workers are idle once the queue is drained: wake one to go
-	 * on (not the reader: it has reading to do). */
+	 * on (not the reader: it has reading to do); there may be none yet
+	 * (no small blob was wanted so far). */
 	if (c->walk_active && !c->walk_kick &&
 	    c->walk_budget >= PREFETCH_BATCH &&
 	    c->pq_len < PREFETCH_AHEAD / 2) {
 		c->walk_kick = true;
+		if (c->n_workers == 0)
+			spawn_worker(c);
 		pthread_cond_signal(&c->pq_cond);
 	}
+	/* The next large blob may now be started. */
+	if (c->lq_len)
+		pthread_cond_signal(&c->lq_cond);
 	pthread_mutex_unlock(&c->lock);
 }
 
@@ -2456,7 +2493,12 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	pthread_cond_init(&c->pq_cond, NULL);
 	pthread_cond_init(&c->lq_cond, NULL);
 	pthread_mutex_init(&c->walk_lock, NULL);
-	pthread_cond_init(&c->pub_cond, NULL);
+	/* Its deadlines must not move with the wall clock. */
+	pthread_condattr_t ca;
+	pthread_condattr_init(&ca);
+	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+	pthread_cond_init(&c->pub_cond, &ca);
+	pthread_condattr_destroy(&ca);
 	c->tmp_fd = -1;
 	c->pid = getpid();
 	c->cache_max = opts->cache_max;

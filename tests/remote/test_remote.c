@@ -1252,6 +1252,60 @@ static void test_cache_prefetch_large(cas_store *origin)
 	pthread_mutex_destroy(&k.lock);
 }
 
+/* A large blob the walk cannot start yet (nothing read so far) does not
+ * hold back the small ones behind it; and with no small blob wanted at
+ * all, a read still gets the large ones going. */
+static void test_cache_prefetch_past_large(cas_store *origin)
+{
+	enum { NS = 40 };
+	static char small_names[NS][8];
+	const char *names[NS + 1] = {"a-big"};
+	size_t sizes[NS + 1] = {2u << 20};
+	for (int i = 0; i < NS; i++) {
+		snprintf(small_names[i], sizeof(small_names[i]), "s%02d", i);
+		names[i + 1] = small_names[i];
+		sizes[i + 1] = 100 + (size_t)i;
+	}
+	cas_node files[NS + 1];
+	cas_digest d;
+	put_files_dir(origin, names, sizes, NS + 1, 100, files, &d);
+
+	struct fake k = {.base.ops = &fake_batch_ops, .origin = origin};
+	pthread_mutex_init(&k.lock, NULL);
+	cas_store *s = open_cache(&k, "cache-past-large", 0);
+	uint8_t *buf = NULL;
+	size_t len;
+	REQUIRE(s->ops->directory_get_raw(s, &d, &buf, &len) == 0);
+	free(buf);
+	wait_fetches(&k, NS);
+	pthread_mutex_lock(&k.lock);
+	CHECK(k.blob_fetches == NS && k.batches >= 1 && k.large_fetches == 0);
+	pthread_mutex_unlock(&k.lock);
+	cas_store_free(s);
+	pthread_mutex_destroy(&k.lock);
+
+	static const char *const lnames[] = {"l0", "l1", "l2", "l3"};
+	static const size_t lsizes[] = {2u << 20, 2u << 20, 2u << 20, 2u << 20};
+	put_files_dir(origin, lnames, lsizes, 4, 200, files, &d);
+	struct fake k2 = {.base.ops = &fake_batch_ops, .origin = origin};
+	pthread_mutex_init(&k2.lock, NULL);
+	s = open_cache(&k2, "cache-only-large", 0);
+	REQUIRE(s->ops->directory_get_raw(s, &d, &buf, &len) == 0);
+	free(buf);
+	int fd;
+	uint64_t size;
+	REQUIRE(s->ops->blob_open(s, &files[0].digest, &fd, &size) == 0);
+	close(fd);
+	CHECK(large_wait(&k2, 4)); /* l0 by the reader, l1-l3 by themselves */
+	for (int i = 1; i < 4; i++) {
+		REQUIRE(s->ops->blob_open(s, &files[i].digest, &fd, &size) == 0);
+		close(fd);
+	}
+	CHECK(large_count(&k2) == 4);
+	cas_store_free(s);
+	pthread_mutex_destroy(&k2.lock);
+}
+
 /* Closing the cache aborts a large prefetch in flight (at its next
  * buffer) rather than waiting for the whole blob, which over a slow link
  * would hold the process: nothing of it is kept, and verify finds
@@ -1337,6 +1391,7 @@ int main(void)
 	test_cache_prefetch_batches(origin);
 	test_cache_prefetch_ranges(origin);
 	test_cache_prefetch_large(origin);
+	test_cache_prefetch_past_large(origin);
 	test_cache_close_cancels(origin);
 	cas_store_free(origin);
 	test_grpc_blobs_fetch();
