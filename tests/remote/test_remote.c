@@ -1210,6 +1210,21 @@ static void put_files_dir(cas_store *origin, const char *const *names,
 	free(raw);
 }
 
+/* A cache named name over fake k (made here, batching), in which a
+ * reader has read Directory d: the prefetch walk starts there. */
+static cas_store *cache_read_dir(struct fake *k, cas_store *origin,
+				 const char *name, const cas_digest *d)
+{
+	*k = (struct fake){.base.ops = &fake_batch_ops, .origin = origin};
+	pthread_mutex_init(&k->lock, NULL);
+	cas_store *s = open_cache(k, name, 0);
+	uint8_t *buf = NULL;
+	size_t len;
+	REQUIRE(s->ops->directory_get_raw(s, d, &buf, &len) == 0);
+	free(buf);
+	return s;
+}
+
 static void test_cache_prefetch_large(cas_store *origin)
 {
 	/* Sorted by name: small a*, then b0 b1 (prefetched at once), c
@@ -1223,13 +1238,9 @@ static void test_cache_prefetch_large(cas_store *origin)
 	cas_digest d;
 	put_files_dir(origin, names, sizes, N, 0, files, &d);
 
-	struct fake k = {.base.ops = &fake_batch_ops, .origin = origin};
-	pthread_mutex_init(&k.lock, NULL);
-	cas_store *s = open_cache(&k, "cache-large-prefetch", 0);
+	struct fake k;
+	cas_store *s = cache_read_dir(&k, origin, "cache-large-prefetch", &d);
 	uint8_t *buf = NULL;
-	size_t len;
-	REQUIRE(s->ops->directory_get_raw(s, &d, &buf, &len) == 0);
-	free(buf);
 	wait_fetches(&k, 3); /* the small ones */
 	usleep(300000);
 	CHECK(large_count(&k) == 0);
@@ -1270,13 +1281,8 @@ static void test_cache_prefetch_past_large(cas_store *origin)
 	cas_digest d;
 	put_files_dir(origin, names, sizes, NS + 1, 100, files, &d);
 
-	struct fake k = {.base.ops = &fake_batch_ops, .origin = origin};
-	pthread_mutex_init(&k.lock, NULL);
-	cas_store *s = open_cache(&k, "cache-past-large", 0);
-	uint8_t *buf = NULL;
-	size_t len;
-	REQUIRE(s->ops->directory_get_raw(s, &d, &buf, &len) == 0);
-	free(buf);
+	struct fake k;
+	cas_store *s = cache_read_dir(&k, origin, "cache-past-large", &d);
 	wait_fetches(&k, NS);
 	pthread_mutex_lock(&k.lock);
 	CHECK(k.blob_fetches == NS && k.batches >= 1 && k.large_fetches == 0);
@@ -1287,11 +1293,8 @@ static void test_cache_prefetch_past_large(cas_store *origin)
 	static const char *const lnames[] = {"l0", "l1", "l2", "l3"};
 	static const size_t lsizes[] = {2u << 20, 2u << 20, 2u << 20, 2u << 20};
 	put_files_dir(origin, lnames, lsizes, 4, 200, files, &d);
-	struct fake k2 = {.base.ops = &fake_batch_ops, .origin = origin};
-	pthread_mutex_init(&k2.lock, NULL);
-	s = open_cache(&k2, "cache-only-large", 0);
-	REQUIRE(s->ops->directory_get_raw(s, &d, &buf, &len) == 0);
-	free(buf);
+	struct fake k2;
+	s = cache_read_dir(&k2, origin, "cache-only-large", &d);
 	int fd;
 	uint64_t size;
 	REQUIRE(s->ops->blob_open(s, &files[0].digest, &fd, &size) == 0);
