@@ -1675,8 +1675,9 @@ static void walk_credit(struct cache_store *c, uint64_t size)
 			spawn_worker(c);
 		pthread_cond_signal(&c->pq_cond);
 	}
-	/* The next large blob may now be started. */
-	if (c->lq_len)
+	/* The next large blob may now be started (only then: a read per
+	 * blob would otherwise wake the large worker for nothing). */
+	if (c->lq_len && large_admitted(c, c->lq[c->lq_head].size))
 		pthread_cond_signal(&c->lq_cond);
 	pthread_mutex_unlock(&c->lock);
 }
