@@ -1322,6 +1322,14 @@ static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 
 static void walk_continue(struct cache_store *c);
 
+/* The remote fails: stop prefetching for a while rather than fail every
+ * queued blob (the caller drops its queue). lock held. */
+static void prefetch_pause(struct cache_store *c)
+{
+	clock_gettime(CLOCK_MONOTONIC, &c->paused_until);
+	c->paused_until.tv_sec += 5;
+}
+
 static void *prefetch_main(void *arg)
 {
 	struct cache_store *c = arg;
@@ -1362,10 +1370,7 @@ static void *prefetch_main(void *arg)
 		maybe_evict(c, 0);
 		pthread_mutex_lock(&c->lock);
 		if (r == -EIO) {
-			/* The remote fails: stop prefetching for a while
-			 * rather than fail every queued blob. */
-			clock_gettime(CLOCK_MONOTONIC, &c->paused_until);
-			c->paused_until.tv_sec += 5;
+			prefetch_pause(c);
 			c->pq_len = 0;
 		}
 	}
@@ -1416,9 +1421,7 @@ static void *large_main(void *arg)
 		maybe_evict(c, 0);
 		pthread_mutex_lock(&c->lock);
 		if (r == -EIO) {
-			/* As prefetch_main: leave the remote alone a while. */
-			clock_gettime(CLOCK_MONOTONIC, &c->paused_until);
-			c->paused_until.tv_sec += 5;
+			prefetch_pause(c);
 			c->lq_len = 0;
 		}
 	}
