@@ -201,11 +201,11 @@ static bool vring_setup(struct cas_vu_vring *vr, struct iovec **iov,
 
 	if (!*iov)
 		*iov = calloc((size_t)iov_max, sizeof(**iov));
-	if (*iov && dev->cfg.ops->queue_start &&
-	    dev->cfg.ops->queue_start(dev->cfg.opaque, vr->index, ctx) < 0)
-		*ctx = NULL;
-	else if (*iov)
+	if (*iov && (!dev->cfg.ops->queue_start ||
+		     dev->cfg.ops->queue_start(dev->cfg.opaque, vr->index,
+					       ctx) >= 0))
 		return true;
+	*ctx = NULL;
 	if (!*logged)
 		cas_log_error("vhost-user: ring %u cannot start: out of "
 			      "memory; trying again at each kick",
