@@ -24,7 +24,7 @@ static void make_attr(uint64_t ino, struct cas_fuse_attr *a)
 	memset(a, 0, sizeof(*a));
 	a->ino = ino;
 	a->nlink = 1;
-	a->mode = ino % 3 == 1 ? S_IFDIR | 0555
+	a->mode = ino % 3 == 1	 ? S_IFDIR | 0555
 		  : ino % 3 == 2 ? S_IFREG | 0444
 				 : S_IFLNK | 0777;
 	a->size = ino * 1000;
@@ -35,8 +35,8 @@ static int f_init(void *fs, struct cas_fuse_conn *conn)
 	return 0;
 }
 
-static int f_lookup(void *fs, uint64_t parent, const char *name,
-		    size_t namelen, struct cas_fuse_entry *ret)
+static int f_lookup(void *fs, uint64_t parent, const char *name, size_t namelen,
+		    struct cas_fuse_entry *ret)
 {
 	if (strlen(name) != namelen || namelen == 0)
 		abort(); /* the engine promised a NUL-terminated name */
@@ -77,7 +77,10 @@ static int f_open(void *fs, uint64_t ino, uint32_t flags,
 	ret->open_flags = (uint32_t)ino & 0xff;
 	/* fds 1 and 2 stand for files the transport cannot register, for a
 	 * passing reason and for good. */
-	ret->backing_fd = ino % 4 == 1 ? 0 : ino % 4 == 3 ? 1 : ino % 8 == 2 ? 2 : -1;
+	ret->backing_fd = ino % 4 == 1	 ? 0
+			  : ino % 4 == 3 ? 1
+			  : ino % 8 == 2 ? 2
+					 : -1;
 	return ino % 5 == 4 ? -EACCES : 0;
 }
 
@@ -106,18 +109,16 @@ static int f_release(void *fs, uint64_t ino, uint64_t fh)
 static int f_readdir(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
 		     struct cas_fuse_dirbuf *db)
 {
-	static const char *names[] = { ".", "..", "a", "bb", "a-longer-name",
-				       "x", "y\nz" };
+	static const char *names[] = {".", "..",  "a", "bb", "a-longer-name",
+				      "x", "y\nz"};
 	for (uint64_t i = off; i < 7 + ino % 50; i++) {
 		const char *name = names[i % 7];
-		struct cas_fuse_entry e = { 0 };
+		struct cas_fuse_entry e = {0};
 		make_attr(i + 2, &e.attr);
-		int r = cas_fuse_dirbuf_add(db, (const uint8_t *)name,
-					    strlen(name), i + 2, e.attr.mode,
-					    i + 1,
-					    cas_fuse_dirbuf_plus(db) && i % 7 > 1
-						    ? &e
-						    : NULL);
+		int r = cas_fuse_dirbuf_add(
+			db, (const uint8_t *)name, strlen(name), i + 2,
+			e.attr.mode, i + 1,
+			cas_fuse_dirbuf_plus(db) && i % 7 > 1 ? &e : NULL);
 		if (r <= 0)
 			return r;
 	}
@@ -209,7 +210,7 @@ static void process(struct cas_fuse_session *s, const struct iovec *iov,
 		    int cnt, uint8_t *buf, size_t bufsize,
 		    struct cas_fuse_reply *reply)
 {
-	*reply = (struct cas_fuse_reply){ .buf = buf, .buf_size = bufsize };
+	*reply = (struct cas_fuse_reply){.buf = buf, .buf_size = bufsize};
 	if (cas_fuse_session_process(s, iov, cnt, reply) != 0)
 		abort();
 	check_reply(reply);
@@ -244,7 +245,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	static size_t bufsize;
 	if (!buf1) {
 		bufsize = cas_fuse_reply_bufsize(
-			&(struct cas_fuse_config){ .max_pages = 64 });
+			&(struct cas_fuse_config){.max_pages = 64});
 		buf1 = malloc(bufsize);
 		buf2 = malloc(bufsize);
 		if (!buf1 || !buf2)
@@ -257,21 +258,24 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 			struct fuse_in_header h;
 			struct fuse_init_in in;
 		} init = {
-			.h = { .len = sizeof(init), .opcode = FUSE_INIT,
-			       .unique = 1 },
-			.in = { .major = 7, .minor = 45, .max_readahead = 65536,
-				.flags = FUSE_ASYNC_READ | FUSE_DO_READDIRPLUS |
-					 FUSE_MAX_PAGES | FUSE_INIT_EXT,
-				.flags2 = 1u << 5 /* passthrough */ },
+			.h = {.len = sizeof(init),
+			      .opcode = FUSE_INIT,
+			      .unique = 1},
+			.in = {.major = 7,
+			       .minor = 45,
+			       .max_readahead = 65536,
+			       .flags = FUSE_ASYNC_READ | FUSE_DO_READDIRPLUS |
+					FUSE_MAX_PAGES | FUSE_INIT_EXT,
+			       .flags2 = 1u << 5 /* passthrough */},
 		};
-		struct iovec iov = { &init, sizeof(init) };
+		struct iovec iov = {&init, sizeof(init)};
 		process(s, &iov, 1, buf1, bufsize, &r1);
 	}
 
 	/* Whole. */
 	uint8_t *whole = malloc(size ? size : 1);
 	memcpy(whole, data, size);
-	struct iovec iov1 = { whole, size };
+	struct iovec iov1 = {whole, size};
 	process(s, &iov1, 1, buf1, bufsize, &r1);
 
 	/* Split into two or three buffers. DESTROY changes the session, so
@@ -283,23 +287,22 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		a = b;
 		b = t;
 	}
-	size_t cut[4] = { 0, a, b, size };
+	size_t cut[4] = {0, a, b, size};
 	int cnt = (c1 & 1) ? 3 : 2;
 	if (cnt == 2)
 		cut[2] = size;
 	struct iovec iov[3];
-	uint8_t *piece[3] = { NULL, NULL, NULL };
+	uint8_t *piece[3] = {NULL, NULL, NULL};
 	for (int k = 0; k < cnt; k++) {
 		size_t n = cut[k + 1] - cut[k];
 		piece[k] = malloc(n ? n : 1);
 		memcpy(piece[k], data + cut[k], n);
-		iov[k] = (struct iovec){ piece[k], n };
+		iov[k] = (struct iovec){piece[k], n};
 	}
 	process(s, iov, cnt, buf2, bufsize, &r2);
-	if (!r1.destroyed && r1.send && !(r2.send && r1.len == r2.len &&
-					  r1.fd == r2.fd &&
-					  r1.fd_len == r2.fd_len &&
-					  memcmp(buf1, buf2, r1.len) == 0)) {
+	if (!r1.destroyed && r1.send &&
+	    !(r2.send && r1.len == r2.len && r1.fd == r2.fd &&
+	      r1.fd_len == r2.fd_len && memcmp(buf1, buf2, r1.len) == 0)) {
 		/* An opcode whose reply depends on earlier requests (a second
 		 * INIT) may differ; everything else must not. */
 		struct fuse_in_header h;

@@ -35,8 +35,10 @@ static int on_msg(void *userdata, const uint8_t *msg, size_t len)
 		(void)cas_grpc_decode_get(msg, len, &d, &recursive, &why);
 		break;
 	case 3:
-		if (cas_grpc_decode_blob_chunk(msg, len, &chunk, &chunk_len, &why) == 0 &&
-		    chunk_len > 0 && (chunk < msg || chunk + chunk_len > msg + len))
+		if (cas_grpc_decode_blob_chunk(msg, len, &chunk, &chunk_len,
+					       &why) == 0 &&
+		    chunk_len > 0 &&
+		    (chunk < msg || chunk + chunk_len > msg + len))
 			__builtin_trap();
 		break;
 	case 4:
@@ -67,15 +69,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	data += 2;
 	size -= 2;
 	if (kind == 7) {
-		(void)cas_roots_file_parse((const char *)data, size, on_root, NULL);
+		(void)cas_roots_file_parse((const char *)data, size, on_root,
+					   NULL);
 		return 0;
 	}
 	if (split > size)
 		split = size;
-	struct cas_grpc_reader r = { 0 };
+	struct cas_grpc_reader r = {0};
 	int rc = cas_grpc_reader_feed(&r, data, split, on_msg, &kind);
 	if (rc == 0)
-		(void)cas_grpc_reader_feed(&r, data + split, size - split, on_msg, &kind);
+		(void)cas_grpc_reader_feed(&r, data + split, size - split,
+					   on_msg, &kind);
 	cas_grpc_reader_release(&r);
 	return 0;
 }

@@ -18,13 +18,13 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define INVARIANT(cond)                                             \
-	do {                                                        \
-		if (!(cond)) {                                      \
-			fprintf(stderr, "fuzz-layout: %s:%d: %s\n", \
-				__FILE__, __LINE__, #cond);         \
-			abort();                                    \
-		}                                                   \
+#define INVARIANT(cond)                                                       \
+	do {                                                                  \
+		if (!(cond)) {                                                \
+			fprintf(stderr, "fuzz-layout: %s:%d: %s\n", __FILE__, \
+				__LINE__, #cond);                             \
+			abort();                                              \
+		}                                                             \
 	} while (0)
 
 static int root_cb(void *userdata, const char *name, const cas_node *node)

@@ -76,7 +76,8 @@ int main(int argc, char **argv)
 			if (de->d_name[0] == '.')
 				continue;
 			char path[4096];
-			snprintf(path, sizeof(path), "%s/%s", argv[i], de->d_name);
+			snprintf(path, sizeof(path), "%s/%s", argv[i],
+				 de->d_name);
 			if (replay_file(path, &count) < 0) {
 				closedir(d);
 				return 1;

@@ -55,13 +55,13 @@
  * directory's entries and attributes are revalidated now and then; all
  * else is content and cached forever. */
 #define ROOT_ENTRY_VALID 1
-#define TIME_SECONDS 1
-#define BLKSIZE 4096
-#define NAME_MAX_LEN 255
-#define LOGGED_MAX 256
+#define TIME_SECONDS	 1
+#define BLKSIZE		 4096
+#define NAME_MAX_LEN	 255
+#define LOGGED_MAX	 256
 /* Files up to this size are read whole at open (the local store keeps
  * blobs this small in packs, see local.h). */
-#define SMALL_FILE 4096
+#define SMALL_FILE	    4096
 #define SEQUENTIAL_HINT_MIN (1u << 20)
 
 enum inode_kind {
@@ -76,11 +76,11 @@ struct cas_inode {
 	struct cas_inode *next_by_key; /* protected by fs->lock */
 	uint64_t ino;
 	uint64_t nlookup; /* protected by fs->lock */
-	uint32_t busy;    /* protected by fs->lock: operations in flight */
+	uint32_t busy;	  /* protected by fs->lock: operations in flight */
 	uint32_t key_hash;
 	uint8_t kind;
 	bool executable;
-	uint64_t size;      /* file: blob size; symlink: target length */
+	uint64_t size; /* file: blob size; symlink: target length */
 	/* Directories: loaded once, then immutable until the inode dies. */
 	_Atomic(cas_directory *) dir;
 	/* Directory/file: the 32-byte digest; symlink: the target. */
@@ -97,7 +97,7 @@ struct hash_table {
  * find its slot without a lock: a slot's `fh` says which open it serves
  * now (generation << 32 | index); 0 means free. */
 #define HANDLE_CHUNK_BITS 10
-#define HANDLE_CHUNK (1u << HANDLE_CHUNK_BITS)
+#define HANDLE_CHUNK	  (1u << HANDLE_CHUNK_BITS)
 #define HANDLE_MAX_CHUNKS 4096
 
 struct root_list {
@@ -115,14 +115,14 @@ struct cas_handle {
 	 * hold on a recycled slot is undone before it can matter. */
 	_Atomic uint32_t refs;
 	/* Atomic because READ reads them without a lock. */
-	_Atomic int fd;          /* file: the blob, or a file holding it */
-	_Atomic uint64_t size;   /* file: the blob's size */
-	uint64_t base;           /* where the blob starts in fd */
-	bool fd_owned;           /* else the store's (a pack): not closed */
-	uint8_t *data;           /* small file: its bytes instead of fd */
+	_Atomic int fd;		 /* file: the blob, or a file holding it */
+	_Atomic uint64_t size;	 /* file: the blob's size */
+	uint64_t base;		 /* where the blob starts in fd */
+	bool fd_owned;		 /* else the store's (a pack): not closed */
+	uint8_t *data;		 /* small file: its bytes instead of fd */
 	struct root_list *roots; /* root directory: snapshot at opendir */
-	uint32_t idx;            /* this slot's index, fixed */
-	uint32_t next_free;      /* protected by fs->handle_lock */
+	uint32_t idx;		 /* this slot's index, fixed */
+	uint32_t next_free;	 /* protected by fs->handle_lock */
 };
 
 struct cas_fs {
@@ -132,8 +132,8 @@ struct cas_fs {
 	pthread_mutex_t lock;
 	struct hash_table by_ino; /* protected by lock */
 	struct hash_table by_key; /* protected by lock */
-	size_t n_inodes;          /* protected by lock */
-	uint64_t next_ino;        /* protected by lock */
+	size_t n_inodes;	  /* protected by lock */
+	uint64_t next_ino;	  /* protected by lock */
 	struct cas_inode *root;
 
 	atomic_size_t memory; /* inodes, tables, Directories, handles */
@@ -142,12 +142,12 @@ struct cas_fs {
 	 * the log line comes once per mount). */
 	pthread_mutex_t logged_lock;
 	cas_digest logged[LOGGED_MAX]; /* protected by logged_lock */
-	size_t n_logged;               /* protected by logged_lock */
+	size_t n_logged;	       /* protected by logged_lock */
 
 	pthread_mutex_t handle_lock;
 	_Atomic(struct cas_handle *) chunks[HANDLE_MAX_CHUNKS];
-	uint32_t n_slots;   /* protected by handle_lock */
-	uint32_t free_head; /* protected by handle_lock; UINT32_MAX: none */
+	uint32_t n_slots;    /* protected by handle_lock */
+	uint32_t free_head;  /* protected by handle_lock; UINT32_MAX: none */
 	uint32_t handle_gen; /* protected by handle_lock */
 };
 
@@ -165,7 +165,8 @@ static uint32_t key_hash(uint8_t kind, bool executable, const uint8_t *key,
 		for (size_t i = 0; i < len; i++)
 			h = (h ^ key[i]) * 0x100000001b3ull;
 	}
-	h ^= (uint64_t)kind * 0x9e3779b97f4a7c15ull + (executable ? 0x51ed27 : 0);
+	h ^= (uint64_t)kind * 0x9e3779b97f4a7c15ull +
+	     (executable ? 0x51ed27 : 0);
 	h ^= h >> 29;
 	return (uint32_t)(h ^ (h >> 32));
 }
@@ -199,7 +200,7 @@ static void tables_grow(struct cas_fs *fs)
 		return;
 	}
 	size_t old = fs->by_ino.mask + 1;
-	struct hash_table ti = { bi, n - 1 }, tk = { bk, n - 1 };
+	struct hash_table ti = {bi, n - 1}, tk = {bk, n - 1};
 	for (size_t i = 0; i < old; i++) {
 		struct cas_inode *in, *next;
 		for (in = fs->by_ino.buckets[i]; in; in = next) {
@@ -234,7 +235,8 @@ static struct cas_inode *find_by_ino(struct cas_fs *fs, uint64_t ino)
 
 static void unlink_inode(struct cas_fs *fs, struct cas_inode *in)
 {
-	struct cas_inode **p = &fs->by_ino.buckets[ino_bucket(&fs->by_ino, in->ino)];
+	struct cas_inode **p =
+		&fs->by_ino.buckets[ino_bucket(&fs->by_ino, in->ino)];
 	while (*p != in)
 		p = &(*p)->next_by_ino;
 	*p = in->next_by_ino;
@@ -389,7 +391,8 @@ static int inode_for_node(struct cas_fs *fs, const cas_node *node,
 	new->key_hash = h;
 	new->key_len = len;
 	memcpy(new->key, key, len);
-	new->size = node->type == CAS_NODE_SYMLINK ? node->target_len : node->size;
+	new->size =
+		node->type == CAS_NODE_SYMLINK ? node->target_len : node->size;
 	new->nlookup = 1;
 	new->busy = 1;
 
@@ -438,7 +441,8 @@ static bool first_report(struct cas_fs *fs, const uint8_t *digest)
 		if (!memcmp(fs->logged[i].bytes, digest, CAS_DIGEST_LEN))
 			first = false;
 	if (first && fs->n_logged < LOGGED_MAX)
-		memcpy(fs->logged[fs->n_logged++].bytes, digest, CAS_DIGEST_LEN);
+		memcpy(fs->logged[fs->n_logged++].bytes, digest,
+		       CAS_DIGEST_LEN);
 	pthread_mutex_unlock(&fs->logged_lock);
 	return first;
 }
@@ -461,8 +465,9 @@ static int inode_directory(struct cas_fs *fs, struct cas_inode *in,
 			char hex[CAS_DIGEST_HEX_LEN + 1];
 			digest_hex(in->key, hex);
 			if (r == -ENOENT)
-				cas_log_error("directory %s: absent from the store",
-					      hex);
+				cas_log_error(
+					"directory %s: absent from the store",
+					hex);
 			else
 				cas_log_errno(r, "directory %s: %m", hex);
 		}
@@ -507,7 +512,8 @@ static void fill_attr(struct cas_inode *in, uint64_t size, uint64_t nsubdirs,
 	case KIND_ROOT:
 	case KIND_DIRECTORY:
 		a->mode = S_IFDIR | 0555;
-		a->nlink = (uint32_t)CAS_MIN(2 + nsubdirs, (uint64_t)UINT32_MAX);
+		a->nlink =
+			(uint32_t)CAS_MIN(2 + nsubdirs, (uint64_t)UINT32_MAX);
 		break;
 	case KIND_FILE:
 		a->mode = S_IFREG | (in->executable ? 0555 : 0444);
@@ -525,8 +531,9 @@ static int inode_attr(struct cas_fs *fs, struct cas_inode *in,
 		      struct cas_fuse_attr *ret)
 {
 	if (in->kind == KIND_ROOT) {
-		struct root_count c = { 0, 0 };
-		int r = fs->store->ops->roots_foreach(fs->store, count_root, &c);
+		struct root_count c = {0, 0};
+		int r = fs->store->ops->roots_foreach(fs->store, count_root,
+						      &c);
 		if (r < 0) {
 			cas_log_errno(r, "list roots: %m");
 			return -EIO;
@@ -548,8 +555,8 @@ static int inode_attr(struct cas_fs *fs, struct cas_inode *in,
 
 /* Lookup reply for a node found in `parent`: creates or references the
  * inode (one lookup reference, kept on success) and fills the entry. */
-static int entry_for_node(struct cas_fs *fs, const cas_node *node,
-			  bool in_root, struct cas_fuse_entry *ret,
+static int entry_for_node(struct cas_fs *fs, const cas_node *node, bool in_root,
+			  struct cas_fuse_entry *ret,
 			  struct cas_inode **ret_inode)
 {
 	struct cas_inode *in;
@@ -677,9 +684,8 @@ static int fs_readlink(void *fs_, uint64_t ino, char *buf, size_t size)
 
 static struct cas_handle *handle_slot(struct cas_fs *fs, uint32_t idx)
 {
-	struct cas_handle *chunk =
-		atomic_load_explicit(&fs->chunks[idx >> HANDLE_CHUNK_BITS],
-				     memory_order_acquire);
+	struct cas_handle *chunk = atomic_load_explicit(
+		&fs->chunks[idx >> HANDLE_CHUNK_BITS], memory_order_acquire);
 	return chunk ? &chunk[idx & (HANDLE_CHUNK - 1)] : NULL;
 }
 
@@ -836,11 +842,13 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	 * passthrough backing file per open); a larger one gets its fd. */
 	r = -ENOENT;
 	if (fs->store->ops->blob_locate) {
-		r = fs->store->ops->blob_locate(fs->store, &dg, &fd, &base, &size);
+		r = fs->store->ops->blob_locate(fs->store, &dg, &fd, &base,
+						&size);
 		owned = r < 0;
 	}
 	if (r == -ENOENT && in->size <= SMALL_FILE)
-		r = cas_store_blob_read(fs->store, &dg, SMALL_FILE, &data, &size);
+		r = cas_store_blob_read(fs->store, &dg, SMALL_FILE, &data,
+					&size);
 	else if (r == -ENOENT) {
 		r = fs->store->ops->blob_open(fs->store, &dg, &fd, &size);
 		/* Its own fd becomes the passthrough backing file, whose
@@ -854,7 +862,8 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 			char hex[CAS_DIGEST_HEX_LEN + 1];
 			cas_digest_to_hex(&dg, hex);
 			if (r == -ENOENT)
-				cas_log_error("blob %s: absent from the store", hex);
+				cas_log_error("blob %s: absent from the store",
+					      hex);
 			else
 				cas_log_errno(r, "blob %s: %m", hex);
 		}
@@ -972,7 +981,8 @@ static int fs_opendir(void *fs_, uint64_t ino, uint32_t flags,
 		}
 		/* Roots change while mounted: a snapshot per opendir, so
 		 * offsets stay meaningful, and no kernel cache. */
-		struct root_list *l = calloc(1, sizeof(*l) + 16 * sizeof(cas_node *));
+		struct root_list *l =
+			calloc(1, sizeof(*l) + 16 * sizeof(cas_node *));
 		if (!l) {
 			r = -ENOMEM;
 			goto out;
@@ -1012,9 +1022,9 @@ static int add_node(struct cas_fs *fs, struct cas_fuse_dirbuf *db,
 {
 	if (node->name_len > NAME_MAX_LEN)
 		return 1; /* cannot be served; skipped */
-	uint32_t dtype = node->type == CAS_NODE_DIRECTORY ? S_IFDIR :
-			 node->type == CAS_NODE_FILE	  ? S_IFREG :
-							    S_IFLNK;
+	uint32_t dtype = node->type == CAS_NODE_DIRECTORY ? S_IFDIR
+			 : node->type == CAS_NODE_FILE	  ? S_IFREG
+							  : S_IFLNK;
 	if (!cas_fuse_dirbuf_plus(db))
 		return cas_fuse_dirbuf_add(db, node->name, node->name_len,
 					   ino_for_listing(fs, node), dtype,
@@ -1072,8 +1082,8 @@ static int fs_readdir(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		off = 1;
 	}
 	if (off == 1) {
-		r = add_dot(db, "..", in->kind == KIND_ROOT ? ino : CAS_FUSE_ROOT_ID,
-			    2);
+		r = add_dot(db, "..",
+			    in->kind == KIND_ROOT ? ino : CAS_FUSE_ROOT_ID, 2);
 		if (r <= 0)
 			goto out;
 		off = 2;
@@ -1102,7 +1112,8 @@ static int fs_readdir(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 			else if (i < d->n_directories + d->n_files)
 				node = &d->files[i - d->n_directories];
 			else
-				node = &d->symlinks[i - d->n_directories - d->n_files];
+				node = &d->symlinks[i - d->n_directories -
+						    d->n_files];
 			r = add_node(fs, db, node, false, i + 3);
 			if (r <= 0)
 				break;
@@ -1137,15 +1148,15 @@ static int fs_statfs(void *fs_, uint64_t ino, struct cas_fuse_statfs *ret)
 	return 0;
 }
 
-#define XATTR_BLOB "user.castore.blob.digest"
+#define XATTR_BLOB	"user.castore.blob.digest"
 #define XATTR_DIRECTORY "user.castore.directory.digest"
 
 /* The one xattr an inode has, or NULL. */
 static const char *xattr_name(const struct cas_inode *in)
 {
-	return in->kind == KIND_FILE	  ? XATTR_BLOB :
-	       in->kind == KIND_DIRECTORY ? XATTR_DIRECTORY :
-					    NULL;
+	return in->kind == KIND_FILE	    ? XATTR_BLOB
+	       : in->kind == KIND_DIRECTORY ? XATTR_DIRECTORY
+					    : NULL;
 }
 
 static int fs_getxattr(void *fs_, uint64_t ino, const char *name, char *buf,

@@ -17,7 +17,7 @@
 #include "store/store.h"
 
 struct cas_fs_options {
-	bool list_root;  /* readdir of the root allowed (else EPERM) */
+	bool list_root;	 /* readdir of the root allowed (else EPERM) */
 	bool show_xattr; /* user.castore.*.digest xattrs (else ENOSYS) */
 };
 
@@ -36,8 +36,8 @@ const struct cas_fuse_ops *cas_fs_ops(void);
 /* Safe to call at any time from any thread; statfs's f_files is the same
  * live inode count. */
 struct cas_fs_stats {
-	size_t inodes;        /* live inodes (the kernel still knows them) */
-	size_t memory_bytes;  /* heap held by the inode table and caches */
+	size_t inodes;	     /* live inodes (the kernel still knows them) */
+	size_t memory_bytes; /* heap held by the inode table and caches */
 };
 void cas_fs_get_stats(struct cas_fs *fs, struct cas_fs_stats *ret);
 

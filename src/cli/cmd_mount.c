@@ -15,11 +15,14 @@ static const char mount_help[] =
 	"Usage: castore mount MOUNTPOINT [--list-root] [--show-xattr]\n"
 	"                     [--threads N] [--allow-other]\n"
 	"\n"
-	"Serves the store's named roots as a read-only filesystem at MOUNTPOINT\n"
-	"(one folder entry per root), in the foreground, until SIGINT or SIGTERM\n"
+	"Serves the store's named roots as a read-only filesystem at "
+	"MOUNTPOINT\n"
+	"(one folder entry per root), in the foreground, until SIGINT or "
+	"SIGTERM\n"
 	"(which unmount) or an unmount from outside; both end with status 0.\n"
 	"\n"
-	"  --list-root    allow listing the root folder (else EPERM; looking up\n"
+	"  --list-root    allow listing the root folder (else EPERM; looking "
+	"up\n"
 	"                 a root by name works either way)\n"
 	"  --show-xattr   files carry user.castore.blob.digest, folders\n"
 	"                 user.castore.directory.digest (hex)\n"
@@ -31,12 +34,12 @@ static const char mount_help[] =
 int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 {
 	static const struct option opts[] = {
-		{ "list-root", no_argument, NULL, 'l' },
-		{ "show-xattr", no_argument, NULL, 'x' },
-		{ "threads", required_argument, NULL, 't' },
-		{ "allow-other", no_argument, NULL, 'o' },
-		{ "no-passthrough", no_argument, NULL, 'P' },
-		{ "help", no_argument, NULL, 'h' },
+		{"list-root", no_argument, NULL, 'l'},
+		{"show-xattr", no_argument, NULL, 'x'},
+		{"threads", required_argument, NULL, 't'},
+		{"allow-other", no_argument, NULL, 'o'},
+		{"no-passthrough", no_argument, NULL, 'P'},
+		{"help", no_argument, NULL, 'h'},
 		{},
 	};
 	struct cas_fs_options fo = {};
@@ -56,12 +59,13 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 			break;
 		case 't': {
 			uint64_t n;
-			if (cas_cli_parse_size(optarg, false, &n) < 0 || n < 1 ||
-			    n > 1024)
-				return cas_cli_usage("mount",
-						     "--threads %s: not a number "
-						     "from 1 to 1024",
-						     optarg);
+			if (cas_cli_parse_size(optarg, false, &n) < 0 ||
+			    n < 1 || n > 1024)
+				return cas_cli_usage(
+					"mount",
+					"--threads %s: not a number "
+					"from 1 to 1024",
+					optarg);
 			dopts.threads = (unsigned)n;
 			break;
 		}

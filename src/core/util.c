@@ -63,8 +63,9 @@ int cas_memfd_sealed(const void *buf, size_t len, int *ret_fd)
 	if (fd < 0)
 		return cas_negerrno();
 	int r = cas_pwrite_all(fd, buf, len, 0);
-	if (r == 0 && fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW |
-						 F_SEAL_WRITE | F_SEAL_SEAL) < 0)
+	if (r == 0 &&
+	    fcntl(fd, F_ADD_SEALS,
+		  F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0)
 		r = cas_negerrno();
 	if (r < 0) {
 		close(fd);
@@ -168,7 +169,8 @@ void cas_remove_stale_files(int dir_fd, long max_age_s)
 		struct stat st;
 		if (de->d_name[0] == '.')
 			continue;
-		if (fstatat(dir_fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+		if (fstatat(dir_fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) ==
+			    0 &&
 		    S_ISREG(st.st_mode) && st.st_mtime + max_age_s < now)
 			(void)unlinkat(dir_fd, de->d_name, 0);
 	}

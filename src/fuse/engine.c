@@ -798,8 +798,8 @@ static int do_open(struct req *q, bool dir)
 	return 0;
 }
 
-static int release_handle(struct cas_fuse_session *s, uint64_t ino,
-			  uint64_t fh, bool dir)
+static int release_handle(struct cas_fuse_session *s, uint64_t ino, uint64_t fh,
+			  bool dir)
 {
 	int (*op)(void *, uint64_t, uint64_t) =
 		dir ? s->ops->releasedir : s->ops->release;

@@ -122,9 +122,9 @@ struct mgroup {
 
 /* Staging: a group is published once this many blobs wait, or this long
  * after the first of them; fetchers wait when STAGED_MAX are unnamed. */
-#define STAGE_GROUP	 4096
-#define STAGE_DELAY_MS	 200
-#define STAGED_MAX	 65536
+#define STAGE_GROUP    4096
+#define STAGE_DELAY_MS 200
+#define STAGED_MAX     65536
 
 struct staged_blob {
 	char tmp[48]; /* name in the cache's tmp/ */
@@ -165,19 +165,19 @@ struct cache_store {
 	bool stopping;		      /* protected by lock */
 	atomic_bool closing;	      /* cache_free began: abort fetches */
 	struct timespec paused_until; /* protected by lock */
-	struct cas_dmap prefetched;   /* Directories walked; protected by lock */
-	pthread_mutex_t walk_lock;    /* the walk; taken before lock */
-	struct walk_frame *walk;      /* PREFETCH_MAX_DEPTH; walk_lock */
-	size_t walk_depth;	      /* protected by walk_lock */
-	unsigned walk_budget;	      /* blobs it may queue; lock */
-	bool walk_active;	      /* it has more to go; lock */
-	bool walk_kick;		      /* a worker is to continue it; lock */
-	uint64_t walk_read_bytes;     /* readers read since it began; lock */
-	uint64_t walk_large_bytes;    /* large worker started since; lock */
-	bool walk_large_full;	      /* it waits for room in lq; lock */
+	struct cas_dmap prefetched; /* Directories walked; protected by lock */
+	pthread_mutex_t walk_lock;  /* the walk; taken before lock */
+	struct walk_frame *walk;    /* PREFETCH_MAX_DEPTH; walk_lock */
+	size_t walk_depth;	    /* protected by walk_lock */
+	unsigned walk_budget;	    /* blobs it may queue; lock */
+	bool walk_active;	    /* it has more to go; lock */
+	bool walk_kick;		    /* a worker is to continue it; lock */
+	uint64_t walk_read_bytes;   /* readers read since it began; lock */
+	uint64_t walk_large_bytes;  /* large worker started since; lock */
+	bool walk_large_full;	    /* it waits for room in lq; lock */
 	struct prefetch_item lq[LARGE_QUEUE]; /* ring; lock */
-	size_t lq_head, lq_len;	      /* protected by lock */
-	bool large_started;	      /* protected by lock */
+	size_t lq_head, lq_len;		      /* protected by lock */
+	bool large_started;		      /* protected by lock */
 	pthread_t large_worker;
 	pthread_cond_t lq_cond;
 	struct cas_dmap
@@ -186,8 +186,8 @@ struct cache_store {
 	int tmp_fd; /* the cache's tmp/ */
 	pid_t pid;  /* in tmp/ names (O_EXCL settles a clash after fork) */
 	atomic_uint_fast64_t tmp_counter;
-	struct cas_dmap staged;	     /* digest -> staged_blob; lock */
-	struct staged_blob **pending; /* staged, not yet synced; lock */
+	struct cas_dmap staged;	       /* digest -> staged_blob; lock */
+	struct staged_blob **pending;  /* staged, not yet synced; lock */
 	size_t n_pending, cap_pending; /* protected by lock */
 	bool publisher_started;	       /* protected by lock */
 	bool publisher_stopping;       /* protected by lock */
@@ -196,18 +196,18 @@ struct cache_store {
 	unsigned flushers;	       /* in cas_cache_flush; lock */
 	uint64_t staged_bytes;	       /* protected by lock */
 	pthread_t publisher;
-	pthread_cond_t pub_cond;   /* publisher: work; fetchers: room */
+	pthread_cond_t pub_cond; /* publisher: work; fetchers: room */
 
-	bool pack_small;	   /* small blobs go to a pack (unbounded) */
+	bool pack_small;	     /* small blobs go to a pack (unbounded) */
 	struct cas_local_pack *pack; /* the publisher's */
-	struct mgroup *mfill;	   /* being filled; protected by lock */
-	struct mgroup *mwrite;	   /* being written; protected by lock */
-	struct mgroup *mspare;	   /* written, readable, for reuse; lock */
-	bool mem_full;		   /* a stager waits for room; lock */
-	bool pack_failed_logged;   /* protected by lock */
-	struct cas_dmap mstaged;   /* digest -> entry of a group; lock */
-	bool packs_found;	   /* a pack range was fetched; lock */
-	bool no_packs;		   /* the layout has none; lock */
+	struct mgroup *mfill;	     /* being filled; protected by lock */
+	struct mgroup *mwrite;	     /* being written; protected by lock */
+	struct mgroup *mspare;	     /* written, readable, for reuse; lock */
+	bool mem_full;		     /* a stager waits for room; lock */
+	bool pack_failed_logged;     /* protected by lock */
+	struct cas_dmap mstaged;     /* digest -> entry of a group; lock */
+	bool packs_found;	     /* a pack range was fetched; lock */
+	bool no_packs;		     /* the layout has none; lock */
 };
 
 static struct cache_store *to_cache(cas_store *s)
@@ -220,8 +220,8 @@ static struct cache_store *to_cache(cas_store *s)
 /* Returns the entry for d, creating it (*ret_owner = true: the caller
  * fetches and must call inflight_done) or joining it. */
 static struct inflight *inflight_join(struct cache_store *c,
-				      struct cas_dmap *map,
-				      const cas_digest *d, bool *ret_owner)
+				      struct cas_dmap *map, const cas_digest *d,
+				      bool *ret_owner)
 {
 	pthread_mutex_lock(&c->lock);
 	struct cas_dmap_entry *me = map->n ? cas_dmap_find(map, d) : NULL;
@@ -569,8 +569,8 @@ static bool mgroup_room(const struct mgroup *g, size_t len)
 static void mgroup_forget(struct cache_store *c, const struct mgroup *g)
 {
 	for (size_t i = 0; i < g->n; i++) {
-		struct cas_dmap_entry *e = cas_dmap_find(&c->mstaged,
-							 &g->v[i].digest);
+		struct cas_dmap_entry *e =
+			cas_dmap_find(&c->mstaged, &g->v[i].digest);
 		if (e && e->value == &g->v[i])
 			cas_dmap_remove(&c->mstaged, e);
 	}
@@ -822,10 +822,10 @@ static void *publisher_main(void *arg)
 		until.tv_sec += until.tv_nsec / 1000000000L;
 		until.tv_nsec %= 1000000000L;
 		while (c->n_pending > 0 && c->n_pending < STAGE_GROUP &&
-		       !c->publisher_stopping &&
-		       c->staged.n < STAGED_MAX && c->flushers == 0 &&
-		       !c->mem_full &&
-		       pthread_cond_timedwait(&c->pub_cond, &c->lock, &until) == 0)
+		       !c->publisher_stopping && c->staged.n < STAGED_MAX &&
+		       c->flushers == 0 && !c->mem_full &&
+		       pthread_cond_timedwait(&c->pub_cond, &c->lock, &until) ==
+			       0)
 			;
 		struct staged_blob **group = c->pending;
 		size_t n = c->n_pending;
@@ -903,8 +903,7 @@ void cas_cache_flush(cas_store *s)
 	pthread_mutex_lock(&c->lock);
 	c->flushers++;
 	pthread_cond_broadcast(&c->pub_cond);
-	while (c->publisher_started &&
-	       (publisher_has_work(c) || c->publishing))
+	while (c->publisher_started && (publisher_has_work(c) || c->publishing))
 		pthread_cond_wait(&c->pub_cond, &c->lock);
 	c->flushers--;
 	pthread_mutex_unlock(&c->lock);
@@ -912,8 +911,8 @@ void cas_cache_flush(cas_store *s)
 
 /* Opens a staged blob: 0, or -ENOENT when it is not staged (any more:
  * the publisher may have named it meanwhile, so look in the cache). */
-static int staged_open(struct cache_store *c, const cas_digest *d,
-		       int *ret_fd, uint64_t *ret_size)
+static int staged_open(struct cache_store *c, const cas_digest *d, int *ret_fd,
+		       uint64_t *ret_size)
 {
 	int r = -ENOENT;
 
@@ -964,12 +963,13 @@ static int mem_get(struct cache_store *c, const cas_digest *d, size_t max,
 		const struct cas_local_small *v = e->value;
 		/* An entry of mfill's, mwrite's or mspare's table. */
 		const struct mgroup *g = c->mspare;
-		const struct mgroup *gs[] = { c->mfill, c->mwrite };
+		const struct mgroup *gs[] = {c->mfill, c->mwrite};
 		for (size_t i = 0; i < 2; i++)
 			if (gs[i] && (uintptr_t)v >= (uintptr_t)gs[i]->v &&
 			    (uintptr_t)v < (uintptr_t)(gs[i]->v + MGROUP_BLOBS))
 				g = gs[i];
-		uint8_t *buf = v->len > max ? NULL : malloc(v->len ? v->len : 1);
+		uint8_t *buf =
+			v->len > max ? NULL : malloc(v->len ? v->len : 1);
 		r = v->len > max ? -EFBIG : buf ? 0 : -ENOMEM;
 		if (buf) {
 			memcpy(buf, g->buf + v->off, v->len);
@@ -1249,8 +1249,8 @@ static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 	for (size_t i = 0; i < n; i++) {
 		bool owner;
 		uint64_t size;
-		struct inflight *e =
-			inflight_join(c, &c->blobs_inflight, &v[i].digest, &owner);
+		struct inflight *e = inflight_join(c, &c->blobs_inflight,
+						   &v[i].digest, &owner);
 		if (!e)
 			continue;
 		if (!owner || cached_blob_stat(c, &v[i].digest, &size) == 0) {
@@ -1275,8 +1275,8 @@ static int prefetch_batch(struct cache_store *c, const struct prefetch_item *v,
 	pthread_mutex_unlock(&c->lock);
 	batch_plan_ranges(b, packs);
 	if (b->n_ranges)
-		(void)c->fetcher->ops->ranges_fetch(c->fetcher, b->ranges,
-						    b->n_ranges, batch_range, b);
+		(void)c->fetcher->ops->ranges_fetch(
+			c->fetcher, b->ranges, b->n_ranges, batch_range, b);
 	b->n_ds = 0;
 	pthread_mutex_lock(&c->lock);
 	for (size_t k = 0; k < b->n; k++)
@@ -1530,8 +1530,8 @@ static bool walk_queue_large(struct cache_store *c, const struct walk_frame *f,
 static void spawn_worker(struct cache_store *c)
 {
 	if (c->n_workers < c->prefetch_threads &&
-	    pthread_create(&c->workers[c->n_workers], NULL, prefetch_main,
-			   c) == 0)
+	    pthread_create(&c->workers[c->n_workers], NULL, prefetch_main, c) ==
+		    0)
 		c->n_workers++;
 }
 
@@ -1571,8 +1571,8 @@ static void walk_run(struct cache_store *c)
 			size_t len = 0;
 			/* Only what the cache holds: a Directory comes with
 			 * its closure, so below a held one all are held. */
-			if (c->cache->ops->directory_get_raw(c->cache, sub, &buf,
-							     &len) == 0)
+			if (c->cache->ops->directory_get_raw(c->cache, sub,
+							     &buf, &len) == 0)
 				walk_push(c, sub, buf, len);
 			free(buf);
 			pthread_mutex_lock(&c->lock);
@@ -1798,8 +1798,8 @@ static void fetched_dir_free(void *p)
 
 struct tree_fetch {
 	struct cache_store *c;
-	struct cas_dmap got;	/* digest -> fetched_dir */
-	struct cas_dmap wanted; /* digests named and not yet received */
+	struct cas_dmap got;	  /* digest -> fetched_dir */
+	struct cas_dmap wanted;	  /* digests named and not yet received */
 	enum cas_log_level level; /* of what goes wrong: CAS_LOG_DEBUG when
 				 * there is a fallback */
 };
@@ -2015,8 +2015,8 @@ static int fetch_tree_whole(struct tree_fetch *t, const cas_digest *d,
 	struct cache_store *c = t->c;
 	int r = cas_dmap_put(&t->wanted, d, NULL);
 	if (r >= 0)
-		r = c->fetcher->ops->directory_fetch_tree(c->fetcher, d, tree_cb,
-							  t);
+		r = c->fetcher->ops->directory_fetch_tree(c->fetcher, d,
+							  tree_cb, t);
 	for (size_t i = 0; r >= 0 && i < t->wanted.cap; i++) {
 		struct cas_dmap_entry *e = &t->wanted.slots[i];
 		if (!e->used || cas_dmap_find(&t->got, &e->digest) ||

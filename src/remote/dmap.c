@@ -71,7 +71,8 @@ void cas_dmap_remove(struct cas_dmap *m, struct cas_dmap_entry *e)
 	/* Backward shift: move up every later entry of the run whose home
 	 * slot is not between the hole and it, so lookups never stop at the
 	 * hole too early. */
-	for (size_t j = (hole + 1) & mask; m->slots[j].used; j = (j + 1) & mask) {
+	for (size_t j = (hole + 1) & mask; m->slots[j].used;
+	     j = (j + 1) & mask) {
 		size_t home = slot_of(&m->slots[j].digest, m->cap);
 		if (((j - home) & mask) >= ((j - hole) & mask)) {
 			m->slots[hole] = m->slots[j];

@@ -37,8 +37,8 @@
 #include "remote/remote_i.h"
 
 /* No byte in either direction for this long: the call fails. */
-#define STALL_MS 60000
-#define MAX_IDLE 16
+#define STALL_MS  60000
+#define MAX_IDLE  16
 #define RBUF_SIZE (256u << 10)
 #define WBUF_SIZE (64u << 10)
 /* Streams of one blobs_fetch open at once (and at most what the server
@@ -48,8 +48,8 @@
 struct h2conn {
 	int fd;
 	nghttp2_session *session;
-	bool broken; /* transport failed or GOAWAY: not reusable */
-	bool rfull;  /* the last recv filled rbuf: more is likely waiting */
+	bool broken;	 /* transport failed or GOAWAY: not reusable */
+	bool rfull;	 /* the last recv filled rbuf: more is likely waiting */
 	unsigned closed; /* streams closed so far */
 	uint8_t rbuf[RBUF_SIZE];
 	uint8_t wbuf[WBUF_SIZE];
@@ -402,8 +402,9 @@ static struct h2conn *conn_take_idle(cas_grpc_client *c)
 		if (poll(&p, 1, 0) > 0) {
 			ssize_t n = recv(h->fd, h->rbuf, sizeof(h->rbuf),
 					 MSG_DONTWAIT);
-			ok = n > 0 && nghttp2_session_mem_recv(
-					      h->session, h->rbuf, (size_t)n) >= 0;
+			ok = n > 0 &&
+			     nghttp2_session_mem_recv(h->session, h->rbuf,
+						      (size_t)n) >= 0;
 		}
 		if (ok && !h->broken && nghttp2_session_want_read(h->session))
 			return h;
@@ -854,11 +855,11 @@ static int slot_start(struct batch *b, struct batch_slot *s, size_t i)
 	s->len = 0;
 	s->rc = (struct read_ctx){slot_sink, s};
 	s->call = (struct call){.status = -1,
-			       .on_msg = read_msg,
-			       .msg_ud = &s->rc,
-			       .req = s->req,
-			       .req_len = s->req_len,
-			       .max_msg = b->max_msg};
+				.on_msg = read_msg,
+				.msg_ud = &s->rc,
+				.req = s->req,
+				.req_len = s->req_len,
+				.max_msg = b->max_msg};
 	b->n_open++;
 	r = conn_submit(b->g->client, b->h, CAS_GRPC_PATH_BLOB_READ, &s->call);
 	if (r < 0)

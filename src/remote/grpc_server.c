@@ -498,10 +498,10 @@ static int finish_call(struct conn *c, struct stream *st)
 			return fail_call(c, st, r, why);
 		/* A packed blob is read where it lies: blob_open would copy
 		 * it into a memfd first. */
-		r = s->ops->blob_locate ? s->ops->blob_locate(s, &d, &st->fd,
-							      &st->base,
-							      &st->size)
-					: -ENOENT;
+		r = s->ops->blob_locate
+			    ? s->ops->blob_locate(s, &d, &st->fd, &st->base,
+						  &st->size)
+			    : -ENOENT;
 		st->borrowed = r == 0;
 		if (r == -ENOENT)
 			r = s->ops->blob_open(s, &d, &st->fd, &st->size);

@@ -15,7 +15,7 @@
 #include "core/util.h"
 #include "remote/remote_i.h"
 
-#define HTTP_PARALLEL 16
+#define HTTP_PARALLEL	 16
 #define HTTP_BLOB_BUFFER (512L << 10)
 /* No Directory a sane store makes comes near this; a server sending more
  * is refused before it fills memory. */
@@ -294,8 +294,9 @@ static int multi_fetch(struct http_fetcher *h, struct multi_job *j)
 			s->body.skip = 0;
 			const struct cas_fetch_range *rg =
 				j->ranges ? &j->ranges[s->index] : NULL;
-			object_url(h, j->kind, rg ? &rg->pack : &j->ds[s->index],
-				   s->url, sizeof(s->url));
+			object_url(h, j->kind,
+				   rg ? &rg->pack : &j->ds[s->index], s->url,
+				   sizeof(s->url));
 			setup_easy(e, s->url);
 			if (rg) {
 				char range[64];
@@ -321,9 +322,10 @@ static int multi_fetch(struct http_fetcher *h, struct multi_job *j)
 			if (j->per_item)
 				cas_log_debug("%s: %s", h->url,
 					      curl_multi_strerror(mc));
-			r = j->per_item ? -EIO
-					: cas_log_errno(-EIO, "%s: %s", h->url,
-							curl_multi_strerror(mc));
+			r = j->per_item
+				    ? -EIO
+				    : cas_log_errno(-EIO, "%s: %s", h->url,
+						    curl_multi_strerror(mc));
 			break;
 		}
 		CURLMsg *msg;
@@ -351,12 +353,12 @@ static int multi_fetch(struct http_fetcher *h, struct multi_job *j)
 			if (s->body.full)
 				tr = 0;
 			else if (s->body.too_big)
-				tr = j->per_item ? -EFBIG
-						 : cas_log_errno(
-							   -EIO,
-							   "%s: larger than "
-							   "%zu bytes",
-							   s->url, j->max);
+				tr = j->per_item
+					     ? -EFBIG
+					     : cas_log_errno(-EIO,
+							     "%s: larger than "
+							     "%zu bytes",
+							     s->url, j->max);
 			else
 				tr = transfer_errno(e, c, s->url, !j->per_item);
 			tr = j->done(j, idx, tr, s->body.buf, s->body.len);
@@ -378,9 +380,9 @@ static int multi_fetch(struct http_fetcher *h, struct multi_job *j)
 	}
 	if (r < 0 && j->per_item) {
 		for (; next < j->n; next++)
-			(void)j->done(j, next, r == -ENOMEM && !finished_any
-						       ? -ENOMEM
-						       : -EIO,
+			(void)j->done(j, next,
+				      r == -ENOMEM && !finished_any ? -ENOMEM
+								    : -EIO,
 				      NULL, 0);
 		/* Could it even start? Else each blob has its result. */
 		if (finished_any)

@@ -56,7 +56,7 @@ struct publisher {
 	struct cas_remote_progress p;
 	cas_remote_progress_cb progress;
 	void *userdata;
-	uint64_t tmp_seq; /* starts at random: see tmp_create */
+	uint64_t tmp_seq;	      /* starts at random: see tmp_create */
 	struct pending_name *pending; /* in the order written */
 	size_t n_pending, cap_pending;
 };
@@ -156,8 +156,8 @@ static int publish_flush(struct publisher *pb)
 		cas_log_errno(r, "%s: syncfs: %m", pb->dir);
 	for (size_t i = 0; i < pb->n_pending; i++) {
 		const struct pending_name *p = &pb->pending[i];
-		if (r >= 0 && linkat(pb->dirfd, p->tmp, pb->dirfd, p->path, 0) <
-				      0 &&
+		if (r >= 0 &&
+		    linkat(pb->dirfd, p->tmp, pb->dirfd, p->path, 0) < 0 &&
 		    errno != EEXIST)
 			r = cas_log_errno(cas_negerrno(), "%s/%s: %m", pb->dir,
 					  p->path);
@@ -263,7 +263,8 @@ static int publish_pack(struct publisher *pb, const cas_digest *d,
 	r = tmp_commit(pb, tmp, path, r);
 	if (r < 0) {
 		cas_digest_to_hex(d, hex);
-		return cas_log_errno(r, "publish pack of directory %s into %s: %m",
+		return cas_log_errno(r,
+				     "publish pack of directory %s into %s: %m",
 				     hex, pb->dir);
 	}
 	pb->p.sent_bytes += len;
@@ -416,9 +417,9 @@ static int publish_tree_file(struct publisher *pb, const cas_digest *root)
 		if (r >= 0)
 			r = cas_directory_decode(raw, len, &dir, NULL);
 		if (r >= 0)
-			r = cas_write_all(fd, lenbuf,
-					  (size_t)(cas_varint_put(lenbuf, len) -
-						   lenbuf));
+			r = cas_write_all(
+				fd, lenbuf,
+				(size_t)(cas_varint_put(lenbuf, len) - lenbuf));
 		if (r >= 0 && len)
 			r = cas_write_all(fd, raw, len);
 		for (size_t i = 0; r >= 0 && i < dir->n_directories; i++) {
@@ -445,7 +446,8 @@ static int publish_tree_file(struct publisher *pb, const cas_digest *root)
 	r = tmp_commit(pb, tmp, path, r < 0 ? r : 0);
 	if (r < 0) {
 		cas_digest_to_hex(root, hex);
-		return cas_log_errno(r, "publish tree of directory %s into %s: %m",
+		return cas_log_errno(r,
+				     "publish tree of directory %s into %s: %m",
 				     hex, pb->dir);
 	}
 	return 0;
@@ -605,7 +607,7 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 	    sizeof(pb.tmp_seq))
 		pb.tmp_seq = (uint64_t)time(NULL) << 20;
 	static const char *const subdirs[] = {"blobs", "directories", "packs",
-						     "trees", "tmp"};
+					      "trees", "tmp"};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(subdirs); i++)
 		if (mkdirat(pb.dirfd, subdirs[i], 0755) < 0 &&
 		    errno != EEXIST) {
@@ -614,7 +616,8 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 			goto out;
 		}
 	/* A crashed publisher's unnamed objects (a group at most). */
-	int tmp_fd = openat(pb.dirfd, "tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int tmp_fd =
+		openat(pb.dirfd, "tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (tmp_fd >= 0) {
 		cas_remove_stale_files(tmp_fd, 3600);
 		close(tmp_fd);

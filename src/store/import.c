@@ -49,10 +49,10 @@
 #include "core/log.h"
 #include "store/local_i.h"
 
-#define SMALL_FILE (1u << 20) /* read whole; also the hashing read size */
-#define QUEUE_CAP 256
+#define SMALL_FILE   (1u << 20) /* read whole; also the hashing read size */
+#define QUEUE_CAP    256
 #define GETDENTS_BUF (64u << 10)
-#define PROGRESS_NS 100000000ll
+#define PROGRESS_NS  100000000ll
 
 struct imp_entry {
 	uint32_t name_off; /* into imp_dir.names, NUL-terminated */
@@ -94,33 +94,33 @@ struct importer {
 	const struct cas_import_options *opts;
 
 	pthread_mutex_t lock;
-	pthread_cond_t job_cond;    /* workers: a job or stop */
-	pthread_cond_t walker_cond; /* walker: a ready folder */
+	pthread_cond_t job_cond;	 /* workers: a job or stop */
+	pthread_cond_t walker_cond;	 /* walker: a ready folder */
 	struct imp_job queue[QUEUE_CAP]; /* protected by lock */
-	size_t q_head, q_len;            /* protected by lock */
-	bool stop;                       /* protected by lock */
-	struct imp_dir **ready;          /* protected by lock */
-	size_t n_ready, cap_ready;       /* protected by lock */
+	size_t q_head, q_len;		 /* protected by lock */
+	bool stop;			 /* protected by lock */
+	struct imp_dir **ready;		 /* protected by lock */
+	size_t n_ready, cap_ready;	 /* protected by lock */
 
 	/* Staged blobs waiting for one syncfs before they are renamed into
 	 * place; the publisher thread flushes them in groups. */
 	pthread_mutex_t stage_lock;
 	pthread_cond_t stage_cond;
-	struct staged *staged;      /* protected by stage_lock */
+	struct staged *staged;	     /* protected by stage_lock */
 	size_t n_staged, cap_staged; /* protected by stage_lock */
-	uint64_t staged_bytes;      /* protected by stage_lock */
+	uint64_t staged_bytes;	     /* protected by stage_lock */
 	bool stage_want, stage_stop; /* protected by stage_lock */
 	struct cas_local_pack *pack; /* publisher (and cas_import at the end) */
 	struct cas_local_small *smalls; /* protected by stage_lock */
-	size_t n_smalls, cap_smalls; /* protected by stage_lock */
+	size_t n_smalls, cap_smalls;	/* protected by stage_lock */
 	/* Open addressing over smalls (index + 1, 0 empty): the same bytes
 	 * twice in one group (licence texts, empty files) go in once. */
-	uint32_t *small_set;         /* protected by stage_lock */
-	size_t set_slots;            /* protected by stage_lock */
-	uint8_t *arena;              /* protected by stage_lock, ARENA_SIZE */
-	uint8_t *spare_arena;        /* protected by stage_lock */
-	size_t arena_len;            /* protected by stage_lock */
-	pthread_cond_t small_cond;   /* a full small group was taken */
+	uint32_t *small_set;	   /* protected by stage_lock */
+	size_t set_slots;	   /* protected by stage_lock */
+	uint8_t *arena;		   /* protected by stage_lock, ARENA_SIZE */
+	uint8_t *spare_arena;	   /* protected by stage_lock */
+	size_t arena_len;	   /* protected by stage_lock */
+	pthread_cond_t small_cond; /* a full small group was taken */
 
 	_Atomic int error; /* first failure; workers skip jobs after it */
 	_Atomic uint64_t files, bytes, blobs_added;
@@ -151,13 +151,15 @@ static int failed(struct importer *imp)
 static int path_error(struct importer *imp, const struct imp_dir *dir,
 		      const char *name, int r, const char *why)
 {
-	size_t plen = dir ? strlen(dir->path) : 0, nlen = name ? strlen(name) : 0;
+	size_t plen = dir ? strlen(dir->path) : 0,
+	       nlen = name ? strlen(name) : 0;
 	size_t size = 4 * (plen + nlen + 1) + 1;
 	_cleanup_free_ char *raw = malloc(plen + nlen + 2);
 	_cleanup_free_ char *esc = malloc(size);
 	if (raw && esc) {
-		int n = snprintf(raw, plen + nlen + 2, "%s%s%s", dir ? dir->path : "",
-				 dir && name ? "/" : "", name ? name : "");
+		int n = snprintf(raw, plen + nlen + 2, "%s%s%s",
+				 dir ? dir->path : "", dir && name ? "/" : "",
+				 name ? name : "");
 		cas_escape_name((const uint8_t *)raw, (size_t)n, esc, size);
 	}
 	if (why)
@@ -212,10 +214,10 @@ static double elapsed(const struct timespec *t0)
 
 /* Staging ------------------------------------------------------------- */
 
-#define STAGE_FILES 8192
-#define STAGE_BYTES (256ull << 20)
+#define STAGE_FILES	  8192
+#define STAGE_BYTES	  (256ull << 20)
 #define SMALL_GROUP_BYTES (16u << 20)
-#define SMALL_GROUP_MAX (2 * SMALL_GROUP_BYTES) /* workers wait beyond */
+#define SMALL_GROUP_MAX	  (2 * SMALL_GROUP_BYTES) /* workers wait beyond */
 /* Fixed, so it stays aligned: room for the last blob and the padding. */
 #define ARENA_SIZE (SMALL_GROUP_MAX + CAS_LOCAL_PACK_MAX + CAS_STAGE_ALIGN)
 
@@ -298,7 +300,8 @@ static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
 		goto out; /* already in this group */
 	if (imp->n_smalls == imp->cap_smalls) {
 		size_t cap = imp->cap_smalls ? imp->cap_smalls * 2 : 1024;
-		struct cas_local_small *v = realloc(imp->smalls, cap * sizeof(*v));
+		struct cas_local_small *v =
+			realloc(imp->smalls, cap * sizeof(*v));
 		if (!v) {
 			r = -ENOMEM;
 			goto out;
@@ -319,7 +322,7 @@ static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
 	}
 	memcpy(imp->arena + imp->arena_len, buf, len);
 	imp->smalls[imp->n_smalls++] =
-		(struct cas_local_small){ *d, imp->arena_len, len };
+		(struct cas_local_small){*d, imp->arena_len, len};
 	imp->arena_len += len;
 	if (imp->arena_len >= SMALL_GROUP_BYTES)
 		want_flush_locked(imp);
@@ -341,7 +344,8 @@ static int small_flush(struct importer *imp, struct cas_local_small *v,
 {
 	if (n == 0)
 		return 0;
-	size_t padded = (len + CAS_STAGE_ALIGN - 1) / CAS_STAGE_ALIGN * CAS_STAGE_ALIGN;
+	size_t padded =
+		(len + CAS_STAGE_ALIGN - 1) / CAS_STAGE_ALIGN * CAS_STAGE_ALIGN;
 	memset(arena + len, 0, padded - len);
 	qsort(v, n, sizeof(*v), small_cmp);
 	size_t added = 0;
@@ -368,7 +372,8 @@ static void stage_flush(struct importer *imp)
 	size_t arena_len = imp->arena_len;
 	imp->n_smalls = imp->cap_smalls = imp->arena_len = 0;
 	if (imp->small_set)
-		memset(imp->small_set, 0, imp->set_slots * sizeof(*imp->small_set));
+		memset(imp->small_set, 0,
+		       imp->set_slots * sizeof(*imp->small_set));
 	pthread_cond_broadcast(&imp->small_cond);
 	pthread_mutex_unlock(&imp->stage_lock);
 	int r = failed(imp);
@@ -448,7 +453,8 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 			if (n < 0) {
 				if (errno == EINTR)
 					continue;
-				return path_error(imp, dir, name, cas_negerrno(), NULL);
+				return path_error(imp, dir, name,
+						  cas_negerrno(), NULL);
 			}
 			total += (uint64_t)n;
 			if (n == 0 || total == (uint64_t)st->st_size ||
@@ -459,9 +465,10 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 			cas_hash_buffer(buf, total, &d);
 			if (imp->pack && cas_local_is_packed(imp->ls, total))
 				r = small_add(imp, buf, total, &d);
-			else if ((r = cas_local_blob_exists(imp->ls, &d)) == 0 &&
-				 (r = cas_local_stage_buffer(imp->ls, buf, total,
-							     staged)) == 0)
+			else if ((r = cas_local_blob_exists(imp->ls, &d)) ==
+					 0 &&
+				 (r = cas_local_stage_buffer(
+					  imp->ls, buf, total, staged)) == 0)
 				r = stage_add(imp, staged, &d, total);
 			if (r < 0)
 				return path_error(imp, dir, name, r, NULL);
@@ -521,17 +528,21 @@ static void run_job(struct importer *imp, const struct imp_job *job,
 		struct stat st;
 		if (fd < 0) {
 			if (errno == ELOOP)
-				path_error(imp, dir, name, -ELOOP,
-					   "file changed while it was imported");
+				path_error(
+					imp, dir, name, -ELOOP,
+					"file changed while it was imported");
 			else
-				path_error(imp, dir, name, cas_negerrno(), NULL);
+				path_error(imp, dir, name, cas_negerrno(),
+					   NULL);
 		} else if (fstat(fd, &st) < 0) {
 			path_error(imp, dir, name, cas_negerrno(), NULL);
 		} else if (!S_ISREG(st.st_mode)) {
-			path_error(imp, dir, name, -EINVAL, type_name(st.st_mode));
+			path_error(imp, dir, name, -EINVAL,
+				   type_name(st.st_mode));
 		} else {
 			e->executable = (st.st_mode & 0111) != 0;
-			import_fd(imp, fd, &st, buf, &e->digest, &e->size, dir, name);
+			import_fd(imp, fd, &st, buf, &e->digest, &e->size, dir,
+				  name);
 		}
 		if (fd >= 0)
 			close(fd);
@@ -588,7 +599,7 @@ static void *worker_main(void *arg)
 
 static void submit(struct importer *imp, struct imp_dir *dir, size_t index)
 {
-	struct imp_job job = { dir, index };
+	struct imp_job job = {dir, index};
 	pthread_mutex_lock(&imp->lock);
 	while (imp->q_len == QUEUE_CAP) {
 		/* Full: do the oldest job here rather than wait. */
@@ -645,7 +656,8 @@ static int names_add(struct imp_dir *dir, const char *s, size_t len,
 		     uint32_t *ret_off)
 {
 	if (dir->names_len + len + 1 > dir->cap_names) {
-		size_t cap = CAS_MAX(dir->cap_names * 2, dir->names_len + len + 1);
+		size_t cap =
+			CAS_MAX(dir->cap_names * 2, dir->names_len + len + 1);
 		cap = CAS_MAX(cap, 256u);
 		if (cap > UINT32_MAX)
 			return -E2BIG;
@@ -712,7 +724,8 @@ static int list_dir(struct importer *imp, struct imp_dir *dir)
 		if (n == 0)
 			return 0;
 		for (ssize_t off = 0; off < n;) {
-			struct dirent64 *de = (struct dirent64 *)(imp->dents + off);
+			struct dirent64 *de =
+				(struct dirent64 *)(imp->dents + off);
 			off += de->d_reclen;
 			const char *name = de->d_name;
 			if (name[0] == '.' &&
@@ -721,7 +734,8 @@ static int list_dir(struct importer *imp, struct imp_dir *dir)
 			unsigned t = de->d_type;
 			if (t == DT_UNKNOWN) {
 				struct stat st;
-				if (fstatat(dir->fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+				if (fstatat(dir->fd, name, &st,
+					    AT_SYMLINK_NOFOLLOW) < 0)
 					return path_error(imp, dir, name,
 							  cas_negerrno(), NULL);
 				t = IFTODT(st.st_mode);
@@ -739,7 +753,9 @@ static int list_dir(struct importer *imp, struct imp_dir *dir)
 			}
 			int r = entry_add(imp, dir, name, type);
 			if (r < 0)
-				return failed(imp) ? r : path_error(imp, dir, name, r, NULL);
+				return failed(imp) ? r
+						   : path_error(imp, dir, name,
+								r, NULL);
 		}
 	}
 }
@@ -756,11 +772,13 @@ static int dir_complete(struct importer *imp, struct imp_dir *dir)
 			nd += t == CAS_NODE_DIRECTORY;
 			nf += t == CAS_NODE_FILE;
 		}
-		_cleanup_free_ cas_node *nodes = calloc(n ? n : 1, sizeof(*nodes));
+		_cleanup_free_ cas_node *nodes =
+			calloc(n ? n : 1, sizeof(*nodes));
 		if (!nodes)
 			return -ENOMEM;
 		cas_directory d = {
-			.directories = nodes, .files = nodes + nd,
+			.directories = nodes,
+			.files = nodes + nd,
 			.symlinks = nodes + nd + nf,
 		};
 		for (size_t i = 0; i < n; i++) {
@@ -774,14 +792,16 @@ static int dir_complete(struct importer *imp, struct imp_dir *dir)
 				node = &d.symlinks[d.n_symlinks++];
 			*node = (cas_node){
 				.type = e->type,
-				.name = (const uint8_t *)dir->names + e->name_off,
+				.name = (const uint8_t *)dir->names +
+					e->name_off,
 				.name_len = e->name_len,
 				.digest = e->digest,
 				.size = e->size,
 				.executable = e->executable,
 			};
 			if (e->type == CAS_NODE_SYMLINK) {
-				node->target = (const uint8_t *)dir->names + e->target_off;
+				node->target = (const uint8_t *)dir->names +
+					       e->target_off;
 				node->target_len = e->target_len;
 			}
 		}
@@ -793,7 +813,8 @@ static int dir_complete(struct importer *imp, struct imp_dir *dir)
 		cas_digest digest;
 		int r = cas_directory_size(&d, &size);
 		if (r < 0)
-			return path_error(imp, dir, NULL, r, "directory size overflows");
+			return path_error(imp, dir, NULL, r,
+					  "directory size overflows");
 		r = cas_directory_encode(&d, &buf, &len, &why);
 		if (r < 0)
 			return path_error(imp, dir, NULL, r, why);
@@ -804,17 +825,20 @@ static int dir_complete(struct importer *imp, struct imp_dir *dir)
 
 		struct imp_dir *parent = dir->parent;
 		if (parent) {
-			struct imp_entry *e = &parent->entries[dir->parent_index];
+			struct imp_entry *e =
+				&parent->entries[dir->parent_index];
 			e->digest = digest;
 			e->size = size;
 		} else {
-			imp->root = (cas_node){ .type = CAS_NODE_DIRECTORY,
-						.digest = digest, .size = size };
+			imp->root = (cas_node){.type = CAS_NODE_DIRECTORY,
+					       .digest = digest,
+					       .size = size};
 			imp->root_done = true;
 		}
 		dir_free(imp, dir);
-		dir = parent && atomic_fetch_sub(&parent->pending, 1) == 1 ? parent
-									  : NULL;
+		dir = parent && atomic_fetch_sub(&parent->pending, 1) == 1
+			      ? parent
+			      : NULL;
 	}
 	return 0;
 }
@@ -824,7 +848,8 @@ static int drain_ready(struct importer *imp)
 {
 	for (;;) {
 		pthread_mutex_lock(&imp->lock);
-		struct imp_dir *dir = imp->n_ready ? imp->ready[--imp->n_ready] : NULL;
+		struct imp_dir *dir =
+			imp->n_ready ? imp->ready[--imp->n_ready] : NULL;
 		pthread_mutex_unlock(&imp->lock);
 		if (!dir)
 			return 0;
@@ -878,8 +903,9 @@ static int walk(struct importer *imp, struct imp_dir *dir)
 		if (e->type != CAS_NODE_DIRECTORY)
 			continue;
 		const char *name = dir->names + e->name_off;
-		int fd = openat(dir->fd, name,
-				O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		int fd =
+			openat(dir->fd, name,
+			       O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 		if (fd < 0)
 			return path_error(imp, dir, name, cas_negerrno(), NULL);
 		free(path);
@@ -924,7 +950,8 @@ static int wait_root(struct importer *imp)
 				ts.tv_sec++;
 				ts.tv_nsec -= 1000000000;
 			}
-			pthread_cond_timedwait(&imp->walker_cond, &imp->lock, &ts);
+			pthread_cond_timedwait(&imp->walker_cond, &imp->lock,
+					       &ts);
 		}
 		pthread_mutex_unlock(&imp->lock);
 		progress(imp, false);
@@ -982,10 +1009,11 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	       struct cas_import_progress *ret_progress)
 {
 	if (!cas_store_is_local(s))
-		return cas_log_errno(-EOPNOTSUPP, "import %s: the store is not local",
-				     path);
+		return cas_log_errno(-EOPNOTSUPP,
+				     "import %s: the store is not local", path);
 	if (name && !cas_root_name_valid(name))
-		return cas_log_errno(-EINVAL, "import %s: invalid root name", path);
+		return cas_log_errno(-EINVAL, "import %s: invalid root name",
+				     path);
 
 	_cleanup_free_ char *clean = strdup(path);
 	struct importer *imp = calloc(1, sizeof(*imp));
@@ -1003,7 +1031,7 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	clock_gettime(CLOCK_MONOTONIC_COARSE, &imp->last_progress);
 	struct timespec t0;
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	cas_node node = { 0 };
+	cas_node node = {0};
 	int r;
 
 	imp->walker_buf = aligned_alloc(CAS_STAGE_ALIGN, SMALL_FILE);
@@ -1014,7 +1042,8 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	}
 	if ((r = s->ops->dir_batch_new(s, &imp->batch)) < 0)
 		goto out;
-	if (imp->ls->write_packs && (r = cas_local_pack_new(&imp->ls->base, &imp->pack)) < 0)
+	if (imp->ls->write_packs &&
+	    (r = cas_local_pack_new(&imp->ls->base, &imp->pack)) < 0)
 		goto out;
 
 	/* Messages name "PATH/a/b", without a doubled slash. */
@@ -1046,14 +1075,15 @@ int cas_import(cas_store *s, const char *path, const char *name,
 			goto out;
 		node = imp->root;
 	} else if (S_ISREG(st.st_mode)) {
-		_cleanup_close_ int fd = open(path, O_RDONLY | O_CLOEXEC |
-						     O_NONBLOCK | O_NOCTTY);
+		_cleanup_close_ int fd = open(
+			path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
 		if (fd < 0 || fstat(fd, &st) < 0) {
 			r = path_error(imp, NULL, path, cas_negerrno(), NULL);
 			goto out;
 		}
 		if (!S_ISREG(st.st_mode)) {
-			r = path_error(imp, NULL, path, -EINVAL, type_name(st.st_mode));
+			r = path_error(imp, NULL, path, -EINVAL,
+				       type_name(st.st_mode));
 			goto out;
 		}
 		node.type = CAS_NODE_FILE;
@@ -1080,8 +1110,9 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	imp->batch = NULL;
 	if (r < 0)
 		goto out;
-	cas_log_debug("import %s: walk and hash %.3f s, syncfs %.3f s, commit %.3f s",
-		      path, t_walk, t_sync - t_walk, elapsed(&t0) - t_sync);
+	cas_log_debug(
+		"import %s: walk and hash %.3f s, syncfs %.3f s, commit %.3f s",
+		path, t_walk, t_sync - t_walk, elapsed(&t0) - t_sync);
 	progress(imp, true);
 	if (ret_node && !(*ret_node = cas_node_dup(&node))) {
 		r = -ENOMEM;

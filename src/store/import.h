@@ -22,7 +22,7 @@ struct cas_import_progress {
 	uint64_t files;
 	uint64_t directories;
 	uint64_t symlinks;
-	uint64_t bytes;       /* bytes of file content read */
+	uint64_t bytes;	      /* bytes of file content read */
 	uint64_t blobs_added; /* blobs the store did not have */
 };
 

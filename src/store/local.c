@@ -22,9 +22,9 @@
 
 #include "core/log.h"
 
-#define MAP_SIZE (1ull << 40) /* sparse: the file grows as it is used */
+#define MAP_SIZE     (1ull << 40) /* sparse: the file grows as it is used */
 #define MAP_SIZE_MIN (1ull << 30)
-#define MAX_READERS 1024
+#define MAX_READERS  1024
 /* Leftovers older than this cannot belong to a live writer: staged files
  * are renamed within seconds, and O_TMPFILE leaves no name at all. */
 #define TMP_MAX_AGE_S 3600
@@ -155,13 +155,15 @@ static int fanout_ensure(struct cas_local *ls, const cas_digest *d)
 {
 	unsigned b = d->bytes[0];
 	uint64_t bit = 1ull << (b & 63);
-	if (atomic_load_explicit(&ls->fanout_ok[b >> 6], memory_order_relaxed) & bit)
+	if (atomic_load_explicit(&ls->fanout_ok[b >> 6], memory_order_relaxed) &
+	    bit)
 		return 0;
 	char name[3];
 	snprintf(name, sizeof(name), "%02x", b);
 	if (mkdirat(ls->blobs_fd, name, 0755) < 0 && errno != EEXIST)
-		return cas_log_errno(cas_negerrno(), "store %s: mkdir blobs/%s: %m",
-				     ls->dir, name);
+		return cas_log_errno(cas_negerrno(),
+				     "store %s: mkdir blobs/%s: %m", ls->dir,
+				     name);
 	atomic_fetch_or(&ls->fanout_ok[b >> 6], bit);
 	return 0;
 }
@@ -215,7 +217,8 @@ static int tmp_open_flags(struct cas_local *ls, struct tmpfile *t, int flags)
 		snprintf(t->name, sizeof(t->name), "%d.%llu.%lx", ls->pid,
 			 (unsigned long long)n, (unsigned long)ts.tv_nsec);
 		int fd = openat(ls->tmp_fd, t->name,
-				O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | flags, 0444);
+				O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | flags,
+				0444);
 		if (fd >= 0) {
 			t->fd = fd;
 			return 0;
@@ -281,8 +284,8 @@ static int tmp_publish(struct cas_local *ls, struct tmpfile *t,
 out:
 	tmp_discard(ls, t);
 	if (r < 0)
-		return cas_log_errno(r, "store %s: publish blob %s: %m", ls->dir,
-				     rel + 3);
+		return cas_log_errno(r, "store %s: publish blob %s: %m",
+				     ls->dir, rel + 3);
 	return r;
 }
 
@@ -351,7 +354,8 @@ static void pack_ref_decode(const uint8_t in[PACK_REF_LEN], uint64_t *id,
 
 void cas_local_pack_name(uint64_t id, char ret[CAS_PACK_NAME_LEN])
 {
-	snprintf(ret, CAS_PACK_NAME_LEN, "%016llx.pack", (unsigned long long)id);
+	snprintf(ret, CAS_PACK_NAME_LEN, "%016llx.pack",
+		 (unsigned long long)id);
 }
 
 /* An fd of pack `id`. Packs are few (one per import that had small
@@ -378,11 +382,13 @@ static int pack_fd(struct cas_local *ls, uint64_t id, int *ret_fd,
 		pthread_mutex_unlock(&ls->pack_lock);
 		/* Indexed, so it must exist: absent is damage, not ENOENT. */
 		return cas_log_errno(r == -ENOENT ? -EIO : r,
-				     "store %s: open packs/%s: %m", ls->dir, name);
+				     "store %s: open packs/%s: %m", ls->dir,
+				     name);
 	}
 	*ret_owned = ls->n_pack_fds == CAS_LOCAL_PACK_FDS;
 	if (!*ret_owned)
-		ls->pack_fds[ls->n_pack_fds++] = (struct cas_local_pack_fd){ id, fd };
+		ls->pack_fds[ls->n_pack_fds++] =
+			(struct cas_local_pack_fd){id, fd};
 	*ret_fd = fd;
 	pthread_mutex_unlock(&ls->pack_lock);
 	return 0;
@@ -398,7 +404,7 @@ static int db_lookup(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d,
 	int r = cas_local_rtxn_get(ls, &txn);
 	if (r < 0)
 		return r;
-	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
+	MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val;
 	r = cas_local_mdb_errno(mdb_get(txn, dbi, &key, &val));
 	if (r == 0 && use)
 		r = use(&val, ctx);
@@ -531,14 +537,16 @@ static int pack_create(struct cas_local_pack *p)
 		p->fd = openat(ls->packs_fd, name, flags, 0444);
 		if (p->fd < 0 && errno == EINVAL && (flags & O_DIRECT)) {
 			atomic_store(&ls->direct_off, true);
-			p->fd = openat(ls->packs_fd, name, flags & ~O_DIRECT, 0444);
+			p->fd = openat(ls->packs_fd, name, flags & ~O_DIRECT,
+				       0444);
 		}
 		if (p->fd >= 0)
 			return 0;
 		if (errno != EEXIST)
 			break;
 	}
-	return cas_log_errno(cas_negerrno(), "store %s: create pack: %m", ls->dir);
+	return cas_log_errno(cas_negerrno(), "store %s: create pack: %m",
+			     ls->dir);
 }
 
 int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
@@ -569,19 +577,23 @@ int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
 	MDB_txn *txn;
 	r = cas_local_mdb_errno(mdb_txn_begin(ls->env, NULL, 0, &txn));
 	if (r < 0)
-		return cas_log_errno(r, "store %s: write transaction: %m", ls->dir);
+		return cas_log_errno(r, "store %s: write transaction: %m",
+				     ls->dir);
 	for (size_t i = 0; i < n; i++) {
 		uint8_t ref[PACK_REF_LEN];
-		pack_ref_encode(ref, p->id, p->size + v[i].off, (uint32_t)v[i].len);
-		MDB_val key = { CAS_DIGEST_LEN, (void *)v[i].digest.bytes };
-		MDB_val val = { PACK_REF_LEN, ref };
-		int rc = mdb_put(txn, ls->dbi_blobs, &key, &val, MDB_NOOVERWRITE);
+		pack_ref_encode(ref, p->id, p->size + v[i].off,
+				(uint32_t)v[i].len);
+		MDB_val key = {CAS_DIGEST_LEN, (void *)v[i].digest.bytes};
+		MDB_val val = {PACK_REF_LEN, ref};
+		int rc = mdb_put(txn, ls->dbi_blobs, &key, &val,
+				 MDB_NOOVERWRITE);
 		if (rc == MDB_SUCCESS) {
 			added++;
 		} else if (rc != MDB_KEYEXIST) {
 			mdb_txn_abort(txn);
 			return cas_log_errno(cas_local_mdb_errno(rc),
-					     "store %s: index blob: %m", ls->dir);
+					     "store %s: index blob: %m",
+					     ls->dir);
 		}
 	}
 	r = cas_local_mdb_errno(mdb_txn_commit(txn));
@@ -629,7 +641,8 @@ static int packed_get(struct cas_local *ls, const cas_digest *d,
 		if (!(buf = malloc(size ? size : 1)))
 			r = -ENOMEM;
 		else
-			r = cas_local_small_read(ls, ref, PACK_REF_LEN, buf, size);
+			r = cas_local_small_read(ls, ref, PACK_REF_LEN, buf,
+						 size);
 	}
 	if (r == 0 && want == PACKED_MEMFD) {
 		/* An fd for callers that need one (splice, passthrough,
@@ -639,7 +652,8 @@ static int packed_get(struct cas_local *ls, const cas_digest *d,
 	if (r < 0) {
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(d, hex);
-		return cas_log_errno(r == -EBADMSG ? -EIO : r, "get blob %s: %m", hex);
+		return cas_log_errno(r == -EBADMSG ? -EIO : r,
+				     "get blob %s: %m", hex);
 	}
 	if (want == PACKED_COPY)
 		*ret_buf = TAKE_PTR(buf);
@@ -725,8 +739,9 @@ int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 	if (r != -EBADMSG)
 		return r;
 	cas_digest_to_hex(d, hex);
-	return cas_log_errno(r, "publish blob %s: source is shorter than %llu bytes",
-			     hex, (unsigned long long)size);
+	return cas_log_errno(
+		r, "publish blob %s: source is shorter than %llu bytes", hex,
+		(unsigned long long)size);
 }
 
 /* Staging (import): named temporary files, made durable together by one
@@ -737,7 +752,8 @@ static int stage_open(struct cas_local *ls, struct tmpfile *t, bool direct)
 	t->name[0] = 0;
 	if (ls->readonly)
 		return -EROFS;
-	if (direct && !atomic_load_explicit(&ls->direct_off, memory_order_relaxed)) {
+	if (direct &&
+	    !atomic_load_explicit(&ls->direct_off, memory_order_relaxed)) {
 		int r = tmp_open_flags(ls, t, O_DIRECT);
 		if (r != -EINVAL)
 			return r;
@@ -833,7 +849,8 @@ int cas_local_stage_fd(struct cas_local *ls, int src_fd, uint64_t size,
 	}
 	uint64_t off = 0;
 	while (r == 0 && off < size) {
-		size_t want = (size_t)CAS_MIN((uint64_t)scratch_size, size - off);
+		size_t want =
+			(size_t)CAS_MIN((uint64_t)scratch_size, size - off);
 		ssize_t n = pread(src_fd, scratch, want, (off_t)off);
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -862,7 +879,8 @@ int cas_local_unstage(struct cas_local *ls, const char *name,
 		unlinkat(ls->tmp_fd, name, 0);
 		return r;
 	}
-	if (renameat2(ls->tmp_fd, name, ls->blobs_fd, rel, RENAME_NOREPLACE) == 0)
+	if (renameat2(ls->tmp_fd, name, ls->blobs_fd, rel, RENAME_NOREPLACE) ==
+	    0)
 		return 1;
 	if (errno == EINVAL || errno == ENOSYS) {
 		/* No RENAME_NOREPLACE here: link never replaces either. */
@@ -874,8 +892,8 @@ int cas_local_unstage(struct cas_local *ls, const char *name,
 	}
 	unlinkat(ls->tmp_fd, name, 0);
 	if (r < 0)
-		return cas_log_errno(r, "store %s: publish blob %s: %m", ls->dir,
-				     rel + 3);
+		return cas_log_errno(r, "store %s: publish blob %s: %m",
+				     ls->dir, rel + 3);
 	return r;
 }
 
@@ -910,10 +928,12 @@ static int local_blob_stat(cas_store *s, const cas_digest *d,
 	if (fstatat(ls->blobs_fd, rel, &st, AT_SYMLINK_NOFOLLOW) < 0) {
 		if (errno == ENOENT)
 			return -ENOENT;
-		return cas_log_errno(cas_negerrno(), "stat blob %s: %m", rel + 3);
+		return cas_log_errno(cas_negerrno(), "stat blob %s: %m",
+				     rel + 3);
 	}
 	if (!S_ISREG(st.st_mode))
-		return cas_log_errno(-EIO, "blob %s: not a regular file", rel + 3);
+		return cas_log_errno(-EIO, "blob %s: not a regular file",
+				     rel + 3);
 	if (ret_size)
 		*ret_size = (uint64_t)st.st_size;
 	return 0;
@@ -931,12 +951,15 @@ static int blob_file_open(struct cas_local *ls, const cas_digest *d,
 	if (fd < 0) {
 		if (errno == ENOENT)
 			return -ENOENT;
-		return cas_log_errno(cas_negerrno(), "open blob %s: %m", rel + 3);
+		return cas_log_errno(cas_negerrno(), "open blob %s: %m",
+				     rel + 3);
 	}
 	if (fstat(fd, &st) < 0)
-		return cas_log_errno(cas_negerrno(), "stat blob %s: %m", rel + 3);
+		return cas_log_errno(cas_negerrno(), "stat blob %s: %m",
+				     rel + 3);
 	if (!S_ISREG(st.st_mode))
-		return cas_log_errno(-EIO, "blob %s: not a regular file", rel + 3);
+		return cas_log_errno(-EIO, "blob %s: not a regular file",
+				     rel + 3);
 	*ret_size = (uint64_t)st.st_size;
 	*ret_fd = TAKE_FD(fd);
 	return 0;
@@ -1019,7 +1042,8 @@ static int writer_write(cas_blob_writer *w, const void *buf, size_t len)
 		if (lw->tmp.fd < 0) {
 			if ((r = tmp_open(ls, &lw->tmp)) < 0)
 				return r;
-			r = cas_write_all(lw->tmp.fd, lw->small, (size_t)lw->size);
+			r = cas_write_all(lw->tmp.fd, lw->small,
+					  (size_t)lw->size);
 			if (r < 0)
 				goto fail;
 		}
@@ -1122,7 +1146,7 @@ static int local_directory_get_raw(cas_store *s, const cas_digest *d,
 		*ret_len = 0;
 		return 0;
 	}
-	struct copy_out out = { 0 };
+	struct copy_out out = {0};
 	int r = db_lookup(ls, ls->dbi_directories, d, copy_alloc, &out);
 	if (r < 0) {
 		char hex[CAS_DIGEST_HEX_LEN + 1];
@@ -1159,7 +1183,7 @@ struct local_batch {
 	struct batch_item *items;
 	size_t n_items, cap_items;
 	uint32_t *slots; /* index + 1 into items; 0 = free */
-	size_t n_slots;  /* power of two */
+	size_t n_slots;	 /* power of two */
 };
 
 static size_t slot_hash(const cas_digest *d, size_t mask)
@@ -1211,7 +1235,8 @@ static int batch_add(struct local_batch *b, const cas_digest *d,
 		return r;
 	if (b->n_items == b->cap_items) {
 		size_t cap = b->cap_items ? b->cap_items * 2 : 256;
-		struct batch_item *items = realloc(b->items, cap * sizeof(*items));
+		struct batch_item *items =
+			realloc(b->items, cap * sizeof(*items));
 		if (!items)
 			return -ENOMEM;
 		b->items = items;
@@ -1222,7 +1247,8 @@ static int batch_add(struct local_batch *b, const cas_digest *d,
 		return -ENOMEM;
 	memcpy(copy, buf, len);
 	size_t k = b->n_items++;
-	b->items[k] = (struct batch_item){ .digest = *d, .buf = copy, .len = len };
+	b->items[k] =
+		(struct batch_item){.digest = *d, .buf = copy, .len = len};
 	size_t mask = b->n_slots - 1;
 	size_t i = slot_hash(d, mask);
 	while (b->slots[i])
@@ -1237,9 +1263,9 @@ static int batch_stored(struct local_batch *b, const cas_digest *d)
 	int r;
 	if (!b->rtxn && (r = cas_local_rtxn_get(b->ls, &b->rtxn)) < 0)
 		return r;
-	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
-	r = cas_local_mdb_errno(mdb_get(b->rtxn, b->ls->dbi_directories, &key,
-					&val));
+	MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val;
+	r = cas_local_mdb_errno(
+		mdb_get(b->rtxn, b->ls->dbi_directories, &key, &val));
 	if (r == -ENOENT)
 		return 0;
 	return r < 0 ? r : 1;
@@ -1280,9 +1306,11 @@ static int batch_put(cas_dir_batch *base, const void *buf, size_t len,
 		if (r == 0) {
 			char child[CAS_DIGEST_HEX_LEN + 1], name[256];
 			cas_digest_to_hex(&c->digest, child);
-			cas_escape_name(c->name, c->name_len, name, sizeof(name));
+			cas_escape_name(c->name, c->name_len, name,
+					sizeof(name));
 			return cas_log_errno(-ENOENT,
-					     "directory %s: child directory %s (name '%s') is not in the store",
+					     "directory %s: child directory %s "
+					     "(name '%s') is not in the store",
 					     hex, child, name);
 		}
 	}
@@ -1370,17 +1398,19 @@ static int batch_commit(cas_dir_batch *base, const char *root_name,
 	}
 	for (size_t i = 0; i < b->n_items; i++) {
 		struct batch_item *it = &b->items[i];
-		MDB_val key = { CAS_DIGEST_LEN, it->digest.bytes };
-		MDB_val val = { it->len, it->buf };
+		MDB_val key = {CAS_DIGEST_LEN, it->digest.bytes};
+		MDB_val val = {it->len, it->buf};
 		int rc = mdb_put(txn, ls->dbi_directories, &key, &val,
 				 MDB_NOOVERWRITE);
 		if (rc != MDB_SUCCESS && rc != MDB_KEYEXIST) {
 			r = cas_log_errno(cas_local_mdb_errno(rc),
-					  "store %s: put directory: %m", ls->dir);
+					  "store %s: put directory: %m",
+					  ls->dir);
 			goto out;
 		}
 	}
-	if (root_name && root_node && (r = put_root(ls, txn, root_name, root_node)) < 0)
+	if (root_name && root_node &&
+	    (r = put_root(ls, txn, root_name, root_node)) < 0)
 		goto out;
 	r = cas_local_mdb_errno(mdb_txn_commit(txn));
 	txn = NULL;
@@ -1460,7 +1490,8 @@ static int local_roots_foreach(cas_store *s, cas_root_cb cb, void *userdata)
 	/* Copied out first, so that callbacks may use the store freely. */
 	r = cas_local_mdb_errno(mdb_cursor_open(txn, ls->dbi_roots, &cur));
 	MDB_val key, val;
-	int rc = r == 0 ? mdb_cursor_get(cur, &key, &val, MDB_FIRST) : MDB_NOTFOUND;
+	int rc = r == 0 ? mdb_cursor_get(cur, &key, &val, MDB_FIRST)
+			: MDB_NOTFOUND;
 	while (r == 0 && rc == MDB_SUCCESS) {
 		cas_node node;
 		const char *why = NULL;
@@ -1470,16 +1501,19 @@ static int local_roots_foreach(cas_store *s, cas_root_cb cb, void *userdata)
 			break;
 		}
 		if (memchr(key.mv_data, 0, key.mv_size) ||
-		    cas_node_decode(val.mv_data, val.mv_size, &node, &why) < 0) {
-			cas_log_warning("root '%s': cannot decode (%s), skipped",
-					name, why ? why : "bad name");
+		    cas_node_decode(val.mv_data, val.mv_size, &node, &why) <
+			    0) {
+			cas_log_warning(
+				"root '%s': cannot decode (%s), skipped", name,
+				why ? why : "bad name");
 			free(name);
 		} else {
 			node.name = (const uint8_t *)name;
 			node.name_len = strlen(name);
 			if (n == cap) {
 				cap = cap ? cap * 2 : 16;
-				struct root_entry *l = realloc(list, cap * sizeof(*l));
+				struct root_entry *l =
+					realloc(list, cap * sizeof(*l));
 				if (!l) {
 					free(name);
 					r = -ENOMEM;
@@ -1518,7 +1552,8 @@ static int local_write_txn(struct cas_local *ls, MDB_txn **ret)
 		return -EROFS;
 	int r = cas_local_mdb_errno(mdb_txn_begin(ls->env, NULL, 0, ret));
 	if (r < 0)
-		return cas_log_errno(r, "store %s: write transaction: %m", ls->dir);
+		return cas_log_errno(r, "store %s: write transaction: %m",
+				     ls->dir);
 	return 0;
 }
 
@@ -1552,7 +1587,8 @@ static int local_root_remove(cas_store *s, const char *name)
 	r = cas_local_mdb_errno(mdb_del(txn, ls->dbi_roots, &key, NULL));
 	if (r < 0) {
 		mdb_txn_abort(txn);
-		return r == -ENOENT ? r : cas_log_errno(r, "root '%s': %m", name);
+		return r == -ENOENT ? r
+				    : cas_log_errno(r, "root '%s': %m", name);
 	}
 	r = cas_local_mdb_errno(mdb_txn_commit(txn));
 	if (r < 0)
@@ -1639,7 +1675,8 @@ static int open_env(struct cas_local *ls, bool create)
 		if (rc == MDB_SUCCESS) {
 			/* MDB_NOTLS: read transactions are not tied to
 			 * threads (FUSE workers, the transaction pool). */
-			unsigned flags = MDB_NOTLS | (ls->readonly ? MDB_RDONLY : 0);
+			unsigned flags =
+				MDB_NOTLS | (ls->readonly ? MDB_RDONLY : 0);
 			rc = mdb_env_open(ls->env, ls->dir, flags, 0644);
 		}
 		if (rc != ENOMEM || map <= MAP_SIZE_MIN)
@@ -1682,7 +1719,8 @@ static int open_env(struct cas_local *ls, bool create)
 int cas_local_open(const char *dir, const struct cas_local_options *opts,
 		   cas_store **ret)
 {
-	struct cas_local_options o = opts ? *opts : (struct cas_local_options){ 0 };
+	struct cas_local_options o =
+		opts ? *opts : (struct cas_local_options){0};
 	if (o.readonly)
 		o.create = false;
 	struct cas_local *ls = calloc(1, sizeof(*ls));
@@ -1702,16 +1740,19 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 	if (!ls->dir)
 		return -ENOMEM;
 	if (o.create && mkdir(dir, 0755) < 0 && errno != EEXIST)
-		return cas_log_errno(cas_negerrno(), "store %s: mkdir: %m", dir);
+		return cas_log_errno(cas_negerrno(), "store %s: mkdir: %m",
+				     dir);
 	ls->dir_fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (ls->dir_fd < 0)
 		return cas_log_errno(cas_negerrno(), "store %s: %m", dir);
 	if (!o.create && faccessat(ls->dir_fd, "data.mdb", F_OK, 0) < 0)
-		return cas_log_errno(cas_negerrno(), "store %s: no store here (data.mdb: %m)",
+		return cas_log_errno(cas_negerrno(),
+				     "store %s: no store here (data.mdb: %m)",
 				     dir);
 	if ((r = open_subdir(ls, "blobs", !ls->readonly, &ls->blobs_fd)) < 0)
 		return r;
-	if (!ls->readonly && (r = open_subdir(ls, "tmp", true, &ls->tmp_fd)) < 0)
+	if (!ls->readonly &&
+	    (r = open_subdir(ls, "tmp", true, &ls->tmp_fd)) < 0)
 		return r;
 	/* Read-only, a store without packs has no folder for them. */
 	if ((r = open_subdir(ls, "packs", !ls->readonly, &ls->packs_fd)) < 0 &&

@@ -54,8 +54,8 @@
 #include "store/store.h"
 
 struct cas_local_options {
-	bool create;   /* create DIR and the store if missing */
-	bool readonly; /* open without writing (no create, no tmp cleanup) */
+	bool create;	/* create DIR and the store if missing */
+	bool readonly;	/* open without writing (no create, no tmp cleanup) */
 	bool no_inline; /* import writes every blob as a file (no packs) */
 };
 

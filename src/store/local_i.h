@@ -37,9 +37,9 @@ struct cas_local {
 	MDB_dbi dbi_directories;
 	MDB_dbi dbi_roots;
 	MDB_dbi dbi_blobs;
-	bool has_blobs_db;  /* false: a read-only open of a store without it */
+	bool has_blobs_db; /* false: a read-only open of a store without it */
 	bool write_packs;  /* import packs small blobs (not no_inline) */
-	int pid;            /* in temporary file names */
+	int pid;	   /* in temporary file names */
 
 	/* Fan-out folders known to exist (one bit each). */
 	_Atomic uint64_t fanout_ok[4];
@@ -53,11 +53,11 @@ struct cas_local {
 
 	pthread_mutex_t pack_lock;
 	struct cas_local_pack_fd pack_fds[CAS_LOCAL_PACK_FDS]; /* pack_lock */
-	size_t n_pack_fds;                                     /* pack_lock */
+	size_t n_pack_fds;				       /* pack_lock */
 
 	pthread_mutex_t pool_lock;
 	MDB_txn *pool[CAS_LOCAL_TXN_POOL]; /* protected by pool_lock */
-	size_t n_pool;                      /* protected by pool_lock */
+	size_t n_pool;			   /* protected by pool_lock */
 };
 
 /* The one place MDB_* codes become -errno. */
@@ -103,8 +103,8 @@ int cas_local_small_read(struct cas_local *ls, const void *ref, size_t ref_len,
  * `scratch` (scratch_size bytes, a multiple of CAS_STAGE_ALIGN). Buffered
  * writes of a whole tree cost more CPU than hashing it, here measured at
  * twice the system time; the direct ones leave that to the disk. */
-#define CAS_STAGE_NAME_LEN 64
-#define CAS_STAGE_ALIGN CAS_LOCAL_PACK_ALIGN
+#define CAS_STAGE_NAME_LEN   64
+#define CAS_STAGE_ALIGN	     CAS_LOCAL_PACK_ALIGN
 #define CAS_STAGE_DIRECT_MIN (64u << 10)
 int cas_local_stage_buffer(struct cas_local *ls, const void *buf, size_t len,
 			   char ret_name[CAS_STAGE_NAME_LEN]);

@@ -56,8 +56,8 @@ int cas_store_blob_read_fd(const cas_digest *d, int fd, uint64_t size,
 		free(buf);
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(d, hex);
-		return cas_log_errno(r == -EBADMSG ? -EIO : r, "read blob %s: %m",
-				     hex);
+		return cas_log_errno(r == -EBADMSG ? -EIO : r,
+				     "read blob %s: %m", hex);
 	}
 	*ret_buf = buf;
 	*ret_size = size;

@@ -60,7 +60,8 @@ static int verify_blob(struct verifier *v, int fan_fd, const char *fan,
 		problem(v, "blobs/%s/%s: not a blob name", fan, name);
 		return 0;
 	}
-	_cleanup_close_ int fd = openat(fan_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	_cleanup_close_ int fd =
+		openat(fan_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	struct stat st;
 	if (fd < 0 || fstat(fd, &st) < 0) {
 		problem(v, "blob %s: cannot open: %s", hex, strerror(errno));
@@ -77,7 +78,8 @@ static int verify_blob(struct verifier *v, int fan_fd, const char *fan,
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0) {
-			problem(v, "blob %s: cannot read: %s", hex, strerror(errno));
+			problem(v, "blob %s: cannot read: %s", hex,
+				strerror(errno));
 			return 0;
 		}
 		if (n == 0)
@@ -130,7 +132,8 @@ static int verify_inline_blob(struct verifier *v, MDB_txn *txn,
 
 static int verify_blobs(struct verifier *v)
 {
-	int fd = openat(v->ls->blobs_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int fd = openat(v->ls->blobs_fd, ".",
+			O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0)
 		return cas_log_errno(cas_negerrno(), "verify: open blobs: %m");
 	DIR *top = fdopendir(fd);
@@ -143,10 +146,12 @@ static int verify_blobs(struct verifier *v)
 	while (r == 0 && (de = readdir(top))) {
 		if (!strcmp(de->d_name, ".") || !strcmp(de->d_name, ".."))
 			continue;
-		int ffd = openat(v->ls->blobs_fd, de->d_name,
-				 O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		int ffd =
+			openat(v->ls->blobs_fd, de->d_name,
+			       O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 		if (ffd < 0) {
-			problem(v, "blobs/%s: not a fan-out folder", de->d_name);
+			problem(v, "blobs/%s: not a fan-out folder",
+				de->d_name);
 			continue;
 		}
 		DIR *fan = fdopendir(ffd);
@@ -157,7 +162,8 @@ static int verify_blobs(struct verifier *v)
 		}
 		struct dirent *fe;
 		while (r == 0 && (fe = readdir(fan))) {
-			if (!strcmp(fe->d_name, ".") || !strcmp(fe->d_name, ".."))
+			if (!strcmp(fe->d_name, ".") ||
+			    !strcmp(fe->d_name, ".."))
 				continue;
 			r = verify_blob(v, ffd, de->d_name, fe->d_name);
 		}
@@ -172,10 +178,12 @@ static int blob_present(struct verifier *v, MDB_txn *txn, const cas_digest *d,
 			uint64_t *ret_size)
 {
 	if (v->ls->has_blobs_db) {
-		MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
-		int r = cas_local_mdb_errno(mdb_get(txn, v->ls->dbi_blobs, &key, &val));
+		MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val;
+		int r = cas_local_mdb_errno(
+			mdb_get(txn, v->ls->dbi_blobs, &key, &val));
 		if (r == 0) {
-			*ret_size = cas_local_small_size(val.mv_data, val.mv_size);
+			*ret_size =
+				cas_local_small_size(val.mv_data, val.mv_size);
 			return 1;
 		}
 		if (r != -ENOENT)
@@ -194,8 +202,9 @@ static int dir_present(struct verifier *v, MDB_txn *txn, const cas_digest *d)
 {
 	if (cas_digest_eq(d, &CAS_DIGEST_EMPTY_DIRECTORY))
 		return 1;
-	MDB_val key = { CAS_DIGEST_LEN, (void *)d->bytes }, val;
-	int r = cas_local_mdb_errno(mdb_get(txn, v->ls->dbi_directories, &key, &val));
+	MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val;
+	int r = cas_local_mdb_errno(
+		mdb_get(txn, v->ls->dbi_directories, &key, &val));
 	if (r == -ENOENT)
 		return 0;
 	return r < 0 ? r : 1;
@@ -223,7 +232,8 @@ static int verify_directory(struct verifier *v, MDB_txn *txn,
 	const char *why = NULL;
 	int r = cas_directory_decode(val->mv_data, val->mv_size, &d, &why);
 	if (r == -EBADMSG) {
-		problem(v, "directory %s: %s", hex, why ? why : "cannot decode");
+		problem(v, "directory %s: %s", hex,
+			why ? why : "cannot decode");
 		return 0;
 	}
 	if (r < 0)
@@ -234,8 +244,11 @@ static int verify_directory(struct verifier *v, MDB_txn *txn,
 			return r;
 		if (r == 0) {
 			cas_digest_to_hex(&c->digest, chex);
-			cas_escape_name(c->name, c->name_len, name, sizeof(name));
-			problem(v, "directory %s: child directory %s (name '%s') is missing",
+			cas_escape_name(c->name, c->name_len, name,
+					sizeof(name));
+			problem(v,
+				"directory %s: child directory %s (name '%s') "
+				"is missing",
 				hex, chex, name);
 		}
 	}
@@ -249,10 +262,13 @@ static int verify_directory(struct verifier *v, MDB_txn *txn,
 		cas_digest_to_hex(&c->digest, chex);
 		cas_escape_name(c->name, c->name_len, name, sizeof(name));
 		if (r == 0)
-			problem(v, "directory %s: blob %s of file '%s' is missing",
+			problem(v,
+				"directory %s: blob %s of file '%s' is missing",
 				hex, chex, name);
 		else
-			problem(v, "directory %s: blob %s of file '%s' has %llu bytes, expected %llu",
+			problem(v,
+				"directory %s: blob %s of file '%s' has %llu "
+				"bytes, expected %llu",
 				hex, chex, name, (unsigned long long)size,
 				(unsigned long long)c->size);
 	}
@@ -280,7 +296,8 @@ static int verify_root(struct verifier *v, MDB_txn *txn, const MDB_val *key,
 		if ((r = dir_present(v, txn, &node.digest)) < 0)
 			return r;
 		if (r == 0)
-			problem(v, "root '%s': directory %s is missing", name, hex);
+			problem(v, "root '%s': directory %s is missing", name,
+				hex);
 	} else if (node.type == CAS_NODE_FILE) {
 		uint64_t size = 0;
 		if ((r = blob_present(v, txn, &node.digest, &size)) < 0)
@@ -288,7 +305,9 @@ static int verify_root(struct verifier *v, MDB_txn *txn, const MDB_val *key,
 		if (r == 0)
 			problem(v, "root '%s': blob %s is missing", name, hex);
 		else if (size != node.size)
-			problem(v, "root '%s': blob %s has %llu bytes, expected %llu",
+			problem(v,
+				"root '%s': blob %s has %llu bytes, expected "
+				"%llu",
 				name, hex, (unsigned long long)size,
 				(unsigned long long)node.size);
 	}
@@ -320,8 +339,8 @@ int cas_local_verify(cas_store *s, cas_verify_cb cb, void *userdata)
 {
 	if (!cas_store_is_local(s))
 		return -EOPNOTSUPP;
-	struct verifier v = { .ls = (struct cas_local *)s, .cb = cb,
-			      .userdata = userdata };
+	struct verifier v = {
+		.ls = (struct cas_local *)s, .cb = cb, .userdata = userdata};
 	_cleanup_free_ uint8_t *buf = v.buf = malloc(VERIFY_READ);
 	if (!buf)
 		return -ENOMEM;

@@ -34,7 +34,7 @@
 #include "core/util.h"
 #include "fuse/fuse_kernel_ext.h"
 
-#define PAGE 4096u
+#define PAGE		 4096u
 #define MAX_PAGES_WANTED 256u /* 1 MiB READs */
 /* Below this, copying costs less than three splice calls. */
 #define SPLICE_MIN (16u * 1024)
@@ -46,7 +46,7 @@ struct worker {
 	struct cas_devfuse *d;
 	pthread_t thread;
 	bool started;
-	int fd;      /* the session fd or a clone of it */
+	int fd;	     /* the session fd or a clone of it */
 	bool own_fd; /* a clone, closed with the worker */
 	int pipe[2]; /* -1: no splice for this worker */
 	uint8_t *req;
@@ -86,18 +86,19 @@ static int check_mountpoint(const char *mp)
 	if (statx(AT_FDCWD, mp, 0, STATX_TYPE, &stx) < 0) {
 		int r = cas_negerrno();
 		if (r == -ENOTCONN)
-			return cas_log_errno(-EBUSY,
-					     "mountpoint %s: a dead FUSE mount is there "
-					     "(unmount it first)",
-					     mp);
+			return cas_log_errno(
+				-EBUSY,
+				"mountpoint %s: a dead FUSE mount is there "
+				"(unmount it first)",
+				mp);
 		return cas_log_errno(r, "mountpoint %s: %m", mp);
 	}
 	if (!S_ISDIR(stx.stx_mode))
 		return cas_log_errno(-ENOTDIR, "mountpoint %s: %m", mp);
 	if ((stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT) &&
 	    (stx.stx_attributes & STATX_ATTR_MOUNT_ROOT))
-		return cas_log_errno(-EBUSY,
-				     "mountpoint %s: already a mount point", mp);
+		return cas_log_errno(
+			-EBUSY, "mountpoint %s: already a mount point", mp);
 	return 0;
 }
 
@@ -123,14 +124,15 @@ static int run_fusermount(char *const argv[], int commfd)
 		if (errno != EINTR)
 			return cas_log_errno(cas_negerrno(), "waitpid: %m");
 	if (WIFEXITED(status) && WEXITSTATUS(status) == 127)
-		return cas_log_errno(-ENOENT, "fusermount3: not found (package fuse3)");
+		return cas_log_errno(-ENOENT,
+				     "fusermount3: not found (package fuse3)");
 	return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : -EPERM;
 }
 
 static int receive_fd(int sock)
 {
 	char byte;
-	struct iovec iov = { &byte, 1 };
+	struct iovec iov = {&byte, 1};
 	union {
 		struct cmsghdr h;
 		char buf[CMSG_SPACE(sizeof(int))];
@@ -165,7 +167,7 @@ static int mount_fusermount(struct cas_devfuse *d)
 	int sv[2];
 	if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
 		return cas_log_errno(cas_negerrno(), "socketpair: %m");
-	char *argv[] = { "fusermount3", "-o", opts, "--", d->mountpoint, NULL };
+	char *argv[] = {"fusermount3", "-o", opts, "--", d->mountpoint, NULL};
 	int r = run_fusermount(argv, sv[1]);
 	close(sv[1]);
 	int fd = r < 0 ? r : receive_fd(sv[0]);
@@ -186,12 +188,13 @@ static int mount_kernel(struct cas_devfuse *d)
 		return cas_log_errno(cas_negerrno(), "open /dev/fuse: %m");
 	char opts[256], type[128];
 	snprintf(opts, sizeof(opts),
-		 "fd=%d,rootmode=40000,user_id=%u,group_id=%u,default_permissions%s",
+		 "fd=%d,rootmode=40000,user_id=%u,group_id=%u,default_"
+		 "permissions%s",
 		 fd, (unsigned)getuid(), (unsigned)getgid(),
 		 d->allow_other ? ",allow_other" : "");
 	snprintf(type, sizeof(type), "fuse.%s", d->subtype);
-	if (mount(d->fsname, d->mountpoint, type, MS_RDONLY | MS_NOSUID | MS_NODEV,
-		  opts) < 0) {
+	if (mount(d->fsname, d->mountpoint, type,
+		  MS_RDONLY | MS_NOSUID | MS_NODEV, opts) < 0) {
 		int r = cas_negerrno();
 		close(fd);
 		return r;
@@ -207,7 +210,8 @@ static void do_unmount(struct cas_devfuse *d)
 		return;
 	d->mounted = false;
 	if (d->via_fusermount) {
-		char *argv[] = { "fusermount3", "-u", "-z", "--", d->mountpoint, NULL };
+		char *argv[] = {"fusermount3", "-u",	      "-z",
+				"--",	       d->mountpoint, NULL};
 		if (run_fusermount(argv, -1) < 0)
 			cas_log_error("unmount %s with fusermount3 failed",
 				      d->mountpoint);
@@ -310,7 +314,7 @@ int cas_devfuse_mount(const struct cas_devfuse_options *opts,
 static int backing_open(void *transport, int fd)
 {
 	struct cas_devfuse *d = transport;
-	struct cas_fuse_backing_map map = { .fd = fd, .flags = 0 };
+	struct cas_fuse_backing_map map = {.fd = fd, .flags = 0};
 	int id = ioctl(d->fd, CAS_FUSE_DEV_IOC_BACKING_OPEN, &map);
 	return id < 0 ? cas_negerrno() : id;
 }
@@ -319,9 +323,9 @@ static int backing_close(void *transport, int backing_id)
 {
 	struct cas_devfuse *d = transport;
 	uint32_t id = (uint32_t)backing_id;
-	return ioctl(d->fd, CAS_FUSE_DEV_IOC_BACKING_CLOSE, &id) < 0 ?
-		       cas_negerrno() :
-		       0;
+	return ioctl(d->fd, CAS_FUSE_DEV_IOC_BACKING_CLOSE, &id) < 0
+		       ? cas_negerrno()
+		       : 0;
 }
 
 static void write_reply(struct worker *w, struct cas_fuse_reply *reply,
@@ -355,7 +359,7 @@ static int send_splice(struct worker *w, struct cas_fuse_reply *reply)
 	size_t total = reply->len + reply->fd_len;
 	if (total + PAGE > (size_t)w->d->pipe_size)
 		return 0;
-	struct iovec h = { reply->buf, reply->len };
+	struct iovec h = {reply->buf, reply->len};
 	ssize_t n = vmsplice(w->pipe[1], &h, 1, SPLICE_F_NONBLOCK);
 	if (n != (ssize_t)reply->len) {
 		if (n > 0)
@@ -366,7 +370,8 @@ static int send_splice(struct worker *w, struct cas_fuse_reply *reply)
 	size_t moved = 0;
 	while (moved < reply->fd_len) {
 		n = splice(reply->fd, &off, w->pipe[1], NULL,
-			   reply->fd_len - moved, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+			   reply->fd_len - moved,
+			   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0) {
@@ -403,24 +408,25 @@ static void send_copy(struct worker *w, struct cas_fuse_reply *reply)
 	}
 	if (got < reply->fd_len) {
 		/* A short file: the header must count what is sent. */
-		struct fuse_out_header *oh = (struct fuse_out_header *)reply->buf;
+		struct fuse_out_header *oh =
+			(struct fuse_out_header *)reply->buf;
 		if (got == 0 && reply->fd_len) {
 			oh->len = sizeof(*oh);
 			oh->error = -EIO;
-			struct iovec e = { reply->buf, sizeof(*oh) };
+			struct iovec e = {reply->buf, sizeof(*oh)};
 			write_reply(w, reply, &e, 1);
 			return;
 		}
 		oh->len = (uint32_t)(reply->len + got);
 	}
-	struct iovec iov[2] = { { reply->buf, reply->len }, { w->scratch, got } };
+	struct iovec iov[2] = {{reply->buf, reply->len}, {w->scratch, got}};
 	write_reply(w, reply, iov, got ? 2 : 1);
 }
 
 static void send_reply(struct worker *w, struct cas_fuse_reply *reply)
 {
 	if (reply->fd < 0 || reply->fd_len == 0) {
-		struct iovec iov = { reply->buf, reply->len };
+		struct iovec iov = {reply->buf, reply->len};
 		write_reply(w, reply, &iov, 1);
 		return;
 	}
@@ -447,7 +453,7 @@ static void *worker_main(void *arg)
 			w->result = cas_log_errno(-e, "read /dev/fuse: %m");
 			break;
 		}
-		struct iovec in = { w->req, (size_t)n };
+		struct iovec in = {w->req, (size_t)n};
 		struct cas_fuse_reply reply = {
 			.buf = w->reply,
 			.buf_size = w->reply_size,
@@ -499,14 +505,16 @@ static int worker_init(struct cas_devfuse *d, struct worker *w, unsigned i,
 			w->fd = fd;
 			w->own_fd = true;
 		} else {
-			cas_log_debug_errno(fd, "clone /dev/fuse: %m (sharing one fd)");
+			cas_log_debug_errno(
+				fd, "clone /dev/fuse: %m (sharing one fd)");
 		}
 	}
 	/* The kernel refuses reads into buffers smaller than this. */
-	w->req_size = CAS_MAX((size_t)FUSE_MIN_READ_BUFFER,
-			      sizeof(struct fuse_in_header) +
-				      sizeof(struct fuse_write_in) + MAX_WRITE) +
-		      PAGE;
+	w->req_size =
+		CAS_MAX((size_t)FUSE_MIN_READ_BUFFER,
+			sizeof(struct fuse_in_header) +
+				sizeof(struct fuse_write_in) + MAX_WRITE) +
+		PAGE;
 	w->reply_size = reply_size;
 	w->scratch_size = (size_t)d->max_pages * PAGE;
 	w->req = aligned_alloc(PAGE, (w->req_size + PAGE - 1) / PAGE * PAGE);
@@ -550,7 +558,8 @@ static void raise_readahead(struct cas_devfuse *d)
 	if (fd < 0)
 		return;
 	char val[32];
-	int n = snprintf(val, sizeof(val), "%u\n", d->max_pages * (PAGE / 1024));
+	int n = snprintf(val, sizeof(val), "%u\n",
+			 d->max_pages * (PAGE / 1024));
 	if (write(fd, val, (size_t)n) < 0)
 		cas_log_debug_errno(cas_negerrno(), "%s: %m", path);
 	close(fd);
@@ -603,7 +612,7 @@ int cas_devfuse_serve(struct cas_devfuse *d, const struct cas_fuse_ops *ops,
 	sigset_t set;
 	stop_signals(&set);
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
-	struct sigaction sa = { .sa_handler = wake_handler };
+	struct sigaction sa = {.sa_handler = wake_handler};
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGUSR1, &sa, NULL); /* no SA_RESTART: read() returns */
 	d->main_thread = pthread_self();
@@ -643,7 +652,8 @@ out:
 		for (unsigned i = 0; i < d->threads; i++) {
 			struct worker *w = &d->workers[i];
 			if (w->unmounted)
-				d->mounted = false; /* never unmount a stranger */
+				d->mounted =
+					false; /* never unmount a stranger */
 			if (w->result < 0 && r == 0)
 				r = w->result;
 			worker_release(w);
@@ -654,7 +664,7 @@ out:
 	cas_fuse_session_free(d->session);
 	d->session = NULL;
 	/* A signal that arrived while stopping must not kill us later. */
-	struct timespec zero = { 0, 0 };
+	struct timespec zero = {0, 0};
 	while (sigtimedwait(&set, NULL, &zero) > 0)
 		;
 	pthread_sigmask(SIG_SETMASK, &d->old_mask, NULL);

@@ -26,10 +26,10 @@
 
 struct cas_devfuse_options {
 	const char *mountpoint;
-	unsigned threads;   /* 0: number of online CPUs */
-	bool allow_other;   /* other users may access the mount */
+	unsigned threads;    /* 0: number of online CPUs */
+	bool allow_other;    /* other users may access the mount */
 	bool no_passthrough; /* never offer FUSE passthrough (benchmarks) */
-	const char *fsname; /* mount source shown in mountinfo ("castore") */
+	const char *fsname;  /* mount source shown in mountinfo ("castore") */
 	const char *subtype; /* type shows as fuse.SUBTYPE ("castore") */
 };
 

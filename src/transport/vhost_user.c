@@ -201,9 +201,9 @@ static bool vring_setup(struct cas_vu_vring *vr, struct iovec **iov,
 
 	if (!*iov)
 		*iov = calloc((size_t)iov_max, sizeof(**iov));
-	if (*iov && (!dev->cfg.ops->queue_start ||
-		     dev->cfg.ops->queue_start(dev->cfg.opaque, vr->index,
-					       ctx) >= 0))
+	if (*iov &&
+	    (!dev->cfg.ops->queue_start ||
+	     dev->cfg.ops->queue_start(dev->cfg.opaque, vr->index, ctx) >= 0))
 		return true;
 	*ctx = NULL;
 	if (!*logged)

@@ -95,13 +95,13 @@ static void make_store(void)
 
 	char sdir[512];
 	snprintf(sdir, sizeof(sdir), "%s/store", tmpdir);
-	struct cas_local_options lo = { .create = true };
+	struct cas_local_options lo = {.create = true};
 	REQUIRE(cas_local_open(sdir, &lo, &store) == 0);
 	snprintf(path, sizeof(path), "%s/tree", tmpdir);
-	struct cas_import_options io = { .threads = 1 };
+	struct cas_import_options io = {.threads = 1};
 	REQUIRE(cas_import(store, path, "r", &io, NULL, NULL) == 0);
 
-	cas_node gone = { .type = CAS_NODE_DIRECTORY, .size = 3 };
+	cas_node gone = {.type = CAS_NODE_DIRECTORY, .size = 3};
 	memset(gone.digest.bytes, 0xab, CAS_DIGEST_LEN);
 	REQUIRE(store->ops->root_set(store, "gonedir", &gone) == 0);
 	gone.type = CAS_NODE_FILE;
@@ -152,7 +152,7 @@ static void run(struct req *r, struct out *o)
 	o->reply.buf = reply_buf;
 	o->reply.buf_size = reply_size;
 	o->reply.fd = -1;
-	struct iovec iov = { r->b, r->len };
+	struct iovec iov = {r->b, r->len};
 	REQUIRE(cas_fuse_session_process(session, &iov, 1, &o->reply) == 0);
 	if (!o->reply.send)
 		return;
@@ -182,8 +182,8 @@ static void init_session(struct cas_fs_options opts)
 	struct out o;
 	req_start(&r, FUSE_INIT, 0);
 	uint64_t flags = FUSE_ASYNC_READ | FUSE_DO_READDIRPLUS |
-			 FUSE_READDIRPLUS_AUTO | FUSE_MAX_PAGES | FUSE_INIT_EXT |
-			 FUSE_SPLICE_READ | FUSE_SPLICE_MOVE;
+			 FUSE_READDIRPLUS_AUTO | FUSE_MAX_PAGES |
+			 FUSE_INIT_EXT | FUSE_SPLICE_READ | FUSE_SPLICE_MOVE;
 	struct fuse_init_in in = {
 		.major = 7,
 		.minor = 40,
@@ -225,7 +225,7 @@ static void forget(uint64_t ino, uint64_t n)
 	struct req r;
 	struct out o;
 	req_start(&r, FUSE_FORGET, ino);
-	struct fuse_forget_in in = { .nlookup = n };
+	struct fuse_forget_in in = {.nlookup = n};
 	req_add(&r, &in, sizeof(in));
 	run(&r, &o);
 	if (o.reply.send)
@@ -237,7 +237,7 @@ static int getattr(uint64_t ino, struct fuse_attr *ret)
 	struct req r;
 	struct out o;
 	req_start(&r, FUSE_GETATTR, ino);
-	struct fuse_getattr_in in = { 0 };
+	struct fuse_getattr_in in = {0};
 	req_add(&r, &in, sizeof(in));
 	run(&r, &o);
 	if (o.error == 0) {
@@ -249,13 +249,13 @@ static int getattr(uint64_t ino, struct fuse_attr *ret)
 	return o.error;
 }
 
-static int open_(uint32_t opcode, uint64_t ino, uint32_t flags, uint64_t *ret_fh,
-		 uint32_t *ret_open_flags)
+static int open_(uint32_t opcode, uint64_t ino, uint32_t flags,
+		 uint64_t *ret_fh, uint32_t *ret_open_flags)
 {
 	struct req r;
 	struct out o;
 	req_start(&r, opcode, ino);
-	struct fuse_open_in in = { .flags = flags };
+	struct fuse_open_in in = {.flags = flags};
 	req_add(&r, &in, sizeof(in));
 	run(&r, &o);
 	if (o.error == 0) {
@@ -274,7 +274,7 @@ static int release(uint32_t opcode, uint64_t ino, uint64_t fh)
 	struct req r;
 	struct out o;
 	req_start(&r, opcode, ino);
-	struct fuse_release_in in = { .fh = fh };
+	struct fuse_release_in in = {.fh = fh};
 	req_add(&r, &in, sizeof(in));
 	run(&r, &o);
 	return o.error;
@@ -333,7 +333,7 @@ static void test_lookup_and_attributes(void)
 static void test_forget_releases(void)
 {
 	/* A fresh mount: the kernel knows nothing yet. */
-	init_session((struct cas_fs_options){ 0 });
+	init_session((struct cas_fs_options){0});
 	size_t before = live_inodes();
 	uint64_t r = lookup_ino(1, "r");
 	uint64_t a = lookup_ino(r, "a");
@@ -378,7 +378,7 @@ static void test_readdirplus_counts_lookups(void)
 		struct req q;
 		struct out o;
 		req_start(&q, FUSE_READDIRPLUS, r);
-		struct fuse_read_in in = { .fh = fh, .offset = off, .size = 400 };
+		struct fuse_read_in in = {.fh = fh, .offset = off, .size = 400};
 		req_add(&q, &in, sizeof(in));
 		run(&q, &o);
 		CHECK(o.error == 0);
@@ -391,7 +391,8 @@ static void test_readdirplus_counts_lookups(void)
 			const char *name = (const char *)o.payload + p +
 					   FUSE_NAME_OFFSET_DIRENTPLUS;
 			bool dot = (dp.dirent.namelen == 1 && name[0] == '.') ||
-				   (dp.dirent.namelen == 2 && !memcmp(name, "..", 2));
+				   (dp.dirent.namelen == 2 &&
+				    !memcmp(name, "..", 2));
 			if (dot) {
 				dots++;
 				CHECK(dp.entry_out.nodeid == 0);
@@ -400,7 +401,8 @@ static void test_readdirplus_counts_lookups(void)
 				CHECK(dp.entry_out.nodeid != 0);
 				CHECK(dp.entry_out.nodeid == dp.dirent.ino);
 				if (n_nodeids < 32)
-					nodeids[n_nodeids++] = dp.entry_out.nodeid;
+					nodeids[n_nodeids++] =
+						dp.entry_out.nodeid;
 			}
 			off = dp.dirent.off;
 			p += FUSE_DIRENTPLUS_SIZE(&dp);
@@ -430,7 +432,7 @@ static void test_read(void)
 	struct req q;
 	struct out o;
 	req_start(&q, FUSE_READ, big);
-	struct fuse_read_in in = { .fh = fh, .offset = 299000, .size = 4096 };
+	struct fuse_read_in in = {.fh = fh, .offset = 299000, .size = 4096};
 	req_add(&q, &in, sizeof(in));
 	run(&q, &o);
 	CHECK(o.error == 0);
@@ -439,8 +441,8 @@ static void test_read(void)
 	CHECK(n == 1000);
 	uint8_t buf[1000];
 	if (o.reply.fd >= 0) {
-		CHECK(pread(o.reply.fd, buf, sizeof(buf), (off_t)o.reply.fd_offset) ==
-		      (ssize_t)sizeof(buf));
+		CHECK(pread(o.reply.fd, buf, sizeof(buf),
+			    (off_t)o.reply.fd_offset) == (ssize_t)sizeof(buf));
 	} else {
 		memcpy(buf, o.payload, CAS_MIN(sizeof(buf), o.payload_len));
 	}
@@ -463,7 +465,7 @@ static void test_read(void)
 	 * until the transport says the reply is done. */
 	uint64_t fh2 = 0;
 	CHECK(open_(FUSE_OPEN, big, O_RDONLY, &fh2, NULL) == 0);
-	struct fuse_read_in in2 = { .fh = fh2, .offset = 0, .size = 100 };
+	struct fuse_read_in in2 = {.fh = fh2, .offset = 0, .size = 100};
 	req_start(&q, FUSE_READ, big);
 	req_add(&q, &in2, sizeof(in2));
 	run(&q, &o);
@@ -522,7 +524,7 @@ static void test_root_listing_and_xattrs(void)
 	struct req q;
 	struct out o;
 	req_start(&q, FUSE_READDIRPLUS, 1);
-	struct fuse_read_in rin = { .fh = fh, .size = 4096 };
+	struct fuse_read_in rin = {.fh = fh, .size = 4096};
 	req_add(&q, &rin, sizeof(rin));
 	run(&q, &o);
 	CHECK(o.error == -EPERM);
@@ -530,15 +532,16 @@ static void test_root_listing_and_xattrs(void)
 
 	uint64_t r = lookup_ino(1, "r");
 	req_start(&q, FUSE_GETXATTR, r);
-	struct fuse_getxattr_in gin = { .size = 100 };
+	struct fuse_getxattr_in gin = {.size = 100};
 	req_add(&q, &gin, sizeof(gin));
 	req_add(&q, "user.castore.directory.digest", 30);
 	run(&q, &o);
 	CHECK(o.error == -ENOSYS);
 
-	init_session((struct cas_fs_options){ .list_root = true, .show_xattr = true });
+	init_session(
+		(struct cas_fs_options){.list_root = true, .show_xattr = true});
 	CHECK(open_(FUSE_OPENDIR, 1, O_RDONLY, &fh, NULL) == 0);
-	struct fuse_read_in in = { .fh = fh, .size = 4096 };
+	struct fuse_read_in in = {.fh = fh, .size = 4096};
 	req_start(&q, FUSE_READDIR, 1);
 	req_add(&q, &in, sizeof(in));
 	run(&q, &o);
@@ -607,7 +610,7 @@ static void *hammer(void *arg)
 	reply_buf_ensure();
 	for (int i = 0; i < 300; i++) {
 		uint64_t r = hlookup(1, "r");
-		const char *names[] = { "a", "b", "x", "big", "l", "d1", "d2" };
+		const char *names[] = {"a", "b", "x", "big", "l", "d1", "d2"};
 		const char *name = names[(seed + (unsigned)i) % 7];
 		uint64_t n = hlookup(r, name);
 		struct fuse_attr at;
@@ -618,7 +621,7 @@ static void *hammer(void *arg)
 			struct req q;
 			struct out o;
 			req_start(&q, FUSE_READ, n);
-			struct fuse_read_in in = { .fh = fh, .size = 4096 };
+			struct fuse_read_in in = {.fh = fh, .size = 4096};
 			req_add(&q, &in, sizeof(in));
 			run(&q, &o);
 			HCHECK(o.error == 0);
@@ -642,7 +645,7 @@ static void *hammer(void *arg)
 
 static void test_concurrency(void)
 {
-	init_session((struct cas_fs_options){ 0 });
+	init_session((struct cas_fs_options){0});
 	pthread_t t[4];
 	for (uintptr_t i = 0; i < 4; i++)
 		REQUIRE(pthread_create(&t[i], NULL, hammer, (void *)i) == 0);
@@ -655,7 +658,7 @@ static void test_concurrency(void)
 int main(void)
 {
 	make_store();
-	init_session((struct cas_fs_options){ 0 });
+	init_session((struct cas_fs_options){0});
 	test_lookup_and_attributes();
 	test_forget_releases();
 	test_readdirplus_counts_lookups();

@@ -312,13 +312,13 @@ struct fake {
 	pthread_mutex_t lock;
 	unsigned blob_fetches;
 	unsigned large_fetches; /* blob_fetch of blobs over 1 MiB */
-	unsigned batches; /* blobs_fetch calls */
+	unsigned batches;	/* blobs_fetch calls */
 	unsigned dir_fetches;
 	unsigned delay_ms;
 	bool corrupt;
 	bool corrupt_batch; /* blobs_fetch only */
 	bool offline;
-	bool tree; /* offer directory_fetch_tree */
+	bool tree;	    /* offer directory_fetch_tree */
 	unsigned ranges;    /* pack ranges asked for (ranges_fetch) */
 	bool packs_absent;  /* ranges_fetch: every pack is -ENOENT */
 	bool corrupt_packs; /* ranges_fetch: one wrong byte per blob */
@@ -906,7 +906,8 @@ static void test_cache_prefetch_batches(cas_store *origin)
 	char names[N][8];
 	for (int i = 0; i < N; i++) {
 		char content[64];
-		int len = snprintf(content, sizeof(content), "prefetched %d", i);
+		int len =
+			snprintf(content, sizeof(content), "prefetched %d", i);
 		snprintf(names[i], sizeof(names[i]), "f%03d", i);
 		files[i] = (cas_node){.type = CAS_NODE_FILE,
 				      .name = (const uint8_t *)names[i],
@@ -970,7 +971,8 @@ static void test_cache_prefetch_batches(cas_store *origin)
 	wait_fetches(&k, 1);
 	uint8_t *data = NULL;
 	CHECK(cas_store_blob_read(s, &files[7].digest, 4096, &data, &size) ==
-	      0 && size == files[7].size && memcmp(data, "prefetched 7", 12) == 0);
+		      0 &&
+	      size == files[7].size && memcmp(data, "prefetched 7", 12) == 0);
 	free(data);
 	cas_cache_flush(s);
 	for (int i = 0; i < N; i++) {
@@ -999,8 +1001,8 @@ static int fake_ranges_fetch(cas_fetcher *f, const struct cas_fetch_range *v,
 	for (size_t i = 0; i < n; i++) {
 		cas_directory *dir = NULL;
 		uint64_t off[512], len = 0;
-		if (absent || cas_store_directory_get(k->origin, &v[i].pack,
-						      &dir) < 0) {
+		if (absent ||
+		    cas_store_directory_get(k->origin, &v[i].pack, &dir) < 0) {
 			cb(userdata, i, -ENOENT, NULL, 0);
 			continue;
 		}
@@ -1047,7 +1049,9 @@ static void test_cache_prefetch_ranges(cas_store *origin)
 	static char names[N + 2][8];
 	cas_node files[N + 2];
 	for (int i = 0; i < N + 2; i++) {
-		size_t len = i < N ? 100 + (size_t)i : i == N ? 200000 : 1100000;
+		size_t len = i < N    ? 100 + (size_t)i
+			     : i == N ? 200000
+				      : 1100000;
 		uint8_t *data = malloc(len);
 		REQUIRE(data);
 		for (size_t j = 0; j < len; j++)
@@ -1097,7 +1101,8 @@ static void test_cache_prefetch_ranges(cas_store *origin)
 				int fd;
 				uint64_t off, sz;
 				have += s->ops->blob_locate(s, &files[j].digest,
-							    &fd, &off, &sz) == 0;
+							    &fd, &off,
+							    &sz) == 0;
 			}
 			if (have == N + 1)
 				break;
@@ -1231,8 +1236,8 @@ static void test_cache_prefetch_large(cas_store *origin)
 	 * (70 MiB: more than the head start), d (after c). */
 	static const char *const names[] = {"a0", "a1", "a2", "b0",
 					    "b1", "c",	"d"};
-	static const size_t sizes[] = {100, 200, 300, 1536u << 10,
-				       2u << 20, 70u << 20, 1200u << 10};
+	static const size_t sizes[] = {
+		100, 200, 300, 1536u << 10, 2u << 20, 70u << 20, 1200u << 10};
 	enum { N = 7 };
 	cas_node files[N];
 	cas_digest d;
@@ -1247,16 +1252,17 @@ static void test_cache_prefetch_large(cas_store *origin)
 
 	uint64_t size;
 	CHECK(cas_store_blob_read(s, &files[0].digest, 4096, &buf, &size) ==
-	      0 && size == 100);
+		      0 &&
+	      size == 100);
 	free(buf);
 	CHECK(large_wait(&k, 2)); /* b0, b1 */
 	usleep(300000);
 	CHECK(large_count(&k) == 2); /* not c, nor d behind it */
 	large_check(s, &files[3], 3);
 	large_check(s, &files[4], 4);
-	CHECK(large_count(&k) == 2); /* read from the cache */
+	CHECK(large_count(&k) == 2);  /* read from the cache */
 	large_check(s, &files[5], 5); /* the reader fetches c */
-	CHECK(large_wait(&k, 4)); /* and d comes by itself */
+	CHECK(large_wait(&k, 4));     /* and d comes by itself */
 	large_check(s, &files[6], 6);
 	CHECK(large_count(&k) == 4);
 	cas_store_free(s);
@@ -1301,7 +1307,8 @@ static void test_cache_prefetch_past_large(cas_store *origin)
 	close(fd);
 	CHECK(large_wait(&k2, 4)); /* l0 by the reader, l1-l3 by themselves */
 	for (int i = 1; i < 4; i++) {
-		REQUIRE(s->ops->blob_open(s, &files[i].digest, &fd, &size) == 0);
+		REQUIRE(s->ops->blob_open(s, &files[i].digest, &fd, &size) ==
+			0);
 		close(fd);
 	}
 	CHECK(large_count(&k2) == 4);
@@ -1348,7 +1355,8 @@ static void test_cache_close_cancels(cas_store *origin)
 	REQUIRE(s->ops->directory_get_raw(s, &d, &buf, &len) == 0);
 	free(buf);
 	CHECK(cas_store_blob_read(s, &files[0].digest, 4096, &buf, &size) ==
-	      0 && size == 100);
+		      0 &&
+	      size == 100);
 	free(buf);
 	CHECK(large_wait(&k, 1)); /* b is on its way */
 	cas_store_free(s);
@@ -1489,8 +1497,7 @@ static void batch_check(cas_fetcher *f, struct batch_fixture *x, size_t n,
 {
 	memset(x->calls, 0, sizeof(x->calls));
 	x->bad = 0;
-	CHECK(f->ops->blobs_fetch(f, x->ds, n, BATCH_MAX, batch_cb, x) ==
-	      want);
+	CHECK(f->ops->blobs_fetch(f, x->ds, n, BATCH_MAX, batch_cb, x) == want);
 	CHECK(x->bad == 0);
 	for (size_t i = 0; i < BATCH_N; i++)
 		CHECK(x->calls[i] == (i < n));

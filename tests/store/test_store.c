@@ -49,7 +49,7 @@ static cas_store *open_store(const char *name)
 {
 	char dir[512];
 	snprintf(dir, sizeof(dir), "%s/%s", base, name);
-	struct cas_local_options o = { .create = true };
+	struct cas_local_options o = {.create = true};
 	cas_store *s = NULL;
 	REQUIRE(cas_local_open(dir, &o, &s) == 0);
 	return s;
@@ -135,7 +135,8 @@ static void test_blobs(void)
 	REQUIRE(s->ops->blob_open(s, &d3, &fd, &size) == 0);
 	CHECK(size == 2 << 20);
 	cas_digest check;
-	CHECK(cas_hash_fd(fd, &check, &size) == 0 && cas_digest_eq(&check, &d3));
+	CHECK(cas_hash_fd(fd, &check, &size) == 0 &&
+	      cas_digest_eq(&check, &d3));
 	close(fd);
 
 	/* put_fd from a pipe, and the empty blob. */
@@ -162,7 +163,7 @@ static void test_blobs(void)
 /* Encodes a Directory of the given nodes (sorted here). */
 static void encode(cas_node *nodes, size_t n, uint8_t **buf, size_t *len)
 {
-	cas_directory d = { 0 };
+	cas_directory d = {0};
 	cas_node dirs[8], files[8], links[8];
 	for (size_t i = 0; i < n; i++) {
 		if (nodes[i].type == CAS_NODE_DIRECTORY)
@@ -193,8 +194,10 @@ static void test_directories(void)
 	CHECK(raw == NULL && len == 0);
 
 	/* leaf: one file; parent: the leaf and an empty folder. */
-	cas_node lf = { .type = CAS_NODE_FILE, .name = (const uint8_t *)"f",
-			.name_len = 1, .size = 3 };
+	cas_node lf = {.type = CAS_NODE_FILE,
+		       .name = (const uint8_t *)"f",
+		       .name_len = 1,
+		       .size = 3};
 	cas_hash_buffer("abc", 3, &lf.digest);
 	_cleanup_free_ uint8_t *leaf = NULL, *parent = NULL, *orphan = NULL;
 	size_t leaf_len, parent_len, orphan_len;
@@ -202,10 +205,15 @@ static void test_directories(void)
 	cas_digest leaf_d, parent_d, d;
 	cas_directory_digest(leaf, leaf_len, &leaf_d);
 	cas_node pn[2] = {
-		{ .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"sub",
-		  .name_len = 3, .digest = leaf_d, .size = 1 },
-		{ .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"empty",
-		  .name_len = 5, .digest = CAS_DIGEST_EMPTY_DIRECTORY },
+		{.type = CAS_NODE_DIRECTORY,
+		 .name = (const uint8_t *)"sub",
+		 .name_len = 3,
+		 .digest = leaf_d,
+		 .size = 1},
+		{.type = CAS_NODE_DIRECTORY,
+		 .name = (const uint8_t *)"empty",
+		 .name_len = 5,
+		 .digest = CAS_DIGEST_EMPTY_DIRECTORY},
 	};
 	encode(pn, 2, &parent, &parent_len);
 	cas_directory_digest(parent, parent_len, &parent_d);
@@ -214,13 +222,14 @@ static void test_directories(void)
 	CHECK(cas_store_directory_put(s, parent, parent_len, &d) == -ENOENT);
 	CHECK(s->ops->directory_has(s, &parent_d) == 0);
 	/* Bytes that are not canonical are refused. */
-	uint8_t bad[] = { 0x12, 0x01, 0x0a };
+	uint8_t bad[] = {0x12, 0x01, 0x0a};
 	CHECK(cas_store_directory_put(s, bad, sizeof(bad), &d) == -EBADMSG);
 
 	/* Abort leaves nothing. */
 	cas_dir_batch *b;
 	REQUIRE(s->ops->dir_batch_new(s, &b) == 0);
-	CHECK(b->ops->put(b, leaf, leaf_len, &d) == 0 && cas_digest_eq(&d, &leaf_d));
+	CHECK(b->ops->put(b, leaf, leaf_len, &d) == 0 &&
+	      cas_digest_eq(&d, &leaf_d));
 	CHECK(b->ops->put(b, parent, parent_len, &d) == 0 &&
 	      cas_digest_eq(&d, &parent_d));
 	b->ops->abort(b);
@@ -236,8 +245,8 @@ static void test_directories(void)
 	encode(&orphan_node, 1, &orphan, &orphan_len);
 	CHECK(b->ops->put(b, orphan, orphan_len, &d) == -ENOENT);
 	CHECK(b->ops->put(b, parent, parent_len, &d) == 0);
-	cas_node root = { .type = CAS_NODE_DIRECTORY, .digest = parent_d,
-			  .size = 3 };
+	cas_node root = {
+		.type = CAS_NODE_DIRECTORY, .digest = parent_d, .size = 3};
 	CHECK(b->ops->commit(b, "tree", &root) == 0);
 	CHECK(s->ops->directory_has(s, &leaf_d) == 1);
 	CHECK(s->ops->directory_has(s, &parent_d) == 1);
@@ -273,10 +282,11 @@ static int collect_root(void *userdata, const char *name, const cas_node *node)
 static void test_roots(void)
 {
 	cas_store *s = open_store("roots");
-	cas_node file = { .type = CAS_NODE_FILE, .size = 5, .executable = true };
+	cas_node file = {.type = CAS_NODE_FILE, .size = 5, .executable = true};
 	cas_hash_buffer("hello", 5, &file.digest);
-	cas_node link = { .type = CAS_NODE_SYMLINK,
-			  .target = (const uint8_t *)"../x", .target_len = 4 };
+	cas_node link = {.type = CAS_NODE_SYMLINK,
+			 .target = (const uint8_t *)"../x",
+			 .target_len = 4};
 	cas_node *got = NULL;
 
 	CHECK(s->ops->root_get(s, "a", &got) == -ENOENT);
@@ -299,7 +309,7 @@ static void test_roots(void)
 	CHECK(got->type == CAS_NODE_FILE);
 	free(got);
 
-	struct root_list l = { 0 };
+	struct root_list l = {0};
 	CHECK(s->ops->roots_foreach(s, collect_root, &l) == 0);
 	CHECK(l.n == 2 && !strcmp(l.names[0], "a") && !strcmp(l.names[1], "b"));
 
@@ -319,7 +329,7 @@ static void test_roots(void)
 	cas_store_free(s);
 	char dir[512];
 	snprintf(dir, sizeof(dir), "%s/roots", base);
-	struct cas_local_options ro = { .readonly = true };
+	struct cas_local_options ro = {.readonly = true};
 	REQUIRE(cas_local_open(dir, &ro, &s) == 0);
 	REQUIRE(s->ops->root_get(s, "c", &got) == 0);
 	free(got);
@@ -355,17 +365,18 @@ static int compare_trees(const char *a, const char *b)
 	if (S_ISREG(sa.st_mode)) {
 		if (sa.st_size != sb.st_size ||
 		    ((sa.st_mode & 0111) != 0) != ((sb.st_mode & 0111) != 0)) {
-			fprintf(stderr, "compare: %s: size or x bit differs\n", b);
+			fprintf(stderr, "compare: %s: size or x bit differs\n",
+				b);
 			return 1;
 		}
 		int fa = open(a, O_RDONLY), fb = open(b, O_RDONLY);
 		cas_digest da, db;
 		uint64_t n;
 		int r = fa >= 0 && fb >= 0 && cas_hash_fd(fa, &da, &n) == 0 &&
-				cas_hash_fd(fb, &db, &n) == 0 &&
-				cas_digest_eq(&da, &db)
-			? 0
-			: 1;
+					cas_hash_fd(fb, &db, &n) == 0 &&
+					cas_digest_eq(&da, &db)
+				? 0
+				: 1;
 		close(fa);
 		close(fb);
 		if (r)
@@ -393,8 +404,8 @@ static int compare_trees(const char *a, const char *b)
 		count_b += strcmp(de->d_name, ".") && strcmp(de->d_name, "..");
 	closedir(d);
 	if (count_a != count_b) {
-		fprintf(stderr, "compare: %s: %d entries, want %d\n", b, count_b,
-			count_a);
+		fprintf(stderr, "compare: %s: %d entries, want %d\n", b,
+			count_b, count_a);
 		fails++;
 	}
 	return fails;
@@ -404,8 +415,8 @@ static void make_tree(const char *root)
 {
 	char p[1024];
 	REQUIRE(mkdir(root, 0755) == 0);
-	const char *dirs[] = { "a", "a/b", "a/b/c", "empty", "nested",
-			       "nested/empty", "many" };
+	const char *dirs[] = {"a",	"a/b",		"a/b/c", "empty",
+			      "nested", "nested/empty", "many"};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(dirs); i++) {
 		snprintf(p, sizeof(p), "%s/%s", root, dirs[i]);
 		REQUIRE(mkdir(p, 0755) == 0);
@@ -431,7 +442,8 @@ static void make_tree(const char *root)
 	snprintf(p, sizeof(p), "%s/new\nline \xff\xfe", root);
 	write_file(p, "odd name", 8, 0644);
 	for (int i = 0; i < 300; i++) {
-		_cleanup_free_ uint8_t *data = pattern((size_t)i * 37, (unsigned)i);
+		_cleanup_free_ uint8_t *data =
+			pattern((size_t)i * 37, (unsigned)i);
 		snprintf(p, sizeof(p), "%s/many/f%03d", root, i);
 		write_file(p, data, (size_t)i * 37, 0644);
 	}
@@ -468,7 +480,7 @@ static void test_import_export(void)
 	snprintf(src, sizeof(src), "%s/tree", base);
 	make_tree(src);
 
-	struct cas_import_options o = { .progress = on_progress };
+	struct cas_import_options o = {.progress = on_progress};
 	cas_node *node = NULL;
 	struct cas_import_progress pr;
 	REQUIRE(cas_import(s, src, "tree", &o, &node, &pr) == 0);
@@ -480,9 +492,10 @@ static void test_import_export(void)
 	 * and without a partial last block) to files. */
 	cas_digest dx;
 	cas_hash_buffer("x", 1, &dx);
-	CHECK(s->ops->blob_stat(s, &dx, NULL) == 0 && !blob_file_exists(s, &dx));
+	CHECK(s->ops->blob_stat(s, &dx, NULL) == 0 &&
+	      !blob_file_exists(s, &dx));
 	_cleanup_free_ uint8_t *big = pattern(3 << 20, 11);
-	const size_t big_sizes[] = { 3 << 20, (1 << 20) - 1, 1 << 20 };
+	const size_t big_sizes[] = {3 << 20, (1 << 20) - 1, 1 << 20};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(big_sizes); i++) {
 		cas_digest db;
 		cas_hash_buffer(big, big_sizes[i], &db);
@@ -498,11 +511,14 @@ static void test_import_export(void)
 	/* Executable bits: any x bit counts. */
 	_cleanup_(cas_directory_freep) cas_directory *top = NULL;
 	REQUIRE(cas_store_directory_get(s, &node->digest, &top) == 0);
-	CHECK(top->n_directories == 4 && top->n_files == 3 && top->n_symlinks == 1);
-	const cas_node *nested = cas_directory_find(top, (const uint8_t *)"nested", 6);
+	CHECK(top->n_directories == 4 && top->n_files == 3 &&
+	      top->n_symlinks == 1);
+	const cas_node *nested =
+		cas_directory_find(top, (const uint8_t *)"nested", 6);
 	REQUIRE(nested);
 	CHECK(nested->size == 1);
-	const cas_node *odd = cas_directory_find(top, (const uint8_t *)"new\nline \xff\xfe", 11);
+	const cas_node *odd = cas_directory_find(
+		top, (const uint8_t *)"new\nline \xff\xfe", 11);
 	CHECK(odd && odd->type == CAS_NODE_FILE && odd->size == 8);
 
 	/* Export reproduces it. */
@@ -523,7 +539,7 @@ static void test_import_export(void)
 	CHECK(pr.blobs_added == 0 && pr.files == 309);
 	free(again);
 	/* One thread only: same result. */
-	struct cas_import_options one = { .threads = 1 };
+	struct cas_import_options one = {.threads = 1};
 	REQUIRE(cas_import(s, src, NULL, &one, &again, NULL) == 0);
 	CHECK(cas_digest_eq(&again->digest, &node->digest));
 	free(again);
@@ -531,7 +547,8 @@ static void test_import_export(void)
 	/* A single file. */
 	snprintf(p, sizeof(p), "%s/a/b/c/run.sh", src);
 	REQUIRE(cas_import(s, p, "script", NULL, &again, NULL) == 0);
-	CHECK(again->type == CAS_NODE_FILE && again->executable && again->size == 18);
+	CHECK(again->type == CAS_NODE_FILE && again->executable &&
+	      again->size == 18);
 	snprintf(dst, sizeof(dst), "%s/script-out", base);
 	CHECK(cas_export(s, again, dst) == 0);
 	CHECK(compare_trees(p, dst) == 0);
@@ -560,7 +577,7 @@ static void test_import_export(void)
 	CHECK(count_entries(p) == 0);
 	snprintf(p, sizeof(p), "%s/imp/tmp/old", base);
 	write_file(p, "x", 1, 0444);
-	struct timespec old[2] = { { .tv_sec = 1000 }, { .tv_sec = 1000 } };
+	struct timespec old[2] = {{.tv_sec = 1000}, {.tv_sec = 1000}};
 	REQUIRE(utimensat(AT_FDCWD, p, old, 0) == 0);
 	snprintf(p, sizeof(p), "%s/imp/tmp/young", base);
 	write_file(p, "x", 1, 0444);
@@ -626,8 +643,8 @@ static void test_packs(void)
 	char src[512], p[1024], dir[512];
 	snprintf(src, sizeof(src), "%s/small-tree", base);
 	REQUIRE(mkdir(src, 0755) == 0);
-	const size_t sizes[] = { 0, 1, 100, CAS_LOCAL_PACK_MAX,
-				 CAS_LOCAL_PACK_MAX + 1, 70000 };
+	const size_t sizes[] = {
+		0, 1, 100, CAS_LOCAL_PACK_MAX, CAS_LOCAL_PACK_MAX + 1, 70000};
 	uint8_t *datas[CAS_ARRAY_SIZE(sizes)];
 	cas_digest ds[CAS_ARRAY_SIZE(sizes)];
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++) {
@@ -640,7 +657,7 @@ static void test_packs(void)
 	snprintf(p, sizeof(p), "%s/f3-again", src);
 	write_file(p, datas[3], sizes[3], 0644);
 	cas_store *s = open_store("packs");
-	struct cas_import_options o = { 0 };
+	struct cas_import_options o = {0};
 	struct cas_import_progress pr;
 	REQUIRE(cas_import(s, src, "small", &o, NULL, &pr) == 0);
 	CHECK(pr.blobs_added == CAS_ARRAY_SIZE(sizes));
@@ -663,7 +680,8 @@ static void test_packs(void)
 		int r = s->ops->blob_locate(s, d, &fd, &off, &size);
 		CHECK(r == (len > CAS_LOCAL_PACK_MAX ? -ENOENT : 0));
 		if (r == 0)
-			CHECK(size == len && cas_pread_all(fd, back, len, off) == 0 &&
+			CHECK(size == len &&
+			      cas_pread_all(fd, back, len, off) == 0 &&
 			      !memcmp(back, datas[i], len));
 		uint8_t *buf = NULL;
 		size = 0;
@@ -671,9 +689,10 @@ static void test_packs(void)
 		CHECK(size == len && !memcmp(buf, datas[i], len));
 		free(buf);
 		if (len > 0)
-			CHECK(cas_store_blob_read(s, d, len - 1, &buf, &size) == -EFBIG);
+			CHECK(cas_store_blob_read(s, d, len - 1, &buf, &size) ==
+			      -EFBIG);
 	}
-	struct problems vp = { 0 };
+	struct problems vp = {0};
 	CHECK(cas_local_verify(s, on_problem, &vp) == 0 && vp.n == 0);
 
 	/* Importing again adds nothing, not even a pack. */
@@ -709,9 +728,10 @@ static void test_packs(void)
 	b ^= 0x20;
 	REQUIRE(pwrite(fd, &b, 1, 0) == 1);
 	close(fd);
-	vp = (struct problems){ 0 };
+	vp = (struct problems){0};
 	CHECK(cas_local_verify(s, on_problem, &vp) == 1 && vp.n == 1);
-	CHECK(!strncmp(vp.first, "blob ", 5) && strstr(vp.first, ": content hashes to "));
+	CHECK(!strncmp(vp.first, "blob ", 5) &&
+	      strstr(vp.first, ": content hashes to "));
 	cas_store_free(s);
 
 	/* One at a time, small blobs are files. */
@@ -723,7 +743,7 @@ static void test_packs(void)
 
 	/* A store that keeps every blob as a file (a cache). */
 	snprintf(dir, sizeof(dir), "%s/no-inline", base);
-	struct cas_local_options lo = { .create = true, .no_inline = true };
+	struct cas_local_options lo = {.create = true, .no_inline = true};
 	REQUIRE(cas_local_open(dir, &lo, &s) == 0);
 	REQUIRE(cas_import(s, src, "small", &o, NULL, &pr) == 0);
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(sizes); i++)
@@ -739,7 +759,7 @@ static void test_verify(void)
 	_cleanup_free_ uint8_t *data = pattern(5000, 1);
 	cas_digest d;
 	REQUIRE(put_blob(s, data, 5000, NULL, &d) == 0);
-	struct problems pr = { 0 };
+	struct problems pr = {0};
 	CHECK(cas_local_verify(s, on_problem, &pr) == 0 && pr.n == 0);
 
 	char path[512], hex[65], want[200];
@@ -759,7 +779,7 @@ static void test_verify(void)
 	CHECK(!strncmp(pr.first, want, strlen(want)));
 
 	/* A directory root whose Directory is absent. */
-	cas_node n = { .type = CAS_NODE_DIRECTORY, .digest = d, .size = 1 };
+	cas_node n = {.type = CAS_NODE_DIRECTORY, .digest = d, .size = 1};
 	REQUIRE(s->ops->root_set(s, "foo", &n) == 0);
 	pr.n = 0;
 	CHECK(cas_local_verify(s, on_problem, &pr) == 2);
@@ -780,7 +800,8 @@ static void raw_put_directory(const char *dir, const cas_digest *key,
 	REQUIRE(mdb_env_open(env, dir, MDB_NOTLS, 0644) == 0);
 	REQUIRE(mdb_txn_begin(env, NULL, 0, &txn) == 0);
 	REQUIRE(mdb_dbi_open(txn, "directories", 0, &dbi) == 0);
-	MDB_val k = { CAS_DIGEST_LEN, (void *)key->bytes }, v = { len, (void *)val };
+	MDB_val k = {CAS_DIGEST_LEN, (void *)key->bytes},
+		v = {len, (void *)val};
 	REQUIRE(mdb_put(txn, dbi, &k, &v, 0) == 0);
 	REQUIRE(mdb_txn_commit(txn) == 0);
 	mdb_env_close(env);
@@ -788,10 +809,10 @@ static void raw_put_directory(const char *dir, const cas_digest *key,
 
 static int has_problem(const char *dir, const char *want)
 {
-	struct cas_local_options o = { 0 };
+	struct cas_local_options o = {0};
 	cas_store *s = NULL;
 	REQUIRE(cas_local_open(dir, &o, &s) == 0);
-	struct problems pr = { 0 };
+	struct problems pr = {0};
 	int n = cas_local_verify(s, on_problem_match, &pr);
 	cas_store_free(s);
 	(void)want;
@@ -805,8 +826,10 @@ static void test_verify_directories(void)
 	cas_store_free(open_store("verify-dirs"));
 
 	/* A Directory whose child is absent (bypassing closure). */
-	cas_node child = { .type = CAS_NODE_DIRECTORY, .name = (const uint8_t *)"x",
-			   .name_len = 1, .size = 1 };
+	cas_node child = {.type = CAS_NODE_DIRECTORY,
+			  .name = (const uint8_t *)"x",
+			  .name_len = 1,
+			  .size = 1};
 	cas_hash_buffer("not a directory", 15, &child.digest);
 	_cleanup_free_ uint8_t *buf = NULL;
 	size_t len;
@@ -818,7 +841,8 @@ static void test_verify_directories(void)
 	cas_digest_to_hex(&d, hex);
 	cas_digest_to_hex(&child.digest, chex);
 	snprintf(match_want, sizeof(match_want),
-		 "directory %s: child directory %s (name 'x') is missing", hex, chex);
+		 "directory %s: child directory %s (name 'x') is missing", hex,
+		 chex);
 	match_found = 0;
 	CHECK(has_problem(dir, match_want) == 1 && match_found == 1);
 
@@ -827,8 +851,8 @@ static void test_verify_directories(void)
 	wrong.bytes[5] ^= 1;
 	raw_put_directory(dir, &wrong, buf, len);
 	cas_digest_to_hex(&wrong, hex);
-	snprintf(match_want, sizeof(match_want), "directory %s: content hashes to ",
-		 hex);
+	snprintf(match_want, sizeof(match_want),
+		 "directory %s: content hashes to ", hex);
 	match_found = 0;
 	CHECK(has_problem(dir, match_want) == 2 && match_found == 1);
 }
@@ -846,13 +870,13 @@ static void test_kill_import(void)
 		if (pid == 0) {
 			cas_log_set_level(CAS_LOG_ERROR);
 			cas_store *s = NULL;
-			struct cas_local_options o = { .create = true };
+			struct cas_local_options o = {.create = true};
 			int r = cas_local_open(dir, &o, &s);
 			if (r == 0)
 				r = cas_import(s, src, "t", NULL, NULL, NULL);
 			_exit(r == 0 ? 0 : 1);
 		}
-		struct timespec ts = { 0, (long)i * 7000000 };
+		struct timespec ts = {0, (long)i * 7000000};
 		nanosleep(&ts, NULL);
 		kill(pid, SIGKILL);
 		waitpid(pid, NULL, 0);
@@ -862,7 +886,7 @@ static void test_kill_import(void)
 		if (stat(mdb, &st) < 0)
 			continue; /* killed before the store existed */
 		cas_store *s = NULL;
-		struct cas_local_options o = { 0 };
+		struct cas_local_options o = {0};
 		REQUIRE(cas_local_open(dir, &o, &s) == 0);
 		CHECK(cas_local_verify(s, NULL, NULL) == 0);
 		cas_store_free(s);
@@ -885,7 +909,7 @@ static void test_concurrent(void)
 		REQUIRE(pids[i] >= 0);
 		if (pids[i] == 0) {
 			cas_store *s = NULL;
-			struct cas_local_options o = { .create = true };
+			struct cas_local_options o = {.create = true};
 			char name[16];
 			snprintf(name, sizeof(name), "t%d", i);
 			int r = cas_local_open(dir, &o, &s);
@@ -901,7 +925,7 @@ static void test_concurrent(void)
 		CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
 	}
 	cas_store *s = open_store("conc");
-	struct root_list l = { 0 };
+	struct root_list l = {0};
 	CHECK(s->ops->roots_foreach(s, collect_root, &l) == 0 && l.n == 3);
 	CHECK(cas_local_verify(s, NULL, NULL) == 0);
 	cas_store_free(s);
@@ -910,7 +934,8 @@ static void test_concurrent(void)
 int main(void)
 {
 	const char *tmp = getenv("TMPDIR");
-	snprintf(base, sizeof(base), "%s/test-store-XXXXXX", tmp ? tmp : "/tmp");
+	snprintf(base, sizeof(base), "%s/test-store-XXXXXX",
+		 tmp ? tmp : "/tmp");
 	REQUIRE(mkdtemp(base));
 	umask(022);
 

@@ -442,8 +442,8 @@ static void mem_table(struct cas_vu_dev *dev, int mfd)
 	memcpy(buf, hdr, 8);
 	memcpy(buf + 8, reg, 32);
 	int fd = dup(mfd);
-	struct msg_result m =
-		send_msg(dev, CAS_VU_SET_MEM_TABLE, ACK, buf, sizeof(buf), &fd, 1);
+	struct msg_result m = send_msg(dev, CAS_VU_SET_MEM_TABLE, ACK, buf,
+				       sizeof(buf), &fd, 1);
 	CHECK_ACK(m, 0);
 	CHECK(!fd_is_open(fd)); /* mapped, not kept */
 }
@@ -466,8 +466,8 @@ static void ring_up(struct cas_vu_dev *dev, int kick, int call)
 	st.num = 0;
 	m = send_msg(dev, CAS_VU_SET_VRING_BASE, ACK, &st, sizeof(st), NULL, 0);
 	CHECK_ACK(m, 0);
-	struct vring_addr addr = {1, 0, UVA0 + DESC_OFF, UVA0 + USED_OFF,
-				  UVA0 + AVAIL_OFF, 0};
+	struct vring_addr addr = {
+		1, 0, UVA0 + DESC_OFF, UVA0 + USED_OFF, UVA0 + AVAIL_OFF, 0};
 	m = send_msg(dev, CAS_VU_SET_VRING_ADDR, ACK, &addr, sizeof(addr), NULL,
 		     0);
 	CHECK_ACK(m, 0);
@@ -625,8 +625,8 @@ static void test_messages(void)
 	uint8_t *r0 = mmap(NULL, REGION_SIZE, PROT_READ | PROT_WRITE,
 			   MAP_SHARED, mfd, 0);
 	REQUIRE(r0 != MAP_FAILED);
-	struct vring_addr addr = {1, 0, UVA0 + DESC_OFF, UVA0 + USED_OFF,
-				  UVA0 + AVAIL_OFF, 0};
+	struct vring_addr addr = {
+		1, 0, UVA0 + DESC_OFF, UVA0 + USED_OFF, UVA0 + AVAIL_OFF, 0};
 	m = send_msg(dev, CAS_VU_SET_VRING_ADDR, ACK, &addr, sizeof(addr) - 8,
 		     NULL, 0);
 	CHECK_ACK(m, 1);
