@@ -335,9 +335,23 @@ int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
 	if (!buf)
 		return cas_cli_fail(verb, "blob %s: %s", hex, strerror(ENOMEM));
 	fflush(stdout);
+	/* What goes out is hashed on its way. A blob that fits the buffer is
+	 * checked before its first byte is written; a larger one is checked
+	 * at its end, and what it wrote is cut off again where the output
+	 * is a regular file (a pipe cannot take bytes back). */
+	struct stat st;
+	off_t start = fstat(fd, &st) == 0 && S_ISREG(st.st_mode)
+			      ? lseek(fd, 0, SEEK_CUR)
+			      : -1;
+	cas_hasher h;
+	cas_hasher_init(&h);
+	cas_digest got;
+	bool whole = size <= bufsize;
+	size_t held = 0;
 	while (off < size) {
-		size_t want = (size_t)CAS_MIN((uint64_t)bufsize, size - off);
-		ssize_t n = pread(bfd, buf, want, (off_t)off);
+		size_t want =
+			(size_t)CAS_MIN((uint64_t)bufsize - held, size - off);
+		ssize_t n = pread(bfd, buf + held, want, (off_t)off);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n < 0)
@@ -345,10 +359,28 @@ int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
 		if (n == 0)
 			return cas_cli_fail(
 				verb, "blob %s: shorter than its size", hex);
+		cas_hasher_update(&h, buf + held, (size_t)n);
+		off += (uint64_t)n;
+		if (whole) {
+			held += (size_t)n;
+			continue;
+		}
 		r = cas_write_all(fd, buf, (size_t)n);
 		if (r < 0)
 			return cas_cli_fail(verb, "write: %s", strerror(-r));
-		off += (uint64_t)n;
+	}
+	cas_hasher_final(&h, &got);
+	if (!cas_digest_eq(&got, d)) {
+		if (!whole && start >= 0 && ftruncate(fd, start) == 0)
+			(void)lseek(fd, start, SEEK_SET);
+		return cas_cli_fail(
+			verb, "blob %s: content does not match its digest",
+			hex);
+	}
+	if (whole && held) {
+		r = cas_write_all(fd, buf, held);
+		if (r < 0)
+			return cas_cli_fail(verb, "write: %s", strerror(-r));
 	}
 	return 0;
 }

@@ -1,6 +1,7 @@
 #include "core/digest.h"
 
 #include <errno.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 #include "core/util.h"
@@ -81,5 +82,32 @@ int cas_hash_fd(int fd, cas_digest *ret, uint64_t *ret_size)
 	cas_hasher_final(&h, ret);
 	if (ret_size)
 		*ret_size = off;
+	return 0;
+}
+
+int cas_copy_fd_hashed(int src, int dst, uint64_t size, cas_digest *ret)
+{
+	_cleanup_free_ uint8_t *buf = malloc(HASH_READ_SIZE);
+	if (!buf)
+		return -ENOMEM;
+	cas_hasher h;
+	cas_hasher_init(&h);
+	for (uint64_t off = 0; off < size;) {
+		size_t want =
+			(size_t)CAS_MIN(size - off, (uint64_t)HASH_READ_SIZE);
+		ssize_t n = pread(src, buf, want, (off_t)off);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return cas_negerrno();
+		if (n == 0)
+			return -EBADMSG;
+		cas_hasher_update(&h, buf, (size_t)n);
+		int r = cas_write_all(dst, buf, (size_t)n);
+		if (r < 0)
+			return r;
+		off += (uint64_t)n;
+	}
+	cas_hasher_final(&h, ret);
 	return 0;
 }

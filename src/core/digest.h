@@ -54,4 +54,10 @@ void cas_hash_buffer(const void *buf, size_t len, cas_digest *ret);
  * EOF), in large reads. Sets *ret_size to the number of bytes hashed. */
 int cas_hash_fd(int fd, cas_digest *ret, uint64_t *ret_size);
 
+/* Copies size bytes from src (pread from offset 0) to dst (write at its
+ * position) and hashes what it wrote, so a reader that emits a blob can
+ * check it without reading it twice. -EBADMSG if src is shorter than
+ * size; the caller compares *ret with the digest it expected. */
+int cas_copy_fd_hashed(int src, int dst, uint64_t size, cas_digest *ret);
+
 #endif

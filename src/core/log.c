@@ -2,11 +2,15 @@
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
 /* Level and prefix are set once at start-up, before threads exist. */
 static int log_level = -1;
+
+/* One line per message, written with one write(2). */
+#define LOG_LINE_MAX 2048
 static const char *log_prefix = "castore: ";
 
 void cas_log_set_level(enum cas_log_level level)
@@ -50,20 +54,40 @@ int cas_log_internal(enum cas_log_level level, int r, const char *fmt, ...)
 	if (level == CAS_LOG_ERROR)
 		__atomic_fetch_add(&log_errors, 1, __ATOMIC_RELAXED);
 
-	char line[2048];
+	char line[LOG_LINE_MAX];
 	int saved = errno;
 	size_t n = (size_t)snprintf(line, sizeof(line), "%s", log_prefix);
-	/* Room for at least the newline, whatever the prefix's length (the
-	 * arithmetic below would wrap otherwise). */
-	if (n > sizeof(line) - 2)
-		n = sizeof(line) - 2;
+	/* Room for the message and its newline, whatever the prefix. */
+	if (n > sizeof(line) / 4)
+		n = sizeof(line) / 4;
+	size_t room = sizeof(line) - n - 1; /* for the message, no newline */
 	errno = r < 0 ? -r : r;
-	va_list ap;
+	va_list ap, again;
 	va_start(ap, fmt);
-	int m = vsnprintf(line + n, sizeof(line) - n - 1, fmt, ap);
+	va_copy(again, ap);
+	int m = vsnprintf(line + n, room + 1, fmt, ap);
 	va_end(ap);
+	if (m > 0 && (size_t)m > room) {
+		/* Too long: the reason is at the end of the line and the path
+		 * in the middle, so keep both ends and cut the middle. */
+		char *whole = malloc((size_t)m + 1);
+		if (whole) {
+			errno = r < 0 ? -r : r;
+			vsnprintf(whole, (size_t)m + 1, fmt, again);
+			static const char cut[] = " ... ";
+			size_t tail = room / 2,
+			       head = room - tail - strlen(cut);
+			memcpy(line + n, whole, head);
+			memcpy(line + n + head, cut, strlen(cut));
+			memcpy(line + n + head + strlen(cut),
+			       whole + (size_t)m - tail, tail);
+			free(whole);
+		}
+		m = (int)room;
+	}
+	va_end(again);
 	if (m > 0)
-		n += CAS_MIN((size_t)m, sizeof(line) - n - 2);
+		n += (size_t)m;
 	line[n++] = '\n';
 	/* One write per message: lines from several threads do not mix. */
 	ssize_t w = write(STDERR_FILENO, line, n);
