@@ -1758,6 +1758,8 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 	if ((r = open_subdir(ls, "packs", !ls->readonly, &ls->packs_fd)) < 0 &&
 	    !ls->readonly)
 		return r;
+	if ((r = cas_lmdb_check(ls->dir_fd, dir)) < 0)
+		return r;
 	if ((r = open_env(ls, o.create)) < 0)
 		return r;
 	if (!ls->readonly)

@@ -119,4 +119,9 @@ void cas_local_stage_discard(struct cas_local *ls, const char *name);
  * out must hold 4 * len + 1 bytes; truncated to `size`. */
 void cas_escape_name(const uint8_t *name, size_t len, char *out, size_t size);
 
+/* Checks data.mdb against its own meta pages before LMDB maps it (a
+ * short file would be a SIGBUS later): 0, or -EBADMSG after one line
+ * "store DIR: data.mdb is corrupt (...)". A missing file is fine. */
+int cas_lmdb_check(int dir_fd, const char *dir);
+
 #endif

@@ -185,3 +185,29 @@ def test_long_error_line_keeps_its_reason(tmp_path, castore):
     err = p.stderr.decode()
     assert err.count("\n") == 1 and len(err) <= 2048, err
     assert " ... " in err and err.rstrip().endswith("No such file or directory"), err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "foreign"])
+def test_damaged_data_mdb_is_one_line(tmp_path, castore, store, damage):
+    t = tmp_path / "t"
+    t.mkdir()
+    (t / "f").write_bytes(pattern_bytes(100))
+    castore("import", t, "--name", "t")
+    db = store / "data.mdb"
+    size = db.stat().st_size
+    assert size > 8192
+    if damage == "truncated":
+        os.truncate(db, 8192)
+    elif damage == "empty":
+        os.truncate(db, 0)
+    else:
+        db.write_bytes(pattern_bytes(65536, 7))
+    before = db.read_bytes()
+    for args in (["verify"], ["ls", "t"], ["cat", "t/f"], ["import", t, "--name", "u"],
+                 ["roots", "list"]):
+        p = castore(*args, check=False)
+        assert p.returncode == 1, (args, p.returncode, p.stderr)
+        lines = p.stderr.decode().strip().split("\n")
+        assert len(lines) == 1, (args, lines)
+        assert f"store {store}: data.mdb is corrupt (" in lines[0], lines
+    assert db.read_bytes() == before  # nothing wrote over it
