@@ -6,7 +6,11 @@
  *   DIR/packs/ab/<hex>        its small files back to back (remote_i.h)
  *   DIR/trees/ab/<hex>        a root Directory's closure (remote_i.h)
  *   DIR/roots                 the published roots (remote_i.h format)
- *   DIR/tmp/                  files being written
+ *
+ * Files being written wait outside the published tree, in a work folder
+ * beside DIR on the same file system (see work_open), so a web server
+ * that serves DIR never serves half-written bytes, and what a killed
+ * publish left is found and removed by the next one at once.
  *
  * Objects are written leaves first (a Directory after all it names and
  * its pack), each to a temporary file then linked into place without
@@ -18,8 +22,7 @@
  * order above holds at any moment. (An fdatasync per object cost 43 s
  * of the 48 s /usr/share took.) All objects are named before the roots
  * file is replaced by rename: a reader never sees a root whose objects
- * are missing. What a crashed publish left in tmp/ is removed by the
- * next one, once an hour old.
+ * are missing.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -27,6 +30,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <dirent.h>
+#include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -49,6 +54,10 @@ struct pending_name {
 struct publisher {
 	cas_store *s;
 	int dirfd;
+	int workfd;  /* the work folder beside DIR */
+	int tmpfd;   /* this publisher's own folder in it */
+	int lockfd;  /* flock held on <id>.lock while we run */
+	char id[17]; /* its name */
 	char *dir;
 	/* Objects known to be in DIR. Two maps: the empty file and the empty
 	 * Directory have the same digest. */
@@ -56,7 +65,7 @@ struct publisher {
 	struct cas_remote_progress p;
 	cas_remote_progress_cb progress;
 	void *userdata;
-	uint64_t tmp_seq;	      /* starts at random: see tmp_create */
+	uint64_t tmp_seq;	      /* names in our own folder */
 	struct pending_name *pending; /* in the order written */
 	size_t n_pending, cap_pending;
 };
@@ -87,23 +96,14 @@ static int ensure_fanout(struct publisher *pb, const char *path)
 	return 0;
 }
 
-/* A new file DIR/tmp/<pid>.<n><suffix> (its name into tmp). Another
- * publisher into DIR may have our pid (containers, other hosts on a
- * shared folder), and its files wait here unnamed until its group is
- * linked: a name that exists is never taken over, and n starts at
- * random, which makes meeting one unlikely. */
+/* A new file in this publisher's own folder (its name into tmp). */
 static int tmp_open(struct publisher *pb, const char *suffix, char *tmp,
 		    size_t size)
 {
-	int fd = -1;
-	for (int tries = 0; fd < 0 && tries < 100; tries++) {
-		snprintf(tmp, size, "tmp/%ld.%016llx%s", (long)getpid(),
-			 (unsigned long long)pb->tmp_seq++, suffix);
-		fd = openat(pb->dirfd, tmp,
-			    O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-		if (fd < 0 && errno != EEXIST)
-			break;
-	}
+	snprintf(tmp, size, "%016llx%s", (unsigned long long)pb->tmp_seq++,
+		 suffix);
+	int fd = openat(pb->tmpfd, tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC,
+			0644);
 	return fd < 0 ? cas_negerrno() : fd;
 }
 
@@ -133,7 +133,7 @@ static int tmp_commit(struct publisher *pb, const char *tmp, const char *path,
 		}
 	}
 	if (r < 0) {
-		(void)unlinkat(pb->dirfd, tmp, 0);
+		(void)unlinkat(pb->tmpfd, tmp, 0);
 		return r;
 	}
 	struct pending_name *p = &pb->pending[pb->n_pending++];
@@ -157,11 +157,11 @@ static int publish_flush(struct publisher *pb)
 	for (size_t i = 0; i < pb->n_pending; i++) {
 		const struct pending_name *p = &pb->pending[i];
 		if (r >= 0 &&
-		    linkat(pb->dirfd, p->tmp, pb->dirfd, p->path, 0) < 0 &&
+		    linkat(pb->tmpfd, p->tmp, pb->dirfd, p->path, 0) < 0 &&
 		    errno != EEXIST)
 			r = cas_log_errno(cas_negerrno(), "%s/%s: %m", pb->dir,
 					  p->path);
-		(void)unlinkat(pb->dirfd, p->tmp, 0);
+		(void)unlinkat(pb->tmpfd, p->tmp, 0);
 	}
 	pb->n_pending = 0;
 	return r;
@@ -254,7 +254,7 @@ static int publish_pack(struct publisher *pb, const cas_digest *d,
 			cas_log_debug("directory %s: a file's size is not its "
 				      "blob's: no pack",
 				      hex);
-			(void)unlinkat(pb->dirfd, tmp, 0);
+			(void)unlinkat(pb->tmpfd, tmp, 0);
 			return 0;
 		}
 		if (r >= 0)
@@ -568,10 +568,10 @@ static int write_roots_file(struct publisher *pb, struct root_set *rs)
 		r = r < 0 ? r : cas_negerrno();
 	if (fclose(f) != 0 && r >= 0)
 		r = cas_negerrno();
-	if (r >= 0 && renameat(pb->dirfd, tmp, pb->dirfd, "roots") < 0)
+	if (r >= 0 && renameat(pb->tmpfd, tmp, pb->dirfd, "roots") < 0)
 		r = cas_negerrno();
 	if (r < 0)
-		(void)unlinkat(pb->dirfd, tmp, 0);
+		(void)unlinkat(pb->tmpfd, tmp, 0);
 	else if (fsync(pb->dirfd) < 0)
 		r = cas_negerrno();
 	return r;
@@ -582,12 +582,170 @@ static int collect_all(void *userdata, const char *name, const cas_node *node)
 	return root_set_put(userdata, name, node);
 }
 
+/* Empties and removes folder `name` in parent (a publisher's own folder:
+ * flat, regular files only). */
+static void remove_folder(int parent, const char *name)
+{
+	int fd = openat(parent, name,
+			O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd >= 0) {
+		DIR *d = fdopendir(fd);
+		if (!d) {
+			close(fd);
+			return;
+		}
+		struct dirent *de;
+		while ((de = readdir(d)))
+			if (de->d_name[0] != '.')
+				(void)unlinkat(fd, de->d_name, 0);
+		closedir(d);
+	}
+	(void)unlinkat(parent, name, AT_REMOVEDIR);
+}
+
+/* What killed publishers left: a <id>.lock nobody holds names a folder
+ * <id> whose files no one will name. Lock files are made under a
+ * ".new" name and renamed once locked, so a publisher starting now is
+ * never taken for a dead one. */
+static void work_sweep(struct publisher *pb)
+{
+	int fd = openat(pb->workfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	DIR *d = fd >= 0 ? fdopendir(fd) : NULL;
+	if (!d) {
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	time_t now = time(NULL);
+	struct dirent *de;
+	while ((de = readdir(d))) {
+		size_t n = strlen(de->d_name);
+		struct stat st;
+		if (n == 16 + 9 && !strcmp(de->d_name + 16, ".lock.new") &&
+		    fstatat(pb->workfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) ==
+			    0 &&
+		    st.st_mtime + 3600 < now) {
+			(void)unlinkat(pb->workfd, de->d_name, 0);
+			continue;
+		}
+		if (n != 16 + 5 || strcmp(de->d_name + 16, ".lock") ||
+		    !strncmp(de->d_name, pb->id, 16))
+			continue;
+		int lfd = openat(pb->workfd, de->d_name,
+				 O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+		if (lfd < 0)
+			continue;
+		if (flock(lfd, LOCK_EX | LOCK_NB) == 0) {
+			char sub[17];
+			memcpy(sub, de->d_name, 16);
+			sub[16] = 0;
+			remove_folder(pb->workfd, sub);
+			(void)unlinkat(pb->workfd, de->d_name, 0);
+		}
+		close(lfd);
+	}
+	closedir(d);
+}
+
+/* The work folder: DIR/../.castore-publish.<dev>.<ino of DIR>, beside
+ * DIR so that linkat and rename reach DIR, named by DIR's identity so
+ * two layouts in one parent do not share one. When DIR is the root of
+ * its file system (its parent is elsewhere), it is DIR/.castore-publish
+ * instead: hidden, but inside the tree (docs/remote.md). Then this
+ * publisher's own folder in it, locked while it runs. */
+static int work_open(struct publisher *pb)
+{
+	struct stat st, pst;
+	char name[64];
+	if (fstat(pb->dirfd, &st) < 0)
+		return cas_log_errno(cas_negerrno(), "%s: %m", pb->dir);
+	int parent =
+		openat(pb->dirfd, "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (parent >= 0 &&
+	    (fstat(parent, &pst) < 0 || pst.st_dev != st.st_dev ||
+	     pst.st_ino == st.st_ino)) {
+		close(parent);
+		parent = -1;
+	}
+	if (parent >= 0)
+		snprintf(name, sizeof(name), ".castore-publish.%llx.%llx",
+			 (unsigned long long)st.st_dev,
+			 (unsigned long long)st.st_ino);
+	else
+		snprintf(name, sizeof(name), ".castore-publish");
+	int base = parent >= 0 ? parent : pb->dirfd;
+	if (mkdirat(base, name, 0700) < 0 && errno != EEXIST) {
+		int r = cas_negerrno();
+		if (parent >= 0)
+			close(parent);
+		return cas_log_errno(r, "%s: work folder %s: %m", pb->dir,
+				     name);
+	}
+	pb->workfd = openat(base, name,
+			    O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	int r = pb->workfd < 0 ? cas_negerrno() : 0;
+	if (parent >= 0)
+		close(parent);
+	if (r < 0)
+		return cas_log_errno(r, "%s: work folder %s: %m", pb->dir,
+				     name);
+
+	uint64_t id;
+	if (getrandom(&id, sizeof(id), GRND_NONBLOCK) != sizeof(id))
+		id = (uint64_t)time(NULL) << 20 ^ (uint64_t)getpid();
+	snprintf(pb->id, sizeof(pb->id), "%016llx", (unsigned long long)id);
+	char lock_new[32], lock[32];
+	snprintf(lock_new, sizeof(lock_new), "%s.lock.new", pb->id);
+	snprintf(lock, sizeof(lock), "%s.lock", pb->id);
+	pb->lockfd = openat(pb->workfd, lock_new,
+			    O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+	if (pb->lockfd < 0 || flock(pb->lockfd, LOCK_EX) < 0 ||
+	    mkdirat(pb->workfd, pb->id, 0700) < 0 ||
+	    renameat(pb->workfd, lock_new, pb->workfd, lock) < 0)
+		return cas_log_errno(cas_negerrno(), "%s: work folder: %m",
+				     pb->dir);
+	pb->tmpfd = openat(pb->workfd, pb->id,
+			   O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (pb->tmpfd < 0)
+		return cas_log_errno(cas_negerrno(), "%s: work folder: %m",
+				     pb->dir);
+	work_sweep(pb);
+	/* DIR/tmp/ is where publishers before this one wrote: what they left
+	 * is an hour old by now unless one still runs. */
+	int old = openat(pb->dirfd, "tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (old >= 0) {
+		cas_remove_stale_files(old, 3600);
+		close(old);
+		(void)unlinkat(pb->dirfd, "tmp", AT_REMOVEDIR);
+	}
+	return 0;
+}
+
+static void work_close(struct publisher *pb)
+{
+	if (pb->tmpfd >= 0) {
+		close(pb->tmpfd);
+		remove_folder(pb->workfd, pb->id);
+	}
+	if (pb->lockfd >= 0) {
+		char lock[32];
+		snprintf(lock, sizeof(lock), "%s.lock", pb->id);
+		(void)unlinkat(pb->workfd, lock, 0);
+		close(pb->lockfd);
+	}
+	if (pb->workfd >= 0)
+		close(pb->workfd);
+}
+
 int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 		       size_t n_names, cas_remote_progress_cb progress,
 		       void *userdata, struct cas_remote_progress *ret_stats)
 {
 	struct publisher pb = {.s = s,
 			       .dirfd = -1,
+			       .workfd = -1,
+			       .tmpfd = -1,
+			       .lockfd = -1,
 			       .progress = progress,
 			       .userdata = userdata};
 	struct root_set todo = {0}, published = {0};
@@ -603,11 +761,8 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 		r = -ENOMEM;
 		goto out;
 	}
-	if (getrandom(&pb.tmp_seq, sizeof(pb.tmp_seq), GRND_NONBLOCK) !=
-	    sizeof(pb.tmp_seq))
-		pb.tmp_seq = (uint64_t)time(NULL) << 20;
 	static const char *const subdirs[] = {"blobs", "directories", "packs",
-					      "trees", "tmp"};
+					      "trees"};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(subdirs); i++)
 		if (mkdirat(pb.dirfd, subdirs[i], 0755) < 0 &&
 		    errno != EEXIST) {
@@ -615,13 +770,8 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 					  subdirs[i]);
 			goto out;
 		}
-	/* A crashed publisher's unnamed objects (a group at most). */
-	int tmp_fd =
-		openat(pb.dirfd, "tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (tmp_fd >= 0) {
-		cas_remove_stale_files(tmp_fd, 3600);
-		close(tmp_fd);
-	}
+	if ((r = work_open(&pb)) < 0)
+		goto out;
 
 	if (n_names == 0) {
 		r = s->ops->roots_foreach(s, collect_all, &todo);
@@ -673,7 +823,9 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 out:
 	/* After a failure, what was written whole is still worth naming:
 	 * publishing again skips it. */
-	(void)publish_flush(&pb);
+	if (pb.tmpfd >= 0)
+		(void)publish_flush(&pb);
+	work_close(&pb);
 	free(pb.pending);
 	root_set_release(&todo);
 	root_set_release(&published);

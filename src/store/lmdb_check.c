@@ -24,10 +24,10 @@
 #include "core/log.h"
 #include "core/util.h"
 
-#define META_OFF 16 /* the page header */
-#define META_MAGIC 0xBEEFC0DEu
+#define META_OFF     16 /* the page header */
+#define META_MAGIC   0xBEEFC0DEu
 #define META_VERSION 1u
-#define META_LEN 136
+#define META_LEN     136
 
 struct meta {
 	uint32_t psize;
@@ -86,14 +86,12 @@ int cas_lmdb_check(int dir_fd, const char *dir)
 	bool ok_a = read_meta(fd, 0, &a);
 	bool ok_b = ok_a && read_meta(fd, a.psize, &b) && b.psize == a.psize;
 	if (!ok_a)
-		return cas_log_errno(-EBADMSG,
-				     "store %s: data.mdb is corrupt (%s)", dir,
-				     st.st_size == 0 ? "empty"
-						     : "no LMDB meta page");
+		return cas_log_errno(
+			-EBADMSG, "store %s: data.mdb is corrupt (%s)", dir,
+			st.st_size == 0 ? "empty" : "no LMDB meta page");
 	const struct meta *m = ok_b && b.txnid > a.txnid ? &b : &a;
 	uint64_t need;
-	if (__builtin_mul_overflow(m->last_pg + 1, (uint64_t)m->psize,
-				   &need) ||
+	if (__builtin_mul_overflow(m->last_pg + 1, (uint64_t)m->psize, &need) ||
 	    (uint64_t)st.st_size < need)
 		return cas_log_errno(-EBADMSG,
 				     "store %s: data.mdb is corrupt (%llu "

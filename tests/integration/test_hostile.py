@@ -211,3 +211,40 @@ def test_damaged_data_mdb_is_one_line(tmp_path, castore, store, damage):
         assert len(lines) == 1, (args, lines)
         assert f"store {store}: data.mdb is corrupt (" in lines[0], lines
     assert db.read_bytes() == before  # nothing wrote over it
+
+
+def test_killed_publish_leaves_nothing_in_the_tree(tmp_path, castore, store):
+    """A SIGKILLed publish leaves its unnamed files outside the published
+    tree (never under DIR, which a web server serves), and the next
+    publish removes them at once and completes. Data: /usr/share/doc."""
+    import signal
+    import time
+    from test_remote import publish_leftovers
+    castore("import", "/usr/share/doc", "--name", "doc")
+    pub = tmp_path / "pub"
+    pub.mkdir()
+    st = pub.stat()
+    work = pub.parent / f".castore-publish.{st.st_dev:x}.{st.st_ino:x}"
+    killed_mid_group = 0
+    for _ in range(3):
+        p = subprocess.Popen([CASTORE, "--store", str(store), "publish", str(pub)],
+                             stderr=subprocess.PIPE)
+        # Kill it once it has files waiting to be named.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            if work.exists() and any(f.is_file() and f.suffix != ".lock"
+                                     for f in work.rglob("*")):
+                break
+            time.sleep(0.01)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stderr.close()
+        killed_mid_group += bool(publish_leftovers(pub))
+        assert not (pub / "roots").exists() or p.returncode == 0
+        # Under DIR only the layout's folders, each name holding its bytes.
+        assert {x.name for x in pub.iterdir()} <= {
+            "blobs", "directories", "packs", "roots", "trees"}
+    assert killed_mid_group > 0
+    castore("publish", pub)
+    assert publish_leftovers(pub) == []
+    assert (pub / "roots").read_text().count("\ndoc\t") == 1
