@@ -11,12 +11,18 @@
  * map size, two 48-byte database records of which the first holds the
  * page size in its pad field, last page number, transaction id).
  *
+ * An empty data.mdb is also what a writer killed while creating the
+ * store leaves (LMDB creates the file, then writes its meta pages): when
+ * the store holds no blob and no pack either, nothing is lost, and a
+ * writer starts it afresh while a reader finds no store yet.
+ *
  * Contract: no state; the caller logs nothing more (one line is logged
  * here, naming the store and the reason).
  */
 #include "store/local_i.h"
 
 #include <errno.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <string.h>
 #include <unistd.h>
@@ -64,7 +70,27 @@ static bool read_meta(int fd, uint64_t off, struct meta *m)
 	       !(m->psize & (m->psize - 1));
 }
 
-int cas_lmdb_check(int dir_fd, const char *dir)
+/* true if folder `name` of the store is missing or holds nothing (the
+ * blobs/ fan-out folders are made as blobs are, never ahead). */
+static bool folder_empty(int dir_fd, const char *name)
+{
+	int fd = openat(dir_fd, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return errno == ENOENT;
+	DIR *d = fdopendir(fd);
+	if (!d) {
+		close(fd);
+		return false;
+	}
+	bool empty = true;
+	struct dirent *de;
+	while (empty && (de = readdir(d)))
+		empty = !strcmp(de->d_name, ".") || !strcmp(de->d_name, "..");
+	closedir(d);
+	return empty;
+}
+
+int cas_lmdb_check(int dir_fd, const char *dir, bool readonly)
 {
 	_cleanup_close_ int fd =
 		openat(dir_fd, "data.mdb", O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
@@ -82,6 +108,19 @@ int cas_lmdb_check(int dir_fd, const char *dir)
 				     "store %s: data.mdb is corrupt (not a "
 				     "regular file)",
 				     dir);
+	if (st.st_size == 0 && folder_empty(dir_fd, "blobs") &&
+	    folder_empty(dir_fd, "packs")) {
+		if (readonly)
+			return cas_log_errno(-ENOENT,
+					     "store %s: no store here yet "
+					     "(data.mdb is empty: its creation "
+					     "was cut short)",
+					     dir);
+		if (unlinkat(dir_fd, "data.mdb", 0) < 0)
+			return cas_log_errno(cas_negerrno(),
+					     "store %s: data.mdb: %m", dir);
+		return 0;
+	}
 	struct meta a, b;
 	bool ok_a = read_meta(fd, 0, &a);
 	bool ok_b = ok_a && read_meta(fd, a.psize, &b) && b.psize == a.psize;

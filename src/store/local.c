@@ -1758,7 +1758,7 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 	if ((r = open_subdir(ls, "packs", !ls->readonly, &ls->packs_fd)) < 0 &&
 	    !ls->readonly)
 		return r;
-	if ((r = cas_lmdb_check(ls->dir_fd, dir)) < 0)
+	if ((r = cas_lmdb_check(ls->dir_fd, dir, ls->readonly)) < 0)
 		return r;
 	if ((r = open_env(ls, o.create)) < 0)
 		return r;

@@ -121,7 +121,9 @@ void cas_escape_name(const uint8_t *name, size_t len, char *out, size_t size);
 
 /* Checks data.mdb against its own meta pages before LMDB maps it (a
  * short file would be a SIGBUS later): 0, or -EBADMSG after one line
- * "store DIR: data.mdb is corrupt (...)". A missing file is fine. */
-int cas_lmdb_check(int dir_fd, const char *dir);
+ * "store DIR: data.mdb is corrupt (...)". A missing file is fine; an
+ * empty one in a store holding nothing else is removed for a writer
+ * (LMDB starts afresh) and -ENOENT for a reader. */
+int cas_lmdb_check(int dir_fd, const char *dir, bool readonly);
 
 #endif

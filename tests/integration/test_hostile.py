@@ -248,3 +248,20 @@ def test_killed_publish_leaves_nothing_in_the_tree(tmp_path, castore, store):
     castore("publish", pub)
     assert publish_leftovers(pub) == []
     assert (pub / "roots").read_text().count("\ndoc\t") == 1
+
+
+def test_store_whose_creation_was_cut(tmp_path, castore, store):
+    """An empty data.mdb in a store holding nothing else is what a writer
+    killed while creating it leaves: readers find no store yet, a writer
+    starts it afresh."""
+    for sub in ("blobs", "packs", "tmp"):
+        (store / sub).mkdir(parents=True)
+    (store / "data.mdb").write_bytes(b"")
+    p = castore("roots", "list", check=False)
+    assert p.returncode == 1 and b"no store here yet" in p.stderr, p.stderr
+    t = tmp_path / "t"
+    t.mkdir()
+    (t / "f").write_bytes(b"x")
+    castore("import", t, "--name", "t")
+    assert castore("cat", "t/f").stdout == b"x"
+    castore("verify")

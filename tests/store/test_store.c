@@ -887,6 +887,12 @@ static void test_kill_import(void)
 			continue; /* killed before the store existed */
 		cas_store *s = NULL;
 		struct cas_local_options o = {0};
+		if (st.st_size == 0) {
+			/* Killed between LMDB's create and its first
+			 * write: no store yet, for a reader. */
+			CHECK(cas_local_open(dir, &o, &s) == -ENOENT);
+			continue;
+		}
 		REQUIRE(cas_local_open(dir, &o, &s) == 0);
 		CHECK(cas_local_verify(s, NULL, NULL) == 0);
 		cas_store_free(s);
