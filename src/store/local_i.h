@@ -1,4 +1,6 @@
-/* local_i.h - what local.c shares with import.c and verify.c.
+/* local_i.h - what the local store's files (local.c, local_db.c,
+ * local_blob.c, local_pack.c, ingest.c) share with each other and with
+ * import.c and verify.c.
  *
  * Contract: the struct is private to src/store. Its fds and LMDB handles
  * are set once by cas_local_open and read-only afterwards, so any thread
@@ -60,6 +62,11 @@ struct cas_local {
 	size_t n_pool;			   /* protected by pool_lock */
 };
 
+static inline struct cas_local *to_local(cas_store *s)
+{
+	return (struct cas_local *)s;
+}
+
 /* The one place MDB_* codes become -errno. */
 int cas_local_mdb_errno(int rc);
 
@@ -69,6 +76,44 @@ int cas_local_rtxn_get(struct cas_local *ls, MDB_txn **ret);
 void cas_local_rtxn_put(struct cas_local *ls, MDB_txn *txn);
 
 void cas_local_blob_rel(const cas_digest *d, char ret[CAS_BLOB_REL_LEN]);
+
+/* Looks d up in dbi under a pooled read transaction: 1 when present
+ * (after `use`, if given, took what it needs of the value; its error is
+ * returned instead), 0 when absent (local_db.c). */
+int cas_local_db_lookup(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d,
+			int (*use)(const MDB_val *val, void *ctx), void *ctx);
+int cas_local_db_has(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d);
+
+/* The store operations, by file (local.c puts them in its table). */
+int cas_local_blob_stat(cas_store *s, const cas_digest *d, uint64_t *ret_size);
+int cas_local_blob_open(cas_store *s, const cas_digest *d, int *ret_fd,
+			uint64_t *ret_size);
+int cas_local_blob_read(cas_store *s, const cas_digest *d, size_t max,
+			uint8_t **ret_buf, uint64_t *ret_size);
+int cas_local_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
+			  uint64_t *ret_off, uint64_t *ret_size);
+int cas_local_blob_writer_new(cas_store *s, cas_blob_writer **ret);
+int cas_local_directory_get_raw(cas_store *s, const cas_digest *d,
+				uint8_t **ret_buf, size_t *ret_len);
+int cas_local_directory_has(cas_store *s, const cas_digest *d);
+int cas_local_dir_batch_new(cas_store *s, cas_dir_batch **ret);
+int cas_local_root_get(cas_store *s, const char *name, cas_node **ret);
+int cas_local_roots_foreach(cas_store *s, cas_root_cb cb, void *userdata);
+int cas_local_root_set(cas_store *s, const char *name, const cas_node *node);
+int cas_local_root_remove(cas_store *s, const char *name);
+
+/* What a lookup of a packed blob does: copy it out, put it in a memfd, or
+ * only take its size. 1 when the blob is in a pack (with *ret_size and,
+ * as asked, *ret_buf or *ret_fd), 0 when it is not (local_pack.c). */
+enum packed_want { PACKED_SIZE, PACKED_COPY, PACKED_MEMFD };
+int cas_local_packed_get(struct cas_local *ls, const cas_digest *d,
+			 enum packed_want want, uint64_t *ret_size,
+			 uint8_t **ret_buf, int *ret_fd);
+
+/* Writes buf at off of a staged file or pack, O_DIRECT while *direct and
+ * the buffer allows, the tail through the page cache (ingest.c). */
+int cas_local_stage_write(struct cas_local *ls, int fd, bool *direct,
+			  const uint8_t *buf, size_t len, uint64_t off);
 
 /* 1 if the blob's file exists, 0 if not (small blobs in LMDB are not
  * looked at: import puts those without asking, see below). */

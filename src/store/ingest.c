@@ -1,0 +1,530 @@
+/* ingest.c - every write of blob bytes into the local store: temporary
+ * files in DIR/tmp, single blobs made durable and linked under their name
+ * (writers, publish_*), and the staging that import and the remote cache
+ * use: named files in tmp/ made durable together by one syncfs, then
+ * renamed into blobs/ (never replacing).
+ *
+ * Blob publish: the bytes go to an unnamed O_TMPFILE in DIR/tmp (nothing
+ * is left behind by a crash), which is then linked under its final name
+ * with linkat(); link never replaces an existing name, so EEXIST means
+ * another writer published the same bytes first. File systems without
+ * O_TMPFILE get named temporary files (O_EXCL) that are linked then
+ * unlinked; the next writer removes such leftovers once they are older
+ * than an hour (a live writer may still be filling a younger one).
+ */
+#include "store/local_i.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/log.h"
+
+enum {
+	TMP_UNKNOWN = 0,
+	TMP_EMPTY_PATH = 1,
+	TMP_PROC = 2,
+	TMP_NAMED = 3,
+};
+
+/* Blob files ----------------------------------------------------------- */
+
+static int fanout_ensure(struct cas_local *ls, const cas_digest *d)
+{
+	unsigned b = d->bytes[0];
+	uint64_t bit = 1ull << (b & 63);
+	if (atomic_load_explicit(&ls->fanout_ok[b >> 6], memory_order_relaxed) &
+	    bit)
+		return 0;
+	char name[3];
+	snprintf(name, sizeof(name), "%02x", b);
+	if (mkdirat(ls->blobs_fd, name, 0755) < 0 && errno != EEXIST)
+		return cas_log_errno(cas_negerrno(),
+				     "store %s: mkdir blobs/%s: %m", ls->dir,
+				     name);
+	atomic_fetch_or(&ls->fanout_ok[b >> 6], bit);
+	return 0;
+}
+
+struct tmpfile {
+	int fd;
+	char name[64]; /* empty for O_TMPFILE */
+};
+
+static void tmp_discard(struct cas_local *ls, struct tmpfile *t)
+{
+	if (t->fd >= 0)
+		close(t->fd);
+	t->fd = -1;
+	if (t->name[0])
+		unlinkat(ls->tmp_fd, t->name, 0);
+	t->name[0] = 0;
+}
+
+static int tmp_open_named(struct cas_local *ls, struct tmpfile *t);
+
+static int tmp_open(struct cas_local *ls, struct tmpfile *t)
+{
+	t->fd = -1;
+	t->name[0] = 0;
+	if (ls->readonly)
+		return -EROFS;
+	int mode = atomic_load_explicit(&ls->tmp_mode, memory_order_relaxed);
+	if (mode != TMP_NAMED) {
+		int fd = openat(ls->tmp_fd, ".", O_TMPFILE | O_RDWR | O_CLOEXEC,
+				0444);
+		if (fd >= 0) {
+			t->fd = fd;
+			return 0;
+		}
+		if (errno != EOPNOTSUPP && errno != EISDIR && errno != EINVAL)
+			return cas_log_errno(cas_negerrno(),
+					     "store %s: temporary file: %m",
+					     ls->dir);
+		atomic_store(&ls->tmp_mode, TMP_NAMED);
+	}
+	return tmp_open_named(ls, t);
+}
+
+static int tmp_open_flags(struct cas_local *ls, struct tmpfile *t, int flags)
+{
+	for (int tries = 0; tries < 100; tries++) {
+		uint64_t n = atomic_fetch_add(&ls->tmp_counter, 1);
+		struct timespec ts;
+		clock_gettime(CLOCK_MONOTONIC, &ts);
+		snprintf(t->name, sizeof(t->name), "%d.%llu.%lx", ls->pid,
+			 (unsigned long long)n, (unsigned long)ts.tv_nsec);
+		int fd = openat(ls->tmp_fd, t->name,
+				O_CREAT | O_EXCL | O_RDWR | O_CLOEXEC | flags,
+				0444);
+		if (fd >= 0) {
+			t->fd = fd;
+			return 0;
+		}
+		if (errno != EEXIST)
+			break;
+	}
+	int r = cas_negerrno();
+	t->name[0] = 0;
+	if (r == -EINVAL && flags)
+		return r; /* O_DIRECT refused: the caller retries without */
+	return cas_log_errno(r, "store %s: temporary file: %m", ls->dir);
+}
+
+static int tmp_open_named(struct cas_local *ls, struct tmpfile *t)
+{
+	return tmp_open_flags(ls, t, 0);
+}
+
+/* Links the temporary file under the blob's name. 1: published, 0: the
+ * blob was already there. The temporary file is gone afterwards. */
+static int tmp_publish(struct cas_local *ls, struct tmpfile *t,
+		       const cas_digest *d)
+{
+	char rel[CAS_BLOB_REL_LEN];
+	cas_local_blob_rel(d, rel);
+	int r = fanout_ensure(ls, d);
+	if (r < 0)
+		goto out;
+	if (t->name[0]) {
+		if (linkat(ls->tmp_fd, t->name, ls->blobs_fd, rel, 0) < 0 &&
+		    errno != EEXIST)
+			r = cas_negerrno();
+		else
+			r = errno == EEXIST ? 0 : 1;
+		goto out;
+	}
+	int mode = atomic_load_explicit(&ls->tmp_mode, memory_order_relaxed);
+	if (mode != TMP_PROC) {
+		if (linkat(t->fd, "", ls->blobs_fd, rel, AT_EMPTY_PATH) == 0) {
+			r = 1;
+			goto out;
+		}
+		if (errno == EEXIST) {
+			r = 0;
+			goto out;
+		}
+		/* Without CAP_DAC_READ_SEARCH on older kernels. */
+		if (errno != ENOENT && errno != EPERM) {
+			r = cas_negerrno();
+			goto out;
+		}
+		atomic_store(&ls->tmp_mode, TMP_PROC);
+	}
+	char proc[64];
+	snprintf(proc, sizeof(proc), "/proc/self/fd/%d", t->fd);
+	if (linkat(AT_FDCWD, proc, ls->blobs_fd, rel, AT_SYMLINK_FOLLOW) == 0)
+		r = 1;
+	else if (errno == EEXIST)
+		r = 0;
+	else
+		r = cas_negerrno();
+out:
+	tmp_discard(ls, t);
+	if (r < 0)
+		return cas_log_errno(r, "store %s: publish blob %s: %m",
+				     ls->dir, rel + 3);
+	return r;
+}
+
+/* A blob is linked under its name only once its bytes are durable, so a
+ * power loss cannot leave a name whose file is empty or short (ext4's
+ * delayed allocation may commit the link before the data). Import avoids
+ * the per-file cost by staging (below). */
+static int tmp_datasync(struct cas_local *ls, struct tmpfile *t)
+{
+	if (fdatasync(t->fd) < 0) {
+		int r = cas_negerrno();
+		tmp_discard(ls, t);
+		return cas_log_errno(r, "store %s: fdatasync: %m", ls->dir);
+	}
+	return 0;
+}
+
+int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
+				  const cas_digest *d)
+{
+	struct cas_local *ls = to_local(s);
+	int r = cas_local_blob_exists(ls, d);
+	if (r != 0)
+		return r < 0 ? r : 0;
+	struct tmpfile t;
+	r = tmp_open(ls, &t);
+	if (r < 0)
+		return r;
+	r = cas_write_all(t.fd, buf, len);
+	if (r < 0) {
+		tmp_discard(ls, &t);
+		return cas_log_errno(r, "store %s: write temporary file: %m",
+				     ls->dir);
+	}
+	if ((r = tmp_datasync(ls, &t)) < 0)
+		return r;
+	return tmp_publish(ls, &t, d);
+}
+
+static int source_unchanged(int src_fd, const struct stat *st)
+{
+	struct stat now;
+	if (fstat(src_fd, &now) < 0)
+		return cas_negerrno();
+	if (now.st_size != st->st_size ||
+	    now.st_mtim.tv_sec != st->st_mtim.tv_sec ||
+	    now.st_mtim.tv_nsec != st->st_mtim.tv_nsec ||
+	    now.st_ctim.tv_sec != st->st_ctim.tv_sec ||
+	    now.st_ctim.tv_nsec != st->st_ctim.tv_nsec)
+		return -EBADMSG;
+	return 0;
+}
+
+/* Copies size bytes of src_fd; when st is given, the source must still
+ * match it afterwards (size, mtime, ctime), else -EBADMSG. */
+static int fill_from_fd(int src_fd, int dst_fd, uint64_t size,
+			const struct stat *st)
+{
+	int r = cas_copy_fd(src_fd, dst_fd, size);
+	if (r == 0 && st)
+		r = source_unchanged(src_fd, st);
+	return r;
+}
+
+int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
+			      const cas_digest *d)
+{
+	struct cas_local *ls = to_local(s);
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	int r;
+	r = cas_local_blob_exists(ls, d);
+	if (r != 0)
+		return r < 0 ? r : 0;
+	struct tmpfile t;
+	if ((r = tmp_open(ls, &t)) < 0)
+		return r;
+	r = fill_from_fd(src_fd, t.fd, size, NULL);
+	if (r == 0 && (r = tmp_datasync(ls, &t)) == 0)
+		return tmp_publish(ls, &t, d);
+	tmp_discard(ls, &t);
+	if (r != -EBADMSG)
+		return r;
+	cas_digest_to_hex(d, hex);
+	return cas_log_errno(
+		r, "publish blob %s: source is shorter than %llu bytes", hex,
+		(unsigned long long)size);
+}
+
+/* Staging (import): named temporary files, made durable together by one
+ * syncfs and only then renamed into place (cas_local_unstage). */
+static int stage_open(struct cas_local *ls, struct tmpfile *t, bool direct)
+{
+	t->fd = -1;
+	t->name[0] = 0;
+	if (ls->readonly)
+		return -EROFS;
+	if (direct &&
+	    !atomic_load_explicit(&ls->direct_off, memory_order_relaxed)) {
+		int r = tmp_open_flags(ls, t, O_DIRECT);
+		if (r != -EINVAL)
+			return r;
+		atomic_store(&ls->direct_off, true);
+	}
+	return tmp_open_named(ls, t);
+}
+
+static int stage_finish(struct cas_local *ls, struct tmpfile *t, int r,
+			char ret_name[CAS_STAGE_NAME_LEN])
+{
+	if (r < 0) {
+		tmp_discard(ls, t);
+		return r;
+	}
+	close(t->fd);
+	t->fd = -1;
+	snprintf(ret_name, CAS_STAGE_NAME_LEN, "%s", t->name);
+	return 0;
+}
+
+static bool aligned(const void *p, size_t n)
+{
+	return ((uintptr_t)p | n) % CAS_STAGE_ALIGN == 0;
+}
+
+/* Writes buf at off of a staged file. While the file is O_DIRECT, whole
+ * blocks go directly; a tail of less than a block (the end of the blob)
+ * is written through the page cache, which needs O_DIRECT off: the block
+ * is new, so the page cache has nothing to read back. A file system that
+ * refuses a direct write (EINVAL) gets buffered writes from then on. */
+int cas_local_stage_write(struct cas_local *ls, int fd, bool *direct,
+			  const uint8_t *buf, size_t len, uint64_t off)
+{
+	if (*direct) {
+		size_t head = len - len % CAS_STAGE_ALIGN;
+		int r = aligned(buf, head) && off % CAS_STAGE_ALIGN == 0
+				? cas_pwrite_all(fd, buf, head, off)
+				: -EINVAL;
+		if (r == -EINVAL)
+			atomic_store(&ls->direct_off, true);
+		else if (r < 0)
+			return r;
+		else
+			buf += head, off += head, len -= head;
+		if (len > 0 || r == -EINVAL) {
+			int fl = fcntl(fd, F_GETFL);
+			if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_DIRECT) < 0)
+				return cas_negerrno();
+			*direct = false;
+		}
+	}
+	return cas_pwrite_all(fd, buf, len, off);
+}
+
+static int stage_open_for(struct cas_local *ls, struct tmpfile *t,
+			  uint64_t size, bool *direct)
+{
+	int r = stage_open(ls, t, size >= CAS_STAGE_DIRECT_MIN);
+	if (r < 0)
+		return r;
+	int fl = fcntl(t->fd, F_GETFL);
+	*direct = fl >= 0 && (fl & O_DIRECT);
+	return 0;
+}
+
+int cas_local_stage_buffer(struct cas_local *ls, const void *buf, size_t len,
+			   char ret_name[CAS_STAGE_NAME_LEN])
+{
+	struct tmpfile t;
+	bool direct;
+	int r = stage_open_for(ls, &t, len, &direct);
+	if (r < 0)
+		return r;
+	r = cas_local_stage_write(ls, t.fd, &direct, buf, len, 0);
+	if (r < 0)
+		cas_log_errno(r, "store %s: write temporary file: %m", ls->dir);
+	return stage_finish(ls, &t, r, ret_name);
+}
+
+int cas_local_stage_fd(struct cas_local *ls, int src_fd, uint64_t size,
+		       const struct stat *st, uint8_t *scratch,
+		       size_t scratch_size, char ret_name[CAS_STAGE_NAME_LEN])
+{
+	struct tmpfile t;
+	bool direct;
+	int r = stage_open_for(ls, &t, size, &direct);
+	if (r < 0)
+		return r;
+	if (!direct || !aligned(scratch, scratch_size)) {
+		r = fill_from_fd(src_fd, t.fd, size, st);
+		return stage_finish(ls, &t, r, ret_name);
+	}
+	uint64_t off = 0;
+	while (r == 0 && off < size) {
+		size_t want =
+			(size_t)CAS_MIN((uint64_t)scratch_size, size - off);
+		ssize_t n = pread(src_fd, scratch, want, (off_t)off);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			r = cas_negerrno();
+		else if (n == 0)
+			r = -EBADMSG; /* shorter than it was */
+		else if ((r = cas_local_stage_write(ls, t.fd, &direct, scratch,
+						    (size_t)n, off)) == 0)
+			off += (uint64_t)n; /* after a tail, buffered */
+	}
+	if (r == 0)
+		r = source_unchanged(src_fd, st);
+	if (r < 0 && r != -EBADMSG)
+		cas_log_errno(r, "store %s: write temporary file: %m", ls->dir);
+	return stage_finish(ls, &t, r, ret_name);
+}
+
+int cas_local_unstage(struct cas_local *ls, const char *name,
+		      const cas_digest *d)
+{
+	char rel[CAS_BLOB_REL_LEN];
+	cas_local_blob_rel(d, rel);
+	int r = fanout_ensure(ls, d);
+	if (r < 0) {
+		unlinkat(ls->tmp_fd, name, 0);
+		return r;
+	}
+	if (renameat2(ls->tmp_fd, name, ls->blobs_fd, rel, RENAME_NOREPLACE) ==
+	    0)
+		return 1;
+	if (errno == EINVAL || errno == ENOSYS) {
+		/* No RENAME_NOREPLACE here: link never replaces either. */
+		r = linkat(ls->tmp_fd, name, ls->blobs_fd, rel, 0) == 0 ? 1 : 0;
+		if (r == 0 && errno != EEXIST)
+			r = cas_negerrno();
+	} else {
+		r = errno == EEXIST ? 0 : cas_negerrno();
+	}
+	unlinkat(ls->tmp_fd, name, 0);
+	if (r < 0)
+		return cas_log_errno(r, "store %s: publish blob %s: %m",
+				     ls->dir, rel + 3);
+	return r;
+}
+
+void cas_local_stage_discard(struct cas_local *ls, const char *name)
+{
+	unlinkat(ls->tmp_fd, name, 0);
+}
+
+int cas_local_sync(cas_store *s)
+{
+	struct cas_local *ls = to_local(s);
+	if (syncfs(ls->blobs_fd) < 0)
+		return cas_log_errno(cas_negerrno(), "store %s: syncfs: %m",
+				     ls->dir);
+	return 0;
+}
+
+/* Blob writer ---------------------------------------------------------- */
+
+/* The first WRITER_SMALL bytes stay in memory: a blob that ends
+ * there is written in one piece by publish_buffer (no temporary file for
+ * a blob that is already stored); a larger one spills them to a
+ * temporary file first. */
+#define WRITER_SMALL 4096
+
+struct local_writer {
+	cas_blob_writer base;
+	struct cas_local *ls;
+	struct tmpfile tmp; /* fd -1 while the bytes fit in small[] */
+	cas_hasher hasher;
+	uint64_t size;
+	uint8_t small[WRITER_SMALL];
+};
+
+static int writer_write(cas_blob_writer *w, const void *buf, size_t len)
+{
+	struct local_writer *lw = (struct local_writer *)w;
+	struct cas_local *ls = lw->ls;
+	int r;
+	if (lw->tmp.fd < 0 && lw->size + len <= sizeof(lw->small)) {
+		memcpy(lw->small + lw->size, buf, len);
+	} else {
+		if (lw->tmp.fd < 0) {
+			if ((r = tmp_open(ls, &lw->tmp)) < 0)
+				return r;
+			r = cas_write_all(lw->tmp.fd, lw->small,
+					  (size_t)lw->size);
+			if (r < 0)
+				goto fail;
+		}
+		if ((r = cas_write_all(lw->tmp.fd, buf, len)) < 0)
+			goto fail;
+	}
+	cas_hasher_update(&lw->hasher, buf, len);
+	lw->size += len;
+	return 0;
+fail:
+	return cas_log_errno(r, "store %s: write temporary file: %m", ls->dir);
+}
+
+static void writer_abort(cas_blob_writer *w)
+{
+	struct local_writer *lw = (struct local_writer *)w;
+	if (!lw)
+		return;
+	tmp_discard(lw->ls, &lw->tmp);
+	free(lw);
+}
+
+static int writer_commit(cas_blob_writer *w, const cas_digest *expected,
+			 cas_digest *ret_digest, uint64_t *ret_size)
+{
+	struct local_writer *lw = (struct local_writer *)w;
+	cas_digest d;
+	cas_hasher_final(&lw->hasher, &d);
+	if (expected && !cas_digest_eq(expected, &d)) {
+		char want[CAS_DIGEST_HEX_LEN + 1], got[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(expected, want);
+		cas_digest_to_hex(&d, got);
+		writer_abort(w);
+		return cas_log_errno(-EBADMSG, "blob %s: content hashes to %s",
+				     want, got);
+	}
+	int r;
+	uint64_t size = lw->size;
+	if (lw->tmp.fd < 0) {
+		r = cas_local_blob_publish_buffer(&lw->ls->base, lw->small,
+						  (size_t)size, &d);
+	} else if ((r = tmp_datasync(lw->ls, &lw->tmp)) == 0) {
+		r = tmp_publish(lw->ls, &lw->tmp, &d);
+	}
+	writer_abort(w);
+	if (r < 0)
+		return r;
+	if (ret_digest)
+		*ret_digest = d;
+	if (ret_size)
+		*ret_size = size;
+	return 0;
+}
+
+static const struct cas_blob_writer_ops writer_ops = {
+	.write = writer_write,
+	.commit = writer_commit,
+	.abort = writer_abort,
+};
+
+int cas_local_blob_writer_new(cas_store *s, cas_blob_writer **ret)
+{
+	struct cas_local *ls = to_local(s);
+	if (ls->readonly)
+		return -EROFS;
+	struct local_writer *lw = calloc(1, sizeof(*lw));
+	if (!lw)
+		return -ENOMEM;
+	lw->base.ops = &writer_ops;
+	lw->ls = ls;
+	lw->tmp.fd = -1;
+	cas_hasher_init(&lw->hasher);
+	*ret = &lw->base;
+	return 0;
+}

@@ -1,0 +1,517 @@
+/* local_db.c - the LMDB side of the local store: lookups under pooled
+ * read transactions, Directories (get, has, batches committed leaves
+ * first in one write transaction) and named roots.
+ */
+#include "store/local_i.h"
+
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "core/log.h"
+
+/* Looks d up in dbi under a pooled read transaction: 1 when present
+ * (after `use`, if given, took what it needs of the value; its error is
+ * returned instead), 0 when absent. */
+int cas_local_db_lookup(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d,
+			int (*use)(const MDB_val *val, void *ctx), void *ctx)
+{
+	MDB_txn *txn;
+	int r = cas_local_rtxn_get(ls, &txn);
+	if (r < 0)
+		return r;
+	MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val;
+	r = cas_local_mdb_errno(mdb_get(txn, dbi, &key, &val));
+	if (r == 0 && use)
+		r = use(&val, ctx);
+	cas_local_rtxn_put(ls, txn);
+	if (r == -ENOENT)
+		return 0;
+	return r < 0 ? r : 1;
+}
+
+int cas_local_db_has(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d)
+{
+	return cas_local_db_lookup(ls, dbi, d, NULL, NULL);
+}
+
+/* Directories ---------------------------------------------------------- */
+
+struct copy_out {
+	uint8_t *buf;
+	size_t len;
+};
+
+static int copy_alloc(const MDB_val *val, void *out_)
+{
+	struct copy_out *out = out_;
+	if (!(out->buf = malloc(val->mv_size ? val->mv_size : 1)))
+		return -ENOMEM;
+	memcpy(out->buf, val->mv_data, val->mv_size);
+	out->len = val->mv_size;
+	return 0;
+}
+
+int cas_local_directory_get_raw(cas_store *s, const cas_digest *d,
+				uint8_t **ret_buf, size_t *ret_len)
+{
+	struct cas_local *ls = to_local(s);
+	if (cas_digest_eq(d, &CAS_DIGEST_EMPTY_DIRECTORY)) {
+		*ret_buf = NULL;
+		*ret_len = 0;
+		return 0;
+	}
+	struct copy_out out = {0};
+	int r = cas_local_db_lookup(ls, ls->dbi_directories, d, copy_alloc,
+				    &out);
+	if (r < 0) {
+		char hex[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(d, hex);
+		return cas_log_errno(r, "get directory %s: %m", hex);
+	}
+	if (r == 0)
+		return -ENOENT;
+	*ret_buf = out.buf;
+	*ret_len = out.len;
+	return 0;
+}
+
+int cas_local_directory_has(cas_store *s, const cas_digest *d)
+{
+	struct cas_local *ls = to_local(s);
+	if (cas_digest_eq(d, &CAS_DIGEST_EMPTY_DIRECTORY))
+		return 1;
+	return cas_local_db_has(ls, ls->dbi_directories, d);
+}
+
+/* A batch keeps its Directories in memory, indexed by digest with open
+ * addressing, until one write transaction stores them all. */
+struct batch_item {
+	cas_digest digest;
+	uint8_t *buf;
+	size_t len;
+};
+
+struct local_batch {
+	cas_dir_batch base;
+	struct cas_local *ls;
+	MDB_txn *rtxn; /* snapshot used for closure checks */
+	struct batch_item *items;
+	size_t n_items, cap_items;
+	uint32_t *slots; /* index + 1 into items; 0 = free */
+	size_t n_slots;	 /* power of two */
+};
+
+static size_t slot_hash(const cas_digest *d, size_t mask)
+{
+	uint64_t h;
+	memcpy(&h, d->bytes, sizeof(h));
+	return (size_t)h & mask;
+}
+
+static bool batch_contains(struct local_batch *b, const cas_digest *d)
+{
+	if (b->n_slots == 0)
+		return false;
+	size_t mask = b->n_slots - 1;
+	for (size_t i = slot_hash(d, mask);; i = (i + 1) & mask) {
+		uint32_t v = b->slots[i];
+		if (v == 0)
+			return false;
+		if (cas_digest_eq(&b->items[v - 1].digest, d))
+			return true;
+	}
+}
+
+static int batch_index_grow(struct local_batch *b)
+{
+	size_t n = b->n_slots ? b->n_slots * 2 : 1024;
+	uint32_t *slots = calloc(n, sizeof(*slots));
+	if (!slots)
+		return -ENOMEM;
+	for (size_t k = 0; k < b->n_items; k++) {
+		size_t i = slot_hash(&b->items[k].digest, n - 1);
+		while (slots[i])
+			i = (i + 1) & (n - 1);
+		slots[i] = (uint32_t)(k + 1);
+	}
+	free(b->slots);
+	b->slots = slots;
+	b->n_slots = n;
+	return 0;
+}
+
+static int batch_add(struct local_batch *b, const cas_digest *d,
+		     const void *buf, size_t len)
+{
+	int r;
+	if (b->n_items >= UINT32_MAX - 1)
+		return -E2BIG;
+	if ((b->n_items + 1) * 2 > b->n_slots && (r = batch_index_grow(b)) < 0)
+		return r;
+	if (b->n_items == b->cap_items) {
+		size_t cap = b->cap_items ? b->cap_items * 2 : 256;
+		struct batch_item *items =
+			realloc(b->items, cap * sizeof(*items));
+		if (!items)
+			return -ENOMEM;
+		b->items = items;
+		b->cap_items = cap;
+	}
+	uint8_t *copy = malloc(len);
+	if (!copy)
+		return -ENOMEM;
+	memcpy(copy, buf, len);
+	size_t k = b->n_items++;
+	b->items[k] =
+		(struct batch_item){.digest = *d, .buf = copy, .len = len};
+	size_t mask = b->n_slots - 1;
+	size_t i = slot_hash(d, mask);
+	while (b->slots[i])
+		i = (i + 1) & mask;
+	b->slots[i] = (uint32_t)(k + 1);
+	return 0;
+}
+
+/* 1 when stored in LMDB (as seen by the batch's snapshot), 0 if not. */
+static int batch_stored(struct local_batch *b, const cas_digest *d)
+{
+	int r;
+	if (!b->rtxn && (r = cas_local_rtxn_get(b->ls, &b->rtxn)) < 0)
+		return r;
+	MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val;
+	r = cas_local_mdb_errno(
+		mdb_get(b->rtxn, b->ls->dbi_directories, &key, &val));
+	if (r == -ENOENT)
+		return 0;
+	return r < 0 ? r : 1;
+}
+
+static int batch_put(cas_dir_batch *base, const void *buf, size_t len,
+		     cas_digest *ret_digest)
+{
+	struct local_batch *b = (struct local_batch *)base;
+	cas_digest d;
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	const char *why = NULL;
+	_cleanup_(cas_directory_freep) cas_directory *dir = NULL;
+
+	cas_directory_digest(buf, len, &d);
+	cas_digest_to_hex(&d, hex);
+	int r = cas_directory_decode(buf, len, &dir, &why);
+	if (r == -EBADMSG)
+		return cas_log_errno(r, "directory %s: %s", hex,
+				     why ? why : "invalid");
+	if (r < 0)
+		return r;
+	if (ret_digest)
+		*ret_digest = d;
+	if (len == 0 || batch_contains(b, &d))
+		return 0;
+	r = batch_stored(b, &d);
+	if (r != 0)
+		return r < 0 ? r : 0;
+	for (size_t i = 0; i < dir->n_directories; i++) {
+		const cas_node *c = &dir->directories[i];
+		if (cas_digest_eq(&c->digest, &CAS_DIGEST_EMPTY_DIRECTORY) ||
+		    batch_contains(b, &c->digest))
+			continue;
+		r = batch_stored(b, &c->digest);
+		if (r < 0)
+			return r;
+		if (r == 0) {
+			char child[CAS_DIGEST_HEX_LEN + 1], name[256];
+			cas_digest_to_hex(&c->digest, child);
+			cas_escape_name(c->name, c->name_len, name,
+					sizeof(name));
+			return cas_log_errno(-ENOENT,
+					     "directory %s: child directory %s "
+					     "(name '%s') is not in the store",
+					     hex, child, name);
+		}
+	}
+	r = batch_add(b, &d, buf, len);
+	if (r < 0)
+		return cas_log_errno(r, "directory %s: %m", hex);
+	return 0;
+}
+
+static void batch_free(struct local_batch *b)
+{
+	if (b->rtxn)
+		cas_local_rtxn_put(b->ls, b->rtxn);
+	for (size_t i = 0; i < b->n_items; i++)
+		free(b->items[i].buf);
+	free(b->items);
+	free(b->slots);
+	free(b);
+}
+
+static void batch_abort(cas_dir_batch *base)
+{
+	if (base)
+		batch_free((struct local_batch *)base);
+}
+
+static int root_key(const char *name, MDB_val *key)
+{
+	if (!cas_root_name_valid(name))
+		return cas_log_errno(-EINVAL, "invalid root name");
+	key->mv_size = strlen(name);
+	key->mv_data = (void *)name;
+	return 0;
+}
+
+static int put_root(struct cas_local *ls, MDB_txn *txn, const char *name,
+		    const cas_node *node)
+{
+	MDB_val key, val;
+	int r = root_key(name, &key);
+	if (r < 0)
+		return r;
+	cas_node n = *node;
+	n.name = NULL;
+	n.name_len = 0;
+	_cleanup_free_ uint8_t *buf = NULL;
+	size_t len = 0;
+	const char *why = NULL;
+	r = cas_node_encode(&n, &buf, &len, &why);
+	if (r < 0)
+		return cas_log_errno(r, "root '%s': %s", name,
+				     why ? why : "cannot encode");
+	val.mv_size = len;
+	val.mv_data = buf;
+	r = cas_local_mdb_errno(mdb_put(txn, ls->dbi_roots, &key, &val, 0));
+	if (r < 0)
+		return cas_log_errno(r, "root '%s': %m", name);
+	return 0;
+}
+
+static int batch_commit(cas_dir_batch *base, const char *root_name,
+			const cas_node *root_node)
+{
+	struct local_batch *b = (struct local_batch *)base;
+	struct cas_local *ls = b->ls;
+	MDB_txn *txn = NULL;
+	int r;
+
+	if (b->rtxn) {
+		cas_local_rtxn_put(ls, b->rtxn);
+		b->rtxn = NULL;
+	}
+	if (ls->readonly) {
+		r = -EROFS;
+		goto out;
+	}
+	if (b->n_items == 0 && !root_name) {
+		r = 0;
+		goto out;
+	}
+	r = cas_local_mdb_errno(mdb_txn_begin(ls->env, NULL, 0, &txn));
+	if (r < 0) {
+		cas_log_errno(r, "store %s: write transaction: %m", ls->dir);
+		goto out;
+	}
+	for (size_t i = 0; i < b->n_items; i++) {
+		struct batch_item *it = &b->items[i];
+		MDB_val key = {CAS_DIGEST_LEN, it->digest.bytes};
+		MDB_val val = {it->len, it->buf};
+		int rc = mdb_put(txn, ls->dbi_directories, &key, &val,
+				 MDB_NOOVERWRITE);
+		if (rc != MDB_SUCCESS && rc != MDB_KEYEXIST) {
+			r = cas_log_errno(cas_local_mdb_errno(rc),
+					  "store %s: put directory: %m",
+					  ls->dir);
+			goto out;
+		}
+	}
+	if (root_name && root_node &&
+	    (r = put_root(ls, txn, root_name, root_node)) < 0)
+		goto out;
+	r = cas_local_mdb_errno(mdb_txn_commit(txn));
+	txn = NULL;
+	if (r < 0)
+		cas_log_errno(r, "store %s: commit: %m", ls->dir);
+out:
+	if (txn)
+		mdb_txn_abort(txn);
+	batch_free(b);
+	return r;
+}
+
+static const struct cas_dir_batch_ops batch_ops = {
+	.put = batch_put,
+	.commit = batch_commit,
+	.abort = batch_abort,
+};
+
+int cas_local_dir_batch_new(cas_store *s, cas_dir_batch **ret)
+{
+	struct local_batch *b = calloc(1, sizeof(*b));
+	if (!b)
+		return -ENOMEM;
+	b->base.ops = &batch_ops;
+	b->ls = to_local(s);
+	*ret = &b->base;
+	return 0;
+}
+
+/* Roots ---------------------------------------------------------------- */
+
+int cas_local_root_get(cas_store *s, const char *name, cas_node **ret)
+{
+	struct cas_local *ls = to_local(s);
+	MDB_val key, val;
+	int r = root_key(name, &key);
+	if (r < 0)
+		return r;
+	MDB_txn *txn;
+	if ((r = cas_local_rtxn_get(ls, &txn)) < 0)
+		return r;
+	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_roots, &key, &val));
+	if (r == 0) {
+		cas_node n;
+		const char *why = NULL;
+		r = cas_node_decode(val.mv_data, val.mv_size, &n, &why);
+		if (r < 0) {
+			cas_log_errno(r, "root '%s': %s", name,
+				      why ? why : "cannot decode");
+		} else {
+			n.name = (const uint8_t *)name;
+			n.name_len = strlen(name);
+			*ret = cas_node_dup(&n);
+			if (!*ret)
+				r = -ENOMEM;
+		}
+	}
+	cas_local_rtxn_put(ls, txn);
+	return r;
+}
+
+struct root_entry {
+	char *name;
+	cas_node *node;
+};
+
+int cas_local_roots_foreach(cas_store *s, cas_root_cb cb, void *userdata)
+{
+	struct cas_local *ls = to_local(s);
+	struct root_entry *list = NULL;
+	size_t n = 0, cap = 0;
+	MDB_txn *txn;
+	MDB_cursor *cur = NULL;
+	int r = cas_local_rtxn_get(ls, &txn);
+	if (r < 0)
+		return r;
+	/* Copied out first, so that callbacks may use the store freely. */
+	r = cas_local_mdb_errno(mdb_cursor_open(txn, ls->dbi_roots, &cur));
+	MDB_val key, val;
+	int rc = r == 0 ? mdb_cursor_get(cur, &key, &val, MDB_FIRST)
+			: MDB_NOTFOUND;
+	while (r == 0 && rc == MDB_SUCCESS) {
+		cas_node node;
+		const char *why = NULL;
+		char *name = strndup(key.mv_data, key.mv_size);
+		if (!name) {
+			r = -ENOMEM;
+			break;
+		}
+		if (memchr(key.mv_data, 0, key.mv_size) ||
+		    cas_node_decode(val.mv_data, val.mv_size, &node, &why) <
+			    0) {
+			cas_log_warning(
+				"root '%s': cannot decode (%s), skipped", name,
+				why ? why : "bad name");
+			free(name);
+		} else {
+			node.name = (const uint8_t *)name;
+			node.name_len = strlen(name);
+			if (n == cap) {
+				cap = cap ? cap * 2 : 16;
+				struct root_entry *l =
+					realloc(list, cap * sizeof(*l));
+				if (!l) {
+					free(name);
+					r = -ENOMEM;
+					break;
+				}
+				list = l;
+			}
+			list[n].name = name;
+			list[n].node = cas_node_dup(&node);
+			n++;
+			if (!list[n - 1].node) {
+				r = -ENOMEM;
+				break;
+			}
+		}
+		rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
+	}
+	if (r == 0 && rc != MDB_NOTFOUND)
+		r = cas_local_mdb_errno(rc);
+	if (cur)
+		mdb_cursor_close(cur);
+	cas_local_rtxn_put(ls, txn);
+	for (size_t i = 0; i < n; i++) {
+		if (r == 0)
+			r = cb(userdata, list[i].name, list[i].node);
+		free(list[i].name);
+		free(list[i].node);
+	}
+	free(list);
+	return r;
+}
+
+static int local_write_txn(struct cas_local *ls, MDB_txn **ret)
+{
+	if (ls->readonly)
+		return -EROFS;
+	int r = cas_local_mdb_errno(mdb_txn_begin(ls->env, NULL, 0, ret));
+	if (r < 0)
+		return cas_log_errno(r, "store %s: write transaction: %m",
+				     ls->dir);
+	return 0;
+}
+
+int cas_local_root_set(cas_store *s, const char *name, const cas_node *node)
+{
+	struct cas_local *ls = to_local(s);
+	MDB_txn *txn;
+	int r = local_write_txn(ls, &txn);
+	if (r < 0)
+		return r;
+	if ((r = put_root(ls, txn, name, node)) < 0) {
+		mdb_txn_abort(txn);
+		return r;
+	}
+	r = cas_local_mdb_errno(mdb_txn_commit(txn));
+	if (r < 0)
+		return cas_log_errno(r, "root '%s': commit: %m", name);
+	return 0;
+}
+
+int cas_local_root_remove(cas_store *s, const char *name)
+{
+	struct cas_local *ls = to_local(s);
+	MDB_val key;
+	MDB_txn *txn;
+	int r = root_key(name, &key);
+	if (r < 0)
+		return r;
+	if ((r = local_write_txn(ls, &txn)) < 0)
+		return r;
+	r = cas_local_mdb_errno(mdb_del(txn, ls->dbi_roots, &key, NULL));
+	if (r < 0) {
+		mdb_txn_abort(txn);
+		return r == -ENOENT ? r
+				    : cas_log_errno(r, "root '%s': %m", name);
+	}
+	r = cas_local_mdb_errno(mdb_txn_commit(txn));
+	if (r < 0)
+		return cas_log_errno(r, "root '%s': commit: %m", name);
+	return 0;
+}
