@@ -34,11 +34,9 @@ static int read_stdin(uint8_t **ret_buf, size_t *ret_len)
 		if (len == cap) {
 			if (cap >= DIR_PUT_MAX)
 				return -EFBIG;
-			cap = cap ? cap * 2 : 65536;
-			uint8_t *nb = realloc(buf, cap);
-			if (!nb)
-				return -ENOMEM;
-			buf = nb;
+			int r = cas_array_grow(&buf, &cap, len + 1, 1, 65536);
+			if (r < 0)
+				return r;
 		}
 		ssize_t n = read(STDIN_FILENO, buf + len, cap - len);
 		if (n < 0 && errno == EINTR)

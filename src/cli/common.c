@@ -60,22 +60,6 @@ int cas_cli_fail(const char *verb, const char *fmt, ...)
 	return CAS_EXIT_FAILURE;
 }
 
-/* Creates the folders above path (mkdir -p of its parent): the default
- * store lives in ~/.local/share, which may not exist yet. */
-static int mkdir_parents(const char *path)
-{
-	_cleanup_free_ char *p = strdup(path);
-	if (!p)
-		return -ENOMEM;
-	for (char *s = p + 1; (s = strchr(s, '/')); s++) {
-		*s = 0;
-		if (mkdir(p, 0755) < 0 && errno != EEXIST)
-			return cas_negerrno();
-		*s = '/';
-	}
-	return 0;
-}
-
 int cas_cli_store_fail(unsigned long mark, const char *verb, const char *fmt,
 		       ...)
 {
@@ -112,7 +96,8 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 		};
 		/* The cache is a local store; the default one lives in
 		 * ~/.cache, which may not exist yet. */
-		if (cli->cache_dir && (r = mkdir_parents(cli->cache_dir)) < 0) {
+		if (cli->cache_dir &&
+		    (r = cas_mkdir_parents(cli->cache_dir)) < 0) {
 			cas_cli_fail("store", "cache %s: %s", cli->cache_dir,
 				     strerror(-r));
 			return r;
@@ -135,7 +120,9 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 		.readonly = mode == CAS_CLI_STORE_READ,
 	};
 	if (mode == CAS_CLI_STORE_CREATE) {
-		r = mkdir_parents(spec);
+		/* The default store lives in ~/.local/share, which may not
+		 * exist yet. */
+		r = cas_mkdir_parents(spec);
 		if (r < 0) {
 			cas_cli_fail("store", "%s: %s", spec, strerror(-r));
 			return r;

@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -175,4 +176,36 @@ void cas_remove_stale_files(int dir_fd, long max_age_s)
 			(void)unlinkat(dir_fd, de->d_name, 0);
 	}
 	closedir(d);
+}
+
+int cas_array_grow(void *pv, size_t *cap, size_t n, size_t elem, size_t first)
+{
+	void **v = pv;
+	if (n <= *cap)
+		return 0;
+	size_t c = *cap ? *cap : first;
+	while (c < n)
+		c *= 2;
+	if (c > SIZE_MAX / elem)
+		return -ENOMEM;
+	void *nv = realloc(*v, c * elem);
+	if (!nv)
+		return -ENOMEM;
+	*v = nv;
+	*cap = c;
+	return 0;
+}
+
+int cas_mkdir_parents(const char *path)
+{
+	_cleanup_free_ char *p = strdup(path);
+	if (!p)
+		return -ENOMEM;
+	for (char *q = p + 1; (q = strchr(q, '/')); q++) {
+		*q = 0;
+		if (mkdir(p, 0755) < 0 && errno != EEXIST)
+			return cas_negerrno();
+		*q = '/';
+	}
+	return 0;
 }

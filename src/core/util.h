@@ -87,4 +87,12 @@ int cas_hex_decode(const char *hex, size_t len, void *out);
  * writers that crashed. Best effort: errors are ignored. */
 void cas_remove_stale_files(int dir_fd, long max_age_s);
 
+/* Makes room for n elements of elem bytes in the array *pv of *cap
+ * elements, doubling it (first: the room of a new array): 0, or -ENOMEM
+ * with the array unchanged. The one array-growth helper. */
+int cas_array_grow(void *pv, size_t *cap, size_t n, size_t elem, size_t first);
+
+/* mkdir -p of the folders above path (not path itself): 0 or -errno. */
+int cas_mkdir_parents(const char *path);
+
 #endif

@@ -18,9 +18,9 @@
 #include "core/util.h"
 #include "remote/cache_i.h"
 
-	/* Directories ------------------------------------------------------------ */
+/* Directories ------------------------------------------------------------ */
 
-	struct fetched_dir {
+struct fetched_dir {
 	uint8_t *buf;
 	size_t len;
 	cas_directory *dir;
@@ -141,16 +141,9 @@ static int next_level(struct tree_fetch *t, const cas_digest *level, size_t n,
 				continue;
 			if (cache_has_dir(t->c, cd))
 				continue;
-			if (n_out == cap) {
-				cap = cap ? cap * 2 : 64;
-				cas_digest *nb =
-					realloc(out, cap * sizeof(*out));
-				if (!nb) {
-					r = -ENOMEM;
-					break;
-				}
-				out = nb;
-			}
+			if ((r = cas_array_grow(&out, &cap, n_out + 1,
+						sizeof(*out), 64)) < 0)
+				break;
 			out[n_out++] = *cd;
 		}
 	}

@@ -301,16 +301,9 @@ static int walk_tree(struct pusher *ps, const cas_digest *root)
 				continue;
 			}
 			ps->p.directories++;
-			if (depth == cap) {
-				cap = cap ? cap * 2 : 16;
-				struct frame *ns =
-					realloc(stack, cap * sizeof(*ns));
-				if (!ns) {
-					r = -ENOMEM;
-					break;
-				}
-				stack = ns;
-			}
+			if ((r = cas_array_grow(&stack, &cap, depth + 1,
+						sizeof(*stack), 16)) < 0)
+				break;
 			struct frame *f = &stack[depth];
 			*f = (struct frame){.d = *todo};
 			cas_digest_to_hex(todo, hex);

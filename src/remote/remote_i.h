@@ -17,6 +17,7 @@
 
 #include <curl/curl.h>
 
+#include "core/dmap.h"
 #include "remote/remote.h"
 #include "store/store.h"
 
@@ -95,27 +96,6 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
  * for tests and callers that look at the files). */
 void cas_cache_flush(cas_store *s);
 
-/* A map from digest to pointer (open addressing; digests are uniformly
- * distributed, so their first bytes are the hash). Not thread-safe. */
-struct cas_dmap_entry {
-	cas_digest digest;
-	void *value;
-	bool used;
-};
-struct cas_dmap {
-	struct cas_dmap_entry *slots;
-	size_t cap, n;
-};
-/* 1 if added, 0 if the digest was there (value unchanged), -ENOMEM. */
-int cas_dmap_put(struct cas_dmap *m, const cas_digest *d, void *value);
-/* The entry, or NULL. */
-struct cas_dmap_entry *cas_dmap_find(const struct cas_dmap *m,
-				     const cas_digest *d);
-/* Removes e (from cas_dmap_find; its value is the caller's). Other
- * entries may move: pointers to them are stale afterwards. */
-void cas_dmap_remove(struct cas_dmap *m, struct cas_dmap_entry *e);
-/* Frees the table; free_value (may be NULL) is called on each value. */
-void cas_dmap_release(struct cas_dmap *m, void (*free_value)(void *));
 
 /* libcurl ------------------------------------------------------------ */
 

@@ -12,6 +12,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/dmap.h"
 #include "core/log.h"
 
 /* Looks d up in dbi under a pooled read transaction: 1 when present
@@ -102,47 +103,12 @@ struct local_batch {
 	MDB_txn *rtxn; /* snapshot used for closure checks */
 	struct batch_item *items;
 	size_t n_items, cap_items;
-	uint32_t *slots; /* index + 1 into items; 0 = free */
-	size_t n_slots;	 /* power of two */
+	struct cas_dmap index; /* the digests of items */
 };
-
-static size_t slot_hash(const cas_digest *d, size_t mask)
-{
-	uint64_t h;
-	memcpy(&h, d->bytes, sizeof(h));
-	return (size_t)h & mask;
-}
 
 static bool batch_contains(struct local_batch *b, const cas_digest *d)
 {
-	if (b->n_slots == 0)
-		return false;
-	size_t mask = b->n_slots - 1;
-	for (size_t i = slot_hash(d, mask);; i = (i + 1) & mask) {
-		uint32_t v = b->slots[i];
-		if (v == 0)
-			return false;
-		if (cas_digest_eq(&b->items[v - 1].digest, d))
-			return true;
-	}
-}
-
-static int batch_index_grow(struct local_batch *b)
-{
-	size_t n = b->n_slots ? b->n_slots * 2 : 1024;
-	uint32_t *slots = calloc(n, sizeof(*slots));
-	if (!slots)
-		return -ENOMEM;
-	for (size_t k = 0; k < b->n_items; k++) {
-		size_t i = slot_hash(&b->items[k].digest, n - 1);
-		while (slots[i])
-			i = (i + 1) & (n - 1);
-		slots[i] = (uint32_t)(k + 1);
-	}
-	free(b->slots);
-	b->slots = slots;
-	b->n_slots = n;
-	return 0;
+	return b->index.n && cas_dmap_find(&b->index, d);
 }
 
 static int batch_add(struct local_batch *b, const cas_digest *d,
@@ -151,29 +117,21 @@ static int batch_add(struct local_batch *b, const cas_digest *d,
 	int r;
 	if (b->n_items >= UINT32_MAX - 1)
 		return -E2BIG;
-	if ((b->n_items + 1) * 2 > b->n_slots && (r = batch_index_grow(b)) < 0)
+	if ((r = cas_array_grow(&b->items, &b->cap_items, b->n_items + 1,
+				sizeof(*b->items), 256)) < 0)
 		return r;
-	if (b->n_items == b->cap_items) {
-		size_t cap = b->cap_items ? b->cap_items * 2 : 256;
-		struct batch_item *items =
-			realloc(b->items, cap * sizeof(*items));
-		if (!items)
-			return -ENOMEM;
-		b->items = items;
-		b->cap_items = cap;
-	}
 	uint8_t *copy = malloc(len);
 	if (!copy)
 		return -ENOMEM;
 	memcpy(copy, buf, len);
-	size_t k = b->n_items++;
+	size_t k = b->n_items;
+	if ((r = cas_dmap_put(&b->index, d, NULL)) < 0) {
+		free(copy);
+		return r;
+	}
+	b->n_items++;
 	b->items[k] =
 		(struct batch_item){.digest = *d, .buf = copy, .len = len};
-	size_t mask = b->n_slots - 1;
-	size_t i = slot_hash(d, mask);
-	while (b->slots[i])
-		i = (i + 1) & mask;
-	b->slots[i] = (uint32_t)(k + 1);
 	return 0;
 }
 
@@ -247,7 +205,7 @@ static void batch_free(struct local_batch *b)
 	for (size_t i = 0; i < b->n_items; i++)
 		free(b->items[i].buf);
 	free(b->items);
-	free(b->slots);
+	cas_dmap_release(&b->index, NULL);
 	free(b);
 }
 

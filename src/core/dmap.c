@@ -1,9 +1,9 @@
-/* dmap.c - digest -> pointer map (remote_i.h). */
+/* dmap.c - digest -> pointer map (dmap.h). */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "remote/remote_i.h"
+#include "core/dmap.h"
 
 static size_t slot_of(const cas_digest *d, size_t cap)
 {
@@ -91,4 +91,11 @@ void cas_dmap_release(struct cas_dmap *m, void (*free_value)(void *))
 				free_value(m->slots[i].value);
 	free(m->slots);
 	*m = (struct cas_dmap){0};
+}
+
+void cas_dmap_clear(struct cas_dmap *m)
+{
+	if (m->slots)
+		memset(m->slots, 0, m->cap * sizeof(*m->slots));
+	m->n = 0;
 }
