@@ -19,13 +19,13 @@
 #include "core/util.h"
 #include "remote/cache_i.h"
 
-	/* In-flight table ------------------------------------------------------ */
+/* In-flight table ------------------------------------------------------ */
 
-	/* Returns the entry for d, creating it (*ret_owner = true: the caller
+/* Returns the entry for d, creating it (*ret_owner = true: the caller
  * fetches and must call cas_cache_inflight_done) or joining it. */
-	struct inflight *
-	cas_cache_inflight_join(struct cache_store *c, struct cas_dmap *map,
-				const cas_digest *d, bool *ret_owner)
+struct inflight *cas_cache_inflight_join(struct cache_store *c,
+					 struct cas_dmap *map,
+					 const cas_digest *d, bool *ret_owner)
 {
 	pthread_mutex_lock(&c->lock);
 	struct cas_dmap_entry *me = map->n ? cas_dmap_find(map, d) : NULL;
@@ -402,6 +402,11 @@ static int cache_root_remove(cas_store *s, const char *name)
 	return r;
 }
 
+cas_store *cas_cache_local_store(cas_store *s)
+{
+	return to_cache(s)->cache;
+}
+
 static void cache_free(cas_store *s)
 {
 	struct cache_store *c = to_cache(s);
@@ -430,9 +435,7 @@ static void cache_free(cas_store *s)
 	cas_dmap_release(&c->mstaged, NULL);
 	cas_cache_mgroup_free(c->mfill);
 	cas_cache_mgroup_free(c->mspare);
-	cas_local_pack_close(c->pack);
-	if (c->tmp_fd >= 0)
-		close(c->tmp_fd);
+	cas_ingest_free(c->ingest);
 	pthread_cond_destroy(&c->pub_cond);
 	free(c->pq);
 	if (c->walk)
@@ -473,24 +476,6 @@ static const struct cas_store_ops cache_ops = {
 	.free = cache_free,
 };
 
-/* mkdir -p of path's parents (the cache folder itself is made by
- * cas_local_open). */
-static int mkdir_parents(const char *path)
-{
-	_cleanup_free_ char *p = strdup(path);
-	if (!p)
-		return -ENOMEM;
-	for (char *q = p + 1; *q; q++) {
-		if (*q != '/')
-			continue;
-		*q = 0;
-		if (mkdir(p, 0755) < 0 && errno != EEXIST)
-			return cas_negerrno();
-		*q = '/';
-	}
-	return 0;
-}
-
 int cas_cache_store_new(cas_fetcher *f, const char *what,
 			const struct cas_remote_options *opts, cas_store **ret)
 {
@@ -524,8 +509,6 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
 	pthread_cond_init(&c->pub_cond, &ca);
 	pthread_condattr_destroy(&ca);
-	c->tmp_fd = -1;
-	c->pid = getpid();
 	c->cache_max = opts->cache_max;
 	c->pack_small = c->cache_max == 0;
 	c->prefetch_threads = f->ops->blobs_fetch ? PREFETCH_BATCH_THREADS
@@ -547,7 +530,8 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 		r = -ENOMEM;
 		goto fail;
 	}
-	r = mkdir_parents(c->cache_dir);
+	/* The cache folder itself is made by cas_local_open. */
+	r = cas_mkdir_parents(c->cache_dir);
 	if (r < 0) {
 		r = cas_log_errno(r, "cache %s: %m", c->cache_dir);
 		goto fail;
@@ -557,21 +541,13 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 		r = cas_log_errno(r, "cache %s: %m", c->cache_dir);
 		goto fail;
 	}
-	{
-		_cleanup_free_ char *tmp = NULL;
-		if (asprintf(&tmp, "%s/tmp", c->cache_dir) < 0) {
-			tmp = NULL;
-			r = -ENOMEM;
-			goto fail;
-		}
-		c->tmp_fd = open(tmp, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-		if (c->tmp_fd < 0) {
-			r = cas_log_errno(cas_negerrno(), "cache %s: %m", tmp);
-			goto fail;
-		}
+	r = cas_ingest_new(c->cache, &c->ingest);
+	if (r < 0) {
+		r = cas_log_errno(r, "cache %s: %m", c->cache_dir);
+		goto fail;
 	}
 	if (c->cache_max) {
-		int64_t bytes = cas_cache_blob_bytes(c->cache_dir);
+		int64_t bytes = cas_local_blob_bytes(c->cache);
 		c->cache_bytes = bytes > 0 ? (uint64_t)bytes : 0;
 		cas_cache_maybe_evict(c, 0);
 	}

@@ -18,6 +18,7 @@
 #include "core/log.h"
 #include "core/util.h"
 #include "remote/cache_i.h"
+#include "store/ingest.h"
 
 /* Blobs ------------------------------------------------------------------ */
 
@@ -29,10 +30,10 @@
  * overlaps its download instead of adding to it. */
 #define SINK_BUFFER (1u << 20)
 
-	struct blob_sink {
+struct blob_sink {
 	struct cache_store *c;
-	char *tmp; /* the file's name in tmp/, once made */
-	int fd;	   /* -1 until the first buffer is written out */
+	char *name; /* its staged file's name (store/ingest.h), once made */
+	int fd;	    /* -1 until the first buffer is written out */
 	cas_hasher hasher;
 	uint64_t size;
 	uint8_t *bufs[2]; /* SINK_BUFFER bytes each, allocated when needed */
@@ -87,26 +88,16 @@ static void sink_hash_wait(struct blob_sink *b)
 	pthread_mutex_unlock(&b->lock);
 }
 
-/* The blob's file in tmp/, made when its first buffer is written out (a
+/* The blob's staged file, made when its first buffer is written out (a
  * small blob that the cache packs never has one). */
 static int sink_open(struct blob_sink *b)
 {
-	struct cache_store *c = b->c;
-	for (int tries = 0; b->fd < 0 && tries < 100; tries++) {
-		snprintf(b->tmp, sizeof(((struct staged_blob *)0)->tmp),
-			 "remote.%ld.%llu", (long)c->pid,
-			 (unsigned long long)atomic_fetch_add(&c->tmp_counter,
-							      1));
-		b->fd = openat(c->tmp_fd, b->tmp,
-			       O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
-		if (b->fd < 0 && errno != EEXIST)
-			break;
+	int r = cas_ingest_stage_create(b->c->ingest, &b->fd, b->name);
+	if (r < 0) {
+		b->fd = -1;
+		b->name[0] = 0;
 	}
-	if (b->fd >= 0)
-		return 0;
-	b->tmp[0] = 0;
-	return cas_log_errno(cas_negerrno(), "cache %s: create in tmp/: %m",
-			     c->cache_dir);
+	return r;
 }
 
 static int blob_sink_flush(struct blob_sink *b)
@@ -219,7 +210,7 @@ void cas_cache_maybe_evict(struct cache_store *c, uint64_t added)
 	pthread_mutex_lock(&c->lock);
 	uint64_t staged = c->staged_bytes, target = c->cache_max / 10 * 9;
 	pthread_mutex_unlock(&c->lock);
-	int64_t now = cas_cache_evict(c->cache_dir,
+	int64_t now = cas_local_evict(c->cache,
 				      target > staged ? target - staged : 0);
 	if (now >= 0) {
 		pthread_mutex_lock(&c->lock);
@@ -243,7 +234,7 @@ static int start_publisher_locked(struct cache_store *c)
 
 /* Hands a verified blob file to the publisher (waits while STAGED_MAX
  * blobs are unnamed). Takes sb. */
-static int stage_blob(struct cache_store *c, struct staged_blob *sb)
+static int stage_blob(struct cache_store *c, struct cas_ingest_file *sb)
 {
 	int r = 0;
 
@@ -252,17 +243,9 @@ static int stage_blob(struct cache_store *c, struct staged_blob *sb)
 	       !c->publisher_stopping)
 		pthread_cond_wait(&c->pub_cond, &c->lock);
 	r = start_publisher_locked(c);
-	if (r >= 0 && c->n_pending == c->cap_pending) {
-		size_t cap = c->cap_pending ? c->cap_pending * 2 : 256;
-		struct staged_blob **np =
-			realloc(c->pending, cap * sizeof(*np));
-		if (np) {
-			c->pending = np;
-			c->cap_pending = cap;
-		} else {
-			r = -ENOMEM;
-		}
-	}
+	if (r >= 0)
+		r = cas_array_grow(&c->pending, &c->cap_pending,
+				   c->n_pending + 1, sizeof(*c->pending), 256);
 	if (r >= 0)
 		r = cas_dmap_put(&c->staged, &sb->digest, sb);
 	if (r > 0) {
@@ -274,7 +257,7 @@ static int stage_blob(struct cache_store *c, struct staged_blob *sb)
 	pthread_mutex_unlock(&c->lock);
 	if (r <= 0) {
 		/* Staged already by another fetch, or no room: drop ours. */
-		(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+		cas_ingest_stage_discard(c->ingest, sb->name);
 		free(sb);
 	}
 	return r < 0 ? r : 0;
@@ -394,7 +377,7 @@ out:
 static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 {
 	char hex[CAS_DIGEST_HEX_LEN + 1];
-	struct staged_blob *sb;
+	struct cas_ingest_file *sb;
 	cas_digest got;
 	int r;
 
@@ -403,7 +386,7 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	if (!sb)
 		return -ENOMEM;
 	sb->digest = *d;
-	struct blob_sink b = {.c = c, .tmp = sb->tmp, .fd = -1};
+	struct blob_sink b = {.c = c, .name = sb->name, .fd = -1};
 	cas_hasher_init(&b.hasher);
 	r = c->fetcher->ops->blob_fetch(c->fetcher, d, blob_sink_write, &b);
 	int fr = blob_sink_finish(&b, r >= 0);
@@ -431,8 +414,8 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	}
 	blob_sink_free(&b);
 	if (r < 0) {
-		if (sb->tmp[0])
-			(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+		if (sb->name[0])
+			cas_ingest_stage_discard(c->ingest, sb->name);
 		free(sb);
 		return r;
 	}
@@ -449,48 +432,6 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 		pthread_mutex_unlock(&c->lock);
 	}
 	return 0;
-}
-
-/* Names one synced staged blob in the cache's blobs/ (never over a name
- * that exists: that one holds the same bytes). */
-static void publish_staged(struct cache_store *c, const struct staged_blob *sb)
-{
-	char path[4096], hex[CAS_DIGEST_HEX_LEN + 1];
-	int r = cas_local_blob_path(c->cache, &sb->digest, path, sizeof(path));
-	for (int attempt = 0; r == 0 && attempt < 2; attempt++) {
-		if (renameat2(c->tmp_fd, sb->tmp, AT_FDCWD, path,
-			      RENAME_NOREPLACE) == 0)
-			return;
-		r = cas_negerrno();
-		if (r == -EEXIST)
-			break;
-		if (r == -EINVAL) {
-			/* A file system without RENAME_NOREPLACE. */
-			if (linkat(c->tmp_fd, sb->tmp, AT_FDCWD, path, 0) < 0 &&
-			    errno != EEXIST)
-				r = cas_negerrno();
-			else
-				r = -EEXIST;
-			break;
-		}
-		if (r != -ENOENT)
-			break;
-		/* The fan-out folder is missing. */
-		char *slash = strrchr(path, '/');
-		*slash = 0;
-		if (mkdir(path, 0755) < 0 && errno != EEXIST) {
-			r = cas_negerrno();
-			break;
-		}
-		*slash = '/';
-		r = 0;
-	}
-	(void)unlinkat(c->tmp_fd, sb->tmp, 0);
-	if (r < 0 && r != -EEXIST) {
-		cas_digest_to_hex(&sb->digest, hex);
-		cas_log_warning("blob %s: cache %s: cannot name it: %s", hex,
-				c->cache_dir, strerror(-r));
-	}
 }
 
 /* When mfill is to be written: its deadline (MGROUP_DELAY_MS after its
@@ -515,22 +456,6 @@ static bool mfill_due(const struct cache_store *c, struct timespec *ret_when)
 static bool publisher_has_work(const struct cache_store *c)
 {
 	return c->n_pending > 0 || mfill_due(c, NULL);
-}
-
-/* Appends a group of small blobs to the cache's pack: written, synced,
- * then indexed (local.h). */
-static int mgroup_write(struct cache_store *c, struct mgroup *g)
-{
-	size_t padded = (g->used + CAS_LOCAL_PACK_ALIGN - 1) /
-			CAS_LOCAL_PACK_ALIGN * CAS_LOCAL_PACK_ALIGN;
-	memset(g->buf + g->used, 0, padded - g->used);
-	int r = 0;
-	if (!c->pack)
-		r = cas_local_pack_new(c->cache, &c->pack);
-	if (r == 0)
-		r = cas_local_pack_append(c->pack, g->buf, padded, g->v, g->n,
-					  NULL);
-	return r;
 }
 
 /* Publishes the staged blobs in groups: waits for a group to gather,
@@ -566,7 +491,7 @@ static void *publisher_main(void *arg)
 		       pthread_cond_timedwait(&c->pub_cond, &c->lock, &until) ==
 			       0)
 			;
-		struct staged_blob **group = c->pending;
+		struct cas_ingest_file **group = c->pending;
 		size_t n = c->n_pending;
 		c->pending = NULL;
 		c->n_pending = c->cap_pending = 0;
@@ -580,16 +505,28 @@ static void *publisher_main(void *arg)
 		c->publishing = true;
 		pthread_mutex_unlock(&c->lock);
 
-		int pack_r = mg ? mgroup_write(c, mg) : 0;
-		bool synced = true;
-		int sync_errno = 0;
-		if (n > 0) {
-			/* Every byte of the group was written before this. */
-			synced = syncfs(c->tmp_fd) == 0;
-			sync_errno = errno;
+		/* The store's one write path (store/ingest.h): the pack
+		 * group written, synced and indexed; one syncfs; the files
+		 * named. */
+		struct cas_ingest_file *files =
+			n ? malloc(n * sizeof(*files)) : NULL;
+		for (size_t i = 0; files && i < n; i++)
+			files[i] = *group[i];
+		struct cas_ingest_group g = {.files = files,
+					     .n_files = files ? n : 0};
+		if (mg) {
+			g.small_buf = mg->buf;
+			g.small_len = mg->used;
+			g.smalls = mg->v;
+			g.n_smalls = mg->n;
 		}
-		for (size_t i = 0; synced && i < n; i++)
-			publish_staged(c, group[i]);
+		struct cas_ingest_result res = {0};
+		(void)cas_ingest_commit(c->ingest, &g, &res);
+		int pack_r = res.pack_r;
+		/* Without memory for the list, the group is not named. */
+		bool synced = res.sync_r == 0 && (files || n == 0);
+		int sync_errno = res.sync_r < 0 ? -res.sync_r : ENOMEM;
+		free(files);
 
 		pthread_mutex_lock(&c->lock);
 		if (!synced && !c->sync_failed_logged) {
@@ -611,7 +548,8 @@ static void *publisher_main(void *arg)
 				cas_dmap_remove(&c->staged, e);
 			/* Open fds keep the bytes; the name goes. */
 			if (!synced)
-				(void)unlinkat(c->tmp_fd, group[i]->tmp, 0);
+				cas_ingest_stage_discard(c->ingest,
+							 group[i]->name);
 			c->staged_bytes -= group[i]->size;
 			free(group[i]);
 		}
@@ -659,15 +597,13 @@ static int staged_open(struct cache_store *c, const cas_digest *d, int *ret_fd,
 	struct cas_dmap_entry *e =
 		c->staged.n ? cas_dmap_find(&c->staged, d) : NULL;
 	if (e) {
-		struct staged_blob *sb = e->value;
-		int fd = openat(c->tmp_fd, sb->tmp, O_RDONLY | O_CLOEXEC);
-		if (fd >= 0) {
+		struct cas_ingest_file *sb = e->value;
+		int fd = -1;
+		r = cas_ingest_stage_open(c->ingest, sb->name, &fd);
+		if (r == 0) {
 			*ret_fd = fd;
 			if (ret_size)
 				*ret_size = sb->size;
-			r = 0;
-		} else if (errno != ENOENT) {
-			r = cas_negerrno();
 		}
 	}
 	pthread_mutex_unlock(&c->lock);
@@ -681,7 +617,7 @@ static bool is_staged(struct cache_store *c, const cas_digest *d,
 	struct cas_dmap_entry *e =
 		c->staged.n ? cas_dmap_find(&c->staged, d) : NULL;
 	if (e)
-		*ret_size = ((struct staged_blob *)e->value)->size;
+		*ret_size = ((struct cas_ingest_file *)e->value)->size;
 	else if ((e = c->mstaged.n ? cas_dmap_find(&c->mstaged, d) : NULL))
 		*ret_size = ((struct cas_local_small *)e->value)->len;
 	pthread_mutex_unlock(&c->lock);
@@ -760,7 +696,7 @@ int cas_cache_held_read(struct cache_store *c, const cas_digest *d, size_t max,
 	if (r != -ENOENT)
 		return r;
 	_cleanup_close_ int fd = -1;
-	uint64_t size;
+	uint64_t size = 0;
 	r = staged_open(c, d, &fd, &size);
 	if (r == -ENOENT)
 		return cas_store_blob_read(c->cache, d, max, ret_buf, ret_size);
@@ -769,15 +705,13 @@ int cas_cache_held_read(struct cache_store *c, const cas_digest *d, size_t max,
 	return cas_store_blob_read_fd(d, fd, size, max, ret_buf, ret_size);
 }
 
-/* A shared flock marks the blob as in use for eviction (evict.c); the
- * access time orders the blobs for it. */
+/* Marks the blob as in use and recently used for eviction (a bounded
+ * cache only; store/local_evict.c). */
 void cas_cache_mark_used(struct cache_store *c, int fd)
 {
 	if (c->cache_max == 0)
 		return;
-	(void)flock(fd, LOCK_SH | LOCK_NB);
-	struct timespec ts[2] = {{0, UTIME_NOW}, {0, UTIME_OMIT}};
-	(void)futimens(fd, ts);
+	cas_local_blob_mark_used(fd);
 }
 
 /* Makes sure the cache holds d: 0, -ENOENT, -EIO. One fetch for all the
@@ -816,20 +750,20 @@ int cas_cache_ensure_blob(struct cache_store *c, const cas_digest *d,
 int cas_cache_file_stage(struct cache_store *c, const cas_digest *d,
 			 const uint8_t *buf, size_t len)
 {
-	struct staged_blob *sb = calloc(1, sizeof(*sb));
+	struct cas_ingest_file *sb = calloc(1, sizeof(*sb));
 	if (!sb)
 		return -ENOMEM;
 	sb->digest = *d;
 	sb->size = len;
-	struct blob_sink b = {.c = c, .tmp = sb->tmp, .fd = -1};
+	struct blob_sink b = {.c = c, .name = sb->name, .fd = -1};
 	int r = sink_open(&b);
 	if (r >= 0)
 		r = cas_write_all(b.fd, buf, len);
 	if (b.fd >= 0 && close(b.fd) < 0 && r >= 0)
 		r = cas_negerrno();
 	if (r < 0) {
-		if (sb->tmp[0])
-			(void)unlinkat(c->tmp_fd, sb->tmp, 0);
+		if (sb->name[0])
+			cas_ingest_stage_discard(c->ingest, sb->name);
 		free(sb);
 		return r;
 	}

@@ -47,6 +47,7 @@
 
 #include "core/directory.h"
 #include "remote/remote_i.h"
+#include "store/ingest.h"
 #include "store/local.h"
 
 struct inflight {
@@ -128,12 +129,6 @@ struct mgroup {
 #define STAGE_DELAY_MS 200
 #define STAGED_MAX     65536
 
-struct staged_blob {
-	char tmp[48]; /* name in the cache's tmp/ */
-	uint64_t size;
-	cas_digest digest;
-};
-
 /* One level of the prefetch walk (cache_prefetch.c). */
 struct walk_frame {
 	cas_digest d;
@@ -195,31 +190,30 @@ struct cache_store {
 	struct cas_dmap
 		bad_logged; /* blobs reported wrong; protected by lock */
 
-	int tmp_fd; /* the cache's tmp/ */
-	pid_t pid;  /* in tmp/ names (O_EXCL settles a clash after fork) */
-	atomic_uint_fast64_t tmp_counter;
-	struct cas_dmap staged;	       /* digest -> staged_blob; lock */
-	struct staged_blob **pending;  /* staged, not yet synced; lock */
-	size_t n_pending, cap_pending; /* protected by lock */
-	bool publisher_started;	       /* protected by lock */
-	bool publisher_stopping;       /* protected by lock */
-	bool sync_failed_logged;       /* protected by lock */
-	bool publishing;	       /* a group is out; protected by lock */
-	unsigned flushers;	       /* in cas_cache_flush; lock */
-	uint64_t staged_bytes;	       /* protected by lock */
+	/* Every blob goes into the cache through the store's one write
+	 * path (store/ingest.h): staged files, the pack, eviction. */
+	struct cas_ingest *ingest;
+	struct cas_dmap staged;		  /* digest -> cas_ingest_file; lock */
+	struct cas_ingest_file **pending; /* staged, not yet synced; lock */
+	size_t n_pending, cap_pending;	  /* protected by lock */
+	bool publisher_started;		  /* protected by lock */
+	bool publisher_stopping;	  /* protected by lock */
+	bool sync_failed_logged;	  /* protected by lock */
+	bool publishing;       /* a group is out; protected by lock */
+	unsigned flushers;     /* in cas_cache_flush; lock */
+	uint64_t staged_bytes; /* protected by lock */
 	pthread_t publisher;
 	pthread_cond_t pub_cond; /* publisher: work; fetchers: room */
 
-	bool pack_small;	     /* small blobs go to a pack (unbounded) */
-	struct cas_local_pack *pack; /* the publisher's */
-	struct mgroup *mfill;	     /* being filled; protected by lock */
-	struct mgroup *mwrite;	     /* being written; protected by lock */
-	struct mgroup *mspare;	     /* written, readable, for reuse; lock */
-	bool mem_full;		     /* a stager waits for room; lock */
-	bool pack_failed_logged;     /* protected by lock */
-	struct cas_dmap mstaged;     /* digest -> entry of a group; lock */
-	bool packs_found;	     /* a pack range was fetched; lock */
-	bool no_packs;		     /* the layout has none; lock */
+	bool pack_small;	 /* small blobs go to a pack (unbounded) */
+	struct mgroup *mfill;	 /* being filled; protected by lock */
+	struct mgroup *mwrite;	 /* being written; protected by lock */
+	struct mgroup *mspare;	 /* written, readable, for reuse; lock */
+	bool mem_full;		 /* a stager waits for room; lock */
+	bool pack_failed_logged; /* protected by lock */
+	struct cas_dmap mstaged; /* digest -> entry of a group; lock */
+	bool packs_found;	 /* a pack range was fetched; lock */
+	bool no_packs;		 /* the layout has none; lock */
 };
 
 static inline struct cache_store *to_cache(cas_store *s)

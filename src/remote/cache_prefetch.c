@@ -24,7 +24,7 @@
  * them; and the blobs fetched alone (ds, idx: their index in it). */
 #define BATCH_RETRY 1 /* r: a range did not give it; fetch it alone */
 
-	struct batch {
+struct batch {
 	struct cache_store *c;
 	struct prefetch_item it[PREFETCH_BATCH];
 	struct inflight *e[PREFETCH_BATCH];

@@ -95,7 +95,9 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
  * named in its blobs/ folder (the publisher does that within moments;
  * for tests and callers that look at the files). */
 void cas_cache_flush(cas_store *s);
-
+/* The cache's own local store (borrowed: it lives as long as s), for
+ * store operations on what the cache holds (eviction, ingest.h). */
+cas_store *cas_cache_local_store(cas_store *s);
 
 /* libcurl ------------------------------------------------------------ */
 
@@ -150,13 +152,5 @@ size_t cas_layout_pack_offsets(const cas_directory *dir, uint64_t *off,
  * varint-framed messages; a cb result < 0 stops and is returned. */
 int cas_tree_file_split(const uint8_t *buf, size_t len, cas_fetch_dir_cb cb,
 			void *userdata);
-
-/* Blob eviction of a cache store (evict.c): removes least recently used
- * blob files of the cache at dir (local.h layout) that no one holds open
- * (a shared flock on every fd the cache hands out) until the blobs total
- * at most target bytes. Returns the bytes now held (>= 0) or -errno. */
-int64_t cas_cache_evict(const char *dir, uint64_t target);
-/* Total size of the blob files of the cache at dir. */
-int64_t cas_cache_blob_bytes(const char *dir);
 
 #endif

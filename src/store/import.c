@@ -46,6 +46,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/dmap.h"
 #include "core/log.h"
 #include "store/local_i.h"
 
@@ -83,14 +84,9 @@ struct imp_job {
 	size_t index;
 };
 
-struct staged {
-	char name[CAS_STAGE_NAME_LEN];
-	cas_digest digest;
-};
-
 struct importer {
 	cas_store *store;
-	struct cas_local *ls;
+	struct cas_ingest *in; /* the store's one write path (ingest.h) */
 	const struct cas_import_options *opts;
 
 	pthread_mutex_t lock;
@@ -106,17 +102,15 @@ struct importer {
 	 * place; the publisher thread flushes them in groups. */
 	pthread_mutex_t stage_lock;
 	pthread_cond_t stage_cond;
-	struct staged *staged;	     /* protected by stage_lock */
-	size_t n_staged, cap_staged; /* protected by stage_lock */
-	uint64_t staged_bytes;	     /* protected by stage_lock */
-	bool stage_want, stage_stop; /* protected by stage_lock */
-	struct cas_local_pack *pack; /* publisher (and cas_import at the end) */
+	struct cas_ingest_file *staged; /* protected by stage_lock */
+	size_t n_staged, cap_staged;	/* protected by stage_lock */
+	uint64_t staged_bytes;		/* protected by stage_lock */
+	bool stage_want, stage_stop;	/* protected by stage_lock */
 	struct cas_local_small *smalls; /* protected by stage_lock */
 	size_t n_smalls, cap_smalls;	/* protected by stage_lock */
-	/* Open addressing over smalls (index + 1, 0 empty): the same bytes
-	 * twice in one group (licence texts, empty files) go in once. */
-	uint32_t *small_set;	   /* protected by stage_lock */
-	size_t set_slots;	   /* protected by stage_lock */
+	/* The digests in smalls: the same bytes twice in one group
+	 * (licence texts, empty files) go in once. */
+	struct cas_dmap small_set; /* protected by stage_lock */
 	uint8_t *arena;		   /* protected by stage_lock, ARENA_SIZE */
 	uint8_t *spare_arena;	   /* protected by stage_lock */
 	size_t arena_len;	   /* protected by stage_lock */
@@ -219,7 +213,7 @@ static double elapsed(const struct timespec *t0)
 #define SMALL_GROUP_BYTES (16u << 20)
 #define SMALL_GROUP_MAX	  (2 * SMALL_GROUP_BYTES) /* workers wait beyond */
 /* Fixed, so it stays aligned: room for the last blob and the padding. */
-#define ARENA_SIZE (SMALL_GROUP_MAX + CAS_LOCAL_PACK_MAX + CAS_STAGE_ALIGN)
+#define ARENA_SIZE (SMALL_GROUP_MAX + CAS_LOCAL_PACK_MAX + CAS_INGEST_ALIGN)
 
 static void want_flush_locked(struct importer *imp)
 {
@@ -233,20 +227,16 @@ static int stage_add(struct importer *imp, const char *name,
 		     const cas_digest *d, uint64_t size)
 {
 	pthread_mutex_lock(&imp->stage_lock);
-	if (imp->n_staged == imp->cap_staged) {
-		size_t cap = imp->cap_staged ? imp->cap_staged * 2 : 1024;
-		struct staged *v = realloc(imp->staged, cap * sizeof(*v));
-		if (!v) {
-			pthread_mutex_unlock(&imp->stage_lock);
-			cas_local_stage_discard(imp->ls, name);
-			return -ENOMEM;
-		}
-		imp->staged = v;
-		imp->cap_staged = cap;
+	if (cas_array_grow(&imp->staged, &imp->cap_staged, imp->n_staged + 1,
+			   sizeof(*imp->staged), 1024) < 0) {
+		pthread_mutex_unlock(&imp->stage_lock);
+		cas_ingest_stage_discard(imp->in, name);
+		return -ENOMEM;
 	}
-	struct staged *st = &imp->staged[imp->n_staged++];
+	struct cas_ingest_file *st = &imp->staged[imp->n_staged++];
 	snprintf(st->name, sizeof(st->name), "%s", name);
 	st->digest = *d;
+	st->size = size;
 	imp->staged_bytes += size;
 	if (imp->n_staged >= STAGE_FILES || imp->staged_bytes >= STAGE_BYTES)
 		want_flush_locked(imp);
@@ -254,67 +244,29 @@ static int stage_add(struct importer *imp, const char *name,
 	return 0;
 }
 
-/* The slot of d in small_set: where it is, or the empty one to take. */
-static size_t small_slot(struct importer *imp, const cas_digest *d)
-{
-	uint64_t h;
-	memcpy(&h, d->bytes, sizeof(h)); /* a digest is uniform already */
-	size_t mask = imp->set_slots - 1;
-	for (size_t i = (size_t)h & mask;; i = (i + 1) & mask) {
-		uint32_t k = imp->small_set[i];
-		if (!k || cas_digest_eq(&imp->smalls[k - 1].digest, d))
-			return i;
-	}
-}
-
-static int small_set_grow(struct importer *imp)
-{
-	size_t slots = imp->set_slots ? imp->set_slots * 2 : 4096;
-	uint32_t *set = calloc(slots, sizeof(*set));
-	if (!set)
-		return -ENOMEM;
-	free(imp->small_set);
-	imp->small_set = set;
-	imp->set_slots = slots;
-	for (size_t k = 0; k < imp->n_smalls; k++)
-		imp->small_set[small_slot(imp, &imp->smalls[k].digest)] =
-			(uint32_t)k + 1;
-	return 0;
-}
-
 static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
 		     const cas_digest *d)
 {
-	int r = cas_local_small_exists(imp->ls, d);
+	int r = cas_ingest_has(imp->in, d, true);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	pthread_mutex_lock(&imp->stage_lock);
 	while (imp->arena_len >= SMALL_GROUP_MAX && !imp->stage_stop &&
 	       !failed(imp))
 		pthread_cond_wait(&imp->small_cond, &imp->stage_lock);
-	if ((imp->n_smalls + 1) * 2 > imp->set_slots &&
-	    (r = small_set_grow(imp)) < 0)
-		goto out;
-	size_t slot = small_slot(imp, d);
-	if (imp->small_set[slot])
+	if (imp->small_set.n && cas_dmap_find(&imp->small_set, d))
 		goto out; /* already in this group */
-	if (imp->n_smalls == imp->cap_smalls) {
-		size_t cap = imp->cap_smalls ? imp->cap_smalls * 2 : 1024;
-		struct cas_local_small *v =
-			realloc(imp->smalls, cap * sizeof(*v));
-		if (!v) {
-			r = -ENOMEM;
-			goto out;
-		}
-		imp->smalls = v;
-		imp->cap_smalls = cap;
-	}
-	imp->small_set[slot] = (uint32_t)imp->n_smalls + 1;
+	if ((r = cas_array_grow(&imp->smalls, &imp->cap_smalls,
+				imp->n_smalls + 1, sizeof(*imp->smalls),
+				1024)) < 0 ||
+	    (r = cas_dmap_put(&imp->small_set, d, NULL)) < 0)
+		goto out;
+	r = 0;
 	if (!imp->arena)
 		imp->arena = TAKE_PTR(imp->spare_arena);
 	if (!imp->arena) {
 		/* Only touched as it fills. */
-		imp->arena = aligned_alloc(CAS_STAGE_ALIGN, ARENA_SIZE);
+		imp->arena = aligned_alloc(CAS_INGEST_ALIGN, ARENA_SIZE);
 		if (!imp->arena) {
 			r = -ENOMEM;
 			goto out;
@@ -337,32 +289,14 @@ static int small_cmp(const void *a, const void *b)
 	return memcmp(x->digest.bytes, y->digest.bytes, CAS_DIGEST_LEN);
 }
 
-/* A group goes to the pack, padded to a whole block (O_DIRECT), and is
- * indexed in key order (LMDB then touches each page once). */
-static int small_flush(struct importer *imp, struct cas_local_small *v,
-		       size_t n, uint8_t *arena, size_t len)
-{
-	if (n == 0)
-		return 0;
-	size_t padded =
-		(len + CAS_STAGE_ALIGN - 1) / CAS_STAGE_ALIGN * CAS_STAGE_ALIGN;
-	memset(arena + len, 0, padded - len);
-	qsort(v, n, sizeof(*v), small_cmp);
-	size_t added = 0;
-	int r = cas_local_pack_append(imp->pack, arena, padded, v, n, &added);
-	if (r == 0)
-		atomic_fetch_add_explicit(&imp->blobs_added, added,
-					  memory_order_relaxed);
-	return r;
-}
-
-/* The small-blob group goes to the pack; then one syncfs for every file
- * staged so far, then the renames. After a failure the staged files are
- * only removed. */
+/* The group goes through the store's write path (ingest.h): the small
+ * blobs to the pack (indexed in key order: LMDB then touches each page
+ * once); one syncfs for every file staged so far, then the renames.
+ * After a failure the staged files are only removed. */
 static void stage_flush(struct importer *imp)
 {
 	pthread_mutex_lock(&imp->stage_lock);
-	struct staged *v = TAKE_PTR(imp->staged);
+	struct cas_ingest_file *v = TAKE_PTR(imp->staged);
 	size_t n = imp->n_staged;
 	imp->n_staged = imp->cap_staged = 0;
 	imp->staged_bytes = 0;
@@ -371,14 +305,27 @@ static void stage_flush(struct importer *imp)
 	size_t n_small = imp->n_smalls, cap_small = imp->cap_smalls;
 	size_t arena_len = imp->arena_len;
 	imp->n_smalls = imp->cap_smalls = imp->arena_len = 0;
-	if (imp->small_set)
-		memset(imp->small_set, 0,
-		       imp->set_slots * sizeof(*imp->small_set));
+	cas_dmap_clear(&imp->small_set);
 	pthread_cond_broadcast(&imp->small_cond);
 	pthread_mutex_unlock(&imp->stage_lock);
+	if (n_small > 1)
+		qsort(sv, n_small, sizeof(*sv), small_cmp);
+	struct cas_ingest_group g = {
+		.files = v,
+		.n_files = n,
+		.small_buf = arena,
+		.small_len = arena_len,
+		.smalls = sv,
+		.n_smalls = n_small,
+	};
 	int r = failed(imp);
-	if (r == 0 && (r = small_flush(imp, sv, n_small, arena, arena_len)) < 0)
+	struct cas_ingest_result res = {0};
+	if (r == 0 && (r = cas_ingest_commit(imp->in, &g, &res)) < 0)
 		set_error(imp, r);
+	atomic_fetch_add_explicit(&imp->blobs_added, res.added,
+				  memory_order_relaxed);
+	if (r < 0)
+		cas_ingest_discard(imp->in, &g); /* what was not named */
 	/* Two arenas take turns: one fills while the other is written.
 	 * Allocating a fresh one per group faulted in every page of it
 	 * again, which showed in profiles. */
@@ -392,26 +339,6 @@ static void stage_flush(struct importer *imp)
 	pthread_mutex_unlock(&imp->stage_lock);
 	free(arena);
 	free(sv);
-	if (n == 0) {
-		free(v);
-		return;
-	}
-	if (r == 0 && (r = cas_local_sync(imp->store)) < 0)
-		set_error(imp, r);
-	for (size_t i = 0; i < n; i++) {
-		if (r < 0) {
-			cas_local_stage_discard(imp->ls, v[i].name);
-			continue;
-		}
-		int u = cas_local_unstage(imp->ls, v[i].name, &v[i].digest);
-		if (u < 0) {
-			set_error(imp, u);
-			r = u;
-		} else if (u > 0) {
-			atomic_fetch_add_explicit(&imp->blobs_added, 1,
-						  memory_order_relaxed);
-		}
-	}
 	free(v);
 }
 
@@ -442,7 +369,7 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 {
 	uint64_t total = 0;
 	cas_digest d;
-	char staged[CAS_STAGE_NAME_LEN];
+	char staged[CAS_INGEST_NAME_LEN];
 	int r;
 
 	if ((uint64_t)st->st_size < SMALL_FILE) {
@@ -463,12 +390,12 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 		}
 		if (total < SMALL_FILE) {
 			cas_hash_buffer(buf, total, &d);
-			if (imp->pack && cas_local_is_packed(imp->ls, total))
+			if (cas_ingest_packs(imp->in, total))
 				r = small_add(imp, buf, total, &d);
-			else if ((r = cas_local_blob_exists(imp->ls, &d)) ==
+			else if ((r = cas_ingest_has(imp->in, &d, false)) ==
 					 0 &&
-				 (r = cas_local_stage_buffer(
-					  imp->ls, buf, total, staged)) == 0)
+				 (r = cas_ingest_stage_buffer(
+					  imp->in, buf, total, staged)) == 0)
 				r = stage_add(imp, staged, &d, total);
 			if (r < 0)
 				return path_error(imp, dir, name, r, NULL);
@@ -495,9 +422,9 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 	if (total != (uint64_t)st->st_size)
 		return path_error(imp, dir, name, -EBADMSG,
 				  "file changed while it was imported");
-	r = cas_local_blob_exists(imp->ls, &d);
-	if (r == 0 && (r = cas_local_stage_fd(imp->ls, fd, total, st, buf,
-					      SMALL_FILE, staged)) == 0)
+	r = cas_ingest_has(imp->in, &d, false);
+	if (r == 0 && (r = cas_ingest_stage_fd(imp->in, fd, total, st, buf,
+					       SMALL_FILE, staged)) == 0)
 		r = stage_add(imp, staged, &d, total);
 	if (r == -EBADMSG)
 		return path_error(imp, dir, name, r,
@@ -555,16 +482,11 @@ static void run_job(struct importer *imp, const struct imp_job *job,
 static void dir_ready(struct importer *imp, struct imp_dir *dir)
 {
 	pthread_mutex_lock(&imp->lock);
-	if (imp->n_ready == imp->cap_ready) {
-		size_t cap = imp->cap_ready ? imp->cap_ready * 2 : 64;
-		struct imp_dir **r = realloc(imp->ready, cap * sizeof(*r));
-		if (!r) {
-			pthread_mutex_unlock(&imp->lock);
-			set_error(imp, -ENOMEM);
-			return;
-		}
-		imp->ready = r;
-		imp->cap_ready = cap;
+	if (cas_array_grow(&imp->ready, &imp->cap_ready, imp->n_ready + 1,
+			   sizeof(*imp->ready), 64) < 0) {
+		pthread_mutex_unlock(&imp->lock);
+		set_error(imp, -ENOMEM);
+		return;
 	}
 	imp->ready[imp->n_ready++] = dir;
 	pthread_cond_signal(&imp->walker_cond);
@@ -574,7 +496,7 @@ static void dir_ready(struct importer *imp, struct imp_dir *dir)
 static void *worker_main(void *arg)
 {
 	struct importer *imp = arg;
-	uint8_t *buf = aligned_alloc(CAS_STAGE_ALIGN, SMALL_FILE);
+	uint8_t *buf = aligned_alloc(CAS_INGEST_ALIGN, SMALL_FILE);
 	if (!buf)
 		set_error(imp, -ENOMEM);
 	pthread_mutex_lock(&imp->lock);
@@ -1020,7 +942,6 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	if (!imp)
 		return -ENOMEM;
 	imp->store = s;
-	imp->ls = (struct cas_local *)s;
 	imp->opts = opts;
 	pthread_mutex_init(&imp->lock, NULL);
 	pthread_cond_init(&imp->job_cond, NULL);
@@ -1034,7 +955,7 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	cas_node node = {0};
 	int r;
 
-	imp->walker_buf = aligned_alloc(CAS_STAGE_ALIGN, SMALL_FILE);
+	imp->walker_buf = aligned_alloc(CAS_INGEST_ALIGN, SMALL_FILE);
 	imp->dents = malloc(GETDENTS_BUF);
 	if (!imp->walker_buf || !imp->dents) {
 		r = -ENOMEM;
@@ -1042,8 +963,7 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	}
 	if ((r = s->ops->dir_batch_new(s, &imp->batch)) < 0)
 		goto out;
-	if (imp->ls->write_packs &&
-	    (r = cas_local_pack_new(&imp->ls->base, &imp->pack)) < 0)
+	if ((r = cas_ingest_new(s, &imp->in)) < 0)
 		goto out;
 
 	/* Messages name "PATH/a/b", without a doubled slash. */
@@ -1103,7 +1023,7 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	double t_walk = elapsed(&t0);
 	/* Ordered durability: every blob is on disk (also those another
 	 * writer published and we only found) before anything refers to it. */
-	if ((r = cas_local_sync(s)) < 0)
+	if ((r = cas_ingest_sync(imp->in)) < 0)
 		goto out;
 	double t_sync = elapsed(&t0);
 	r = imp->batch->ops->commit(imp->batch, name, name ? &node : NULL);
@@ -1130,10 +1050,10 @@ out:
 	stage_flush(imp); /* after a failure: removes what is staged */
 	free(imp->staged);
 	free(imp->smalls);
-	free(imp->small_set);
+	cas_dmap_release(&imp->small_set, NULL);
 	free(imp->arena);
 	free(imp->spare_arena);
-	cas_local_pack_close(imp->pack);
+	cas_ingest_free(imp->in);
 	if (imp->batch)
 		imp->batch->ops->abort(imp->batch);
 	free(imp->ready);

@@ -21,8 +21,8 @@
  * LMDB itself would be rewritten with every leaf page a later group
  * touches). Blobs put one at a time (writers, publish_*) are files, and
  * so is every blob that import writes to a store opened no_inline. The
- * remote cache packs the small blobs it fetches through the same calls
- * (cas_local_pack_*). Readers look in both; a pack is never rewritten.
+ * remote cache packs the small blobs it fetches through the same write
+ * path (ingest.h). Readers look in both; a pack is never rewritten.
  *
  * Durability is ordered: a blob is named (linked, or indexed) only once
  * its bytes are on disk, and a Directory or root is committed only once
@@ -88,25 +88,13 @@ int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
 				  const cas_digest *d);
 
-/* Packs written by a caller (import, and the remote cache for the small
- * blobs it fetches): a pack of the writer's own, created on its first
- * group. append writes one group (buf: v[i] is at v[i].off, len bytes;
- * buf aligned to CAS_LOCAL_PACK_ALIGN and len a multiple of it, for
- * O_DIRECT), makes it durable, then indexes v[0..n) in one LMDB
- * transaction, never replacing an entry. The caller vouches for each
- * digest (it hashed the bytes). ret_added (may be NULL) counts new
- * entries. A pack belongs to one thread at a time. */
+/* Small blobs of a group bound for a pack (ingest.h): v[i] is at v[i].off
+ * of the group's buffer, len bytes. */
 #define CAS_LOCAL_PACK_ALIGN 4096
 struct cas_local_small {
 	cas_digest digest;
 	size_t off, len;
 };
-struct cas_local_pack;
-int cas_local_pack_new(cas_store *s, struct cas_local_pack **ret);
-int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
-			  size_t len, const struct cas_local_small *v, size_t n,
-			  size_t *ret_added);
-void cas_local_pack_close(struct cas_local_pack *p);
 
 /* Every problem found, one line each naming the object: blobs whose bytes
  * do not hash to their name ("blob <hex>: content hashes to <hex>"),

@@ -14,6 +14,7 @@
 #include <stdatomic.h>
 #include <sys/stat.h>
 
+#include "store/ingest.h"
 #include "store/local.h"
 
 /* "ab/abcdef..." (fan-out folder, slash, 64 hex, NUL). */
@@ -132,33 +133,20 @@ uint64_t cas_local_small_size(const void *ref, size_t ref_len);
 int cas_local_small_read(struct cas_local *ls, const void *ref, size_t ref_len,
 			 uint8_t *buf, size_t size);
 
-/* Staging, for import: blobs are written to named files in tmp/ without
- * any sync; after one syncfs has made a whole group durable, each is
- * renamed into place (never replacing). A crash leaves only tmp/ files,
- * which later writers remove. stage_fd checks that the source still
- * matches st (size, mtime, ctime) after the copy, else -EBADMSG (the file
- * changed while it was imported). unstage returns 1 when the blob was
- * added, 0 when it was already there; the staged file is gone either
- * way.
- *
- * Files of at least CAS_STAGE_DIRECT_MIN bytes are written with O_DIRECT
- * (all but the last partial block), from the caller's buffer, which must
- * then be aligned to CAS_STAGE_ALIGN (else the page cache is used):
- * stage_buffer writes buf itself, stage_fd reads the source through
- * `scratch` (scratch_size bytes, a multiple of CAS_STAGE_ALIGN). Buffered
- * writes of a whole tree cost more CPU than hashing it, here measured at
- * twice the system time; the direct ones leave that to the disk. */
-#define CAS_STAGE_NAME_LEN   64
-#define CAS_STAGE_ALIGN	     CAS_LOCAL_PACK_ALIGN
-#define CAS_STAGE_DIRECT_MIN (64u << 10)
-int cas_local_stage_buffer(struct cas_local *ls, const void *buf, size_t len,
-			   char ret_name[CAS_STAGE_NAME_LEN]);
-int cas_local_stage_fd(struct cas_local *ls, int src_fd, uint64_t size,
-		       const struct stat *st, uint8_t *scratch,
-		       size_t scratch_size, char ret_name[CAS_STAGE_NAME_LEN]);
-int cas_local_unstage(struct cas_local *ls, const char *name,
-		      const cas_digest *d);
-void cas_local_stage_discard(struct cas_local *ls, const char *name);
+/* Packs, written through ingest.h only (import, and the remote cache for
+ * the small blobs it fetches): a pack of the writer's own, created on its
+ * first group. append writes one group (buf: v[i] is at v[i].off, len bytes;
+ * buf aligned to CAS_LOCAL_PACK_ALIGN and len a multiple of it, for
+ * O_DIRECT), makes it durable, then indexes v[0..n) in one LMDB
+ * transaction, never replacing an entry. The caller vouches for each
+ * digest (it hashed the bytes). ret_added (may be NULL) counts new
+ * entries. A pack belongs to one thread at a time. */
+struct cas_local_pack;
+int cas_local_pack_new(cas_store *s, struct cas_local_pack **ret);
+int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
+			  size_t len, const struct cas_local_small *v, size_t n,
+			  size_t *ret_added);
+void cas_local_pack_close(struct cas_local_pack *p);
 
 /* Escapes a name for a one-line message (non-printable bytes as \xNN).
  * out must hold 4 * len + 1 bytes; truncated to `size`. */

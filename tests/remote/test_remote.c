@@ -23,6 +23,7 @@
 #include "core/log.h"
 #include "remote/grpc_i.h"
 #include "remote/remote.h"
+#include "store/ingest.h"
 #include "remote/remote_i.h"
 #include "store/local.h"
 
@@ -725,7 +726,7 @@ static void test_evict(cas_store *origin)
 	snprintf(dir, sizeof(dir), "%s/cache-evict", base);
 	/* Fetched blobs are named (and the cache trimmed) in the background. */
 	cas_cache_flush(s);
-	int64_t bytes = cas_cache_blob_bytes(dir);
+	int64_t bytes = cas_local_blob_bytes(cas_cache_local_store(s));
 	CHECK(bytes > 0 && bytes <= 25000);
 	char path[512], hex[CAS_DIGEST_HEX_LEN + 1];
 	cas_digest_to_hex(&d[0], hex);
@@ -741,8 +742,8 @@ static void test_evict(cas_store *origin)
 	/* Evicted blobs come back on demand. */
 	CHECK(s->ops->blob_open(s, &d[1], &fd, &size) == 0);
 	close(fd);
-	CHECK(cas_cache_evict(dir, 0) >= 0);
-	CHECK(cas_cache_blob_bytes(dir) == 0);
+	CHECK(cas_local_evict(cas_cache_local_store(s), 0) >= 0);
+	CHECK(cas_local_blob_bytes(cas_cache_local_store(s)) == 0);
 	cas_store_free(s);
 	pthread_mutex_destroy(&k.lock);
 }

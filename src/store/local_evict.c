@@ -1,11 +1,13 @@
-/* evict.c - keeping a cache store under --cache-max (remote_i.h).
+/* local_evict.c - eviction of blob files, for a bounded cache
+ * (--cache-max; ingest.h).
  *
- * Only blobs are evicted (Directories are small and a Directory's
- * presence promises its children). Least recently used first: cache.c
- * sets a blob's access time whenever it hands it out. A blob someone
- * holds open is kept: cache.c takes a shared flock on every fd it hands
- * out, and flock locks live as long as the open file, so a blob whose
- * exclusive flock cannot be taken is in use, by this process or another.
+ * Only blob files are evicted (Directories are small and a Directory's
+ * presence promises its children; packed blobs stay until gc rewrites
+ * packs). Least recently used first: the cache marks a blob used
+ * (cas_local_blob_mark_used) whenever it hands it out, which sets its
+ * access time and takes a shared flock on the fd; flock locks live as
+ * long as the open file, so a blob whose exclusive flock cannot be taken
+ * is in use, by this process or another, and is kept.
  */
 #include <dirent.h>
 #include <errno.h>
@@ -18,7 +20,7 @@
 
 #include "core/log.h"
 #include "core/util.h"
-#include "remote/remote_i.h"
+#include "store/local_i.h"
 
 struct blob_file {
 	char name[3 + CAS_DIGEST_HEX_LEN + 1]; /* "ab/<hex>" */
@@ -39,13 +41,11 @@ static bool is_hex_name(const char *name)
 }
 
 /* Lists DIR/blobs/xx/<hex>; keep_list false: only sums the sizes. */
-static int list_blobs(const char *dir, struct blob_list *l, bool keep_list)
+static int list_blobs(struct cas_local *ls, struct blob_list *l, bool keep_list)
 {
-	char path[4096];
-	snprintf(path, sizeof(path), "%s/blobs", dir);
-	int bfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	int bfd = openat(ls->blobs_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (bfd < 0)
-		return errno == ENOENT ? 0 : cas_negerrno();
+		return cas_negerrno();
 	DIR *top = fdopendir(bfd);
 	if (!top) {
 		close(bfd);
@@ -76,17 +76,9 @@ static int list_blobs(const char *dir, struct blob_list *l, bool keep_list)
 			l->total += (uint64_t)st.st_size;
 			if (!keep_list)
 				continue;
-			if (l->n == l->cap) {
-				size_t cap = l->cap ? l->cap * 2 : 1024;
-				struct blob_file *nv =
-					realloc(l->v, cap * sizeof(*nv));
-				if (!nv) {
-					r = -ENOMEM;
-					break;
-				}
-				l->v = nv;
-				l->cap = cap;
-			}
+			if ((r = cas_array_grow(&l->v, &l->cap, l->n + 1,
+						sizeof(*l->v), 1024)) < 0)
+				break;
 			struct blob_file *b = &l->v[l->n++];
 			memcpy(b->name, de->d_name, 2);
 			b->name[2] = '/';
@@ -100,10 +92,10 @@ static int list_blobs(const char *dir, struct blob_list *l, bool keep_list)
 	return r;
 }
 
-int64_t cas_cache_blob_bytes(const char *dir)
+int64_t cas_local_blob_bytes(cas_store *s)
 {
 	struct blob_list l = {0};
-	int r = list_blobs(dir, &l, false);
+	int r = list_blobs(to_local(s), &l, false);
 	return r < 0 ? r : (int64_t)l.total;
 }
 
@@ -117,34 +109,41 @@ static int by_atime(const void *a, const void *b)
 	return 0;
 }
 
-int64_t cas_cache_evict(const char *dir, uint64_t target)
+int64_t cas_local_evict(cas_store *s, uint64_t target)
 {
+	struct cas_local *ls = to_local(s);
 	struct blob_list l = {0};
-	char path[4096];
-	int r = list_blobs(dir, &l, true);
+	int r = list_blobs(ls, &l, true);
 	if (r < 0) {
 		free(l.v);
-		return cas_log_errno(r, "cache %s: list blobs: %m", dir);
+		return cas_log_errno(r, "cache %s: list blobs: %m", ls->dir);
 	}
 	if (l.n > 1)
 		qsort(l.v, l.n, sizeof(*l.v), by_atime);
 	size_t evicted = 0;
 	for (size_t i = 0; i < l.n && l.total > target; i++) {
-		snprintf(path, sizeof(path), "%s/blobs/%s", dir, l.v[i].name);
 		_cleanup_close_ int fd =
-			open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+			openat(ls->blobs_fd, l.v[i].name,
+			       O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 		if (fd < 0)
 			continue;
 		if (flock(fd, LOCK_EX | LOCK_NB) < 0)
 			continue; /* open somewhere: in use */
-		if (unlink(path) < 0)
+		if (unlinkat(ls->blobs_fd, l.v[i].name, 0) < 0)
 			continue;
 		l.total -= l.v[i].size;
 		evicted++;
 	}
 	if (evicted)
 		cas_log_debug("cache %s: evicted %zu blobs, %llu bytes left",
-			      dir, evicted, (unsigned long long)l.total);
+			      ls->dir, evicted, (unsigned long long)l.total);
 	free(l.v);
 	return (int64_t)l.total;
+}
+
+void cas_local_blob_mark_used(int fd)
+{
+	(void)flock(fd, LOCK_SH | LOCK_NB);
+	struct timespec ts[2] = {{0, UTIME_NOW}, {0, UTIME_OMIT}};
+	(void)futimens(fd, ts);
 }
