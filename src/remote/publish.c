@@ -604,9 +604,9 @@ static void remove_folder(int parent, const char *name)
 }
 
 /* What killed publishers left: a <id>.lock nobody holds names a folder
- * <id> whose files no one will name. Lock files are made under a
- * ".new" name and renamed once locked, so a publisher starting now is
- * never taken for a dead one. */
+ * <id> whose files no one will name. A lock file appears locked (see
+ * work_open), so a publisher starting now is never taken for a dead
+ * one. */
 static void work_sweep(struct publisher *pb)
 {
 	int fd = openat(pb->workfd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -694,14 +694,36 @@ static int work_open(struct publisher *pb)
 	if (getrandom(&id, sizeof(id), GRND_NONBLOCK) != sizeof(id))
 		id = (uint64_t)time(NULL) << 20 ^ (uint64_t)getpid();
 	snprintf(pb->id, sizeof(pb->id), "%016llx", (unsigned long long)id);
-	char lock_new[32], lock[32];
+	char lock_new[32], lock[32], proc[64];
 	snprintf(lock_new, sizeof(lock_new), "%s.lock.new", pb->id);
 	snprintf(lock, sizeof(lock), "%s.lock", pb->id);
-	pb->lockfd = openat(pb->workfd, lock_new,
-			    O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-	if (pb->lockfd < 0 || flock(pb->lockfd, LOCK_EX) < 0 ||
-	    mkdirat(pb->workfd, pb->id, 0700) < 0 ||
-	    renameat(pb->workfd, lock_new, pb->workfd, lock) < 0)
+	/* The lock file appears already locked: made unnamed, locked, then
+	 * linked. Where the file system has no O_TMPFILE, it is made under
+	 * a ".new" name and renamed once locked (work_sweep waits an hour
+	 * before it takes such a file for a dead publisher's). */
+	int r2 = -1;
+	pb->lockfd =
+		openat(pb->workfd, ".", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+	if (pb->lockfd >= 0) {
+		snprintf(proc, sizeof(proc), "/proc/self/fd/%d", pb->lockfd);
+		r2 = flock(pb->lockfd, LOCK_EX) < 0 ||
+				     linkat(AT_FDCWD, proc, pb->workfd, lock,
+					    AT_SYMLINK_FOLLOW) < 0 ||
+				     mkdirat(pb->workfd, pb->id, 0700) < 0
+			     ? -1
+			     : 0;
+	} else if (errno == EOPNOTSUPP || errno == EISDIR) {
+		pb->lockfd =
+			openat(pb->workfd, lock_new,
+			       O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+		r2 = pb->lockfd < 0 || flock(pb->lockfd, LOCK_EX) < 0 ||
+				     mkdirat(pb->workfd, pb->id, 0700) < 0 ||
+				     renameat(pb->workfd, lock_new, pb->workfd,
+					      lock) < 0
+			     ? -1
+			     : 0;
+	}
+	if (r2 < 0)
 		return cas_log_errno(cas_negerrno(), "%s: work folder: %m",
 				     pb->dir);
 	pb->tmpfd = openat(pb->workfd, pb->id,
