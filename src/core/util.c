@@ -4,7 +4,9 @@
 #include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -208,4 +210,29 @@ int cas_mkdir_parents(const char *path)
 		*q = '/';
 	}
 	return 0;
+}
+
+int cas_unix_socket_clear(const char *path)
+{
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	struct stat st;
+	if (strlen(path) >= sizeof(sa.sun_path))
+		return -ENAMETOOLONG;
+	if (lstat(path, &st) < 0)
+		return errno == ENOENT ? 0 : cas_negerrno();
+	if (!S_ISSOCK(st.st_mode))
+		return -EEXIST;
+	strcpy(sa.sun_path, path);
+	_cleanup_close_ int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return cas_negerrno();
+	/* A listening socket accepts (or queues) the connection at once; one
+	 * whose server is gone refuses it. A full backlog (EAGAIN) is a live
+	 * server too. */
+	if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0 ||
+	    errno == EAGAIN)
+		return -EADDRINUSE;
+	if (errno != ECONNREFUSED)
+		return cas_negerrno();
+	return unlink(path) < 0 && errno != ENOENT ? cas_negerrno() : 0;
 }

@@ -95,4 +95,11 @@ int cas_array_grow(void *pv, size_t *cap, size_t n, size_t elem, size_t first);
 /* mkdir -p of the folders above path (not path itself): 0 or -errno. */
 int cas_mkdir_parents(const char *path);
 
+/* Makes way for a unix socket to be bound at path: nothing there is fine,
+ * a socket nobody answers on (its server died) is removed. -EADDRINUSE
+ * when a live server accepts connections on it, -EEXIST when path is not
+ * a socket, else -errno. (A server binding at the same moment can still
+ * race in; bind then fails with EADDRINUSE.) */
+int cas_unix_socket_clear(const char *path);
+
 #endif

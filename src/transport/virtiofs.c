@@ -232,7 +232,6 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 		     struct cas_virtiofs **ret)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	struct stat st;
 	int r;
 
 	if (!cfg->socket_path || !cfg->session_open || !cfg->session_close ||
@@ -244,18 +243,18 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 				     cfg->socket_path);
 	strcpy(sa.sun_path, cfg->socket_path);
 
-	if (lstat(cfg->socket_path, &st) == 0) {
-		if (!S_ISSOCK(st.st_mode))
-			return cas_log_errno(
-				-EEXIST,
-				"virtiofs: %s exists and is not a socket",
-				cfg->socket_path);
-		if (unlink(cfg->socket_path) < 0)
-			return cas_log_errno(
-				cas_negerrno(),
-				"virtiofs: remove stale socket %s: %m",
-				cfg->socket_path);
-	}
+	r = cas_unix_socket_clear(cfg->socket_path);
+	if (r == -EADDRINUSE)
+		return cas_log_errno(
+			r, "virtiofs: %s: a live server answers on this socket",
+			cfg->socket_path);
+	if (r == -EEXIST)
+		return cas_log_errno(r,
+				     "virtiofs: %s exists and is not a socket",
+				     cfg->socket_path);
+	if (r < 0)
+		return cas_log_errno(r, "virtiofs: remove stale socket %s: %m",
+				     cfg->socket_path);
 
 	struct cas_virtiofs *v = calloc(1, sizeof(*v));
 	if (!v)
