@@ -23,6 +23,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -60,6 +61,10 @@ struct cas_grpc_client {
 	char *authority; /* HOST:PORT, or "localhost" */
 	char *host, *port;
 	char *unix_path; /* or NULL */
+	/* The package the server answers under (enum cas_grpc_package), or
+	 * -1 until a call has told: snix's names are tried first, tvix's
+	 * after an UNIMPLEMENTED. */
+	atomic_int package;
 	pthread_mutex_t lock;
 	struct h2conn *idle[MAX_IDLE]; /* protected by lock */
 	size_t n_idle;		       /* protected by lock */
@@ -87,6 +92,7 @@ int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 	if (!c)
 		return -ENOMEM;
 	pthread_mutex_init(&c->lock, NULL);
+	atomic_init(&c->package, -1);
 	c->url = strdup(url);
 	if (!c->url)
 		goto oom;
@@ -114,8 +120,11 @@ int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 		c->port = strdup(colon + 1);
 		if (!c->host || !c->port)
 			goto oom;
-	} else if (strncmp(url, "grpc+unix://", 12) == 0 && url[12] == '/') {
-		c->unix_path = strdup(url + 12);
+	} else if (strncmp(url, "grpc+unix:", 10) == 0 &&
+		   (strncmp(url + 10, "///", 3) == 0 ||
+		    (url[10] == '/' && url[11] != '/'))) {
+		/* grpc+unix:///PATH (tvix) or grpc+unix:/PATH (snix). */
+		c->unix_path = strdup(url + (url[11] == '/' ? 12 : 10));
 		c->authority = strdup("localhost");
 		if (!c->unix_path || !c->authority)
 			goto oom;
@@ -574,10 +583,10 @@ static int ignore_msg(void *userdata, const uint8_t *msg, size_t len)
 	return 0;
 }
 
-int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
-		  size_t req_len, cas_grpc_produce produce, void *produce_ud,
-		  cas_grpc_msg_cb on_msg, void *msg_ud, int *ret_status,
-		  char *ret_message, size_t message_size)
+static int call_path(cas_grpc_client *c, const char *path, const uint8_t *req,
+		     size_t req_len, cas_grpc_produce produce, void *produce_ud,
+		     cas_grpc_msg_cb on_msg, void *msg_ud, int *ret_status,
+		     char *ret_message, size_t message_size)
 {
 	struct call call;
 	int r;
@@ -643,6 +652,77 @@ int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
 	return r;
 }
 
+static int client_package(cas_grpc_client *c);
+
+int cas_grpc_call(cas_grpc_client *c, enum cas_grpc_method m,
+		  const uint8_t *req, size_t req_len, cas_grpc_produce produce,
+		  void *produce_ud, cas_grpc_msg_cb on_msg, void *msg_ud,
+		  int *ret_status, char *ret_message, size_t message_size)
+{
+	char path[96];
+	int status = -1, r;
+	int pkg = atomic_load(&c->package);
+
+	/* A streamed request cannot be sent twice: the package is learnt
+	 * first, from a Stat. */
+	if (pkg < 0 && produce && (pkg = client_package(c)) < 0) {
+		if (ret_status)
+			*ret_status = -1;
+		if (ret_message && message_size)
+			ret_message[0] = 0;
+		return pkg;
+	}
+	bool learning = pkg < 0;
+	if (learning)
+		pkg = CAS_GRPC_SNIX;
+	r = call_path(c, cas_grpc_method_path(m, pkg, path, sizeof(path)), req,
+		      req_len, produce, produce_ud, on_msg, msg_ud, &status,
+		      ret_message, message_size);
+	if (learning && status == CAS_GRPC_UNIMPLEMENTED) {
+		pkg = CAS_GRPC_TVIX;
+		r = call_path(c,
+			      cas_grpc_method_path(m, pkg, path, sizeof(path)),
+			      req, req_len, produce, produce_ud, on_msg, msg_ud,
+			      &status, ret_message, message_size);
+		if (status == CAS_GRPC_UNIMPLEMENTED)
+			learning = false; /* neither: nothing learnt */
+	}
+	/* Any grpc-status but UNIMPLEMENTED says the server knows the name. */
+	if (learning && status >= 0)
+		atomic_store(&c->package, pkg);
+	if (ret_status)
+		*ret_status = status;
+	return r;
+}
+
+/* The package the server answers under, learnt with a Stat of the zero
+ * digest when no call has told yet (NOT_FOUND tells as well as any). */
+static int client_package(cas_grpc_client *c)
+{
+	int pkg = atomic_load(&c->package);
+	if (pkg >= 0)
+		return pkg;
+	_cleanup_free_ uint8_t *req = NULL;
+	size_t req_len;
+	cas_digest zero = {{0}};
+	int status;
+	int r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_STAT_REQUEST, &zero,
+					   false, &req, &req_len);
+	if (r < 0)
+		return r;
+	r = cas_grpc_call(c, CAS_GRPC_BLOB_STAT, req, req_len, NULL, NULL, NULL,
+			  NULL, &status, NULL, 0);
+	pkg = atomic_load(&c->package);
+	if (pkg >= 0)
+		return pkg;
+	if (status >= 0)
+		return cas_log_errno(-EIO,
+				     "%s: answers neither snix.castore.v1 nor "
+				     "tvix.castore.v1 BlobService/Stat",
+				     c->url);
+	return r < 0 ? r : -EIO;
+}
+
 /* The fetcher -------------------------------------------------------- */
 
 struct grpc_fetcher {
@@ -690,8 +770,8 @@ static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d,
 					   &req, &req_len);
 	if (r < 0)
 		return r;
-	r = cas_grpc_call(g->client, CAS_GRPC_PATH_BLOB_READ, req, req_len,
-			  NULL, NULL, read_msg, &rc, &status, message,
+	r = cas_grpc_call(g->client, CAS_GRPC_BLOB_READ, req, req_len, NULL,
+			  NULL, read_msg, &rc, &status, message,
 			  sizeof(message));
 	if (r < 0)
 		return call_failed(g, "Read", r, status, message);
@@ -725,9 +805,8 @@ static int get_call(struct grpc_fetcher *g, const cas_digest *d, bool recursive,
 					   recursive, &req, &req_len);
 	if (r < 0)
 		return r;
-	r = cas_grpc_call(g->client, CAS_GRPC_PATH_DIRECTORY_GET, req, req_len,
-			  NULL, NULL, dir_msg, dc, &status, message,
-			  sizeof(message));
+	r = cas_grpc_call(g->client, CAS_GRPC_DIRECTORY_GET, req, req_len, NULL,
+			  NULL, dir_msg, dc, &status, message, sizeof(message));
 	if (r < 0)
 		return call_failed(g, "DirectoryService/Get", r, status,
 				   message);
@@ -780,6 +859,7 @@ struct batch {
 	const cas_digest *ds;
 	size_t n, max, next;
 	size_t max_msg; /* for call.max_msg */
+	char path[96];	/* of Read, in the server's package */
 	cas_fetch_blob_cb cb;
 	void *userdata;
 	struct batch_slot *slots;
@@ -861,7 +941,7 @@ static int slot_start(struct batch *b, struct batch_slot *s, size_t i)
 				.req_len = s->req_len,
 				.max_msg = b->max_msg};
 	b->n_open++;
-	r = conn_submit(b->g->client, b->h, CAS_GRPC_PATH_BLOB_READ, &s->call);
+	r = conn_submit(b->g->client, b->h, b->path, &s->call);
 	if (r < 0)
 		slot_finish(b, s, -EIO);
 	return r;
@@ -921,6 +1001,13 @@ static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 
 	if (n == 0)
 		return 0;
+	int pkg = client_package(g->client);
+	if (pkg < 0) {
+		for (size_t i = 0; i < n; i++)
+			cb(userdata, i, -EIO, NULL, 0);
+		return -EIO;
+	}
+	cas_grpc_method_path(CAS_GRPC_BLOB_READ, pkg, b.path, sizeof(b.path));
 	/* A BlobChunk's own fields take a few bytes; unknown ones get some
 	 * room too. */
 	b.max_msg = max < SIZE_MAX - 1024 ? max + 1024 : 0;

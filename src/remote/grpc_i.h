@@ -31,6 +31,7 @@ enum cas_grpc_status {
 	CAS_GRPC_UNKNOWN = 2,
 	CAS_GRPC_INVALID_ARGUMENT = 3,
 	CAS_GRPC_NOT_FOUND = 5,
+	CAS_GRPC_PERMISSION_DENIED = 7,
 	CAS_GRPC_RESOURCE_EXHAUSTED = 8,
 	CAS_GRPC_FAILED_PRECONDITION = 9,
 	CAS_GRPC_UNIMPLEMENTED = 12,
@@ -38,8 +39,9 @@ enum cas_grpc_status {
 	CAS_GRPC_UNAVAILABLE = 14,
 };
 
-/* -ENOENT -> NOT_FOUND, -EINVAL/-EBADMSG -> INVALID_ARGUMENT, -EMSGSIZE ->
- * RESOURCE_EXHAUSTED, -EPROTONOSUPPORT -> UNIMPLEMENTED, else INTERNAL. */
+/* -ENOENT -> NOT_FOUND, -EINVAL/-EBADMSG -> INVALID_ARGUMENT, -EMSGSIZE
+ * and -ENOSPC -> RESOURCE_EXHAUSTED, -EROFS -> PERMISSION_DENIED,
+ * -EPROTONOSUPPORT -> UNIMPLEMENTED, else INTERNAL. */
 enum cas_grpc_status cas_grpc_status_from_errno(int r);
 /* NOT_FOUND -> -ENOENT, INVALID_ARGUMENT -> -EINVAL, else -EIO. */
 int cas_grpc_errno_from_status(int status);
@@ -79,12 +81,20 @@ enum cas_grpc_method {
 	CAS_GRPC_DIRECTORY_GET,
 	CAS_GRPC_DIRECTORY_PUT,
 };
-#define CAS_GRPC_PATH_BLOB_STAT	    "/tvix.castore.v1.BlobService/Stat"
-#define CAS_GRPC_PATH_BLOB_READ	    "/tvix.castore.v1.BlobService/Read"
-#define CAS_GRPC_PATH_BLOB_PUT	    "/tvix.castore.v1.BlobService/Put"
-#define CAS_GRPC_PATH_DIRECTORY_GET "/tvix.castore.v1.DirectoryService/Get"
-#define CAS_GRPC_PATH_DIRECTORY_PUT "/tvix.castore.v1.DirectoryService/Put"
+/* The two names of the same services and messages: snix renamed tvix's
+ * package in March 2025 (docs/remote.md). */
+enum cas_grpc_package {
+	CAS_GRPC_SNIX,
+	CAS_GRPC_TVIX,
+};
 
+/* The path of method m in package pkg ("/snix.castore.v1.BlobService/Read"),
+ * written into buf (64 bytes are enough); returns buf. */
+const char *cas_grpc_method_path(enum cas_grpc_method m,
+				 enum cas_grpc_package pkg, char *buf,
+				 size_t size);
+
+/* The method a request path names, under either package. */
 enum cas_grpc_method cas_grpc_method_from_path(const char *path, size_t len);
 
 /* Request decoders: -EINVAL with *ret_why for a message that does not
@@ -123,7 +133,7 @@ void cas_grpc_percent_encode(const char *in, char *out, size_t size);
 
 typedef struct cas_grpc_client cas_grpc_client;
 
-/* url: grpc+http://HOST:PORT or grpc+unix:///PATH. */
+/* url: grpc+http://HOST:PORT, grpc+unix:///PATH or grpc+unix:/PATH. */
 int cas_grpc_client_new(const char *url, cas_grpc_client **ret);
 void cas_grpc_client_free(cas_grpc_client *c);
 const char *cas_grpc_client_url(const cas_grpc_client *c);
@@ -132,14 +142,16 @@ const char *cas_grpc_client_url(const cas_grpc_client *c);
  * count, 0 at the end, or -errno. */
 typedef ssize_t (*cas_grpc_produce)(void *userdata, uint8_t *buf, size_t size);
 
-/* One call of method path. The request is either one framed buffer
+/* One call of method m, under the package the server answers to: snix's
+ * names first; after an UNIMPLEMENTED, tvix's, and the first answer under
+ * either name is remembered for the client's life. The request is either one framed buffer
  * (req, req_len) or a stream (produce). Every response message goes to
  * on_msg. Returns 0 for grpc-status OK, else the status as errno
  * (cas_grpc_errno_from_status) with *ret_status and ret_message (may be
  * NULL) set; a transport failure is -EIO, logged. */
-int cas_grpc_call(cas_grpc_client *c, const char *path, const uint8_t *req,
-		  size_t req_len, cas_grpc_produce produce, void *produce_ud,
-		  cas_grpc_msg_cb on_msg, void *msg_ud, int *ret_status,
-		  char *ret_message, size_t message_size);
+int cas_grpc_call(cas_grpc_client *c, enum cas_grpc_method m,
+		  const uint8_t *req, size_t req_len, cas_grpc_produce produce,
+		  void *produce_ud, cas_grpc_msg_cb on_msg, void *msg_ud,
+		  int *ret_status, char *ret_message, size_t message_size);
 
 #endif

@@ -23,7 +23,10 @@ enum cas_grpc_status cas_grpc_status_from_errno(int r)
 	case -EBADMSG:
 		return CAS_GRPC_INVALID_ARGUMENT;
 	case -EMSGSIZE:
+	case -ENOSPC:
 		return CAS_GRPC_RESOURCE_EXHAUSTED;
+	case -EROFS:
+		return CAS_GRPC_PERMISSION_DENIED;
 	case -EPROTONOSUPPORT:
 		return CAS_GRPC_UNIMPLEMENTED;
 	default:
@@ -154,24 +157,52 @@ int cas_grpc_reader_feed(struct cas_grpc_reader *r, const uint8_t *buf,
 	return 0;
 }
 
+/* The service and method part of each path; the package comes before. */
 static const struct {
-	const char *path;
+	const char *name;
 	enum cas_grpc_method method;
 } methods[] = {
-	{CAS_GRPC_PATH_BLOB_STAT, CAS_GRPC_BLOB_STAT},
-	{CAS_GRPC_PATH_BLOB_READ, CAS_GRPC_BLOB_READ},
-	{CAS_GRPC_PATH_BLOB_PUT, CAS_GRPC_BLOB_PUT},
-	{CAS_GRPC_PATH_DIRECTORY_GET, CAS_GRPC_DIRECTORY_GET},
-	{CAS_GRPC_PATH_DIRECTORY_PUT, CAS_GRPC_DIRECTORY_PUT},
+	{"BlobService/Stat", CAS_GRPC_BLOB_STAT},
+	{"BlobService/Read", CAS_GRPC_BLOB_READ},
+	{"BlobService/Put", CAS_GRPC_BLOB_PUT},
+	{"DirectoryService/Get", CAS_GRPC_DIRECTORY_GET},
+	{"DirectoryService/Put", CAS_GRPC_DIRECTORY_PUT},
+};
+
+static const char *const packages[] = {
+	[CAS_GRPC_SNIX] = "snix.castore.v1",
+	[CAS_GRPC_TVIX] = "tvix.castore.v1",
 };
 
 enum cas_grpc_method cas_grpc_method_from_path(const char *path, size_t len)
 {
+	/* "/" PACKAGE "." SERVICE "/" METHOD, either package. */
+	size_t pl = strlen(packages[CAS_GRPC_SNIX]);
+	if (len < pl + 2 || path[0] != '/' || path[pl + 1] != '.' ||
+	    (memcmp(path + 1, packages[CAS_GRPC_SNIX], pl) != 0 &&
+	     memcmp(path + 1, packages[CAS_GRPC_TVIX], pl) != 0))
+		return CAS_GRPC_UNKNOWN_METHOD;
+	path += pl + 2;
+	len -= pl + 2;
 	for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++)
-		if (strlen(methods[i].path) == len &&
-		    memcmp(methods[i].path, path, len) == 0)
+		if (strlen(methods[i].name) == len &&
+		    memcmp(methods[i].name, path, len) == 0)
 			return methods[i].method;
 	return CAS_GRPC_UNKNOWN_METHOD;
+}
+
+const char *cas_grpc_method_path(enum cas_grpc_method m,
+				 enum cas_grpc_package pkg, char *buf,
+				 size_t size)
+{
+	for (size_t i = 0; i < sizeof(methods) / sizeof(methods[0]); i++)
+		if (methods[i].method == m) {
+			snprintf(buf, size, "/%s.%s", packages[pkg],
+				 methods[i].name);
+			return buf;
+		}
+	snprintf(buf, size, "/");
+	return buf;
 }
 
 static int take_digest(const ProtobufCBinaryData *b, cas_digest *ret,

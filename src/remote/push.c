@@ -77,12 +77,12 @@ static int remote_has(struct pusher *ps, const cas_digest *d, bool directory)
 	int status;
 	int kind = directory ? CAS_GRPC_MSG_GET_REQUEST
 			     : CAS_GRPC_MSG_STAT_REQUEST;
-	const char *path = directory ? CAS_GRPC_PATH_DIRECTORY_GET
-				     : CAS_GRPC_PATH_BLOB_STAT;
+	enum cas_grpc_method m =
+		directory ? CAS_GRPC_DIRECTORY_GET : CAS_GRPC_BLOB_STAT;
 	int r = cas_grpc_encode_digest_msg(kind, d, false, &req, &len);
 	if (r < 0)
 		return r;
-	r = cas_grpc_call(ps->client, path, req, len, NULL, NULL, NULL, NULL,
+	r = cas_grpc_call(ps->client, m, req, len, NULL, NULL, NULL, NULL,
 			  &status, msg, sizeof(msg));
 	if (r == -ENOENT)
 		return 0;
@@ -189,9 +189,8 @@ static int push_blob(struct pusher *ps, const cas_digest *d)
 	if (r < 0)
 		return cas_log_errno(r, "blob %s: %m", hex);
 	cas_digest got = {{0}};
-	r = cas_grpc_call(ps->client, CAS_GRPC_PATH_BLOB_PUT, NULL, 0,
-			  blob_produce, &b, digest_msg, &got, &status, msg,
-			  sizeof(msg));
+	r = cas_grpc_call(ps->client, CAS_GRPC_BLOB_PUT, NULL, 0, blob_produce,
+			  &b, digest_msg, &got, &status, msg, sizeof(msg));
 	close(b.fd);
 	if (r < 0)
 		return cas_log_errno(-EIO, "blob %s: Put to %s failed%s%s", hex,
@@ -424,7 +423,7 @@ static int put_dirs(struct pusher *ps, const cas_digest *root, bool all)
 	struct dir_stream ds = {.ps = ps, .all = all};
 	cas_digest got = {{0}};
 	cas_digest_to_hex(root, hex);
-	int r = cas_grpc_call(ps->client, CAS_GRPC_PATH_DIRECTORY_PUT, NULL, 0,
+	int r = cas_grpc_call(ps->client, CAS_GRPC_DIRECTORY_PUT, NULL, 0,
 			      dir_produce, &ds, dir_digest_msg, &got, &status,
 			      msg, sizeof(msg));
 	if (r == -EINVAL && !all)

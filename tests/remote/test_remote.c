@@ -169,10 +169,30 @@ static void test_messages(void)
 					 5, &data, &dlen, &why) == 0 &&
 	      dlen == 1 && data[0] == 'z');
 
-	CHECK(cas_grpc_method_from_path(CAS_GRPC_PATH_BLOB_PUT,
-					strlen(CAS_GRPC_PATH_BLOB_PUT)) ==
-	      CAS_GRPC_BLOB_PUT);
+	/* Both package names, the same methods. */
+	char path[96];
+	static const char *const paths[] = {
+		"/snix.castore.v1.BlobService/Put",
+		"/tvix.castore.v1.BlobService/Put",
+		"/snix.castore.v1.DirectoryService/Get",
+		"/tvix.castore.v1.DirectoryService/Get",
+	};
+	for (size_t i = 0; i < 4; i++)
+		CHECK(cas_grpc_method_from_path(paths[i], strlen(paths[i])) ==
+		      (i < 2 ? CAS_GRPC_BLOB_PUT : CAS_GRPC_DIRECTORY_GET));
+	CHECK_STREQ(cas_grpc_method_path(CAS_GRPC_BLOB_READ, CAS_GRPC_SNIX,
+					 path, sizeof(path)),
+		    "/snix.castore.v1.BlobService/Read");
+	CHECK_STREQ(cas_grpc_method_path(CAS_GRPC_DIRECTORY_PUT, CAS_GRPC_TVIX,
+					 path, sizeof(path)),
+		    "/tvix.castore.v1.DirectoryService/Put");
 	CHECK(cas_grpc_method_from_path("/x", 2) == CAS_GRPC_UNKNOWN_METHOD);
+	CHECK(cas_grpc_method_from_path("/nix.castore.v1.BlobService/Put",
+					31) == CAS_GRPC_UNKNOWN_METHOD);
+	CHECK(cas_grpc_method_from_path("/snix.castore.v1.BlobService/Pu",
+					31) == CAS_GRPC_UNKNOWN_METHOD);
+	CHECK(cas_grpc_method_from_path("/snix.castore.v1xBlobService/Put",
+					32) == CAS_GRPC_UNKNOWN_METHOD);
 	CHECK(cas_grpc_status_from_errno(-ENOENT) == CAS_GRPC_NOT_FOUND);
 	CHECK(cas_grpc_status_from_errno(-EBADMSG) ==
 	      CAS_GRPC_INVALID_ARGUMENT);
@@ -1545,7 +1565,8 @@ static void serve_ready(void *userdata, const char *address)
 static void *serve_main(void *arg)
 {
 	struct serve_arg *a = arg;
-	a->r = cas_grpc_serve(a->store, a->listen, &a->stop, serve_ready, a);
+	a->r = cas_grpc_serve(a->store, a->listen, NULL, &a->stop, serve_ready,
+			      a);
 	/* also when listening failed */
 	__atomic_store_n(&a->ready, 1, __ATOMIC_RELEASE);
 	return NULL;
