@@ -1,20 +1,27 @@
-/* grpc_server.c - `castore serve`: a store as tvix.castore.v1
- * BlobService and DirectoryService, gRPC over HTTP/2 cleartext (prior
- * knowledge) with libnghttp2's server session (remote.h).
+/* grpc_server.c - `castore serve` (remote.h): listening, a fixed pool of
+ * event loops carrying the connections' sessions (grpc_session.c), and
+ * the limits that let a server face a network (docs/remote.md,
+ * "Exposing serve").
  *
- * One thread per connection, each a poll loop over one socket: bytes read
- * go to nghttp2_session_mem_recv, whose callbacks run the calls; frames
- * nghttp2 wants to send are gathered into a buffer and written when the
- * socket takes them. Request messages are decoded as they arrive (Put
- * streams write to a blob writer or a Directory batch message by
- * message); responses are produced by a data source that fills one
- * message at a time (Read: CAS_GRPC_CHUNK bytes read with pread; Get: one
- * Directory), so no blob is ever held whole in memory.
+ * Threads: the caller's thread accepts; `threads` workers each own a set
+ * of connections and run one poll loop over them (a store call such as a
+ * Directory commit holds up that worker's other connections for its
+ * length, never the others). Connections never get a thread of their
+ * own, so the thread count is fixed whatever clients do.
  *
- * A stream that ends without END_STREAM (client gone, RST_STREAM,
- * connection closed, server stopping) aborts its writer or batch: nothing
- * half-written is published. A malformed message fails its call; a
- * malformed HTTP/2 frame fails its connection; neither touches others.
+ * Limits: at most max_connections at once. A new connection over the
+ * limit takes the place of the connection idle the longest (no open
+ * stream), which is closed; when every connection has a call in flight
+ * the new one is closed instead. A connection on which nothing was
+ * received or sent for idle_timeout seconds is closed (GOAWAY). When
+ * accept runs out of file descriptors, the idle connection of longest
+ * standing is closed, or with none, accepting pauses for
+ * EMFILE_BACKOFF_MS: the loop never spins on EMFILE.
+ *
+ * The registry of connections (srv->conns) is protected by srv->lock: the
+ * accepting thread reads it to choose whom to close, workers add to it
+ * and remove from it. A connection's session, socket and buffers belong
+ * to its worker alone.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -29,666 +36,101 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
-#include <nghttp2/nghttp2.h>
-
-#include "core/directory.h"
 #include "core/log.h"
 #include "core/util.h"
-#include "remote/grpc_i.h"
+#include "remote/grpc_server_i.h"
 #include "remote/remote.h"
-#include "remote/remote_i.h"
-#include "store/local.h"
 
-#define POLL_MS 200
-#define OUT_CAP (256u << 10)
+#define POLL_MS	  200
+#define OUT_CAP	  (256u << 10)
+#define RECV_SIZE (64u << 10)
+/* Bytes one connection may send in a row before the worker turns to the
+ * others (a large Read must not starve them). */
+#define SEND_TURN	  (1u << 20)
+#define EMFILE_BACKOFF_MS 100
 
-struct server {
-	cas_store *store;
-	/* Set by a signal handler, read only by the accept loop's thread
-	 * (connection threads block the signals); it copies it to stopping,
-	 * which connection threads read. */
-	volatile sig_atomic_t *stop;
-	atomic_bool stopping;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	unsigned n_conns; /* protected by lock */
-};
-
-struct stream;
+struct worker;
 
 struct conn {
-	struct server *srv;
+	struct worker *w;
 	int fd;
-	/* Every open stream: nghttp2_session_del does not report the
-	 * streams it drops, so they are freed (Puts aborted) from here. */
-	struct stream *streams;
-	nghttp2_session *session;
-	uint8_t *out;
+	struct cas_grpc_session *session;
+	uint8_t *out; /* bytes taken from the session, not yet sent */
 	size_t out_len, out_pos;
+	/* Written by the worker, read by the accepting thread. */
+	atomic_int_least64_t last_active_ms; /* a byte either way */
+	atomic_bool idle;		     /* no stream open */
+	atomic_bool evict;		     /* set under srv->lock */
+	size_t slot;	       /* in srv->conns, under srv->lock */
+	struct conn *next_new; /* in w->incoming */
 };
 
-struct stream {
-	struct stream *prev, *next; /* in conn->streams */
-	struct conn *conn;
-	int32_t id;
-	enum cas_grpc_method method;
-	bool grpc_content_type;
-	bool responded; /* a response was submitted: ignore further input */
-	bool ended;	/* the client has sent END_STREAM */
-	/* A call that failed before the client finished sending: the
-	 * trailers-only answer waits for END_STREAM (libcurl before 8.x
-	 * stalls on an answer that comes while it is still uploading). */
-	bool failed;
-	int fail_status;
-	char fail_message[256];
-	struct cas_grpc_reader reader;
-
-	/* unary request (Stat, Read, Get) */
-	uint8_t *req;
-	size_t req_len;
-	unsigned n_msgs;
-
-	/* Put */
-	cas_blob_writer *writer;
-	cas_dir_batch *batch;
-	cas_digest last;
-
-	/* response data: the message being sent */
-	uint8_t *out;
-	size_t out_len, out_pos, out_cap;
-	bool out_done; /* no more messages after out */
-	int end_status;
-	char end_message[256];
-
-	/* Read: bytes [base, base + size) of fd, which is the store's own
-	 * (a pack: never closed here) when borrowed. */
-	int fd;
-	bool borrowed;
-	uint64_t base, size, off;
-
-	/* Get recursive: breadth first, each digest once */
-	bool recursive;
-	struct cas_dmap seen;
-	cas_digest *queue;
-	size_t q_head, q_tail, q_cap;
-	/* unary response */
-	uint8_t *reply;
-	size_t reply_len;
+struct worker {
+	struct server *srv;
+	pthread_t thread;
+	bool started;
+	int wake_fd;	       /* eventfd: new connections, an eviction, stop */
+	struct conn *incoming; /* protected by srv->lock */
+	unsigned n_conns;      /* protected by srv->lock */
+	struct conn **conns;   /* the worker's own */
+	size_t n, cap;	       /* of conns */
+	struct pollfd *pfds;   /* n + 1 */
+	uint8_t in[RECV_SIZE];
 };
 
-static void stream_free(struct stream *st)
-{
-	if (!st)
-		return;
-	if (st->prev)
-		st->prev->next = st->next;
-	else
-		st->conn->streams = st->next;
-	if (st->next)
-		st->next->prev = st->prev;
-	if (st->writer)
-		st->writer->ops->abort(st->writer);
-	if (st->batch)
-		st->batch->ops->abort(st->batch);
-	if (st->fd >= 0 && !st->borrowed)
-		close(st->fd);
-	cas_grpc_reader_release(&st->reader);
-	cas_dmap_release(&st->seen, NULL);
-	free(st->queue);
-	free(st->req);
-	free(st->out);
-	free(st->reply);
-	free(st);
-}
-
-/* Responses ---------------------------------------------------------------- */
-
-#define NV(n, v)                                                          \
-	{                                                                 \
-		(uint8_t *)(n), (uint8_t *)(v), sizeof(n) - 1, strlen(v), \
-			NGHTTP2_NV_FLAG_NO_COPY_NAME                      \
-	}
-
-/* Trailers-only response: the call failed before any message. */
-static int respond_error(struct conn *c, struct stream *st, int status,
-			 const char *message)
-{
-	char code[16], msg[768];
-	snprintf(code, sizeof(code), "%d", status);
-	cas_grpc_percent_encode(message, msg, sizeof(msg));
-	nghttp2_nv nva[] = {
-		NV(":status", "200"),
-		NV("content-type", "application/grpc"),
-		NV("grpc-status", code),
-		NV("grpc-message", msg),
-	};
-	st->responded = true;
-	int r = nghttp2_submit_response(c->session, st->id, nva,
-					CAS_ARRAY_SIZE(nva), NULL);
-	return r == 0 ? 0 : -EPROTO;
-}
-
-static int fail_call(struct conn *c, struct stream *st, int r, const char *why)
-{
-	if (st->responded || st->failed)
-		return 0;
-	if (st->writer) {
-		st->writer->ops->abort(st->writer);
-		st->writer = NULL;
-	}
-	if (st->batch) {
-		st->batch->ops->abort(st->batch);
-		st->batch = NULL;
-	}
-	st->failed = true;
-	st->fail_status = cas_grpc_status_from_errno(r);
-	snprintf(st->fail_message, sizeof(st->fail_message), "%s",
-		 why ? why : strerror(-r));
-	if (!st->ended)
-		return 0;
-	return respond_error(c, st, st->fail_status, st->fail_message);
-}
-
-static int ensure_out(struct stream *st, size_t len)
-{
-	if (st->out_cap >= len)
-		return 0;
-	uint8_t *n = realloc(st->out, len);
-	if (!n)
-		return -ENOMEM;
-	st->out = n;
-	st->out_cap = len;
-	return 0;
-}
-
-/* Produces the next response message into st->out; sets out_done when
- * there is none (or on an error, recorded as the end status). */
-static void next_message(struct conn *c, struct stream *st)
-{
-	cas_store *s = c->srv->store;
-	st->out_len = st->out_pos = 0;
-	switch (st->method) {
-	case CAS_GRPC_BLOB_READ: {
-		if (st->off >= st->size && st->off > 0) {
-			st->out_done = true;
-			return;
-		}
-		size_t want = (size_t)CAS_MIN(st->size - st->off,
-					      (uint64_t)CAS_GRPC_CHUNK);
-		if (ensure_out(st, 16 + want) < 0) {
-			st->end_status = CAS_GRPC_INTERNAL;
-			snprintf(st->end_message, sizeof(st->end_message),
-				 "out of memory");
-			st->out_done = true;
-			return;
-		}
-		size_t h = cas_grpc_blob_chunk_header(st->out, want);
-		int r = cas_pread_all(st->fd, st->out + h, want,
-				      st->base + st->off);
-		if (r < 0) {
-			st->end_status = CAS_GRPC_INTERNAL;
-			snprintf(st->end_message, sizeof(st->end_message),
-				 "reading blob: %s", strerror(-r));
-			st->out_done = true;
-			return;
-		}
-		st->out_len = h + want;
-		st->off += want;
-		if (st->size == 0)
-			st->off = 1; /* the one empty chunk is sent */
-		return;
-	}
-	case CAS_GRPC_DIRECTORY_GET: {
-		if (st->q_head == st->q_tail) {
-			st->out_done = true;
-			return;
-		}
-		cas_digest d = st->queue[st->q_head++];
-		uint8_t *raw = NULL;
-		size_t len = 0;
-		char hex[CAS_DIGEST_HEX_LEN + 1];
-		int r = s->ops->directory_get_raw(s, &d, &raw, &len);
-		cas_directory *dir = NULL;
-		if (r >= 0 && st->recursive)
-			r = cas_directory_decode(raw, len, &dir, NULL);
-		for (size_t i = 0; r >= 0 && dir && i < dir->n_directories;
-		     i++) {
-			const cas_digest *cd = &dir->directories[i].digest;
-			int pr = cas_dmap_put(&st->seen, cd, NULL);
-			if (pr < 0) {
-				r = pr;
-				break;
-			}
-			if (pr == 0)
-				continue;
-			if (st->q_tail == st->q_cap) {
-				size_t cap = st->q_cap * 2;
-				cas_digest *nq =
-					realloc(st->queue, cap * sizeof(*nq));
-				if (!nq) {
-					r = -ENOMEM;
-					break;
-				}
-				st->queue = nq;
-				st->q_cap = cap;
-			}
-			st->queue[st->q_tail++] = *cd;
-		}
-		cas_directory_free(dir);
-		if (r >= 0)
-			r = ensure_out(st, 5 + len);
-		if (r < 0) {
-			free(raw);
-			cas_digest_to_hex(&d, hex);
-			st->end_status = CAS_GRPC_INTERNAL;
-			snprintf(st->end_message, sizeof(st->end_message),
-				 "directory %s: %s", hex, strerror(-r));
-			st->out_done = true;
-			return;
-		}
-		cas_grpc_frame_prefix(st->out, len);
-		if (len)
-			memcpy(st->out + 5, raw, len);
-		free(raw);
-		st->out_len = 5 + len;
-		return;
-	}
-	default:
-		/* Unary: the one reply, then done. */
-		if (st->reply) {
-			if (ensure_out(st, st->reply_len) < 0) {
-				st->out_done = true;
-				return;
-			}
-			memcpy(st->out, st->reply, st->reply_len);
-			st->out_len = st->reply_len;
-			free(st->reply);
-			st->reply = NULL;
-		} else {
-			st->out_done = true;
-		}
-		return;
-	}
-}
-
-static ssize_t data_read(nghttp2_session *session, int32_t stream_id,
-			 uint8_t *buf, size_t length, uint32_t *data_flags,
-			 nghttp2_data_source *source, void *user_data)
-{
-	struct conn *c = user_data;
-	struct stream *st =
-		nghttp2_session_get_stream_user_data(session, stream_id);
-	if (!st)
-		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-	if (st->out_pos == st->out_len && !st->out_done)
-		next_message(c, st);
-	size_t n = CAS_MIN(length, st->out_len - st->out_pos);
-	memcpy(buf, st->out + st->out_pos, n);
-	st->out_pos += n;
-	if (st->out_pos == st->out_len && !st->out_done) {
-		/* Look ahead so that EOF goes with the last bytes. */
-		if (st->method != CAS_GRPC_BLOB_READ &&
-		    st->method != CAS_GRPC_DIRECTORY_GET && !st->reply)
-			st->out_done = true;
-		else if (st->method == CAS_GRPC_BLOB_READ &&
-			 st->off >= st->size)
-			st->out_done = true;
-		else if (st->method == CAS_GRPC_DIRECTORY_GET &&
-			 st->q_head == st->q_tail)
-			st->out_done = true;
-	}
-	if (st->out_pos == st->out_len && st->out_done) {
-		char code[16], msg[768];
-		snprintf(code, sizeof(code), "%d", st->end_status);
-		cas_grpc_percent_encode(st->end_message, msg, sizeof(msg));
-		nghttp2_nv trailers[] = {
-			NV("grpc-status", code),
-			NV("grpc-message", msg),
-		};
-		*data_flags |=
-			NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
-		if (nghttp2_submit_trailer(session, stream_id, trailers,
-					   st->end_message[0] ? 2 : 1) != 0)
-			return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-	}
-	return (ssize_t)n;
-}
-
-static int respond_stream(struct conn *c, struct stream *st)
-{
-	nghttp2_nv nva[] = {
-		NV(":status", "200"),
-		NV("content-type", "application/grpc"),
-	};
-	nghttp2_data_provider dp = {.read_callback = data_read};
-	st->responded = true;
-	int r = nghttp2_submit_response(c->session, st->id, nva,
-					CAS_ARRAY_SIZE(nva), &dp);
-	return r == 0 ? 0 : -EPROTO;
-}
-
-static int respond_unary(struct conn *c, struct stream *st, int kind,
-			 const cas_digest *d)
-{
-	int r = cas_grpc_encode_digest_msg(kind, d, false, &st->reply,
-					   &st->reply_len);
-	if (r < 0)
-		return fail_call(c, st, r, "out of memory");
-	return respond_stream(c, st);
-}
-
-/* Calls ------------------------------------------------------------------ */
-
-static int on_message(void *userdata, const uint8_t *msg, size_t len);
-
-struct msg_ctx {
-	struct conn *c;
-	struct stream *st;
-	const char *why;
+struct server {
+	struct cas_grpc_session_env env;
+	atomic_uint_least64_t buffered;
+	unsigned max_conns;
+	int64_t idle_ms;
+	atomic_bool stopping;
+	struct worker *workers;
+	unsigned n_workers;
+	pthread_mutex_t lock;
+	pthread_cond_t cond;		       /* a connection was closed */
+	struct conn **conns;		       /* protected by lock */
+	size_t n_conns, cap_conns, n_evicting; /* protected by lock */
 };
 
-static int on_message(void *userdata, const uint8_t *msg, size_t len)
+static int64_t now_ms(void)
 {
-	struct msg_ctx *m = userdata;
-	struct stream *st = m->st;
-	cas_store *s = m->c->srv->store;
-	int r;
-
-	st->n_msgs++;
-	switch (st->method) {
-	case CAS_GRPC_BLOB_PUT: {
-		const uint8_t *data;
-		size_t dlen;
-		r = cas_grpc_decode_blob_chunk(msg, len, &data, &dlen, &m->why);
-		if (r < 0)
-			return r;
-		if (!st->writer) {
-			r = s->ops->blob_writer_new(s, &st->writer);
-			if (r < 0) {
-				m->why = "cannot write to the store";
-				return -EIO;
-			}
-		}
-		r = dlen ? st->writer->ops->write(st->writer, data, dlen) : 0;
-		if (r < 0)
-			m->why = "cannot write to the store";
-		return r < 0 ? -EIO : 0;
-	}
-	case CAS_GRPC_DIRECTORY_PUT:
-		if (!st->batch) {
-			r = s->ops->dir_batch_new(s, &st->batch);
-			if (r < 0) {
-				m->why = "cannot write to the store";
-				return -EIO;
-			}
-		}
-		r = st->batch->ops->put(st->batch, msg, len, &st->last);
-		if (r == -EBADMSG || r == -ENOENT || r == -EINVAL) {
-			m->why = r == -ENOENT
-					 ? "Directory names a child Directory "
-					   "that is neither earlier in the "
-					   "stream nor stored"
-					 : "invalid Directory";
-			return -EINVAL;
-		}
-		if (r < 0)
-			m->why = "cannot write to the store";
-		return r < 0 ? -EIO : 0;
-	default:
-		if (st->n_msgs > 1) {
-			m->why = "more than one request message";
-			return -EINVAL;
-		}
-		st->req = malloc(len ? len : 1);
-		if (!st->req)
-			return -ENOMEM;
-		memcpy(st->req, msg, len);
-		st->req_len = len;
-		return 0;
-	}
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-/* The client has sent everything: answer. */
-static int finish_call(struct conn *c, struct stream *st)
+static void wake(struct worker *w)
 {
-	cas_store *s = c->srv->store;
-	const char *why = NULL;
-	cas_digest d;
-	int r;
-
-	st->ended = true;
-	if (st->responded)
-		return 0;
-	if (st->failed)
-		return respond_error(c, st, st->fail_status, st->fail_message);
-	if (!cas_grpc_reader_idle(&st->reader))
-		return fail_call(c, st, -EINVAL, "truncated message");
-	switch (st->method) {
-	case CAS_GRPC_BLOB_STAT:
-	case CAS_GRPC_BLOB_READ:
-	case CAS_GRPC_DIRECTORY_GET:
-		if (st->n_msgs != 1)
-			return fail_call(c, st, -EINVAL,
-					 "one request message expected");
-		break;
-	default:
-		break;
-	}
-	switch (st->method) {
-	case CAS_GRPC_BLOB_STAT: {
-		uint64_t size;
-		r = cas_grpc_decode_stat(st->req, st->req_len, &d, &why);
-		if (r < 0)
-			return fail_call(c, st, r, why);
-		r = s->ops->blob_stat(s, &d, &size);
-		if (r < 0)
-			return fail_call(c, st, r,
-					 r == -ENOENT ? "blob not found"
-						      : NULL);
-		return respond_unary(c, st, CAS_GRPC_MSG_STAT_RESPONSE, &d);
-	}
-	case CAS_GRPC_BLOB_READ:
-		r = cas_grpc_decode_read(st->req, st->req_len, &d, &why);
-		if (r < 0)
-			return fail_call(c, st, r, why);
-		/* A packed blob is read where it lies: blob_open would copy
-		 * it into a memfd first. */
-		r = s->ops->blob_locate
-			    ? s->ops->blob_locate(s, &d, &st->fd, &st->base,
-						  &st->size)
-			    : -ENOENT;
-		st->borrowed = r == 0;
-		if (r == -ENOENT)
-			r = s->ops->blob_open(s, &d, &st->fd, &st->size);
-		if (r < 0) {
-			st->fd = -1;
-			return fail_call(c, st, r,
-					 r == -ENOENT ? "blob not found"
-						      : NULL);
-		}
-		return respond_stream(c, st);
-	case CAS_GRPC_DIRECTORY_GET: {
-		r = cas_grpc_decode_get(st->req, st->req_len, &d,
-					&st->recursive, &why);
-		if (r < 0)
-			return fail_call(c, st, r, why);
-		/* Absence is known before the first message. */
-		if (!cas_digest_eq(&d, &CAS_DIGEST_EMPTY_DIRECTORY)) {
-			r = s->ops->directory_has(s, &d);
-			if (r == 0)
-				r = -ENOENT;
-			if (r < 0)
-				return fail_call(c, st, r,
-						 r == -ENOENT
-							 ? "directory not found"
-							 : NULL);
-		}
-		st->q_cap = 64;
-		st->queue = malloc(st->q_cap * sizeof(*st->queue));
-		if (!st->queue || cas_dmap_put(&st->seen, &d, NULL) < 0)
-			return fail_call(c, st, -ENOMEM, NULL);
-		st->queue[st->q_tail++] = d;
-		return respond_stream(c, st);
-	}
-	case CAS_GRPC_BLOB_PUT: {
-		uint64_t size;
-		if (!st->writer && s->ops->blob_writer_new(s, &st->writer) < 0)
-			return fail_call(c, st, -EIO,
-					 "cannot write to the store");
-		cas_blob_writer *w = TAKE_PTR(st->writer);
-		r = w->ops->commit(w, NULL, &d, &size);
-		if (r < 0)
-			return fail_call(c, st, -EIO,
-					 "cannot write to the store");
-		return respond_unary(c, st, CAS_GRPC_MSG_PUT_BLOB_RESPONSE, &d);
-	}
-	case CAS_GRPC_DIRECTORY_PUT: {
-		if (!st->batch)
-			return fail_call(c, st, -EINVAL, "no Directory sent");
-		/* Blobs Put before are written without fsync (local.h):
-		 * durable before a Directory that names them. */
-		if (cas_store_is_local(s) && (r = cas_local_sync(s)) < 0)
-			return fail_call(c, st, -EIO,
-					 "cannot write to the store");
-		cas_dir_batch *b = TAKE_PTR(st->batch);
-		r = b->ops->commit(b, NULL, NULL);
-		if (r < 0)
-			return fail_call(c, st, -EIO,
-					 "cannot write to the store");
-		return respond_unary(c, st, CAS_GRPC_MSG_PUT_DIRECTORY_RESPONSE,
-				     &st->last);
-	}
-	default:
-		return fail_call(c, st, -EPROTONOSUPPORT, "unknown method");
-	}
+	uint64_t one = 1;
+	ssize_t n = write(w->wake_fd, &one, sizeof(one));
+	(void)n; /* a full counter wakes the worker as well */
 }
 
-/* nghttp2 callbacks -------------------------------------------------------- */
+/* Connections ------------------------------------------------------------ */
 
-static int on_begin_headers(nghttp2_session *session,
-			    const nghttp2_frame *frame, void *user_data)
-{
-	if (frame->hd.type != NGHTTP2_HEADERS ||
-	    frame->headers.cat != NGHTTP2_HCAT_REQUEST)
-		return 0;
-	struct stream *st = calloc(1, sizeof(*st));
-	if (!st)
-		return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
-	struct conn *c = user_data;
-	st->id = frame->hd.stream_id;
-	st->fd = -1;
-	st->conn = c;
-	st->next = c->streams;
-	if (c->streams)
-		c->streams->prev = st;
-	c->streams = st;
-	nghttp2_session_set_stream_user_data(session, st->id, st);
-	return 0;
-}
-
-static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
-		     const uint8_t *name, size_t namelen, const uint8_t *value,
-		     size_t valuelen, uint8_t flags, void *user_data)
-{
-	if (frame->hd.type != NGHTTP2_HEADERS ||
-	    frame->headers.cat != NGHTTP2_HCAT_REQUEST)
-		return 0;
-	struct stream *st = nghttp2_session_get_stream_user_data(
-		session, frame->hd.stream_id);
-	if (!st)
-		return 0;
-	if (namelen == 5 && memcmp(name, ":path", 5) == 0)
-		st->method = cas_grpc_method_from_path((const char *)value,
-						       valuelen);
-	else if (namelen == 12 && memcmp(name, "content-type", 12) == 0)
-		st->grpc_content_type =
-			valuelen >= 16 &&
-			memcmp(value, "application/grpc", 16) == 0;
-	return 0;
-}
-
-static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
-			 void *user_data)
-{
-	struct conn *c = user_data;
-	if (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA)
-		return 0;
-	struct stream *st = nghttp2_session_get_stream_user_data(
-		session, frame->hd.stream_id);
-	if (!st)
-		return 0;
-	int r = 0;
-	if (frame->hd.type == NGHTTP2_HEADERS &&
-	    frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
-		if (!st->grpc_content_type)
-			r = fail_call(c, st, -EINVAL,
-				      "content-type is not application/grpc");
-		else if (st->method == CAS_GRPC_UNKNOWN_METHOD)
-			r = fail_call(c, st, -EPROTONOSUPPORT,
-				      "unknown method");
-	}
-	if (r == 0 && (frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
-		r = finish_call(c, st);
-	return r < 0 ? NGHTTP2_ERR_CALLBACK_FAILURE : 0;
-}
-
-static int on_data_chunk(nghttp2_session *session, uint8_t flags,
-			 int32_t stream_id, const uint8_t *data, size_t len,
-			 void *user_data)
-{
-	struct conn *c = user_data;
-	struct stream *st =
-		nghttp2_session_get_stream_user_data(session, stream_id);
-	if (!st || st->responded || st->failed)
-		return 0;
-	struct msg_ctx m = {c, st, NULL};
-	int r = cas_grpc_reader_feed(&st->reader, data, len, on_message, &m);
-	if (r < 0) {
-		const char *why = m.why;
-		if (r == -EPROTONOSUPPORT)
-			why = "compressed messages are not supported";
-		else if (r == -EMSGSIZE)
-			why = "message too large";
-		if (fail_call(c, st, r, why) < 0)
-			return NGHTTP2_ERR_CALLBACK_FAILURE;
-	}
-	return 0;
-}
-
-static int on_stream_close(nghttp2_session *session, int32_t stream_id,
-			   uint32_t error_code, void *user_data)
-{
-	struct stream *st =
-		nghttp2_session_get_stream_user_data(session, stream_id);
-	if (st) {
-		nghttp2_session_set_stream_user_data(session, stream_id, NULL);
-		stream_free(st); /* aborts an unfinished Put */
-	}
-	return 0;
-}
-
-/* Connections ---------------------------------------------------------------- */
-
-/* Gathers what nghttp2 wants to send and writes as much as the socket
- * takes. Returns 0, or -errno when the connection is dead. */
+/* Takes the session's output into c->out and sends what the socket
+ * takes, at most SEND_TURN bytes. Returns 0, or -errno when the
+ * connection is dead. */
 static int conn_flush(struct conn *c)
 {
-	for (;;) {
+	size_t sent = 0;
+	while (sent < SEND_TURN) {
 		while (c->out_len < OUT_CAP / 2) {
 			const uint8_t *data;
-			ssize_t n = nghttp2_session_mem_send(c->session, &data);
+			ssize_t n = cas_grpc_session_send(c->session, &data);
 			if (n < 0)
-				return -EPROTO;
+				return (int)n;
 			if (n == 0)
 				break;
 			if ((size_t)n > OUT_CAP - c->out_len) {
-				/* Bigger than the room left: send what is
-				 * buffered first, keep this piece next. */
+				/* Bigger than the room left: keep it whole. */
 				uint8_t *nb =
 					realloc(c->out, c->out_len + (size_t)n);
 				if (!nb)
@@ -712,127 +154,307 @@ static int conn_flush(struct conn *c)
 				continue;
 			return cas_negerrno();
 		}
+		atomic_store(&c->last_active_ms, now_ms());
+		sent += (size_t)w;
 		c->out_pos += (size_t)w;
 		if (c->out_pos == c->out_len)
 			c->out_pos = c->out_len = 0;
 		else
 			return 0; /* the socket is full */
 	}
+	return 0;
 }
 
-static void *conn_main(void *arg)
+/* Bytes wait for the socket, buffered or still in the session (a turn
+ * cut short by SEND_TURN). */
+static bool conn_wants_write(struct conn *c)
 {
-	struct conn *c = arg;
-	struct server *srv = c->srv;
-	nghttp2_session_callbacks *cbs = NULL;
-	uint8_t *in = malloc(64 * 1024);
-	bool stopping = false;
+	return c->out_len > c->out_pos ||
+	       cas_grpc_session_want_write(c->session);
+}
 
-	c->out = malloc(OUT_CAP);
-	if (!in || !c->out || nghttp2_session_callbacks_new(&cbs) != 0)
-		goto out;
-	nghttp2_session_callbacks_set_on_begin_headers_callback(
-		cbs, on_begin_headers);
-	nghttp2_session_callbacks_set_on_header_callback(cbs, on_header);
-	nghttp2_session_callbacks_set_on_frame_recv_callback(cbs,
-							     on_frame_recv);
-	nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
-		cbs, on_data_chunk);
-	nghttp2_session_callbacks_set_on_stream_close_callback(cbs,
-							       on_stream_close);
-	if (nghttp2_session_server_new(&c->session, cbs, c) != 0)
-		goto out;
-	nghttp2_settings_entry settings[] = {
-		{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 128},
-		{NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1u << 20},
-		{NGHTTP2_SETTINGS_MAX_FRAME_SIZE, 1u << 16},
-	};
-	if (nghttp2_submit_settings(c->session, NGHTTP2_FLAG_NONE, settings,
-				    CAS_ARRAY_SIZE(settings)) != 0)
-		goto out;
-	nghttp2_session_set_local_window_size(c->session, NGHTTP2_FLAG_NONE, 0,
-					      16u << 20);
+/* Removes c from the registry and frees it (its worker's thread). */
+static void conn_close(struct server *srv, struct conn *c)
+{
+	pthread_mutex_lock(&srv->lock);
+	size_t last = --srv->n_conns;
+	srv->conns[c->slot] = srv->conns[last];
+	srv->conns[c->slot]->slot = c->slot;
+	if (atomic_load(&c->evict))
+		srv->n_evicting--;
+	c->w->n_conns--;
+	pthread_cond_broadcast(&srv->cond);
+	pthread_mutex_unlock(&srv->lock);
+	cas_grpc_session_free(c->session); /* aborts unfinished Puts */
+	close(c->fd);
+	free(c->out);
+	free(c);
+}
 
-	while (nghttp2_session_want_read(c->session) ||
-	       nghttp2_session_want_write(c->session) || c->out_len > 0) {
+/* Says goodbye (GOAWAY, sent if the socket takes it now) and closes. */
+static void conn_end(struct server *srv, struct conn *c)
+{
+	cas_grpc_session_goaway(c->session);
+	(void)conn_flush(c);
+	conn_close(srv, c);
+}
+
+/* Handles poll's news for c. < 0: the connection is over. */
+static int conn_step(struct worker *w, struct conn *c, short revents)
+{
+	if (revents & (POLLIN | POLLHUP | POLLERR)) {
+		ssize_t n = recv(c->fd, w->in, sizeof(w->in), MSG_DONTWAIT);
+		if (n == 0)
+			return -EPIPE; /* peer gone */
+		if (n < 0 && errno != EAGAIN && errno != EINTR)
+			return cas_negerrno();
+		if (n > 0) {
+			atomic_store(&c->last_active_ms, now_ms());
+			if (cas_grpc_session_recv(c->session, w->in,
+						  (size_t)n) < 0) {
+				(void)conn_flush(c); /* a GOAWAY, if queued */
+				return -EPROTO;
+			}
+		}
+	}
+	int r = conn_flush(c);
+	if (r < 0)
+		return r;
+	atomic_store(&c->idle, cas_grpc_session_streams(c->session) == 0);
+	if (!cas_grpc_session_alive(c->session) && c->out_len == c->out_pos)
+		return -EPIPE;
+	return 0;
+}
+
+/* Workers ---------------------------------------------------------------- */
+
+static int worker_adopt(struct worker *w)
+{
+	struct server *srv = w->srv;
+	pthread_mutex_lock(&srv->lock);
+	struct conn *list = w->incoming;
+	w->incoming = NULL;
+	pthread_mutex_unlock(&srv->lock);
+	while (list) {
+		struct conn *c = list;
+		list = c->next_new;
+		if (w->n == w->cap) {
+			size_t cap = w->cap ? w->cap * 2 : 16;
+			struct conn **nc = realloc(w->conns, cap * sizeof(*nc));
+			struct pollfd *np =
+				realloc(w->pfds, (cap + 1) * sizeof(*np));
+			if (nc)
+				w->conns = nc;
+			if (np)
+				w->pfds = np;
+			if (!nc || !np) {
+				conn_close(srv, c);
+				continue;
+			}
+			w->cap = cap;
+		}
+		w->conns[w->n++] = c;
+		/* The server speaks first (SETTINGS). */
 		if (conn_flush(c) < 0)
-			break;
-		if (atomic_load_explicit(&srv->stopping,
-					 memory_order_relaxed) &&
-		    !stopping) {
+			conn_close(srv, w->conns[--w->n]);
+	}
+	return 0;
+}
+
+static void worker_drop(struct worker *w, size_t i)
+{
+	conn_close(w->srv, w->conns[i]);
+	w->conns[i] = w->conns[--w->n];
+}
+
+static void *worker_main(void *arg)
+{
+	struct worker *w = arg;
+	struct server *srv = w->srv;
+
+	for (;;) {
+		worker_adopt(w);
+		if (atomic_load(&srv->stopping)) {
 			/* GOAWAY; the streams still open are closed with
-			 * the session below, aborting their Puts. */
-			stopping = true;
-			nghttp2_session_terminate_session(c->session,
-							  NGHTTP2_NO_ERROR);
-			(void)conn_flush(c);
+			 * the sessions, aborting their Puts. */
+			while (w->n > 0) {
+				conn_end(srv, w->conns[w->n - 1]);
+				w->n--;
+			}
 			break;
 		}
-		if (!nghttp2_session_want_read(c->session) && c->out_len == 0 &&
-		    !nghttp2_session_want_write(c->session))
-			break;
-		struct pollfd p = {c->fd, POLLIN, 0};
-		if (c->out_len > 0)
-			p.events |= POLLOUT;
-		int pr = poll(&p, 1, POLL_MS);
+		int64_t now = now_ms(), next = now + 1000;
+		for (size_t i = 0; i < w->n;) {
+			struct conn *c = w->conns[i];
+			int64_t last = atomic_load(&c->last_active_ms);
+			if (atomic_load(&c->evict) ||
+			    now - last >= srv->idle_ms) {
+				conn_end(srv, c);
+				w->conns[i] = w->conns[--w->n];
+				continue;
+			}
+			next = CAS_MIN(next, last + srv->idle_ms);
+			w->pfds[i + 1] = (struct pollfd){
+				c->fd,
+				(short)(POLLIN |
+					(conn_wants_write(c) ? POLLOUT : 0)),
+				0};
+			i++;
+		}
+		w->pfds[0] = (struct pollfd){w->wake_fd, POLLIN, 0};
+		int timeout = (int)CAS_MAX(next - now, (int64_t)1);
+		int pr = poll(w->pfds, w->n + 1, timeout);
 		if (pr < 0 && errno != EINTR)
 			break;
 		if (pr <= 0)
 			continue;
-		if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
-			ssize_t n = recv(c->fd, in, 64 * 1024, MSG_DONTWAIT);
-			if (n < 0 && (errno == EAGAIN || errno == EINTR))
-				continue;
-			if (n <= 0)
-				break; /* peer gone */
-			ssize_t done = nghttp2_session_mem_recv(c->session, in,
-								(size_t)n);
-			if (done < 0) {
-				cas_log_debug("grpc connection: %s",
-					      nghttp2_strerror((int)done));
-				(void)conn_flush(
-					c); /* GOAWAY if nghttp2 queued one */
-				break;
-			}
+		if (w->pfds[0].revents) {
+			uint64_t v;
+			ssize_t n = read(w->wake_fd, &v, sizeof(v));
+			(void)n;
+		}
+		/* Back to front: a dropped connection's place is taken by
+		 * the last one, which is already done. */
+		for (size_t i = w->n; i-- > 0;) {
+			short rev = w->pfds[i + 1].revents;
+			if (rev && conn_step(w, w->conns[i], rev) < 0)
+				worker_drop(w, i);
 		}
 	}
-out:
-	/* Frees every stream still open: unfinished Puts are aborted. */
-	if (c->session)
-		nghttp2_session_del(c->session);
-	while (c->streams)
-		stream_free(c->streams);
-	if (cbs)
-		nghttp2_session_callbacks_del(cbs);
-	close(c->fd);
-	free(in);
-	free(c->out);
-	free(c);
-	pthread_mutex_lock(&srv->lock);
-	srv->n_conns--;
-	pthread_cond_broadcast(&srv->cond);
-	pthread_mutex_unlock(&srv->lock);
+	while (w->n > 0)
+		worker_drop(w, w->n - 1);
 	return NULL;
 }
 
-/* Listening ---------------------------------------------------------------- */
+/* Accepting -------------------------------------------------------------- */
+
+/* Marks the connection idle the longest for closing; false when none is
+ * idle. Called with srv->lock held. */
+static bool evict_idle(struct server *srv)
+{
+	struct conn *best = NULL;
+	int64_t best_t = INT64_MAX;
+	for (size_t i = 0; i < srv->n_conns; i++) {
+		struct conn *c = srv->conns[i];
+		int64_t t = atomic_load(&c->last_active_ms);
+		if (atomic_load(&c->idle) && !atomic_load(&c->evict) &&
+		    t < best_t) {
+			best = c;
+			best_t = t;
+		}
+	}
+	if (!best)
+		return false;
+	atomic_store(&best->evict, true);
+	srv->n_evicting++;
+	wake(best->w);
+	return true;
+}
+
+/* Registers fd as a connection on the least loaded worker; closes fd
+ * when the server is full of busy connections. */
+static void admit(struct server *srv, int fd)
+{
+	struct conn *c = calloc(1, sizeof(*c));
+	if (c)
+		c->out = malloc(OUT_CAP);
+	if (c && c->out && cas_grpc_session_new(&srv->env, &c->session) < 0) {
+		free(c->out);
+		c->out = NULL;
+	}
+	if (!c || !c->out) {
+		free(c);
+		close(fd);
+		return;
+	}
+	c->fd = fd;
+	atomic_init(&c->last_active_ms, now_ms());
+	atomic_init(&c->idle, true);
+	atomic_init(&c->evict, false);
+
+	pthread_mutex_lock(&srv->lock);
+	bool room = srv->n_conns - srv->n_evicting < srv->max_conns ||
+		    evict_idle(srv);
+	if (room && srv->n_conns == srv->cap_conns) {
+		size_t cap = srv->cap_conns ? srv->cap_conns * 2 : 64;
+		struct conn **n = realloc(srv->conns, cap * sizeof(*n));
+		if (n) {
+			srv->conns = n;
+			srv->cap_conns = cap;
+		} else {
+			room = false;
+		}
+	}
+	if (!room) {
+		pthread_mutex_unlock(&srv->lock);
+		cas_log_debug("serve: every connection is busy: one refused");
+		cas_grpc_session_free(c->session);
+		free(c->out);
+		free(c);
+		close(fd);
+		return;
+	}
+	struct worker *w = &srv->workers[0];
+	for (unsigned i = 1; i < srv->n_workers; i++)
+		if (srv->workers[i].n_conns < w->n_conns)
+			w = &srv->workers[i];
+	c->w = w;
+	c->slot = srv->n_conns;
+	srv->conns[srv->n_conns++] = c;
+	w->n_conns++;
+	c->next_new = w->incoming;
+	w->incoming = c;
+	pthread_mutex_unlock(&srv->lock);
+	wake(w);
+}
+
+/* accept failed for want of file descriptors (or memory): make room by
+ * closing an idle connection and wait for it, or pause. Never spins. */
+static void accept_starved(struct server *srv, int err, bool *warned)
+{
+	if (!*warned)
+		cas_log_warning("serve: accept: %s: closing idle connections, "
+				"pausing new ones while none is idle",
+				strerror(err));
+	*warned = true;
+	pthread_mutex_lock(&srv->lock);
+	size_t before = srv->n_conns;
+	(void)evict_idle(srv);
+	struct timespec until;
+	clock_gettime(CLOCK_REALTIME, &until);
+	until.tv_nsec += EMFILE_BACKOFF_MS * 1000000L;
+	if (until.tv_nsec >= 1000000000L) {
+		until.tv_sec++;
+		until.tv_nsec -= 1000000000L;
+	}
+	/* A connection closing (the evicted one, or any) gives an fd back;
+	 * else time passes. */
+	while (srv->n_conns >= before)
+		if (pthread_cond_timedwait(&srv->cond, &srv->lock, &until) ==
+		    ETIMEDOUT)
+			break;
+	pthread_mutex_unlock(&srv->lock);
+}
+
+/* Listening -------------------------------------------------------------- */
 
 static int listen_unix(const char *path, int *ret_fd)
 {
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
-	struct stat st;
 	if (strlen(path) >= sizeof(sa.sun_path))
 		return -ENAMETOOLONG;
 	strcpy(sa.sun_path, path);
-	/* A socket left by a server that died is replaced. */
-	if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode))
-		(void)unlink(path);
+	/* A socket left by a server that died is replaced; one a live
+	 * server answers on is not. */
+	int r = cas_unix_socket_clear(path);
+	if (r < 0)
+		return r;
 	int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (fd < 0)
 		return cas_negerrno();
 	if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 ||
 	    listen(fd, 128) < 0) {
-		int r = cas_negerrno();
+		r = cas_negerrno();
 		close(fd);
 		return r;
 	}
@@ -840,7 +462,19 @@ static int listen_unix(const char *path, int *ret_fd)
 	return 0;
 }
 
-static int listen_tcp(const char *spec, int *ret_fd, char *bound, size_t size)
+static bool is_wildcard(const struct sockaddr_storage *ss)
+{
+	if (ss->ss_family == AF_INET)
+		return ((const struct sockaddr_in *)ss)->sin_addr.s_addr ==
+		       htonl(INADDR_ANY);
+	if (ss->ss_family == AF_INET6)
+		return IN6_IS_ADDR_UNSPECIFIED(
+			&((const struct sockaddr_in6 *)ss)->sin6_addr);
+	return false;
+}
+
+static int listen_tcp(const char *spec, int *ret_fd, char *bound, size_t size,
+		      bool *ret_wildcard)
 {
 	_cleanup_free_ char *host = strdup(spec);
 	if (!host)
@@ -883,13 +517,16 @@ static int listen_tcp(const char *spec, int *ret_fd, char *bound, size_t size)
 		struct sockaddr_storage ss;
 		socklen_t sl = sizeof(ss);
 		char hbuf[NI_MAXHOST], pbuf[NI_MAXSERV];
-		if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0 &&
-		    getnameinfo((struct sockaddr *)&ss, sl, hbuf, sizeof(hbuf),
-				pbuf, sizeof(pbuf),
-				NI_NUMERICHOST | NI_NUMERICSERV) == 0)
-			snprintf(bound, size,
-				 ss.ss_family == AF_INET6 ? "[%s]:%s" : "%s:%s",
-				 hbuf, pbuf);
+		if (getsockname(fd, (struct sockaddr *)&ss, &sl) == 0) {
+			*ret_wildcard = is_wildcard(&ss);
+			if (getnameinfo((struct sockaddr *)&ss, sl, hbuf,
+					sizeof(hbuf), pbuf, sizeof(pbuf),
+					NI_NUMERICHOST | NI_NUMERICSERV) == 0)
+				snprintf(bound, size,
+					 ss.ss_family == AF_INET6 ? "[%s]:%s"
+								  : "%s:%s",
+					 hbuf, pbuf);
+		}
 		*ret_fd = fd;
 		r = 0;
 		break;
@@ -898,15 +535,103 @@ static int listen_tcp(const char *spec, int *ret_fd, char *bound, size_t size)
 	return r;
 }
 
+/* 1 GiB, or 5 % of the file system when that is less. */
+static uint64_t default_reserve(const char *dir)
+{
+	struct statvfs v;
+	uint64_t r = 1ull << 30;
+	if (dir && statvfs(dir, &v) == 0)
+		r = CAS_MIN(r, (uint64_t)v.f_blocks * v.f_frsize / 20);
+	return r;
+}
+
+static void server_release(struct server *srv)
+{
+	for (unsigned i = 0; i < srv->n_workers; i++) {
+		struct worker *w = &srv->workers[i];
+		if (w->started)
+			pthread_join(w->thread, NULL);
+		if (w->wake_fd >= 0)
+			close(w->wake_fd);
+		free(w->conns);
+		free(w->pfds);
+	}
+	free(srv->workers);
+	free(srv->conns);
+	pthread_cond_destroy(&srv->cond);
+	pthread_mutex_destroy(&srv->lock);
+}
+
+static void server_stop(struct server *srv)
+{
+	atomic_store(&srv->stopping, true);
+	for (unsigned i = 0; i < srv->n_workers; i++)
+		if (srv->workers[i].wake_fd >= 0)
+			wake(&srv->workers[i]);
+}
+
+static int start_workers(struct server *srv, unsigned n)
+{
+	srv->workers = calloc(n, sizeof(*srv->workers));
+	if (!srv->workers)
+		return -ENOMEM;
+	srv->n_workers = n;
+	for (unsigned i = 0; i < n; i++)
+		srv->workers[i].wake_fd = -1;
+	/* Signals are for the accepting thread, which watches stop. */
+	sigset_t block, old;
+	sigemptyset(&block);
+	sigaddset(&block, SIGINT);
+	sigaddset(&block, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &block, &old);
+	int r = 0;
+	for (unsigned i = 0; i < n && r == 0; i++) {
+		struct worker *w = &srv->workers[i];
+		w->srv = srv;
+		w->pfds = malloc(sizeof(*w->pfds));
+		w->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+		if (!w->pfds || w->wake_fd < 0)
+			r = w->pfds ? cas_negerrno() : -ENOMEM;
+		else if ((r = -pthread_create(&w->thread, NULL, worker_main,
+					      w)) == 0)
+			w->started = true;
+	}
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	return r;
+}
+
 int cas_grpc_serve(cas_store *s, const char *listen_spec,
+		   const struct cas_grpc_serve_options *opts,
 		   volatile sig_atomic_t *stop,
 		   void (*ready)(void *userdata, const char *address),
 		   void *userdata)
 {
-	struct server srv = {.store = s, .stop = stop};
+	static const struct cas_grpc_serve_options defaults = {0};
+	struct server srv = {0};
 	char bound[512];
 	int lfd = -1, r;
-	bool is_unix = strncmp(listen_spec, "unix:", 5) == 0;
+	bool is_unix = strncmp(listen_spec, "unix:", 5) == 0, wildcard = false;
+
+	if (!opts)
+		opts = &defaults;
+	srv.env = (struct cas_grpc_session_env){
+		.store = s,
+		.read_only = opts->read_only,
+		.reserve_dir = opts->reserve_dir,
+		.reserve = opts->reserve == CAS_GRPC_SERVE_RESERVE_DEFAULT
+				   ? default_reserve(opts->reserve_dir)
+				   : opts->reserve,
+		.buffered = &srv.buffered,
+	};
+	atomic_init(&srv.buffered, 0);
+	atomic_init(&srv.stopping, false);
+	srv.max_conns = opts->max_connections ? opts->max_connections
+					      : CAS_GRPC_SERVE_CONNECTIONS;
+	srv.idle_ms = 1000 * (int64_t)(opts->idle_timeout
+					       ? opts->idle_timeout
+					       : CAS_GRPC_SERVE_IDLE_TIMEOUT);
+	unsigned threads =
+		opts->threads ? opts->threads : CAS_GRPC_SERVE_THREADS;
 
 	size_t spec_len = CAS_MIN(strlen(listen_spec), sizeof(bound) - 1);
 	memcpy(bound, listen_spec, spec_len);
@@ -914,68 +639,61 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 	if (is_unix)
 		r = listen_unix(listen_spec + 5, &lfd);
 	else
-		r = listen_tcp(listen_spec, &lfd, bound, sizeof(bound));
+		r = listen_tcp(listen_spec, &lfd, bound, sizeof(bound),
+			       &wildcard);
+	if (r == -EADDRINUSE && is_unix)
+		return cas_log_errno(
+			r, "listen %s: a live server answers on this socket",
+			listen_spec);
+	if (r == -EEXIST && is_unix)
+		return cas_log_errno(r, "listen %s: exists and is not a socket",
+				     listen_spec);
 	if (r < 0)
 		return cas_log_errno(r, "listen %s: %m", listen_spec);
+	if (wildcard)
+		cas_log_warning(
+			"serve: %s listens on every network interface%s", bound,
+			opts->read_only
+				? " (read-only)"
+				: ", read-write: anyone who can connect can "
+				  "write to the store (--read-only, or see "
+				  "\"Exposing serve\" in docs/remote.md)");
 	pthread_mutex_init(&srv.lock, NULL);
 	pthread_cond_init(&srv.cond, NULL);
+	r = start_workers(&srv, threads);
+	if (r < 0) {
+		server_stop(&srv);
+		server_release(&srv);
+		close(lfd);
+		return cas_log_errno(r, "serve: start %u threads: %m", threads);
+	}
 	if (ready)
 		ready(userdata, bound);
 
-	pthread_attr_t attr;
-	pthread_attr_init(&attr);
-	pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-	r = 0;
+	bool warned = false;
 	/* Set by a signal handler, or by another thread (tests). */
 	while (!__atomic_load_n(stop, __ATOMIC_RELAXED)) {
 		struct pollfd p = {lfd, POLLIN, 0};
 		int pr = poll(&p, 1, POLL_MS);
 		if (pr <= 0)
 			continue;
-		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC);
-		if (fd < 0)
-			continue; /* EMFILE, a client gone: keep serving */
+		int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+		if (fd < 0) {
+			if (errno == EMFILE || errno == ENFILE ||
+			    errno == ENOBUFS || errno == ENOMEM)
+				accept_starved(&srv, errno, &warned);
+			continue; /* a client gone: keep serving */
+		}
 		int one = 1;
 		if (!is_unix)
 			setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one,
 				   sizeof(one));
-		struct conn *c = calloc(1, sizeof(*c));
-		if (!c) {
-			close(fd);
-			continue;
-		}
-		c->srv = &srv;
-		c->fd = fd;
-		pthread_mutex_lock(&srv.lock);
-		srv.n_conns++;
-		pthread_mutex_unlock(&srv.lock);
-		pthread_t t;
-		sigset_t block, old;
-		sigemptyset(&block);
-		sigaddset(&block, SIGINT);
-		sigaddset(&block, SIGTERM);
-		pthread_sigmask(SIG_BLOCK, &block, &old);
-		int cr = pthread_create(&t, &attr, conn_main, c);
-		pthread_sigmask(SIG_SETMASK, &old, NULL);
-		if (cr != 0) {
-			pthread_mutex_lock(&srv.lock);
-			srv.n_conns--;
-			pthread_mutex_unlock(&srv.lock);
-			close(fd);
-			free(c);
-		}
+		admit(&srv, fd);
 	}
-	atomic_store_explicit(&srv.stopping, true, memory_order_relaxed);
-	pthread_attr_destroy(&attr);
+	server_stop(&srv);
 	close(lfd);
 	if (is_unix)
 		(void)unlink(listen_spec + 5);
-	/* Each connection notices stopping within POLL_MS. */
-	pthread_mutex_lock(&srv.lock);
-	while (srv.n_conns > 0)
-		pthread_cond_wait(&srv.cond, &srv.lock);
-	pthread_mutex_unlock(&srv.lock);
-	pthread_cond_destroy(&srv.cond);
-	pthread_mutex_destroy(&srv.lock);
-	return r;
+	server_release(&srv); /* joins the workers, which close everything */
+	return 0;
 }

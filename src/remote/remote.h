@@ -59,14 +59,36 @@ int cas_remote_push(cas_store *s, const char *url, char *const *names,
 		    size_t n_names, cas_remote_progress_cb progress,
 		    void *userdata, struct cas_remote_progress *ret_stats);
 
-/* Serves s as tvix.castore.v1 BlobService and DirectoryService (gRPC
- * over HTTP/2 cleartext) on listen ("HOST:PORT" or "unix:PATH"; port 0
- * picks a free port) until *stop becomes non-zero (set it from a signal
- * handler; the server notices within 200 ms), then closes every
- * connection, aborting unfinished Puts. One thread per connection.
- * ready (may be NULL) is called once listening, with the bound address.
- * Returns 0 after a clean stop. */
+/* Limits of `castore serve` (docs/remote.md, "Exposing serve"); a 0
+ * field takes the default named beside it. */
+#define CAS_GRPC_SERVE_THREADS	       4
+#define CAS_GRPC_SERVE_CONNECTIONS     256
+#define CAS_GRPC_SERVE_IDLE_TIMEOUT    120
+#define CAS_GRPC_SERVE_RESERVE_DEFAULT UINT64_MAX
+struct cas_grpc_serve_options {
+	unsigned threads;	  /* event loops carrying the connections */
+	unsigned max_connections; /* at once; idle ones make way */
+	unsigned idle_timeout;	  /* seconds without a byte either way */
+	bool read_only;		  /* refuse every Put (PERMISSION_DENIED) */
+	/* Put is refused (RESOURCE_EXHAUSTED) while the file system of
+	 * reserve_dir has fewer than reserve bytes free; NULL: no check.
+	 * CAS_GRPC_SERVE_RESERVE_DEFAULT: 1 GiB, or 5 % of the file system
+	 * when that is less. */
+	const char *reserve_dir;
+	uint64_t reserve;
+};
+
+/* Serves s as castore's BlobService and DirectoryService (gRPC over
+ * HTTP/2 cleartext), under both snix.castore.v1 and tvix.castore.v1, on
+ * listen ("HOST:PORT" or "unix:PATH"; port 0 picks a free port) until
+ * *stop becomes non-zero (set it from a signal handler; the server
+ * notices within 200 ms), then closes every connection, aborting
+ * unfinished Puts. opts may be NULL (every default). A unix socket that
+ * a live server answers on is refused (-EADDRINUSE). ready (may be
+ * NULL) is called once listening, with the bound address. Returns 0
+ * after a clean stop. */
 int cas_grpc_serve(cas_store *s, const char *listen,
+		   const struct cas_grpc_serve_options *opts,
 		   volatile sig_atomic_t *stop,
 		   void (*ready)(void *userdata, const char *address),
 		   void *userdata);
