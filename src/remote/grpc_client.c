@@ -65,6 +65,7 @@ struct cas_grpc_client {
 	 * -1 until a call has told: snix's names are tried first, tvix's
 	 * after an UNIMPLEMENTED. */
 	atomic_int package;
+	pthread_mutex_t learn_lock; /* one call learns it; the others wait */
 	pthread_mutex_t lock;
 	struct h2conn *idle[MAX_IDLE]; /* protected by lock */
 	size_t n_idle;		       /* protected by lock */
@@ -93,6 +94,7 @@ int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 		return -ENOMEM;
 	pthread_mutex_init(&c->lock, NULL);
 	atomic_init(&c->package, -1);
+	pthread_mutex_init(&c->learn_lock, NULL);
 	c->url = strdup(url);
 	if (!c->url)
 		goto oom;
@@ -149,6 +151,7 @@ void cas_grpc_client_free(cas_grpc_client *c)
 	for (size_t i = 0; i < c->n_idle; i++)
 		conn_free(c->idle[i]);
 	pthread_mutex_destroy(&c->lock);
+	pthread_mutex_destroy(&c->learn_lock);
 	free(c->url);
 	free(c->authority);
 	free(c->host);
@@ -672,6 +675,16 @@ int cas_grpc_call(cas_grpc_client *c, enum cas_grpc_method m,
 			ret_message[0] = 0;
 		return pkg;
 	}
+	if (pkg >= 0)
+		return call_path(
+			c, cas_grpc_method_path(m, pkg, path, sizeof(path)),
+			req, req_len, produce, produce_ud, on_msg, msg_ud,
+			ret_status, ret_message, message_size);
+
+	/* Threads that start at once (a mount's workers) wait for the one
+	 * call that learns, so the wrong name is tried once per client. */
+	pthread_mutex_lock(&c->learn_lock);
+	pkg = atomic_load(&c->package);
 	bool learning = pkg < 0;
 	if (learning)
 		pkg = CAS_GRPC_SNIX;
@@ -690,6 +703,7 @@ int cas_grpc_call(cas_grpc_client *c, enum cas_grpc_method m,
 	/* Any grpc-status but UNIMPLEMENTED says the server knows the name. */
 	if (learning && status >= 0)
 		atomic_store(&c->package, pkg);
+	pthread_mutex_unlock(&c->learn_lock);
 	if (ret_status)
 		*ret_status = status;
 	return r;

@@ -151,10 +151,11 @@ def root_digest(store, name="t"):
 # --- castore serve --------------------------------------------------------
 
 class Serve:
-    def __init__(self, store, listen="127.0.0.1:0"):
+    def __init__(self, store, listen="127.0.0.1:0", args=(), **popen):
         self.proc = subprocess.Popen([CASTORE, "--store", str(store), "serve",
-                                      "--listen", listen],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                      "--listen", listen, *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     **popen)
         line = self.proc.stdout.readline().decode()
         assert line.startswith("listening on "), (line, self.proc.stderr.read())
         self.address = line.split()[-1]
@@ -171,8 +172,8 @@ class Serve:
 def serve(tmp_path):
     servers = []
 
-    def start(store, listen="127.0.0.1:0"):
-        s = Serve(store, listen)
+    def start(store, listen="127.0.0.1:0", args=(), **popen):
+        s = Serve(store, listen, args, **popen)
         servers.append(s)
         return s
     yield start
@@ -182,13 +183,14 @@ def serve(tmp_path):
 
 
 class Client:
-    """tvix castore gRPC through grpcio's generic API."""
+    """castore gRPC through grpcio's generic API, under tvix's package name
+    or snix's (package="snix")."""
 
-    def __init__(self, pb, target):
+    def __init__(self, pb, target, package="tvix"):
         C, B, D = pb
         self.C, self.B, self.D = C, B, D
         self.channel = grpc.insecure_channel(target)
-        ch = self.channel
+        ch = _Renamed(self.channel, package)
         self.stat = ch.unary_unary("/tvix.castore.v1.BlobService/Stat",
                                    B.StatBlobRequest.SerializeToString,
                                    B.StatBlobResponse.FromString)
@@ -219,6 +221,19 @@ class Client:
 
     def close(self):
         self.channel.close()
+
+
+class _Renamed:
+    """A channel whose method paths are in another package."""
+
+    def __init__(self, channel, package):
+        self.channel, self.package = channel, package
+
+    def __getattr__(self, kind):
+        def make(path, *a, **kw):
+            path = path.replace("/tvix.castore.v1.", f"/{self.package}.castore.v1.")
+            return getattr(self.channel, kind)(path, *a, **kw)
+        return make
 
 
 def code_of(fn):
@@ -468,19 +483,34 @@ def test_disconnect_mid_put_leaves_nothing(tmp_path, serve):
 
 # --- castore push into an in-memory Python server --------------------------
 
-class MemoryServer:
-    """An independent tvix castore gRPC server (grpcio, in memory)."""
+class _Unknown(grpc.GenericRpcHandler):
+    """Records the paths no other handler took (grpcio answers them
+    UNIMPLEMENTED)."""
 
-    def __init__(self, pb):
+    def __init__(self, log):
+        self.log = log
+
+    def service(self, details):
+        self.log.append(details.method)
+        return None
+
+
+class MemoryServer:
+    """An independent castore gRPC server (grpcio, in memory) under tvix's
+    package name, or snix's (package="snix"); `unknown` lists the paths
+    asked that it does not serve."""
+
+    def __init__(self, pb, package="tvix"):
         C, B, D = pb
         self.C, self.B, self.D = C, B, D
         self.blobs, self.dirs = {}, {}
+        self.unknown = []
         self.calls = {"Stat": 0, "BlobPut": 0, "DirGet": 0, "DirPut": 0, "Read": 0}
         self.corrupt = set()
         self.server = grpc.server(futures.ThreadPoolExecutor(8))
         h = grpc.method_handlers_generic_handler
         self.server.add_generic_rpc_handlers((
-            h("tvix.castore.v1.BlobService", {
+            h(f"{package}.castore.v1.BlobService", {
                 "Stat": grpc.unary_unary_rpc_method_handler(
                     self.stat, B.StatBlobRequest.FromString, B.StatBlobResponse.SerializeToString),
                 "Read": grpc.unary_stream_rpc_method_handler(
@@ -488,12 +518,13 @@ class MemoryServer:
                 "Put": grpc.stream_unary_rpc_method_handler(
                     self.put, B.BlobChunk.FromString, B.PutBlobResponse.SerializeToString),
             }),
-            h("tvix.castore.v1.DirectoryService", {
+            h(f"{package}.castore.v1.DirectoryService", {
                 "Get": grpc.unary_stream_rpc_method_handler(
                     self.dget, D.GetDirectoryRequest.FromString, lambda b: b),
                 "Put": grpc.stream_unary_rpc_method_handler(
                     self.dput, lambda b: b, D.PutDirectoryResponse.SerializeToString),
             }),
+            _Unknown(self.unknown),
         ))
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
