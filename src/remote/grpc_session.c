@@ -107,7 +107,8 @@ struct stream {
 static bool budget_update(struct stream *st)
 {
 	atomic_uint_least64_t *total = st->conn->env->buffered;
-	uint64_t now = st->batch_bytes + (st->reader.msg ? st->reader.msg_cap : 0);
+	uint64_t now =
+		st->batch_bytes + (st->reader.msg ? st->reader.msg_cap : 0);
 	if (now <= st->buffered) {
 		atomic_fetch_sub(total, st->buffered - now);
 		st->buffered = now;
@@ -115,7 +116,8 @@ static bool budget_update(struct stream *st)
 	}
 	uint64_t add = now - st->buffered;
 	st->buffered = now;
-	return atomic_fetch_add(total, add) + add <= CAS_GRPC_SERVE_BUFFERED_MAX;
+	return atomic_fetch_add(total, add) + add <=
+	       CAS_GRPC_SERVE_BUFFERED_MAX;
 }
 
 static void stream_free(struct stream *st)
@@ -155,8 +157,8 @@ static void stream_free(struct stream *st)
 	}
 
 /* Trailers-only response: the call failed before any message. */
-static int respond_error(struct cas_grpc_session *c, struct stream *st, int status,
-			 const char *message)
+static int respond_error(struct cas_grpc_session *c, struct stream *st,
+			 int status, const char *message)
 {
 	char code[16], msg[768];
 	snprintf(code, sizeof(code), "%d", status);
@@ -168,12 +170,13 @@ static int respond_error(struct cas_grpc_session *c, struct stream *st, int stat
 		NV("grpc-message", msg),
 	};
 	st->responded = true;
-	int r = nghttp2_submit_response(c->h2, st->id, nva,
-					CAS_ARRAY_SIZE(nva), NULL);
+	int r = nghttp2_submit_response(c->h2, st->id, nva, CAS_ARRAY_SIZE(nva),
+					NULL);
 	return r == 0 ? 0 : -EPROTO;
 }
 
-static int fail_call(struct cas_grpc_session *c, struct stream *st, int r, const char *why)
+static int fail_call(struct cas_grpc_session *c, struct stream *st, int r,
+		     const char *why)
 {
 	if (st->responded || st->failed)
 		return 0;
@@ -371,13 +374,13 @@ static int respond_stream(struct cas_grpc_session *c, struct stream *st)
 	};
 	nghttp2_data_provider dp = {.read_callback = data_read};
 	st->responded = true;
-	int r = nghttp2_submit_response(c->h2, st->id, nva,
-					CAS_ARRAY_SIZE(nva), &dp);
+	int r = nghttp2_submit_response(c->h2, st->id, nva, CAS_ARRAY_SIZE(nva),
+					&dp);
 	return r == 0 ? 0 : -EPROTO;
 }
 
-static int respond_unary(struct cas_grpc_session *c, struct stream *st, int kind,
-			 const cas_digest *d)
+static int respond_unary(struct cas_grpc_session *c, struct stream *st,
+			 int kind, const cas_digest *d)
 {
 	int r = cas_grpc_encode_digest_msg(kind, d, false, &st->reply,
 					   &st->reply_len);

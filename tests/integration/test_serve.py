@@ -10,6 +10,7 @@ by elapsed time.
 """
 import os
 import resource
+import shutil
 import signal
 import socket
 import struct
@@ -18,7 +19,7 @@ import threading
 
 import pytest
 
-from conftest import CASTORE, pattern_bytes, run
+from conftest import ROOT, pattern_bytes, run
 from test_remote import (Client, MemoryServer, b3, code_of, filled, pb,  # noqa: F401 (fixtures)
                          root_digest, serve, trees_equal, tree)
 
@@ -376,3 +377,83 @@ def test_serve_says_when_every_interface_listens(tmp_path, serve):
     assert "every network interface, read-write" in err and err.count("\n") == 1, err
     p = run(["serve", "--help"], store=st)
     assert b"--read-only" in p.stdout and b"Exposing serve" in p.stdout
+
+
+# --- the exposure docs/remote.md shows: nginx, TLS, client certificates -------
+
+def openssl(*args, cwd):
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_certs(d):
+    """A CA, a server certificate for localhost and a client certificate,
+    all signed by the CA; and a client certificate signed by nobody."""
+    d.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=castore test CA", "-keyout", "ca.key", "-out", "ca.crt", cwd=d)
+    for name, extra in (("server", ["-addext", "subjectAltName=DNS:localhost"]),
+                        ("client", []), ("stranger", [])):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr", *extra, cwd=d)
+        if name == "stranger":
+            openssl("req", "-x509", "-key", f"{name}.key", "-in", f"{name}.csr",
+                    "-days", "2", "-out", f"{name}.crt", cwd=d)
+        else:
+            openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                    "-CAcreateserial", "-days", "2", "-copy_extensions", "copy",
+                    "-out", f"{name}.crt", cwd=d)
+
+
+def test_serve_behind_nginx_with_client_certificates(pb, tmp_path, serve):
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not os.path.exists(nginx) or not shutil.which("openssl"):
+        pytest.skip("nginx (nginx-light) or openssl missing")
+    from test_remote import free_port
+    tls, work = tmp_path / "tls", tmp_path / "nginx"
+    make_certs(tls)
+    work.mkdir()
+    sock = work / "serve.sock"
+    serve(tmp_path / "srv", f"unix:{sock}")
+    port = free_port()
+    conf = (ROOT / "docs" / "serve-nginx.conf").read_text()
+    for old, new in (("user www-data;", "user root;"), ("listen 443", f"listen 127.0.0.1:{port}"),
+                     ("/etc/castore/tls/clients-ca.crt", str(tls / "ca.crt")),
+                     ("/etc/castore/tls/", f"{tls}/"), ("/run/castore/", f"{work}/"),
+                     ("/var/log/castore/", f"{work}/"), ("/var/lib/castore/", f"{work}/")):
+        assert old in conf, old
+        conf = conf.replace(old, new)
+    (work / "nginx.conf").write_text(conf)
+    p = subprocess.Popen([nginx, "-c", str(work / "nginx.conf"), "-p", str(work),
+                          "-g", "daemon off;"], stderr=subprocess.PIPE)
+    try:
+        wait_until("nginx listening", lambda: subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}/"]).returncode != 7)
+        ca = (tls / "ca.crt").read_bytes()
+
+        def channel(who):
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=ca, private_key=(tls / f"{who}.key").read_bytes(),
+                certificate_chain=(tls / f"{who}.crt").read_bytes())
+            return grpc.secure_channel(f"localhost:{port}", creds)
+
+        C, B, D = pb
+        ch = channel("client")
+        put = ch.stream_unary("/snix.castore.v1.BlobService/Put",
+                              B.BlobChunk.SerializeToString, B.PutBlobResponse.FromString)
+        read = ch.unary_stream("/snix.castore.v1.BlobService/Read",
+                               B.ReadBlobRequest.SerializeToString, B.BlobChunk.FromString)
+        data = pattern_bytes(3_000_000, seed=3)   # over nginx's default body limit
+        d = put(iter([B.BlobChunk(data=data[i:i + 500_000])
+                      for i in range(0, len(data), 500_000)]), timeout=60).digest
+        assert d == b3(data)
+        assert b"".join(c.data for c in read(B.ReadBlobRequest(digest=d), timeout=60)) == data
+        ch.close()
+        # No certificate of the CA's: no call gets through.
+        ch = channel("stranger")
+        stat = ch.unary_unary("/snix.castore.v1.BlobService/Stat",
+                              B.StatBlobRequest.SerializeToString, B.StatBlobResponse.FromString)
+        assert code_of(lambda: stat(B.StatBlobRequest(digest=d), timeout=30)) != grpc.StatusCode.OK
+        ch.close()
+    finally:
+        p.terminate()
+        p.wait(timeout=20)
