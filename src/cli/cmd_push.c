@@ -11,12 +11,12 @@
 static const char push_help[] =
 	"Usage: castore push URL NAME...\n"
 	"\n"
-	"Copies the closures of the named roots to the tvix castore gRPC "
-	"store\n"
-	"at URL (grpc+http://HOST:PORT or grpc+unix:///PATH): blobs first, "
-	"then\n"
-	"the Directories leaves first. Whatever the remote already has is not\n"
-	"sent, so running it again after an interruption sends only the rest.\n"
+	"Copies the closures of the named roots to the castore gRPC store at "
+	"URL\n"
+	"(grpc+http://HOST:PORT, grpc+https://HOST[:PORT], grpc+unix:///PATH;\n"
+	"snix or tvix): blobs first, then the Directories leaves first.\n"
+	"Whatever the remote already has is not sent, so running it again\n"
+	"after an interruption sends only the rest.\n"
 	"gRPC stores have no roots: register the names where they are read.\n";
 
 static void push_progress(void *userdata, const struct cas_remote_progress *p)
@@ -61,7 +61,8 @@ int cmd_push(struct cas_cli *cli, int argc, char **argv)
 	if (!cas_remote_is_url(url) || url[0] != 'g')
 		return cas_cli_usage(
 			"push",
-			"%s: not grpc+http://HOST:PORT or grpc+unix:///PATH",
+			"%s: not grpc+http://HOST:PORT, grpc+https://HOST or "
+			"grpc+unix:///PATH",
 			url);
 	for (int i = optind + 1; i < argc; i++)
 		if (!cas_root_name_valid(argv[i]))

@@ -48,6 +48,7 @@
 
 struct h2conn {
 	int fd;
+	struct cas_grpc_tls *tls; /* grpc+https://, else NULL */
 	nghttp2_session *session;
 	bool broken;	 /* transport failed or GOAWAY: not reusable */
 	bool rfull;	 /* the last recv filled rbuf: more is likely waiting */
@@ -60,7 +61,8 @@ struct cas_grpc_client {
 	char *url;	 /* as given, for messages */
 	char *authority; /* HOST:PORT, or "localhost" */
 	char *host, *port;
-	char *unix_path; /* or NULL */
+	char *unix_path;	      /* or NULL */
+	struct cas_grpc_tls_ctx *tls; /* grpc+https://, else NULL */
 	/* The package the server answers under (enum cas_grpc_package), or
 	 * -1 until a call has told: snix's names are tried first, tvix's
 	 * after an UNIMPLEMENTED. */
@@ -82,6 +84,7 @@ static void conn_free(struct h2conn *h)
 		return;
 	if (h->session)
 		nghttp2_session_del(h->session);
+	cas_grpc_tls_free(h->tls);
 	if (h->fd >= 0)
 		close(h->fd);
 	free(h);
@@ -98,30 +101,41 @@ int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 	c->url = strdup(url);
 	if (!c->url)
 		goto oom;
-	if (strncmp(url, "grpc+http://", 12) == 0) {
-		const char *hp = url + 12;
+	bool https = strncmp(url, "grpc+https://", 13) == 0;
+	if (https || strncmp(url, "grpc+http://", 12) == 0) {
+		const char *hp = url + (https ? 13 : 12);
 		size_t n = strcspn(hp, "/?#");
 		c->authority = strndup(hp, n);
 		if (!c->authority)
 			goto oom;
 		char *colon = strrchr(c->authority, ':');
 		char *close_br = strrchr(c->authority, ']');
-		if (n == 0 || !colon || (close_br && colon < close_br) ||
-		    !colon[1]) {
+		if (colon && close_br && colon < close_br)
+			colon = NULL; /* [v6] without a port */
+		/* https has a default port; plain gRPC has none. */
+		if (n == 0 || (!colon && !https) || (colon && !colon[1])) {
 			cas_grpc_client_free(c);
 			return cas_log_errno(-EINVAL, "%s: HOST:PORT expected",
 					     url);
 		}
 		const char *h = c->authority;
-		size_t hl = (size_t)(colon - c->authority);
+		size_t hl = colon ? (size_t)(colon - c->authority)
+				  : strlen(c->authority);
 		if (hl >= 2 && h[0] == '[' && h[hl - 1] == ']') {
 			h++;
 			hl -= 2;
 		}
 		c->host = strndup(h, hl);
-		c->port = strdup(colon + 1);
+		c->port = strdup(colon ? colon + 1 : "443");
 		if (!c->host || !c->port)
 			goto oom;
+		if (https) {
+			int r = cas_grpc_tls_ctx_new(url, &c->tls);
+			if (r < 0) {
+				cas_grpc_client_free(c);
+				return r;
+			}
+		}
 	} else if (strncmp(url, "grpc+unix:", 10) == 0 &&
 		   (strncmp(url + 10, "///", 3) == 0 ||
 		    (url[10] == '/' && url[11] != '/'))) {
@@ -134,7 +148,8 @@ int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 		cas_grpc_client_free(c);
 		return cas_log_errno(
 			-EINVAL,
-			"%s: not grpc+http://HOST:PORT or grpc+unix:///PATH",
+			"%s: not grpc+http://HOST:PORT, grpc+https://HOST or "
+			"grpc+unix:///PATH",
 			url);
 	}
 	*ret = c;
@@ -152,6 +167,7 @@ void cas_grpc_client_free(cas_grpc_client *c)
 		conn_free(c->idle[i]);
 	pthread_mutex_destroy(&c->lock);
 	pthread_mutex_destroy(&c->learn_lock);
+	cas_grpc_tls_ctx_free(c->tls);
 	free(c->url);
 	free(c->authority);
 	free(c->host);
@@ -248,6 +264,9 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags,
 	if (!call || call->r < 0)
 		return 0;
 	call->answered = true;
+	/* Not a gRPC answer (a proxy's error page): its status says it. */
+	if (call->http_status != 200)
+		return 0;
 	call->r = cas_grpc_reader_feed(&call->reader, data, len, call->on_msg,
 				       call->msg_ud);
 	if (call->r == 0 && call->max_msg && call->reader.in_msg &&
@@ -365,6 +384,11 @@ static int conn_new(cas_grpc_client *c, struct h2conn **ret)
 		free(h);
 		return r;
 	}
+	if (c->tls && (r = cas_grpc_tls_connect(c->tls, h->fd, c->url, c->host,
+						&h->tls)) < 0) {
+		conn_free(h);
+		return r;
+	}
 	if (nghttp2_session_callbacks_new(&cbs) != 0) {
 		conn_free(h);
 		return -ENOMEM;
@@ -396,6 +420,16 @@ static int conn_new(cas_grpc_client *c, struct h2conn **ret)
 	return 0;
 }
 
+/* Reads what is there into h->rbuf without waiting: the count, 0 at
+ * the end, -EAGAIN for nothing yet, else -errno. */
+static ssize_t conn_read(struct h2conn *h)
+{
+	if (h->tls)
+		return cas_grpc_tls_read(h->tls, h->rbuf, sizeof(h->rbuf));
+	ssize_t n = recv(h->fd, h->rbuf, sizeof(h->rbuf), MSG_DONTWAIT);
+	return n < 0 ? cas_negerrno() : n;
+}
+
 /* A pooled connection that still looks alive, or NULL. */
 static struct h2conn *conn_take_idle(cas_grpc_client *c)
 {
@@ -411,12 +445,13 @@ static struct h2conn *conn_take_idle(cas_grpc_client *c)
 		 * and handled here too.) */
 		struct pollfd p = {h->fd, POLLIN, 0};
 		bool ok = true;
-		if (poll(&p, 1, 0) > 0) {
-			ssize_t n = recv(h->fd, h->rbuf, sizeof(h->rbuf),
-					 MSG_DONTWAIT);
-			ok = n > 0 &&
-			     nghttp2_session_mem_recv(h->session, h->rbuf,
-						      (size_t)n) >= 0;
+		if (poll(&p, 1, 0) > 0 ||
+		    (h->tls && cas_grpc_tls_pending(h->tls))) {
+			ssize_t n = conn_read(h);
+			ok = n == -EAGAIN ||
+			     (n > 0 &&
+			      nghttp2_session_mem_recv(h->session, h->rbuf,
+						       (size_t)n) >= 0);
 		}
 		if (ok && !h->broken && nghttp2_session_want_read(h->session))
 			return h;
@@ -449,6 +484,12 @@ static int send_all(int fd, const uint8_t *data, size_t len)
 	return 0;
 }
 
+static int conn_write(struct h2conn *h, const uint8_t *data, size_t len)
+{
+	return h->tls ? cas_grpc_tls_write_all(h->tls, data, len)
+		      : send_all(h->fd, data, len);
+}
+
 /* Sends what nghttp2 has queued, blocking until the socket takes it.
  * nghttp2 hands out about a frame at a time: they are gathered so that
  * the requests of many streams go out in one send. */
@@ -469,12 +510,12 @@ static int conn_send(struct h2conn *h)
 			continue;
 		}
 		/* data is valid until the next mem_send: out now. */
-		if ((r = send_all(h->fd, h->wbuf, len)) < 0 ||
-		    (r = send_all(h->fd, data, (size_t)n)) < 0)
+		if ((r = conn_write(h, h->wbuf, len)) < 0 ||
+		    (r = conn_write(h, data, (size_t)n)) < 0)
 			return r;
 		len = 0;
 	}
-	return send_all(h->fd, h->wbuf, len);
+	return conn_write(h, h->wbuf, len);
 }
 
 /* Says whether there is nothing left to wait for on a connection; may
@@ -495,7 +536,7 @@ static int conn_pump(struct h2conn *h, conn_step step, void *userdata)
 			return r;
 		if (h->closed != closed)
 			continue; /* sending our RST_STREAM closed a stream */
-		if (!h->rfull) {
+		if (!h->rfull && !(h->tls && cas_grpc_tls_pending(h->tls))) {
 			struct pollfd p = {h->fd, POLLIN, 0};
 			int pr = poll(&p, 1, STALL_MS);
 			if (pr < 0 && errno == EINTR)
@@ -505,12 +546,12 @@ static int conn_pump(struct h2conn *h, conn_step step, void *userdata)
 			if (pr == 0)
 				return -ETIMEDOUT;
 		}
-		ssize_t n = recv(h->fd, h->rbuf, sizeof(h->rbuf), MSG_DONTWAIT);
+		ssize_t n = conn_read(h);
 		h->rfull = n == (ssize_t)sizeof(h->rbuf);
-		if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		if (n == -EAGAIN || n == -EINTR)
 			continue;
 		if (n < 0)
-			return cas_negerrno();
+			return (int)n;
 		if (n == 0)
 			return -ECONNRESET;
 		if (nghttp2_session_mem_recv(h->session, h->rbuf, (size_t)n) <
@@ -526,8 +567,8 @@ static int conn_submit(cas_grpc_client *c, struct h2conn *h, const char *path,
 	nghttp2_nv nva[] = {
 		{(uint8_t *)":method", (uint8_t *)"POST", 7, 4,
 		 NGHTTP2_NV_FLAG_NONE},
-		{(uint8_t *)":scheme", (uint8_t *)"http", 7, 4,
-		 NGHTTP2_NV_FLAG_NONE},
+		{(uint8_t *)":scheme", (uint8_t *)(c->tls ? "https" : "http"),
+		 7, c->tls ? 5 : 4, NGHTTP2_NV_FLAG_NONE},
 		{(uint8_t *)":path", (uint8_t *)path, 5, strlen(path),
 		 NGHTTP2_NV_FLAG_NONE},
 		{(uint8_t *)":authority", (uint8_t *)c->authority, 10,

@@ -131,9 +131,31 @@ void cas_grpc_percent_encode(const char *in, char *out, size_t size);
 
 /* The client -------------------------------------------------------- */
 
+/* TLS under the client for grpc+https:// (grpc_tls.c). A context is
+ * shared by the client's connections (thread-safe); a connection's TLS
+ * belongs to whoever holds the connection. Errors are logged naming url. */
+struct cas_grpc_tls_ctx;
+struct cas_grpc_tls;
+int cas_grpc_tls_ctx_new(const char *url, struct cas_grpc_tls_ctx **ret);
+void cas_grpc_tls_ctx_free(struct cas_grpc_tls_ctx *t);
+/* Handshakes on connected socket fd (made non-blocking), checking the
+ * server's certificate against host and requiring ALPN h2. fd stays the
+ * caller's. */
+int cas_grpc_tls_connect(struct cas_grpc_tls_ctx *ctx, int fd, const char *url,
+			 const char *host, struct cas_grpc_tls **ret);
+void cas_grpc_tls_free(struct cas_grpc_tls *t);
+/* Non-blocking: bytes read, 0 at the end, -EAGAIN when nothing whole is
+ * there yet, else -errno. */
+ssize_t cas_grpc_tls_read(struct cas_grpc_tls *t, void *buf, size_t len);
+/* True when decrypted bytes wait inside OpenSSL (poll cannot see them). */
+bool cas_grpc_tls_pending(struct cas_grpc_tls *t);
+/* Writes everything, waiting for the socket (at most 60 s of no progress). */
+int cas_grpc_tls_write_all(struct cas_grpc_tls *t, const void *buf, size_t len);
+
 typedef struct cas_grpc_client cas_grpc_client;
 
-/* url: grpc+http://HOST:PORT, grpc+unix:///PATH or grpc+unix:/PATH. */
+/* url: grpc+http://HOST:PORT, grpc+https://HOST[:PORT] (443), grpc+unix:///PATH
+ * or grpc+unix:/PATH. */
 int cas_grpc_client_new(const char *url, cas_grpc_client **ret);
 void cas_grpc_client_free(cas_grpc_client *c);
 const char *cas_grpc_client_url(const cas_grpc_client *c);

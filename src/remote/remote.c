@@ -15,6 +15,7 @@ bool cas_remote_is_url(const char *spec)
 {
 	return spec &&
 	       (has_prefix(spec, "grpc+http://") ||
+		has_prefix(spec, "grpc+https://") ||
 		has_prefix(spec, "grpc+unix:/") ||
 		has_prefix(spec, "http://") || has_prefix(spec, "https://"));
 }

@@ -404,7 +404,7 @@ def make_certs(d):
                     "-out", f"{name}.crt", cwd=d)
 
 
-def test_serve_behind_nginx_with_client_certificates(pb, tmp_path, serve):
+def test_serve_behind_nginx_with_client_certificates(pb, tmp_path, serve, filled, tree):
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     if not os.path.exists(nginx) or not shutil.which("openssl"):
         pytest.skip("nginx (nginx-light) or openssl missing")
@@ -454,6 +454,32 @@ def test_serve_behind_nginx_with_client_certificates(pb, tmp_path, serve):
                               B.StatBlobRequest.SerializeToString, B.StatBlobResponse.FromString)
         assert code_of(lambda: stat(B.StatBlobRequest(digest=d), timeout=30)) != grpc.StatusCode.OK
         ch.close()
+
+        # castore's own client through the same proxy: grpc+https://.
+        url = f"grpc+https://localhost:{port}"
+        env = {"SSL_CERT_FILE": str(tls / "ca.crt"),
+               "CASTORE_TLS_CERT": str(tls / "client.crt"),
+               "CASTORE_TLS_KEY": str(tls / "client.key")}
+        run(["push", url, "t"], store=filled, env=env)
+        out = tmp_path / "out"
+        run(["--cache", tmp_path / "c", "roots", "add", "t", "--directory",
+             root_digest(filled), "--size", "1"], store=url, env=env)
+        run(["--cache", tmp_path / "c", "export", "t", out], store=url, env=env)
+        assert trees_equal(tree, out)
+        # Without the client certificate, or trusting another CA: one line.
+        for bad in ({"SSL_CERT_FILE": str(tls / "ca.crt"), "CASTORE_TLS_CERT": ""},
+                    dict(env, SSL_CERT_FILE=str(tls / "stranger.crt"))):
+            c2 = tmp_path / f"c{len(bad)}"
+            run(["--cache", c2, "roots", "add", "t", "--directory",
+                 root_digest(filled), "--size", "1"], store=url, env=bad)
+            p2 = run(["--cache", c2, "export", "t", tmp_path / "o2"],
+                     store=url, env=bad, check=False)
+            err = p2.stderr.decode().strip().splitlines()
+            assert p2.returncode == 1, err
+            # The first line says why (the proxy's refusal, or the
+            # certificate); export adds its own line after it.
+            assert url in err[0] and ("HTTP status 400" in err[0] or
+                                      "TLS handshake" in err[0]), err
     finally:
         p.terminate()
         p.wait(timeout=20)
