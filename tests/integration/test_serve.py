@@ -283,7 +283,7 @@ def test_serve_large_directory_put_stays_bounded(pb, tmp_path, serve):
 def test_serve_idle_flood_bounded_and_served(pb, tmp_path, serve):
     """800 idle connections from one address: the threads stay the pool's,
     the fds stay under the limit, and the next client is served."""
-    s = serve(tmp_path / "srv", args=["--threads", "2", "--max-connections", "100"])
+    s = serve(tmp_path / "srv")   # the defaults: 4 threads, 256 connections
     pid = s.proc.pid
     assert stat_ok(pb, s.address) == grpc.StatusCode.NOT_FOUND
     threads = threads_of(pid)
@@ -295,7 +295,7 @@ def test_serve_idle_flood_bounded_and_served(pb, tmp_path, serve):
         assert stat_ok(pb, s.address, "snix") == grpc.StatusCode.NOT_FOUND
         assert threads_of(pid) <= threads
         # At most the limit stays open (plus the store's and the pool's).
-        wait_until("idle connections closed", lambda: fds_of(pid) < 100 + 30)
+        wait_until("idle connections closed", lambda: fds_of(pid) < 256 + 30)
         # The oldest were closed, with a GOAWAY (type 7) after SETTINGS.
         socks[0].settimeout(30)
         assert 7 in read_frames_until_eof(socks[0])
