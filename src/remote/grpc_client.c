@@ -1,7 +1,9 @@
-/* grpc_client.c - a tvix castore gRPC client (grpc_i.h), and the fetcher
- * of grpc+http:// and grpc+unix:// remote stores.
+/* grpc_client.c - a castore gRPC client (grpc_i.h) that speaks snix's
+ * package names or tvix's, and the fetcher of grpc+http://, grpc+https://
+ * and grpc+unix:// remote stores.
  *
- * HTTP/2 with prior knowledge over TCP or a unix socket, on libnghttp2's
+ * HTTP/2 with prior knowledge over TCP or a unix socket, or over TLS with
+ * ALPN (grpc_tls.c), on libnghttp2's
  * client session. (libcurl speaks it too, but Debian 12's 7.88 fails every
  * request after the first on a reused prior-knowledge connection - curl
  * issue 10634 - and a connection per call costs a handshake and, on the

@@ -1,6 +1,7 @@
-/* grpc_i.h - gRPC over HTTP/2 as tvix castore speaks it: message framing,
- * status codes, request decoding (server and fuzz target) and the
- * client on libnghttp2 with pooled connections (grpc_client.c).
+/* grpc_i.h - gRPC over HTTP/2 as castore speaks it (snix's and tvix's
+ * package names): message framing, status codes, request decoding
+ * (server and fuzz target) and the client on libnghttp2 with pooled
+ * connections (grpc_client.c).
  *
  * Framing: each message is a 5-byte prefix (compressed flag, 32-bit
  * big-endian length) and the protobuf bytes. Compressed messages are
@@ -166,8 +167,8 @@ typedef ssize_t (*cas_grpc_produce)(void *userdata, uint8_t *buf, size_t size);
 
 /* One call of method m, under the package the server answers to: snix's
  * names first; after an UNIMPLEMENTED, tvix's, and the first answer under
- * either name is remembered for the client's life. The request is either one framed buffer
- * (req, req_len) or a stream (produce). Every response message goes to
+ * either name is remembered for the client's life. The request is either
+ * one framed buffer (req, req_len) or a stream (produce). Every response message goes to
  * on_msg. Returns 0 for grpc-status OK, else the status as errno
  * (cas_grpc_errno_from_status) with *ret_status and ret_message (may be
  * NULL) set; a transport failure is -EIO, logged. */

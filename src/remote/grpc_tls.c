@@ -110,9 +110,8 @@ static int tls_wait(struct cas_grpc_tls *t, int err)
 	}
 }
 
-int cas_grpc_tls_connect(struct cas_grpc_tls_ctx *ctx, int fd,
-			 const char *url, const char *host,
-			 struct cas_grpc_tls **ret)
+int cas_grpc_tls_connect(struct cas_grpc_tls_ctx *ctx, int fd, const char *url,
+			 const char *host, struct cas_grpc_tls **ret)
 {
 	struct cas_grpc_tls *t = calloc(1, sizeof(*t));
 	if (!t)
@@ -120,7 +119,8 @@ int cas_grpc_tls_connect(struct cas_grpc_tls_ctx *ctx, int fd,
 	t->fd = fd;
 	t->ssl = SSL_new(ctx->ctx);
 	int flags = fcntl(fd, F_GETFL);
-	if (!t->ssl || flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0 ||
+	if (!t->ssl || flags < 0 ||
+	    fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0 ||
 	    SSL_set_fd(t->ssl, fd) != 1 ||
 	    SSL_set_tlsext_host_name(t->ssl, host) != 1 ||
 	    SSL_set1_host(t->ssl, host) != 1) {
@@ -149,8 +149,9 @@ int cas_grpc_tls_connect(struct cas_grpc_tls_ctx *ctx, int fd,
 	SSL_get0_alpn_selected(t->ssl, &proto, &proto_len);
 	if (proto_len != 2 || memcmp(proto, "h2", 2) != 0) {
 		cas_grpc_tls_free(t);
-		return cas_log_errno(-EPROTO, "%s: the server does not offer "
-					      "HTTP/2 over TLS (ALPN h2)",
+		return cas_log_errno(-EPROTO,
+				     "%s: the server does not offer "
+				     "HTTP/2 over TLS (ALPN h2)",
 				     url);
 	}
 	*ret = t;

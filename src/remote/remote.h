@@ -1,6 +1,7 @@
 /* remote.h - remote stores behind the cas_store interface (DESIGN.md
- * section 7): tvix castore gRPC (grpc+http://HOST:PORT,
- * grpc+unix:///PATH) and published HTTP layouts (http://, https://),
+ * section 7): castore gRPC, snix's or tvix's (grpc+http://HOST:PORT,
+ * grpc+https://HOST[:PORT], grpc+unix:///PATH) and published HTTP layouts
+ * (http://, https://),
  * always in front of a local cache that is an ordinary local store.
  * Also the three verbs that make remote stores: the gRPC server of
  * `castore serve`, `castore push` and `castore publish` (docs/remote.md).
