@@ -1,10 +1,14 @@
 /* Unit tests of core/util.c and core/varint.h: the hex codec, the file
- * copy and the varint codec that the Directory and gRPC codecs share. */
+ * copy, the varint codec that the Directory and gRPC codecs share, and
+ * the unix socket check of serve and virtiofs. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -120,10 +124,40 @@ static void test_varint(void)
 	CHECK(cas_varint_get(&p, padded + sizeof(padded), &v) == 0 && v == 1);
 }
 
+/* A live socket is refused, a dead one removed, anything else kept. */
+static void test_unix_socket_clear(void)
+{
+	char dir[] = "/tmp/castore-test-util.XXXXXX", path[128];
+	CHECK(mkdtemp(dir) != NULL);
+	snprintf(path, sizeof(path), "%s/s", dir);
+	CHECK(cas_unix_socket_clear(path) == 0); /* nothing there */
+
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	strcpy(sa.sun_path, path);
+	int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+	CHECK(fd >= 0);
+	CHECK(bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0);
+	CHECK(listen(fd, 1) == 0);
+	CHECK(cas_unix_socket_clear(path) == -EADDRINUSE);
+	CHECK(access(path, F_OK) == 0);
+	close(fd); /* the server is gone, its socket file stays */
+	CHECK(access(path, F_OK) == 0);
+	CHECK(cas_unix_socket_clear(path) == 0);
+	CHECK(access(path, F_OK) < 0 && errno == ENOENT);
+
+	int f = open(path, O_CREAT | O_WRONLY, 0600);
+	CHECK(f >= 0);
+	close(f);
+	CHECK(cas_unix_socket_clear(path) == -EEXIST);
+	CHECK(unlink(path) == 0);
+	CHECK(rmdir(dir) == 0);
+}
+
 int main(void)
 {
 	test_hex();
 	test_copy_fd();
 	test_varint();
+	test_unix_socket_clear();
 	return check_exit("test_util");
 }
