@@ -2,13 +2,15 @@
  * filesystem, over a local store made in a temporary folder. No kernel.
  *
  * The tree imported as root "r":
- *   a, b       equal bytes (one inode)
- *   x          the same bytes, executable (another inode)
+ *   a, b       equal bytes (two paths: two inodes, one blob)
+ *   x          the same bytes, executable
  *   big        300000 bytes of pattern
  *   l          symlink -> a
- *   d1/, d2/   equal folders holding "f" (one inode)
+ *   d1/, d2/   equal folders holding "f" (two inodes, one Directory)
  *   wide/      3000 files
- * plus roots "gonedir" and "goneblob" whose content is absent.
+ * plus roots "gonedir" and "goneblob" whose content is absent, and
+ * "liar", whose root node says 5 entries below it where its Directory
+ * (d1's) has 1.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -108,6 +110,15 @@ static void make_store(void)
 	gone.size = 10;
 	memset(gone.digest.bytes, 0xcd, CAS_DIGEST_LEN);
 	REQUIRE(store->ops->root_set(store, "goneblob", &gone) == 0);
+	cas_node *r = NULL;
+	REQUIRE(store->ops->root_get(store, "r", &r) == 0);
+	cas_directory *d = NULL;
+	REQUIRE(cas_store_directory_get(store, &r->digest, &d) == 0);
+	cas_node liar = *cas_directory_find(d, (const uint8_t *)"d1", 2);
+	liar.size = 5;
+	REQUIRE(store->ops->root_set(store, "liar", &liar) == 0);
+	cas_directory_free(d);
+	free(r);
 }
 
 /* ---- requests ---- */
@@ -296,22 +307,32 @@ static void test_lookup_and_attributes(void)
 	uint64_t r = e.nodeid;
 	CHECK(r > 1);
 	CHECK(e.attr.mode == (S_IFDIR | 0555));
-	CHECK(e.attr.size == 8); /* a b x big l d1 d2 wide */
-	CHECK(e.attr.nlink == 2 + 3);
+	/* Its DirectoryNode size: a b x big l d1 d2 wide, d1/f, d2/f and
+	 * wide's 3000 files. */
+	CHECK(e.attr.size == 8 + 2 + 3000);
+	CHECK(e.attr.nlink == 1);
 	CHECK(e.attr.mtime == 1 && e.attr.uid == 0 && e.attr.gid == 0);
 
 	CHECK(lookup(r, "a", &e) == 0);
 	CHECK(e.attr.mode == (S_IFREG | 0444) && e.attr.size == 1000);
 	CHECK(e.attr.nlink == 1 && e.attr.blocks == 2);
 	uint64_t a = e.nodeid;
-	CHECK(lookup_ino(r, "b") == a);
+	/* One inode per path, equal content or not. */
+	CHECK(lookup_ino(r, "b") != a);
 	CHECK(lookup(r, "x", &e) == 0);
 	CHECK(e.attr.mode == (S_IFREG | 0555) && e.nodeid != a);
 	CHECK(lookup(r, "l", &e) == 0);
 	CHECK(e.attr.mode == (S_IFLNK | 0777) && e.attr.size == 1);
-	uint64_t d1 = lookup_ino(r, "d1");
-	CHECK(d1 == lookup_ino(r, "d2"));
-	CHECK(lookup_ino(d1, "f") != 0);
+	uint64_t d1 = lookup_ino(r, "d1"), d2 = lookup_ino(r, "d2");
+	CHECK(d1 != d2);
+	CHECK(lookup_ino(d1, "f") != lookup_ino(d2, "f"));
+	/* Preorder: r, then d1, d1/f, d2, d2/f, wide and its 3000 files,
+	 * then a b big (files), x, then l. */
+	CHECK(d1 == r + 1 && lookup_ino(d1, "f") == r + 2 && d2 == r + 3);
+	CHECK(lookup_ino(r, "wide") == r + 5);
+	CHECK(lookup_ino(r, "a") == r + 3006);
+	CHECK(lookup_ino(r, "x") == r + 3009);
+	CHECK(lookup_ino(r, "l") == r + 3010);
 
 	/* Exact names; absent names are negative entries (node id 0). */
 	CHECK(lookup(r, "A", &e) == 0 && e.nodeid == 0);
@@ -326,7 +347,9 @@ static void test_lookup_and_attributes(void)
 	CHECK(lookup(w, "n2999", &e) == 0 && e.attr.size == 4);
 	CHECK(lookup(w, "n3000", &e) == 0 && e.nodeid == 0);
 	struct fuse_attr at;
-	CHECK(getattr(w, &at) == 0 && at.size == 3000 && at.nlink == 2);
+	CHECK(getattr(w, &at) == 0 && at.size == 3000 && at.nlink == 1);
+	CHECK(lookup_ino(w, "n0000") == w + 1);
+	CHECK(lookup_ino(w, "n2999") == w + 3000);
 	CHECK(getattr(1, &at) == 0 && at.mode == (S_IFDIR | 0555));
 }
 
@@ -337,10 +360,10 @@ static void test_forget_releases(void)
 	size_t before = live_inodes();
 	uint64_t r = lookup_ino(1, "r");
 	uint64_t a = lookup_ino(r, "a");
-	CHECK(lookup_ino(r, "b") == a);
+	CHECK(lookup_ino(r, "a") == a);
 	CHECK(live_inodes() == before + 2);
 	size_t with = live_inodes();
-	/* Two lookups of a's content: one forget of 1 keeps it. */
+	/* Two lookups of a: one forget of 1 keeps it. */
 	forget(a, 1);
 	CHECK(live_inodes() == with);
 	struct fuse_attr at;
@@ -348,10 +371,19 @@ static void test_forget_releases(void)
 	forget(a, 1);
 	CHECK(live_inodes() == with - 1);
 	CHECK(getattr(a, &at) == -ESTALE);
-	/* Met again, the content gets a new number: numbers are not reused. */
-	uint64_t again = lookup_ino(r, "a");
-	CHECK(again != a && again > a);
-	forget(again, 1);
+	/* Looked up again, the path gets its number back: numbers are
+	 * computed from the path, not remembered. */
+	CHECK(lookup_ino(r, "a") == a);
+	forget(a, 1);
+	/* So does a folder the kernel forgot, and everything below it. */
+	uint64_t w = lookup_ino(r, "wide");
+	uint64_t n5 = lookup_ino(w, "n0005");
+	forget(n5, 1);
+	forget(w, 1);
+	CHECK(getattr(w, &at) == -ESTALE);
+	CHECK(lookup_ino(r, "wide") == w && lookup_ino(w, "n0005") == n5);
+	forget(n5, 1);
+	forget(w, 1);
 	/* Forgetting more than known, or unknown numbers, is harmless. */
 	forget(r, 1000000);
 	forget(123456789, 1);
@@ -412,11 +444,90 @@ static void test_readdirplus_counts_lookups(void)
 	CHECK(names == 8);
 	CHECK(live_inodes() > before);
 	/* One lookup reference per entry: forgetting each once brings the
-	 * table back (a and b share an inode, counted twice). */
+	 * table back. */
 	for (unsigned i = 0; i < n_nodeids; i++)
 		forget(nodeids[i], 1);
 	CHECK(live_inodes() == before);
 	CHECK(release(FUSE_RELEASEDIR, r, fh) == 0);
+}
+
+/* A plain READDIR takes no lookup reference, yet its d_ino is the number
+ * a LOOKUP of the name gives, before and after. */
+static void test_readdir_ino(void)
+{
+	uint64_t r = lookup_ino(1, "r");
+	uint64_t fh = 0;
+	CHECK(open_(FUSE_OPENDIR, r, O_RDONLY, &fh, NULL) == 0);
+	size_t before = live_inodes();
+	struct req q;
+	struct out o;
+	req_start(&q, FUSE_READDIR, r);
+	struct fuse_read_in in = {.fh = fh, .size = 4096};
+	req_add(&q, &in, sizeof(in));
+	run(&q, &o);
+	CHECK(o.error == 0);
+	CHECK(live_inodes() == before);
+	/* The lookups below reuse the reply buffer. */
+	static uint8_t list[4096];
+	size_t len = CAS_MIN(o.payload_len, sizeof(list));
+	memcpy(list, o.payload, len);
+	unsigned n = 0;
+	for (size_t p = 0; p + FUSE_NAME_OFFSET <= len;) {
+		struct fuse_dirent d;
+		memcpy(&d, list + p, sizeof(d));
+		char name[256];
+		memcpy(name, list + p + FUSE_NAME_OFFSET, d.namelen);
+		name[d.namelen] = 0;
+		p += FUSE_DIRENT_SIZE(&d);
+		if (!strcmp(name, ".") || !strcmp(name, ".."))
+			continue;
+		n++;
+		uint64_t ino = lookup_ino(r, name);
+		CHECK(d.ino == ino);
+		forget(ino, 1);
+	}
+	CHECK(n == 8);
+	CHECK(release(FUSE_RELEASEDIR, r, fh) == 0);
+	forget(r, 1);
+}
+
+/* 3000 inodes at once: the table grows, then forgets in a scattered
+ * order (records move, the index shifts back, chunks are freed) while
+ * every inode still held keeps its number and content. */
+static void test_table_grows_and_shrinks(void)
+{
+	init_session((struct cas_fs_options){0});
+	uint64_t r = lookup_ino(1, "r");
+	uint64_t w = lookup_ino(r, "wide");
+	size_t before = live_inodes();
+	for (int i = 0; i < 3000; i++) {
+		char name[16];
+		snprintf(name, sizeof(name), "n%04d", i);
+		CHECK(lookup_ino(w, name) == w + 1 + (uint64_t)i);
+	}
+	CHECK(live_inodes() == before + 3000);
+	struct cas_fs_stats big;
+	cas_fs_get_stats(fs, &big);
+	bool ok = true;
+	for (int k = 0; k < 3000; k++) {
+		int i = (k * 7) % 3000; /* 7 is prime to 3000: each once */
+		forget(w + 1 + (uint64_t)i, 1);
+		if (k % 100 == 99 && k + 1 < 3000) {
+			int j = ((k + 1) * 7) % 3000; /* not forgotten yet */
+			struct fuse_attr at;
+			ok = ok && getattr(w + 1 + (uint64_t)j, &at) == 0 &&
+			     at.size == 4 && at.ino == w + 1 + (uint64_t)j;
+			ok = ok && getattr(w + 1 + (uint64_t)i, &at) == -ESTALE;
+		}
+	}
+	CHECK(ok);
+	CHECK(live_inodes() == before);
+	struct cas_fs_stats small;
+	cas_fs_get_stats(fs, &small);
+	/* FORGET gave the records back: 3000 of them take 192 KB. */
+	CHECK(small.memory_bytes + 120000 < big.memory_bytes);
+	forget(w, 1);
+	forget(r, 1);
 }
 
 static void test_read(void)
@@ -506,9 +617,24 @@ static void test_read(void)
 static void test_absent_content(void)
 {
 	struct fuse_entry_out e;
-	/* EIO for what needs the absent content, the rest keeps working. */
-	CHECK(lookup(1, "gonedir", &e) == -EIO);
-	CHECK(lookup(1, "gonedir", &e) == -EIO);
+	/* EIO for what needs the absent content, the rest keeps working. A
+	 * folder's attributes come from its parent: stat works, looking up
+	 * or listing inside it does not. */
+	CHECK(lookup(1, "gonedir", &e) == 0);
+	CHECK(e.attr.mode == (S_IFDIR | 0555) && e.attr.size == 3);
+	uint64_t gone = e.nodeid;
+	struct fuse_attr at;
+	CHECK(getattr(gone, &at) == 0 && at.size == 3 && at.nlink == 1);
+	CHECK(lookup(gone, "x", &e) == -EIO);
+	uint64_t dfh;
+	CHECK(open_(FUSE_OPENDIR, gone, O_RDONLY, &dfh, NULL) == -EIO);
+	forget(gone, 1);
+	/* A Directory whose size disagrees with its node's: EIO, since its
+	 * entries would take numbers outside its range. */
+	uint64_t liar = lookup_ino(1, "liar");
+	CHECK(lookup(liar, "f", &e) == -EIO);
+	CHECK(open_(FUSE_OPENDIR, liar, O_RDONLY, &dfh, NULL) == -EIO);
+	forget(liar, 1);
 	CHECK(lookup(1, "goneblob", &e) == 0);
 	CHECK(e.attr.size == 10);
 	uint64_t fh;
@@ -553,7 +679,7 @@ static void test_root_listing_and_xattrs(void)
 		n++;
 		p += FUSE_DIRENT_SIZE(&d);
 	}
-	CHECK(n == 2 + 3); /* . .. goneblob gonedir r */
+	CHECK(n == 2 + 4); /* . .. goneblob gonedir liar r */
 	CHECK(release(FUSE_RELEASEDIR, 1, fh) == 0);
 
 	r = lookup_ino(1, "r");
@@ -662,6 +788,8 @@ int main(void)
 	test_lookup_and_attributes();
 	test_forget_releases();
 	test_readdirplus_counts_lookups();
+	test_readdir_ino();
+	test_table_grows_and_shrinks();
 	test_read();
 	test_absent_content();
 	test_root_listing_and_xattrs();

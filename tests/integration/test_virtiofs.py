@@ -107,11 +107,11 @@ def make_tree(root):
     write(root / "big.bin", (big * (BIG_FILE // len(big) + 1))[:BIG_FILE])
     write(root / "tool.sh", b"#!/bin/sh\necho hi\n", 0o755)
     write(root / "name with space.txt", b"spaced\n")
-    # Same content twice: one inode. Same bytes but executable: another.
+    # Same content twice: two paths, two inodes (one blob).
     write(root / "dup_a.txt", pattern_bytes(333, 3))
     write(root / "sub" / "dup_b.txt", pattern_bytes(333, 3))
     write(root / "dup_x.txt", pattern_bytes(333, 3), 0o755)
-    # Two identical directories: one inode.
+    # Two identical directories: two inodes (one Directory).
     for d in ("copy1", "copy2"):
         write(root / d / "same.txt", b"same\n")
         write(root / d / "inner" / "deeper.txt", b"deeper\n")
@@ -180,12 +180,14 @@ def checks_script(root):
         "[ \"$(stat -c '%a %s %F' link)\" = '777 9 symbolic link' ] || "
         "fail \"link attrs: $(stat -c '%a %s %F' link)\"",
         "[ -L dangling ] && [ ! -e dangling ] || fail 'dangling link resolves'",
-        # Inode sharing.
-        "[ \"$(stat -c %i dup_a.txt)\" = \"$(stat -c %i sub/dup_b.txt)\" ] || fail 'same file, two inodes'",
+        # One inode per path, equal content or not.
+        "[ \"$(stat -c %i dup_a.txt)\" != \"$(stat -c %i sub/dup_b.txt)\" ] || fail 'two paths, one inode'",
         "[ \"$(stat -c %i dup_a.txt)\" != \"$(stat -c %i dup_x.txt)\" ] || fail 'executable shares an inode'",
-        "[ \"$(stat -c %i copy1)\" = \"$(stat -c %i copy2)\" ] || fail 'same directory, two inodes'",
-        "[ \"$(stat -c %i copy1/inner/deeper.txt)\" = \"$(stat -c %i copy2/inner/deeper.txt)\" ] || "
-        "fail 'same nested file, two inodes'",
+        "[ \"$(stat -c %i copy1)\" != \"$(stat -c %i copy2)\" ] || fail 'equal folders share an inode'",
+        "[ \"$(stat -c %i copy1/inner/deeper.txt)\" != \"$(stat -c %i copy2/inner/deeper.txt)\" ] || "
+        "fail 'equal nested files share an inode'",
+        "(cd copy1/inner && ls ../../copy2/inner >/dev/null && [ \"$(pwd -P)\" = \"$PWD\" ] && "
+        "cat ../same.txt >/dev/null) || fail 'getcwd after an equal folder'",
         "[ \"$(cat a/b/c/d/e/leaf.txt)\" = leaf ] || fail 'deep file'",
         # The large directory, listed plainly and with attributes.
         f"[ \"$(ls large | wc -l)\" = {LARGE_DIR} ] || fail \"large dir: $(ls large | wc -l) entries\"",
