@@ -29,13 +29,22 @@
 # and `tar cf - | cat` (GNU tar skips reading when writing to /dev/null),
 # cold and warm; peak RSS (VmHWM) of the daemon(s) after the traversals.
 # Best of $RUNS runs each.
+# mem: memory per entry (issue 13): a fresh mount, then `find` and `tar c`
+# of the tree; the daemon's RssAnon and RssFile growth (/proc/PID/status)
+# over the two, divided by the tree's entries (the kernel then holds an
+# inode for each). RssFile counts the pages of mapped files it touched
+# (castore: LMDB's map; squashfuse_ll reads its image with pread).
+# pcache: the page cache (/proc/meminfo Cached) taken by reading 100 equal
+# 8 MiB files under 100 different paths (d00/f ... d99/f), after
+# drop_caches; native reads 100 distinct files of the same bytes.
 #
 # Environment: BENCH_DIR (default /var/tmp/castore-bench), RUNS (3),
 # FIO_RUNS (1), FIO_RUNTIME (10), RA_KB (1024), CASTORE (default
 # build/src/cli/castore; use a release build), CASTORE_MOUNT_OPTS (extra
 # options for castore mount), ONLY (a subset of the contenders, e.g.
 # "native castore"; the data of the others is not made), MEASURE (a subset
-# of "seq fio walk": sequential reads, random reads, traversals; e.g.
+# of "seq fio walk mem pcache": sequential reads, random reads,
+# traversals, memory per entry, page cache of equal files; e.g.
 # MEASURE=seq for the 1 GiB reads alone), PRIME (1: see prime_memory;
 # 0: cold = drop_caches only, as in the first runs).
 set -euo pipefail
@@ -49,7 +58,7 @@ RA_KB=${RA_KB:-1024}
 CASTORE=${CASTORE:-$ROOT/build/src/cli/castore}
 CASTORE_MOUNT_OPTS=${CASTORE_MOUNT_OPTS:-}
 ONLY=${ONLY:-native ptll sqfs castore castore_np}
-MEASURE=${MEASURE:-seq fio walk}
+MEASURE=${MEASURE:-seq fio walk mem pcache}
 PRIME=${PRIME:-1}
 WORK=$BENCH_DIR/fs
 MNT=$WORK/mnt
@@ -68,7 +77,7 @@ for w in $ONLY; do
 	wants "$w" "native ptll sqfs castore castore_np" || die "ONLY: unknown contender $w"
 done
 for w in $MEASURE; do
-	wants "$w" "seq fio walk" || die "MEASURE: unknown measurement $w"
+	wants "$w" "seq fio walk mem pcache" || die "MEASURE: unknown measurement $w"
 done
 
 need mountpoint dd tar find awk
@@ -238,7 +247,7 @@ cleanup() {
 	for p in "${PEERS[@]}"; do
 		umount_peer "$p" 2>/dev/null || true
 	done
-	rm -rf "$BIGDIR" "$WORK/img.sqfs" "$WORK/store" "$MNT"
+	rm -rf "$BIGDIR" "$WORK/img.sqfs" "$WORK/store" "$MNT" "$WORK/equal"
 }
 trap cleanup EXIT
 
@@ -305,6 +314,19 @@ if wants ptll "$ONLY"; then
 	nptll=$(($(wc -l <"$WORK/ptll.parts") + 1))
 fi
 
+EQDIR=$WORK/equal
+if wants pcache "$MEASURE"; then
+	echo "making 100 equal 8 MiB files ..."
+	rm -rf "$EQDIR"
+	mkdir -p "$EQDIR"
+	head -c $((8 << 20)) "$BIGDIR/big.bin" >"$EQDIR/f"
+	for ((i = 0; i < 100; i++)); do
+		mkdir "$EQDIR/d$(printf %02d $i)"
+		cp "$EQDIR/f" "$EQDIR/d$(printf %02d $i)/f"
+	done
+	rm "$EQDIR/f"
+fi
+
 for p in "${PEERS[@]}"; do
 	AVAIL[$p]=0
 	! wants "$p" "$ONLY" || AVAIL[$p]=1
@@ -313,7 +335,9 @@ if ((AVAIL[castore] || AVAIL[castore_np])); then
 	echo "importing into castore ..."
 	rm -rf "$WORK/store"
 	if ! "$CASTORE" --store "$WORK/store" import "$SHARE" --name share >>"$LOG" 2>&1 ||
-		! "$CASTORE" --store "$WORK/store" import "$BIGDIR" --name big >>"$LOG" 2>&1; then
+		! "$CASTORE" --store "$WORK/store" import "$BIGDIR" --name big >>"$LOG" 2>&1 ||
+		{ wants pcache "$MEASURE" &&
+			! "$CASTORE" --store "$WORK/store" import "$EQDIR" --name equal >>"$LOG" 2>&1; }; then
 		echo "fs.sh: castore import failed; castore not measured (see $LOG)" >&2
 		AVAIL[castore]=0 AVAIL[castore_np]=0
 	fi
@@ -353,6 +377,54 @@ backing_warm() {
 
 # --- measurements -----------------------------------------------------------
 
+# status_kb PEER FIELD: FIELD of /proc/PID/status (kB) summed over its daemons.
+status_kb() {
+	local pid sum=0 kb
+	for pid in ${PIDS[$1]:-}; do
+		kb=$(awk -v f="$2:" '$1 == f { print $2 }' "/proc/$pid/status" 2>/dev/null || echo 0)
+		sum=$((sum + ${kb:-0}))
+	done
+	echo $sum
+}
+
+# Memory per entry after find and tar c of the tree in a fresh mount.
+measure_mem() {
+	local p=$1 anon0 file0
+	fresh "$p" || return 1
+	anon0=$(status_kb "$p" RssAnon) file0=$(status_kb "$p" RssFile)
+	walk_find "${TREE[$p]}" || return 1
+	walk_tar "${TREE[$p]}" || return 1
+	keep_min "$p.anon_kb" $(($(status_kb "$p" RssAnon) - anon0))
+	keep_min "$p.file_kb" $(($(status_kb "$p" RssFile) - file0))
+	log "  memory growth after find + tar: RssAnon $((R[$p.anon_kb])) kB, RssFile $((R[$p.file_kb])) kB"
+}
+
+cached_kb() { awk '$1 == "Cached:" { print $2 }' /proc/meminfo; }
+
+# Page cache taken by reading the 100 equal files.
+measure_pcache() {
+	local p=$1 dir c0
+	case $p in
+	native) dir=$EQDIR ;;
+	castore) dir=$MNT/castore/equal ;;
+	castore_np) dir=$MNT/castore-np/equal ;;
+	*) return 0 ;;
+	esac
+	fresh "$p" || return 1
+	c0=$(cached_kb)
+	cat "$dir"/d*/f >/dev/null || return 1
+	keep_min "$p.pcache_kb" $(($(cached_kb) - c0))
+	log "  page cache after reading 100 equal 8 MiB files: $((R[$p.pcache_kb] / 1024)) MiB"
+	if [[ $p == castore* ]] && command -v fincore >/dev/null; then
+		# The one blob behind the 100 files: its resident bytes, exact
+		# whatever else the machine caches meanwhile.
+		local dg
+		dg=$(b3sum --no-names "$EQDIR/d00/f")
+		R[$p.blob_res]=$(fincore --bytes --noheadings -o RES "$WORK/store/blobs/${dg:0:2}/$dg")
+		log "  the blob's resident bytes (fincore): ${R[$p.blob_res]}"
+	fi
+}
+
 # One round of every measurement for peer $1 (round $2).
 measure_round() {
 	local p=$1 r=$2 iops
@@ -383,6 +455,12 @@ measure_round() {
 		[[ -n $iops ]] || return 1
 		keep_max "$p.iops_warm" "$iops"
 		log "  fio randread, backing data cached: $iops IOPS"
+	fi
+	if wants pcache "$MEASURE" && ((r == 1)); then
+		measure_pcache "$p" || return 1
+	fi
+	if wants mem "$MEASURE" && ((r == 1)) && [[ $p == sqfs || $p == castore ]]; then
+		measure_mem "$p" || return 1
 	fi
 	# Traversals, each cold in a fresh mount, then warm.
 	if [[ $p == castore_np ]] || ! wants walk "$MEASURE"; then
@@ -479,6 +557,25 @@ for p in "${PEERS_WALK[@]}"; do
 		"$(cell_t "$p" tar_cold)" "$(cell_t "$p" tar_warm)" "$rss"
 done
 
+if wants mem "$MEASURE"; then
+	echo
+	printf '%-15s %22s %22s\n' "" "RssAnon growth B/entry" "RssFile growth B/entry"
+	for p in sqfs castore; do
+		[[ -n ${R[$p.anon_kb]:-} ]] || continue
+		printf '%-15s %22s %22s\n' "${LABEL[$p]}" \
+			"$((R[$p.anon_kb] * 1024 / nentries))" "$((R[$p.file_kb] * 1024 / nentries))"
+	done
+fi
+if wants pcache "$MEASURE"; then
+	echo
+	echo "page cache (Cached) after reading 100 equal 8 MiB files under 100 paths:"
+	for p in native castore castore_np; do
+		[[ -n ${R[$p.pcache_kb]:-} ]] || continue
+		printf '  %-15s %6d MiB%s\n' "${LABEL[$p]}" $((R[$p.pcache_kb] / 1024)) \
+			"${R[$p.blob_res]:+ (the blob: $((R[$p.blob_res] >> 20)) MiB resident)}"
+	done
+fi
+
 # --- targets (issue 3) ------------------------------------------------------
 echo
 verdict() { # verdict OK TEXT
@@ -489,6 +586,14 @@ if ((!AVAIL[castore])) || [[ -n ${R[castore.failed]:-} ]]; then
 	exit 0
 fi
 ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a >= b) }' && echo 1 || echo 0; }
+if [[ -n ${R[castore.anon_kb]:-} ]]; then
+	b=$((R[castore.anon_kb] * 1024 / nentries))
+	verdict "$( ((b <= 100)) && echo 1 || echo 0)" "memory per entry ${b} B RssAnon growth (target <= 100 B, issue 13)"
+fi
+if [[ -n ${R[castore.pcache_kb]:-} ]]; then
+	mib=$((R[castore.pcache_kb] / 1024))
+	verdict "$( ((mib <= 12)) && echo 1 || echo 0)" "100 equal 8 MiB files take ${mib} MiB of page cache (target: one copy, 8 MiB; Cached also counts what others cache meanwhile)"
+fi
 if [[ -n ${R[native.seq_cold]:-} && -n ${R[castore.seq_cold]:-} ]]; then
 	r=$(ratio "${R[native.seq_warm]}" "${R[castore.seq_warm]}")
 	verdict "$(ge "$r" 0.9)" "warm sequential read ${r}x native (target >= 0.9x)"

@@ -46,13 +46,13 @@
  * The inode table
  * ---------------
  * The kernel holds a lookup reference on each inode it caches; for each
- * the table keeps one 64-byte record (struct cas_inode: number, digest,
+ * the table keeps one 56-byte record (struct cas_inode: number, digest,
  * size, kind, lookup count). Records are dense in chunks of
  * RECORDS_PER_CHUNK: a FORGET that ends a record moves the last record
  * into its place, and a chunk that empties is freed. They are found by
  * number through an open-addressing index (linear probing, 32-bit record
  * ids, load kept between 1/8 and 3/4; deletion shifts back, so there are
- * no tombstones). About 70 bytes per inode in all.
+ * no tombstones). About 62 bytes per inode in all.
  */
 #include "castorefs/inodes_i.h"
 
@@ -66,7 +66,7 @@
 #define RECORDS_PER_CHUNK 1024
 #define INDEX_MIN	  1024
 
-_Static_assert(sizeof(struct cas_inode) == 64, "inode records are 64 bytes");
+_Static_assert(sizeof(struct cas_inode) == 56, "inode records are 56 bytes");
 
 /* Inode table ----------------------------------------------------------- */
 
@@ -174,7 +174,7 @@ int cas_inode_table_ref(struct cas_inode_table *t, const struct cas_inode *in)
 	size_t i = find_slot(t, in->ino);
 	if (t->slots[i]) {
 		struct cas_inode *rec = record(t, t->slots[i] - 1);
-		if (rec->nlookup < UINT32_MAX)
+		if (rec->nlookup < CAS_INODE_NLOOKUP_MAX)
 			rec->nlookup++;
 		goto out;
 	}
@@ -193,8 +193,8 @@ int cas_inode_table_ref(struct cas_inode_table *t, const struct cas_inode *in)
 				r = -ENOMEM;
 				goto out;
 			}
-			atomic_fetch_add(t->memory, (cap - t->chunks_cap) *
-							    sizeof(*c));
+			atomic_fetch_add(t->memory,
+					 (cap - t->chunks_cap) * sizeof(*c));
 			t->chunks = c;
 			t->chunks_cap = cap;
 		}
@@ -219,8 +219,7 @@ out:
 	return r;
 }
 
-void cas_inode_table_forget(struct cas_inode_table *t, uint64_t ino,
-			    uint64_t n)
+void cas_inode_table_forget(struct cas_inode_table *t, uint64_t ino, uint64_t n)
 {
 	pthread_mutex_lock(&t->lock);
 	size_t i = find_slot(t, ino);
@@ -228,10 +227,10 @@ void cas_inode_table_forget(struct cas_inode_table *t, uint64_t ino,
 		goto out;
 	uint32_t id = t->slots[i] - 1;
 	struct cas_inode *rec = record(t, id);
-	if (rec->nlookup == UINT32_MAX)
+	if (rec->nlookup == CAS_INODE_NLOOKUP_MAX)
 		goto out; /* saturated: its true count is unknown */
 	if (rec->nlookup > n) {
-		rec->nlookup -= (uint32_t)n;
+		rec->nlookup -= (uint32_t)n; /* n < nlookup < 2^28 */
 		goto out;
 	}
 	slot_clear(t, i);
@@ -245,8 +244,9 @@ void cas_inode_table_forget(struct cas_inode_table *t, uint64_t ino,
 	}
 	/* Free the last chunk once it is empty and half of the one before
 	 * is free too (no chunk churn at a boundary). */
-	while (t->n_chunks > 1 && t->n + RECORDS_PER_CHUNK / 2 <=
-					  (t->n_chunks - 1) * RECORDS_PER_CHUNK) {
+	while (t->n_chunks > 1 &&
+	       t->n + RECORDS_PER_CHUNK / 2 <=
+		       (t->n_chunks - 1) * RECORDS_PER_CHUNK) {
 		free(t->chunks[--t->n_chunks]);
 		atomic_fetch_sub(t->memory,
 				 RECORDS_PER_CHUNK * sizeof(struct cas_inode));
@@ -423,7 +423,8 @@ int cas_dir_cache_get(struct cas_dir_cache *c, cas_store *store,
 	struct cas_dir_entry *dead[16];
 	size_t n_dead = 0;
 	struct cas_dir_entry *v = c->lru.lru_prev;
-	while (c->bytes > c->limit && v != new && n_dead < CAS_ARRAY_SIZE(dead)) {
+	while (c->bytes > c->limit &&
+	       v != new &&n_dead < CAS_ARRAY_SIZE(dead)) {
 		struct cas_dir_entry *prev = v->lru_prev;
 		struct cas_dir_entry *gone = dir_evict(c, v);
 		if (gone)
@@ -530,7 +531,8 @@ int cas_root_bases_get(struct cas_root_bases *b, const char *name,
 	}
 	if (b->n == b->cap) {
 		size_t cap = b->cap ? b->cap * 2 : 16;
-		struct cas_root_base **a = realloc(b->by_base, cap * sizeof(*a));
+		struct cas_root_base **a =
+			realloc(b->by_base, cap * sizeof(*a));
 		if (!a) {
 			r = -ENOMEM;
 			goto out;

@@ -6,7 +6,7 @@
  * up, so nothing is remembered for an inode the kernel has forgotten.
  *
  * - struct cas_inode_table: the inodes the kernel holds a lookup
- *   reference to, as fixed 64-byte records in dense chunks, found by number
+ *   reference to, as fixed 56-byte records in dense chunks, found by number
  *   through an open-addressing index of 32-bit record ids. Callers get
  *   copies; records move (a FORGET moves the last record into the hole).
  * - struct cas_dir_cache: decoded Directories by digest, with the spans
@@ -42,7 +42,9 @@ enum cas_inode_kind {
 /* A symlink that is a named root has no parent Directory. */
 #define CAS_INODE_NO_INDEX UINT32_MAX
 
-/* One inode as the table keeps it (64 bytes). */
+#define CAS_INODE_NLOOKUP_MAX ((1u << 28) - 1)
+
+/* One inode as the table keeps it (56 bytes). */
 struct cas_inode {
 	uint64_t ino;
 	/* directory: its DirectoryNode size (entries below it); file: blob
@@ -51,11 +53,12 @@ struct cas_inode {
 	/* directory: its Directory; file: its blob; symlink: the Directory
 	 * that holds it (the target is read from there) */
 	uint8_t digest[CAS_DIGEST_LEN];
-	uint32_t nlookup; /* saturates: an inode at UINT32_MAX stays */
-	uint32_t index;	  /* symlink: its index in the parent's symlinks */
-	uint8_t kind;	  /* enum cas_inode_kind */
-	bool executable;
-	uint8_t pad[6];
+	/* Lookup references; saturates: an inode at CAS_INODE_NLOOKUP_MAX
+	 * is never freed (its true count is unknown). */
+	uint32_t nlookup : 28;
+	uint32_t kind : 3; /* enum cas_inode_kind */
+	uint32_t executable : 1;
+	uint32_t index; /* symlink: its index in the parent's symlinks */
 };
 
 struct cas_inode_table {
@@ -63,10 +66,10 @@ struct cas_inode_table {
 	struct cas_inode **chunks; /* protected by lock; records 0..n-1 */
 	size_t n_chunks;	   /* protected by lock: allocated chunks */
 	size_t chunks_cap;	   /* protected by lock: slots in chunks */
-	uint32_t *slots;	   /* protected by lock: record id + 1, 0 free */
-	size_t mask;		   /* protected by lock: slots - 1 */
-	size_t n;		   /* protected by lock: live records */
-	atomic_size_t *memory;	   /* the filesystem's byte count */
+	uint32_t *slots;       /* protected by lock: record id + 1, 0 free */
+	size_t mask;	       /* protected by lock: slots - 1 */
+	size_t n;	       /* protected by lock: live records */
+	atomic_size_t *memory; /* the filesystem's byte count */
 };
 
 int cas_inode_table_init(struct cas_inode_table *t, atomic_size_t *memory);
@@ -91,11 +94,11 @@ struct cas_dir_entry {
 	 * i.e. the sum of (1 + size) over directories[0..j-1];
 	 * spans[n_directories] covers all of them. */
 	uint64_t *spans;
-	uint64_t size;	/* entries below it, as counted here */
-	bool size_ok;	/* size fits 64 bits */
-	uint32_t refs;	/* protected by the cache's lock */
-	bool cached;	/* protected by the cache's lock: in hash and LRU */
-	size_t bytes;	/* heap held, for the bound */
+	uint64_t size; /* entries below it, as counted here */
+	bool size_ok;  /* size fits 64 bits */
+	uint32_t refs; /* protected by the cache's lock */
+	bool cached;   /* protected by the cache's lock: in hash and LRU */
+	size_t bytes;  /* heap held, for the bound */
 	struct cas_dir_entry *next_hash, *lru_prev, *lru_next;
 };
 
