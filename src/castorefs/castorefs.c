@@ -693,12 +693,12 @@ static int fs_opendir(void *fs_, uint64_t ino, uint32_t flags,
 	ret->backing_fd = -1;
 	ret->fh = 0;
 	if (in.kind == CAS_INODE_DIRECTORY) {
-		/* Refused now if it cannot be listed. */
-		struct cas_dir_entry *e;
-		r = folder_directory(fs, &in, &e);
-		cas_dir_cache_put(&fs->dirs, r < 0 ? NULL : e);
+		/* The Directory is read by READDIR, which the kernel sends only
+		 * while it has no cached listing: a warm opendir reads nothing
+		 * (the Directory may have left our cache long ago). An absent
+		 * Directory is then READDIR's EIO. */
 		ret->open_flags = CAS_FOPEN_CACHE_DIR | CAS_FOPEN_KEEP_CACHE;
-		return r;
+		return 0;
 	}
 	if (in.kind != CAS_INODE_ROOT)
 		return -ENOTDIR;
@@ -796,15 +796,12 @@ static int readdir_roots(struct cas_fs *fs, uint64_t fh, uint64_t off,
 }
 
 static int readdir_folder(struct cas_fs *fs, const struct cas_inode *dir,
-			  uint64_t off, struct cas_fuse_dirbuf *db)
+			  struct cas_dir_entry *e, uint64_t off,
+			  struct cas_fuse_dirbuf *db)
 {
-	struct cas_dir_entry *e;
-	int r = folder_directory(fs, dir, &e);
-	if (r < 0)
-		return r;
 	const cas_directory *d = e->dir;
 	size_t n = cas_directory_count(d);
-	r = 1;
+	int r = 1;
 	for (uint64_t i = off - 2; i < n && r > 0; i++) {
 		const cas_node *node;
 		if (i < d->n_directories)
@@ -817,7 +814,6 @@ static int readdir_folder(struct cas_fs *fs, const struct cas_inode *dir,
 		node_inode(node, cas_dir_entry_ino(e, dir->ino, node), e, &in);
 		r = add_inode(fs, db, node, &in, false, i + 3);
 	}
-	cas_dir_cache_put(&fs->dirs, e);
 	return r;
 }
 
@@ -837,22 +833,28 @@ static int fs_readdir(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		return -EPERM;
 	if (in.kind != CAS_INODE_ROOT && in.kind != CAS_INODE_DIRECTORY)
 		return -ENOTDIR;
+	/* The Directory first: an unreadable folder lists nothing, not
+	 * even "." and "..". */
+	struct cas_dir_entry *e = NULL;
+	if (in.kind == CAS_INODE_DIRECTORY) {
+		r = folder_directory(fs, &in, &e);
+		if (r < 0)
+			return r;
+	}
+	r = 1;
 	if (off == 0) {
 		r = add_dot(db, ".", ino, 1);
-		if (r <= 0)
-			return r;
 		off = 1;
 	}
-	if (off == 1) {
+	if (r > 0 && off == 1) {
 		r = add_dot(db, "..", CAS_FUSE_ROOT_ID, 2);
-		if (r <= 0)
-			return r;
 		off = 2;
 	}
-	if (in.kind == CAS_INODE_ROOT)
+	if (r > 0 && e)
+		r = readdir_folder(fs, &in, e, off, db);
+	else if (r > 0)
 		r = readdir_roots(fs, fh, off, db);
-	else
-		r = readdir_folder(fs, &in, off, db);
+	cas_dir_cache_put(&fs->dirs, e);
 	/* A full buffer is not an error: the kernel asks again from the
 	 * last offset. */
 	return r < 0 ? r : 0;

@@ -614,6 +614,24 @@ static void test_read(void)
 	CHECK(o.error == 0 && o.payload_len == 1 && o.payload[0] == 'a');
 }
 
+/* OPENDIR, READDIR from the start, RELEASEDIR: READDIR's error. */
+static int readdir_error(uint64_t ino)
+{
+	uint64_t fh = 0;
+	int r = open_(FUSE_OPENDIR, ino, O_RDONLY, &fh, NULL);
+	if (r < 0)
+		return r;
+	struct req q;
+	struct out o;
+	req_start(&q, FUSE_READDIR, ino);
+	struct fuse_read_in in = {.fh = fh, .size = 4096};
+	req_add(&q, &in, sizeof(in));
+	run(&q, &o);
+	r = o.error;
+	CHECK(release(FUSE_RELEASEDIR, ino, fh) == 0);
+	return r;
+}
+
 static void test_absent_content(void)
 {
 	struct fuse_entry_out e;
@@ -626,14 +644,13 @@ static void test_absent_content(void)
 	struct fuse_attr at;
 	CHECK(getattr(gone, &at) == 0 && at.size == 3 && at.nlink == 1);
 	CHECK(lookup(gone, "x", &e) == -EIO);
-	uint64_t dfh;
-	CHECK(open_(FUSE_OPENDIR, gone, O_RDONLY, &dfh, NULL) == -EIO);
+	CHECK(readdir_error(gone) == -EIO);
 	forget(gone, 1);
 	/* A Directory whose size disagrees with its node's: EIO, since its
 	 * entries would take numbers outside its range. */
 	uint64_t liar = lookup_ino(1, "liar");
 	CHECK(lookup(liar, "f", &e) == -EIO);
-	CHECK(open_(FUSE_OPENDIR, liar, O_RDONLY, &dfh, NULL) == -EIO);
+	CHECK(readdir_error(liar) == -EIO);
 	forget(liar, 1);
 	CHECK(lookup(1, "goneblob", &e) == 0);
 	CHECK(e.attr.size == 10);
