@@ -590,9 +590,13 @@ if [[ -n ${R[castore.anon_kb]:-} ]]; then
 	b=$((R[castore.anon_kb] * 1024 / nentries))
 	verdict "$( ((b <= 100)) && echo 1 || echo 0)" "memory per entry ${b} B RssAnon growth (target <= 100 B, issue 13)"
 fi
-if [[ -n ${R[castore.pcache_kb]:-} ]]; then
-	mib=$((R[castore.pcache_kb] / 1024))
-	verdict "$( ((mib <= 12)) && echo 1 || echo 0)" "100 equal 8 MiB files take ${mib} MiB of page cache (target: one copy, 8 MiB; Cached also counts what others cache meanwhile)"
+if [[ -n ${R[castore.pcache_kb]:-} && -n ${R[native.pcache_kb]:-} ]]; then
+	# Cached also grows by what else the machine caches meanwhile: native's
+	# growth beyond its 100 copies measures that background in the same run.
+	bg=$((R[native.pcache_kb] - 100 * 8192))
+	extra=$((R[castore.pcache_kb] - 8192))
+	verdict "$( ((extra <= bg + 4096)) && echo 1 || echo 0)" \
+		"100 equal 8 MiB files take $((R[castore.pcache_kb] / 1024)) MiB of page cache: one copy and $((extra / 1024)) MiB more, native's background $((bg / 1024)) MiB (target: one copy)"
 fi
 if [[ -n ${R[native.seq_cold]:-} && -n ${R[castore.seq_cold]:-} ]]; then
 	r=$(ratio "${R[native.seq_warm]}" "${R[castore.seq_warm]}")
