@@ -6,7 +6,13 @@
  * feeds the request once whole and once split into two or three buffers at
  * positions taken from the control bytes, each buffer its own allocation so
  * that ASan catches a read past any of them. Both ways must give the same
- * reply, and every reply must be well formed. */
+ * reply, and every reply must be well formed.
+ *
+ * With bit 5 of the first control byte the request comes as a FUSE over
+ * io_uring ring entry instead: the first 288 bytes are the entry's header
+ * buffer (in_header, op_in, ring_ent_in_out with its payload_sz), the rest
+ * the payload buffer, allocated to its exact size. Whatever the lengths
+ * claim, the engine must answer with a well-formed commit. */
 #include <errno.h>
 #include <linux/fuse.h>
 #include <stdint.h>
@@ -16,6 +22,7 @@
 
 #include "core/log.h"
 #include "fuse/engine.h"
+#include "fuse/fuse_dev.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
@@ -216,6 +223,42 @@ static void process(struct cas_fuse_session *s, const struct iovec *iov,
 	check_reply(reply);
 }
 
+static void fuzz_uring(struct cas_fuse_session *s, const uint8_t *data,
+		       size_t size, uint8_t c1, uint8_t *buf, size_t bufsize)
+{
+	struct cas_fuse_uring_req_header *hdr = malloc(sizeof(*hdr));
+	if (!hdr)
+		abort();
+	memset(hdr, 0, sizeof(*hdr));
+	size_t h = CAS_MIN(size, sizeof(*hdr));
+	memcpy(hdr, data, h);
+	size_t n = size - h;
+	uint8_t *payload = malloc(n ? n : 1);
+	if (!payload)
+		abort();
+	memcpy(payload, data + h, n);
+
+	struct cas_fuse_reply reply = {.buf = buf, .buf_size = bufsize};
+	if (cas_fuse_session_process_uring(s, hdr, payload, n, &reply) != 0)
+		abort();
+	check_reply(&reply);
+	/* The transport may have read less of the fd part than promised. */
+	if (reply.fd >= 0 && (c1 & 2))
+		cas_fuse_reply_shorten(&reply, reply.fd_len * (c1 >> 4) / 16);
+	check_reply(&reply);
+	cas_fuse_uring_commit(hdr, payload, n, &reply);
+	struct fuse_out_header oh;
+	memcpy(&oh, hdr->in_out, sizeof(oh));
+	struct cas_fuse_uring_ent_in_out io;
+	memcpy(&io, &hdr->ring_ent_in_out, sizeof(io));
+	if (io.payload_sz > n || oh.len != sizeof(oh) + io.payload_sz ||
+	    oh.error > 0 || oh.error < -4095 || (oh.error && io.payload_sz))
+		abort();
+	cas_fuse_reply_done(s, &reply);
+	free(payload);
+	free(hdr);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	if (size < 2)
@@ -270,6 +313,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		};
 		struct iovec iov = {&init, sizeof(init)};
 		process(s, &iov, 1, buf1, bufsize, &r1);
+	}
+
+	if (c0 & 0x20) {
+		fuzz_uring(s, data, size, c1, buf1, bufsize);
+		cas_fuse_session_free(s);
+		return 0;
 	}
 
 	/* Whole. */

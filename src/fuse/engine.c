@@ -29,6 +29,11 @@
 #define CAS_FUSE_DEFAULT_MAX_PAGES 32
 #define CAS_FUSE_DEFAULT_MAX_WRITE (128 * 1024)
 #define CAS_FUSE_PAGE		   4096
+/* Opcodes we count one by one: every one up to STATX (52), then the rest. */
+#define CAS_FUSE_COUNT_SLOTS 54
+
+_Static_assert(CAS_FUSE_REPLY_HEADER_SIZE == sizeof(struct fuse_out_header),
+	       "reply header size");
 
 /* ---- bounds-checked cursor over the input buffers ---- */
 
@@ -322,6 +327,9 @@ struct cas_fuse_session {
 	pthread_mutex_t backing_lock;
 	struct pt_table nodes; /* node id -> backing id, refs */
 	struct pt_table opens; /* (node id, fh) -> refs */
+
+	/* Requests per opcode (the last slot: opcodes past the table). */
+	atomic_uint_fast64_t counts[CAS_FUSE_COUNT_SLOTS];
 };
 
 static uint32_t cfg_max_pages(const struct cas_fuse_config *cfg)
@@ -345,6 +353,15 @@ size_t cas_fuse_reply_bufsize(const struct cas_fuse_config *cfg)
 	return sizeof(struct fuse_out_header) + payload;
 }
 
+size_t cas_fuse_request_bufsize(const struct cas_fuse_config *cfg)
+{
+	uint32_t max_write =
+		cfg->max_write ? cfg->max_write : CAS_FUSE_DEFAULT_MAX_WRITE;
+	size_t req = sizeof(struct fuse_in_header) +
+		     sizeof(struct fuse_write_in) + max_write;
+	return CAS_MAX(req, (size_t)FUSE_MIN_READ_BUFFER) + CAS_FUSE_PAGE;
+}
+
 int cas_fuse_session_new(const struct cas_fuse_ops *ops, void *fs,
 			 const struct cas_fuse_config *cfg,
 			 struct cas_fuse_session **ret)
@@ -361,6 +378,8 @@ int cas_fuse_session_new(const struct cas_fuse_ops *ops, void *fs,
 	atomic_init(&s->initialized, false);
 	atomic_init(&s->destroyed, false);
 	atomic_init(&s->backing_broken, false);
+	for (size_t i = 0; i < CAS_FUSE_COUNT_SLOTS; i++)
+		atomic_init(&s->counts[i], 0);
 	*ret = s;
 	return 0;
 }
@@ -510,6 +529,8 @@ static int do_init(struct req *q)
 				   minor >= CAS_FUSE_MINOR_PASSTHROUGH &&
 				   s->cfg.backing_open != NULL,
 		.can_readdirplus = (offered & FUSE_DO_READDIRPLUS) != 0,
+		.io_uring = s->cfg.io_uring &&
+			    (offered & CAS_FUSE_OVER_IO_URING) != 0,
 	};
 	conn.want_passthrough = conn.can_passthrough;
 	conn.want_readdirplus = conn.can_readdirplus;
@@ -533,6 +554,8 @@ static int do_init(struct req *q)
 		want |= FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO;
 	if (conn.want_passthrough)
 		want |= CAS_FUSE_PASSTHROUGH;
+	if (conn.io_uring)
+		want |= CAS_FUSE_OVER_IO_URING;
 	want &= offered;
 	if (offered & FUSE_INIT_EXT)
 		want |= FUSE_INIT_EXT;
@@ -567,9 +590,11 @@ static int do_init(struct req *q)
 	s->passthrough = (want & CAS_FUSE_PASSTHROUGH) != 0;
 	atomic_store_explicit(&s->initialized, true, memory_order_release);
 	pthread_mutex_unlock(&s->init_lock);
-	cas_log_debug("fuse: kernel %u.%u, speaking 7.%u, flags %#llx%s",
+	q->reply->init = true;
+	cas_log_debug("fuse: kernel %u.%u, speaking 7.%u, flags %#llx%s%s",
 		      in.major, in.minor, minor, (unsigned long long)want,
-		      s->passthrough ? ", passthrough" : "");
+		      s->passthrough ? ", passthrough" : "",
+		      conn.io_uring ? ", io_uring" : "");
 	return 0;
 }
 
@@ -1142,6 +1167,7 @@ int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
 	reply->fd_ino = reply->fd_fh = 0;
 	reply->lost = false;
 	reply->open_kind = 0;
+	reply->init = false;
 
 	struct cas_fuse_cursor c;
 	cas_fuse_cursor_init(&c, in, in_cnt);
@@ -1153,6 +1179,10 @@ int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
 		return 0;
 	}
 	reply->unique = q.h.unique;
+	atomic_fetch_add_explicit(
+		&s->counts[CAS_MIN(q.h.opcode,
+				   (uint32_t)CAS_FUSE_COUNT_SLOTS - 1)],
+		1, memory_order_relaxed);
 
 	const struct opdesc *op = NULL;
 	if (q.h.opcode < CAS_ARRAY_SIZE(opcodes) && opcodes[q.h.opcode].name)
@@ -1215,4 +1245,189 @@ done:
 				    (unsigned long long)q.h.nodeid);
 	reply_finish(reply, r < 0 ? r : 0);
 	return 0;
+}
+
+/* ---- what transports may do to a reply ---- */
+
+void cas_fuse_reply_fail(struct cas_fuse_reply *reply, int error)
+{
+	if (!reply->send)
+		return;
+	/* Keep reply->fd: cas_fuse_reply_done still owes read_done. */
+	reply->len = OUT_HDR;
+	reply->fd_len = 0;
+	reply->fd_offset = 0;
+	reply->init = false;
+	if (error >= 0 || error < -4095)
+		error = -EIO;
+	struct fuse_out_header oh = {
+		.len = OUT_HDR,
+		.error = error,
+		.unique = reply->unique,
+	};
+	memcpy(reply->buf, &oh, sizeof(oh));
+}
+
+void cas_fuse_reply_shorten(struct cas_fuse_reply *reply, size_t fd_sent)
+{
+	if (!reply->send || reply->fd < 0 || fd_sent >= reply->fd_len)
+		return;
+	if (fd_sent == 0) {
+		cas_fuse_reply_fail(reply, -EIO);
+		return;
+	}
+	reply->fd_len = fd_sent;
+	uint32_t len = (uint32_t)(reply->len + fd_sent);
+	memcpy(reply->buf + offsetof(struct fuse_out_header, len), &len,
+	       sizeof(len));
+}
+
+static bool request_header(const struct iovec *in, int in_cnt,
+			   struct fuse_in_header *ret)
+{
+	struct cas_fuse_cursor c;
+	cas_fuse_cursor_init(&c, in, in_cnt);
+	return cas_fuse_cursor_copy(&c, ret, sizeof(*ret)) == 0;
+}
+
+void cas_fuse_request_fail(const struct iovec *in, int in_cnt,
+			   struct cas_fuse_reply *reply, int error)
+{
+	struct fuse_in_header h;
+	reply->len = 0;
+	reply->fd = -1;
+	reply->fd_len = 0;
+	reply->send = false;
+	reply->open_kind = 0;
+	reply->lost = false;
+	reply->init = false;
+	reply->destroyed = false;
+	if (!request_header(in, in_cnt, &h) || reply->buf_size < OUT_HDR)
+		return;
+	if (h.opcode < CAS_ARRAY_SIZE(opcodes) &&
+	    (opcodes[h.opcode].flags & OP_NO_REPLY))
+		return;
+	reply->unique = h.unique;
+	reply->send = true;
+	cas_fuse_reply_fail(reply, error);
+}
+
+bool cas_fuse_request_is_init(const struct iovec *in, int in_cnt)
+{
+	struct fuse_in_header h;
+	return request_header(in, in_cnt, &h) && h.opcode == FUSE_INIT;
+}
+
+/* ---- FUSE over io_uring framing ---- */
+
+int cas_fuse_session_process_uring(struct cas_fuse_session *s, void *headers,
+				   const uint8_t *payload, size_t payload_size,
+				   struct cas_fuse_reply *reply)
+{
+	/* Copied once: every length below is checked on this copy. */
+	struct cas_fuse_uring_req_header hdr;
+	memcpy(&hdr, headers, sizeof(hdr));
+	struct fuse_in_header h;
+	memcpy(&h, hdr.in_out, sizeof(h));
+	size_t payload_sz = hdr.ring_ent_in_out.payload_sz;
+
+	/* The kernel puts the first argument in op_in and the rest in the
+	 * payload, and h.len counts all of them: what is left for op_in
+	 * must fit it. Anything else is a broken entry. */
+	struct iovec in[3] = {
+		{&h, sizeof(h)},
+		{hdr.op_in, 0},
+		{(void *)payload, payload_sz},
+	};
+	if (h.len < sizeof(h) || payload_sz > payload_size ||
+	    payload_sz > h.len - sizeof(h) ||
+	    h.len - sizeof(h) - payload_sz > sizeof(hdr.op_in)) {
+		cas_log_debug("fuse: io_uring entry of %u bytes with %zu of "
+			      "payload does not add up",
+			      h.len, payload_sz);
+		cas_fuse_request_fail(in, 1, reply, -EINVAL);
+		return 0;
+	}
+	in[1].iov_len = h.len - sizeof(h) - payload_sz;
+	return cas_fuse_session_process(s, in, 3, reply);
+}
+
+uint64_t cas_fuse_uring_commit(void *headers, uint8_t *payload,
+			       size_t payload_size,
+			       const struct cas_fuse_reply *reply)
+{
+	struct cas_fuse_uring_req_header *hdr = headers;
+	struct cas_fuse_uring_ent_in_out io;
+	memcpy(&io, &hdr->ring_ent_in_out, sizeof(io));
+
+	struct fuse_out_header oh = {0};
+	size_t body = 0;
+	if (reply->send && reply->len >= OUT_HDR) {
+		memcpy(&oh, reply->buf, sizeof(oh));
+		body = reply->len - OUT_HDR;
+		size_t data = reply->fd >= 0 ? reply->fd_len : 0;
+		if (body + data > payload_size) {
+			/* Cannot happen with a payload buffer of the
+			 * connection's size; say so rather than overrun. */
+			oh.error = -EIO;
+			body = 0;
+		} else if (oh.error == 0) {
+			memcpy(payload, reply->buf + OUT_HDR, body);
+			body += data;
+		} else {
+			body = 0;
+		}
+	} else {
+		/* A request that takes no reply never comes by ring, but
+		 * the entry must go back to the kernel all the same. */
+		oh.error = -EIO;
+	}
+	/* The kernel matches the reply to its request by unique. */
+	uint64_t unique;
+	memcpy(&unique, hdr->in_out + offsetof(struct fuse_in_header, unique),
+	       sizeof(unique));
+	oh.unique = unique;
+	oh.len = (uint32_t)(OUT_HDR + body);
+	memset(hdr->in_out, 0, sizeof(hdr->in_out));
+	memcpy(hdr->in_out, &oh, sizeof(oh));
+	io.payload_sz = (uint32_t)body;
+	memcpy(&hdr->ring_ent_in_out, &io, sizeof(io));
+	return io.commit_id;
+}
+
+/* ---- request counts ---- */
+
+uint64_t cas_fuse_session_count(struct cas_fuse_session *s, uint32_t opcode)
+{
+	return atomic_load_explicit(
+		&s->counts[CAS_MIN(opcode, (uint32_t)CAS_FUSE_COUNT_SLOTS - 1)],
+		memory_order_relaxed);
+}
+
+void cas_fuse_session_log_counts(struct cas_fuse_session *s, int level,
+				 const char *title)
+{
+	uint64_t n[CAS_FUSE_COUNT_SLOTS];
+	uint64_t total = 0;
+	for (size_t i = 0; i < CAS_FUSE_COUNT_SLOTS; i++) {
+		n[i] = atomic_load_explicit(&s->counts[i],
+					    memory_order_relaxed);
+		total += n[i];
+	}
+	cas_log_internal(level, 0, "%s: %llu requests", title,
+			 (unsigned long long)total);
+	for (;;) {
+		size_t best = 0;
+		for (size_t i = 1; i < CAS_FUSE_COUNT_SLOTS; i++)
+			if (n[i] > n[best])
+				best = i;
+		if (n[best] == 0)
+			break;
+		cas_log_internal(level, 0, "%s: %-12s %llu", title,
+				 best == CAS_FUSE_COUNT_SLOTS - 1
+					 ? "OTHER"
+					 : cas_fuse_opcode_name((uint32_t)best),
+				 (unsigned long long)n[best]);
+		n[best] = 0;
+	}
 }

@@ -30,6 +30,10 @@
 
 #define CAS_FUSE_ROOT_ID 1
 
+/* Bytes of the header that opens every reply (fuse_out_header): what a
+ * transport that splits header and payload (io_uring) splits at. */
+#define CAS_FUSE_REPLY_HEADER_SIZE 16
+
 /* Attributes of one inode, as the filesystem reports them. Times are
  * seconds + nanoseconds. */
 struct cas_fuse_attr {
@@ -118,6 +122,9 @@ struct cas_fuse_conn {
 	bool want_passthrough; /* fs wants it (default: can_passthrough) */
 	bool can_readdirplus;
 	bool want_readdirplus;
+	/* FUSE over io_uring: the kernel offered it and the transport asked
+	 * for it (cas_fuse_config.io_uring); the fs has no say. */
+	bool io_uring;
 };
 
 struct cas_fuse_ops {
@@ -176,7 +183,15 @@ struct cas_fuse_config {
 	int (*backing_open)(void *transport, int fd); /* -> id or -errno */
 	int (*backing_close)(void *transport, int backing_id);
 	void *transport;
+	/* Offer FUSE over io_uring in INIT (the transport will register
+	 * rings once INIT is answered). */
+	bool io_uring;
 };
+
+/* The request buffer a transport that reads whole requests (/dev/fuse)
+ * must offer: the largest request this config accepts, and never less
+ * than the kernel's minimum read. */
+size_t cas_fuse_request_bufsize(const struct cas_fuse_config *cfg);
 
 /* Size the reply buffer must have: header + the largest reply. */
 size_t cas_fuse_reply_bufsize(const struct cas_fuse_config *cfg);
@@ -206,6 +221,10 @@ struct cas_fuse_reply {
 	 * cas_fuse_reply_done does. 0: none, 1: a file, 2: a folder. */
 	uint8_t open_kind;
 	uint64_t open_ino, open_fh;
+	/* This reply answers INIT successfully: once it is delivered the
+	 * connection is set up (a transport may then register io_uring
+	 * queues; conn says what was negotiated). */
+	bool init;
 };
 
 struct cas_fuse_session;
@@ -229,6 +248,56 @@ int cas_fuse_session_process(struct cas_fuse_session *s, const struct iovec *in,
  * A lost reply that opened a handle releases it. */
 void cas_fuse_reply_done(struct cas_fuse_session *s,
 			 struct cas_fuse_reply *reply);
+
+/* What a transport may do to a reply it could not deliver as encoded;
+ * the engine rewrites the header, the transport only moves bytes.
+ * - shorten: only `fd_sent` bytes of the fd part could be read (a file
+ *   shorter than it was); the reply then carries just those. A reply that
+ *   promised data and got none becomes -EIO instead.
+ * - fail: the reply becomes a bare error (`error` < 0) for the same
+ *   request, with no data. The fd part, if any, is still released by
+ *   cas_fuse_reply_done. */
+void cas_fuse_reply_shorten(struct cas_fuse_reply *reply, size_t fd_sent);
+void cas_fuse_reply_fail(struct cas_fuse_reply *reply, int error);
+
+/* Answers the request in `in` with a bare error without processing it
+ * (no session to give it to): reply->send is false when the request has
+ * no header or takes no reply. reply->buf and buf_size must be set. */
+void cas_fuse_request_fail(const struct iovec *in, int in_cnt,
+			   struct cas_fuse_reply *reply, int error);
+
+/* Whether the request in `in` is an INIT (a guest starting a new session
+ * on a device whose old one saw INIT already). */
+bool cas_fuse_request_is_init(const struct iovec *in, int in_cnt);
+
+/* FUSE over io_uring framing. A ring entry hands over a request as a
+ * header buffer (fuse_dev.h: struct cas_fuse_uring_req_header, which the
+ * kernel wrote and, for a guest-free transport, only the kernel can
+ * change) and `payload_sz` bytes of a payload buffer of `payload_size`.
+ * The engine checks the lengths (a header whose length does not match
+ * what the entry holds gets -EINVAL, never a read out of bounds),
+ * processes it like any request and leaves the reply in reply->buf as
+ * usual. cas_fuse_uring_commit then moves the reply into the entry: its
+ * header into the header buffer, its payload (which a transport may have
+ * let the engine write in place: reply->buf may be `payload` minus
+ * CAS_FUSE_REPLY_HEADER_SIZE) to the payload buffer, followed by the
+ * `fd_sent` bytes the transport read there from the fd part; it sets
+ * payload_sz. Returns the commit id to echo. */
+int cas_fuse_session_process_uring(struct cas_fuse_session *s, void *headers,
+				   const uint8_t *payload, size_t payload_size,
+				   struct cas_fuse_reply *reply);
+uint64_t cas_fuse_uring_commit(void *headers, uint8_t *payload,
+			       size_t payload_size,
+			       const struct cas_fuse_reply *reply);
+
+/* Requests seen per opcode since the session began, for tuning: logged at
+ * `level` (enum cas_log_level) as one line per opcode that came, most
+ * frequent first, under `title`. Thread-safe; counting costs one relaxed
+ * atomic add per request. */
+void cas_fuse_session_log_counts(struct cas_fuse_session *s, int level,
+				 const char *title);
+/* The count of one opcode (numbers past STATX share one count). */
+uint64_t cas_fuse_session_count(struct cas_fuse_session *s, uint32_t opcode);
 
 /* Negotiated state (after INIT). */
 bool cas_fuse_session_initialized(const struct cas_fuse_session *s);

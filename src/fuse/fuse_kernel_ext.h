@@ -5,7 +5,7 @@
  * never collides with a newer system header), what we use of 7.39..7.40:
  * the STATX opcode, FUSE passthrough (init flag, open flag, the backing id
  * in the open reply, max_stack_depth in the init reply, the /dev/fuse
- * backing ioctls). Layouts follow the kernel's include/uapi/linux/fuse.h
+ * backing ioctls, in fuse_dev.h). Layouts follow the kernel's include/uapi/linux/fuse.h
  * and Documentation/filesystems/fuse-passthrough.rst; the static asserts
  * pin them to the older structs they extend.
  *
@@ -16,7 +16,8 @@
 
 #include <linux/fuse.h>
 #include <stdint.h>
-#include <sys/ioctl.h>
+
+#include "fuse/fuse_dev.h"
 
 /* Opcodes newer than 7.38. */
 #define CAS_FUSE_STATX 52 /* 7.39: answered ENOSYS, the kernel falls back */
@@ -28,6 +29,7 @@
 #define CAS_FUSE_PASSTHROUGH	      (1ULL << 37) /* 7.40 */
 #define CAS_FUSE_NO_EXPORT_SUPPORT    (1ULL << 38) /* 7.40 */
 #define CAS_FUSE_HAS_RESEND	      (1ULL << 39) /* 7.40 */
+#define CAS_FUSE_OVER_IO_URING	      (1ULL << 41) /* 7.42 */
 
 /* Open reply flag (7.40): reads and writes go to the backing file. */
 #define CAS_FOPEN_PASSTHROUGH_BIT (1u << 7)
@@ -65,20 +67,6 @@ struct cas_fuse_open_out {
 };
 _Static_assert(sizeof(struct cas_fuse_open_out) == sizeof(struct fuse_open_out),
 	       "fuse_open_out layout");
-
-/* Argument of FUSE_DEV_IOC_BACKING_OPEN: registers fd as a backing file and
- * returns its id (> 0); the id is dropped with FUSE_DEV_IOC_BACKING_CLOSE.
- * Needs CAP_SYS_ADMIN in the initial user namespace. */
-struct cas_fuse_backing_map {
-	int32_t fd;
-	uint32_t flags; /* must be 0 */
-	uint64_t padding;
-};
-
-#define CAS_FUSE_DEV_IOC_MAGIC 229
-#define CAS_FUSE_DEV_IOC_BACKING_OPEN \
-	_IOW(CAS_FUSE_DEV_IOC_MAGIC, 1, struct cas_fuse_backing_map)
-#define CAS_FUSE_DEV_IOC_BACKING_CLOSE _IOW(CAS_FUSE_DEV_IOC_MAGIC, 2, uint32_t)
 
 /* Largest name the kernel sends in a LOOKUP (its name_max is at most
  * PATH_MAX - 1); xattr names are shorter (XATTR_NAME_MAX). */

@@ -17,6 +17,7 @@
 #include "core/util.h"
 #include "fuse/engine.h"
 #include "fuse/engine_i.h"
+#include "fuse/fuse_dev.h"
 #include "fuse/fuse_kernel_ext.h"
 
 /* ---- the fake filesystem ----
@@ -1675,6 +1676,232 @@ static void test_cursor(void)
 	CHECK(strcmp(cas_fuse_opcode_name(12345), "UNKNOWN") == 0);
 }
 
+/* What a transport may ask of a reply: shorten its fd part, fail it. */
+static void test_reply_rewrites(void)
+{
+	struct cas_fuse_session *s = ready_session(false);
+	struct req r;
+	struct out o;
+	unsigned dones = atomic_load(&fake.read_dones);
+
+	uint64_t fh = open_file(s, 5, NULL, NULL);
+	read_req(&r, 5, fh, 0, 4096);
+	run(s, &r, &o);
+	REQUIRE(o.reply.fd >= 0 && o.reply.fd_len == 4096);
+	cas_fuse_reply_shorten(&o.reply, 1000);
+	memcpy(&o.oh, reply_buf, sizeof(o.oh));
+	CHECK(o.oh.len == sizeof(o.oh) + 1000 && o.oh.error == 0);
+	CHECK(o.reply.fd_len == 1000 && o.reply.len == sizeof(o.oh));
+	cas_fuse_reply_shorten(&o.reply, 5000); /* never grows */
+	CHECK(o.reply.fd_len == 1000);
+	cas_fuse_reply_done(s, &o.reply);
+	CHECK(atomic_load(&fake.read_dones) == dones + 1);
+
+	/* Nothing read of what was promised: EIO, and read_done still. */
+	run(s, &r, &o);
+	REQUIRE(o.reply.fd >= 0);
+	cas_fuse_reply_shorten(&o.reply, 0);
+	memcpy(&o.oh, reply_buf, sizeof(o.oh));
+	CHECK(o.oh.error == -EIO && o.oh.len == sizeof(o.oh));
+	CHECK(o.reply.len == sizeof(o.oh) && o.reply.fd_len == 0);
+	CHECK(o.oh.unique == o.reply.unique);
+	cas_fuse_reply_done(s, &o.reply);
+	CHECK(atomic_load(&fake.read_dones) == dones + 2);
+	CHECK(release_file(s, 5, fh) == 0);
+
+	/* Fail turns any reply into a bare error; a bogus error is EIO. */
+	req_start(&r, FUSE_LOOKUP, 1);
+	req_name(&r, "file");
+	req_end(&r);
+	run(s, &r, &o);
+	REQUIRE(o.oh.error == 0 && o.reply.len > sizeof(o.oh));
+	cas_fuse_reply_fail(&o.reply, -ENOBUFS);
+	memcpy(&o.oh, reply_buf, sizeof(o.oh));
+	CHECK(o.oh.error == -ENOBUFS && o.oh.len == sizeof(o.oh));
+	cas_fuse_reply_fail(&o.reply, 5);
+	memcpy(&o.oh, reply_buf, sizeof(o.oh));
+	CHECK(o.oh.error == -EIO);
+
+	/* Answering without a session: by the request's own header. */
+	struct iovec iov = {r.b, r.len};
+	struct cas_fuse_reply rep = {.buf = reply_buf, .buf_size = reply_size};
+	cas_fuse_request_fail(&iov, 1, &rep, -EIO);
+	memcpy(&o.oh, reply_buf, sizeof(o.oh));
+	CHECK(rep.send && rep.len == sizeof(o.oh) && o.oh.error == -EIO);
+	CHECK(o.oh.unique == 1000 + FUSE_LOOKUP && o.oh.len == sizeof(o.oh));
+	CHECK(!cas_fuse_request_is_init(&iov, 1));
+	iov.iov_len = 20; /* no whole header: nothing to answer */
+	cas_fuse_request_fail(&iov, 1, &rep, -EIO);
+	CHECK(!rep.send);
+	CHECK(!cas_fuse_request_is_init(&iov, 1));
+	req_start(&r, FUSE_FORGET, 2);
+	struct fuse_forget_in fi = {.nlookup = 0};
+	req_add(&r, &fi, sizeof(fi));
+	req_end(&r);
+	iov = (struct iovec){r.b, r.len};
+	cas_fuse_request_fail(&iov, 1, &rep, -EIO);
+	CHECK(!rep.send); /* FORGET takes no reply */
+	req_start(&r, FUSE_INIT, 0);
+	req_end(&r);
+	iov = (struct iovec){r.b, r.len};
+	CHECK(cas_fuse_request_is_init(&iov, 1));
+
+	CHECK(cas_fuse_session_count(s, FUSE_LOOKUP) == 1);
+	CHECK(cas_fuse_session_count(s, FUSE_READ) == 2);
+	CHECK(cas_fuse_session_count(s, FUSE_OPEN) == 1);
+	CHECK(cas_fuse_session_count(s, FUSE_INIT) == 1);
+	CHECK(cas_fuse_session_count(s, FUSE_FORGET) == 0);
+	cas_fuse_session_free(s);
+}
+
+/* A ring entry as the kernel fills it: in_header, first argument in
+ * op_in, the rest in the payload. */
+struct ring_ent {
+	struct cas_fuse_uring_req_header h;
+	uint8_t payload[256 * 1024];
+};
+
+static void ring_request(struct ring_ent *e, uint32_t opcode, uint64_t nodeid,
+			 const void *arg0, size_t arg0_len, const void *rest,
+			 size_t rest_len)
+{
+	memset(&e->h, 0x5a, sizeof(e->h));
+	struct fuse_in_header ih = {
+		.len = (uint32_t)(sizeof(ih) + arg0_len + rest_len),
+		.opcode = opcode,
+		.unique = 4242,
+		.nodeid = nodeid,
+	};
+	memcpy(e->h.in_out, &ih, sizeof(ih));
+	if (arg0_len)
+		memcpy(e->h.op_in, arg0, arg0_len);
+	if (rest_len)
+		memcpy(e->payload, rest, rest_len);
+	struct cas_fuse_uring_ent_in_out io = {
+		.commit_id = 99,
+		.payload_sz = (uint32_t)rest_len,
+	};
+	memcpy(&e->h.ring_ent_in_out, &io, sizeof(io));
+}
+
+/* Runs and commits one ring entry; returns the reply's error and leaves
+ * the reply header in *ret_oh and the payload size in *ret_len. */
+static int ring_run(struct cas_fuse_session *s, struct ring_ent *e,
+		    struct fuse_out_header *ret_oh, size_t *ret_len)
+{
+	struct cas_fuse_reply rep = {.buf = reply_buf, .buf_size = reply_size};
+	CHECK(cas_fuse_session_process_uring(s, &e->h, e->payload,
+					     sizeof(e->payload), &rep) == 0);
+	if (rep.fd >= 0) {
+		/* What a transport does: the file data after the reply. */
+		ssize_t n =
+			pread(rep.fd, e->payload + rep.len - sizeof(*ret_oh),
+			      rep.fd_len, (off_t)rep.fd_offset);
+		cas_fuse_reply_shorten(&rep, n > 0 ? (size_t)n : 0);
+	}
+	CHECK(cas_fuse_uring_commit(&e->h, e->payload, sizeof(e->payload),
+				    &rep) == 99);
+	cas_fuse_reply_done(s, &rep);
+	memcpy(ret_oh, e->h.in_out, sizeof(*ret_oh));
+	struct cas_fuse_uring_ent_in_out io;
+	memcpy(&io, &e->h.ring_ent_in_out, sizeof(io));
+	*ret_len = io.payload_sz;
+	CHECK(ret_oh->unique == 4242);
+	CHECK(ret_oh->len == sizeof(*ret_oh) + io.payload_sz);
+	if (ret_oh->error)
+		CHECK(io.payload_sz == 0);
+	return ret_oh->error;
+}
+
+static void test_uring(void)
+{
+	/* INIT offers io_uring only when the transport asks for it. */
+	for (int ask = 0; ask < 2; ask++) {
+		struct cas_fuse_config cfg = {.readonly = true,
+					      .io_uring = ask};
+		struct cas_fuse_session *s;
+		REQUIRE(cas_fuse_session_new(&fake_ops, &fake, &cfg, &s) == 0);
+		struct out o;
+		REQUIRE(do_init(s, 45, kernel_flags | CAS_FUSE_OVER_IO_URING,
+				&o) == 0);
+		struct fuse_init_out io;
+		memcpy(&io, o.payload, sizeof(io));
+		CHECK(!!(io.flags2 & (CAS_FUSE_OVER_IO_URING >> 32)) == ask);
+		CHECK(o.reply.init);
+		CHECK(cas_fuse_session_conn(s)->io_uring == ask);
+		cas_fuse_session_free(s);
+	}
+
+	struct cas_fuse_session *s = ready_session(false);
+	static struct ring_ent e;
+	struct fuse_out_header oh;
+	size_t len;
+
+	/* LOOKUP: nothing in op_in, the name in the payload. */
+	ring_request(&e, FUSE_LOOKUP, 1, NULL, 0, "file", 5);
+	CHECK(ring_run(s, &e, &oh, &len) == 0);
+	CHECK(len == sizeof(struct fuse_entry_out));
+	struct fuse_entry_out eo;
+	memcpy(&eo, e.payload, sizeof(eo));
+	CHECK(eo.nodeid == 2 && eo.attr.size == FILE_SIZE);
+
+	/* READ: fuse_read_in in op_in; data from a buffer and from an fd. */
+	uint64_t fh = open_file(s, 2, NULL, NULL);
+	struct fuse_read_in ri = {.fh = fh, .offset = 100, .size = 5000};
+	ring_request(&e, FUSE_READ, 2, &ri, sizeof(ri), NULL, 0);
+	CHECK(ring_run(s, &e, &oh, &len) == 0);
+	CHECK(len == 5000);
+	bool same = true;
+	for (size_t i = 0; i < len; i++)
+		same = same && e.payload[i] == pattern(100 + i);
+	CHECK(same);
+	CHECK(release_file(s, 2, fh) == 0);
+	uint8_t data[FDFILE_SIZE];
+	for (size_t i = 0; i < sizeof(data); i++)
+		data[i] = pattern(i);
+	REQUIRE(pwrite(fake.memfd, data, sizeof(data), 0) == sizeof(data));
+	fh = open_file(s, 5, NULL, NULL);
+	ri = (struct fuse_read_in){.fh = fh, .offset = 19000, .size = 4096};
+	ring_request(&e, FUSE_READ, 5, &ri, sizeof(ri), NULL, 0);
+	CHECK(ring_run(s, &e, &oh, &len) == 0);
+	CHECK(len == 1000);
+	same = true;
+	for (size_t i = 0; i < len; i++)
+		same = same && e.payload[i] == pattern(19000 + i);
+	CHECK(same);
+	CHECK(release_file(s, 5, fh) == 0);
+
+	/* Entries whose lengths do not add up get EINVAL. */
+	struct {
+		uint32_t len;
+		uint32_t payload_sz;
+	} bad[] = {
+		{10, 0},       /* shorter than its header */
+		{40 + 5, 6},   /* payload past len */
+		{40 + 129, 0}, /* op_in cannot hold the rest */
+		{40 + 5 + (1u << 20), 5 + (1u << 20)}, /* past the buffer */
+		{UINT32_MAX, 0},
+	};
+	for (size_t i = 0; i < CAS_ARRAY_SIZE(bad); i++) {
+		ring_request(&e, FUSE_LOOKUP, 1, NULL, 0, "file", 5);
+		struct fuse_in_header ih;
+		memcpy(&ih, e.h.in_out, sizeof(ih));
+		ih.len = bad[i].len;
+		memcpy(e.h.in_out, &ih, sizeof(ih));
+		struct cas_fuse_uring_ent_in_out io;
+		memcpy(&io, &e.h.ring_ent_in_out, sizeof(io));
+		io.payload_sz = bad[i].payload_sz;
+		memcpy(&e.h.ring_ent_in_out, &io, sizeof(io));
+		CHECK(ring_run(s, &e, &oh, &len) == -EINVAL);
+	}
+	/* A name without its NUL, an unknown opcode: ordinary errors. */
+	ring_request(&e, FUSE_LOOKUP, 1, NULL, 0, "file", 4);
+	CHECK(ring_run(s, &e, &oh, &len) == -EINVAL);
+	ring_request(&e, 4000, 1, NULL, 0, NULL, 0);
+	CHECK(ring_run(s, &e, &oh, &len) == -ENOSYS);
+	cas_fuse_session_free(s);
+}
+
 int main(void)
 {
 	memset(&fake, 0, sizeof(fake));
@@ -1696,6 +1923,8 @@ int main(void)
 	test_destroy();
 	test_threads();
 	test_small_reply_buffer();
+	test_reply_rewrites();
+	test_uring();
 	close(fake.memfd);
 	free(reply_buf);
 	return check_exit("test_engine");
