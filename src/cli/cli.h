@@ -94,6 +94,13 @@ struct option;
 int cas_cli_getopt(const char *verb, int argc, char **argv,
 		   const char *shortopts, const struct option *longopts);
 
+/* The FUSE engine config both serving verbs start from (read-only, the
+ * engine's defaults); each transport then sets its own part
+ * (cas_devfuse_configure, cas_virtiofs_configure) before the session is
+ * made, so mount and virtiofs are configured the same way. */
+struct cas_fuse_config;
+void cas_cli_fuse_config(struct cas_fuse_config *cfg);
+
 typedef int (*cas_cli_verb)(struct cas_cli *cli, int argc, char **argv);
 
 int cmd_import(struct cas_cli *cli, int argc, char **argv);

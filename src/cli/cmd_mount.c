@@ -1,5 +1,6 @@
 /* castore mount MOUNTPOINT [--list-root] [--show-xattr] [--threads N]
- *                          [--allow-other] [--no-passthrough] */
+ *                          [--allow-other] [--no-passthrough]
+ *                          [--transport auto|io-uring|devfuse] */
 #include <errno.h>
 #include <getopt.h>
 #include <stdio.h>
@@ -14,12 +15,18 @@
 static const char mount_help[] =
 	"Usage: castore mount MOUNTPOINT [--list-root] [--show-xattr]\n"
 	"                     [--threads N] [--allow-other]\n"
+	"                     [--transport auto|io-uring|devfuse]\n"
 	"\n"
 	"Serves the store's named roots as a read-only filesystem at "
 	"MOUNTPOINT\n"
-	"(one folder entry per root), in the foreground, until SIGINT or "
-	"SIGTERM\n"
-	"(which unmount) or an unmount from outside; both end with status 0.\n"
+	"(one folder entry per root), in the foreground, until an unmount "
+	"from\n"
+	"outside or SIGINT/SIGTERM: the first detaches the mount (the path "
+	"is\n"
+	"free at once, files already open keep reading until closed, then it "
+	"ends),\n"
+	"a second ends it at once. Both end with status 0. SIGUSR1 logs the\n"
+	"requests served per opcode.\n"
 	"\n"
 	"  --list-root    allow listing the root folder (else EPERM; looking "
 	"up\n"
@@ -29,7 +36,13 @@ static const char mount_help[] =
 	"  --threads N    worker threads (default: number of CPUs)\n"
 	"  --allow-other  let other users access the mount\n"
 	"  --no-passthrough  serve every READ from the daemon (splice) even\n"
-	"                 where the kernel could read local blobs directly\n";
+	"                 where the kernel could read local blobs directly\n"
+	"  --transport T  auto (default): FUSE over io_uring when the kernel "
+	"has\n"
+	"                 it on (/sys/module/fuse/parameters/enable_uring), "
+	"else\n"
+	"                 /dev/fuse; io-uring: that or fail; devfuse: "
+	"/dev/fuse\n";
 
 int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 {
@@ -39,6 +52,7 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 		{"threads", required_argument, NULL, 't'},
 		{"allow-other", no_argument, NULL, 'o'},
 		{"no-passthrough", no_argument, NULL, 'P'},
+		{"transport", required_argument, NULL, 'T'},
 		{"help", no_argument, NULL, 'h'},
 		{},
 	};
@@ -74,6 +88,20 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 			break;
 		case 'P':
 			dopts.no_passthrough = true;
+			break;
+		case 'T':
+			if (!strcmp(optarg, "auto"))
+				dopts.transport = CAS_DEVFUSE_AUTO;
+			else if (!strcmp(optarg, "io-uring"))
+				dopts.transport = CAS_DEVFUSE_IO_URING;
+			else if (!strcmp(optarg, "devfuse"))
+				dopts.transport = CAS_DEVFUSE_DEVFUSE;
+			else
+				return cas_cli_usage(
+					"mount",
+					"--transport %s: not auto, io-uring "
+					"or devfuse",
+					optarg);
 			break;
 		case 'h':
 			fputs(mount_help, stdout);
@@ -112,8 +140,20 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 		cas_fs_free(fs);
 		return CAS_EXIT_FAILURE;
 	}
-	r = cas_devfuse_serve(dev, cas_fs_ops(), fs);
+	struct cas_fuse_config cfg;
+	cas_cli_fuse_config(&cfg);
+	cas_devfuse_configure(dev, &cfg);
+	struct cas_fuse_session *session = NULL;
+	r = cas_fuse_session_new(cas_fs_ops(), fs, &cfg, &session);
+	if (r < 0) {
+		cas_devfuse_free(dev);
+		cas_fs_free(fs);
+		return cas_cli_fail("mount", "FUSE session: %s", strerror(-r));
+	}
+	r = cas_devfuse_serve(dev, session);
 	cas_devfuse_free(dev);
+	cas_fuse_session_log_counts(session, CAS_LOG_INFO, "requests");
+	cas_fuse_session_free(session);
 	if (cas_log_get_level() >= CAS_LOG_INFO) {
 		struct cas_fs_stats st;
 		cas_fs_get_stats(fs, &st);

@@ -50,6 +50,7 @@ static void session_close(void *userdata, struct cas_fuse_session *s)
 {
 	struct virtiofs_wiring *w = userdata;
 
+	cas_fuse_session_log_counts(s, CAS_LOG_INFO, "requests");
 	cas_fuse_session_free(s);
 	cas_fs_free(w->fs);
 	w->fs = NULL;
@@ -87,15 +88,7 @@ int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 		{"help", no_argument, NULL, 'h'},
 		{0},
 	};
-	struct virtiofs_wiring w = {
-		.fuse_cfg =
-			{
-				.readonly = true,
-				.max_write = 128 * 1024,
-				.max_pages = 256,
-				/* No FUSE passthrough over virtio: backing_open NULL. */
-			},
-	};
+	struct virtiofs_wiring w = {0};
 	const char *socket_path = NULL;
 	int c;
 
@@ -123,6 +116,8 @@ int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 	if (!socket_path)
 		return cas_cli_usage("virtiofs", "--socket PATH is required");
 
+	cas_cli_fuse_config(&w.fuse_cfg);
+	cas_virtiofs_configure(&w.fuse_cfg);
 	int r = cas_cli_open_store(cli, false, &w.store);
 	if (r < 0)
 		return CAS_EXIT_FAILURE;

@@ -13,6 +13,7 @@
 
 #include "core/log.h"
 #include "core/util.h"
+#include "fuse/engine.h"
 #include "store/local.h"
 #ifdef CAS_HAVE_REMOTE
 #include "remote/remote.h"
@@ -400,4 +401,9 @@ void cas_cli_print_root(const char *name, const cas_node *node)
 		fputc('\n', stdout);
 		break;
 	}
+}
+
+void cas_cli_fuse_config(struct cas_fuse_config *cfg)
+{
+	*cfg = (struct cas_fuse_config){.readonly = true};
 }

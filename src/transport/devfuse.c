@@ -14,7 +14,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <linux/fuse.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdatomic.h>
@@ -32,10 +31,15 @@
 
 #include "core/log.h"
 #include "core/util.h"
-#include "fuse/fuse_kernel_ext.h"
+#include "fuse/fuse_dev.h"
+#include "transport/transport_i.h"
+#include "transport/uring.h"
 
 #define PAGE		 4096u
 #define MAX_PAGES_WANTED 256u /* 1 MiB READs */
+/* Ring entries per io_uring queue: a queue's thread serves one request at
+ * a time, the others wait in the kernel's queue or in filled entries. */
+#define URING_DEPTH 8
 /* Below this, copying costs less than three splice calls. */
 #define SPLICE_MIN (16u * 1024)
 /* Request payloads we accept: a read-only mount gets no WRITE data, but
@@ -69,11 +73,19 @@ struct cas_devfuse {
 	bool mounted;
 	bool via_fusermount;
 	uint32_t max_pages;
-	int pipe_size; /* 0: no splice */
+	int pipe_size;			      /* 0: no splice */
+	enum cas_devfuse_transport transport; /* as asked */
+	/* The rings, made at mount when io_uring is to be offered; started
+	 * by the worker that answers INIT. */
+	struct cas_uring *uring;
+	atomic_bool uring_started;
+	pthread_mutex_t uring_lock; /* start vs. the end of serve */
+	bool serving_done;	    /* protected by uring_lock */
 
 	sigset_t old_mask; /* before mount blocked the stop signals */
 	atomic_bool stop;
 	pthread_t main_thread;
+	struct cas_fuse_config cfg; /* as cas_devfuse_configure left it */
 	struct cas_fuse_session *session;
 	struct worker *workers;
 };
@@ -217,10 +229,9 @@ static void do_unmount(struct cas_devfuse *d)
 				      d->mountpoint);
 		return;
 	}
-	/* Lazily when busy: open files keep being served until closed or
-	 * the process ends. */
-	if (umount2(d->mountpoint, 0) < 0 && errno != EINVAL &&
-	    umount2(d->mountpoint, MNT_DETACH) < 0 && errno != EINVAL)
+	/* Detached: open files keep being served until closed (or until
+	 * the process ends). */
+	if (umount2(d->mountpoint, MNT_DETACH) < 0 && errno != EINVAL)
 		cas_log_errno(cas_negerrno(), "unmount %s: %m", d->mountpoint);
 }
 
@@ -256,12 +267,53 @@ static void size_pipes(struct cas_devfuse *d)
 	d->max_pages = CAS_MIN(MAX_PAGES_WANTED, (uint32_t)got / PAGE - 2);
 }
 
+/* What the main thread waits for: SIGINT and SIGTERM (unmount), SIGUSR1
+ * (log the request counts), SIGUSR2 (a worker ended). */
 static void stop_signals(sigset_t *set)
 {
 	sigemptyset(set);
 	sigaddset(set, SIGINT);
 	sigaddset(set, SIGTERM);
+	sigaddset(set, SIGUSR1);
 	sigaddset(set, SIGUSR2);
+}
+
+/* Wakes a worker or a ring thread out of a blocking call. */
+#define WAKE_SIGNAL SIGRTMIN
+
+/* The largest request or reply of the connection: what the kernel wants
+ * each ring entry's payload buffer to hold. */
+static size_t uring_payload_size(const struct cas_devfuse *d)
+{
+	size_t n = CAS_MAX((size_t)CAS_FUSE_MIN_READ_BUFFER, (size_t)MAX_WRITE);
+	return CAS_MAX(n, (size_t)d->max_pages * PAGE);
+}
+
+/* auto: io_uring when the kernel has it on and the rings can be made;
+ * io-uring: that or fail; devfuse: never. */
+static int choose_transport(struct cas_devfuse *d)
+{
+	if (d->transport == CAS_DEVFUSE_DEVFUSE)
+		return 0;
+	if (!cas_uring_enabled()) {
+		if (d->transport == CAS_DEVFUSE_IO_URING)
+			return cas_log_errno(
+				-EOPNOTSUPP,
+				"mount %s: io_uring transport: the kernel has "
+				"it off (/sys/module/fuse/parameters/"
+				"enable_uring)",
+				d->mountpoint);
+		return 0;
+	}
+	struct cas_fuse_config cfg = {.max_pages = d->max_pages,
+				      .max_write = MAX_WRITE};
+	int r = cas_uring_new(uring_payload_size(d),
+			      cas_fuse_reply_bufsize(&cfg), URING_DEPTH,
+			      &d->uring);
+	if (r < 0 && d->transport == CAS_DEVFUSE_IO_URING)
+		return cas_log_errno(r, "mount %s: io_uring transport: %m",
+				     d->mountpoint);
+	return 0;
 }
 
 int cas_devfuse_mount(const struct cas_devfuse_options *opts,
@@ -289,6 +341,14 @@ int cas_devfuse_mount(const struct cas_devfuse_options *opts,
 		return -ENOMEM;
 	}
 	size_pipes(d);
+	pthread_mutex_init(&d->uring_lock, NULL);
+	atomic_init(&d->uring_started, false);
+	d->transport = opts->transport;
+	r = choose_transport(d);
+	if (r < 0) {
+		cas_devfuse_free(d);
+		return r;
+	}
 
 	/* From the moment the mount exists, SIGINT and SIGTERM must unmount:
 	 * hold them until serve waits for them. */
@@ -406,19 +466,9 @@ static void send_copy(struct worker *w, struct cas_fuse_reply *reply)
 			break;
 		got += (size_t)n;
 	}
-	if (got < reply->fd_len) {
-		/* A short file: the header must count what is sent. */
-		struct fuse_out_header *oh =
-			(struct fuse_out_header *)reply->buf;
-		if (got == 0 && reply->fd_len) {
-			oh->len = sizeof(*oh);
-			oh->error = -EIO;
-			struct iovec e = {reply->buf, sizeof(*oh)};
-			write_reply(w, reply, &e, 1);
-			return;
-		}
-		oh->len = (uint32_t)(reply->len + got);
-	}
+	/* A short file: the engine makes the header count what is sent. */
+	cas_fuse_reply_shorten(reply, got);
+	got = reply->fd_len;
 	struct iovec iov[2] = {{reply->buf, reply->len}, {w->scratch, got}};
 	write_reply(w, reply, iov, got ? 2 : 1);
 }
@@ -434,6 +484,36 @@ static void send_reply(struct worker *w, struct cas_fuse_reply *reply)
 	    send_splice(w, reply))
 		return;
 	send_copy(w, reply);
+}
+
+/* INIT is answered: the kernel now knows what we agreed on. */
+static void connection_ready(struct cas_devfuse *d)
+{
+	const struct cas_fuse_conn *conn = cas_fuse_session_conn(d->session);
+	if (!d->uring || !conn->io_uring) {
+		cas_log_info("mount %s: transport /dev/fuse, %u threads%s",
+			     d->mountpoint, d->threads,
+			     d->transport == CAS_DEVFUSE_AUTO
+				     ? " (io_uring is off in the kernel)"
+				     : "");
+		return;
+	}
+	pthread_mutex_lock(&d->uring_lock);
+	if (!d->serving_done && !atomic_load(&d->uring_started)) {
+		int r = cas_uring_start(d->uring, d->fd, d->session,
+					WAKE_SIGNAL);
+		atomic_store(&d->uring_started, true);
+		if (r == 0)
+			cas_log_info("mount %s: transport FUSE over io_uring, "
+				     "%u queues of %u entries",
+				     d->mountpoint, cas_uring_queues(d->uring),
+				     URING_DEPTH);
+		else
+			cas_log_warning("mount %s: io_uring failed, transport "
+					"/dev/fuse",
+					d->mountpoint);
+	}
+	pthread_mutex_unlock(&d->uring_lock);
 }
 
 static void *worker_main(void *arg)
@@ -462,7 +542,10 @@ static void *worker_main(void *arg)
 		cas_fuse_session_process(d->session, &in, 1, &reply);
 		if (reply.send)
 			send_reply(w, &reply);
+		bool init = reply.init && !reply.lost;
 		cas_fuse_reply_done(d->session, &reply);
+		if (init)
+			connection_ready(d);
 		if (reply.destroyed) {
 			w->unmounted = true;
 			break;
@@ -485,7 +568,7 @@ static int clone_fd(int session_fd)
 	if (fd < 0)
 		return cas_negerrno();
 	uint32_t s = (uint32_t)session_fd;
-	if (ioctl(fd, FUSE_DEV_IOC_CLONE, &s) < 0) {
+	if (ioctl(fd, CAS_FUSE_DEV_IOC_CLONE, &s) < 0) {
 		int r = cas_negerrno();
 		close(fd);
 		return r;
@@ -494,7 +577,7 @@ static int clone_fd(int session_fd)
 }
 
 static int worker_init(struct cas_devfuse *d, struct worker *w, unsigned i,
-		       size_t reply_size)
+		       size_t req_size, size_t reply_size)
 {
 	w->d = d;
 	w->pipe[0] = w->pipe[1] = -1;
@@ -509,12 +592,7 @@ static int worker_init(struct cas_devfuse *d, struct worker *w, unsigned i,
 				fd, "clone /dev/fuse: %m (sharing one fd)");
 		}
 	}
-	/* The kernel refuses reads into buffers smaller than this. */
-	w->req_size =
-		CAS_MAX((size_t)FUSE_MIN_READ_BUFFER,
-			sizeof(struct fuse_in_header) +
-				sizeof(struct fuse_write_in) + MAX_WRITE) +
-		PAGE;
+	w->req_size = req_size;
 	w->reply_size = reply_size;
 	w->scratch_size = (size_t)d->max_pages * PAGE;
 	w->req = aligned_alloc(PAGE, (w->req_size + PAGE - 1) / PAGE * PAGE);
@@ -565,56 +643,69 @@ static void raise_readahead(struct cas_devfuse *d)
 	close(fd);
 }
 
+void cas_transport_knock_join(pthread_t thread, int sig)
+{
+	for (;;) {
+		pthread_kill(thread, sig);
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += 20 * 1000 * 1000;
+		if (ts.tv_nsec >= 1000000000) {
+			ts.tv_sec++;
+			ts.tv_nsec -= 1000000000;
+		}
+		if (pthread_timedjoin_np(thread, NULL, &ts) == 0)
+			return;
+	}
+}
+
 static void stop_workers(struct cas_devfuse *d)
 {
 	atomic_store(&d->stop, true);
+	pthread_mutex_lock(&d->uring_lock);
+	d->serving_done = true;
+	pthread_mutex_unlock(&d->uring_lock);
 	for (unsigned i = 0; i < d->threads; i++) {
 		struct worker *w = &d->workers[i];
 		if (!w->started)
 			continue;
-		/* A signal may land just before the worker blocks in read();
-		 * keep knocking until it is gone. */
-		for (;;) {
-			pthread_kill(w->thread, SIGUSR1);
-			struct timespec ts;
-			clock_gettime(CLOCK_REALTIME, &ts);
-			ts.tv_nsec += 20 * 1000 * 1000;
-			if (ts.tv_nsec >= 1000000000) {
-				ts.tv_sec++;
-				ts.tv_nsec -= 1000000000;
-			}
-			if (pthread_timedjoin_np(w->thread, NULL, &ts) == 0)
-				break;
-		}
+		cas_transport_knock_join(w->thread, WAKE_SIGNAL);
 		w->started = false;
 	}
+	/* The rings go with the session they serve. */
+	cas_uring_free(d->uring);
+	d->uring = NULL;
 }
 
-int cas_devfuse_serve(struct cas_devfuse *d, const struct cas_fuse_ops *ops,
-		      void *fs)
+void cas_devfuse_configure(struct cas_devfuse *d, struct cas_fuse_config *cfg)
 {
-	struct cas_fuse_config cfg = {
-		.readonly = true,
-		.max_write = MAX_WRITE,
-		.max_pages = d->max_pages,
-		.max_readahead = d->max_pages * PAGE,
-	};
+	cfg->max_write = MAX_WRITE;
+	cfg->max_pages = d->max_pages;
+	cfg->max_readahead = d->max_pages * PAGE;
 	/* Registering backing files needs CAP_SYS_ADMIN. */
 	if (geteuid() == 0 && !d->no_passthrough) {
-		cfg.backing_open = backing_open;
-		cfg.backing_close = backing_close;
-		cfg.transport = d;
+		cfg->backing_open = backing_open;
+		cfg->backing_close = backing_close;
+		cfg->transport = d;
+	} else {
+		cfg->backing_open = NULL;
+		cfg->backing_close = NULL;
+		cfg->transport = NULL;
 	}
-	int r = cas_fuse_session_new(ops, fs, &cfg, &d->session);
-	if (r < 0)
-		return cas_log_errno(r, "FUSE session: %m");
+	cfg->io_uring = d->uring != NULL;
+	d->cfg = *cfg;
+}
 
+int cas_devfuse_serve(struct cas_devfuse *d, struct cas_fuse_session *session)
+{
+	int r;
+	d->session = session;
 	sigset_t set;
 	stop_signals(&set);
 	pthread_sigmask(SIG_BLOCK, &set, NULL);
 	struct sigaction sa = {.sa_handler = wake_handler};
 	sigemptyset(&sa.sa_mask);
-	sigaction(SIGUSR1, &sa, NULL); /* no SA_RESTART: read() returns */
+	sigaction(WAKE_SIGNAL, &sa, NULL); /* no SA_RESTART: read() returns */
 	d->main_thread = pthread_self();
 
 	d->workers = calloc(d->threads, sizeof(*d->workers));
@@ -622,10 +713,11 @@ int cas_devfuse_serve(struct cas_devfuse *d, const struct cas_fuse_ops *ops,
 		r = -ENOMEM;
 		goto out;
 	}
-	size_t reply_size = cas_fuse_reply_bufsize(&cfg);
+	size_t req_size = cas_fuse_request_bufsize(&d->cfg);
+	size_t reply_size = cas_fuse_reply_bufsize(&d->cfg);
 	for (unsigned i = 0; i < d->threads; i++) {
 		struct worker *w = &d->workers[i];
-		r = worker_init(d, w, i, reply_size);
+		r = worker_init(d, w, i, req_size, reply_size);
 		if (r < 0) {
 			cas_log_errno(r, "worker: %m");
 			goto out;
@@ -639,12 +731,31 @@ int cas_devfuse_serve(struct cas_devfuse *d, const struct cas_fuse_ops *ops,
 	}
 	raise_readahead(d);
 
-	int sig;
-	do
-		sig = sigwaitinfo(&set, NULL);
-	while (sig < 0 && errno == EINTR);
-	if (sig == SIGINT || sig == SIGTERM)
+	/* The first SIGINT or SIGTERM detaches the mount: the path is free
+	 * at once and nothing new can be opened, but files already open
+	 * keep being served until the last one closes and the kernel ends
+	 * the connection (a worker then sees ENODEV). A second signal ends
+	 * everything at once. */
+	bool detached = false;
+	for (;;) {
+		int sig = sigwaitinfo(&set, NULL);
+		if (sig < 0)
+			continue; /* EINTR */
+		if (sig == SIGUSR1) {
+			cas_fuse_session_log_counts(d->session, CAS_LOG_WARNING,
+						    "requests");
+			continue;
+		}
+		if (sig == SIGUSR2)
+			break; /* a worker ended: the connection is gone */
+		if (detached)
+			break;
+		detached = true;
 		do_unmount(d);
+		cas_log_info("mount %s: detached; files still open are served "
+			     "until closed (signal again to end now)",
+			     d->mountpoint);
+	}
 	r = 0;
 out:
 	stop_workers(d);
@@ -661,7 +772,6 @@ out:
 		free(d->workers);
 		d->workers = NULL;
 	}
-	cas_fuse_session_free(d->session);
 	d->session = NULL;
 	/* A signal that arrived while stopping must not kill us later. */
 	struct timespec zero = {0, 0};
@@ -676,8 +786,10 @@ void cas_devfuse_free(struct cas_devfuse *d)
 	if (!d)
 		return;
 	do_unmount(d);
+	cas_uring_free(d->uring);
 	if (d->fd >= 0)
 		close(d->fd);
+	pthread_mutex_destroy(&d->uring_lock);
 	free(d->mountpoint);
 	free(d->fsname);
 	free(d->subtype);

@@ -3,7 +3,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
-#include <linux/fuse.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -69,19 +68,16 @@ static void vfs_queue_stop(void *opaque, unsigned qidx, void *ctx)
 	free(q);
 }
 
-/* Writes a bare error reply (fuse_out_header only) into the chain. */
-static uint32_t reply_error(struct cas_vq_elem *elem, uint64_t unique, int err)
+/* Copies the engine's reply (header and payload) into the chain's
+ * writable buffers; returns the bytes written. */
+static uint32_t put_reply(struct cas_vq_elem *elem,
+			  const struct cas_fuse_reply *rep)
 {
-	struct fuse_out_header oh = {
-		.len = sizeof(oh),
-		.error = err,
-		.unique = unique,
-	};
-
-	if (elem->write_len < sizeof(oh))
+	if (!rep->send || rep->len > elem->write_len)
 		return 0;
 	return (uint32_t)cas_iov_copy_to(elem->iov + elem->read_cnt,
-					 elem->write_cnt, 0, &oh, sizeof(oh));
+					 elem->write_cnt, 0, rep->buf,
+					 rep->len);
 }
 
 /* Reads fd_len bytes of the reply's file straight into the guest's
@@ -168,7 +164,6 @@ static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
 {
 	struct cas_virtiofs *v = opaque;
 	struct vfs_queue *q = ctx;
-	struct fuse_in_header ih = {0};
 	struct cas_fuse_reply rep = {
 		.buf = q->buf,
 		.buf_size = q->buf_size,
@@ -176,16 +171,16 @@ static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
 	};
 	uint32_t written;
 
-	/* A copy of the header, only to spot a repeated INIT and to answer
-	 * when there is no session; the engine decodes the request. */
-	cas_iov_copy_from(elem->iov, elem->read_cnt, 0, &ih, sizeof(ih));
-	if (ih.opcode == FUSE_INIT && qidx > 0)
+	/* A guest that starts over (INIT again) gets a fresh session; only
+	 * request queues carry INIT. */
+	if (qidx > 0 && cas_fuse_request_is_init(elem->iov, elem->read_cnt))
 		session_renew(v);
 
 	pthread_rwlock_rdlock(&v->session_lock);
 	if (!v->session) {
 		pthread_rwlock_unlock(&v->session_lock);
-		return reply_error(elem, ih.unique, -EIO);
+		cas_fuse_request_fail(elem->iov, elem->read_cnt, &rep, -EIO);
+		return put_reply(elem, &rep);
 	}
 	cas_fuse_session_process(v->session, elem->iov, elem->read_cnt, &rep);
 	if (!rep.send) {
@@ -193,29 +188,25 @@ static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
 		goto done;
 	}
 	size_t data_len = rep.fd >= 0 ? rep.fd_len : 0;
-	if (rep.len < sizeof(struct fuse_out_header) ||
-	    rep.len > rep.buf_size || data_len > UINT32_MAX ||
+	if (rep.len > rep.buf_size || data_len > UINT32_MAX ||
 	    rep.len + data_len > elem->write_len ||
 	    rep.len + data_len > UINT32_MAX) {
 		cas_log_debug("virtiofs: reply of %zu bytes does not fit %zu",
 			      rep.len + data_len, elem->write_len);
-		written = reply_error(elem, rep.unique ? rep.unique : ih.unique,
-				      -EIO);
+		cas_fuse_reply_fail(&rep, -EIO);
+		written = put_reply(elem, &rep);
 		goto done;
 	}
-	cas_iov_copy_to(elem->iov + elem->read_cnt, elem->write_cnt, 0, rep.buf,
-			rep.len);
-	written = (uint32_t)rep.len;
 	if (data_len > 0) {
 		int r = read_file_data(q, elem, rep.len, &rep);
 		if (r < 0) {
 			cas_log_warning_errno(
 				r, "virtiofs: read of reply data: %m");
-			written = reply_error(elem, rep.unique, -EIO);
-			goto done;
+			cas_fuse_reply_fail(&rep, -EIO);
+			data_len = 0;
 		}
-		written += (uint32_t)data_len;
 	}
+	written = put_reply(elem, &rep) + (uint32_t)data_len;
 done:
 	cas_fuse_reply_done(v->session, &rep);
 	pthread_rwlock_unlock(&v->session_lock);
@@ -228,6 +219,17 @@ static const struct cas_vu_ops vfs_ops = {
 	.process = vfs_process,
 };
 
+void cas_virtiofs_configure(struct cas_fuse_config *cfg)
+{
+	cfg->max_write = 128 * 1024;
+	cfg->max_pages = 256;
+	/* No FUSE passthrough or io_uring over virtio. */
+	cfg->backing_open = NULL;
+	cfg->backing_close = NULL;
+	cfg->transport = NULL;
+	cfg->io_uring = false;
+}
+
 int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 		     struct cas_virtiofs **ret)
 {
@@ -235,7 +237,7 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 	int r;
 
 	if (!cfg->socket_path || !cfg->session_open || !cfg->session_close ||
-	    cfg->reply_bufsize < sizeof(struct fuse_out_header))
+	    cfg->reply_bufsize < CAS_FUSE_REPLY_HEADER_SIZE)
 		return -EINVAL;
 	if (strlen(cfg->socket_path) >= sizeof(sa.sun_path))
 		return cas_log_errno(-ENAMETOOLONG,

@@ -35,6 +35,11 @@ struct cas_virtiofs_config {
 
 struct cas_virtiofs;
 
+/* Sets what a virtio-fs device decides of the engine's config (READ and
+ * request sizes; no passthrough, no io_uring). The caller sets the rest
+ * and makes each frontend's session from it. */
+void cas_virtiofs_configure(struct cas_fuse_config *cfg);
+
 /* Binds and listens on socket_path (a stale socket there is replaced;
  * anything else there is an error: -EEXIST). */
 int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,

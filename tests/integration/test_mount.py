@@ -4,6 +4,12 @@ Every test builds its own store, mounts it with `castore mount` in the
 background, and checks what the kernel shows through the mount point. The
 mount fixture always unmounts (umount -l) and kills the process at
 teardown, whatever the test did.
+
+The whole module runs once per transport: /dev/fuse (`--transport
+devfuse`, with the kernel's io_uring switch off) and FUSE over io_uring
+(`--transport io-uring`, with /sys/module/fuse/parameters/enable_uring
+set for the test and restored after it; skipped where the kernel lacks
+it).
 """
 import errno
 import filecmp
@@ -26,14 +32,47 @@ pytestmark = pytest.mark.skipif(
     reason="needs /dev/fuse and root")
 
 
+ENABLE_URING = Path("/sys/module/fuse/parameters/enable_uring")
+
+
+def set_enable_uring(on):
+    """Sets the kernel's FUSE io_uring switch; returns what it was."""
+    old = ENABLE_URING.read_text().strip()
+    ENABLE_URING.write_text("1" if on else "0")
+    return old in ("Y", "1")
+
+
+# The transport the current test mounts with (set by the fixture below).
+TRANSPORT = ["devfuse"]
+
+
+@pytest.fixture(autouse=True, params=["devfuse", "io-uring"])
+def transport(request):
+    """Runs each test with one transport, the kernel switch set to match,
+    and restores the switch afterwards."""
+    if request.param == "io-uring" and not ENABLE_URING.exists():
+        pytest.skip("kernel without FUSE over io_uring")
+    old = set_enable_uring(request.param == "io-uring") if ENABLE_URING.exists() else None
+    TRANSPORT[0] = request.param
+    yield request.param
+    TRANSPORT[0] = "devfuse"
+    if old is not None:
+        set_enable_uring(old)
+
+
 class Mount:
-    def __init__(self, store, path, args, tmp):
+    def __init__(self, store, path, args, tmp, env=None):
         self.path = Path(path)
         self.errlog = Path(tmp) / f"mount-{os.getpid()}-{time.monotonic_ns()}.err"
         self.path.mkdir(parents=True, exist_ok=True)
+        args = list(args)
+        if not any(a.startswith("--transport") for a in args):
+            args += ["--transport", TRANSPORT[0]]
+        e = dict(os.environ)
+        e.update(env or {})
         self.proc = subprocess.Popen(
-            [CASTORE, "--store", str(store), "mount", str(path)] + list(args),
-            stdout=subprocess.DEVNULL, stderr=open(self.errlog, "wb"))
+            [CASTORE, "--store", str(store), "mount", str(path)] + args,
+            stdout=subprocess.DEVNULL, stderr=open(self.errlog, "wb"), env=e)
         deadline = time.monotonic() + 15
         while not os.path.ismount(self.path):
             if self.proc.poll() is not None:
@@ -52,12 +91,14 @@ class Mount:
         return self.proc.wait(timeout=timeout)
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
+        # A second signal ends a mount that still serves open files.
+        for _ in range(2):
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
         if os.path.ismount(self.path):
             subprocess.run(["umount", "-l", str(self.path)], check=False)
         if self.proc.poll() is None:
@@ -71,8 +112,8 @@ def mount(store, tmp_path):
     Mount whose .path is the mount point."""
     mounts = []
 
-    def start(*args):
-        m = Mount(store, tmp_path / f"mnt{len(mounts)}", args, tmp_path)
+    def start(*args, env=None):
+        m = Mount(store, tmp_path / f"mnt{len(mounts)}", args, tmp_path, env=env)
         mounts.append(m)
         return m
     yield start
@@ -597,15 +638,71 @@ def test_sigterm_unmounts_and_exits_0(tree, mount):
     assert not os.path.ismount(m.path)
 
 
-def test_sigint_with_open_file_exits_0(tree, mount):
+def wait_unmounted(path):
+    deadline = time.monotonic() + 15
+    while os.path.ismount(path):
+        assert time.monotonic() < deadline, f"{path} still mounted"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_detaches_and_open_files_keep_reading(tree, mount, sig):
     m = mount()
+    big = pattern_bytes(3 * 1024 * 1024 + 17, 9)
     f = open(m.path / "r" / "big.bin", "rb")
+    d = os.open(m.path / "r" / "dirA", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        f.read(10)
-        assert m.stop(signal.SIGINT) == 0
-        assert not os.path.ismount(m.path)
+        assert f.read(10) == big[:10]
+        m.proc.send_signal(sig)
+        wait_unmounted(m.path)
+        # The path is free: nothing new opens through it.
+        expect_errno(errno.ENOENT, os.stat, m.path / "r" / "top.txt")
+        assert os.listdir(m.path) == []
+        # What was open keeps working: reads, and lookups under an open
+        # folder.
+        assert f.read() == big[10:]
+        f.seek(1000)
+        assert f.read(5) == big[1000:1005]
+        with open(f"/proc/self/fd/{d}/f1", "rb") as g:
+            assert g.read() == pattern_bytes(100, 1)
+        assert m.proc.poll() is None  # still serving: files are open
     finally:
         f.close()
+        os.close(d)
+    # The last file closed: the kernel ends the connection, we exit.
+    assert m.proc.wait(timeout=15) == 0
+
+
+def test_second_signal_ends_at_once(tree, mount):
+    m = mount()
+    f = open(m.path / "r" / "big.bin", "rb")
+    d = os.open(m.path / "r" / "dirA", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        f.read(10)
+        m.proc.send_signal(signal.SIGTERM)
+        wait_unmounted(m.path)
+        assert m.proc.poll() is None
+        assert m.stop(signal.SIGTERM) == 0
+        # The daemon is gone: what needs it fails, nothing hangs.
+        expect_errno(errno.ENOTCONN, os.stat, f"/proc/self/fd/{d}/sub/s.txt")
+    finally:
+        f.close()
+        os.close(d)
+
+
+def test_sigusr1_logs_request_counts(tree, mount):
+    m = mount()
+    assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
+    m.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 15
+    while "requests: LOOKUP" not in m.stderr():
+        assert m.proc.poll() is None and time.monotonic() < deadline, m.stderr()
+        time.sleep(0.02)
+    import re
+    err = m.stderr()
+    assert int(re.search(r"requests: LOOKUP +(\d+)", err).group(1)) >= 2, err
+    assert int(re.search(r"requests: (\d+) requests", err).group(1)) >= 3, err
+    assert m.stop() == 0
 
 
 def test_unmount_from_outside_exits_0(tree, mount):
@@ -726,8 +823,79 @@ def test_unprivileged_mount_via_fusermount3(public_dir, castore, store):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def uring_completions(pid):
+    """Completions the process's io_uring instances have posted (fdinfo)."""
+    total = rings = 0
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("CqTail:"):
+                total += int(line.split()[1])
+                rings += 1
+    return rings, total
+
+
+def test_transport_serves_usr_include_linux(tmp_path, castore, mount, transport):
+    """/usr/include/linux read whole through the mount matches; with
+    io_uring its rings carry the requests (fdinfo shows the completions),
+    with /dev/fuse there are none."""
+    castore("import", "/usr/include/linux", "--name", "inc")
+    m = mount(env={"CASTORE_LOG": "info"})
+    before = uring_completions(m.proc.pid)
+    nfiles = 0
+    for root, dirs, files in os.walk("/usr/include/linux"):
+        rel = os.path.relpath(root, "/usr/include/linux")
+        for name in files:
+            src = os.path.join(root, name)
+            if os.path.islink(src):
+                continue
+            with open(src, "rb") as a, open(m.path / "inc" / rel / name, "rb") as b:
+                assert a.read() == b.read(), src
+            nfiles += 1
+    rings, total = uring_completions(m.proc.pid)
+    if transport == "io-uring":
+        assert "transport FUSE over io_uring" in m.stderr()
+        # One ring per possible CPU, each with its entries' completions.
+        assert rings >= 1
+        assert total - before[1] >= nfiles, (before, total, nfiles)
+    else:
+        assert "transport /dev/fuse" in m.stderr()
+        assert rings == 0
+    assert m.stop() == 0
+
+
+def test_auto_transport_follows_the_kernel(tree, store, mount, transport):
+    """auto: io_uring when the kernel has it on, else /dev/fuse; saying
+    which. io-uring with it off fails with the reason."""
+    if not ENABLE_URING.exists() or transport != "devfuse":
+        pytest.skip("kernel without FUSE over io_uring, or run already")
+    old = set_enable_uring(False)
+    try:
+        m = mount("--transport", "auto", env={"CASTORE_LOG": "info"})
+        assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
+        assert "transport /dev/fuse" in m.stderr()
+        assert uring_completions(m.proc.pid)[0] == 0
+        assert m.stop() == 0
+        p = run(["mount", m.path, "--transport", "io-uring"],
+                store=store, check=False, timeout=30)
+        assert p.returncode == 1
+        assert b"enable_uring" in p.stderr and str(m.path).encode() in p.stderr
+        set_enable_uring(True)
+        m = mount("--transport", "auto", env={"CASTORE_LOG": "info"})
+        assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
+        assert "transport FUSE over io_uring" in m.stderr()
+        assert uring_completions(m.proc.pid)[1] > 0
+        assert m.stop() == 0
+    finally:
+        set_enable_uring(old)
+
+
 def test_usage(store):
     assert run(["mount", "--help"], store=store).stdout.startswith(b"Usage: castore mount")
     assert run(["mount"], store=store, check=False).returncode == 2
     assert run(["mount", "/x", "--threads", "0"], store=store, check=False).returncode == 2
     assert run(["mount", "/x", "/y"], store=store, check=False).returncode == 2
+    assert run(["mount", "/x", "--transport", "tcp"], store=store, check=False).returncode == 2
