@@ -24,6 +24,7 @@ struct cas_virtiofs {
 	char *socket_path;
 	int listen_fd;
 	int stop_fd;
+	unsigned stops; /* stop requests seen; only the run thread touches */
 	struct cas_vu_dev *dev;
 
 	/* The session of the connected frontend. Queue threads hold the
@@ -339,10 +340,23 @@ void cas_virtiofs_stop(struct cas_virtiofs *v)
 	errno = saved;
 }
 
-static bool stop_requested(struct cas_virtiofs *v)
+/* Counts the stop requests that came (cas_virtiofs_stop). The first
+ * closes and removes the socket: no new frontend can come, the one that
+ * is connected keeps its session. The second ends everything. */
+static void take_stops(struct cas_virtiofs *v)
 {
-	struct pollfd p = {.fd = v->stop_fd, .events = POLLIN};
-	return poll(&p, 1, 0) > 0;
+	uint64_t n;
+	if (read(v->stop_fd, &n, sizeof(n)) != sizeof(n))
+		return;
+	v->stops += n > 2 ? 2 : (unsigned)n;
+	if (v->listen_fd >= 0) {
+		close(v->listen_fd);
+		v->listen_fd = -1;
+		if (unlink(v->socket_path) < 0 && errno != ENOENT)
+			cas_log_warning_errno(cas_negerrno(),
+					      "virtiofs: remove %s: %m",
+					      v->socket_path);
+	}
 }
 
 /* Serves one frontend until it goes away or we are stopped. */
@@ -360,7 +374,7 @@ static void serve(struct cas_virtiofs *v, int conn)
 		struct pollfd p[3] = {
 			{.fd = v->stop_fd, .events = POLLIN},
 			{.fd = conn, .events = POLLIN},
-			{.fd = v->listen_fd, .events = POLLIN},
+			{.fd = v->listen_fd, .events = POLLIN}, /* -1: none */
 		};
 		if (poll(p, 3, -1) < 0) {
 			if (errno == EINTR)
@@ -368,8 +382,16 @@ static void serve(struct cas_virtiofs *v, int conn)
 			cas_log_errno(cas_negerrno(), "virtiofs: poll: %m");
 			break;
 		}
-		if (p[0].revents)
-			break;
+		if (p[0].revents) {
+			take_stops(v);
+			if (v->stops >= 2)
+				break;
+			cas_log_info("virtiofs: socket %s removed; serving the "
+				     "connected guest until it disconnects "
+				     "(signal again to end now)",
+				     v->socket_path);
+			continue;
+		}
 		if (p[2].revents & POLLIN) {
 			int other =
 				accept4(v->listen_fd, NULL, NULL, SOCK_CLOEXEC);
@@ -417,8 +439,10 @@ int cas_virtiofs_run(struct cas_virtiofs *v)
 			return cas_log_errno(cas_negerrno(),
 					     "virtiofs: poll: %m");
 		}
-		if (p[0].revents)
+		if (p[0].revents) {
+			take_stops(v);
 			return 0;
+		}
 		if (!(p[1].revents & POLLIN))
 			continue;
 		int conn = accept4(v->listen_fd, NULL, NULL, SOCK_CLOEXEC);
@@ -431,7 +455,7 @@ int cas_virtiofs_run(struct cas_virtiofs *v)
 		}
 		serve(v, conn);
 		close(conn);
-		if (stop_requested(v))
+		if (v->stops > 0)
 			return 0;
 	}
 }

@@ -10,6 +10,11 @@
  * (guest shut down, QEMU ended) everything it set up is dropped, its
  * session closed, and the next frontend is accepted.
  *
+ * Stopping is in two steps, as for a mount: the first cas_virtiofs_stop
+ * closes and removes the socket (no new frontend), and a connected
+ * frontend keeps its session until it disconnects; a second stop ends it
+ * at once.
+ *
  * Contract: cas_virtiofs_run runs on the caller's thread (it is the
  * vhost-user socket thread; queue threads come and go with the rings).
  * cas_virtiofs_stop may be called from a signal handler or any thread.
@@ -44,8 +49,9 @@ void cas_virtiofs_configure(struct cas_fuse_config *cfg);
  * anything else there is an error: -EEXIST). */
 int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 		     struct cas_virtiofs **ret);
-/* Serves frontends until cas_virtiofs_stop. 0, or -errno if the socket
- * failed. */
+/* Serves frontends until cas_virtiofs_stop (with no frontend connected,
+ * or once the connected one left), or a second stop. 0, or -errno if the
+ * socket failed. */
 int cas_virtiofs_run(struct cas_virtiofs *v);
 /* Async-signal-safe. */
 void cas_virtiofs_stop(struct cas_virtiofs *v);

@@ -499,3 +499,50 @@ def test_sigint_without_guest(tmp_path, store, castore):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def features(c):
+    """Asks a served connection GET_FEATURES once more."""
+    c.sendall(GET_FEATURES)
+    reply = b""
+    while len(reply) < 20:
+        got = c.recv(20 - len(reply))
+        assert got, "connection closed"
+        reply += got
+    return reply
+
+
+def test_signal_removes_socket_and_keeps_the_frontend(tmp_path, store, castore):
+    """SIGTERM: the socket goes at once, the connected frontend keeps its
+    session until it leaves; then the daemon ends. A second signal ends
+    it at once."""
+    castore("roots", "add", "x", "--symlink", "target")
+    sock = tmp_path / "s.sock"
+    for second_signal in (False, True):
+        proc = subprocess.Popen([CASTORE, "--store", str(store), "virtiofs", "--socket", str(sock)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_socket(sock, proc)
+            c = served_connection(sock)
+            proc.send_signal(signal.SIGTERM)
+            end = time.monotonic() + 30
+            while sock.exists():
+                assert time.monotonic() < end, "socket still there"
+                time.sleep(0.02)
+            # Still served, by the same daemon.
+            assert features(c)[:4] == b"\x01\x00\x00\x00"
+            assert proc.poll() is None
+            if second_signal:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0
+                c.close()
+            else:
+                c.close()
+                assert proc.wait(timeout=30) == 0
+            assert not sock.exists()
+            err = proc.stderr.read().decode(errors="replace")
+            assert "Sanitizer" not in err and "runtime error" not in err, err[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
