@@ -46,7 +46,10 @@
 # of "seq fio walk mem pcache": sequential reads, random reads,
 # traversals, memory per entry, page cache of equal files; e.g.
 # MEASURE=seq for the 1 GiB reads alone), PRIME (1: see prime_memory;
-# 0: cold = drop_caches only, as in the first runs).
+# 0: cold = drop_caches only, as in the first runs), COUNTS (1: in round 1
+# castore's requests per opcode of the warm find and the warm tar, from
+# the daemon's SIGUSR1 dumps before and after each, are reported; the
+# timed runs are not disturbed, the dumps come between them).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -60,6 +63,7 @@ CASTORE_MOUNT_OPTS=${CASTORE_MOUNT_OPTS:-}
 ONLY=${ONLY:-native ptll sqfs castore castore_np}
 MEASURE=${MEASURE:-seq fio walk mem pcache}
 PRIME=${PRIME:-1}
+COUNTS=${COUNTS:-0}
 WORK=$BENCH_DIR/fs
 MNT=$WORK/mnt
 LOG=$BENCH_DIR/logs/fs.log
@@ -375,6 +379,44 @@ backing_warm() {
 	esac
 }
 
+# counts_snapshot PEER: the daemon's requests per opcode so far ("OPCODE N"
+# lines), from the dump it logs on SIGUSR1.
+counts_snapshot() {
+	local pid=${PIDS[$1]// /} n i
+	n=$(grep -c 'requests: [0-9]* requests' "$LOG" || true)
+	kill -USR1 "$pid"
+	for ((i = 0; i < 100; i++)); do
+		(($(grep -c 'requests: [0-9]* requests' "$LOG" || true) > n)) && break
+		sleep 0.05
+	done
+	sleep 0.2 # the opcode lines follow the total line
+	awk '/requests: [0-9]+ requests/ { delete c; next }
+	     /castore: requests: [A-Z_]+ +[0-9]+$/ { c[$3] = $4 }
+	     END { for (k in c) print k, c[k] }' "$LOG"
+}
+
+# counts_delta BEFORE AFTER: "OPCODE N" for what came in between, most first.
+counts_delta() {
+	awk 'NR == FNR { b[$1] = $2; next } { d = $2 - b[$1]; if (d > 0) print $1, d }' \
+		<(echo "$1") <(echo "$2") | sort -k2,2nr | awk '{ printf "%s %s, ", $1, $2 }' |
+		sed 's/, $//'
+}
+
+# timed_counted KEY PEER CMD...: timed CMD; with COUNTS=1 in round 1 for
+# castore, also the requests it caused, kept in R[KEY.counts].
+timed_counted() {
+	local key=$1 p=$2 before after rc=0
+	shift 2
+	if ((COUNTS)) && [[ $p == castore && -z ${R[$key.counts]:-} ]]; then
+		before=$(counts_snapshot "$p")
+		timed "$@" || rc=$?
+		after=$(counts_snapshot "$p")
+		R[$key.counts]=$(counts_delta "$before" "$after")
+		return $rc
+	fi
+	timed "$@"
+}
+
 # --- measurements -----------------------------------------------------------
 
 # status_kb PEER FIELD: FIELD of /proc/PID/status (kB) summed over its daemons.
@@ -471,7 +513,7 @@ measure_round() {
 	timed walk_find "${TREE[$p]}" || return 1
 	keep_min "$p.find_cold" $T
 	log "  find cold: $(us2s $T) s"
-	timed walk_find "${TREE[$p]}" || return 1
+	timed_counted find_warm "$p" walk_find "${TREE[$p]}" || return 1
 	keep_min "$p.find_warm" $T
 	log "  find warm: $(us2s $T) s"
 	[[ $p == native ]] || keep_max "$p.rss" "$(peer_hwm "$p")"
@@ -479,7 +521,7 @@ measure_round() {
 	timed walk_tar "${TREE[$p]}" || return 1
 	keep_min "$p.tar_cold" $T
 	log "  tar cold: $(us2s $T) s"
-	timed walk_tar "${TREE[$p]}" || return 1
+	timed_counted tar_warm "$p" walk_tar "${TREE[$p]}" || return 1
 	keep_min "$p.tar_warm" $T
 	log "  tar warm: $(us2s $T) s"
 	[[ $p == native ]] || keep_max "$p.rss" "$(peer_hwm "$p")"
@@ -574,6 +616,11 @@ if wants pcache "$MEASURE"; then
 		printf '  %-15s %6d MiB%s\n' "${LABEL[$p]}" $((R[$p.pcache_kb] / 1024)) \
 			"${R[$p.blob_res]:+ (the blob: $((R[$p.blob_res] >> 20)) MiB resident)}"
 	done
+fi
+if ((COUNTS)); then
+	echo
+	echo "castore requests per opcode, warm find (round 1): ${R[find_warm.counts]:-none}"
+	echo "castore requests per opcode, warm tar  (round 1): ${R[tar_warm.counts]:-none}"
 fi
 
 # --- targets (issue 3) ------------------------------------------------------
