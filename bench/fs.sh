@@ -383,16 +383,17 @@ backing_warm() {
 # lines), from the dump it logs on SIGUSR1.
 counts_snapshot() {
 	local pid=${PIDS[$1]// /} n i
-	n=$(grep -c 'requests: [0-9]* requests' "$LOG" || true)
+	n=$(grep -c 'requests: [0-9]* in all' "$LOG" || true)
 	kill -USR1 "$pid"
-	for ((i = 0; i < 100; i++)); do
-		(($(grep -c 'requests: [0-9]* requests' "$LOG" || true) > n)) && break
+	for ((i = 0; i < 200; i++)); do
+		(($(grep -c 'requests: [0-9]* in all' "$LOG" || true) > n)) && break
 		sleep 0.05
 	done
-	sleep 0.2 # the opcode lines follow the total line
-	awk '/requests: [0-9]+ requests/ { delete c; next }
+	# The dump ends with its total line: the last whole one is the block
+	# before the last total.
+	awk '/requests: [0-9]+ in all/ { delete d; for (k in c) d[k] = c[k]; delete c; next }
 	     /castore: requests: [A-Z_]+ +[0-9]+$/ { c[$3] = $4 }
-	     END { for (k in c) print k, c[k] }' "$LOG"
+	     END { for (k in d) print k, d[k] }' "$LOG"
 }
 
 # counts_delta BEFORE AFTER: "OPCODE N" for what came in between, most first.

@@ -291,6 +291,12 @@ static int entry_for_inode(struct cas_fs *fs, const struct cas_inode *in,
 
 static int fs_init(void *fs_, struct cas_fuse_conn *conn)
 {
+	struct cas_fs *fs = fs_;
+	/* Folders never change and readdir of one needs no handle, so the
+	 * kernel may open them without asking (one round trip less per
+	 * folder and pass); only the root listing (--list-root) needs its
+	 * per-open snapshot and no kernel cache, as roots come and go. */
+	conn->want_no_opendir = !fs->opts.list_root;
 	return 0;
 }
 

@@ -531,6 +531,7 @@ static int do_init(struct req *q)
 		.can_readdirplus = (offered & FUSE_DO_READDIRPLUS) != 0,
 		.io_uring = s->cfg.io_uring &&
 			    (offered & CAS_FUSE_OVER_IO_URING) != 0,
+		.can_no_opendir = (offered & FUSE_NO_OPENDIR_SUPPORT) != 0,
 	};
 	conn.want_passthrough = conn.can_passthrough;
 	conn.want_readdirplus = conn.can_readdirplus;
@@ -544,6 +545,7 @@ static int do_init(struct req *q)
 	/* What init may not change stays what was negotiated. */
 	conn.want_passthrough = conn.want_passthrough && conn.can_passthrough;
 	conn.want_readdirplus = conn.want_readdirplus && conn.can_readdirplus;
+	conn.want_no_opendir = conn.want_no_opendir && conn.can_no_opendir;
 	conn.max_pages = CAS_MIN(CAS_MAX(conn.max_pages, 1u), s->max_pages);
 	conn.max_readahead = CAS_MIN(conn.max_readahead, in.max_readahead);
 	conn.max_write = CAS_MAX(conn.max_write, (uint32_t)CAS_FUSE_PAGE);
@@ -781,7 +783,9 @@ static int do_open(struct req *q, bool dir)
 		return -EROFS;
 	int (*op)(void *, uint64_t, uint32_t, struct cas_fuse_open *) =
 		dir ? s->ops->opendir : s->ops->open;
-	if (!op)
+	/* The kernel takes this ENOSYS as "open every folder yourself, cached"
+	 * (engine.h, want_no_opendir): no more OPENDIR or RELEASEDIR. */
+	if (!op || (dir && s->conn.want_no_opendir))
 		return -ENOSYS;
 	struct cas_fuse_open o = {.backing_fd = -1};
 	r = op(s->fs, q->h.nodeid, in.flags, &o);
@@ -1414,8 +1418,6 @@ void cas_fuse_session_log_counts(struct cas_fuse_session *s, int level,
 					    memory_order_relaxed);
 		total += n[i];
 	}
-	cas_log_internal(level, 0, "%s: %llu requests", title,
-			 (unsigned long long)total);
 	for (;;) {
 		size_t best = 0;
 		for (size_t i = 1; i < CAS_FUSE_COUNT_SLOTS; i++)
@@ -1430,4 +1432,7 @@ void cas_fuse_session_log_counts(struct cas_fuse_session *s, int level,
 				 (unsigned long long)n[best]);
 		n[best] = 0;
 	}
+	/* Last, so that a reader knows the dump is whole. */
+	cas_log_internal(level, 0, "%s: %llu in all", title,
+			 (unsigned long long)total);
 }

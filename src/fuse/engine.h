@@ -125,6 +125,14 @@ struct cas_fuse_conn {
 	/* FUSE over io_uring: the kernel offered it and the transport asked
 	 * for it (cas_fuse_config.io_uring); the fs has no say. */
 	bool io_uring;
+	/* Zero-message opendir (FUSE_NO_OPENDIR_SUPPORT): when the fs wants
+	 * it, the engine answers OPENDIR with ENOSYS and the kernel then opens
+	 * every folder itself, for the rest of the connection, as if the fs
+	 * had said KEEP_CACHE | CACHE_DIR; READDIR then comes with fh 0 and
+	 * no RELEASEDIR follows. Only for a fs whose folders never change and
+	 * whose readdir needs no handle. Default: off. */
+	bool can_no_opendir;
+	bool want_no_opendir;
 };
 
 struct cas_fuse_ops {
@@ -292,7 +300,7 @@ uint64_t cas_fuse_uring_commit(void *headers, uint8_t *payload,
 
 /* Requests seen per opcode since the session began, for tuning: logged at
  * `level` (enum cas_log_level) as one line per opcode that came, most
- * frequent first, under `title`. Thread-safe; counting costs one relaxed
+ * frequent first, then the total ("TITLE: N in all"), under `title`. Thread-safe; counting costs one relaxed
  * atomic add per request. */
 void cas_fuse_session_log_counts(struct cas_fuse_session *s, int level,
 				 const char *title);

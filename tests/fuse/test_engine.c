@@ -41,6 +41,7 @@ struct fake {
 	int init_calls, destroy_calls;
 	bool init_clear_passthrough;
 	bool init_clear_readdirplus;
+	bool init_no_opendir;
 	bool with_xattr;
 	struct cas_fuse_conn seen_conn;
 	/* transport side */
@@ -95,6 +96,8 @@ static int f_init(void *fs, struct cas_fuse_conn *conn)
 		conn->want_passthrough = false;
 	if (f->init_clear_readdirplus)
 		conn->want_readdirplus = false;
+	if (f->init_no_opendir)
+		conn->want_no_opendir = true;
 	f->seen_conn = *conn;
 	return 0;
 }
@@ -1902,6 +1905,41 @@ static void test_uring(void)
 	cas_fuse_session_free(s);
 }
 
+/* A fs that wants zero-message opendir gets OPENDIR answered ENOSYS by the
+ * engine (the kernel then opens folders itself) and READDIR with fh 0;
+ * only where the kernel offered it. */
+static void test_no_opendir(void)
+{
+	for (int offered = 0; offered < 2; offered++) {
+		fake.init_no_opendir = true;
+		struct cas_fuse_session *s = new_session(false, 32);
+		struct out o;
+		uint64_t flags = kernel_flags;
+		if (!offered)
+			flags &= ~(uint64_t)FUSE_NO_OPENDIR_SUPPORT;
+		REQUIRE(do_init(s, 45, flags, &o) == 0);
+		fake.init_no_opendir = false;
+		CHECK(cas_fuse_session_conn(s)->want_no_opendir == offered);
+		struct req r;
+		req_start(&r, FUSE_OPENDIR, 1);
+		struct fuse_open_in in = {.flags = O_RDONLY};
+		req_add(&r, &in, sizeof(in));
+		req_end(&r);
+		CHECK(run_err(s, &r) == (offered ? -ENOSYS : 0));
+		req_start(&r, FUSE_READDIR, 1);
+		struct fuse_read_in ri = {.fh = 0, .size = 4096};
+		req_add(&r, &ri, sizeof(ri));
+		req_end(&r);
+		run(s, &r, &o);
+		CHECK(o.oh.error == 0 && o.payload_len > 0);
+		/* Files still open as before. */
+		uint64_t fh = open_file(s, 2, NULL, NULL);
+		CHECK(fh == 200);
+		CHECK(release_file(s, 2, fh) == 0);
+		cas_fuse_session_free(s);
+	}
+}
+
 int main(void)
 {
 	memset(&fake, 0, sizeof(fake));
@@ -1925,6 +1963,7 @@ int main(void)
 	test_small_reply_buffer();
 	test_reply_rewrites();
 	test_uring();
+	test_no_opendir();
 	close(fake.memfd);
 	free(reply_buf);
 	return check_exit("test_engine");

@@ -693,15 +693,12 @@ def test_second_signal_ends_at_once(tree, mount):
 def test_sigusr1_logs_request_counts(tree, mount):
     m = mount()
     assert (m.path / "r" / "top.txt").read_bytes() == pattern_bytes(1000)
-    m.proc.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 15
-    while "requests: LOOKUP" not in m.stderr():
-        assert m.proc.poll() is None and time.monotonic() < deadline, m.stderr()
-        time.sleep(0.02)
-    import re
-    err = m.stderr()
-    assert int(re.search(r"requests: LOOKUP +(\d+)", err).group(1)) >= 2, err
-    assert int(re.search(r"requests: (\d+) requests", err).group(1)) >= 3, err
+    c = request_counts(m)
+    assert c["INIT"] == 1 and c["LOOKUP"] >= 2, c
+    # A second dump counts on from the first.
+    assert (m.path / "r" / "same.txt").read_bytes() == pattern_bytes(777, 5)
+    c2 = request_counts(m)
+    assert c2["LOOKUP"] == c["LOOKUP"] + 1, (c, c2)
     assert m.stop() == 0
 
 
@@ -821,6 +818,47 @@ def test_unprivileged_mount_via_fusermount3(public_dir, castore, store):
             proc.wait()
         if in_mountinfo(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def request_counts(m):
+    """The mount's requests per opcode so far (its SIGUSR1 dump, which
+    ends with the total)."""
+    import re
+    n = m.stderr().count(" in all\n")
+    m.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 15
+    while m.stderr().count(" in all\n") <= n:
+        assert m.proc.poll() is None and time.monotonic() < deadline, m.stderr()
+        time.sleep(0.02)
+    err = m.stderr()
+    end = err.rindex(" in all\n")
+    start = err.rfind(" in all\n", 0, end)
+    block = err[start + 1 if start >= 0 else 0:end]
+    return {k: int(v) for k, v in re.findall(r"requests: ([A-Z_]+) +(\d+)", block)}
+
+
+def test_folders_open_without_asking(tree, mount):
+    """Zero-message opendir: the first OPENDIR is answered ENOSYS and the
+    kernel opens every folder itself from then on, listings cached; with
+    --list-root (the root listing must follow roots that come and go) the
+    daemon keeps being asked."""
+    m = mount()
+    for _ in range(3):
+        listing = sorted(p.relative_to(m.path) for p in (m.path / "r").rglob("*"))
+    assert Path("r/dirA/sub/deep/deeper/leaf.txt") in listing
+    c = request_counts(m)
+    assert c.get("OPENDIR", 0) == 1, c
+    assert c.get("RELEASEDIR", 0) == 0, c
+    # Each folder listed once, from the daemon; the passes after the
+    # first come from the kernel's cache.
+    folders = sum(1 for p in listing if (m.path / p).is_dir()) + 1
+    assert c.get("READDIRPLUS", 0) + c.get("READDIR", 0) <= 2 * folders, c
+    m2 = mount("--list-root")
+    for _ in range(3):
+        sorted((m2.path / "r").rglob("*"))
+    c = request_counts(m2)
+    assert c.get("OPENDIR", 0) >= 3 * folders, c
+    assert c.get("RELEASEDIR", 0) == c.get("OPENDIR"), c
 
 
 def uring_completions(pid):
