@@ -209,7 +209,10 @@ static void check_reply(const struct cas_fuse_reply *reply)
 		abort();
 	if (oh.error > 0 || oh.error < -4095)
 		abort();
-	if (oh.error != 0 && (reply->len != sizeof(oh) || reply->fd >= 0))
+	/* An error carries no data; a reply failed by the transport keeps
+	 * its fd (with no bytes of it) until cas_fuse_reply_done. */
+	if (oh.error != 0 && (reply->len != sizeof(oh) ||
+			      (reply->fd >= 0 && reply->fd_len != 0)))
 		abort();
 }
 
