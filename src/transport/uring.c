@@ -40,6 +40,7 @@ struct entry {
 	struct cas_fuse_uring_req_header *hdr;
 	uint8_t *payload;
 	struct iovec iov[2]; /* what REGISTER points the kernel at */
+	bool registering;    /* its command in flight is a REGISTER */
 };
 
 struct queue {
@@ -193,6 +194,7 @@ static void prep_cmd(struct queue *q, unsigned i, uint32_t op,
 	sqe->fd = q->u->fd;
 	sqe->cmd_op = op;
 	sqe->user_data = i;
+	q->ents[i].registering = op == CAS_FUSE_URING_CMD_REGISTER;
 	if (op == CAS_FUSE_URING_CMD_REGISTER) {
 		sqe->addr = (uint64_t)(uintptr_t)q->ents[i].iov;
 		sqe->len = 2;
@@ -293,6 +295,14 @@ static void *queue_main(void *arg)
 				   cqe.res == -ECANCELED ||
 				   cqe.res == -ENODEV) {
 				live--; /* the connection is going */
+			} else if (q->ents[i].registering) {
+				/* Refused outright: this entry stays out (the
+				 * kernel then gives up io_uring itself). */
+				cas_log_warning_errno(cqe.res,
+						      "io_uring queue %u: "
+						      "register: %m",
+						      q->qid);
+				live--;
 			} else {
 				/* The kernel lost track of the entry (a
 				 * commit it could not match): hand the
@@ -368,10 +378,11 @@ unsigned cas_uring_queues(const struct cas_uring *u)
 
 /* A registration the kernel refuses (no such queue) makes it give up
  * io_uring for the connection, so requests blocked waiting for our rings
- * go over /dev/fuse instead. */
-static void give_up(struct cas_uring *u)
+ * go over /dev/fuse instead. Sent on the ring of queue k, whose thread
+ * never started (no other thread touches that ring). */
+static void give_up(struct cas_uring *u, unsigned k)
 {
-	struct queue *q = &u->q[0];
+	struct queue *q = &u->q[k];
 	uint32_t idx = q->tail & q->sq_mask;
 	struct io_uring_sqe *sqe =
 		(struct io_uring_sqe *)((uint8_t *)q->sqes + idx * SQE_SIZE);
@@ -403,7 +414,7 @@ int cas_uring_start(struct cas_uring *u, int fd, struct cas_fuse_session *s,
 			/* Queues already running stay, but the ring is
 			 * never complete: give it up, /dev/fuse serves. */
 			cas_log_errno(r, "io_uring: start queue %u: %m", k);
-			give_up(u);
+			give_up(u, k);
 			return r;
 		}
 		q->started = true;
