@@ -65,9 +65,8 @@ static void full_groups_cv(const uint8_t *data, size_t n, uint64_t g,
 
 	for (size_t i = 0; i < m; i++)
 		inputs[i] = data + i * CAS_BAO_CHUNK_SIZE;
-	blake3_hash_many(inputs, m, BLOCKS_PER_CHUNK, IV,
-			 g * CHUNKS_PER_GROUP, true, 0, CHUNK_START, CHUNK_END,
-			 a);
+	blake3_hash_many(inputs, m, BLOCKS_PER_CHUNK, IV, g * CHUNKS_PER_GROUP,
+			 true, 0, CHUNK_START, CHUNK_END, a);
 	/* Pairs never straddle groups: each group has an even number of
 	 * values on every level below its own. Ping-pong between a and b so
 	 * that no call reads what it writes. */
@@ -142,8 +141,8 @@ static void group_cv(const uint8_t *data, size_t len, uint64_t g,
 
 uint64_t cas_bao_groups(uint64_t size)
 {
-	uint64_t n = size / CAS_BAO_GROUP_SIZE +
-		     (size % CAS_BAO_GROUP_SIZE ? 1 : 0);
+	uint64_t n =
+		size / CAS_BAO_GROUP_SIZE + (size % CAS_BAO_GROUP_SIZE ? 1 : 0);
 	return n ? n : 1;
 }
 
@@ -220,8 +219,7 @@ static void take_groups(cas_bao_encoder *e, const uint8_t *p, size_t n)
 		push_group(e, cvs + i * CV_LEN);
 }
 
-int cas_bao_encoder_new(cas_bao_emit_fn emit, void *ctx,
-			cas_bao_encoder **ret)
+int cas_bao_encoder_new(cas_bao_emit_fn emit, void *ctx, cas_bao_encoder **ret)
 {
 	cas_bao_encoder *e = malloc(sizeof(*e));
 	if (!e)
@@ -547,7 +545,7 @@ int cas_bao_verify_groups(const cas_digest *digest, uint64_t size,
 struct proof_walk {
 	uint64_t first, end; /* the range's groups */
 	const uint8_t *outboard;
-	uint8_t *out;		/* extract: where the next node goes */
+	uint8_t *out;	      /* extract: where the next node goes */
 	const uint8_t *proof; /* verify: the proof, its length, a cursor */
 	size_t proof_len, pos;
 	uint64_t size;
@@ -577,8 +575,7 @@ int cas_bao_proof_size(uint64_t size, uint64_t off, uint64_t len,
 	int r = range_groups(size, off, len, &w.first, &w.end);
 	if (r < 0)
 		return r;
-	*ret_len = count_nodes(&w, 0, cas_bao_groups(size)) *
-		   CAS_BAO_NODE_SIZE;
+	*ret_len = count_nodes(&w, 0, cas_bao_groups(size)) * CAS_BAO_NODE_SIZE;
 	return 0;
 }
 
@@ -637,22 +634,22 @@ static int verify_subtree(struct proof_walk *w, uint64_t start, uint64_t n,
 	if (meets(w, start, left))
 		r = verify_subtree(w, start, left, node, 0);
 	if (r >= 0 && meets(w, start + left, n - left))
-		r = verify_subtree(w, start + left, n - left, node + CV_LEN,
-				   0);
+		r = verify_subtree(w, start + left, n - left, node + CV_LEN, 0);
 	return r;
 }
 
-int cas_bao_proof_verify(const cas_digest *digest, uint64_t size,
-			 uint64_t off, uint64_t len, const uint8_t *proof,
-			 size_t proof_len, const uint8_t *data,
-			 uint64_t *ret_bad_group)
+int cas_bao_proof_verify(const cas_digest *digest, uint64_t size, uint64_t off,
+			 uint64_t len, const uint8_t *proof, size_t proof_len,
+			 const uint8_t *data, uint64_t *ret_bad_group)
 {
 	size_t want;
 	int r = cas_bao_proof_size(size, off, len, &want);
 	if (r < 0)
 		return r;
-	struct proof_walk w = {.proof = proof, .proof_len = proof_len,
-			       .size = size, .data = data};
+	struct proof_walk w = {.proof = proof,
+			       .proof_len = proof_len,
+			       .size = size,
+			       .data = data};
 	r = range_groups(size, off, len, &w.first, &w.end);
 	if (r < 0)
 		return r;

@@ -62,8 +62,7 @@ typedef int (*cas_bao_emit_fn)(void *ctx, const uint8_t *bytes, size_t len);
 typedef struct cas_bao_encoder cas_bao_encoder;
 
 /* -ENOMEM or 0. */
-int cas_bao_encoder_new(cas_bao_emit_fn emit, void *ctx,
-			cas_bao_encoder **ret);
+int cas_bao_encoder_new(cas_bao_emit_fn emit, void *ctx, cas_bao_encoder **ret);
 void cas_bao_encoder_free(cas_bao_encoder *e);
 int cas_bao_encoder_update(cas_bao_encoder *e, const void *buf, size_t len);
 /* Emits the last nodes and gives the digest (the same as b3sum's). The
@@ -108,9 +107,8 @@ int cas_bao_proof_extract(uint64_t size, const uint8_t *outboard,
  * 0, -EINVAL for a range that is not one, -EBADMSG when the proof has
  * the wrong length or any node or group disagrees; then *ret_bad_group
  * (may be NULL) is the first group whose bytes cannot be trusted. */
-int cas_bao_proof_verify(const cas_digest *digest, uint64_t size,
-			 uint64_t off, uint64_t len, const uint8_t *proof,
-			 size_t proof_len, const uint8_t *data,
-			 uint64_t *ret_bad_group);
+int cas_bao_proof_verify(const cas_digest *digest, uint64_t size, uint64_t off,
+			 uint64_t len, const uint8_t *proof, size_t proof_len,
+			 const uint8_t *data, uint64_t *ret_bad_group);
 
 #endif

@@ -62,8 +62,8 @@ static void encode_in_steps(const uint8_t *data, size_t len, size_t step,
 /* Range proofs of single groups and of a few longer ranges all verify;
  * with a flipped data byte in group bad, exactly the ranges holding it
  * fail, naming it. */
-static void check_proofs(const uint8_t *data, size_t len,
-			 const cas_digest *d, const uint8_t *ob, size_t ob_len)
+static void check_proofs(const uint8_t *data, size_t len, const cas_digest *d,
+			 const uint8_t *ob, size_t ob_len)
 {
 	uint64_t groups = cas_bao_groups(len);
 	uint8_t *copy = malloc(len ? len : 1);
@@ -71,7 +71,8 @@ static void check_proofs(const uint8_t *data, size_t len,
 	memcpy(copy, data, len);
 	uint64_t bad = groups / 2;
 	if (len)
-		copy[bad * GS + CAS_MIN((size_t)GS, len - bad * GS) / 2] ^= 0x40;
+		copy[bad * GS + CAS_MIN((size_t)GS, len - bad * GS) / 2] ^=
+			0x40;
 	for (uint64_t g = 0; g < groups; g++) {
 		for (uint64_t span = 1; span <= 3 && g + span <= groups;
 		     span++) {
@@ -99,10 +100,9 @@ static void check_proofs(const uint8_t *data, size_t len,
 			/* A flipped byte of the proof fails the range. */
 			if (plen) {
 				proof[plen / 3] ^= 1;
-				CHECK(cas_bao_proof_verify(d, len, off, rlen,
-							   proof, plen,
-							   data + off,
-							   NULL) == -EBADMSG);
+				CHECK(cas_bao_proof_verify(
+					      d, len, off, rlen, proof, plen,
+					      data + off, NULL) == -EBADMSG);
 			}
 			free(proof);
 		}
