@@ -81,8 +81,8 @@ static void test_bounds_and_pieces(void)
 		CHECK(nb == na && memcmp(a, b, na * sizeof(a[0])) == 0);
 	}
 	/* min = avg = max: fixed chunks. */
-	size_t nf = cuts(data, len, 77777, 1u << 18, 1u << 18, 1u << 18, b,
-			 1024);
+	size_t nf =
+		cuts(data, len, 77777, 1u << 18, 1u << 18, 1u << 18, b, 1024);
 	CHECK(nf == len / (1u << 18));
 	for (size_t i = 0; i < nf; i++)
 		CHECK(b[i] == (i + 1) * (1u << 18));
