@@ -24,13 +24,13 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define INVARIANT(cond)                                                   \
-	do {                                                              \
-		if (!(cond)) {                                            \
+#define INVARIANT(cond)                                                    \
+	do {                                                               \
+		if (!(cond)) {                                             \
 			fprintf(stderr, "fuzz-bao: %s:%d: %s\n", __FILE__, \
-				__LINE__, #cond);                         \
-			abort();                                          \
-		}                                                         \
+				__LINE__, #cond);                          \
+			abort();                                           \
+		}                                                          \
 	} while (0)
 
 #define GS CAS_BAO_GROUP_SIZE
