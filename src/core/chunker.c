@@ -110,14 +110,10 @@ struct list {
 
 static int list_push(struct list *l, const cas_chunk *c)
 {
-	if (l->n == l->cap) {
-		size_t cap = l->cap ? l->cap * 2 : 64;
-		cas_chunk *n = reallocarray(l->chunks, cap, sizeof(*n));
-		if (!n)
-			return -ENOMEM;
-		l->chunks = n;
-		l->cap = cap;
-	}
+	int r = cas_array_grow(&l->chunks, &l->cap, l->n + 1,
+			       sizeof(*l->chunks), 64);
+	if (r < 0)
+		return r;
 	l->chunks[l->n++] = *c;
 	return 0;
 }

@@ -6,6 +6,7 @@
 #ifndef CAS_TESTS_CHECK_H
 #define CAS_TESTS_CHECK_H
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,17 @@ static unsigned check_count;
 			exit(1);                                           \
 		}                                                          \
 	} while (0)
+
+/* len bytes of a pattern that has no short period (i mod 251), so a
+ * byte out of place changes every digest; free() it. */
+static inline uint8_t *check_pattern(size_t len)
+{
+	uint8_t *p = malloc(len ? len : 1);
+	REQUIRE(p);
+	for (size_t i = 0; i < len; i++)
+		p[i] = (uint8_t)(i % 251);
+	return p;
+}
 
 static inline int check_exit(const char *name)
 {

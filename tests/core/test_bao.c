@@ -20,15 +20,6 @@
 
 #define GS CAS_BAO_GROUP_SIZE
 
-static uint8_t *pattern(size_t len)
-{
-	uint8_t *p = malloc(len ? len : 1);
-	REQUIRE(p);
-	for (size_t i = 0; i < len; i++)
-		p[i] = (uint8_t)(i % 251);
-	return p;
-}
-
 struct buf {
 	uint8_t *bytes;
 	size_t len;
@@ -121,7 +112,7 @@ static void check_proofs(const uint8_t *data, size_t len, const cas_digest *d,
 
 static void check_size(size_t len)
 {
-	uint8_t *data = pattern(len);
+	uint8_t *data = check_pattern(len);
 	cas_digest want, d;
 	cas_hash_buffer(data, len, &want);
 
@@ -214,7 +205,7 @@ static void test_fd(void)
 	REQUIRE(fd >= 0);
 	unlink(path);
 	size_t len = 40 * GS + 7;
-	uint8_t *data = pattern(len);
+	uint8_t *data = check_pattern(len);
 	REQUIRE(write(fd, data, len) == (ssize_t)len);
 	cas_digest d, want;
 	uint8_t *ob = NULL;
@@ -247,7 +238,7 @@ static int fail_emit(void *ctx, const uint8_t *bytes, size_t len)
 static void test_emit_error(void)
 {
 	size_t len = 600 * GS;
-	uint8_t *data = pattern(len);
+	uint8_t *data = check_pattern(len);
 	cas_bao_encoder *e;
 	cas_digest d;
 	REQUIRE(cas_bao_encoder_new(fail_emit, NULL, &e) == 0);

@@ -33,15 +33,6 @@ static const struct {
 	 "2f053cd7472cf0cd2f9adaf45c1180255b91b9a865404a63671a0ee5f792ed33"},
 };
 
-static uint8_t *pattern(size_t len)
-{
-	uint8_t *p = malloc(len ? len : 1);
-	REQUIRE(p);
-	for (size_t i = 0; i < len; i++)
-		p[i] = (uint8_t)(i % 251);
-	return p;
-}
-
 static void test_hex(void)
 {
 	const char *hex = known[1].hex;
@@ -107,7 +98,7 @@ static void test_hex(void)
 static void test_known_answers(void)
 {
 	for (size_t k = 0; k < CAS_ARRAY_SIZE(known); k++) {
-		_cleanup_free_ uint8_t *p = pattern(known[k].len);
+		_cleanup_free_ uint8_t *p = check_pattern(known[k].len);
 		cas_digest want, got;
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		REQUIRE(cas_digest_from_hex(known[k].hex, &want) == 0);
@@ -154,7 +145,7 @@ static void test_hash_fd(void)
 	const size_t lens[] = {
 		0, 1, 1025, (1u << 20) - 1, 1u << 20, (1u << 20) + 1, 3u << 20};
 	for (size_t k = 0; k < CAS_ARRAY_SIZE(lens); k++) {
-		_cleanup_free_ uint8_t *p = pattern(lens[k]);
+		_cleanup_free_ uint8_t *p = check_pattern(lens[k]);
 		_cleanup_close_ int fd = tmpfile_with(p, lens[k]);
 		cas_digest a, b;
 		uint64_t size = 12345;
@@ -167,7 +158,7 @@ static void test_hash_fd(void)
 		CHECK(cas_hash_fd(fd, &b, NULL) == 0 && cas_digest_eq(&a, &b));
 	}
 
-	_cleanup_free_ uint8_t *p = pattern(1048577);
+	_cleanup_free_ uint8_t *p = check_pattern(1048577);
 	_cleanup_close_ int fd = tmpfile_with(p, 1048577);
 	cas_digest d, want;
 	REQUIRE(cas_digest_from_hex(known[6].hex, &want) == 0);
@@ -183,7 +174,7 @@ static void test_hash_fd(void)
 static void test_util(void)
 {
 	uint8_t buf[64];
-	_cleanup_free_ uint8_t *p = pattern(100);
+	_cleanup_free_ uint8_t *p = check_pattern(100);
 	_cleanup_close_ int fd = tmpfile_with(p, 100);
 	CHECK(cas_pread_all(fd, buf, 50, 40) == 0 && !memcmp(buf, p + 40, 50));
 	CHECK(cas_pread_all(fd, buf, 61, 40) == -EBADMSG);
