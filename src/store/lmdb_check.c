@@ -13,8 +13,9 @@
  *
  * An empty data.mdb is also what a writer killed while creating the
  * store leaves (LMDB creates the file, then writes its meta pages): when
- * the store holds no blob and no pack either, nothing is lost, and a
- * writer starts it afresh while a reader finds no store yet.
+ * the store holds no blob and no pack either, nothing is lost, and an
+ * opener that may create the store starts it afresh while any other
+ * finds no store yet.
  *
  * Contract: no state; the caller logs nothing more (one line is logged
  * here, naming the store and the reason).
@@ -90,7 +91,7 @@ static bool folder_empty(int dir_fd, const char *name)
 	return empty;
 }
 
-int cas_lmdb_check(int dir_fd, const char *dir, bool readonly)
+int cas_lmdb_check(int dir_fd, const char *dir, bool may_create)
 {
 	_cleanup_close_ int fd =
 		openat(dir_fd, "data.mdb", O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
@@ -110,7 +111,7 @@ int cas_lmdb_check(int dir_fd, const char *dir, bool readonly)
 				     dir);
 	if (st.st_size == 0 && folder_empty(dir_fd, "blobs") &&
 	    folder_empty(dir_fd, "packs")) {
-		if (readonly)
+		if (!may_create)
 			return cas_log_errno(-ENOENT,
 					     "store %s: no store here yet "
 					     "(data.mdb is empty: its creation "

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -294,9 +295,19 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 	if ((r = open_subdir(ls, "packs", !ls->readonly, &ls->packs_fd)) < 0 &&
 	    !ls->readonly)
 		return r;
-	if ((r = cas_lmdb_check(ls->dir_fd, dir, ls->readonly)) < 0)
-		return r;
-	if ((r = open_env(ls, o.create)) < 0)
+	/* LMDB creates data.mdb empty, then writes its meta pages: another
+	 * opener between the two would take the store for one whose
+	 * creation was cut short (lmdb_check.c) and start it afresh. The
+	 * check and LMDB's open are one step under a flock of the folder
+	 * (shared for readers, who never create). */
+	if (flock(ls->dir_fd, ls->readonly ? LOCK_SH : LOCK_EX) < 0)
+		return cas_log_errno(cas_negerrno(), "store %s: flock: %m",
+				     dir);
+	r = cas_lmdb_check(ls->dir_fd, dir, o.create && !ls->readonly);
+	if (r >= 0)
+		r = open_env(ls, o.create);
+	(void)flock(ls->dir_fd, LOCK_UN);
+	if (r < 0)
 		return r;
 	if (!ls->readonly)
 		tmp_cleanup(ls);

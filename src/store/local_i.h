@@ -155,8 +155,9 @@ void cas_escape_name(const uint8_t *name, size_t len, char *out, size_t size);
 /* Checks data.mdb against its own meta pages before LMDB maps it (a
  * short file would be a SIGBUS later): 0, or -EBADMSG after one line
  * "store DIR: data.mdb is corrupt (...)". A missing file is fine; an
- * empty one in a store holding nothing else is removed for a writer
- * (LMDB starts afresh) and -ENOENT for a reader. */
-int cas_lmdb_check(int dir_fd, const char *dir, bool readonly);
+ * empty one in a store holding nothing else is removed for an opener
+ * that may create the store (LMDB starts afresh) and -ENOENT for any
+ * other. The caller keeps other openers out meanwhile (local.c). */
+int cas_lmdb_check(int dir_fd, const char *dir, bool may_create);
 
 #endif
