@@ -816,6 +816,19 @@ static int readdir_folder(struct cas_fs *fs, const struct cas_inode *dir,
 			node = &d->files[i - d->n_directories];
 		else
 			node = &d->symlinks[i - d->n_directories - d->n_files];
+		if (node->name_len > NAME_MAX_LEN) {
+			/* The kernel takes no longer name (NAME_MAX): said
+			 * once per Directory, not per listing. */
+			if (first_report(fs, dir->digest)) {
+				char hex[CAS_DIGEST_HEX_LEN + 1];
+				digest_hex(dir->digest, hex);
+				cas_log_error("directory %s: a name of %zu "
+					      "bytes (over 255) is left out "
+					      "of listings",
+					      hex, node->name_len);
+			}
+			continue;
+		}
 		struct cas_inode in;
 		node_inode(node, cas_dir_entry_ino(e, dir->ino, node), e, &in);
 		r = add_inode(fs, db, node, &in, false, i + 3);

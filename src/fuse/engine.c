@@ -700,8 +700,12 @@ static int do_readlink(struct req *q)
 	int r = q->s->ops->readlink(q->s->fs, q->h.nodeid, buf, size);
 	if (r < 0)
 		return r;
-	if ((size_t)r > size)
-		return -EIO;
+	/* The kernel takes at most a page less its NUL: a longer target is
+	 * the caller's ENAMETOOLONG (as the kernel's own file systems say),
+	 * not a reply the kernel refuses, which would be EIO plus an error
+	 * on our write for each access. The room above lets us see it. */
+	if ((size_t)r > CAS_FUSE_NAME_MAX)
+		return -ENAMETOOLONG;
 	q->reply->len = OUT_HDR + (size_t)r;
 	return 0;
 }

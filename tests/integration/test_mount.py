@@ -309,6 +309,45 @@ def test_symlinks(tree, mount):
     assert stat.S_ISLNK(st.st_mode) and st.st_size == len("top.txt")
 
 
+def test_names_and_targets_longer_than_the_kernel_takes(castore, store, mount, tmp_path):
+    """A symlink target of 4,096 bytes (the kernel takes 4,095) is
+    ENAMETOOLONG, with no log line per access; a name of 300 bytes (the
+    kernel takes 255) is left out of listings, said once per Directory,
+    and `castore ls` still shows it."""
+    from test_cli import enc_directory
+    blob = castore("blob", "put", input=b"x\n").stdout.decode().strip()
+    long_name = b"n" * 300
+    d = enc_directory(
+        files=[{"name": b"ok", "digest": blob, "size": 2},
+               {"name": long_name, "digest": blob, "size": 2}],
+        symlinks=[{"name": b"l4095", "target": b"t" * 4095},
+                  {"name": b"l4096", "target": b"t" * 4096}])
+    digest = castore("dir", "put", input=d).stdout.decode().strip()
+    castore("roots", "add", "x", "--directory", digest, "--size", "4")
+    m = mount()
+    x = m.path / "x"
+    assert os.readlink(x / "l4095") == "t" * 4095
+    for _ in range(3):
+        expect_errno(errno.ENAMETOOLONG, os.readlink, x / "l4096")
+    for _ in range(3):
+        assert sorted(os.listdir(x)) == ["l4095", "l4096", "ok"]
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2")
+    assert (x / "ok").read_bytes() == b"x\n"
+    assert m.stop() == 0
+    err = m.stderr()
+    lines = [ln for ln in err.splitlines() if "over 255" in ln]
+    assert len(lines) == 1 and digest in lines[0] and "300 bytes" in lines[0], err
+    assert "4096" not in err and "readlink" not in err.lower(), err
+    listed = castore("ls", "x").stdout
+    assert long_name in listed, listed
+    # export writes it where the target file system takes it; ext4 and
+    # tmpfs do not: one line with the reason, exit 1.
+    p = castore("export", "x", tmp_path / "out", check=False)
+    assert p.returncode == 1 and b"File name too long" in p.stderr, p.stderr
+    assert len(p.stderr.splitlines()) == 1, p.stderr
+
+
 def test_readdir(tree, mount):
     m = mount()
     r = m.path / "r"
