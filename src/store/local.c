@@ -7,6 +7,7 @@
 #include "store/local_i.h"
 
 #include <fcntl.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
@@ -118,6 +119,24 @@ int cas_local_rtxn_get(struct cas_local *ls, MDB_txn **ret)
 	return 0;
 }
 
+/* A writer's transaction T reuses only pages freed by transactions up to
+ * T-2 (LMDB's freelist keeps what the oldest registered reader, or T-1,
+ * may still see). Our snapshot S is not registered, and its pages are
+ * freed at the earliest by S+1, so they are reused at the earliest by
+ * S+3, which writes nothing before S+2 is committed. While the newest
+ * committed transaction is at most S+1, everything read under S was
+ * S's own bytes. */
+int cas_local_rtxn_check(struct cas_local *ls, MDB_txn *txn)
+{
+	if (!ls->nolock)
+		return 0;
+	atomic_thread_fence(memory_order_seq_cst);
+	MDB_envinfo info;
+	if (mdb_env_info(ls->env, &info) != MDB_SUCCESS)
+		return -EAGAIN;
+	return info.me_last_txnid > mdb_txn_id(txn) + 1 ? -EAGAIN : 0;
+}
+
 void cas_local_rtxn_put(struct cas_local *ls, MDB_txn *txn)
 {
 	if (!txn)
@@ -194,6 +213,26 @@ static int open_subdir(struct cas_local *ls, const char *name, bool create,
 	return 0;
 }
 
+/* LMDB opens lock.mdb for writing (creating it if need be). A user who
+ * may read a store but not write it (a store root owns) cannot; such a
+ * reader goes without the lock file (see cas_local_rtxn_check). Making
+ * lock.mdb writable for readers instead would let any reader scribble
+ * over the writers' mutex and reader table. */
+static bool lock_file_writable(struct cas_local *ls)
+{
+	int fd =
+		openat(ls->dir_fd, "lock.mdb", O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+	if (fd >= 0) {
+		close(fd);
+		return true;
+	}
+	if (errno == ENOENT)
+		return faccessat(ls->dir_fd, ".", W_OK, AT_EACCESS) == 0;
+	/* EROFS: LMDB itself goes without a lock file on a read-only
+	 * file system, where no writer can be. */
+	return errno != EACCES && errno != EPERM;
+}
+
 static int open_env(struct cas_local *ls, bool create)
 {
 	int rc;
@@ -212,8 +251,9 @@ static int open_env(struct cas_local *ls, bool create)
 		if (rc == MDB_SUCCESS) {
 			/* MDB_NOTLS: read transactions are not tied to
 			 * threads (FUSE workers, the transaction pool). */
-			unsigned flags =
-				MDB_NOTLS | (ls->readonly ? MDB_RDONLY : 0);
+			unsigned flags = MDB_NOTLS |
+					 (ls->readonly ? MDB_RDONLY : 0) |
+					 (ls->nolock ? MDB_NOLOCK : 0);
 			rc = mdb_env_open(ls->env, ls->dir, flags, 0644);
 		}
 		if (rc != ENOMEM || map <= MAP_SIZE_MIN)
@@ -295,6 +335,8 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 	if ((r = open_subdir(ls, "packs", !ls->readonly, &ls->packs_fd)) < 0 &&
 	    !ls->readonly)
 		return r;
+	if (ls->readonly)
+		ls->nolock = !lock_file_writable(ls);
 	/* LMDB creates data.mdb empty, then writes its meta pages: another
 	 * opener between the two would take the store for one whose
 	 * creation was cut short (lmdb_check.c) and start it afresh. The

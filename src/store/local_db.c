@@ -21,15 +21,20 @@
 int cas_local_db_lookup(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d,
 			int (*use)(const MDB_val *val, void *ctx), void *ctx)
 {
-	MDB_txn *txn;
-	int r = cas_local_rtxn_get(ls, &txn);
-	if (r < 0)
-		return r;
-	MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val;
-	r = cas_local_mdb_errno(mdb_get(txn, dbi, &key, &val));
-	if (r == 0 && use)
-		r = use(&val, ctx);
-	cas_local_rtxn_put(ls, txn);
+	int r = -EAGAIN;
+	for (int tries = 0; r == -EAGAIN && tries < CAS_LOCAL_RTXN_TRIES;
+	     tries++) {
+		MDB_txn *txn;
+		if ((r = cas_local_rtxn_get(ls, &txn)) < 0)
+			return r;
+		MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val;
+		r = cas_local_mdb_errno(mdb_get(txn, dbi, &key, &val));
+		if (r == 0 && use)
+			r = use(&val, ctx); /* may run again after -EAGAIN */
+		if (cas_local_rtxn_check(ls, txn) < 0)
+			r = -EAGAIN;
+		cas_local_rtxn_put(ls, txn);
+	}
 	if (r == -ENOENT)
 		return 0;
 	return r < 0 ? r : 1;
@@ -50,6 +55,7 @@ struct copy_out {
 static int copy_alloc(const MDB_val *val, void *out_)
 {
 	struct copy_out *out = out_;
+	free(out->buf); /* a retry's */
 	if (!(out->buf = malloc(val->mv_size ? val->mv_size : 1)))
 		return -ENOMEM;
 	memcpy(out->buf, val->mv_data, val->mv_size);
@@ -71,6 +77,7 @@ int cas_local_directory_get_raw(cas_store *s, const cas_digest *d,
 				    &out);
 	if (r < 0) {
 		char hex[CAS_DIGEST_HEX_LEN + 1];
+		free(out.buf);
 		cas_digest_to_hex(d, hex);
 		return cas_log_errno(r, "get directory %s: %m", hex);
 	}
@@ -327,26 +334,38 @@ int cas_local_root_get(cas_store *s, const char *name, cas_node **ret)
 	int r = root_key(name, &key);
 	if (r < 0)
 		return r;
-	MDB_txn *txn;
-	if ((r = cas_local_rtxn_get(ls, &txn)) < 0)
-		return r;
-	r = cas_local_mdb_errno(mdb_get(txn, ls->dbi_roots, &key, &val));
-	if (r == 0) {
+	const char *why = NULL;
+	bool bad = false;
+	r = -EAGAIN;
+	for (int tries = 0; r == -EAGAIN && tries < CAS_LOCAL_RTXN_TRIES;
+	     tries++) {
+		MDB_txn *txn;
+		if ((r = cas_local_rtxn_get(ls, &txn)) < 0)
+			return r;
+		r = cas_local_mdb_errno(
+			mdb_get(txn, ls->dbi_roots, &key, &val));
 		cas_node n;
-		const char *why = NULL;
-		r = cas_node_decode(val.mv_data, val.mv_size, &n, &why);
-		if (r < 0) {
-			cas_log_errno(r, "root '%s': %s", name,
-				      why ? why : "cannot decode");
-		} else {
+		bad = false;
+		if (r == 0)
+			bad = (r = cas_node_decode(val.mv_data, val.mv_size, &n,
+						   &why)) < 0;
+		if (r == 0) {
 			n.name = (const uint8_t *)name;
 			n.name_len = strlen(name);
 			*ret = cas_node_dup(&n);
 			if (!*ret)
 				r = -ENOMEM;
 		}
+		if (cas_local_rtxn_check(ls, txn) < 0) {
+			if (r == 0)
+				free(TAKE_PTR(*ret));
+			r = -EAGAIN;
+		}
+		cas_local_rtxn_put(ls, txn);
 	}
-	cas_local_rtxn_put(ls, txn);
+	if (bad && r != -EAGAIN)
+		cas_log_errno(r, "root '%s': %s", name,
+			      why ? why : "cannot decode");
 	return r;
 }
 
@@ -362,6 +381,9 @@ int cas_local_roots_foreach(cas_store *s, cas_root_cb cb, void *userdata)
 	size_t n = 0, cap = 0;
 	MDB_txn *txn;
 	MDB_cursor *cur = NULL;
+	int tries = 0;
+retry:
+	cur = NULL;
 	int r = cas_local_rtxn_get(ls, &txn);
 	if (r < 0)
 		return r;
@@ -413,6 +435,18 @@ int cas_local_roots_foreach(cas_store *s, cas_root_cb cb, void *userdata)
 		r = cas_local_mdb_errno(rc);
 	if (cur)
 		mdb_cursor_close(cur);
+	if (cas_local_rtxn_check(ls, txn) < 0) {
+		cas_local_rtxn_put(ls, txn);
+		for (size_t i = 0; i < n; i++) {
+			free(list[i].name);
+			free(list[i].node);
+		}
+		n = 0;
+		if (++tries < CAS_LOCAL_RTXN_TRIES)
+			goto retry;
+		free(list);
+		return -EAGAIN;
+	}
 	cas_local_rtxn_put(ls, txn);
 	for (size_t i = 0; i < n; i++) {
 		if (r == 0)

@@ -36,6 +36,11 @@ struct cas_local {
 	int tmp_fd;
 	int packs_fd; /* -1: read-only store without packs */
 	bool readonly;
+	/* Read-only without write access to lock.mdb: LMDB runs without
+	 * its reader table (MDB_NOLOCK), so writers do not see our
+	 * snapshots; every read checks afterwards that none of its pages
+	 * can have been reused (cas_local_rtxn_check). */
+	bool nolock;
 	MDB_env *env;
 	MDB_dbi dbi_directories;
 	MDB_dbi dbi_roots;
@@ -75,6 +80,12 @@ int cas_local_mdb_errno(int rc);
  * cas_local_rtxn_put from the same or another thread). */
 int cas_local_rtxn_get(struct cas_local *ls, MDB_txn **ret);
 void cas_local_rtxn_put(struct cas_local *ls, MDB_txn *txn);
+/* After the last read of txn's memory and before its results are used:
+ * -EAGAIN when a writer may have reused pages of txn's snapshot (only on
+ * a store opened without its lock file, see nolock), else 0. The caller
+ * drops what it read and tries again with a fresh transaction. */
+int cas_local_rtxn_check(struct cas_local *ls, MDB_txn *txn);
+#define CAS_LOCAL_RTXN_TRIES 1000
 
 void cas_local_blob_rel(const cas_digest *d, char ret[CAS_BLOB_REL_LEN]);
 

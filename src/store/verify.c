@@ -356,6 +356,15 @@ int cas_local_verify(cas_store *s, cas_verify_cb cb, void *userdata)
 		r = verify_db(&v, txn, v.ls->dbi_directories, verify_directory);
 	if (r == 0)
 		r = verify_db(&v, txn, v.ls->dbi_roots, verify_root);
+	/* Without the lock file, a writer may have reused what we read. */
+	if (r == 0 && cas_local_rtxn_check(v.ls, txn) < 0) {
+		cas_local_rtxn_put(v.ls, txn);
+		return cas_log_errno(-EAGAIN,
+				     "verify %s: a writer changed the store "
+				     "under this reader without its lock "
+				     "file; run verify again",
+				     v.ls->dir);
+	}
 	cas_local_rtxn_put(v.ls, txn);
 	if (r < 0)
 		return cas_log_errno(r, "verify %s: %m", v.ls->dir);

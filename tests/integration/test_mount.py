@@ -827,6 +827,90 @@ def in_mountinfo(path):
     return False
 
 
+def mount_as_nobody(store, mnt, err):
+    """castore mount as user nobody (through fusermount3); returns the
+    process once the mount is there."""
+    proc = subprocess.Popen(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         CASTORE, "--store", str(store), "mount", str(mnt)],
+        stdout=subprocess.DEVNULL, stderr=open(err, "wb"))
+    deadline = time.monotonic() + 15
+    while not in_mountinfo(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            end_mount(proc, mnt)
+            raise AssertionError(err.read_text())
+        time.sleep(0.02)
+    return proc
+
+
+def end_mount(proc, mnt):
+    """Kills a mount process that is still there and detaches its mount."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if in_mountinfo(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_root_owned_store_read_by_nobody(public_dir):
+    """A user who can read every file of root's store reads the store
+    (without write access to lock.mdb); writing fails with one line."""
+    t = make_tree(public_dir / "tree")
+    rstore = public_dir / "store"
+    run(["import", t, "--name", "r"], store=rstore)
+    assert (rstore / "lock.mdb").stat().st_uid == 0
+    before = set(rstore.glob("*.mdb"))
+
+    def nobody(*args):
+        return as_nobody(CASTORE, "--store", rstore, *args)
+    p = nobody("ls", "r")
+    assert p.returncode == 0, p.stderr
+    assert b"top.txt" in p.stdout and b"dirA" in p.stdout
+    p = nobody("cat", "r/dirA/sub/s.txt")
+    assert p.returncode == 0 and p.stdout == pattern_bytes(50, 2), p.stderr
+    p = nobody("roots", "list")
+    assert p.returncode == 0 and p.stdout.startswith(b"r directory "), p.stderr
+    p = nobody("verify")
+    assert p.returncode == 0, p.stderr
+    dest = public_dir / "out"
+    dest.mkdir()
+    os.chown(dest, 65534, 65534)
+    p = nobody("export", "r", dest / "r")
+    assert p.returncode == 0, p.stderr
+    assert (dest / "r" / "big.bin").read_bytes() == (t / "big.bin").read_bytes()
+    # Writing: one line naming the store and the reason, exit 1.
+    p = nobody("import", t, "--name", "x")
+    assert p.returncode == 1
+    lines = p.stderr.splitlines()
+    assert len(lines) == 1, p.stderr
+    line = lines[0]
+    assert str(rstore).encode() in line and b"Permission denied" in line
+    # A root writer keeps committing while nobody reads.
+    for i in range(3):
+        (t / f"new{i}").write_bytes(pattern_bytes(100 + i, i))
+        run(["import", t, "--name", f"r{i}"], store=rstore)
+        p = nobody("cat", f"r{i}/new{i}")
+        assert p.returncode == 0 and p.stdout == pattern_bytes(100 + i, i)
+    assert run(["verify"], store=rstore).returncode == 0
+    # The reader wrote nothing into root's LMDB files.
+    assert all(p.stat().st_uid == 0 for p in rstore.glob("*.mdb"))
+    assert before == set(rstore.glob("*.mdb"))
+    if not os.path.exists("/usr/bin/fusermount3"):
+        return
+    mnt = public_dir / "mnt"
+    mnt.mkdir()
+    os.chown(mnt, 65534, 65534)
+    err = public_dir / "err"
+    proc = mount_as_nobody(rstore, mnt, err)
+    try:
+        p = as_nobody("cat", mnt / "r" / "top.txt")
+        assert p.returncode == 0 and p.stdout == pattern_bytes(1000), p.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, err.read_text()
+    finally:
+        end_mount(proc, mnt)
+
+
 def test_unprivileged_mount_via_fusermount3(public_dir, castore, store):
     if not os.path.exists("/usr/bin/fusermount3"):
         pytest.skip("fusermount3 (fuse3) not installed")
@@ -837,16 +921,8 @@ def test_unprivileged_mount_via_fusermount3(public_dir, castore, store):
     mnt.mkdir()
     subprocess.run(["chown", "-R", "nobody:nogroup", str(ustore), str(mnt)], check=True)
     err = public_dir / "err"
-    proc = subprocess.Popen(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-         CASTORE, "--store", str(ustore), "mount", str(mnt)],
-        stdout=subprocess.DEVNULL, stderr=open(err, "wb"))
+    proc = mount_as_nobody(ustore, mnt, err)
     try:
-        deadline = time.monotonic() + 15
-        while not in_mountinfo(mnt):
-            assert proc.poll() is None, err.read_text()
-            assert time.monotonic() < deadline, err.read_text()
-            time.sleep(0.02)
         p = as_nobody("cat", mnt / "r" / "dirA" / "sub" / "s.txt")
         assert p.returncode == 0 and p.stdout == pattern_bytes(50, 2), p.stderr
         # The mount belongs to nobody: root is kept out without allow_other.
@@ -855,11 +931,7 @@ def test_unprivileged_mount_via_fusermount3(public_dir, castore, store):
         assert proc.wait(timeout=15) == 0, err.read_text()
         assert not in_mountinfo(mnt)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if in_mountinfo(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        end_mount(proc, mnt)
 
 
 def request_counts(m):
