@@ -38,11 +38,13 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <fnmatch.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -62,6 +64,7 @@ struct imp_entry {
 	uint32_t target_len;
 	uint8_t type;
 	bool executable;
+	bool skip; /* private, with skip_private: left out of the Directory */
 	cas_digest digest;
 	uint64_t size;
 };
@@ -119,6 +122,17 @@ struct importer {
 	_Atomic int error; /* first failure; workers skip jobs after it */
 	_Atomic uint64_t files, bytes, blobs_added;
 	uint64_t directories, symlinks; /* walker only */
+	/* What castore v1 cannot keep (cas_import_progress). */
+	_Atomic uint64_t setid, private_kept, private_skipped, owners, xattrs,
+		hardlinks;
+	uint64_t excluded, special; /* walker only */
+
+	/* Exclude patterns, normalized (walker only). */
+	struct exclude *excludes;
+	size_t n_excludes;
+	size_t root_len; /* strlen of the root's path: the rest is relative */
+	char *rel;	 /* the relative path being matched */
+	size_t cap_rel;
 
 	/* Walker only. */
 	cas_dir_batch *batch;
@@ -128,6 +142,12 @@ struct importer {
 	struct timespec last_progress;
 	bool root_done;
 	cas_node root; /* name empty; digest/size of the finished root */
+};
+
+struct exclude {
+	char *pattern; /* without a leading or trailing '/' */
+	bool anchored; /* had a '/': matched against the relative path */
+	bool dir_only; /* had a trailing '/' */
 };
 
 static void set_error(struct importer *imp, int r)
@@ -164,6 +184,23 @@ static int path_error(struct importer *imp, const struct imp_dir *dir,
 	return r;
 }
 
+/* A special file inside the tree, where --skip-special would skip it. */
+static const char *special_refused(mode_t mode)
+{
+	if (S_ISFIFO(mode))
+		return "unsupported file type (fifo; --skip-special skips it)";
+	if (S_ISSOCK(mode))
+		return "unsupported file type (socket; --skip-special skips "
+		       "it)";
+	if (S_ISCHR(mode))
+		return "unsupported file type (character device; "
+		       "--skip-special skips it)";
+	if (S_ISBLK(mode))
+		return "unsupported file type (block device; --skip-special "
+		       "skips it)";
+	return "unsupported file type";
+}
+
 static const char *type_name(mode_t mode)
 {
 	if (S_ISFIFO(mode))
@@ -177,6 +214,25 @@ static const char *type_name(mode_t mode)
 	return "unsupported file type";
 }
 
+static struct cas_import_progress counts(struct importer *imp)
+{
+	return (struct cas_import_progress){
+		.files = atomic_load(&imp->files),
+		.directories = imp->directories,
+		.symlinks = imp->symlinks,
+		.bytes = atomic_load(&imp->bytes),
+		.blobs_added = atomic_load(&imp->blobs_added),
+		.excluded = imp->excluded,
+		.special = imp->special,
+		.setid = atomic_load(&imp->setid),
+		.private_kept = atomic_load(&imp->private_kept),
+		.private_skipped = atomic_load(&imp->private_skipped),
+		.owners = atomic_load(&imp->owners),
+		.xattrs = atomic_load(&imp->xattrs),
+		.hardlinks = atomic_load(&imp->hardlinks),
+	};
+}
+
 static void progress(struct importer *imp, bool force)
 {
 	if (!imp->opts || !imp->opts->progress)
@@ -188,14 +244,114 @@ static void progress(struct importer *imp, bool force)
 	if (!force && ns < PROGRESS_NS)
 		return;
 	imp->last_progress = now;
-	struct cas_import_progress p = {
-		.files = atomic_load(&imp->files),
-		.directories = imp->directories,
-		.symlinks = imp->symlinks,
-		.bytes = atomic_load(&imp->bytes),
-		.blobs_added = atomic_load(&imp->blobs_added),
-	};
+	struct cas_import_progress p = counts(imp);
 	imp->opts->progress(imp->opts->userdata, &p);
+}
+
+/* What castore v1 cannot keep ------------------------------------------ */
+
+static void count(_Atomic uint64_t *c)
+{
+	atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+}
+
+/* Counts what a file's or folder's inode has that castore v1 drops, and
+ * says whether it is to be left out (private, with skip_private). A
+ * folder is readable by everyone with r and x for others. */
+static bool note_losses(struct importer *imp, int fd, const struct stat *st,
+			bool may_skip)
+{
+	mode_t others = S_ISDIR(st->st_mode) ? S_IROTH | S_IXOTH : S_IROTH;
+	if ((st->st_mode & others) != others) {
+		if (may_skip && imp->opts && imp->opts->skip_private) {
+			count(&imp->private_skipped);
+			return true;
+		}
+		count(&imp->private_kept);
+	}
+	if (st->st_mode & (S_ISUID | S_ISGID | S_ISVTX))
+		count(&imp->setid);
+	if (st->st_uid != 0 || st->st_gid != 0)
+		count(&imp->owners);
+	if (S_ISREG(st->st_mode) && st->st_nlink > 1)
+		count(&imp->hardlinks);
+	/* ACLs and file capabilities are xattrs too. */
+	if (flistxattr(fd, NULL, 0) > 0)
+		count(&imp->xattrs);
+	return false;
+}
+
+/* Exclude patterns ----------------------------------------------------- */
+
+static int excludes_init(struct importer *imp, const char *root)
+{
+	const struct cas_import_options *o = imp->opts;
+	size_t n = o ? o->n_excludes : 0;
+	imp->root_len = strlen(root);
+	if (!n)
+		return 0;
+	if (!(imp->excludes = calloc(n, sizeof(*imp->excludes))))
+		return -ENOMEM;
+	for (; imp->n_excludes < n; imp->n_excludes++) {
+		const char *p = o->excludes[imp->n_excludes];
+		struct exclude *x = &imp->excludes[imp->n_excludes];
+		size_t len = strlen(p);
+		while (len > 0 && p[len - 1] == '/') {
+			x->dir_only = true;
+			len--;
+		}
+		while (len > 0 && p[0] == '/') {
+			x->anchored = true;
+			p++;
+			len--;
+		}
+		if (!(x->pattern = strndup(p, len)))
+			return -ENOMEM;
+		x->anchored |= memchr(x->pattern, '/', len) != NULL;
+	}
+	return 0;
+}
+
+static void excludes_release(struct importer *imp)
+{
+	for (size_t i = 0; i < imp->n_excludes; i++)
+		free(imp->excludes[i].pattern);
+	free(imp->excludes);
+	free(imp->rel);
+}
+
+/* 1 when the entry `name` of dir matches an exclude pattern. */
+static int excluded(struct importer *imp, const struct imp_dir *dir,
+		    const char *name, bool is_dir)
+{
+	bool have_rel = false;
+	for (size_t i = 0; i < imp->n_excludes; i++) {
+		const struct exclude *x = &imp->excludes[i];
+		if (x->dir_only && !is_dir)
+			continue;
+		if (!x->anchored) {
+			if (fnmatch(x->pattern, name, 0) == 0)
+				return 1;
+			continue;
+		}
+		if (!have_rel) {
+			const char *up = dir->path + imp->root_len;
+			while (*up == '/')
+				up++;
+			size_t ul = strlen(up), nl = strlen(name);
+			int r = cas_array_grow(&imp->rel, &imp->cap_rel,
+					       ul + nl + 2, 1, 256);
+			if (r < 0)
+				return r;
+			memcpy(imp->rel, up, ul);
+			imp->rel[ul] = '/';
+			memcpy(imp->rel + (ul ? ul + 1 : 0), name, nl + 1);
+			have_rel = true;
+		}
+		if (fnmatch(x->pattern, imp->rel, FNM_PATHNAME) == 0)
+			return 1;
+	}
+	return 0;
 }
 
 static double elapsed(const struct timespec *t0)
@@ -466,6 +622,8 @@ static void run_job(struct importer *imp, const struct imp_job *job,
 		} else if (!S_ISREG(st.st_mode)) {
 			path_error(imp, dir, name, -EINVAL,
 				   type_name(st.st_mode));
+		} else if (note_losses(imp, fd, &st, true)) {
+			e->skip = true;
 		} else {
 			e->executable = (st.st_mode & 0111) != 0;
 			import_fd(imp, fd, &st, buf, &e->digest, &e->size, dir,
@@ -662,6 +820,13 @@ static int list_dir(struct importer *imp, struct imp_dir *dir)
 							  cas_negerrno(), NULL);
 				t = IFTODT(st.st_mode);
 			}
+			int r = excluded(imp, dir, name, t == DT_DIR);
+			if (r < 0)
+				return path_error(imp, dir, name, r, NULL);
+			if (r > 0) {
+				imp->excluded++;
+				continue;
+			}
 			uint8_t type;
 			if (t == DT_DIR) {
 				type = CAS_NODE_DIRECTORY;
@@ -669,11 +834,14 @@ static int list_dir(struct importer *imp, struct imp_dir *dir)
 				type = CAS_NODE_FILE;
 			} else if (t == DT_LNK) {
 				type = CAS_NODE_SYMLINK;
+			} else if (imp->opts && imp->opts->skip_special) {
+				imp->special++;
+				continue;
 			} else {
 				return path_error(imp, dir, name, -EINVAL,
-						  type_name(DTTOIF(t)));
+						  special_refused(DTTOIF(t)));
 			}
-			int r = entry_add(imp, dir, name, type);
+			r = entry_add(imp, dir, name, type);
 			if (r < 0)
 				return failed(imp) ? r
 						   : path_error(imp, dir, name,
@@ -691,8 +859,8 @@ static int dir_complete(struct importer *imp, struct imp_dir *dir)
 		size_t n = dir->n_entries, nd = 0, nf = 0;
 		for (size_t i = 0; i < n; i++) {
 			uint8_t t = dir->entries[i].type;
-			nd += t == CAS_NODE_DIRECTORY;
-			nf += t == CAS_NODE_FILE;
+			nd += t == CAS_NODE_DIRECTORY && !dir->entries[i].skip;
+			nf += t == CAS_NODE_FILE && !dir->entries[i].skip;
 		}
 		_cleanup_free_ cas_node *nodes =
 			calloc(n ? n : 1, sizeof(*nodes));
@@ -706,6 +874,8 @@ static int dir_complete(struct importer *imp, struct imp_dir *dir)
 		for (size_t i = 0; i < n; i++) {
 			const struct imp_entry *e = &dir->entries[i];
 			cas_node *node;
+			if (e->skip)
+				continue;
 			if (e->type == CAS_NODE_DIRECTORY)
 				node = &d.directories[d.n_directories++];
 			else if (e->type == CAS_NODE_FILE)
@@ -830,6 +1000,19 @@ static int walk(struct importer *imp, struct imp_dir *dir)
 			       O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 		if (fd < 0)
 			return path_error(imp, dir, name, cas_negerrno(), NULL);
+		struct stat st;
+		if (fstat(fd, &st) < 0) {
+			r = path_error(imp, dir, name, cas_negerrno(), NULL);
+			close(fd);
+			return r;
+		}
+		if (note_losses(imp, fd, &st, true)) {
+			/* The walker's own share keeps dir pending. */
+			e->skip = true;
+			close(fd);
+			atomic_fetch_sub(&dir->pending, 1);
+			continue;
+		}
 		free(path);
 		if (asprintf(&path, "%s/%s", dir->path, name) < 0) {
 			path = NULL;
@@ -974,6 +1157,8 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	for (size_t l = strlen(clean); l > 1 && clean[l - 1] == '/'; l--)
 		clean[l - 1] = 0;
 	path = clean;
+	if ((r = excludes_init(imp, path)) < 0)
+		goto out;
 	struct stat st;
 	if (stat(path, &st) < 0) {
 		r = path_error(imp, NULL, path, cas_negerrno(), NULL);
@@ -981,10 +1166,13 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	}
 	if (S_ISDIR(st.st_mode)) {
 		int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-		if (fd < 0) {
+		if (fd < 0 || fstat(fd, &st) < 0) {
 			r = path_error(imp, NULL, path, cas_negerrno(), NULL);
+			if (fd >= 0)
+				close(fd);
 			goto out;
 		}
+		(void)note_losses(imp, fd, &st, false);
 		unsigned threads = opts && opts->threads ? opts->threads : 0;
 		if (!threads) {
 			long n = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1006,6 +1194,7 @@ int cas_import(cas_store *s, const char *path, const char *name,
 				       type_name(st.st_mode));
 			goto out;
 		}
+		(void)note_losses(imp, fd, &st, false);
 		node.type = CAS_NODE_FILE;
 		node.executable = (st.st_mode & 0111) != 0;
 		r = import_fd(imp, fd, &st, imp->walker_buf, &node.digest,
@@ -1040,13 +1229,8 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	}
 out:
 	if (ret_progress)
-		*ret_progress = (struct cas_import_progress){
-			.files = atomic_load(&imp->files),
-			.directories = imp->directories,
-			.symlinks = imp->symlinks,
-			.bytes = atomic_load(&imp->bytes),
-			.blobs_added = atomic_load(&imp->blobs_added),
-		};
+		*ret_progress = counts(imp);
+	excludes_release(imp);
 	stage_flush(imp); /* after a failure: removes what is staged */
 	free(imp->staged);
 	free(imp->smalls);

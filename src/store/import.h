@@ -3,9 +3,13 @@
  * Import walks a tree (directories, regular files, symlinks; a file is
  * executable when any x bit is set), hashes every file once with both
  * cores, publishes the blobs the store lacks, syncs them, then commits all
- * Directories and the root in one batch. A fifo, socket, device, unreadable
- * entry or vanished path fails the whole import (error naming the path,
- * nothing registered); the store stays consistent. Memory stays bounded
+ * Directories and the root in one batch. A fifo, socket or device (unless
+ * skip_special), an unreadable entry or a vanished path fails the whole
+ * import (error naming the path, nothing registered); the store stays
+ * consistent. Entries matching an exclude pattern are left out (a folder
+ * is not walked). What castore v1 cannot hold (modes beyond the x bit,
+ * owners, xattrs, hard links) is counted in the progress's losses, so the
+ * caller can say what was not kept. Memory stays bounded
  * for trees of millions of files (Directories are encoded as soon as their
  * subtree is done, one folder level at a time).
  *
@@ -24,10 +28,31 @@ struct cas_import_progress {
 	uint64_t symlinks;
 	uint64_t bytes;	      /* bytes of file content read */
 	uint64_t blobs_added; /* blobs the store did not have */
+	uint64_t excluded;    /* entries an exclude pattern left out */
+	/* What castore v1 could not keep (files and folders; symlinks have
+	 * no mode to lose, and their owners and xattrs are not looked at). */
+	uint64_t special;	  /* fifos, sockets, devices skipped */
+	uint64_t setid;		  /* setuid, setgid or sticky bit dropped */
+	uint64_t private_kept;	  /* not readable by everyone, now are */
+	uint64_t private_skipped; /* not readable by everyone, left out */
+	uint64_t owners;	  /* owner or group other than root */
+	uint64_t xattrs;	  /* with extended attributes (ACLs, caps) */
+	uint64_t hardlinks;	  /* files with several links, stored apart */
 };
 
 struct cas_import_options {
 	unsigned threads; /* 0: number of CPUs */
+	/* Fifos, sockets and device nodes are skipped, not an error. */
+	bool skip_special;
+	/* Files and folders not readable by everyone (others lack r, or x
+	 * for a folder) are left out instead of becoming readable. */
+	bool skip_private;
+	/* Glob patterns (fnmatch, FNM_PATHNAME): one without a '/' matches
+	 * an entry's name at any depth; one with a '/' matches the path
+	 * relative to PATH (a leading '/' anchors nothing more); a trailing
+	 * '/' matches folders only. Borrowed for the call. */
+	const char *const *excludes;
+	size_t n_excludes;
 	/* Called now and then from the importing thread (may be NULL). */
 	void (*progress)(void *userdata, const struct cas_import_progress *p);
 	void *userdata;
