@@ -33,12 +33,18 @@
  *
  * Top level: PATH itself is followed if it is a symlink (importing a link
  * to a tree imports the tree); inside the tree, symlinks are recorded.
+ *
+ * Filters and losses: excluded entries (import_exclude_i.h) and, with
+ * skip_special, special files never become entries (the walker sees them
+ * in the listing). What castore v1 drops is counted from the fstat of the
+ * open fd that is read anyway (a file's by its worker, a folder's by the
+ * walker), plus one flistxattr; with skip_private such an entry is marked
+ * `skip` there and left out when its folder is encoded.
  */
 #include "store/import.h"
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <fnmatch.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -50,6 +56,7 @@
 
 #include "core/dmap.h"
 #include "core/log.h"
+#include "store/import_exclude_i.h"
 #include "store/local_i.h"
 
 #define SMALL_FILE   (1u << 20) /* read whole; also the hashing read size */
@@ -127,12 +134,8 @@ struct importer {
 		hardlinks;
 	uint64_t excluded, special; /* walker only */
 
-	/* Exclude patterns, normalized (walker only). */
-	struct exclude *excludes;
-	size_t n_excludes;
+	struct cas_import_excludes excludes; /* walker only */
 	size_t root_len; /* strlen of the root's path: the rest is relative */
-	char *rel;	 /* the relative path being matched */
-	size_t cap_rel;
 
 	/* Walker only. */
 	cas_dir_batch *batch;
@@ -142,12 +145,6 @@ struct importer {
 	struct timespec last_progress;
 	bool root_done;
 	cas_node root; /* name empty; digest/size of the finished root */
-};
-
-struct exclude {
-	char *pattern; /* without a leading or trailing '/' */
-	bool anchored; /* had a '/': matched against the relative path */
-	bool dir_only; /* had a trailing '/' */
 };
 
 static void set_error(struct importer *imp, int r)
@@ -279,79 +276,6 @@ static bool note_losses(struct importer *imp, int fd, const struct stat *st,
 	if (flistxattr(fd, NULL, 0) > 0)
 		count(&imp->xattrs);
 	return false;
-}
-
-/* Exclude patterns ----------------------------------------------------- */
-
-static int excludes_init(struct importer *imp, const char *root)
-{
-	const struct cas_import_options *o = imp->opts;
-	size_t n = o ? o->n_excludes : 0;
-	imp->root_len = strlen(root);
-	if (!n)
-		return 0;
-	if (!(imp->excludes = calloc(n, sizeof(*imp->excludes))))
-		return -ENOMEM;
-	for (; imp->n_excludes < n; imp->n_excludes++) {
-		const char *p = o->excludes[imp->n_excludes];
-		struct exclude *x = &imp->excludes[imp->n_excludes];
-		size_t len = strlen(p);
-		while (len > 0 && p[len - 1] == '/') {
-			x->dir_only = true;
-			len--;
-		}
-		while (len > 0 && p[0] == '/') {
-			x->anchored = true;
-			p++;
-			len--;
-		}
-		if (!(x->pattern = strndup(p, len)))
-			return -ENOMEM;
-		x->anchored |= memchr(x->pattern, '/', len) != NULL;
-	}
-	return 0;
-}
-
-static void excludes_release(struct importer *imp)
-{
-	for (size_t i = 0; i < imp->n_excludes; i++)
-		free(imp->excludes[i].pattern);
-	free(imp->excludes);
-	free(imp->rel);
-}
-
-/* 1 when the entry `name` of dir matches an exclude pattern. */
-static int excluded(struct importer *imp, const struct imp_dir *dir,
-		    const char *name, bool is_dir)
-{
-	bool have_rel = false;
-	for (size_t i = 0; i < imp->n_excludes; i++) {
-		const struct exclude *x = &imp->excludes[i];
-		if (x->dir_only && !is_dir)
-			continue;
-		if (!x->anchored) {
-			if (fnmatch(x->pattern, name, 0) == 0)
-				return 1;
-			continue;
-		}
-		if (!have_rel) {
-			const char *up = dir->path + imp->root_len;
-			while (*up == '/')
-				up++;
-			size_t ul = strlen(up), nl = strlen(name);
-			int r = cas_array_grow(&imp->rel, &imp->cap_rel,
-					       ul + nl + 2, 1, 256);
-			if (r < 0)
-				return r;
-			memcpy(imp->rel, up, ul);
-			imp->rel[ul] = '/';
-			memcpy(imp->rel + (ul ? ul + 1 : 0), name, nl + 1);
-			have_rel = true;
-		}
-		if (fnmatch(x->pattern, imp->rel, FNM_PATHNAME) == 0)
-			return 1;
-	}
-	return 0;
 }
 
 static double elapsed(const struct timespec *t0)
@@ -820,7 +744,11 @@ static int list_dir(struct importer *imp, struct imp_dir *dir)
 							  cas_negerrno(), NULL);
 				t = IFTODT(st.st_mode);
 			}
-			int r = excluded(imp, dir, name, t == DT_DIR);
+			const char *up = dir->path + imp->root_len;
+			while (*up == '/')
+				up++;
+			int r = cas_import_excludes_match(&imp->excludes, up,
+							  name, t == DT_DIR);
 			if (r < 0)
 				return path_error(imp, dir, name, r, NULL);
 			if (r > 0) {
@@ -1157,7 +1085,10 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	for (size_t l = strlen(clean); l > 1 && clean[l - 1] == '/'; l--)
 		clean[l - 1] = 0;
 	path = clean;
-	if ((r = excludes_init(imp, path)) < 0)
+	imp->root_len = strlen(path);
+	if (opts &&
+	    (r = cas_import_excludes_init(&imp->excludes, opts->excludes,
+					  opts->n_excludes)) < 0)
 		goto out;
 	struct stat st;
 	if (stat(path, &st) < 0) {
@@ -1230,7 +1161,7 @@ int cas_import(cas_store *s, const char *path, const char *name,
 out:
 	if (ret_progress)
 		*ret_progress = counts(imp);
-	excludes_release(imp);
+	cas_import_excludes_release(&imp->excludes);
 	stage_flush(imp); /* after a failure: removes what is staged */
 	free(imp->staged);
 	free(imp->smalls);
