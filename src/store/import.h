@@ -49,7 +49,7 @@ struct cas_import_options {
 	bool skip_private;
 	/* Glob patterns (fnmatch, FNM_PATHNAME): one without a '/' matches
 	 * an entry's name at any depth; one with a '/' matches the path
-	 * relative to PATH (a leading '/' anchors nothing more); a trailing
+	 * relative to PATH from its start (a leading '/' only anchors); a trailing
 	 * '/' matches folders only. Borrowed for the call. */
 	const char *const *excludes;
 	size_t n_excludes;
