@@ -111,6 +111,7 @@ int cmd_blob(struct cas_cli *cli, int argc, char **argv);
 int cmd_dir(struct cas_cli *cli, int argc, char **argv);
 int cmd_roots(struct cas_cli *cli, int argc, char **argv);
 int cmd_verify(struct cas_cli *cli, int argc, char **argv);
+int cmd_gc(struct cas_cli *cli, int argc, char **argv);
 int cmd_mount(struct cas_cli *cli, int argc, char **argv);
 int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv);
 #ifdef CAS_HAVE_REMOTE

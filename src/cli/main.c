@@ -31,6 +31,7 @@ static const struct {
 	 "virtiofs --socket PATH ... serve the roots to a VM"},
 	{"verify", cmd_verify,
 	 "verify                     check the whole store"},
+	{"gc", cmd_gc, "gc --dry-run [--json]      what no root reaches"},
 	{"blob", cmd_blob, "blob put|cat|stat ...      blobs by digest"},
 	{"dir", cmd_dir, "dir put|get ...            Directories by digest"},
 	{"roots", cmd_roots, "roots list|add|rm ...      named roots"},

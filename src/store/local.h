@@ -110,4 +110,17 @@ typedef void (*cas_verify_cb)(void *userdata, const char *problem);
 /* Returns the number of problems (>= 0), or -errno if the walk failed. */
 int cas_local_verify(cas_store *s, cas_verify_cb cb, void *userdata);
 
+/* What a gc would remove (docs/design.md, "Writers and gc"): objects that
+ * no root reaches, and leftovers in tmp/. Counted in one read transaction
+ * for the Directories and indexed small blobs; blob files and tmp/ are
+ * listed after it. Changes nothing. */
+struct cas_gc_stats {
+	uint64_t reachable; /* distinct digests a root reaches */
+	uint64_t blob_files, blob_file_bytes;
+	uint64_t small_blobs, small_blob_bytes; /* packed or inline */
+	uint64_t directories, directory_bytes;
+	uint64_t tmp_files, tmp_bytes;
+};
+int cas_local_gc_survey(cas_store *s, struct cas_gc_stats *ret);
+
 #endif
