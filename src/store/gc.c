@@ -1,103 +1,70 @@
-/* gc.c - cas_local_gc_survey: what a gc of a local store would remove.
+/* gc.c - cas_local_gc: mark what the roots reach, sweep the rest
+ * (docs/design.md, "Writers and gc", states the guarantee).
  *
- * The mark half of gc (docs/design.md, "Writers and gc"): every object a
- * root reaches is marked, in one read transaction; then every blob file,
- * indexed small blob and Directory that no root reaches is counted, and
- * so are the leftovers in tmp/. Nothing is changed: the sweep, which must
- * coordinate with live writers through gc.lock and their pin files, is
- * not built yet, so this is what `castore gc --dry-run` reports.
+ * 1. Mark, without any lock: every digest the roots reach, in one read
+ *    transaction. This is the long part, and writers run meanwhile.
+ * 2. Sweep, under gc.lock held exclusively (gc.turn first, so that a
+ *    stream of writer steps cannot starve it): read the live writers' pin
+ *    files (a pin file gc can lock is a dead writer's and goes); then in
+ *    one LMDB write transaction, which sees every root and Directory
+ *    committed so far and holds other LMDB writers off, mark again from
+ *    the pins, from the Directories younger than the grace and from the
+ *    roots (incrementally: only what is new is read), and delete every
+ *    unmarked Directory and pack index entry older than the grace. Blob
+ *    files go after that commit (a Directory never names a removed blob,
+ *    even after a SIGKILL), unless marked or younger than the grace.
+ *    Then the leftovers in tmp/ of processes that are gone, and a flock
+ *    on each pack no live writer holds.
+ * 3. Packs, after gc.lock is released (gc_pack.c).
+ * What is kept because it is young or pinned keeps its closure too, so
+ * no Directory that stays names a Directory or blob that goes.
  */
 #include <dirent.h>
 #include <fcntl.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "core/directory.h"
+#include "core/dmap.h"
 #include "core/log.h"
-#include "store/local_i.h"
-
-/* The marked digests: open addressing on the digest's first bytes (which
- * are uniformly distributed); all-zero slots are empty. */
-struct mark_set {
-	cas_digest *slots;
-	size_t cap, n;
-};
-
-static bool digest_zero(const cas_digest *d)
-{
-	static const cas_digest zero;
-	return cas_digest_eq(d, &zero);
-}
-
-static size_t mark_slot(const struct mark_set *m, const cas_digest *d)
-{
-	uint64_t h;
-	memcpy(&h, d->bytes, sizeof(h));
-	size_t i = (size_t)h & (m->cap - 1);
-	while (!digest_zero(&m->slots[i]) && !cas_digest_eq(&m->slots[i], d))
-		i = (i + 1) & (m->cap - 1);
-	return i;
-}
-
-static bool mark_has(const struct mark_set *m, const cas_digest *d)
-{
-	return m->cap && !digest_zero(&m->slots[mark_slot(m, d)]);
-}
-
-/* 1 newly marked, 0 already marked, -ENOMEM. */
-static int mark_add(struct mark_set *m, const cas_digest *d)
-{
-	if (digest_zero(d))
-		return 0;
-	if ((m->n + 1) * 2 > m->cap) {
-		size_t cap = m->cap ? m->cap * 2 : 1024;
-		cas_digest *slots = calloc(cap, sizeof(*slots));
-		if (!slots)
-			return -ENOMEM;
-		struct mark_set grown = {slots, cap, m->n};
-		for (size_t i = 0; i < m->cap; i++)
-			if (!digest_zero(&m->slots[i]))
-				slots[mark_slot(&grown, &m->slots[i])] =
-					m->slots[i];
-		free(m->slots);
-		*m = grown;
-	}
-	size_t i = mark_slot(m, d);
-	if (!digest_zero(&m->slots[i]))
-		return 0;
-	m->slots[i] = *d;
-	m->n++;
-	return 1;
-}
+#include "store/gc_i.h"
 
 struct marker {
 	struct cas_local *ls;
 	MDB_txn *txn;
-	struct mark_set marked;
+	struct cas_dmap marked;
 	cas_digest *stack; /* Directories marked but not yet read */
 	size_t n_stack, cap_stack;
 };
 
+static int mark_add(struct marker *k, const cas_digest *d)
+{
+	return cas_dmap_put(&k->marked, d, NULL);
+}
+
+static bool marked(const struct marker *k, const cas_digest *d)
+{
+	return k->marked.n && cas_dmap_find(&k->marked, d);
+}
+
+/* Marks d and queues it to be read as a Directory (if it is one). */
 static int mark_directory(struct marker *k, const cas_digest *d)
 {
-	int r = mark_add(&k->marked, d);
+	int r = mark_add(k, d);
 	if (r <= 0)
 		return r;
-	if (k->n_stack == k->cap_stack) {
-		size_t cap = k->cap_stack ? k->cap_stack * 2 : 256;
-		cas_digest *st = realloc(k->stack, cap * sizeof(*st));
-		if (!st)
-			return -ENOMEM;
-		k->stack = st;
-		k->cap_stack = cap;
-	}
+	if ((r = cas_array_grow(&k->stack, &k->cap_stack, k->n_stack + 1,
+				sizeof(*k->stack), 256)) < 0)
+		return r;
 	k->stack[k->n_stack++] = *d;
 	return 0;
 }
 
-/* Reads each marked Directory once and marks what it names; an absent or
- * undecodable Directory marks nothing more (verify reports it). */
+/* Reads each queued Directory once and marks what it names; an absent or
+ * undecodable one marks nothing more (verify reports it). */
 static int mark_closure(struct marker *k)
 {
 	while (k->n_stack) {
@@ -116,12 +83,11 @@ static int mark_closure(struct marker *k)
 		if (r < 0)
 			return r;
 		for (size_t i = 0; i < dir->n_directories; i++)
-			if ((r = mark_directory(k, &dir->directories[i].digest)) <
-			    0)
+			if ((r = mark_directory(
+				     k, &dir->directories[i].digest)) < 0)
 				return r;
 		for (size_t i = 0; i < dir->n_files; i++)
-			if ((r = mark_add(&k->marked, &dir->files[i].digest)) <
-			    0)
+			if ((r = mark_add(k, &dir->files[i].digest)) < 0)
 				return r;
 	}
 	return 0;
@@ -143,7 +109,7 @@ static int mark_roots(struct marker *k)
 			if (node.type == CAS_NODE_DIRECTORY)
 				r = mark_directory(k, &node.digest);
 			else if (node.type == CAS_NODE_FILE)
-				r = mark_add(&k->marked, &node.digest);
+				r = mark_add(k, &node.digest) < 0 ? -ENOMEM : 0;
 			if (r == 0)
 				r = mark_closure(k);
 		}
@@ -156,32 +122,40 @@ static int mark_roots(struct marker *k)
 	return r;
 }
 
-/* Counts the unmarked entries of one LMDB table; sizes from size_of. */
-static int survey_db(struct marker *k, MDB_dbi dbi, bool small_blobs,
-		     uint64_t *ret_n, uint64_t *ret_bytes)
+static uint64_t time_decode(const MDB_val *v)
 {
+	uint64_t t = 0;
+	if (v->mv_size != 8)
+		return 0;
+	for (int i = 0; i < 8; i++)
+		t |= (uint64_t)((const uint8_t *)v->mv_data)[i] << (8 * i);
+	return t;
+}
+
+/* Directories written within the grace are kept, with their closure. */
+static int mark_young(struct marker *k, int64_t cutoff)
+{
+	if (!k->ls->has_times_db)
+		return 0;
 	MDB_cursor *cur;
-	int r = cas_local_mdb_errno(mdb_cursor_open(k->txn, dbi, &cur));
+	int r = cas_local_mdb_errno(
+		mdb_cursor_open(k->txn, k->ls->dbi_times, &cur));
 	if (r < 0)
 		return r;
 	MDB_val key, val;
 	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
-	while (rc == MDB_SUCCESS) {
-		cas_digest d;
-		if (key.mv_size == CAS_DIGEST_LEN) {
+	while (r == 0 && rc == MDB_SUCCESS) {
+		if (key.mv_size == CAS_DIGEST_LEN &&
+		    (int64_t)time_decode(&val) > cutoff) {
+			cas_digest d;
 			memcpy(d.bytes, key.mv_data, CAS_DIGEST_LEN);
-			if (!mark_has(&k->marked, &d)) {
-				(*ret_n)++;
-				*ret_bytes += small_blobs
-						      ? cas_local_small_size(
-								val.mv_data,
-								val.mv_size)
-						      : val.mv_size;
-			}
+			if ((r = mark_directory(k, &d)) == 0)
+				r = mark_closure(k);
 		}
-		rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
+		if (r == 0)
+			rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
 	}
-	if (rc != MDB_NOTFOUND)
+	if (r == 0 && rc != MDB_NOTFOUND)
 		r = cas_local_mdb_errno(rc);
 	mdb_cursor_close(cur);
 	return r;
@@ -208,84 +182,339 @@ static int each_entry(int fd, int (*fn)(void *, int, const char *),
 	return r;
 }
 
-struct blob_survey {
+/* The pins of live writers; dead writers' pin files are removed (not in
+ * a dry run). Each pin may name a blob or a Directory. */
+struct pin_read {
 	struct marker *k;
-	struct cas_gc_stats *st;
+	bool dry_run;
+	int r;
 };
 
-static int survey_blob(void *userdata, int fan_fd, const char *name)
+static int read_pins(void *userdata, int tmp_fd, const char *name)
 {
-	struct blob_survey *b = userdata;
-	cas_digest d;
-	struct stat st;
-	if (cas_digest_from_hex(name, &d) < 0 || mark_has(&b->k->marked, &d))
+	struct pin_read *pr = userdata;
+	if (strncmp(name, "pins.", 5))
 		return 0;
-	if (fstatat(fan_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
-		return 0; /* gone meanwhile */
-	b->st->blob_files++;
-	b->st->blob_file_bytes += (uint64_t)st.st_size;
+	_cleanup_close_ int fd =
+		openat(tmp_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return 0;
+	if (flock(fd, LOCK_SH | LOCK_NB) == 0) {
+		if (!pr->dry_run)
+			unlinkat(tmp_fd, name, 0); /* its writer is gone */
+		return 0;
+	}
+	cas_digest buf[256];
+	uint64_t off = 0;
+	for (;;) {
+		ssize_t n = pread(fd, buf, sizeof(buf), (off_t)off);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n <= 0)
+			break;
+		off += (uint64_t)n;
+		for (size_t i = 0; i < (size_t)n / sizeof(buf[0]); i++) {
+			int r = mark_directory(pr->k, &buf[i]);
+			if (r < 0)
+				return r;
+		}
+		if ((size_t)n % sizeof(buf[0]))
+			break; /* being written; the rest is not a pin yet */
+	}
 	return 0;
 }
 
-static int survey_fan(void *userdata, int blobs_fd, const char *name)
+/* Liveness files of processes that are gone. */
+static int remove_dead_live(void *userdata, int tmp_fd, const char *name)
+{
+	(void)userdata;
+	if (strncmp(name, "live.", 5))
+		return 0;
+	_cleanup_close_ int fd =
+		openat(tmp_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0)
+		unlinkat(tmp_fd, name, 0); /* an opener re-checks the name */
+	return 0;
+}
+
+struct sweep {
+	struct marker *k;
+	struct gc_packs *packs;
+	const struct cas_gc_options *o;
+	struct cas_gc_stats *st;
+	int64_t cutoff; /* written at or before this: old enough to go */
+	int tmp_fd;	/* the store's, or (read-only dry run) our own */
+};
+
+static int sweep_directories(struct sweep *w, MDB_txn *txn)
+{
+	struct cas_local *ls = w->k->ls;
+	MDB_cursor *cur;
+	int r = cas_local_mdb_errno(
+		mdb_cursor_open(txn, ls->dbi_directories, &cur));
+	if (r < 0)
+		return r;
+	MDB_val key, val;
+	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
+	while (rc == MDB_SUCCESS) {
+		cas_digest d;
+		if (key.mv_size == CAS_DIGEST_LEN) {
+			memcpy(d.bytes, key.mv_data, CAS_DIGEST_LEN);
+			if (!marked(w->k, &d)) {
+				w->st->directories++;
+				w->st->directory_bytes += val.mv_size;
+				if (!w->o->dry_run) {
+					if ((rc = mdb_cursor_del(cur, 0)) !=
+					    MDB_SUCCESS)
+						break;
+					MDB_val tk = {CAS_DIGEST_LEN, d.bytes};
+					if (ls->has_times_db)
+						(void)mdb_del(txn,
+							      ls->dbi_times,
+							      &tk, NULL);
+				}
+			}
+		}
+		rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
+	}
+	if (rc != MDB_NOTFOUND)
+		r = cas_local_mdb_errno(rc);
+	mdb_cursor_close(cur);
+	return r;
+}
+
+/* Pack index entries: unmarked ones written before the cutoff go; the
+ * others count as their pack's live bytes. */
+static int sweep_index(struct sweep *w, MDB_txn *txn)
+{
+	struct cas_local *ls = w->k->ls;
+	if (!ls->has_blobs_db)
+		return 0;
+	MDB_cursor *cur;
+	int r = cas_local_mdb_errno(mdb_cursor_open(txn, ls->dbi_blobs, &cur));
+	if (r < 0)
+		return r;
+	MDB_val key, val;
+	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
+	while (rc == MDB_SUCCESS) {
+		cas_digest d;
+		if (key.mv_size == CAS_DIGEST_LEN &&
+		    val.mv_size == CAS_PACK_REF_LEN) {
+			memcpy(d.bytes, key.mv_data, CAS_DIGEST_LEN);
+			uint64_t id, off;
+			uint32_t len;
+			cas_local_pack_ref_decode(val.mv_data, &id, &off, &len);
+			struct gc_pack *p = cas_gc_pack_find(w->packs, id);
+			/* A pack gc did not list is newer than the sweep. */
+			bool young = !p || p->mtime > w->cutoff;
+			if (!marked(w->k, &d) && !young) {
+				w->st->small_blobs++;
+				w->st->small_blob_bytes += len;
+				if (!w->o->dry_run &&
+				    (rc = mdb_cursor_del(cur, 0)) !=
+					    MDB_SUCCESS)
+					break;
+			} else {
+				if (!marked(w->k, &d))
+					w->st->kept_young++;
+				if (p) {
+					p->live_n++;
+					p->live_bytes += len;
+					p->end = CAS_MAX(p->end, off + len);
+				}
+			}
+		}
+		rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
+	}
+	if (rc != MDB_NOTFOUND)
+		r = cas_local_mdb_errno(rc);
+	mdb_cursor_close(cur);
+	return r;
+}
+
+static int sweep_blob(void *userdata, int fan_fd, const char *name)
+{
+	struct sweep *w = userdata;
+	cas_digest d;
+	struct stat st;
+	if (cas_digest_from_hex(name, &d) < 0 || marked(w->k, &d))
+		return 0;
+	if (fstatat(fan_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+	    !S_ISREG(st.st_mode))
+		return 0; /* gone meanwhile, or not a blob: verify names it */
+	if (st.st_mtime > w->cutoff) {
+		w->st->kept_young++;
+		return 0;
+	}
+	if (!w->o->dry_run && unlinkat(fan_fd, name, 0) < 0)
+		return 0;
+	w->st->blob_files++;
+	w->st->blob_file_bytes += (uint64_t)st.st_size;
+	return 0;
+}
+
+static int sweep_fan(void *userdata, int blobs_fd, const char *name)
 {
 	int fd = openat(blobs_fd, name,
 			O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
-		return 0; /* not a fan-out folder: verify names it */
-	int r = each_entry(fd, survey_blob, userdata);
+		return 0;
+	int r = each_entry(fd, sweep_blob, userdata);
 	close(fd);
 	return r;
 }
 
-static int survey_tmp(void *userdata, int tmp_fd, const char *name)
+/* Counts the tmp/ leftovers a sweep would remove (dry run). */
+static int count_tmp(void *userdata, int tmp_fd, const char *name)
 {
-	struct cas_gc_stats *st = userdata;
+	struct sweep *w = userdata;
 	struct stat sb;
-	if (fstatat(tmp_fd, name, &sb, AT_SYMLINK_NOFOLLOW) < 0)
+	if (!strncmp(name, "pins.", 5) || !strncmp(name, "live.", 5) ||
+	    fstatat(tmp_fd, name, &sb, AT_SYMLINK_NOFOLLOW) < 0)
 		return 0;
-	st->tmp_files++;
-	st->tmp_bytes += (uint64_t)sb.st_size;
+	int alive = cas_local_tmp_owner_alive(tmp_fd, name);
+	if (alive > 0 || (alive < 0 && sb.st_mtime > w->cutoff))
+		return 0;
+	w->st->tmp_files++;
+	w->st->tmp_bytes += (uint64_t)sb.st_size;
 	return 0;
 }
 
-int cas_local_gc_survey(cas_store *s, struct cas_gc_stats *ret)
+static int lock_wait(int fd, int op)
+{
+	while (flock(fd, op) < 0)
+		if (errno != EINTR)
+			return cas_negerrno();
+	return 0;
+}
+
+/* The sweep proper, under gc.lock (exclusive unless a dry run). */
+static int sweep_locked(struct sweep *w)
+{
+	struct marker *k = w->k;
+	struct cas_local *ls = k->ls;
+	struct pin_read pr = {k, w->o->dry_run, 0};
+	int r = w->tmp_fd >= 0 ? each_entry(w->tmp_fd, read_pins, &pr) : 0;
+	if (r < 0)
+		return r;
+	if ((r = cas_gc_packs_list(ls, w->packs)) < 0)
+		return r;
+	MDB_txn *txn;
+	r = cas_local_mdb_errno(mdb_txn_begin(
+		ls->env, NULL, w->o->dry_run ? MDB_RDONLY : 0, &txn));
+	if (r < 0)
+		return r;
+	k->txn = txn;
+	r = mark_closure(k); /* the pins */
+	if (r == 0)
+		r = mark_young(k, w->cutoff);
+	if (r == 0)
+		r = mark_roots(k);
+	if (r == 0)
+		r = sweep_directories(w, txn);
+	if (r == 0)
+		r = sweep_index(w, txn);
+	k->txn = NULL;
+	if (r < 0 || w->o->dry_run)
+		mdb_txn_abort(txn);
+	else
+		r = cas_local_mdb_errno(mdb_txn_commit(txn));
+	if (r < 0)
+		return r;
+	if ((r = each_entry(ls->blobs_fd, sweep_fan, w)) < 0)
+		return r;
+	if (w->o->dry_run) {
+		r = w->tmp_fd >= 0 ? each_entry(w->tmp_fd, count_tmp, w) : 0;
+	} else {
+		cas_local_tmp_sweep(ls, (long)w->o->grace_s, &w->st->tmp_files,
+				    &w->st->tmp_bytes);
+		r = each_entry(ls->tmp_fd, remove_dead_live, NULL);
+	}
+	if (r == 0)
+		cas_gc_packs_lock(w->packs, ls->packs_fd, w->o->dry_run);
+	return r;
+}
+
+static double since(const struct timespec *t0)
+{
+	struct timespec t;
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return (double)(t.tv_sec - t0->tv_sec) +
+	       (double)(t.tv_nsec - t0->tv_nsec) / 1e9;
+}
+
+int cas_local_gc(cas_store *s, const struct cas_gc_options *o,
+		 struct cas_gc_stats *ret)
 {
 	if (!cas_store_is_local(s))
 		return -EOPNOTSUPP;
-	struct marker k = {.ls = (struct cas_local *)s};
+	struct cas_local *ls = to_local(s);
+	if (!o->dry_run && (ls->readonly || ls->gc_lock_fd < 0))
+		return -EROFS;
+	struct timespec t0;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	struct marker k = {.ls = ls};
+	struct gc_packs packs = {0};
 	struct cas_gc_stats st = {0};
-	int r = cas_local_rtxn_get(k.ls, &k.txn);
-	if (r < 0)
-		return r;
-	r = mark_roots(&k);
-	if (r == 0)
-		r = survey_db(&k, k.ls->dbi_directories, false,
-			      &st.directories, &st.directory_bytes);
-	if (r == 0 && k.ls->has_blobs_db)
-		r = survey_db(&k, k.ls->dbi_blobs, true, &st.small_blobs,
-			      &st.small_blob_bytes);
-	cas_local_rtxn_put(k.ls, k.txn);
-	if (r == 0) {
-		struct blob_survey b = {&k, &st};
-		r = each_entry(k.ls->blobs_fd, survey_fan, &b);
-	}
-	if (r == 0) {
-		/* A read-only open keeps no fd on tmp/. */
-		int tfd = openat(k.ls->dir_fd, "tmp",
+	struct sweep w = {&k,
+			  &packs,
+			  o,
+			  &st,
+			  (int64_t)time(NULL) - (int64_t)o->grace_s,
+			  ls->tmp_fd};
+	/* A dry run changes nothing, so it may run on a read-only open. */
+	_cleanup_close_ int own_tmp = -1, run_fd = -1;
+	if (w.tmp_fd < 0) {
+		own_tmp = openat(ls->dir_fd, "tmp",
 				 O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-		if (tfd >= 0) {
-			r = each_entry(tfd, survey_tmp, &st);
-			close(tfd);
-		} else if (errno != ENOENT) {
-			r = cas_negerrno();
-		}
+		w.tmp_fd = own_tmp;
 	}
-	st.reachable = k.marked.n;
-	free(k.marked.slots);
-	free(k.stack);
+	int r = 0;
+	if (!o->dry_run) {
+		run_fd = openat(ls->dir_fd, "gc.run",
+				O_CREAT | O_RDWR | O_CLOEXEC, 0644);
+		r = run_fd < 0 ? cas_negerrno() : lock_wait(run_fd, LOCK_EX);
+		if (r < 0)
+			return cas_log_errno(r, "gc %s: gc.run: %m", ls->dir);
+	}
+
+	/* 1. Mark, beside the writers. */
+	if ((r = cas_local_rtxn_get(ls, &k.txn)) < 0)
+		goto out;
+	r = mark_roots(&k);
+	cas_local_rtxn_put(ls, k.txn);
+	k.txn = NULL;
 	if (r < 0)
-		return cas_log_errno(r, "gc %s: %m", k.ls->dir);
+		goto out;
+
+	/* 2. Sweep: no writer step runs meanwhile. */
+	bool locked = false;
+	if (!o->dry_run) {
+		r = lock_wait(ls->gc_turn_fd, LOCK_EX);
+		if (r == 0) {
+			r = lock_wait(ls->gc_lock_fd, LOCK_EX);
+			(void)flock(ls->gc_turn_fd, LOCK_UN);
+		}
+		if (r < 0)
+			goto out;
+		locked = true;
+	}
+	r = sweep_locked(&w);
+	if (locked)
+		(void)flock(ls->gc_lock_fd, LOCK_UN);
+	if (r < 0)
+		goto out;
+
+	/* 3. Packs, beside the writers again. */
+	r = cas_gc_packs_collect(ls, &packs, o->dry_run, &st);
+out:
+	st.reachable = k.marked.n;
+	cas_dmap_release(&k.marked, NULL);
+	free(k.stack);
+	cas_gc_packs_release(&packs);
+	if (r < 0)
+		return cas_log_errno(r, "gc %s: %m", ls->dir);
+	st.seconds = since(&t0);
 	*ret = st;
 	return 0;
 }

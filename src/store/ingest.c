@@ -120,6 +120,16 @@ static int tmp_open_named(struct cas_local *ls, struct tmpfile *t)
 	return tmp_open_flags(ls, t, 0);
 }
 
+/* A single blob put that finds its blob present renews its write time:
+ * gc's grace counts from it, so a remote writer that puts blobs now and
+ * the Directories naming them later keeps them (docs/design.md). */
+static void blob_touch(struct cas_local *ls, const cas_digest *d)
+{
+	char rel[CAS_BLOB_REL_LEN];
+	cas_local_blob_rel(d, rel);
+	(void)utimensat(ls->blobs_fd, rel, NULL, AT_SYMLINK_NOFOLLOW);
+}
+
 /* Links the temporary file under the blob's name. 1: published, 0: the
  * blob was already there. The temporary file is gone afterwards. */
 static int tmp_publish(struct cas_local *ls, struct tmpfile *t,
@@ -168,6 +178,8 @@ out:
 	if (r < 0)
 		return cas_log_errno(r, "store %s: publish blob %s: %m",
 				     ls->dir, rel + 3);
+	if (r == 0)
+		blob_touch(ls, d);
 	return r;
 }
 
@@ -190,6 +202,8 @@ int cas_local_blob_publish_buffer(cas_store *s, const void *buf, size_t len,
 {
 	struct cas_local *ls = to_local(s);
 	int r = cas_local_blob_exists(ls, d);
+	if (r > 0)
+		blob_touch(ls, d);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	struct tmpfile t;
@@ -239,6 +253,8 @@ int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 	char hex[CAS_DIGEST_HEX_LEN + 1];
 	int r;
 	r = cas_local_blob_exists(ls, d);
+	if (r > 0)
+		blob_touch(ls, d);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	struct tmpfile t;
@@ -543,6 +559,10 @@ int cas_local_blob_writer_new(cas_store *s, cas_blob_writer **ret)
 struct cas_ingest {
 	struct cas_local *ls;
 	struct cas_local_pack *pack; /* made on the first small group */
+	/* What this writer found present or committed, until it is freed
+	 * (after it committed what refers to them): gc keeps them. */
+	pthread_mutex_t pins_lock;
+	struct cas_local_pins pins; /* protected by pins_lock */
 };
 
 int cas_ingest_new(cas_store *s, struct cas_ingest **ret)
@@ -556,6 +576,8 @@ int cas_ingest_new(cas_store *s, struct cas_ingest **ret)
 	if (!in)
 		return -ENOMEM;
 	in->ls = ls;
+	in->pins = (struct cas_local_pins)CAS_LOCAL_PINS_INIT;
+	pthread_mutex_init(&in->pins_lock, NULL);
 	*ret = in;
 	return 0;
 }
@@ -565,7 +587,18 @@ void cas_ingest_free(struct cas_ingest *in)
 	if (!in)
 		return;
 	cas_local_pack_close(in->pack);
+	cas_local_pins_release(in->ls, &in->pins);
+	pthread_mutex_destroy(&in->pins_lock);
 	free(in);
+}
+
+/* Inside cas_local_gc_enter/leave. */
+static int pin(struct cas_ingest *in, const cas_digest *d, size_t n)
+{
+	pthread_mutex_lock(&in->pins_lock);
+	int r = cas_local_pins_add(in->ls, &in->pins, d, n);
+	pthread_mutex_unlock(&in->pins_lock);
+	return r;
 }
 
 bool cas_ingest_packs(const struct cas_ingest *in, uint64_t size)
@@ -573,10 +606,24 @@ bool cas_ingest_packs(const struct cas_ingest *in, uint64_t size)
 	return cas_local_is_packed(in->ls, size);
 }
 
+/* The classic race of gc: a writer that finds a blob present skips it
+ * and names it later. The check and the pin are one step under gc.lock
+ * (shared), so a gc sweep either ran before the check (the blob is gone
+ * and written again) or sees the pin. */
 int cas_ingest_has(struct cas_ingest *in, const cas_digest *d, bool packed)
 {
-	return packed ? cas_local_small_exists(in->ls, d)
-		      : cas_local_blob_exists(in->ls, d);
+	int r = cas_local_gc_enter(in->ls);
+	if (r < 0)
+		return r;
+	r = packed ? cas_local_small_exists(in->ls, d)
+		   : cas_local_blob_exists(in->ls, d);
+	if (r > 0) {
+		int p = pin(in, d, 1);
+		if (p < 0)
+			r = p;
+	}
+	cas_local_gc_leave(in->ls);
+	return r;
 }
 
 int cas_ingest_stage_buffer(struct cas_ingest *in, const void *buf, size_t len,
@@ -644,10 +691,36 @@ static int commit_smalls(struct cas_ingest *in,
 	return r;
 }
 
+/* Pins every blob of the group, one write. */
+static int pin_group(struct cas_ingest *in, const struct cas_ingest_group *g)
+{
+	size_t n = g->n_files + g->n_smalls;
+	if (n == 0)
+		return 0;
+	_cleanup_free_ cas_digest *v = malloc(n * sizeof(*v));
+	if (!v)
+		return -ENOMEM;
+	for (size_t i = 0; i < g->n_files; i++)
+		v[i] = g->files[i].digest;
+	for (size_t i = 0; i < g->n_smalls; i++)
+		v[g->n_files + i] = g->smalls[i].digest;
+	return pin(in, v, n);
+}
+
 int cas_ingest_commit(struct cas_ingest *in, const struct cas_ingest_group *g,
 		      struct cas_ingest_result *ret)
 {
 	struct cas_ingest_result res = {0};
+	/* One step for gc: the group's blobs are pinned before a sweep can
+	 * see them unreferenced, and a pack is created and locked by its
+	 * writer before gc can see it without a lock. */
+	int e = cas_local_gc_enter(in->ls);
+	if (e < 0) {
+		res.pack_r = e;
+		if (ret)
+			*ret = res;
+		return e;
+	}
 	res.pack_r = commit_smalls(in, g, &res.added);
 	if (g->n_files > 0) {
 		/* Every byte of the group was written before this. */
@@ -661,6 +734,10 @@ int cas_ingest_commit(struct cas_ingest *in, const struct cas_ingest_group *g,
 				res.name_r = u;
 		}
 	}
+	int p = pin_group(in, g);
+	cas_local_gc_leave(in->ls);
+	if (p < 0 && res.name_r == 0)
+		res.name_r = p;
 	if (ret)
 		*ret = res;
 	return res.pack_r < 0	? res.pack_r

@@ -22,8 +22,9 @@
 #define MAP_SIZE     (1ull << 40) /* sparse: the file grows as it is used */
 #define MAP_SIZE_MIN (1ull << 30)
 #define MAX_READERS  1024
-/* Leftovers older than this cannot belong to a live writer: staged files
- * are renamed within seconds, and O_TMPFILE leaves no name at all. */
+/* Leftovers in tmp/ whose name carries no writer's pid are removed once
+ * they are this old; those that do, as soon as that writer is gone
+ * (gc_seam.c). */
 #define TMP_MAX_AGE_S 3600
 
 static const struct cas_store_ops local_ops;
@@ -161,6 +162,9 @@ static void local_free(cas_store *s)
 		mdb_txn_abort(ls->pool[i]);
 	if (ls->env)
 		mdb_env_close(ls->env);
+	cas_local_gc_seam_close(ls);
+	pthread_mutex_destroy(&ls->gc_mu);
+	pthread_cond_destroy(&ls->gc_cond);
 	if (ls->tmp_fd >= 0)
 		close(ls->tmp_fd);
 	if (ls->packs_fd >= 0)
@@ -196,7 +200,7 @@ static const struct cas_store_ops local_ops = {
 /* Named leftovers of crashed writers; O_TMPFILE leaves none. */
 static void tmp_cleanup(struct cas_local *ls)
 {
-	cas_remove_stale_files(ls->tmp_fd, TMP_MAX_AGE_S);
+	cas_local_tmp_sweep(ls, TMP_MAX_AGE_S, NULL, NULL);
 }
 
 static int open_subdir(struct cas_local *ls, const char *name, bool create,
@@ -245,7 +249,7 @@ static int open_env(struct cas_local *ls, bool create)
 		if (rc == MDB_SUCCESS)
 			rc = mdb_env_set_mapsize(ls->env, map);
 		if (rc == MDB_SUCCESS)
-			rc = mdb_env_set_maxdbs(ls->env, 4);
+			rc = mdb_env_set_maxdbs(ls->env, 8);
 		if (rc == MDB_SUCCESS)
 			rc = mdb_env_set_maxreaders(ls->env, MAX_READERS);
 		if (rc == MDB_SUCCESS) {
@@ -282,6 +286,12 @@ static int open_env(struct cas_local *ls, bool create)
 		if (rc == MDB_NOTFOUND && ls->readonly)
 			rc = MDB_SUCCESS; /* a store written before there were small blobs */
 	}
+	if (rc == MDB_SUCCESS) {
+		rc = mdb_dbi_open(txn, "times", dflags, &ls->dbi_times);
+		ls->has_times_db = rc == MDB_SUCCESS;
+		if (rc == MDB_NOTFOUND && ls->readonly)
+			rc = MDB_SUCCESS; /* written before gc */
+	}
 	if (rc == MDB_SUCCESS)
 		rc = mdb_txn_commit(txn);
 	else
@@ -305,7 +315,10 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 		return -ENOMEM;
 	ls->base.ops = &local_ops;
 	ls->dir_fd = ls->blobs_fd = ls->tmp_fd = ls->packs_fd = -1;
+	ls->gc_lock_fd = ls->gc_turn_fd = ls->live_fd = -1;
 	pthread_mutex_init(&ls->pack_lock, NULL);
+	pthread_mutex_init(&ls->gc_mu, NULL);
+	pthread_cond_init(&ls->gc_cond, NULL);
 	ls->readonly = o.readonly;
 	ls->write_packs = !o.no_inline;
 	ls->pid = (int)getpid();
@@ -350,6 +363,8 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 		r = open_env(ls, o.create);
 	(void)flock(ls->dir_fd, LOCK_UN);
 	if (r < 0)
+		return r;
+	if (!ls->readonly && (r = cas_local_gc_seam_open(ls)) < 0)
 		return r;
 	if (!ls->readonly)
 		tmp_cleanup(ls);

@@ -110,17 +110,34 @@ typedef void (*cas_verify_cb)(void *userdata, const char *problem);
 /* Returns the number of problems (>= 0), or -errno if the walk failed. */
 int cas_local_verify(cas_store *s, cas_verify_cb cb, void *userdata);
 
-/* What a gc would remove (docs/design.md, "Writers and gc"): objects that
- * no root reaches, and leftovers in tmp/. Counted in one read transaction
- * for the Directories and indexed small blobs; blob files and tmp/ are
- * listed after it. Changes nothing. */
-struct cas_gc_stats {
-	uint64_t reachable; /* distinct digests a root reaches */
-	uint64_t blob_files, blob_file_bytes;
-	uint64_t small_blobs, small_blob_bytes; /* packed or inline */
-	uint64_t directories, directory_bytes;
-	uint64_t tmp_files, tmp_bytes;
+/* Collects the store (docs/design.md, "Writers and gc"): removes every
+ * blob file, packed blob and Directory that no root reaches, unless it
+ * was written less than grace_s seconds ago or a live writer pinned it;
+ * rewrites packs whose live bytes fall below CAS_GC_PACK_LIVE_PERCENT
+ * of their size (and by at least CAS_GC_PACK_MIN_DEAD bytes), truncates the unindexed tails of packs no live writer
+ * appends to and removes packs that hold nothing; removes the tmp/
+ * leftovers of writers that are gone. Runs beside writers and readers,
+ * in this process or others; one gc at a time per store (DIR/gc.run; a
+ * second waits). A dry run counts the same and changes nothing. A SIGKILL
+ * at any moment leaves a store cas_local_verify accepts. */
+#define CAS_GC_PACK_LIVE_PERCENT 50
+#define CAS_GC_PACK_MIN_DEAD	 (256u << 10)
+struct cas_gc_options {
+	uint64_t grace_s;
+	bool dry_run;
 };
-int cas_local_gc_survey(cas_store *s, struct cas_gc_stats *ret);
+struct cas_gc_stats {
+	uint64_t reachable; /* distinct digests kept: reached, pinned, young */
+	uint64_t blob_files, blob_file_bytes;
+	uint64_t small_blobs, small_blob_bytes; /* packed */
+	uint64_t directories, directory_bytes;
+	uint64_t kept_young; /* unreachable but within the grace */
+	uint64_t tmp_files, tmp_bytes;
+	uint64_t packs_rewritten, packs_removed, packs_truncated;
+	uint64_t pack_bytes; /* pack bytes given back (or to give back) */
+	double seconds;
+};
+int cas_local_gc(cas_store *s, const struct cas_gc_options *opts,
+		 struct cas_gc_stats *ret);
 
 #endif

@@ -111,6 +111,12 @@ struct local_batch {
 	struct batch_item *items;
 	size_t n_items, cap_items;
 	struct cas_dmap index; /* the digests of items */
+	/* Directories found stored, which the batch's Directories or root
+	 * will name: pinned for gc until the batch ends, and their write
+	 * time renewed at commit (gc's grace). */
+	struct cas_local_pins pins;
+	cas_digest *present;
+	size_t n_present, cap_present;
 };
 
 static bool batch_contains(struct local_batch *b, const cas_digest *d)
@@ -153,7 +159,23 @@ static int batch_stored(struct local_batch *b, const cas_digest *d)
 		mdb_get(b->rtxn, b->ls->dbi_directories, &key, &val));
 	if (r == -ENOENT)
 		return 0;
-	return r < 0 ? r : 1;
+	if (r < 0)
+		return r;
+	/* Present in the snapshot; gc may have collected it since. Checked
+	 * again with a fresh transaction and pinned in one gc step
+	 * (docs/design.md, "Writers and gc"). */
+	if ((r = cas_local_gc_enter(b->ls)) < 0)
+		return r;
+	r = cas_local_db_has(b->ls, b->ls->dbi_directories, d);
+	if (r > 0 &&
+	    (r = cas_array_grow(&b->present, &b->cap_present, b->n_present + 1,
+				sizeof(*b->present), 64)) == 0) {
+		b->present[b->n_present++] = *d;
+		r = cas_local_pins_add(b->ls, &b->pins, d, 1);
+		r = r < 0 ? r : 1;
+	}
+	cas_local_gc_leave(b->ls);
+	return r;
 }
 
 static int batch_put(cas_dir_batch *base, const void *buf, size_t len,
@@ -207,6 +229,8 @@ static int batch_put(cas_dir_batch *base, const void *buf, size_t len,
 
 static void batch_free(struct local_batch *b)
 {
+	cas_local_pins_release(b->ls, &b->pins);
+	free(b->present);
 	if (b->rtxn)
 		cas_local_rtxn_put(b->ls, b->rtxn);
 	for (size_t i = 0; i < b->n_items; i++)
@@ -256,6 +280,20 @@ static int put_root(struct cas_local *ls, MDB_txn *txn, const char *name,
 	return 0;
 }
 
+/* The write time of a Directory, for gc's grace: 8 bytes, little-endian
+ * seconds since the epoch. */
+static int put_time(struct cas_local *ls, MDB_txn *txn, const cas_digest *d,
+		    uint64_t now)
+{
+	if (!ls->has_times_db)
+		return 0;
+	uint8_t t[8];
+	for (int i = 0; i < 8; i++)
+		t[i] = (uint8_t)(now >> (8 * i));
+	MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val = {8, t};
+	return cas_local_mdb_errno(mdb_put(txn, ls->dbi_times, &key, &val, 0));
+}
+
 static int batch_commit(cas_dir_batch *base, const char *root_name,
 			const cas_node *root_node)
 {
@@ -294,6 +332,16 @@ static int batch_commit(cas_dir_batch *base, const char *root_name,
 			goto out;
 		}
 	}
+	uint64_t now = (uint64_t)time(NULL);
+	for (size_t i = 0; r == 0 && i < b->n_items + b->n_present; i++)
+		r = put_time(ls, txn,
+			     i < b->n_items ? &b->items[i].digest
+					    : &b->present[i - b->n_items],
+			     now);
+	if (r < 0) {
+		cas_log_errno(r, "store %s: put directory time: %m", ls->dir);
+		goto out;
+	}
 	if (root_name && root_node &&
 	    (r = put_root(ls, txn, root_name, root_node)) < 0)
 		goto out;
@@ -321,6 +369,7 @@ int cas_local_dir_batch_new(cas_store *s, cas_dir_batch **ret)
 		return -ENOMEM;
 	b->base.ops = &batch_ops;
 	b->ls = to_local(s);
+	b->pins = (struct cas_local_pins)CAS_LOCAL_PINS_INIT;
 	*ret = &b->base;
 	return 0;
 }

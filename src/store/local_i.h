@@ -45,7 +45,9 @@ struct cas_local {
 	MDB_dbi dbi_directories;
 	MDB_dbi dbi_roots;
 	MDB_dbi dbi_blobs;
+	MDB_dbi dbi_times; /* digest -> last put of a Directory (gc's grace) */
 	bool has_blobs_db; /* false: a read-only open of a store without it */
+	bool has_times_db; /* likewise */
 	bool write_packs;  /* import packs small blobs (not no_inline) */
 	int pid;	   /* in temporary file names */
 
@@ -62,6 +64,15 @@ struct cas_local {
 	pthread_mutex_t pack_lock;
 	struct cas_local_pack_fd pack_fds[CAS_LOCAL_PACK_FDS]; /* pack_lock */
 	size_t n_pack_fds;				       /* pack_lock */
+
+	/* The writer side of gc (gc_seam.c): fds of DIR/gc.lock, DIR/gc.turn
+	 * and tmp/live.<pid> (-1 on a read-only store); gc_holders counts
+	 * the writer steps that hold gc.lock shared through gc_lock_fd. */
+	int gc_lock_fd, gc_turn_fd, live_fd;
+	pthread_mutex_t gc_mu;
+	pthread_cond_t gc_cond; /* gc_holders dropped to 0 */
+	unsigned gc_holders;	/* protected by gc_mu */
+	_Atomic uint64_t pin_counter;
 
 	pthread_mutex_t pool_lock;
 	MDB_txn *pool[CAS_LOCAL_TXN_POOL]; /* protected by pool_lock */
@@ -158,6 +169,60 @@ int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
 			  size_t len, const struct cas_local_small *v, size_t n,
 			  size_t *ret_added);
 void cas_local_pack_close(struct cas_local_pack *p);
+/* gc's rewrite: like append, but each entry is switched to this pack in
+ * the one transaction only if it still names pack from_id (ret_moved:
+ * how many were). */
+int cas_local_pack_move(struct cas_local_pack *p, const uint8_t *buf,
+			size_t len, const struct cas_local_small *v, size_t n,
+			uint64_t from_id, size_t *ret_moved);
+/* The pack's fd (-1 before its first append) and id. */
+int cas_local_pack_fd(const struct cas_local_pack *p, uint64_t *ret_id);
+
+/* The pack index entry (20 bytes, little-endian: pack id, offset,
+ * length), for gc's pack rewriting. */
+#define CAS_PACK_REF_LEN 20
+void cas_local_pack_ref_encode(uint8_t out[CAS_PACK_REF_LEN], uint64_t id,
+			       uint64_t off, uint32_t len);
+void cas_local_pack_ref_decode(const uint8_t in[CAS_PACK_REF_LEN], uint64_t *id,
+			       uint64_t *off, uint32_t *len);
+/* Parses "<16 hex>.pack": 0 and the id, -EINVAL for another name. */
+int cas_local_pack_id_parse(const char *name, uint64_t *ret_id);
+
+/* The writer side of gc (gc_seam.c; docs/design.md, "Writers and gc").
+ * A writer step that checks presence or commits holds gc.lock shared
+ * (enter/leave, any thread, nested freely); what it found or committed
+ * goes to its pin file, inside the step, so that a gc sweep (which holds
+ * gc.lock exclusively) either ran before the check or sees the pin. A
+ * pin set is one writer session's (an ingest, a Directory batch): its
+ * file tmp/pins.<pid>.<n> is made on the first pin and removed by
+ * release, once what the session committed is reachable or abandoned. */
+int cas_local_gc_enter(struct cas_local *ls);
+void cas_local_gc_leave(struct cas_local *ls);
+struct cas_local_pins {
+	int fd; /* -1 until the first pin */
+	char name[CAS_INGEST_NAME_LEN];
+};
+#define CAS_LOCAL_PINS_INIT \
+	{                   \
+		.fd = -1    \
+	}
+/* Inside enter/leave only. */
+int cas_local_pins_add(struct cas_local *ls, struct cas_local_pins *p,
+		       const cas_digest *d, size_t n);
+void cas_local_pins_release(struct cas_local *ls, struct cas_local_pins *p);
+/* At open (writable): takes the process's liveness lock tmp/live.<pid>
+ * and opens gc.lock and gc.turn; at free, closes them. */
+int cas_local_gc_seam_open(struct cas_local *ls);
+void cas_local_gc_seam_close(struct cas_local *ls);
+/* 1 when the process that named a tmp/ file "<pid>.<rest>" may still be
+ * alive (its liveness lock is held), 0 when it is not, -EINVAL when the
+ * name carries no pid. */
+int cas_local_tmp_owner_alive(int tmp_fd, const char *name);
+/* Removes the files in tmp/ of processes that are gone (staged files,
+ * named temporary files) and unknown files older than max_age_s; pin and
+ * liveness files are left to gc. Counts what went (may be NULL). */
+void cas_local_tmp_sweep(struct cas_local *ls, long max_age_s,
+			 uint64_t *ret_files, uint64_t *ret_bytes);
 
 /* Escapes a name for a one-line message (non-printable bytes as \xNN).
  * out must hold 4 * len + 1 bytes; truncated to `size`. */

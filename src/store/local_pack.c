@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <time.h>
@@ -22,10 +23,10 @@ bool cas_local_is_packed(const struct cas_local *ls, uint64_t size)
 }
 
 /* An index entry, little-endian: pack id, offset, length. */
-#define PACK_REF_LEN 20
+#define PACK_REF_LEN CAS_PACK_REF_LEN
 
-static void pack_ref_encode(uint8_t out[PACK_REF_LEN], uint64_t id,
-			    uint64_t off, uint32_t len)
+void cas_local_pack_ref_encode(uint8_t out[PACK_REF_LEN], uint64_t id,
+			       uint64_t off, uint32_t len)
 {
 	for (int i = 0; i < 8; i++) {
 		out[i] = (uint8_t)(id >> (8 * i));
@@ -35,8 +36,8 @@ static void pack_ref_encode(uint8_t out[PACK_REF_LEN], uint64_t id,
 		out[16 + i] = (uint8_t)(len >> (8 * i));
 }
 
-static void pack_ref_decode(const uint8_t in[PACK_REF_LEN], uint64_t *id,
-			    uint64_t *off, uint32_t *len)
+void cas_local_pack_ref_decode(const uint8_t in[PACK_REF_LEN], uint64_t *id,
+			       uint64_t *off, uint32_t *len)
 {
 	*id = *off = 0;
 	*len = 0;
@@ -52,6 +53,24 @@ void cas_local_pack_name(uint64_t id, char ret[CAS_PACK_NAME_LEN])
 {
 	snprintf(ret, CAS_PACK_NAME_LEN, "%016llx.pack",
 		 (unsigned long long)id);
+}
+
+int cas_local_pack_id_parse(const char *name, uint64_t *ret_id)
+{
+	uint64_t id = 0;
+	for (int i = 0; i < 16; i++) {
+		char c = name[i];
+		int v = c >= '0' && c <= '9'   ? c - '0'
+			: c >= 'a' && c <= 'f' ? c - 'a' + 10
+					       : -1;
+		if (v < 0)
+			return -EINVAL;
+		id = id << 4 | (uint64_t)v;
+	}
+	if (strcmp(name + 16, ".pack"))
+		return -EINVAL;
+	*ret_id = id;
+	return 0;
 }
 
 /* An fd of pack `id`. Packs are few (one per import that had small
@@ -76,9 +95,11 @@ static int pack_fd(struct cas_local *ls, uint64_t id, int *ret_fd,
 	if (fd < 0) {
 		int r = cas_negerrno();
 		pthread_mutex_unlock(&ls->pack_lock);
-		/* Indexed, so it must exist: absent is damage, not ENOENT. */
-		return cas_log_errno(r == -ENOENT ? -EIO : r,
-				     "store %s: open packs/%s: %m", ls->dir,
+		/* -ESTALE: gc rewrote the pack after our index lookup (the
+		 * caller looks again); else absent is damage, not ENOENT. */
+		if (r == -ENOENT)
+			return -ESTALE;
+		return cas_log_errno(r, "store %s: open packs/%s: %m", ls->dir,
 				     name);
 	}
 	*ret_owned = ls->n_pack_fds == CAS_LOCAL_PACK_FDS;
@@ -113,21 +134,39 @@ static int pack_ref_get(struct cas_local *ls, const cas_digest *d,
 	return r;
 }
 
+/* -ESTALE for a pack that was indexed but is gone becomes damage. */
+static int stale_fail(struct cas_local *ls, uint64_t id, int r)
+{
+	if (r != -ESTALE)
+		return r;
+	char name[CAS_PACK_NAME_LEN];
+	cas_local_pack_name(id, name);
+	return cas_log_errno(-EIO, "store %s: open packs/%s: %s", ls->dir, name,
+			     strerror(ENOENT));
+}
+
 int cas_local_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
 			  uint64_t *ret_off, uint64_t *ret_size)
 {
 	struct cas_local *ls = to_local(s);
 	uint8_t ref[PACK_REF_LEN];
-	int r = pack_ref_get(ls, d, ref);
-	if (r <= 0)
-		return r < 0 ? r : -ENOENT;
 	uint64_t id, off;
 	uint32_t len;
-	pack_ref_decode(ref, &id, &off, &len);
-	int fd = -1;
+	int fd = -1, r;
 	bool owned = false;
-	if ((r = pack_fd(ls, id, &fd, &owned)) < 0)
-		return r;
+	/* Twice at most: a gc may move the blob to a new pack between the
+	 * lookup and the open (the old pack's name is gone, -ESTALE). */
+	for (int tries = 0;; tries++) {
+		r = pack_ref_get(ls, d, ref);
+		if (r <= 0)
+			return r < 0 ? r : -ENOENT;
+		cas_local_pack_ref_decode(ref, &id, &off, &len);
+		r = pack_fd(ls, id, &fd, &owned);
+		if (r != -ESTALE || tries == 1)
+			break;
+	}
+	if (r < 0)
+		return stale_fail(ls, id, r);
 	if (owned) {
 		/* Not one the store keeps open: the caller takes a copy. */
 		close(fd);
@@ -139,14 +178,14 @@ int cas_local_blob_locate(cas_store *s, const cas_digest *d, int *ret_fd,
 	return 0;
 }
 
-int cas_local_small_read(struct cas_local *ls, const void *ref, size_t ref_len,
-			 uint8_t *buf, size_t size)
+static int small_read(struct cas_local *ls, const void *ref, size_t ref_len,
+		      uint8_t *buf, size_t size)
 {
 	uint64_t id, off;
 	uint32_t len;
 	if (ref_len != PACK_REF_LEN)
 		return -EBADMSG;
-	pack_ref_decode(ref, &id, &off, &len);
+	cas_local_pack_ref_decode(ref, &id, &off, &len);
 	if (len != size)
 		return -EBADMSG;
 	int fd = -1;
@@ -160,12 +199,25 @@ int cas_local_small_read(struct cas_local *ls, const void *ref, size_t ref_len,
 	return r == -EBADMSG ? -EIO : r; /* a pack shorter than its index */
 }
 
+int cas_local_small_read(struct cas_local *ls, const void *ref, size_t ref_len,
+			 uint8_t *buf, size_t size)
+{
+	int r = small_read(ls, ref, ref_len, buf, size);
+	if (r == -ESTALE) {
+		uint64_t id, off;
+		uint32_t len;
+		cas_local_pack_ref_decode(ref, &id, &off, &len);
+		r = stale_fail(ls, id, r);
+	}
+	return r;
+}
+
 uint64_t cas_local_small_size(const void *ref, size_t ref_len)
 {
 	uint64_t id, off;
 	uint32_t len = 0;
 	if (ref_len == PACK_REF_LEN)
-		pack_ref_decode(ref, &id, &off, &len);
+		cas_local_pack_ref_decode(ref, &id, &off, &len);
 	return len;
 }
 
@@ -211,8 +263,13 @@ static int pack_create(struct cas_local_pack *p)
 			p->fd = openat(ls->packs_fd, name, flags & ~O_DIRECT,
 				       0444);
 		}
-		if (p->fd >= 0)
+		if (p->fd >= 0) {
+			/* Held for the writer's life: gc never rewrites,
+			 * truncates or removes a pack a live writer appends
+			 * to (the lock goes with the process). */
+			(void)flock(p->fd, LOCK_EX | LOCK_NB);
 			return 0;
+		}
 		if (errno != EEXIST)
 			break;
 	}
@@ -220,9 +277,35 @@ static int pack_create(struct cas_local_pack *p)
 			     ls->dir);
 }
 
+/* Appends and indexes; from_id non-zero: gc's move, where an entry is
+ * switched only if it still names pack from_id. */
+static int pack_write(struct cas_local_pack *p, const uint8_t *buf, size_t len,
+		      const struct cas_local_small *v, size_t n,
+		      uint64_t from_id, size_t *ret_added);
+
 int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
 			  size_t len, const struct cas_local_small *v, size_t n,
 			  size_t *ret_added)
+{
+	return pack_write(p, buf, len, v, n, 0, ret_added);
+}
+
+int cas_local_pack_move(struct cas_local_pack *p, const uint8_t *buf,
+			size_t len, const struct cas_local_small *v, size_t n,
+			uint64_t from_id, size_t *ret_moved)
+{
+	return pack_write(p, buf, len, v, n, from_id, ret_moved);
+}
+
+int cas_local_pack_fd(const struct cas_local_pack *p, uint64_t *ret_id)
+{
+	*ret_id = p->id;
+	return p->fd;
+}
+
+static int pack_write(struct cas_local_pack *p, const uint8_t *buf, size_t len,
+		      const struct cas_local_small *v, size_t n,
+		      uint64_t from_id, size_t *ret_added)
 {
 	struct cas_local *ls = p->ls;
 	size_t added = 0;
@@ -253,12 +336,25 @@ int cas_local_pack_append(struct cas_local_pack *p, const uint8_t *buf,
 				     ls->dir);
 	for (size_t i = 0; i < n; i++) {
 		uint8_t ref[PACK_REF_LEN];
-		pack_ref_encode(ref, p->id, p->size + v[i].off,
-				(uint32_t)v[i].len);
+		cas_local_pack_ref_encode(ref, p->id, p->size + v[i].off,
+					  (uint32_t)v[i].len);
 		MDB_val key = {CAS_DIGEST_LEN, (void *)v[i].digest.bytes};
-		MDB_val val = {PACK_REF_LEN, ref};
-		int rc = mdb_put(txn, ls->dbi_blobs, &key, &val,
-				 MDB_NOOVERWRITE);
+		MDB_val val = {PACK_REF_LEN, ref}, cur;
+		unsigned flags = MDB_NOOVERWRITE;
+		if (from_id) {
+			/* Moved only from where gc found it: the entry may be
+			 * gone (a later gc) but never points elsewhere. */
+			uint64_t id, off;
+			uint32_t l;
+			int g = mdb_get(txn, ls->dbi_blobs, &key, &cur);
+			if (g != MDB_SUCCESS || cur.mv_size != PACK_REF_LEN)
+				continue;
+			cas_local_pack_ref_decode(cur.mv_data, &id, &off, &l);
+			if (id != from_id || l != v[i].len)
+				continue;
+			flags = 0;
+		}
+		int rc = mdb_put(txn, ls->dbi_blobs, &key, &val, flags);
 		if (rc == MDB_SUCCESS) {
 			added++;
 		} else if (rc != MDB_KEYEXIST) {
@@ -299,18 +395,32 @@ int cas_local_packed_get(struct cas_local *ls, const cas_digest *d,
 			 uint8_t **ret_buf, int *ret_fd)
 {
 	uint8_t ref[PACK_REF_LEN];
-	int r = pack_ref_get(ls, d, ref);
-	if (r <= 0)
-		return r;
-	r = 0;
-	uint64_t size = cas_local_small_size(ref, PACK_REF_LEN);
+	uint64_t size = 0;
 	_cleanup_free_ uint8_t *buf = NULL;
-	if (r == 0 && want != PACKED_SIZE) {
+	int r;
+	/* Looked up again once if gc moved the blob meanwhile (-ESTALE). */
+	for (int tries = 0;; tries++) {
+		r = pack_ref_get(ls, d, ref);
+		if (r <= 0)
+			return r;
+		r = 0;
+		size = cas_local_small_size(ref, PACK_REF_LEN);
+		if (want == PACKED_SIZE)
+			break;
+		free(buf);
 		if (!(buf = malloc(size ? size : 1)))
 			r = -ENOMEM;
 		else
-			r = cas_local_small_read(ls, ref, PACK_REF_LEN, buf,
-						 size);
+			r = small_read(ls, ref, PACK_REF_LEN, buf, size);
+		if (r != -ESTALE)
+			break;
+		if (tries == 1) {
+			uint64_t id, off;
+			uint32_t len;
+			cas_local_pack_ref_decode(ref, &id, &off, &len);
+			r = stale_fail(ls, id, r);
+			break;
+		}
 	}
 	if (r == 0 && want == PACKED_MEMFD) {
 		/* An fd for callers that need one (splice, passthrough,
