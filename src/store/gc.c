@@ -455,7 +455,9 @@ int cas_local_gc(cas_store *s, const struct cas_gc_options *o,
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	struct marker k = {.ls = ls};
 	struct gc_packs packs = {0};
-	struct cas_gc_stats st = {0};
+	/* The open of this store removed the first leftovers already. */
+	struct cas_gc_stats st = {.tmp_files = ls->open_tmp_files,
+				  .tmp_bytes = ls->open_tmp_bytes};
 	struct sweep w = {&k,
 			  &packs,
 			  o,

@@ -32,8 +32,8 @@ void cas_gc_packs_lock(struct gc_packs *p, int packs_fd, bool dry_run);
 /* Removes the packs that hold nothing, rewrites those below the live
  * threshold into one new pack, truncates unindexed tails; counts into
  * st (a dry run only counts). */
-int cas_gc_packs_collect(struct cas_local *ls, struct gc_packs *p,
-			 bool dry_run, struct cas_gc_stats *st);
+int cas_gc_packs_collect(struct cas_local *ls, struct gc_packs *p, bool dry_run,
+			 struct cas_gc_stats *st);
 void cas_gc_packs_release(struct gc_packs *p);
 
 #endif

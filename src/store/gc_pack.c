@@ -175,7 +175,8 @@ static int list_moving(struct cas_local *ls, struct gc_packs *p,
 				if (k && k->fd >= 0 && k->live_n &&
 				    below_threshold(k) &&
 				    (r = cas_array_grow(&v, &cap, n + 1,
-							sizeof(*v), 256)) == 0) {
+							sizeof(*v), 256)) ==
+					    0) {
 					memcpy(m.digest.bytes, key.mv_data,
 					       CAS_DIGEST_LEN);
 					v[n++] = m;
@@ -233,8 +234,8 @@ static int rewrite_add(struct rewrite *w, const struct gc_pack *k,
 	    (r = rewrite_flush(w)) < 0)
 		return r;
 	w->from = m->id;
-	if ((r = cas_array_grow(&w->v, &w->cap, w->n + 1, sizeof(*w->v),
-				256)) < 0)
+	if ((r = cas_array_grow(&w->v, &w->cap, w->n + 1, sizeof(*w->v), 256)) <
+	    0)
 		return r;
 	if ((r = cas_pread_all(k->fd, w->buf + w->len, m->len, m->off)) < 0) {
 		char hex[CAS_DIGEST_HEX_LEN + 1];
@@ -285,8 +286,9 @@ static int remove_pack(struct cas_local *ls, struct gc_pack *k,
 	char name[CAS_PACK_NAME_LEN];
 	cas_local_pack_name(k->id, name);
 	if (unlinkat(ls->packs_fd, name, 0) < 0)
-		return cas_log_errno(cas_negerrno(), "gc %s: remove packs/%s: %m",
-				     ls->dir, name);
+		return cas_log_errno(cas_negerrno(),
+				     "gc %s: remove packs/%s: %m", ls->dir,
+				     name);
 	st->pack_bytes += k->size;
 	return 0;
 }
@@ -343,8 +345,8 @@ static int rewrite_packs(struct cas_local *ls, struct gc_packs *p,
 	return r;
 }
 
-int cas_gc_packs_collect(struct cas_local *ls, struct gc_packs *p,
-			 bool dry_run, struct cas_gc_stats *st)
+int cas_gc_packs_collect(struct cas_local *ls, struct gc_packs *p, bool dry_run,
+			 struct cas_gc_stats *st)
 {
 	int r = 0;
 	for (size_t i = 0; i < p->n; i++) {
@@ -355,7 +357,8 @@ int cas_gc_packs_collect(struct cas_local *ls, struct gc_packs *p,
 			if (dry_run) {
 				st->packs_removed++;
 				st->pack_bytes += k->size;
-			} else if (k->fd >= 0 && (r = remove_pack(ls, k, st)) == 0) {
+			} else if (k->fd >= 0 &&
+				   (r = remove_pack(ls, k, st)) == 0) {
 				st->packs_removed++;
 			}
 		} else if (below_threshold(k)) {
@@ -369,7 +372,8 @@ int cas_gc_packs_collect(struct cas_local *ls, struct gc_packs *p,
 			if (dry_run) {
 				st->packs_truncated++;
 				st->pack_bytes += k->size - keep;
-			} else if (k->fd >= 0 && ftruncate(k->fd, (off_t)keep) == 0) {
+			} else if (k->fd >= 0 &&
+				   ftruncate(k->fd, (off_t)keep) == 0) {
 				st->packs_truncated++;
 				st->pack_bytes += k->size - keep;
 			}

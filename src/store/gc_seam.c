@@ -180,7 +180,21 @@ int cas_local_gc_seam_open(struct cas_local *ls)
 
 void cas_local_gc_seam_close(struct cas_local *ls)
 {
-	int *fds[] = {&ls->gc_lock_fd, &ls->gc_turn_fd, &ls->live_fd};
+	if (ls->live_fd >= 0) {
+		/* The last handle of this process removes its liveness file
+		 * (another one holds it shared, and the EX fails). */
+		close(ls->live_fd);
+		ls->live_fd = -1;
+		char name[32];
+		snprintf(name, sizeof(name), "live.%d", ls->pid);
+		int fd = openat(ls->tmp_fd, name,
+				O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+		if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0)
+			unlinkat(ls->tmp_fd, name, 0);
+		if (fd >= 0)
+			close(fd);
+	}
+	int *fds[] = {&ls->gc_lock_fd, &ls->gc_turn_fd};
 	for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
 		if (*fds[i] >= 0)
 			close(*fds[i]);

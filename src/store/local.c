@@ -200,7 +200,8 @@ static const struct cas_store_ops local_ops = {
 /* Named leftovers of crashed writers; O_TMPFILE leaves none. */
 static void tmp_cleanup(struct cas_local *ls)
 {
-	cas_local_tmp_sweep(ls, TMP_MAX_AGE_S, NULL, NULL);
+	cas_local_tmp_sweep(ls, TMP_MAX_AGE_S, &ls->open_tmp_files,
+			    &ls->open_tmp_bytes);
 }
 
 static int open_subdir(struct cas_local *ls, const char *name, bool create,

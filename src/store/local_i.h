@@ -73,6 +73,8 @@ struct cas_local {
 	pthread_cond_t gc_cond; /* gc_holders dropped to 0 */
 	unsigned gc_holders;	/* protected by gc_mu */
 	_Atomic uint64_t pin_counter;
+	/* What the cleanup at open removed from tmp/ (gc counts it). */
+	uint64_t open_tmp_files, open_tmp_bytes;
 
 	pthread_mutex_t pool_lock;
 	MDB_txn *pool[CAS_LOCAL_TXN_POOL]; /* protected by pool_lock */
