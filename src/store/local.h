@@ -22,7 +22,8 @@
  * touches). Blobs put one at a time (writers, publish_*) are files, and
  * so is every blob that import writes to a store opened no_inline. The
  * remote cache packs the small blobs it fetches through the same write
- * path (ingest.h). Readers look in both; a pack is never rewritten.
+ * path (ingest.h). Readers look in both; a pack is never rewritten in
+ * place (gc copies the live blobs of a mostly dead one to a new pack).
  *
  * Durability is ordered: a blob is named (linked, or indexed) only once
  * its bytes are on disk, and a Directory or root is committed only once
@@ -40,7 +41,7 @@
  * moment, power loss included, leaves a store that cas_local_verify
  * accepts (at worst unindexed bytes at the end of a pack); leftovers in
  * tmp/ are ignored by verify and removed by the next writer that opens
- * the store once they are an hour old.
+ * the store (or by gc) once the process that wrote them is gone.
  *
  * Contract: a store returned here is a cas_store (store.h) and shares its
  * thread-safety and ownership rules.
