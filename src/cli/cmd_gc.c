@@ -1,6 +1,6 @@
 /* castore gc: collect a local store or a remote store's cache
- * (store/local.h, cas_local_gc). The gc of published layouts
- * (--published) is not built yet. */
+ * (store/local.h, cas_local_gc), or a published layout (--published;
+ * remote/publish_gc.c). */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,6 +16,8 @@
 
 static const char gc_help[] =
 	"Usage: castore gc [--grace DURATION] [--dry-run] [--json]\n"
+	"       castore gc --published DIR [--grace DURATION] [--dry-run] "
+	"[--json]\n"
 	"\n"
 	"Removes every blob file, packed blob and Directory that no root "
 	"reaches\n"
@@ -27,6 +29,9 @@ static const char gc_help[] =
 	"mounts,\n"
 	"serve and publish. With a remote --store, collects its cache "
 	"(--cache).\n"
+	"With --published, collects a layout written by `castore publish`: "
+	"objects\n"
+	"no published root has reached for DURATION.\n"
 	"\n"
 	"  --grace DURATION  keep what is younger: N[s|m|h|d] (default 1h)\n"
 	"  --dry-run         report what would go, change nothing\n"
@@ -155,9 +160,19 @@ int cmd_gc(struct cas_cli *cli, int argc, char **argv)
 	unsigned long mark = cas_log_error_count();
 	struct cas_gc_stats st;
 	int r;
-	if (published)
-		return cas_cli_fail("gc", "%s: --published is not built yet",
+	if (published) {
+#ifdef CAS_HAVE_REMOTE
+		r = cas_remote_publish_gc(published, &o, &st);
+		if (r < 0)
+			return cas_cli_store_fail(mark, "gc", "%s: %s",
+						  published, strerror(-r));
+		print_stats(published, &st, o.dry_run, json);
+		return CAS_EXIT_OK;
+#else
+		return cas_cli_fail("gc", "%s: remote stores not built in",
 				    published);
+#endif
+	}
 	/* A remote store's cache is an ordinary local store: collected as
 	 * one (docs/remote.md, "Caches and gc"). */
 	struct cas_cli local = *cli;

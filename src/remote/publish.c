@@ -57,6 +57,7 @@ struct publisher {
 	int workfd;  /* the work folder beside DIR */
 	int tmpfd;   /* this publisher's own folder in it */
 	int lockfd;  /* flock held on <id>.lock while we run */
+	int gcfd;    /* gc.lock in the work folder, shared while we run */
 	char id[17]; /* its name */
 	char *dir;
 	/* Objects known to be in DIR. Two maps: the empty file and the empty
@@ -546,6 +547,41 @@ static int read_roots_file(struct publisher *pb, struct root_set *rs)
 	return r;
 }
 
+/* The roots file about to be replaced goes to the work folder's
+ * roots.history as "@<seconds>" and its lines: `gc --published` keeps
+ * what it reached for the grace after this moment, for the clients that
+ * fetched it just before (publish_gc.c). */
+static int roots_history_append(struct publisher *pb)
+{
+	_cleanup_close_ int fd =
+		openat(pb->dirfd, "roots", O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	if (fd < 0)
+		return errno == ENOENT ? 0 : cas_negerrno();
+	if (fstat(fd, &st) < 0)
+		return cas_negerrno();
+	_cleanup_free_ char *buf = malloc((size_t)st.st_size + 1);
+	if (!buf)
+		return -ENOMEM;
+	int r = cas_pread_all(fd, buf, (size_t)st.st_size, 0);
+	if (r < 0)
+		return r;
+	_cleanup_close_ int h =
+		openat(pb->workfd, "roots.history",
+		       O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+	if (h < 0)
+		return cas_negerrno();
+	char head[32];
+	int n = snprintf(head, sizeof(head), "@%lld\n", (long long)time(NULL));
+	if ((r = cas_write_all(h, head, (size_t)n)) < 0 ||
+	    (r = cas_write_all(h, buf, (size_t)st.st_size)) < 0)
+		return r;
+	if (st.st_size && buf[st.st_size - 1] != '\n' &&
+	    (r = cas_write_all(h, "\n", 1)) < 0)
+		return r;
+	return fsync(h) < 0 ? cas_negerrno() : 0;
+}
+
 static int write_roots_file(struct publisher *pb, struct root_set *rs)
 {
 	char tmp[128];
@@ -568,6 +604,8 @@ static int write_roots_file(struct publisher *pb, struct root_set *rs)
 		r = r < 0 ? r : cas_negerrno();
 	if (fclose(f) != 0 && r >= 0)
 		r = cas_negerrno();
+	if (r >= 0 && (r = roots_history_append(pb)) < 0)
+		cas_log_errno(r, "%s: roots.history: %m", pb->dir);
 	if (r >= 0 && renameat(pb->tmpfd, tmp, pb->dirfd, "roots") < 0)
 		r = cas_negerrno();
 	if (r < 0)
@@ -653,14 +691,13 @@ static void work_sweep(struct publisher *pb)
  * its file system (its parent is elsewhere), it is DIR/.castore-publish
  * instead: hidden, but inside the tree (docs/remote.md). Then this
  * publisher's own folder in it, locked while it runs. */
-static int work_open(struct publisher *pb)
+int cas_publish_work_open(int dirfd, const char *dir, int *ret_workfd)
 {
 	struct stat st, pst;
 	char name[64];
-	if (fstat(pb->dirfd, &st) < 0)
-		return cas_log_errno(cas_negerrno(), "%s: %m", pb->dir);
-	int parent =
-		openat(pb->dirfd, "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fstat(dirfd, &st) < 0)
+		return cas_log_errno(cas_negerrno(), "%s: %m", dir);
+	int parent = openat(dirfd, "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (parent >= 0 &&
 	    (fstat(parent, &pst) < 0 || pst.st_dev != st.st_dev ||
 	     pst.st_ino == st.st_ino)) {
@@ -673,22 +710,37 @@ static int work_open(struct publisher *pb)
 			 (unsigned long long)st.st_ino);
 	else
 		snprintf(name, sizeof(name), ".castore-publish");
-	int base = parent >= 0 ? parent : pb->dirfd;
+	int base = parent >= 0 ? parent : dirfd;
 	if (mkdirat(base, name, 0700) < 0 && errno != EEXIST) {
 		int r = cas_negerrno();
 		if (parent >= 0)
 			close(parent);
-		return cas_log_errno(r, "%s: work folder %s: %m", pb->dir,
-				     name);
+		return cas_log_errno(r, "%s: work folder %s: %m", dir, name);
 	}
-	pb->workfd = openat(base, name,
-			    O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	int r = pb->workfd < 0 ? cas_negerrno() : 0;
+	int fd = openat(base, name,
+			O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	int r = fd < 0 ? cas_negerrno() : 0;
 	if (parent >= 0)
 		close(parent);
 	if (r < 0)
-		return cas_log_errno(r, "%s: work folder %s: %m", pb->dir,
-				     name);
+		return cas_log_errno(r, "%s: work folder %s: %m", dir, name);
+	*ret_workfd = fd;
+	return 0;
+}
+
+static int work_open(struct publisher *pb)
+{
+	int r = cas_publish_work_open(pb->dirfd, pb->dir, &pb->workfd);
+	if (r < 0)
+		return r;
+	/* Shared for the whole run: `gc --published` takes it exclusively,
+	 * so it never removes an object this publish found present and
+	 * skipped (publish_gc.c). */
+	pb->gcfd = openat(pb->workfd, "gc.lock", O_CREAT | O_RDWR | O_CLOEXEC,
+			  0600);
+	if (pb->gcfd < 0 || flock(pb->gcfd, LOCK_SH) < 0)
+		return cas_log_errno(cas_negerrno(),
+				     "%s: work folder gc.lock: %m", pb->dir);
 
 	uint64_t id;
 	if (getrandom(&id, sizeof(id), GRND_NONBLOCK) != sizeof(id))
@@ -755,6 +807,8 @@ static void work_close(struct publisher *pb)
 		(void)unlinkat(pb->workfd, lock, 0);
 		close(pb->lockfd);
 	}
+	if (pb->gcfd >= 0)
+		close(pb->gcfd);
 	if (pb->workfd >= 0)
 		close(pb->workfd);
 }
@@ -768,6 +822,7 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 			       .workfd = -1,
 			       .tmpfd = -1,
 			       .lockfd = -1,
+			       .gcfd = -1,
 			       .progress = progress,
 			       .userdata = userdata};
 	struct root_set todo = {0}, published = {0};

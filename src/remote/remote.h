@@ -21,6 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "store/local.h"
 #include "store/store.h"
 
 struct cas_remote_options {
@@ -52,6 +53,15 @@ typedef void (*cas_remote_progress_cb)(void *userdata,
 int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 		       size_t n_names, cas_remote_progress_cb progress,
 		       void *userdata, struct cas_remote_progress *ret_stats);
+
+/* `castore gc --published DIR`: removes the objects of the published
+ * layout dir that no root of its roots file reaches, nor any root of a
+ * roots file replaced less than o->grace_s ago, and that are older than
+ * that (publish_gc.c). Waits for running publishes of dir, and they for
+ * it. Counts into ret: blob_files, directories, packs_removed (Directory
+ * packs and tree files), kept_young, reachable. */
+int cas_remote_publish_gc(const char *dir, const struct cas_gc_options *o,
+			  struct cas_gc_stats *ret);
 
 /* Copies the closures of the named roots of s to the gRPC store at url,
  * sending only the blobs and Directories it lacks (blobs first, then the

@@ -126,6 +126,13 @@ int cas_roots_file_write_line(FILE *f, const char *name, const cas_node *node);
 int cas_roots_file_parse(const char *buf, size_t len, cas_root_cb cb,
 			 void *userdata);
 
+/* Opens (making it if missing) the work folder of published layout dir
+ * (dirfd): DIR/../.castore-publish.<dev>.<ino of DIR>, or
+ * DIR/.castore-publish when DIR is the root of its file system. It holds
+ * publishers' temporary files, gc.lock (shared by publish, exclusive for
+ * gc --published) and roots.history. */
+int cas_publish_work_open(int dirfd, const char *dir, int *ret_workfd);
+
 /* The pack of a Directory in the published layout (docs/remote.md):
  * packs/ab/<hex of the Directory> holds the bytes of its files of 1 to
  * CAS_LAYOUT_PACK_MAX bytes back to back, in the Directory's order (a

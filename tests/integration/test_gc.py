@@ -308,3 +308,37 @@ def test_gc_beside_imports_removals_and_a_mount(tmp_path):
     assert errors == [], errors[:5]
     assert n >= 3
     run(["verify"], store=store)
+
+
+def test_gc_published_keeps_a_replaced_roots_file_for_the_grace(tmp_path):
+    from test_remote import Nginx
+    store, pub = tmp_path / "store", tmp_path / "pub"
+    t1 = make_tree(tmp_path / "t1", 1, smalls=20)
+    t2 = make_tree(tmp_path / "t2", 2, smalls=20)
+    run(["import", t1, "--name", "t"], store=store)
+    run(["publish", pub], store=store)
+    run(["import", t2, "--name", "t"], store=store)
+    run(["publish", pub, "t"], store=store)  # replaces t: t1 is history
+    own1 = digest(pattern_bytes(300000, 1))
+    own2 = digest(pattern_bytes(300000, 2))
+    assert (pub / "blobs" / own1[:2] / own1).exists()
+    # Within the grace, what the replaced roots file reached stays.
+    got = gc(store, "--published", pub)
+    assert got["objects"] == 0, got
+    dry = gc(store, "--published", pub, "--grace", "0", "--dry-run")
+    assert dry["blob_files"] >= 1 and dry["directories"] == 2, dry
+    assert (pub / "blobs" / own1[:2] / own1).exists()
+    real = gc(store, "--published", pub, "--grace", "0")
+    for k in ("objects", "bytes", "blob_files", "directories", "packs_removed"):
+        assert real[k] == dry[k], (k, real, dry)
+    assert not (pub / "blobs" / own1[:2] / own1).exists()
+    assert (pub / "blobs" / own2[:2] / own2).exists()
+    assert gc(store, "--published", pub, "--grace", "0")["objects"] == 0
+    # What is left serves t2 whole.
+    n = Nginx(pub, tmp_path / "nginx")
+    try:
+        out = tmp_path / "out"
+        run(["--cache", tmp_path / "cache", "export", "t", out], store=n.url)
+        same_tree(t2, out)
+    finally:
+        n.stop()
