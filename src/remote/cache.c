@@ -510,7 +510,9 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	pthread_cond_init(&c->pub_cond, &ca);
 	pthread_condattr_destroy(&ca);
 	c->cache_max = opts->cache_max;
-	c->pack_small = c->cache_max == 0;
+	/* Bounded or not: a bounded cache evicts whole packs (its packs
+	 * kept to a sixteenth of the bound, below). */
+	c->pack_small = true;
 	c->prefetch_threads = f->ops->blobs_fetch ? PREFETCH_BATCH_THREADS
 						  : PREFETCH_DEFAULT_THREADS;
 	const char *pf = getenv("CASTORE_PREFETCH");
@@ -547,6 +549,9 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 		goto fail;
 	}
 	if (c->cache_max) {
+		c->pack_max =
+			CAS_MAX(c->cache_max / 16, 2 * CAS_LOCAL_PACK_MAX);
+		cas_ingest_set_pack_max(c->ingest, c->pack_max);
 		int64_t bytes = cas_local_blob_bytes(c->cache);
 		c->cache_bytes = bytes > 0 ? (uint64_t)bytes : 0;
 		cas_cache_maybe_evict(c, 0);

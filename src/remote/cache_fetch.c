@@ -282,9 +282,14 @@ int cas_cache_check_fetched(struct cache_store *c, const cas_digest *d,
 				hex, got_hex);
 }
 
-static bool mgroup_room(const struct mgroup *g, size_t len)
+/* A bounded cache writes groups of at most its pack size (a sixteenth of
+ * its bound), so that its packs, evicted whole, stay small beside it. */
+static bool mgroup_room(const struct cache_store *c, const struct mgroup *g,
+			size_t len)
 {
-	return g->n < MGROUP_BLOBS && g->used + len <= MGROUP_BYTES;
+	size_t max = c->pack_max ? (size_t)CAS_MIN(c->pack_max, MGROUP_BYTES)
+				 : MGROUP_BYTES;
+	return g->n < MGROUP_BLOBS && g->used + len <= max;
 }
 
 /* Drops g's blobs from mstaged (read from the pack from now on); lock. */
@@ -341,7 +346,7 @@ int cas_cache_mem_stage(struct cache_store *c, const cas_digest *d,
 		r = start_publisher_locked(c);
 		if (r < 0 || (c->mstaged.n && cas_dmap_find(&c->mstaged, d)))
 			goto out;
-		if (!c->mfill || mgroup_room(c->mfill, len) ||
+		if (!c->mfill || mgroup_room(c, c->mfill, len) ||
 		    c->publisher_stopping)
 			break;
 		c->mem_full = true;
@@ -353,7 +358,7 @@ int cas_cache_mem_stage(struct cache_store *c, const cas_digest *d,
 		goto out;
 	}
 	struct mgroup *g = c->mfill;
-	if (!mgroup_room(g, len)) {
+	if (!mgroup_room(c, g, len)) {
 		r = -ENOSPC; /* stopping: not kept */
 		goto out;
 	}
@@ -448,7 +453,7 @@ static bool mfill_due(const struct cache_store *c, struct timespec *ret_when)
 		*ret_when = when;
 	clock_gettime(CLOCK_MONOTONIC, &now);
 	return c->mem_full || c->publisher_stopping || c->flushers > 0 ||
-	       !mgroup_room(c->mfill, CAS_LOCAL_PACK_MAX) ||
+	       !mgroup_room(c, c->mfill, CAS_LOCAL_PACK_MAX) ||
 	       now.tv_sec > when.tv_sec ||
 	       (now.tv_sec == when.tv_sec && now.tv_nsec >= when.tv_nsec);
 }
@@ -523,6 +528,7 @@ static void *publisher_main(void *arg)
 		struct cas_ingest_result res = {0};
 		(void)cas_ingest_commit(c->ingest, &g, &res);
 		int pack_r = res.pack_r;
+		uint64_t packed = mg && pack_r == 0 ? mg->used : 0;
 		/* Without memory for the list, the group is not named. */
 		bool synced = res.sync_r == 0 && (files || n == 0);
 		int sync_errno = res.sync_r < 0 ? -res.sync_r : ENOMEM;
@@ -565,7 +571,8 @@ static void *publisher_main(void *arg)
 			c->mspare = mg;
 		}
 		pthread_mutex_unlock(&c->lock);
-		cas_cache_maybe_evict(c, 0);
+		/* The pack grew by the group (a bounded cache counts it). */
+		cas_cache_maybe_evict(c, packed);
 		pthread_mutex_lock(&c->lock);
 		c->publishing = false;
 		pthread_cond_broadcast(&c->pub_cond);

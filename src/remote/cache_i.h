@@ -205,7 +205,8 @@ struct cache_store {
 	pthread_t publisher;
 	pthread_cond_t pub_cond; /* publisher: work; fetchers: room */
 
-	bool pack_small;	 /* small blobs go to a pack (unbounded) */
+	bool pack_small;	 /* small blobs go to a pack */
+	uint64_t pack_max;	 /* bounded: a pack's and group's size */
 	struct mgroup *mfill;	 /* being filled; protected by lock */
 	struct mgroup *mwrite;	 /* being written; protected by lock */
 	struct mgroup *mspare;	 /* written, readable, for reuse; lock */

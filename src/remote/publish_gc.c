@@ -102,12 +102,12 @@ static int mark_closure(struct pgc *g)
 			continue;
 		int r;
 		for (size_t i = 0; i < dir->n_directories; i++)
-			if ((r = mark_directory(g, &dir->directories[i].digest)) <
-			    0)
+			if ((r = mark_directory(
+				     g, &dir->directories[i].digest)) < 0)
 				return r;
 		for (size_t i = 0; i < dir->n_files; i++)
-			if ((r = cas_dmap_put(&g->marked,
-					      &dir->files[i].digest, NULL)) < 0)
+			if ((r = cas_dmap_put(&g->marked, &dir->files[i].digest,
+					      NULL)) < 0)
 				return r;
 	}
 	return 0;
@@ -228,8 +228,9 @@ static int each_object(struct pgc *g, const char *kind, object_fn fn)
 	while (r == 0 && (de = readdir(top))) {
 		if (strlen(de->d_name) != 2 || de->d_name[0] == '.')
 			continue;
-		int ffd = openat(kfd, de->d_name,
-				 O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+		int ffd =
+			openat(kfd, de->d_name,
+			       O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 		if (ffd < 0)
 			continue;
 		DIR *fan = fdopendir(ffd);
@@ -242,8 +243,8 @@ static int each_object(struct pgc *g, const char *kind, object_fn fn)
 			cas_digest d;
 			struct stat st;
 			if (cas_digest_from_hex(fe->d_name, &d) < 0 ||
-			    fstatat(ffd, fe->d_name, &st,
-				    AT_SYMLINK_NOFOLLOW) < 0 ||
+			    fstatat(ffd, fe->d_name, &st, AT_SYMLINK_NOFOLLOW) <
+				    0 ||
 			    !S_ISREG(st.st_mode))
 				continue;
 			r = fn(g, ffd, fe->d_name, &d, &st);
@@ -279,7 +280,7 @@ struct doomed {
 		uint64_t size;
 		size_t parents;
 		size_t first_child, n_children; /* into children */
-	} *v;
+	} * v;
 	size_t n, cap;
 	size_t *children;
 	size_t n_children, cap_children;
@@ -348,8 +349,9 @@ static int remove_doomed(struct pgc *g, struct doomed *dm)
 		rel_path("directories", &x->digest, rel, sizeof(rel));
 		if (!g->o->dry_run && unlinkat(g->dirfd, rel, 0) < 0 &&
 		    errno != ENOENT)
-			return cas_log_errno(cas_negerrno(), "gc %s: remove %s: %m",
-					     g->dir, rel);
+			return cas_log_errno(cas_negerrno(),
+					     "gc %s: remove %s: %m", g->dir,
+					     rel);
 		g->st->directories++;
 		g->st->directory_bytes += x->size;
 		for (size_t c = 0; c < x->n_children; c++) {
@@ -405,9 +407,9 @@ static int collect(struct pgc *g, int workfd)
 	if (r < 0)
 		return r;
 	if ((r = cas_roots_file_parse(roots, len, mark_root, g)) < 0)
-		return r == -EBADMSG ? cas_log_errno(r, "%s/roots: malformed",
-						     g->dir)
-				     : r;
+		return r == -EBADMSG
+			       ? cas_log_errno(r, "%s/roots: malformed", g->dir)
+			       : r;
 	if ((r = mark_history(g, workfd)) < 0 || (r = mark_closure(g)) < 0)
 		return r;
 	if ((r = each_object(g, "directories", mark_young)) < 0)
@@ -448,8 +450,8 @@ int cas_remote_publish_gc(const char *dir, const struct cas_gc_options *o,
 	int workfd = -1, lockfd = -1;
 	int r = cas_publish_work_open(g.dirfd, dir, &workfd);
 	if (r == 0 && !o->dry_run) {
-		lockfd = openat(workfd, "gc.lock",
-				O_CREAT | O_RDWR | O_CLOEXEC, 0600);
+		lockfd = openat(workfd, "gc.lock", O_CREAT | O_RDWR | O_CLOEXEC,
+				0600);
 		while (lockfd >= 0 && flock(lockfd, LOCK_EX) < 0 &&
 		       errno == EINTR)
 			;

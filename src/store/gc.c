@@ -225,15 +225,13 @@ static int read_pins(void *userdata, int tmp_fd, const char *name)
 }
 
 /* Liveness files of processes that are gone. */
-static int remove_dead_live(void *userdata, int tmp_fd, const char *name)
+static int remove_dead_live(void *userdata, int live_dir_fd, const char *name)
 {
 	(void)userdata;
-	if (strncmp(name, "live.", 5))
-		return 0;
 	_cleanup_close_ int fd =
-		openat(tmp_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+		openat(live_dir_fd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0)
-		unlinkat(tmp_fd, name, 0); /* an opener re-checks the name */
+		unlinkat(live_dir_fd, name, 0); /* an opener re-checks it */
 	return 0;
 }
 
@@ -242,8 +240,9 @@ struct sweep {
 	struct gc_packs *packs;
 	const struct cas_gc_options *o;
 	struct cas_gc_stats *st;
-	int64_t cutoff; /* written at or before this: old enough to go */
-	int tmp_fd;	/* the store's, or (read-only dry run) our own */
+	int64_t cutoff;	 /* written at or before this: old enough to go */
+	int tmp_fd;	 /* the store's, or (read-only dry run) our own */
+	int live_dir_fd; /* likewise, of DIR/live */
 };
 
 static int sweep_directories(struct sweep *w, MDB_txn *txn)
@@ -369,10 +368,10 @@ static int count_tmp(void *userdata, int tmp_fd, const char *name)
 {
 	struct sweep *w = userdata;
 	struct stat sb;
-	if (!strncmp(name, "pins.", 5) || !strncmp(name, "live.", 5) ||
+	if (!strncmp(name, "pins.", 5) ||
 	    fstatat(tmp_fd, name, &sb, AT_SYMLINK_NOFOLLOW) < 0)
 		return 0;
-	int alive = cas_local_tmp_owner_alive(tmp_fd, name);
+	int alive = cas_local_tmp_owner_alive(w->live_dir_fd, name);
 	if (alive > 0 || (alive < 0 && sb.st_mtime > w->cutoff))
 		return 0;
 	w->st->tmp_files++;
@@ -428,7 +427,7 @@ static int sweep_locked(struct sweep *w)
 	} else {
 		cas_local_tmp_sweep(ls, (long)w->o->grace_s, &w->st->tmp_files,
 				    &w->st->tmp_bytes);
-		r = each_entry(ls->tmp_fd, remove_dead_live, NULL);
+		r = each_entry(ls->live_dir_fd, remove_dead_live, NULL);
 	}
 	if (r == 0)
 		cas_gc_packs_lock(w->packs, ls->packs_fd, w->o->dry_run);
@@ -463,13 +462,19 @@ int cas_local_gc(cas_store *s, const struct cas_gc_options *o,
 			  o,
 			  &st,
 			  (int64_t)time(NULL) - (int64_t)o->grace_s,
-			  ls->tmp_fd};
+			  ls->tmp_fd,
+			  ls->live_dir_fd};
 	/* A dry run changes nothing, so it may run on a read-only open. */
-	_cleanup_close_ int own_tmp = -1, run_fd = -1;
+	_cleanup_close_ int own_tmp = -1, own_live = -1, run_fd = -1;
 	if (w.tmp_fd < 0) {
 		own_tmp = openat(ls->dir_fd, "tmp",
 				 O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		w.tmp_fd = own_tmp;
+	}
+	if (w.live_dir_fd < 0) {
+		own_live = openat(ls->dir_fd, "live",
+				  O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		w.live_dir_fd = own_live;
 	}
 	int r = 0;
 	if (!o->dry_run) {

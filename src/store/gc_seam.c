@@ -12,7 +12,7 @@
  *                       exclusively before it waits for gc.lock, and a
  *                       step takes gc.turn shared for an instant first:
  *                       once a gc waits, no new step starts;
- *   DIR/tmp/live.<pid>  every process with the store open for writing
+ *   DIR/live/<pid>      every process with the store open for writing
  *                       holds its own shared: a file in tmp/ named
  *                       "<pid>.<...>" belongs to a live writer exactly
  *                       when that lock is held (a reused pid only keeps
@@ -156,25 +156,34 @@ int cas_local_gc_seam_open(struct cas_local *ls)
 		r = open_lock_file(ls, "gc.turn", &ls->gc_turn_fd);
 	if (r < 0)
 		return r;
+	if (mkdirat(ls->dir_fd, "live", 0755) < 0 && errno != EEXIST)
+		return cas_log_errno(cas_negerrno(), "store %s: mkdir live: %m",
+				     ls->dir);
+	ls->live_dir_fd =
+		openat(ls->dir_fd, "live", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (ls->live_dir_fd < 0)
+		return cas_log_errno(cas_negerrno(), "store %s: open live: %m",
+				     ls->dir);
 	char name[32];
-	snprintf(name, sizeof(name), "live.%d", ls->pid);
+	snprintf(name, sizeof(name), "%d", ls->pid);
 	/* A gc may remove a dead process's file between our open and our
 	 * flock: lock, then check that the name is still this file. */
 	for (int tries = 0; tries < 100; tries++) {
-		int fd = openat(ls->tmp_fd, name, O_CREAT | O_RDWR | O_CLOEXEC,
-				0644);
+		int fd = openat(ls->live_dir_fd, name,
+				O_CREAT | O_RDWR | O_CLOEXEC, 0644);
 		if (fd < 0)
 			break;
 		struct stat a, b;
 		if (flock_wait(fd, LOCK_SH) == 0 && fstat(fd, &a) == 0 &&
-		    fstatat(ls->tmp_fd, name, &b, AT_SYMLINK_NOFOLLOW) == 0 &&
+		    fstatat(ls->live_dir_fd, name, &b, AT_SYMLINK_NOFOLLOW) ==
+			    0 &&
 		    a.st_ino == b.st_ino && a.st_dev == b.st_dev) {
 			ls->live_fd = fd;
 			return 0;
 		}
 		close(fd);
 	}
-	return cas_log_errno(cas_negerrno(), "store %s: tmp/%s: %m", ls->dir,
+	return cas_log_errno(cas_negerrno(), "store %s: live/%s: %m", ls->dir,
 			     name);
 }
 
@@ -186,15 +195,15 @@ void cas_local_gc_seam_close(struct cas_local *ls)
 		close(ls->live_fd);
 		ls->live_fd = -1;
 		char name[32];
-		snprintf(name, sizeof(name), "live.%d", ls->pid);
-		int fd = openat(ls->tmp_fd, name,
+		snprintf(name, sizeof(name), "%d", ls->pid);
+		int fd = openat(ls->live_dir_fd, name,
 				O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 		if (fd >= 0 && flock(fd, LOCK_EX | LOCK_NB) == 0)
-			unlinkat(ls->tmp_fd, name, 0);
+			unlinkat(ls->live_dir_fd, name, 0);
 		if (fd >= 0)
 			close(fd);
 	}
-	int *fds[] = {&ls->gc_lock_fd, &ls->gc_turn_fd};
+	int *fds[] = {&ls->gc_lock_fd, &ls->gc_turn_fd, &ls->live_dir_fd};
 	for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++) {
 		if (*fds[i] >= 0)
 			close(*fds[i]);
@@ -214,14 +223,16 @@ static long name_pid(const char *name)
 	return *end == '.' && pid > 0 ? pid : -1;
 }
 
-int cas_local_tmp_owner_alive(int tmp_fd, const char *name)
+int cas_local_tmp_owner_alive(int live_dir_fd, const char *name)
 {
 	long pid = name_pid(name);
 	if (pid < 0)
 		return -EINVAL;
 	char live[32];
-	snprintf(live, sizeof(live), "live.%ld", pid);
-	int fd = openat(tmp_fd, live, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	snprintf(live, sizeof(live), "%ld", pid);
+	if (live_dir_fd < 0)
+		return 0; /* no writer ever made one */
+	int fd = openat(live_dir_fd, live, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (fd < 0)
 		return errno == ENOENT ? 0 : 1; /* in doubt, alive */
 	int alive = flock(fd, LOCK_EX | LOCK_NB) < 0 ? 1 : 0;
@@ -246,13 +257,13 @@ void cas_local_tmp_sweep(struct cas_local *ls, long max_age_s,
 	struct dirent *de;
 	while ((de = readdir(d))) {
 		struct stat st;
-		if (de->d_name[0] == '.' || !strncmp(de->d_name, "pins.", 5) ||
-		    !strncmp(de->d_name, "live.", 5))
+		if (de->d_name[0] == '.' || !strncmp(de->d_name, "pins.", 5))
 			continue;
 		if (fstatat(ls->tmp_fd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) <
 		    0)
 			continue;
-		int alive = cas_local_tmp_owner_alive(ls->tmp_fd, de->d_name);
+		int alive =
+			cas_local_tmp_owner_alive(ls->live_dir_fd, de->d_name);
 		if (alive > 0 || (alive < 0 && st.st_mtime + max_age_s > now))
 			continue;
 		if (unlinkat(ls->tmp_fd, de->d_name, 0) < 0)

@@ -559,6 +559,7 @@ int cas_local_blob_writer_new(cas_store *s, cas_blob_writer **ret)
 struct cas_ingest {
 	struct cas_local *ls;
 	struct cas_local_pack *pack; /* made on the first small group */
+	uint64_t pack_max;	     /* 0: one pack for the writer's life */
 	/* What this writer found present or committed, until it is freed
 	 * (after it committed what refers to them): gc keeps them. */
 	pthread_mutex_t pins_lock;
@@ -599,6 +600,11 @@ static int pin(struct cas_ingest *in, const cas_digest *d, size_t n)
 	int r = cas_local_pins_add(in->ls, &in->pins, d, n);
 	pthread_mutex_unlock(&in->pins_lock);
 	return r;
+}
+
+void cas_ingest_set_pack_max(struct cas_ingest *in, uint64_t bytes)
+{
+	in->pack_max = bytes;
 }
 
 bool cas_ingest_packs(const struct cas_ingest *in, uint64_t size)
@@ -683,6 +689,12 @@ static int commit_smalls(struct cas_ingest *in,
 			CAS_INGEST_ALIGN * CAS_INGEST_ALIGN;
 	memset(g->small_buf + g->small_len, 0, padded - g->small_len);
 	int r = 0;
+	if (in->pack && in->pack_max &&
+	    cas_local_pack_bytes(in->pack) >= in->pack_max) {
+		/* Closed, so its flock goes: eviction may drop it whole. */
+		cas_local_pack_close(in->pack);
+		in->pack = NULL;
+	}
 	if (!in->pack)
 		r = cas_local_pack_new(&in->ls->base, &in->pack);
 	if (r == 0)

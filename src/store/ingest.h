@@ -93,6 +93,11 @@ static inline void cas_ingest_freep(struct cas_ingest **in)
 	cas_ingest_free(*in);
 }
 
+/* Starts a new pack once the writer's reaches `bytes` (0, the default:
+ * one pack for the writer's life). A bounded cache evicts packs whole,
+ * so it keeps them a fraction of its bound. */
+void cas_ingest_set_pack_max(struct cas_ingest *in, uint64_t bytes);
+
 /* True when the store keeps a blob of `size` bytes written by import in
  * a pack (not for a store opened no_inline). */
 bool cas_ingest_packs(const struct cas_ingest *in, uint64_t size);
@@ -136,12 +141,13 @@ void cas_ingest_discard(struct cas_ingest *in,
 int cas_ingest_sync(struct cas_ingest *in);
 
 /* Eviction, for bounded caches (local_evict.c): removes least recently
- * used blob files that no one holds open until the blob files total at
- * most target bytes; returns the bytes they then total (>= 0) or -errno.
- * "Holds open": a shared flock on the fd (cas_local_blob_mark_used); the
- * access time orders the blobs. Packed blobs are not evicted. */
+ * used blob files that no one holds open, and whole packs that no writer
+ * appends to, oldest first, until blob files and packs total at most
+ * target bytes; returns the bytes they then total (>= 0) or -errno.
+ * "Holds open": a shared flock on the fd (cas_local_blob_mark_used); a
+ * blob file's access time orders it, a pack's last append. */
 int64_t cas_local_evict(cas_store *s, uint64_t target);
-/* The total size of the store's blob files. */
+/* The total size of the store's blob files and packs. */
 int64_t cas_local_blob_bytes(cas_store *s);
 /* Marks an fd of one of the store's blobs as in use (a shared flock, as
  * long as the open file lives) and recently used (its access time). */

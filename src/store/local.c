@@ -316,7 +316,7 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 		return -ENOMEM;
 	ls->base.ops = &local_ops;
 	ls->dir_fd = ls->blobs_fd = ls->tmp_fd = ls->packs_fd = -1;
-	ls->gc_lock_fd = ls->gc_turn_fd = ls->live_fd = -1;
+	ls->gc_lock_fd = ls->gc_turn_fd = ls->live_fd = ls->live_dir_fd = -1;
 	pthread_mutex_init(&ls->pack_lock, NULL);
 	pthread_mutex_init(&ls->gc_mu, NULL);
 	pthread_cond_init(&ls->gc_cond, NULL);

@@ -7,7 +7,11 @@
  *   DIR/blobs/ab/abcdef...      one file per blob, named by its hex digest
  *   DIR/packs/<16 hex>.pack     small blobs that an import found, back to
  *                               back in the order it read them
- *   DIR/tmp/                    temporary files, same file system
+ *   DIR/tmp/                    temporary files, same file system, and
+ *                               the pin files of live writers (gc)
+ *   DIR/live/<pid>              flock'ed by each process that has the
+ *                               store open for writing (gc_seam.c)
+ *   DIR/gc.lock, gc.turn, gc.run  gc's locks (docs/design.md)
  *
  * Packs: most files of real trees are small (97% of /usr/share are at
  * most CAS_LOCAL_PACK_MAX bytes, three in four at most 4 KiB) and a file

@@ -1,13 +1,22 @@
-/* local_evict.c - eviction of blob files, for a bounded cache
+/* local_evict.c - eviction of blob files and packs, for a bounded cache
  * (--cache-max; ingest.h).
  *
- * Only blob files are evicted (Directories are small and a Directory's
- * presence promises its children; packed blobs stay until gc rewrites
- * packs). Least recently used first: the cache marks a blob used
- * (cas_local_blob_mark_used) whenever it hands it out, which sets its
- * access time and takes a shared flock on the fd; flock locks live as
- * long as the open file, so a blob whose exclusive flock cannot be taken
- * is in use, by this process or another, and is kept.
+ * Blob files and whole packs are evicted (Directories are small and a
+ * Directory's presence promises its children, not its blobs, in a
+ * cache). Oldest first, both in one order: a blob file by its access
+ * time (the cache marks a blob used, cas_local_blob_mark_used, whenever
+ * it hands it out, which sets its access time and takes a shared flock
+ * on the fd; flock locks live as long as the open file, so a blob whose
+ * exclusive flock cannot be taken is in use, by this process or another,
+ * and is kept); a pack by its last append. A pack is dropped whole, not
+ * rewritten: its blobs were fetched together (a Directory's small files,
+ * a prefetch batch) and age together, and a drop costs one index pass
+ * instead of a copy. One whose flock cannot be taken has a live writer
+ * (the cache's current pack, which the writer closes at a fraction of
+ * the bound, cas_ingest_set_pack_max) and is kept. Dropping: its index
+ * entries are deleted in one transaction, then its name; a reader that
+ * holds it open reads on, one that looked a blob up just before looks
+ * again and finds it absent (fetched again).
  */
 #include <dirent.h>
 #include <errno.h>
@@ -23,9 +32,10 @@
 #include "store/local_i.h"
 
 struct blob_file {
-	char name[3 + CAS_DIGEST_HEX_LEN + 1]; /* "ab/<hex>" */
-	struct timespec atime;
+	char name[3 + CAS_DIGEST_HEX_LEN + 1]; /* "ab/<hex>", or a pack's */
+	struct timespec atime;		       /* a pack's: its mtime */
 	uint64_t size;
+	bool pack;
 };
 
 struct blob_list {
@@ -40,7 +50,50 @@ static bool is_hex_name(const char *name)
 	return cas_digest_from_hex(name, &d) == 0;
 }
 
-/* Lists DIR/blobs/xx/<hex>; keep_list false: only sums the sizes. */
+/* Adds DIR/packs/<id>.pack (not empty: a pack its writer just made and
+ * is about to lock is empty). */
+static int list_packs(struct cas_local *ls, struct blob_list *l, bool keep_list)
+{
+	if (ls->packs_fd < 0)
+		return 0;
+	int pfd = openat(ls->packs_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (pfd < 0)
+		return cas_negerrno();
+	DIR *d = fdopendir(pfd);
+	if (!d) {
+		close(pfd);
+		return cas_negerrno();
+	}
+	struct dirent *de;
+	int r = 0;
+	while (r >= 0 && (de = readdir(d))) {
+		uint64_t id;
+		struct stat st;
+		if (cas_local_pack_id_parse(de->d_name, &id) < 0 ||
+		    fstatat(pfd, de->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+		    !S_ISREG(st.st_mode) || st.st_size == 0)
+			continue;
+		l->total += (uint64_t)st.st_size;
+		if (!keep_list)
+			continue;
+		if ((r = cas_array_grow(&l->v, &l->cap, l->n + 1, sizeof(*l->v),
+					1024)) < 0)
+			break;
+		struct blob_file *b = &l->v[l->n++];
+		cas_local_pack_name(id, b->name); /* the name it parsed from */
+		b->atime = st.st_mtim;
+		b->size = (uint64_t)st.st_size;
+		b->pack = true;
+	}
+	closedir(d);
+	return r;
+}
+
+/* Lists DIR/blobs/xx/<hex> and the packs; keep_list false: only sums the
+ * sizes. */
+static int list_packs(struct cas_local *ls, struct blob_list *l,
+		      bool keep_list);
+
 static int list_blobs(struct cas_local *ls, struct blob_list *l, bool keep_list)
 {
 	int bfd = openat(ls->blobs_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -85,11 +138,12 @@ static int list_blobs(struct cas_local *ls, struct blob_list *l, bool keep_list)
 			memcpy(b->name + 3, fe->d_name, CAS_DIGEST_HEX_LEN + 1);
 			b->atime = st.st_atim;
 			b->size = (uint64_t)st.st_size;
+			b->pack = false;
 		}
 		closedir(sub);
 	}
 	closedir(top);
-	return r;
+	return r < 0 ? r : list_packs(ls, l, keep_list);
 }
 
 int64_t cas_local_blob_bytes(cas_store *s)
@@ -109,6 +163,88 @@ static int by_atime(const void *a, const void *b)
 	return 0;
 }
 
+/* Packs chosen for eviction, each held by its flock (fd). */
+struct drop {
+	struct drop_pack {
+		uint64_t id, size;
+		int fd;
+		char name[CAS_PACK_NAME_LEN];
+	} * v;
+	size_t n, cap;
+};
+
+static int drop_add(struct drop *d, const struct blob_file *b, int fd)
+{
+	uint64_t id;
+	int r = cas_local_pack_id_parse(b->name, &id);
+	if (r == 0)
+		r = cas_array_grow(&d->v, &d->cap, d->n + 1, sizeof(*d->v), 8);
+	if (r < 0)
+		return r;
+	struct drop_pack *p = &d->v[d->n++];
+	p->id = id;
+	p->size = b->size;
+	p->fd = fd;
+	cas_local_pack_name(id, p->name);
+	return 0;
+}
+
+static void drop_release(struct drop *d)
+{
+	for (size_t i = 0; i < d->n; i++)
+		close(d->v[i].fd);
+	free(d->v);
+}
+
+static bool dropping(const struct drop *d, uint64_t id)
+{
+	for (size_t i = 0; i < d->n; i++)
+		if (d->v[i].id == id)
+			return true;
+	return false;
+}
+
+/* Deletes the index entries of the chosen packs in one transaction, then
+ * their names. */
+static int drop_packs(struct cas_local *ls, struct drop *d)
+{
+	if (!ls->has_blobs_db)
+		return 0;
+	MDB_txn *txn;
+	int r = cas_local_mdb_errno(mdb_txn_begin(ls->env, NULL, 0, &txn));
+	if (r < 0)
+		return r;
+	MDB_cursor *cur;
+	r = cas_local_mdb_errno(mdb_cursor_open(txn, ls->dbi_blobs, &cur));
+	if (r < 0) {
+		mdb_txn_abort(txn);
+		return r;
+	}
+	MDB_val key, val;
+	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
+	while (rc == MDB_SUCCESS) {
+		uint64_t id, off;
+		uint32_t len;
+		if (val.mv_size == CAS_PACK_REF_LEN) {
+			cas_local_pack_ref_decode(val.mv_data, &id, &off, &len);
+			if (dropping(d, id) &&
+			    (rc = mdb_cursor_del(cur, 0)) != MDB_SUCCESS)
+				break;
+		}
+		rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
+	}
+	mdb_cursor_close(cur);
+	if (rc != MDB_NOTFOUND) {
+		mdb_txn_abort(txn);
+		return cas_local_mdb_errno(rc);
+	}
+	if ((r = cas_local_mdb_errno(mdb_txn_commit(txn))) < 0)
+		return r;
+	for (size_t i = 0; i < d->n; i++)
+		(void)unlinkat(ls->packs_fd, d->v[i].name, 0);
+	return 0;
+}
+
 int64_t cas_local_evict(cas_store *s, uint64_t target)
 {
 	struct cas_local *ls = to_local(s);
@@ -121,19 +257,41 @@ int64_t cas_local_evict(cas_store *s, uint64_t target)
 	if (l.n > 1)
 		qsort(l.v, l.n, sizeof(*l.v), by_atime);
 	size_t evicted = 0;
+	struct drop drops = {0};
 	for (size_t i = 0; i < l.n && l.total > target; i++) {
-		_cleanup_close_ int fd =
-			openat(ls->blobs_fd, l.v[i].name,
-			       O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+		int dfd = l.v[i].pack ? ls->packs_fd : ls->blobs_fd;
+		int fd = openat(dfd, l.v[i].name,
+				O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 		if (fd < 0)
 			continue;
-		if (flock(fd, LOCK_EX | LOCK_NB) < 0)
-			continue; /* open somewhere: in use */
-		if (unlinkat(ls->blobs_fd, l.v[i].name, 0) < 0)
+		if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+			close(fd); /* open somewhere, or written: in use */
 			continue;
+		}
+		if (l.v[i].pack) {
+			/* Dropped below, in one pass over the index. */
+			if (drop_add(&drops, &l.v[i], fd) < 0) {
+				close(fd);
+				continue;
+			}
+		} else {
+			bool gone = unlinkat(dfd, l.v[i].name, 0) == 0;
+			close(fd);
+			if (!gone)
+				continue;
+		}
 		l.total -= l.v[i].size;
 		evicted++;
 	}
+	if (drops.n) {
+		int d = drop_packs(ls, &drops);
+		if (d < 0)
+			cas_log_errno(d, "cache %s: evict packs: %m", ls->dir);
+		if (d < 0)
+			for (size_t i = 0; i < drops.n; i++)
+				l.total += drops.v[i].size; /* kept */
+	}
+	drop_release(&drops);
 	if (evicted)
 		cas_log_debug("cache %s: evicted %zu blobs, %llu bytes left",
 			      ls->dir, evicted, (unsigned long long)l.total);

@@ -66,9 +66,10 @@ struct cas_local {
 	size_t n_pack_fds;				       /* pack_lock */
 
 	/* The writer side of gc (gc_seam.c): fds of DIR/gc.lock, DIR/gc.turn
-	 * and tmp/live.<pid> (-1 on a read-only store); gc_holders counts
+	 * and DIR/live/<pid>, and of DIR/live (-1 on a read-only store);
+	 * gc_holders counts
 	 * the writer steps that hold gc.lock shared through gc_lock_fd. */
-	int gc_lock_fd, gc_turn_fd, live_fd;
+	int gc_lock_fd, gc_turn_fd, live_fd, live_dir_fd;
 	pthread_mutex_t gc_mu;
 	pthread_cond_t gc_cond; /* gc_holders dropped to 0 */
 	unsigned gc_holders;	/* protected by gc_mu */
@@ -177,8 +178,9 @@ void cas_local_pack_close(struct cas_local_pack *p);
 int cas_local_pack_move(struct cas_local_pack *p, const uint8_t *buf,
 			size_t len, const struct cas_local_small *v, size_t n,
 			uint64_t from_id, size_t *ret_moved);
-/* The pack's fd (-1 before its first append) and id. */
+/* The pack's fd (-1 before its first append) and id; its size. */
 int cas_local_pack_fd(const struct cas_local_pack *p, uint64_t *ret_id);
+uint64_t cas_local_pack_bytes(const struct cas_local_pack *p);
 
 /* The pack index entry (20 bytes, little-endian: pack id, offset,
  * length), for gc's pack rewriting. */
@@ -212,17 +214,17 @@ struct cas_local_pins {
 int cas_local_pins_add(struct cas_local *ls, struct cas_local_pins *p,
 		       const cas_digest *d, size_t n);
 void cas_local_pins_release(struct cas_local *ls, struct cas_local_pins *p);
-/* At open (writable): takes the process's liveness lock tmp/live.<pid>
+/* At open (writable): takes the process's liveness lock DIR/live/<pid>
  * and opens gc.lock and gc.turn; at free, closes them. */
 int cas_local_gc_seam_open(struct cas_local *ls);
 void cas_local_gc_seam_close(struct cas_local *ls);
 /* 1 when the process that named a tmp/ file "<pid>.<rest>" may still be
  * alive (its liveness lock is held), 0 when it is not, -EINVAL when the
  * name carries no pid. */
-int cas_local_tmp_owner_alive(int tmp_fd, const char *name);
+int cas_local_tmp_owner_alive(int live_dir_fd, const char *name);
 /* Removes the files in tmp/ of processes that are gone (staged files,
- * named temporary files) and unknown files older than max_age_s; pin and
- * liveness files are left to gc. Counts what went (may be NULL). */
+ * named temporary files) and unknown files older than max_age_s; pin
+ * files are left to gc. Counts what went (may be NULL). */
 void cas_local_tmp_sweep(struct cas_local *ls, long max_age_s,
 			 uint64_t *ret_files, uint64_t *ret_bytes);
 

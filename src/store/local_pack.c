@@ -303,6 +303,11 @@ int cas_local_pack_fd(const struct cas_local_pack *p, uint64_t *ret_id)
 	return p->fd;
 }
 
+uint64_t cas_local_pack_bytes(const struct cas_local_pack *p)
+{
+	return p->size;
+}
+
 static int pack_write(struct cas_local_pack *p, const uint8_t *buf, size_t len,
 		      const struct cas_local_small *v, size_t n,
 		      uint64_t from_id, size_t *ret_added)

@@ -342,3 +342,31 @@ def test_gc_published_keeps_a_replaced_roots_file_for_the_grace(tmp_path):
         same_tree(t2, out)
     finally:
         n.stop()
+
+
+def test_bounded_cache_packs_and_keeps_its_bound(tmp_path):
+    """A published tree four times larger than a bounded cache, mostly
+    small files: the cache packs them and evicts whole packs."""
+    from test_remote import Nginx
+    store, pub = tmp_path / "store", tmp_path / "pub"
+    src = tmp_path / "src"
+    src.mkdir()
+    for d in range(8):
+        (src / f"d{d}").mkdir()
+        for i in range(125):  # 1000 files of 8 KiB: 8 MB
+            (src / f"d{d}" / f"f{i}").write_bytes(
+                bytes([d, i]) + pattern_bytes(8190, (d * 125 + i) % 251))
+    (src / "big").write_bytes(pattern_bytes(1 << 20, 3))
+    run(["import", src, "--name", "t"], store=store)
+    run(["publish", pub], store=store)
+    bound = 2 << 20
+    n = Nginx(pub, tmp_path / "nginx")
+    cache = tmp_path / "cache"
+    try:
+        out = tmp_path / "out"
+        run(["--cache", cache, "--cache-max", str(bound), "export", "t", out], store=n.url)
+        same_tree(src, out)
+    finally:
+        n.stop()
+    assert list((cache / "packs").iterdir()), "the bounded cache packed nothing"
+    assert usage(cache) <= 1.1 * bound, usage(cache)
