@@ -55,6 +55,31 @@ int cas_pread_all(int fd, void *buf, size_t len, uint64_t off)
 	return rw_all(fd, buf, len, off, false);
 }
 
+int cas_read_file_at(int dirfd, const char *name, char **ret_buf,
+		     size_t *ret_len)
+{
+	int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	struct stat st;
+	if (fd < 0)
+		return cas_negerrno();
+	if (fstat(fd, &st) < 0) {
+		int r = cas_negerrno();
+		close(fd);
+		return r;
+	}
+	char *buf = malloc((size_t)st.st_size + 1);
+	int r = buf ? cas_pread_all(fd, buf, (size_t)st.st_size, 0) : -ENOMEM;
+	close(fd);
+	if (r < 0) {
+		free(buf);
+		return r;
+	}
+	buf[st.st_size] = 0;
+	*ret_buf = buf;
+	*ret_len = (size_t)st.st_size;
+	return 0;
+}
+
 int cas_pwrite_all(int fd, const void *buf, size_t len, uint64_t off)
 {
 	return rw_all(fd, (void *)buf, len, off, true);

@@ -64,6 +64,10 @@ static inline int cas_negerrno(void)
 int cas_write_all(int fd, const void *buf, size_t len);
 /* Read exactly len bytes at off; -EBADMSG when the file is shorter. */
 int cas_pread_all(int fd, void *buf, size_t len, uint64_t off);
+/* The whole of file name in dirfd (not following a final symlink), in a
+ * malloc'd buffer with a NUL after its len bytes. */
+int cas_read_file_at(int dirfd, const char *name, char **ret_buf,
+		     size_t *ret_len);
 /* Write all of buf at off; retries EINTR and short writes. */
 int cas_pwrite_all(int fd, const void *buf, size_t len, uint64_t off);
 /* Copies the first size bytes of src (from offset 0, whatever its file

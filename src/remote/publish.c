@@ -526,20 +526,14 @@ static int by_name(const void *a, const void *b)
 
 static int read_roots_file(struct publisher *pb, struct root_set *rs)
 {
-	_cleanup_close_ int fd =
-		openat(pb->dirfd, "roots", O_RDONLY | O_CLOEXEC);
-	struct stat st;
-	if (fd < 0)
-		return errno == ENOENT ? 0 : cas_negerrno();
-	if (fstat(fd, &st) < 0)
-		return cas_negerrno();
-	_cleanup_free_ char *buf = malloc((size_t)st.st_size + 1);
-	if (!buf)
-		return -ENOMEM;
-	int r = cas_pread_all(fd, buf, (size_t)st.st_size, 0);
+	_cleanup_free_ char *buf = NULL;
+	size_t len = 0;
+	int r = cas_read_file_at(pb->dirfd, "roots", &buf, &len);
+	if (r == -ENOENT)
+		return 0;
 	if (r < 0)
 		return r;
-	r = cas_roots_file_parse(buf, (size_t)st.st_size, root_set_put, rs);
+	r = cas_roots_file_parse(buf, len, root_set_put, rs);
 	if (r == -EBADMSG)
 		return cas_log_errno(
 			r, "%s/roots: malformed; remove it to publish afresh",
@@ -553,17 +547,11 @@ static int read_roots_file(struct publisher *pb, struct root_set *rs)
  * fetched it just before (publish_gc.c). */
 static int roots_history_append(struct publisher *pb)
 {
-	_cleanup_close_ int fd =
-		openat(pb->dirfd, "roots", O_RDONLY | O_CLOEXEC);
-	struct stat st;
-	if (fd < 0)
-		return errno == ENOENT ? 0 : cas_negerrno();
-	if (fstat(fd, &st) < 0)
-		return cas_negerrno();
-	_cleanup_free_ char *buf = malloc((size_t)st.st_size + 1);
-	if (!buf)
-		return -ENOMEM;
-	int r = cas_pread_all(fd, buf, (size_t)st.st_size, 0);
+	_cleanup_free_ char *buf = NULL;
+	size_t len = 0;
+	int r = cas_read_file_at(pb->dirfd, "roots", &buf, &len);
+	if (r == -ENOENT)
+		return 0;
 	if (r < 0)
 		return r;
 	_cleanup_close_ int h =
@@ -574,10 +562,9 @@ static int roots_history_append(struct publisher *pb)
 	char head[32];
 	int n = snprintf(head, sizeof(head), "@%lld\n", (long long)time(NULL));
 	if ((r = cas_write_all(h, head, (size_t)n)) < 0 ||
-	    (r = cas_write_all(h, buf, (size_t)st.st_size)) < 0)
+	    (r = cas_write_all(h, buf, len)) < 0)
 		return r;
-	if (st.st_size && buf[st.st_size - 1] != '\n' &&
-	    (r = cas_write_all(h, "\n", 1)) < 0)
+	if (len && buf[len - 1] != '\n' && (r = cas_write_all(h, "\n", 1)) < 0)
 		return r;
 	return fsync(h) < 0 ? cas_negerrno() : 0;
 }

@@ -126,37 +126,13 @@ static int mark_root(void *userdata, const char *name, const cas_node *node)
 	return 0;
 }
 
-static int read_file(int dirfd, const char *name, char **ret_buf,
-		     size_t *ret_len)
-{
-	_cleanup_close_ int fd =
-		openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
-	struct stat st;
-	if (fd < 0)
-		return cas_negerrno();
-	if (fstat(fd, &st) < 0)
-		return cas_negerrno();
-	char *buf = malloc((size_t)st.st_size + 1);
-	if (!buf)
-		return -ENOMEM;
-	int r = cas_pread_all(fd, buf, (size_t)st.st_size, 0);
-	if (r < 0) {
-		free(buf);
-		return r;
-	}
-	buf[st.st_size] = 0;
-	*ret_buf = buf;
-	*ret_len = (size_t)st.st_size;
-	return 0;
-}
-
 /* Marks from the roots files replaced within the grace and drops the
  * older ones from the history (rewritten by rename, not in a dry run). */
 static int mark_history(struct pgc *g, int workfd)
 {
 	_cleanup_free_ char *buf = NULL;
 	size_t len = 0;
-	int r = read_file(workfd, "roots.history", &buf, &len);
+	int r = cas_read_file_at(workfd, "roots.history", &buf, &len);
 	if (r == -ENOENT)
 		return 0;
 	if (r < 0)
@@ -400,7 +376,7 @@ static int collect(struct pgc *g, int workfd)
 {
 	_cleanup_free_ char *roots = NULL;
 	size_t len = 0;
-	int r = read_file(g->dirfd, "roots", &roots, &len);
+	int r = cas_read_file_at(g->dirfd, "roots", &roots, &len);
 	if (r == -ENOENT)
 		return cas_log_errno(r, "%s: no published roots file here",
 				     g->dir);

@@ -93,33 +93,26 @@ static int mark_closure(struct marker *k)
 	return 0;
 }
 
+static int mark_root(void *userdata, MDB_cursor *cur, const MDB_val *key,
+		     const MDB_val *val)
+{
+	(void)cur;
+	(void)key;
+	struct marker *k = userdata;
+	cas_node node;
+	int r = 0;
+	if (cas_node_decode(val->mv_data, val->mv_size, &node, NULL) < 0)
+		return 0; /* verify names it */
+	if (node.type == CAS_NODE_DIRECTORY)
+		r = mark_directory(k, &node.digest);
+	else if (node.type == CAS_NODE_FILE)
+		r = mark_add(k, &node.digest) < 0 ? -ENOMEM : 0;
+	return r < 0 ? r : mark_closure(k);
+}
+
 static int mark_roots(struct marker *k)
 {
-	MDB_cursor *cur;
-	int r = cas_local_mdb_errno(
-		mdb_cursor_open(k->txn, k->ls->dbi_roots, &cur));
-	if (r < 0)
-		return r;
-	MDB_val key, val;
-	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
-	while (r == 0 && rc == MDB_SUCCESS) {
-		cas_node node;
-		if (cas_node_decode(val.mv_data, val.mv_size, &node, NULL) ==
-		    0) {
-			if (node.type == CAS_NODE_DIRECTORY)
-				r = mark_directory(k, &node.digest);
-			else if (node.type == CAS_NODE_FILE)
-				r = mark_add(k, &node.digest) < 0 ? -ENOMEM : 0;
-			if (r == 0)
-				r = mark_closure(k);
-		}
-		if (r == 0)
-			rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
-	}
-	if (r == 0 && rc != MDB_NOTFOUND)
-		r = cas_local_mdb_errno(rc);
-	mdb_cursor_close(cur);
-	return r;
+	return cas_local_each_record(k->txn, k->ls->dbi_roots, mark_root, k);
 }
 
 static uint64_t time_decode(const MDB_val *v)
@@ -133,36 +126,35 @@ static uint64_t time_decode(const MDB_val *v)
 }
 
 /* Directories written within the grace are kept, with their closure. */
+struct young {
+	struct marker *k;
+	int64_t cutoff;
+};
+
+static int mark_young_one(void *userdata, MDB_cursor *cur, const MDB_val *key,
+			  const MDB_val *val)
+{
+	(void)cur;
+	struct young *y = userdata;
+	if (key->mv_size != CAS_DIGEST_LEN ||
+	    (int64_t)time_decode(val) <= y->cutoff)
+		return 0;
+	cas_digest d;
+	memcpy(d.bytes, key->mv_data, CAS_DIGEST_LEN);
+	int r = mark_directory(y->k, &d);
+	return r < 0 ? r : mark_closure(y->k);
+}
+
 static int mark_young(struct marker *k, int64_t cutoff)
 {
 	if (!k->ls->has_times_db)
 		return 0;
-	MDB_cursor *cur;
-	int r = cas_local_mdb_errno(
-		mdb_cursor_open(k->txn, k->ls->dbi_times, &cur));
-	if (r < 0)
-		return r;
-	MDB_val key, val;
-	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
-	while (r == 0 && rc == MDB_SUCCESS) {
-		if (key.mv_size == CAS_DIGEST_LEN &&
-		    (int64_t)time_decode(&val) > cutoff) {
-			cas_digest d;
-			memcpy(d.bytes, key.mv_data, CAS_DIGEST_LEN);
-			if ((r = mark_directory(k, &d)) == 0)
-				r = mark_closure(k);
-		}
-		if (r == 0)
-			rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
-	}
-	if (r == 0 && rc != MDB_NOTFOUND)
-		r = cas_local_mdb_errno(rc);
-	mdb_cursor_close(cur);
-	return r;
+	struct young y = {k, cutoff};
+	return cas_local_each_record(k->txn, k->ls->dbi_times, mark_young_one,
+				     &y);
 }
 
-/* Calls fn for each entry of folder fd (not . or ..); fd stays open. */
-static int each_entry(int fd, int (*fn)(void *, int, const char *),
+int cas_gc_each_entry(int fd, int (*fn)(void *, int, const char *),
 		      void *userdata)
 {
 	int dfd = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
@@ -245,90 +237,73 @@ struct sweep {
 	int live_dir_fd; /* likewise, of DIR/live */
 };
 
+static int sweep_directory(void *userdata, MDB_cursor *cur, const MDB_val *key,
+			   const MDB_val *val)
+{
+	struct sweep *w = userdata;
+	struct cas_local *ls = w->k->ls;
+	cas_digest d;
+	if (key->mv_size != CAS_DIGEST_LEN)
+		return 0; /* verify names it */
+	memcpy(d.bytes, key->mv_data, CAS_DIGEST_LEN);
+	if (marked(w->k, &d))
+		return 0;
+	w->st->directories++;
+	w->st->directory_bytes += val->mv_size;
+	if (w->o->dry_run)
+		return 0;
+	int r = cas_local_mdb_errno(mdb_cursor_del(cur, 0));
+	if (r == 0 && ls->has_times_db) {
+		MDB_val tk = {CAS_DIGEST_LEN, d.bytes};
+		(void)mdb_del(mdb_cursor_txn(cur), ls->dbi_times, &tk, NULL);
+	}
+	return r;
+}
+
 static int sweep_directories(struct sweep *w, MDB_txn *txn)
 {
-	struct cas_local *ls = w->k->ls;
-	MDB_cursor *cur;
-	int r = cas_local_mdb_errno(
-		mdb_cursor_open(txn, ls->dbi_directories, &cur));
-	if (r < 0)
-		return r;
-	MDB_val key, val;
-	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
-	while (rc == MDB_SUCCESS) {
-		cas_digest d;
-		if (key.mv_size == CAS_DIGEST_LEN) {
-			memcpy(d.bytes, key.mv_data, CAS_DIGEST_LEN);
-			if (!marked(w->k, &d)) {
-				w->st->directories++;
-				w->st->directory_bytes += val.mv_size;
-				if (!w->o->dry_run) {
-					if ((rc = mdb_cursor_del(cur, 0)) !=
-					    MDB_SUCCESS)
-						break;
-					MDB_val tk = {CAS_DIGEST_LEN, d.bytes};
-					if (ls->has_times_db)
-						(void)mdb_del(txn,
-							      ls->dbi_times,
-							      &tk, NULL);
-				}
-			}
-		}
-		rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
-	}
-	if (rc != MDB_NOTFOUND)
-		r = cas_local_mdb_errno(rc);
-	mdb_cursor_close(cur);
-	return r;
+	return cas_local_each_record(txn, w->k->ls->dbi_directories,
+				     sweep_directory, w);
 }
 
 /* Pack index entries: unmarked ones written before the cutoff go; the
  * others count as their pack's live bytes. */
+static int sweep_entry(void *userdata, MDB_cursor *cur, const MDB_val *key,
+		       const MDB_val *val)
+{
+	struct sweep *w = userdata;
+	cas_digest d;
+	if (key->mv_size != CAS_DIGEST_LEN || val->mv_size != CAS_PACK_REF_LEN)
+		return 0; /* verify names it */
+	memcpy(d.bytes, key->mv_data, CAS_DIGEST_LEN);
+	uint64_t id, off;
+	uint32_t len;
+	cas_local_pack_ref_decode(val->mv_data, &id, &off, &len);
+	struct gc_pack *p = cas_gc_pack_find(w->packs, id);
+	/* A pack gc did not list is newer than the sweep. */
+	bool young = !p || p->mtime > w->cutoff;
+	if (!marked(w->k, &d) && !young) {
+		w->st->small_blobs++;
+		w->st->small_blob_bytes += len;
+		return w->o->dry_run
+			       ? 0
+			       : cas_local_mdb_errno(mdb_cursor_del(cur, 0));
+	}
+	if (!marked(w->k, &d))
+		w->st->kept_young++;
+	if (p) {
+		p->live_n++;
+		p->live_bytes += len;
+		p->end = CAS_MAX(p->end, off + len);
+	}
+	return 0;
+}
+
 static int sweep_index(struct sweep *w, MDB_txn *txn)
 {
-	struct cas_local *ls = w->k->ls;
-	if (!ls->has_blobs_db)
+	if (!w->k->ls->has_blobs_db)
 		return 0;
-	MDB_cursor *cur;
-	int r = cas_local_mdb_errno(mdb_cursor_open(txn, ls->dbi_blobs, &cur));
-	if (r < 0)
-		return r;
-	MDB_val key, val;
-	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
-	while (rc == MDB_SUCCESS) {
-		cas_digest d;
-		if (key.mv_size == CAS_DIGEST_LEN &&
-		    val.mv_size == CAS_PACK_REF_LEN) {
-			memcpy(d.bytes, key.mv_data, CAS_DIGEST_LEN);
-			uint64_t id, off;
-			uint32_t len;
-			cas_local_pack_ref_decode(val.mv_data, &id, &off, &len);
-			struct gc_pack *p = cas_gc_pack_find(w->packs, id);
-			/* A pack gc did not list is newer than the sweep. */
-			bool young = !p || p->mtime > w->cutoff;
-			if (!marked(w->k, &d) && !young) {
-				w->st->small_blobs++;
-				w->st->small_blob_bytes += len;
-				if (!w->o->dry_run &&
-				    (rc = mdb_cursor_del(cur, 0)) !=
-					    MDB_SUCCESS)
-					break;
-			} else {
-				if (!marked(w->k, &d))
-					w->st->kept_young++;
-				if (p) {
-					p->live_n++;
-					p->live_bytes += len;
-					p->end = CAS_MAX(p->end, off + len);
-				}
-			}
-		}
-		rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
-	}
-	if (rc != MDB_NOTFOUND)
-		r = cas_local_mdb_errno(rc);
-	mdb_cursor_close(cur);
-	return r;
+	return cas_local_each_record(txn, w->k->ls->dbi_blobs, sweep_entry, w);
 }
 
 static int sweep_blob(void *userdata, int fan_fd, const char *name)
@@ -358,7 +333,7 @@ static int sweep_fan(void *userdata, int blobs_fd, const char *name)
 			O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
 		return 0;
-	int r = each_entry(fd, sweep_blob, userdata);
+	int r = cas_gc_each_entry(fd, sweep_blob, userdata);
 	close(fd);
 	return r;
 }
@@ -393,7 +368,8 @@ static int sweep_locked(struct sweep *w)
 	struct marker *k = w->k;
 	struct cas_local *ls = k->ls;
 	struct pin_read pr = {k, w->o->dry_run, 0};
-	int r = w->tmp_fd >= 0 ? each_entry(w->tmp_fd, read_pins, &pr) : 0;
+	int r = w->tmp_fd >= 0 ? cas_gc_each_entry(w->tmp_fd, read_pins, &pr)
+			       : 0;
 	if (r < 0)
 		return r;
 	if ((r = cas_gc_packs_list(ls, w->packs)) < 0)
@@ -420,14 +396,15 @@ static int sweep_locked(struct sweep *w)
 		r = cas_local_mdb_errno(mdb_txn_commit(txn));
 	if (r < 0)
 		return r;
-	if ((r = each_entry(ls->blobs_fd, sweep_fan, w)) < 0)
+	if ((r = cas_gc_each_entry(ls->blobs_fd, sweep_fan, w)) < 0)
 		return r;
 	if (w->o->dry_run) {
-		r = w->tmp_fd >= 0 ? each_entry(w->tmp_fd, count_tmp, w) : 0;
+		r = w->tmp_fd >= 0 ? cas_gc_each_entry(w->tmp_fd, count_tmp, w)
+				   : 0;
 	} else {
 		cas_local_tmp_sweep(ls, (long)w->o->grace_s, &w->st->tmp_files,
 				    &w->st->tmp_bytes);
-		r = each_entry(ls->live_dir_fd, remove_dead_live, NULL);
+		r = cas_gc_each_entry(ls->live_dir_fd, remove_dead_live, NULL);
 	}
 	if (r == 0)
 		cas_gc_packs_lock(w->packs, ls->packs_fd, w->o->dry_run);

@@ -23,6 +23,11 @@ struct gc_packs {
 	size_t n, cap;
 };
 
+/* Calls fn(userdata, fd, name) for each entry of folder fd (not . or
+ * ..) until it returns < 0; fd stays open. */
+int cas_gc_each_entry(int fd, int (*fn)(void *, int, const char *),
+		      void *userdata);
+
 /* Lists packs/ with sizes and times. */
 int cas_gc_packs_list(struct cas_local *ls, struct gc_packs *p);
 struct gc_pack *cas_gc_pack_find(struct gc_packs *p, uint64_t id);

@@ -23,7 +23,6 @@
  * finishes. The new pack takes the newest time of the packs it replaces,
  * so the grace of their blobs does not start again.
  */
-#include <dirent.h>
 #include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
@@ -42,39 +41,32 @@ static int by_id(const void *a, const void *b)
 	return x->id < y->id ? -1 : x->id > y->id;
 }
 
+static int list_pack(void *userdata, int packs_fd, const char *name)
+{
+	struct gc_packs *p = userdata;
+	uint64_t id;
+	struct stat st;
+	if (cas_local_pack_id_parse(name, &id) < 0 ||
+	    fstatat(packs_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+	    !S_ISREG(st.st_mode))
+		return 0;
+	int r = cas_array_grow(&p->v, &p->cap, p->n + 1, sizeof(*p->v), 16);
+	if (r < 0)
+		return r;
+	p->v[p->n++] = (struct gc_pack){
+		.id = id,
+		.mtime = st.st_mtime,
+		.size = (uint64_t)st.st_size,
+		.fd = -1,
+	};
+	return 0;
+}
+
 int cas_gc_packs_list(struct cas_local *ls, struct gc_packs *p)
 {
 	if (ls->packs_fd < 0)
 		return 0;
-	int dfd = openat(ls->packs_fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (dfd < 0)
-		return cas_negerrno();
-	DIR *dir = fdopendir(dfd);
-	if (!dir) {
-		close(dfd);
-		return -ENOMEM;
-	}
-	struct dirent *de;
-	int r = 0;
-	while (r == 0 && (de = readdir(dir))) {
-		uint64_t id;
-		struct stat st;
-		if (cas_local_pack_id_parse(de->d_name, &id) < 0 ||
-		    fstatat(ls->packs_fd, de->d_name, &st,
-			    AT_SYMLINK_NOFOLLOW) < 0 ||
-		    !S_ISREG(st.st_mode))
-			continue;
-		if ((r = cas_array_grow(&p->v, &p->cap, p->n + 1, sizeof(*p->v),
-					16)) < 0)
-			break;
-		p->v[p->n++] = (struct gc_pack){
-			.id = id,
-			.mtime = st.st_mtime,
-			.size = (uint64_t)st.st_size,
-			.fd = -1,
-		};
-	}
-	closedir(dir);
+	int r = cas_gc_each_entry(ls->packs_fd, list_pack, p);
 	if (p->n > 1)
 		qsort(p->v, p->n, sizeof(*p->v), by_id);
 	return r;
@@ -150,53 +142,51 @@ static int by_place(const void *a, const void *b)
 	return x->off < y->off ? -1 : x->off > y->off;
 }
 
+struct moving_list {
+	struct gc_packs *p;
+	struct moving *v;
+	size_t n, cap;
+};
+
+static int add_moving(void *userdata, MDB_cursor *cur, const MDB_val *key,
+		      const MDB_val *val)
+{
+	(void)cur;
+	struct moving_list *l = userdata;
+	struct moving m;
+	if (key->mv_size != CAS_DIGEST_LEN || val->mv_size != CAS_PACK_REF_LEN)
+		return 0;
+	cas_local_pack_ref_decode(val->mv_data, &m.id, &m.off, &m.len);
+	struct gc_pack *k = cas_gc_pack_find(l->p, m.id);
+	if (!k || k->fd < 0 || !k->live_n || !below_threshold(k))
+		return 0;
+	int r = cas_array_grow(&l->v, &l->cap, l->n + 1, sizeof(*l->v), 256);
+	if (r < 0)
+		return r;
+	memcpy(m.digest.bytes, key->mv_data, CAS_DIGEST_LEN);
+	l->v[l->n++] = m;
+	return 0;
+}
+
 /* The index entries that name a pack to rewrite, in pack order. */
 static int list_moving(struct cas_local *ls, struct gc_packs *p,
 		       struct moving **ret, size_t *ret_n)
 {
-	struct moving *v = NULL;
-	size_t n = 0, cap = 0;
+	struct moving_list l = {.p = p};
 	MDB_txn *txn;
 	int r = cas_local_rtxn_get(ls, &txn);
 	if (r < 0)
 		return r;
-	MDB_cursor *cur;
-	r = cas_local_mdb_errno(mdb_cursor_open(txn, ls->dbi_blobs, &cur));
-	if (r == 0) {
-		MDB_val key, val;
-		int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
-		while (r == 0 && rc == MDB_SUCCESS) {
-			struct moving m;
-			if (key.mv_size == CAS_DIGEST_LEN &&
-			    val.mv_size == CAS_PACK_REF_LEN) {
-				cas_local_pack_ref_decode(val.mv_data, &m.id,
-							  &m.off, &m.len);
-				struct gc_pack *k = cas_gc_pack_find(p, m.id);
-				if (k && k->fd >= 0 && k->live_n &&
-				    below_threshold(k) &&
-				    (r = cas_array_grow(&v, &cap, n + 1,
-							sizeof(*v), 256)) ==
-					    0) {
-					memcpy(m.digest.bytes, key.mv_data,
-					       CAS_DIGEST_LEN);
-					v[n++] = m;
-				}
-			}
-			rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
-		}
-		if (r == 0 && rc != MDB_NOTFOUND)
-			r = cas_local_mdb_errno(rc);
-		mdb_cursor_close(cur);
-	}
+	r = cas_local_each_record(txn, ls->dbi_blobs, add_moving, &l);
 	cas_local_rtxn_put(ls, txn);
 	if (r < 0) {
-		free(v);
+		free(l.v);
 		return r;
 	}
-	if (n > 1)
-		qsort(v, n, sizeof(*v), by_place);
-	*ret = v;
-	*ret_n = n;
+	if (l.n > 1)
+		qsort(l.v, l.n, sizeof(*l.v), by_place);
+	*ret = l.v;
+	*ret_n = l.n;
 	return 0;
 }
 

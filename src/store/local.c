@@ -64,6 +64,26 @@ int cas_local_mdb_errno(int rc)
 	}
 }
 
+int cas_local_each_record(MDB_txn *txn, MDB_dbi dbi, cas_local_record_fn fn,
+			  void *userdata)
+{
+	MDB_cursor *cur;
+	int r = cas_local_mdb_errno(mdb_cursor_open(txn, dbi, &cur));
+	if (r < 0)
+		return r;
+	MDB_val key, val;
+	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
+	while (r == 0 && rc == MDB_SUCCESS) {
+		r = fn(userdata, cur, &key, &val);
+		if (r == 0)
+			rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
+	}
+	if (r == 0 && rc != MDB_NOTFOUND)
+		r = cas_local_mdb_errno(rc);
+	mdb_cursor_close(cur);
+	return r;
+}
+
 void cas_local_blob_rel(const cas_digest *d, char ret[CAS_BLOB_REL_LEN])
 {
 	char hex[CAS_DIGEST_HEX_LEN + 1];

@@ -204,6 +204,20 @@ static bool dropping(const struct drop *d, uint64_t id)
 	return false;
 }
 
+static int drop_entry(void *userdata, MDB_cursor *cur, const MDB_val *key,
+		      const MDB_val *val)
+{
+	(void)key;
+	uint64_t id, off;
+	uint32_t len;
+	if (val->mv_size != CAS_PACK_REF_LEN)
+		return 0;
+	cas_local_pack_ref_decode(val->mv_data, &id, &off, &len);
+	if (!dropping(userdata, id))
+		return 0;
+	return cas_local_mdb_errno(mdb_cursor_del(cur, 0));
+}
+
 /* Deletes the index entries of the chosen packs in one transaction, then
  * their names. */
 static int drop_packs(struct cas_local *ls, struct drop *d)
@@ -214,29 +228,10 @@ static int drop_packs(struct cas_local *ls, struct drop *d)
 	int r = cas_local_mdb_errno(mdb_txn_begin(ls->env, NULL, 0, &txn));
 	if (r < 0)
 		return r;
-	MDB_cursor *cur;
-	r = cas_local_mdb_errno(mdb_cursor_open(txn, ls->dbi_blobs, &cur));
+	r = cas_local_each_record(txn, ls->dbi_blobs, drop_entry, d);
 	if (r < 0) {
 		mdb_txn_abort(txn);
 		return r;
-	}
-	MDB_val key, val;
-	int rc = mdb_cursor_get(cur, &key, &val, MDB_FIRST);
-	while (rc == MDB_SUCCESS) {
-		uint64_t id, off;
-		uint32_t len;
-		if (val.mv_size == CAS_PACK_REF_LEN) {
-			cas_local_pack_ref_decode(val.mv_data, &id, &off, &len);
-			if (dropping(d, id) &&
-			    (rc = mdb_cursor_del(cur, 0)) != MDB_SUCCESS)
-				break;
-		}
-		rc = mdb_cursor_get(cur, &key, &val, MDB_NEXT);
-	}
-	mdb_cursor_close(cur);
-	if (rc != MDB_NOTFOUND) {
-		mdb_txn_abort(txn);
-		return cas_local_mdb_errno(rc);
 	}
 	if ((r = cas_local_mdb_errno(mdb_txn_commit(txn))) < 0)
 		return r;

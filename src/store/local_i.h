@@ -90,6 +90,15 @@ static inline struct cas_local *to_local(cas_store *s)
 /* The one place MDB_* codes become -errno. */
 int cas_local_mdb_errno(int rc);
 
+/* Calls fn for every record of dbi in txn, in key order, until it
+ * returns < 0 (returned). fn may delete the record under the cursor
+ * (mdb_cursor_del(cur, 0)) in a write transaction; the walk goes on with
+ * the next one. */
+typedef int (*cas_local_record_fn)(void *userdata, MDB_cursor *cur,
+				   const MDB_val *key, const MDB_val *val);
+int cas_local_each_record(MDB_txn *txn, MDB_dbi dbi, cas_local_record_fn fn,
+			  void *userdata);
+
 /* A read transaction from the pool (any thread; give it back with
  * cas_local_rtxn_put from the same or another thread). */
 int cas_local_rtxn_get(struct cas_local *ls, MDB_txn **ret);
