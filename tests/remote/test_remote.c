@@ -726,13 +726,15 @@ static void test_evict(cas_store *origin)
 {
 	struct fake k = {.base.ops = &fake_ops, .origin = origin};
 	pthread_mutex_init(&k.lock, NULL);
+	/* Larger than CAS_LOCAL_PACK_MAX: files (packs are evicted whole,
+	 * test_cache_packs). */
 	cas_digest d[6];
-	uint8_t data[10000];
+	static uint8_t data[70000];
 	for (int i = 0; i < 6; i++) {
 		memset(data, 'a' + i, sizeof(data));
 		put_blob(origin, data, sizeof(data), &d[i]);
 	}
-	cas_store *s = open_cache(&k, "cache-evict", 25000);
+	cas_store *s = open_cache(&k, "cache-evict", 175000);
 	int held = -1, fd;
 	uint64_t size;
 	/* The first stays open: it is never evicted. */
@@ -747,7 +749,7 @@ static void test_evict(cas_store *origin)
 	/* Fetched blobs are named (and the cache trimmed) in the background. */
 	cas_cache_flush(s);
 	int64_t bytes = cas_local_blob_bytes(cas_cache_local_store(s));
-	CHECK(bytes > 0 && bytes <= 25000);
+	CHECK(bytes > 0 && bytes <= 175000);
 	char path[512], hex[CAS_DIGEST_HEX_LEN + 1];
 	cas_digest_to_hex(&d[0], hex);
 	snprintf(path, sizeof(path), "%s/blobs/%.2s/%s", dir, hex, hex);
@@ -900,17 +902,25 @@ static void test_cache_packs(cas_store *origin)
 	CHECK(cas_local_verify(ls, NULL, NULL) == 0);
 	cas_store_free(ls);
 
-	/* Bounded: a file, which eviction can remove. */
+	/* Bounded: packed too; eviction drops the pack whole once no writer
+	 * appends to it. */
 	s = open_cache(&k, "cache-packs-bounded", 1u << 30);
 	CHECK(cas_store_blob_read(s, &d, 4096, &buf, &size) == 0 &&
 	      size == sizeof(data) && memcmp(buf, data, size) == 0);
 	free(buf);
 	cas_cache_flush(s);
 	blob_file_path("cache-packs-bounded", &d, path, sizeof(path));
-	CHECK(access(path, F_OK) == 0);
+	CHECK(access(path, F_OK) < 0);
 	snprintf(packs, sizeof(packs), "%s/cache-packs-bounded/packs", base);
-	CHECK(count_entries(packs, ".pack") == 0);
+	CHECK(count_entries(packs, ".pack") == 1);
+	CHECK(cas_local_evict(cas_cache_local_store(s), 0) > 0); /* its own */
 	cas_store_free(s);
+	snprintf(path, sizeof(path), "%s/cache-packs-bounded", base);
+	REQUIRE(cas_local_open(path, &lo, &ls) == 0);
+	CHECK(cas_local_evict(ls, 0) == 0);
+	CHECK(count_entries(packs, ".pack") == 0);
+	CHECK(cas_local_verify(ls, NULL, NULL) == 0);
+	cas_store_free(ls);
 	pthread_mutex_destroy(&k.lock);
 }
 
