@@ -2,7 +2,9 @@
  * (docs/design.md, "Writers and gc", states the guarantee).
  *
  * 1. Mark, without any lock: every digest the roots reach, in one read
- *    transaction. This is the long part, and writers run meanwhile.
+ *    transaction, and in it the candidates: every Directory, pack index
+ *    entry and blob file no root reaches. This is the long part, and
+ *    writers run meanwhile.
  * 2. Sweep, under gc.lock held exclusively (gc.turn first, so that a
  *    stream of writer steps cannot starve it): read the live writers' pin
  *    files (a pin file gc can lock is a dead writer's and goes); then in
@@ -10,9 +12,10 @@
  *    committed so far and holds other LMDB writers off, mark again from
  *    the pins, from the Directories younger than the grace and from the
  *    roots (incrementally: only what is new is read), and delete every
- *    unmarked Directory and pack index entry older than the grace. Blob
- *    files go after that commit (a Directory never names a removed blob,
- *    even after a SIGKILL), unless marked or younger than the grace.
+ *    candidate still unmarked (index entries only if older than the
+ *    grace). Blob files go after that commit (a Directory never names a
+ *    removed blob, even after a SIGKILL), unless marked or younger than
+ *    the grace. The lock is held for the garbage's time, not the store's.
  *    Then the leftovers in tmp/ of processes that are gone, and a flock
  *    on each pack no live writer holds.
  * 3. Packs, after gc.lock is released (gc_pack.c).
@@ -227,6 +230,19 @@ static int remove_dead_live(void *userdata, int live_dir_fd, const char *name)
 	return 0;
 }
 
+/* What the unlocked pass found unreached: checked again under gc.lock,
+ * where the sweep only looks at these, so the time writers wait is that
+ * of the garbage, not of the store. */
+struct candidate {
+	cas_digest digest;
+	uint64_t id;  /* index entries: the pack */
+	uint64_t len; /* bytes */
+};
+struct candidates {
+	struct candidate *v;
+	size_t n, cap;
+};
+
 struct sweep {
 	struct marker *k;
 	struct gc_packs *packs;
@@ -235,62 +251,182 @@ struct sweep {
 	int64_t cutoff;	 /* written at or before this: old enough to go */
 	int tmp_fd;	 /* the store's, or (read-only dry run) our own */
 	int live_dir_fd; /* likewise, of DIR/live */
+	struct candidates dirs, entries, files;
 };
 
-static int sweep_directory(void *userdata, MDB_cursor *cur, const MDB_val *key,
-			   const MDB_val *val)
+static int candidate_add(struct candidates *c, const cas_digest *d, uint64_t id,
+			 uint64_t len)
 {
+	int r = cas_array_grow(&c->v, &c->cap, c->n + 1, sizeof(*c->v), 256);
+	if (r < 0)
+		return r;
+	c->v[c->n++] = (struct candidate){*d, id, len};
+	return 0;
+}
+
+static int find_directory(void *userdata, MDB_cursor *cur, const MDB_val *key,
+			  const MDB_val *val)
+{
+	(void)cur;
 	struct sweep *w = userdata;
-	struct cas_local *ls = w->k->ls;
 	cas_digest d;
 	if (key->mv_size != CAS_DIGEST_LEN)
 		return 0; /* verify names it */
 	memcpy(d.bytes, key->mv_data, CAS_DIGEST_LEN);
-	if (marked(w->k, &d))
-		return 0;
-	w->st->directories++;
-	w->st->directory_bytes += val->mv_size;
-	if (w->o->dry_run)
-		return 0;
-	int r = cas_local_mdb_errno(mdb_cursor_del(cur, 0));
-	if (r == 0 && ls->has_times_db) {
-		MDB_val tk = {CAS_DIGEST_LEN, d.bytes};
-		(void)mdb_del(mdb_cursor_txn(cur), ls->dbi_times, &tk, NULL);
-	}
-	return r;
+	return marked(w->k, &d) ? 0
+				: candidate_add(&w->dirs, &d, 0, val->mv_size);
 }
 
-static int sweep_directories(struct sweep *w, MDB_txn *txn)
+static int find_entry(void *userdata, MDB_cursor *cur, const MDB_val *key,
+		      const MDB_val *val)
 {
-	return cas_local_each_record(txn, w->k->ls->dbi_directories,
-				     sweep_directory, w);
-}
-
-/* Pack index entries: unmarked ones written before the cutoff go; the
- * others count as their pack's live bytes. */
-static int sweep_entry(void *userdata, MDB_cursor *cur, const MDB_val *key,
-		       const MDB_val *val)
-{
+	(void)cur;
 	struct sweep *w = userdata;
 	cas_digest d;
 	if (key->mv_size != CAS_DIGEST_LEN || val->mv_size != CAS_PACK_REF_LEN)
-		return 0; /* verify names it */
+		return 0;
 	memcpy(d.bytes, key->mv_data, CAS_DIGEST_LEN);
 	uint64_t id, off;
 	uint32_t len;
 	cas_local_pack_ref_decode(val->mv_data, &id, &off, &len);
-	struct gc_pack *p = cas_gc_pack_find(w->packs, id);
-	/* A pack gc did not list is newer than the sweep. */
-	bool young = !p || p->mtime > w->cutoff;
-	if (!marked(w->k, &d) && !young) {
-		w->st->small_blobs++;
-		w->st->small_blob_bytes += len;
-		return w->o->dry_run
-			       ? 0
-			       : cas_local_mdb_errno(mdb_cursor_del(cur, 0));
+	return marked(w->k, &d) ? 0 : candidate_add(&w->entries, &d, id, len);
+}
+
+static int find_blob(void *userdata, int fan_fd, const char *name)
+{
+	(void)fan_fd;
+	struct sweep *w = userdata;
+	cas_digest d;
+	if (cas_digest_from_hex(name, &d) < 0 || marked(w->k, &d))
+		return 0;
+	return candidate_add(&w->files, &d, 0, 0);
+}
+
+static int find_fan(void *userdata, int blobs_fd, const char *name)
+{
+	int fd = openat(blobs_fd, name,
+			O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0)
+		return 0;
+	int r = cas_gc_each_entry(fd, find_blob, userdata);
+	close(fd);
+	return r;
+}
+
+/* The unlocked pass: the candidates, in the mark's transaction. */
+static int find_candidates(struct sweep *w)
+{
+	struct cas_local *ls = w->k->ls;
+	int r = cas_local_each_record(w->k->txn, ls->dbi_directories,
+				      find_directory, w);
+	if (r == 0 && ls->has_blobs_db)
+		r = cas_local_each_record(w->k->txn, ls->dbi_blobs, find_entry,
+					  w);
+	if (r == 0)
+		r = cas_gc_each_entry(ls->blobs_fd, find_fan, w);
+	return r;
+}
+
+/* In the deleting transaction: the candidates still unreached go. */
+static int sweep_directories(struct sweep *w, MDB_txn *txn)
+{
+	struct cas_local *ls = w->k->ls;
+	for (size_t i = 0; i < w->dirs.n; i++) {
+		struct candidate *c = &w->dirs.v[i];
+		if (marked(w->k, &c->digest))
+			continue;
+		MDB_val key = {CAS_DIGEST_LEN, c->digest.bytes};
+		if (!w->o->dry_run) {
+			int rc = mdb_del(txn, ls->dbi_directories, &key, NULL);
+			if (rc == MDB_NOTFOUND)
+				continue;
+			if (rc != MDB_SUCCESS)
+				return cas_local_mdb_errno(rc);
+			if (ls->has_times_db)
+				(void)mdb_del(txn, ls->dbi_times, &key, NULL);
+		}
+		w->st->directories++;
+		w->st->directory_bytes += c->len;
 	}
-	if (!marked(w->k, &d))
-		w->st->kept_young++;
+	return 0;
+}
+
+/* Pack index entries unreached and written before the cutoff go (a
+ * pack gc did not list is newer than the sweep). */
+static int sweep_index(struct sweep *w, MDB_txn *txn)
+{
+	struct cas_local *ls = w->k->ls;
+	for (size_t i = 0; i < w->entries.n; i++) {
+		struct candidate *c = &w->entries.v[i];
+		if (marked(w->k, &c->digest))
+			continue;
+		struct gc_pack *p = cas_gc_pack_find(w->packs, c->id);
+		if (!p || p->mtime > w->cutoff) {
+			w->st->kept_young++;
+			continue;
+		}
+		MDB_val key = {CAS_DIGEST_LEN, c->digest.bytes};
+		if (!w->o->dry_run) {
+			int rc = mdb_del(txn, ls->dbi_blobs, &key, NULL);
+			if (rc == MDB_NOTFOUND)
+				continue;
+			if (rc != MDB_SUCCESS)
+				return cas_local_mdb_errno(rc);
+		}
+		w->st->small_blobs++;
+		w->st->small_blob_bytes += c->len;
+	}
+	return 0;
+}
+
+/* Blob files: after the commit (no Directory left names one that goes),
+ * still under gc.lock (no writer finds one present meanwhile). */
+static void sweep_files(struct sweep *w)
+{
+	struct cas_local *ls = w->k->ls;
+	for (size_t i = 0; i < w->files.n; i++) {
+		struct candidate *c = &w->files.v[i];
+		if (marked(w->k, &c->digest))
+			continue;
+		char rel[CAS_BLOB_REL_LEN];
+		struct stat st;
+		cas_local_blob_rel(&c->digest, rel);
+		if (fstatat(ls->blobs_fd, rel, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
+		    !S_ISREG(st.st_mode))
+			continue; /* gone meanwhile, or not a blob */
+		if (st.st_mtime > w->cutoff) {
+			w->st->kept_young++;
+			continue;
+		}
+		if (!w->o->dry_run && unlinkat(ls->blobs_fd, rel, 0) < 0)
+			continue;
+		w->st->blob_files++;
+		w->st->blob_file_bytes += (uint64_t)st.st_size;
+	}
+}
+
+/* What each pack still holds, after the sweep (gc_pack.c decides). */
+static int count_live(void *userdata, MDB_cursor *cur, const MDB_val *key,
+		      const MDB_val *val)
+{
+	(void)cur;
+	(void)key;
+	struct sweep *w = userdata;
+	if (val->mv_size != CAS_PACK_REF_LEN)
+		return 0;
+	uint64_t id, off;
+	uint32_t len;
+	cas_local_pack_ref_decode(val->mv_data, &id, &off, &len);
+	struct gc_pack *p = cas_gc_pack_find(w->packs, id);
+	if (w->o->dry_run && p) {
+		/* Nothing was deleted: leave out what would have been. */
+		cas_digest d;
+		if (key->mv_size != CAS_DIGEST_LEN)
+			return 0;
+		memcpy(d.bytes, key->mv_data, CAS_DIGEST_LEN);
+		if (!marked(w->k, &d) && p->mtime <= w->cutoff)
+			return 0;
+	}
 	if (p) {
 		p->live_n++;
 		p->live_bytes += len;
@@ -299,42 +435,17 @@ static int sweep_entry(void *userdata, MDB_cursor *cur, const MDB_val *key,
 	return 0;
 }
 
-static int sweep_index(struct sweep *w, MDB_txn *txn)
+static int count_packs(struct sweep *w)
 {
-	if (!w->k->ls->has_blobs_db)
+	struct cas_local *ls = w->k->ls;
+	if (!ls->has_blobs_db || w->packs->n == 0)
 		return 0;
-	return cas_local_each_record(txn, w->k->ls->dbi_blobs, sweep_entry, w);
-}
-
-static int sweep_blob(void *userdata, int fan_fd, const char *name)
-{
-	struct sweep *w = userdata;
-	cas_digest d;
-	struct stat st;
-	if (cas_digest_from_hex(name, &d) < 0 || marked(w->k, &d))
-		return 0;
-	if (fstatat(fan_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0 ||
-	    !S_ISREG(st.st_mode))
-		return 0; /* gone meanwhile, or not a blob: verify names it */
-	if (st.st_mtime > w->cutoff) {
-		w->st->kept_young++;
-		return 0;
-	}
-	if (!w->o->dry_run && unlinkat(fan_fd, name, 0) < 0)
-		return 0;
-	w->st->blob_files++;
-	w->st->blob_file_bytes += (uint64_t)st.st_size;
-	return 0;
-}
-
-static int sweep_fan(void *userdata, int blobs_fd, const char *name)
-{
-	int fd = openat(blobs_fd, name,
-			O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-	if (fd < 0)
-		return 0;
-	int r = cas_gc_each_entry(fd, sweep_blob, userdata);
-	close(fd);
+	MDB_txn *txn;
+	int r = cas_local_rtxn_get(ls, &txn);
+	if (r < 0)
+		return r;
+	r = cas_local_each_record(txn, ls->dbi_blobs, count_live, w);
+	cas_local_rtxn_put(ls, txn);
 	return r;
 }
 
@@ -396,8 +507,7 @@ static int sweep_locked(struct sweep *w)
 		r = cas_local_mdb_errno(mdb_txn_commit(txn));
 	if (r < 0)
 		return r;
-	if ((r = cas_gc_each_entry(ls->blobs_fd, sweep_fan, w)) < 0)
-		return r;
+	sweep_files(w);
 	if (w->o->dry_run) {
 		r = w->tmp_fd >= 0 ? cas_gc_each_entry(w->tmp_fd, count_tmp, w)
 				   : 0;
@@ -434,13 +544,15 @@ int cas_local_gc(cas_store *s, const struct cas_gc_options *o,
 	/* The open of this store removed the first leftovers already. */
 	struct cas_gc_stats st = {.tmp_files = ls->open_tmp_files,
 				  .tmp_bytes = ls->open_tmp_bytes};
-	struct sweep w = {&k,
-			  &packs,
-			  o,
-			  &st,
-			  (int64_t)time(NULL) - (int64_t)o->grace_s,
-			  ls->tmp_fd,
-			  ls->live_dir_fd};
+	struct sweep w = {
+		.k = &k,
+		.packs = &packs,
+		.o = o,
+		.st = &st,
+		.cutoff = (int64_t)time(NULL) - (int64_t)o->grace_s,
+		.tmp_fd = ls->tmp_fd,
+		.live_dir_fd = ls->live_dir_fd,
+	};
 	/* A dry run changes nothing, so it may run on a read-only open. */
 	_cleanup_close_ int own_tmp = -1, own_live = -1, run_fd = -1;
 	if (w.tmp_fd < 0) {
@@ -462,10 +574,12 @@ int cas_local_gc(cas_store *s, const struct cas_gc_options *o,
 			return cas_log_errno(r, "gc %s: gc.run: %m", ls->dir);
 	}
 
-	/* 1. Mark, beside the writers. */
+	/* 1. Mark, and find what no root reaches, beside the writers. */
 	if ((r = cas_local_rtxn_get(ls, &k.txn)) < 0)
 		goto out;
 	r = mark_roots(&k);
+	if (r == 0)
+		r = find_candidates(&w);
 	cas_local_rtxn_put(ls, k.txn);
 	k.txn = NULL;
 	if (r < 0)
@@ -490,8 +604,12 @@ int cas_local_gc(cas_store *s, const struct cas_gc_options *o,
 		goto out;
 
 	/* 3. Packs, beside the writers again. */
-	r = cas_gc_packs_collect(ls, &packs, o->dry_run, &st);
+	if ((r = count_packs(&w)) == 0)
+		r = cas_gc_packs_collect(ls, &packs, o->dry_run, &st);
 out:
+	free(w.dirs.v);
+	free(w.entries.v);
+	free(w.files.v);
 	st.reachable = k.marked.n;
 	cas_dmap_release(&k.marked, NULL);
 	free(k.stack);
