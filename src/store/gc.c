@@ -365,11 +365,22 @@ static int sweep_index(struct sweep *w, MDB_txn *txn)
 			w->st->kept_young++;
 			continue;
 		}
-		MDB_val key = {CAS_DIGEST_LEN, c->digest.bytes};
+		MDB_val key = {CAS_DIGEST_LEN, c->digest.bytes}, val;
 		if (!w->o->dry_run) {
-			int rc = mdb_del(txn, ls->dbi_blobs, &key, NULL);
-			if (rc == MDB_NOTFOUND)
+			/* Only as found: eviction may have dropped it and a
+			 * writer indexed it again, elsewhere, since. */
+			uint64_t id, off;
+			uint32_t len;
+			int rc = mdb_get(txn, ls->dbi_blobs, &key, &val);
+			if (rc == MDB_NOTFOUND ||
+			    val.mv_size != CAS_PACK_REF_LEN)
 				continue;
+			if (rc != MDB_SUCCESS)
+				return cas_local_mdb_errno(rc);
+			cas_local_pack_ref_decode(val.mv_data, &id, &off, &len);
+			if (id != c->id)
+				continue;
+			rc = mdb_del(txn, ls->dbi_blobs, &key, NULL);
 			if (rc != MDB_SUCCESS)
 				return cas_local_mdb_errno(rc);
 		}
