@@ -1,4 +1,4 @@
-/* castore blob put [FILE|-] | cat DIGEST | stat DIGEST */
+/* castore blob put [FILE|-] | cat DIGEST | stat DIGEST | outboard DIGEST */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -14,6 +14,9 @@ static const char blob_help[] =
 	"Usage: castore blob put [FILE|-]   store a blob, print its digest\n"
 	"       castore blob cat DIGEST     write a blob to stdout\n"
 	"       castore blob stat DIGEST    print a blob's size in bytes\n"
+	"       castore blob outboard DIGEST  write the blob's BLAKE3 "
+	"outboard\n"
+	"                                   (docs/remote.md) to stdout\n"
 	"\n"
 	"DIGEST is 64 hex characters (BLAKE3-256, as b3sum prints it).\n";
 
@@ -122,10 +125,42 @@ static int blob_stat(struct cas_cli *cli, int argc, char **argv)
 	return CAS_EXIT_OK;
 }
 
+static int blob_outboard(struct cas_cli *cli, int argc, char **argv)
+{
+	_cleanup_(cas_store_freep) cas_store *s = NULL;
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	cas_digest d;
+
+	int r = blob_digest_arg("blob outboard", argc, argv, &d);
+	if (r)
+		return r < 0 ? CAS_EXIT_OK : r;
+	if (cas_cli_open_store(cli, false, &s) < 0)
+		return CAS_EXIT_FAILURE;
+	cas_digest_to_hex(&d, hex);
+	unsigned long mark = cas_log_error_count();
+	_cleanup_close_ int fd = -1;
+	uint64_t len;
+	r = s->ops->blob_outboard_open
+		    ? s->ops->blob_outboard_open(s, &d, &fd, &len)
+		    : -ENOTSUP;
+	if (r == -ENOENT)
+		return cas_cli_store_fail(mark, "blob outboard",
+					  "blob %s: not in the store", hex);
+	if (r < 0)
+		return cas_cli_store_fail(mark, "blob outboard", "blob %s: %s",
+					  hex, strerror(-r));
+	r = cas_copy_fd(fd, STDOUT_FILENO, len);
+	if (r < 0)
+		return cas_cli_fail("blob outboard", "blob %s: write: %s", hex,
+				    strerror(-r));
+	return CAS_EXIT_OK;
+}
+
 int cmd_blob(struct cas_cli *cli, int argc, char **argv)
 {
 	if (argc < 2)
-		return cas_cli_usage("blob", "put, cat or stat expected");
+		return cas_cli_usage("blob",
+				     "put, cat, stat or outboard expected");
 	const char *sub = argv[1];
 	if (!strcmp(sub, "--help") || !strcmp(sub, "-h")) {
 		fputs(blob_help, stdout);
@@ -138,6 +173,8 @@ int cmd_blob(struct cas_cli *cli, int argc, char **argv)
 		return blob_cat(cli, argc - 1, argv + 1);
 	if (!strcmp(sub, "stat"))
 		return blob_stat(cli, argc - 1, argv + 1);
-	return cas_cli_usage("blob", "%s: unknown sub-verb (put, cat, stat)",
-			     sub);
+	if (!strcmp(sub, "outboard"))
+		return blob_outboard(cli, argc - 1, argv + 1);
+	return cas_cli_usage(
+		"blob", "%s: unknown sub-verb (put, cat, stat, outboard)", sub);
 }

@@ -54,6 +54,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/bao.h"
 #include "core/dmap.h"
 #include "core/log.h"
 #include "store/import_exclude_i.h"
@@ -303,18 +304,23 @@ static void want_flush_locked(struct importer *imp)
 	}
 }
 
+/* A staged blob (and its staged outboard, or NULL) for the next group. */
 static int stage_add(struct importer *imp, const char *name,
-		     const cas_digest *d, uint64_t size)
+		     const char *outboard, const cas_digest *d, uint64_t size)
 {
 	pthread_mutex_lock(&imp->stage_lock);
 	if (cas_array_grow(&imp->staged, &imp->cap_staged, imp->n_staged + 1,
 			   sizeof(*imp->staged), 1024) < 0) {
 		pthread_mutex_unlock(&imp->stage_lock);
 		cas_ingest_stage_discard(imp->in, name);
+		if (outboard)
+			cas_ingest_stage_discard(imp->in, outboard);
 		return -ENOMEM;
 	}
 	struct cas_ingest_file *st = &imp->staged[imp->n_staged++];
 	snprintf(st->name, sizeof(st->name), "%s", name);
+	snprintf(st->outboard, sizeof(st->outboard), "%s",
+		 outboard ? outboard : "");
 	st->digest = *d;
 	st->size = size;
 	imp->staged_bytes += size;
@@ -476,7 +482,7 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 					 0 &&
 				 (r = cas_ingest_stage_buffer(
 					  imp->in, buf, total, staged)) == 0)
-				r = stage_add(imp, staged, &d, total);
+				r = stage_add(imp, staged, NULL, &d, total);
 			if (r < 0)
 				return path_error(imp, dir, name, r, NULL);
 			goto done;
@@ -484,28 +490,42 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 		total = 0; /* it grew: take the large-file path */
 	}
 
-	cas_hasher h;
-	cas_hasher_init(&h);
-	for (;;) {
+	/* One pass gives the digest and, for a blob over the threshold,
+	 * its outboard (core/bao.h), kept beside the blob. */
+	struct cas_ingest_outboard ob;
+	cas_ingest_outboard_init(imp->in, &ob);
+	bool want_ob = cas_bao_wants_outboard((uint64_t)st->st_size);
+	cas_bao_encoder *enc = NULL;
+	r = cas_bao_encoder_new(want_ob ? cas_ingest_outboard_emit : NULL, &ob,
+				&enc);
+	for (; r == 0;) {
 		ssize_t n = pread(fd, buf, SMALL_FILE, (off_t)total);
-		if (n < 0) {
-			if (errno == EINTR)
-				continue;
-			return path_error(imp, dir, name, cas_negerrno(), NULL);
-		}
-		if (n == 0)
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			r = cas_negerrno();
+		else if (n == 0)
 			break;
-		cas_hasher_update(&h, buf, (size_t)n);
-		total += (uint64_t)n;
+		else if ((r = cas_bao_encoder_update(enc, buf, (size_t)n)) == 0)
+			total += (uint64_t)n;
 	}
-	cas_hasher_final(&h, &d);
-	if (total != (uint64_t)st->st_size)
-		return path_error(imp, dir, name, -EBADMSG,
-				  "file changed while it was imported");
-	r = cas_ingest_has(imp->in, &d, false);
+	if (r == 0)
+		r = cas_bao_encoder_final(enc, &d);
+	cas_bao_encoder_free(enc);
+	if (r == 0 && total != (uint64_t)st->st_size)
+		r = -EBADMSG;
+	if (r == 0)
+		r = cas_ingest_has(imp->in, &d, false);
+	char ob_name[CAS_INGEST_NAME_LEN] = "";
+	if (r == 0 && want_ob)
+		r = cas_ingest_outboard_stage(&ob, false, ob_name);
+	cas_ingest_outboard_release(&ob);
 	if (r == 0 && (r = cas_ingest_stage_fd(imp->in, fd, total, st, buf,
 					       SMALL_FILE, staged)) == 0)
-		r = stage_add(imp, staged, &d, total);
+		r = stage_add(imp, staged, ob_name[0] ? ob_name : NULL, &d,
+			      total);
+	else if (ob_name[0])
+		cas_ingest_stage_discard(imp->in, ob_name);
 	if (r == -EBADMSG)
 		return path_error(imp, dir, name, r,
 				  "file changed while it was imported");

@@ -22,6 +22,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "core/bao.h"
 #include "core/log.h"
 
 enum {
@@ -305,6 +306,18 @@ static int stage_open(struct cas_local *ls, struct tmpfile *t, bool direct)
 	return tmp_open_named(ls, t);
 }
 
+int cas_local_stage_open_named(struct cas_local *ls, int *ret_fd,
+			       char ret_name[CAS_INGEST_NAME_LEN])
+{
+	struct tmpfile t;
+	int r = stage_open(ls, &t, false);
+	if (r < 0)
+		return r;
+	snprintf(ret_name, CAS_INGEST_NAME_LEN, "%s", t.name);
+	*ret_fd = t.fd;
+	return 0;
+}
+
 static int stage_finish(struct cas_local *ls, struct tmpfile *t, int r,
 			char ret_name[CAS_INGEST_NAME_LEN])
 {
@@ -460,7 +473,9 @@ struct local_writer {
 	cas_blob_writer base;
 	struct cas_local *ls;
 	struct tmpfile tmp; /* fd -1 while the bytes fit in small[] */
-	cas_hasher hasher;
+	/* One pass: the digest and the outboard (kept for a large blob). */
+	cas_bao_encoder *enc;
+	struct cas_ingest_outboard outboard;
 	uint64_t size;
 	uint8_t small[WRITER_SMALL];
 };
@@ -484,7 +499,8 @@ static int writer_write(cas_blob_writer *w, const void *buf, size_t len)
 		if ((r = cas_write_all(lw->tmp.fd, buf, len)) < 0)
 			goto fail;
 	}
-	cas_hasher_update(&lw->hasher, buf, len);
+	if ((r = cas_bao_encoder_update(lw->enc, buf, len)) < 0)
+		return r;
 	lw->size += len;
 	return 0;
 fail:
@@ -497,6 +513,8 @@ static void writer_abort(cas_blob_writer *w)
 	if (!lw)
 		return;
 	tmp_discard(lw->ls, &lw->tmp);
+	cas_bao_encoder_free(lw->enc);
+	cas_ingest_outboard_release(&lw->outboard);
 	free(lw);
 }
 
@@ -505,7 +523,11 @@ static int writer_commit(cas_blob_writer *w, const cas_digest *expected,
 {
 	struct local_writer *lw = (struct local_writer *)w;
 	cas_digest d;
-	cas_hasher_final(&lw->hasher, &d);
+	int r = cas_bao_encoder_final(lw->enc, &d);
+	if (r < 0) {
+		writer_abort(w);
+		return r;
+	}
 	if (expected && !cas_digest_eq(expected, &d)) {
 		char want[CAS_DIGEST_HEX_LEN + 1], got[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(expected, want);
@@ -514,12 +536,16 @@ static int writer_commit(cas_blob_writer *w, const cas_digest *expected,
 		return cas_log_errno(-EBADMSG, "blob %s: content hashes to %s",
 				     want, got);
 	}
-	int r;
 	uint64_t size = lw->size;
 	if (lw->tmp.fd < 0) {
 		r = cas_local_blob_publish_buffer(&lw->ls->base, lw->small,
 						  (size_t)size, &d);
 	} else if ((r = tmp_datasync(lw->ls, &lw->tmp)) == 0) {
+		/* Its outboard named first (durable, like the blob). */
+		char ob[CAS_INGEST_NAME_LEN];
+		if (cas_bao_wants_outboard(size) &&
+		    cas_ingest_outboard_stage(&lw->outboard, true, ob) == 0)
+			(void)cas_local_outboard_unstage(lw->ls, ob, &d);
 		r = tmp_publish(lw->ls, &lw->tmp, &d);
 	}
 	writer_abort(w);
@@ -549,7 +575,13 @@ int cas_local_blob_writer_new(cas_store *s, cas_blob_writer **ret)
 	lw->base.ops = &writer_ops;
 	lw->ls = ls;
 	lw->tmp.fd = -1;
-	cas_hasher_init(&lw->hasher);
+	cas_local_outboard_init(ls, &lw->outboard);
+	int r = cas_bao_encoder_new(cas_ingest_outboard_emit, &lw->outboard,
+				    &lw->enc);
+	if (r < 0) {
+		free(lw);
+		return r;
+	}
 	*ret = &lw->base;
 	return 0;
 }
@@ -674,8 +706,17 @@ void cas_ingest_stage_discard(struct cas_ingest *in, const char *name)
 
 void cas_ingest_discard(struct cas_ingest *in, const struct cas_ingest_group *g)
 {
-	for (size_t i = 0; i < g->n_files; i++)
+	for (size_t i = 0; i < g->n_files; i++) {
 		cas_ingest_stage_discard(in, g->files[i].name);
+		if (g->files[i].outboard[0])
+			cas_ingest_stage_discard(in, g->files[i].outboard);
+	}
+}
+
+void cas_ingest_outboard_init(struct cas_ingest *in,
+			      struct cas_ingest_outboard *o)
+{
+	cas_local_outboard_init(in->ls, o);
 }
 
 /* The small blobs to the pack, padded to a whole block (O_DIRECT). */
@@ -738,6 +779,14 @@ int cas_ingest_commit(struct cas_ingest *in, const struct cas_ingest_group *g,
 		/* Every byte of the group was written before this. */
 		res.sync_r = cas_local_sync(&in->ls->base);
 		for (size_t i = 0; res.sync_r == 0 && i < g->n_files; i++) {
+			/* The outboard first: a named blob may lack its
+			 * outboard (computed when asked), never the other
+			 * way round for long. Its failure is not the
+			 * blob's. */
+			if (g->files[i].outboard[0])
+				(void)cas_local_outboard_unstage(
+					in->ls, g->files[i].outboard,
+					&g->files[i].digest);
 			int u = unstage(in->ls, g->files[i].name,
 					&g->files[i].digest);
 			if (u > 0)

@@ -51,11 +51,36 @@
  * whole tree cost more CPU than hashing it. */
 #define CAS_INGEST_DIRECT_MIN (64u << 10)
 
-/* A staged blob, waiting for its group's commit. */
+/* A staged blob, waiting for its group's commit; outboard is the staged
+ * file of its outboard (cas_ingest_outboard_stage), or empty. The
+ * commit names the outboard before the blob (docs/design.md, "Store
+ * layout"). */
 struct cas_ingest_file {
 	char name[CAS_INGEST_NAME_LEN];
+	char outboard[CAS_INGEST_NAME_LEN];
 	cas_digest digest;
 	uint64_t size;
+};
+
+/* A blob's outboard (core/bao.h) gathered while the writer hashes it in
+ * one pass: give cas_ingest_outboard_emit and the sink to
+ * cas_bao_encoder_new. The first CAS_INGEST_OUTBOARD_MEM bytes stay in
+ * memory (a blob of up to 256 MiB), the rest spills to a staged file,
+ * so a writer of a 100 GiB file never holds its 400 MiB outboard.
+ * stage gives the staged file's name (for cas_ingest_file.outboard),
+ * with sync its bytes made durable first (a writer that names one blob
+ * at a time); release frees the sink and removes a staged file it did
+ * not give away. One sink per blob, one thread at a time. */
+#define CAS_INGEST_OUTBOARD_MEM (1u << 20)
+struct cas_local;
+struct cas_ingest_outboard {
+	struct cas_local *ls;
+	uint8_t *buf; /* up to CAS_INGEST_OUTBOARD_MEM bytes, grown */
+	size_t len, cap;
+	int fd; /* the spill file, -1 until needed */
+	uint64_t spilled;
+	int error;
+	char name[CAS_INGEST_NAME_LEN];
 };
 
 /* A group to commit: staged files, and small blobs for the pack (bytes
@@ -125,6 +150,13 @@ int cas_ingest_stage_create(struct cas_ingest *in, int *ret_fd,
 int cas_ingest_stage_open(struct cas_ingest *in, const char *name, int *ret_fd);
 /* Removes a staged file (fds open on it keep its bytes). */
 void cas_ingest_stage_discard(struct cas_ingest *in, const char *name);
+
+void cas_ingest_outboard_init(struct cas_ingest *in,
+			      struct cas_ingest_outboard *o);
+int cas_ingest_outboard_emit(void *o, const uint8_t *bytes, size_t len);
+int cas_ingest_outboard_stage(struct cas_ingest_outboard *o, bool sync,
+			      char ret_name[CAS_INGEST_NAME_LEN]);
+void cas_ingest_outboard_release(struct cas_ingest_outboard *o);
 
 /* Commits a group (see the top). Returns 0 when every step succeeded,
  * else the first failure; *ret (may be NULL) says which. When the sync

@@ -189,6 +189,8 @@ static void local_free(cas_store *s)
 		close(ls->tmp_fd);
 	if (ls->packs_fd >= 0)
 		close(ls->packs_fd);
+	if (ls->outboards_fd >= 0)
+		close(ls->outboards_fd);
 	for (size_t i = 0; i < ls->n_pack_fds; i++)
 		close(ls->pack_fds[i].fd);
 	pthread_mutex_destroy(&ls->pack_lock);
@@ -207,6 +209,7 @@ static const struct cas_store_ops local_ops = {
 	.blob_read = cas_local_blob_read,
 	.blob_locate = cas_local_blob_locate,
 	.blob_writer_new = cas_local_blob_writer_new,
+	.blob_outboard_open = cas_local_blob_outboard_open,
 	.directory_get_raw = cas_local_directory_get_raw,
 	.directory_has = cas_local_directory_has,
 	.dir_batch_new = cas_local_dir_batch_new,
@@ -337,6 +340,7 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 	ls->base.ops = &local_ops;
 	ls->dir_fd = ls->blobs_fd = ls->tmp_fd = ls->packs_fd = -1;
 	ls->gc_lock_fd = ls->gc_turn_fd = ls->live_fd = ls->live_dir_fd = -1;
+	ls->outboards_fd = -1;
 	pthread_mutex_init(&ls->pack_lock, NULL);
 	pthread_mutex_init(&ls->gc_mu, NULL);
 	pthread_cond_init(&ls->gc_cond, NULL);
@@ -371,6 +375,13 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 		return r;
 	if (ls->readonly)
 		ls->nolock = !lock_file_writable(ls);
+	/* Read-only, a store written before outboards has none (quietly). */
+	if (ls->readonly)
+		ls->outboards_fd = openat(ls->dir_fd, "outboards",
+					  O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	else if ((r = open_subdir(ls, "outboards", true, &ls->outboards_fd)) <
+		 0)
+		return r;
 	/* LMDB creates data.mdb empty, then writes its meta pages: another
 	 * opener between the two would take the store for one whose
 	 * creation was cut short (lmdb_check.c) and start it afresh. The

@@ -34,7 +34,8 @@ struct cas_local {
 	int dir_fd;
 	int blobs_fd;
 	int tmp_fd;
-	int packs_fd; /* -1: read-only store without packs */
+	int packs_fd;	  /* -1: read-only store without packs */
+	int outboards_fd; /* -1: read-only store without outboards */
 	bool readonly;
 	/* Read-only without write access to lock.mdb: LMDB runs without
 	 * its reader table (MDB_NOLOCK), so writers do not see our
@@ -149,6 +150,27 @@ int cas_local_packed_get(struct cas_local *ls, const cas_digest *d,
  * the buffer allows, the tail through the page cache (ingest.c). */
 int cas_local_stage_write(struct cas_local *ls, int fd, bool *direct,
 			  const uint8_t *buf, size_t len, uint64_t off);
+
+/* A named file in tmp/ for staging (buffered writes), ingest.c. */
+int cas_local_stage_open_named(struct cas_local *ls, int *ret_fd,
+			       char ret_name[CAS_INGEST_NAME_LEN]);
+
+/* Outboards (outboard.c): DIR/outboards/ab/<hex>, one file per blob over
+ * CAS_BAO_THRESHOLD, cas_bao_outboard_size(size) bytes, mode 0444.
+ * unstage renames a staged outboard to its name (never replacing: 1
+ * named, 0 it was there); publish_buffer writes, syncs and names one
+ * (bytes the caller vouches for: it computed or verified them). */
+int cas_local_outboard_unstage(struct cas_local *ls, const char *name,
+			       const cas_digest *d);
+int cas_local_outboard_publish_buffer(struct cas_local *ls, const cas_digest *d,
+				      const uint8_t *buf, size_t len);
+/* The outboard file of d: 0 with an fd and its length, -ENOENT. */
+int cas_local_outboard_file_open(struct cas_local *ls, const cas_digest *d,
+				 int *ret_fd, uint64_t *ret_len);
+void cas_local_outboard_init(struct cas_local *ls,
+			     struct cas_ingest_outboard *o);
+int cas_local_blob_outboard_open(cas_store *s, const cas_digest *d, int *ret_fd,
+				 uint64_t *ret_len);
 
 /* 1 if the blob's file exists, 0 if not (small blobs in LMDB are not
  * looked at: import puts those without asking, see below). */

@@ -43,8 +43,9 @@ int cas_store_directory_put(cas_store *s, const void *buf, size_t len,
 	return b->ops->commit(b, NULL, NULL);
 }
 
-int cas_store_blob_read_fd(const cas_digest *d, int fd, uint64_t size,
-			   size_t max, uint8_t **ret_buf, uint64_t *ret_size)
+/* The first size bytes of fd, malloc'd; what names them in a message. */
+static int read_whole(const cas_digest *d, const char *what, int fd,
+		      uint64_t size, size_t max, uint8_t **ret_buf)
 {
 	if (size > max)
 		return -EFBIG;
@@ -56,12 +57,20 @@ int cas_store_blob_read_fd(const cas_digest *d, int fd, uint64_t size,
 		free(buf);
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(d, hex);
-		return cas_log_errno(r == -EBADMSG ? -EIO : r,
-				     "read blob %s: %m", hex);
+		return cas_log_errno(r == -EBADMSG ? -EIO : r, "read %s %s: %m",
+				     what, hex);
 	}
 	*ret_buf = buf;
-	*ret_size = size;
 	return 0;
+}
+
+int cas_store_blob_read_fd(const cas_digest *d, int fd, uint64_t size,
+			   size_t max, uint8_t **ret_buf, uint64_t *ret_size)
+{
+	int r = read_whole(d, "blob", fd, size, max, ret_buf);
+	if (r == 0)
+		*ret_size = size;
+	return r;
 }
 
 int cas_store_blob_read(cas_store *s, const cas_digest *d, size_t max,
@@ -75,6 +84,26 @@ int cas_store_blob_read(cas_store *s, const cas_digest *d, size_t max,
 	if (r < 0)
 		return r;
 	return cas_store_blob_read_fd(d, fd, size, max, ret_buf, ret_size);
+}
+
+int cas_store_blob_outboard_read(cas_store *s, const cas_digest *d, size_t max,
+				 uint8_t **ret_buf, size_t *ret_len)
+{
+	if (!s->ops->blob_outboard_open)
+		return -ENOTSUP;
+	_cleanup_close_ int fd = -1;
+	uint64_t len;
+	int r = s->ops->blob_outboard_open(s, d, &fd, &len);
+	if (r < 0)
+		return r;
+	*ret_buf = NULL;
+	*ret_len = 0;
+	if (len == 0)
+		return 0;
+	r = read_whole(d, "outboard of blob", fd, len, max, ret_buf);
+	if (r == 0)
+		*ret_len = (size_t)len;
+	return r;
 }
 
 int cas_store_blob_put_fd(cas_store *s, int fd, cas_digest *ret_digest,

@@ -55,6 +55,18 @@ struct cas_store_ops {
 	int (*blob_locate)(cas_store *s, const cas_digest *d, int *ret_fd,
 			   uint64_t *ret_off, uint64_t *ret_size);
 	int (*blob_writer_new)(cas_store *s, cas_blob_writer **ret);
+	/* The blob's BLAKE3 outboard (core/bao.h: the tree's parent nodes
+	 * above 16 KiB groups, post-order; cas_bao_outboard_size(size)
+	 * bytes, none for a blob of one group), as an O_RDONLY fd to read
+	 * with pread (the caller's to close) of *ret_len bytes. The store
+	 * keeps it beside every blob over CAS_BAO_THRESHOLD and computes it
+	 * for smaller ones (or for a large blob written before outboards
+	 * were kept, storing it then). -ENOENT when the blob is absent.
+	 * What it gives agrees with the blob's digest as far as the store
+	 * knows; a peer that receives it still verifies it
+	 * (cas_bao_outboard_verify). May be NULL. */
+	int (*blob_outboard_open)(cas_store *s, const cas_digest *d,
+				  int *ret_fd, uint64_t *ret_len);
 
 	/* Directories ----------------------------------------------------- */
 	/* The canonical bytes of a Directory (malloc'd; NULL/0 for the empty
@@ -138,6 +150,11 @@ int cas_store_blob_read(cas_store *s, const cas_digest *d, size_t max,
  * backends that build blob_read on their own fds). */
 int cas_store_blob_read_fd(const cas_digest *d, int fd, uint64_t size,
 			   size_t max, uint8_t **ret_buf, uint64_t *ret_size);
+/* blob_outboard_open and a read of the whole outboard (malloc'd; NULL/0
+ * when empty): -EFBIG when it has more than max bytes, -ENOTSUP when the
+ * store keeps none. */
+int cas_store_blob_outboard_read(cas_store *s, const cas_digest *d, size_t max,
+				 uint8_t **ret_buf, size_t *ret_len);
 /* Reads a whole fd (or the rest of a stream) into a new blob. */
 int cas_store_blob_put_fd(cas_store *s, int fd, cas_digest *ret_digest,
 			  uint64_t *ret_size);

@@ -11,6 +11,9 @@
  *   file root's blob are present. Roots may be registered for absent
  *   content (`roots add`), but a store that cannot serve one of its roots
  *   is not whole, so verify reports it.
+ * - every outboard beside a large blob (outboard.c) is the blob's tree,
+ *   byte for byte, computed in the pass that hashes the blob; a large blob
+ *   without one is not a problem (it is computed when first asked for);
  * Leftovers in tmp/ are not objects and are ignored.
  */
 #include <dirent.h>
@@ -21,6 +24,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "core/bao.h"
 #include "core/log.h"
 #include "store/local_i.h"
 
@@ -44,6 +48,39 @@ static void _printf_(2, 3) problem(struct verifier *v, const char *fmt, ...)
 	v->problems++;
 	if (v->cb)
 		v->cb(v->userdata, line);
+}
+
+/* Compares the nodes the encoder emits with the outboard file. */
+struct outboard_check {
+	int fd;
+	uint64_t len; /* of the file */
+	uint64_t off; /* nodes emitted so far */
+	bool bad;
+	uint64_t bad_off; /* of the first node that differs */
+	uint8_t buf[64 * CAS_BAO_NODE_SIZE];
+};
+
+static int outboard_compare(void *ctx, const uint8_t *bytes, size_t len)
+{
+	struct outboard_check *oc = ctx;
+	while (len > 0) {
+		size_t n = CAS_MIN(len, sizeof(oc->buf));
+		if (!oc->bad &&
+		    (oc->off + n > oc->len ||
+		     cas_pread_all(oc->fd, oc->buf, n, oc->off) < 0 ||
+		     memcmp(oc->buf, bytes, n) != 0)) {
+			size_t i = 0;
+			while (oc->off + i < oc->len && i < n &&
+			       oc->buf[i] == bytes[i])
+				i++;
+			oc->bad = true;
+			oc->bad_off = oc->off + i;
+		}
+		oc->off += n;
+		bytes += n;
+		len -= n;
+	}
+	return 0;
 }
 
 static int verify_blob(struct verifier *v, int fan_fd, const char *fan,
@@ -71,8 +108,20 @@ static int verify_blob(struct verifier *v, int fan_fd, const char *fan,
 		problem(v, "blob %s: not a regular file", hex);
 		return 0;
 	}
-	cas_hasher h;
-	cas_hasher_init(&h);
+	/* A large blob's outboard is checked in the same pass: the tree's
+	 * nodes as the bytes give them, against the file beside it. */
+	struct outboard_check oc = {.fd = -1};
+	if (cas_bao_wants_outboard((uint64_t)st.st_size) &&
+	    cas_local_outboard_file_open(v->ls, &want, &oc.fd, &oc.len) < 0)
+		oc.fd = -1; /* none yet: computed when first asked for */
+	cas_bao_encoder *enc = NULL;
+	int r = cas_bao_encoder_new(oc.fd >= 0 ? outboard_compare : NULL, &oc,
+				    &enc);
+	if (r < 0) {
+		if (oc.fd >= 0)
+			close(oc.fd);
+		return r;
+	}
 	for (;;) {
 		ssize_t n = read(fd, v->buf, VERIFY_READ);
 		if (n < 0 && errno == EINTR)
@@ -80,18 +129,30 @@ static int verify_blob(struct verifier *v, int fan_fd, const char *fan,
 		if (n < 0) {
 			problem(v, "blob %s: cannot read: %s", hex,
 				strerror(errno));
-			return 0;
+			break;
 		}
 		if (n == 0)
 			break;
-		cas_hasher_update(&h, v->buf, (size_t)n);
+		(void)cas_bao_encoder_update(enc, v->buf, (size_t)n);
 	}
-	cas_hasher_final(&h, &got);
+	(void)cas_bao_encoder_final(enc, &got);
+	cas_bao_encoder_free(enc);
 	if (!cas_digest_eq(&want, &got)) {
 		char ghex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(&got, ghex);
 		problem(v, "blob %s: content hashes to %s", hex, ghex);
+	} else if (oc.fd >= 0 && oc.len != oc.off) {
+		problem(v, "blob %s: outboard has %llu bytes, not %llu", hex,
+			(unsigned long long)oc.len, (unsigned long long)oc.off);
+	} else if (oc.fd >= 0 && oc.bad) {
+		problem(v,
+			"blob %s: outboard differs from the blob's tree "
+			"at node %llu",
+			hex,
+			(unsigned long long)(oc.bad_off / CAS_BAO_NODE_SIZE));
 	}
+	if (oc.fd >= 0)
+		close(oc.fd);
 	return 0;
 }
 
