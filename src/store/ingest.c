@@ -425,31 +425,36 @@ static int stage_fd(struct cas_local *ls, int src_fd, uint64_t size,
 	return stage_finish(ls, &t, r, ret_name);
 }
 
-static int unstage(struct cas_local *ls, const char *name, const cas_digest *d)
+int cas_local_blob_rename_in(struct cas_local *ls, int dir_fd, const char *name,
+			     const cas_digest *d)
 {
 	char rel[CAS_BLOB_REL_LEN];
 	cas_local_blob_rel(d, rel);
 	int r = fanout_ensure(ls, d);
 	if (r < 0) {
-		unlinkat(ls->tmp_fd, name, 0);
+		unlinkat(dir_fd, name, 0);
 		return r;
 	}
-	if (renameat2(ls->tmp_fd, name, ls->blobs_fd, rel, RENAME_NOREPLACE) ==
-	    0)
+	if (renameat2(dir_fd, name, ls->blobs_fd, rel, RENAME_NOREPLACE) == 0)
 		return 1;
 	if (errno == EINVAL || errno == ENOSYS) {
 		/* No RENAME_NOREPLACE here: link never replaces either. */
-		r = linkat(ls->tmp_fd, name, ls->blobs_fd, rel, 0) == 0 ? 1 : 0;
+		r = linkat(dir_fd, name, ls->blobs_fd, rel, 0) == 0 ? 1 : 0;
 		if (r == 0 && errno != EEXIST)
 			r = cas_negerrno();
 	} else {
 		r = errno == EEXIST ? 0 : cas_negerrno();
 	}
-	unlinkat(ls->tmp_fd, name, 0);
+	unlinkat(dir_fd, name, 0);
 	if (r < 0)
 		return cas_log_errno(r, "store %s: publish blob %s: %m",
 				     ls->dir, rel + 3);
 	return r;
+}
+
+static int unstage(struct cas_local *ls, const char *name, const cas_digest *d)
+{
+	return cas_local_blob_rename_in(ls, ls->tmp_fd, name, d);
 }
 
 int cas_local_sync(cas_store *s)

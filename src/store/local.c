@@ -327,6 +327,31 @@ static int open_env(struct cas_local *ls, bool create)
 	return 0;
 }
 
+/* A cache says so in a file of its own: a store opened later (verify)
+ * knows what it is without being told. */
+#define CACHE_MARK "castore-cache"
+static int cache_mark(struct cas_local *ls, bool cache)
+{
+	ls->is_cache = faccessat(ls->dir_fd, CACHE_MARK, F_OK, 0) == 0;
+	if (ls->is_cache || !cache || ls->readonly)
+		return 0;
+	static const char text[] =
+		"A castore remote cache: blobs are fetched when read "
+		"(docs/remote.md).\n";
+	_cleanup_close_ int fd = openat(ls->dir_fd, CACHE_MARK,
+					O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+	if (fd < 0 || cas_write_all(fd, text, sizeof(text) - 1) < 0)
+		return cas_log_errno(cas_negerrno(), "store %s: %s: %m",
+				     ls->dir, CACHE_MARK);
+	ls->is_cache = true;
+	return 0;
+}
+
+bool cas_local_is_cache(cas_store *s)
+{
+	return to_local(s)->is_cache;
+}
+
 int cas_local_open(const char *dir, const struct cas_local_options *opts,
 		   cas_store **ret)
 {
@@ -400,6 +425,8 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 		return r;
 	if (!ls->readonly)
 		tmp_cleanup(ls);
+	if ((r = cache_mark(ls, o.cache)) < 0)
+		return r;
 	*ret = TAKE_PTR(s);
 	return 0;
 }

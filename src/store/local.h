@@ -62,6 +62,10 @@ struct cas_local_options {
 	bool create;	/* create DIR and the store if missing */
 	bool readonly;	/* open without writing (no create, no tmp cleanup) */
 	bool no_inline; /* import writes every blob as a file (no packs) */
+	/* The store is a remote store's cache: marked so (DIR/castore-cache)
+	 * for later opens, so that verify does not count what a cache never
+	 * fetched (docs/remote.md). */
+	bool cache;
 };
 
 /* Import packs blobs of at most this many bytes. Above it a blob file
@@ -73,6 +77,8 @@ int cas_local_open(const char *dir, const struct cas_local_options *opts,
 
 /* True if s was made by cas_local_open. */
 bool cas_store_is_local(const cas_store *s);
+/* True if the local store s is marked as a remote store's cache. */
+bool cas_local_is_cache(cas_store *s);
 
 /* Makes every blob written so far durable (syncfs on the blob folder). */
 int cas_local_sync(cas_store *s);

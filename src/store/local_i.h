@@ -42,6 +42,7 @@ struct cas_local {
 	 * snapshots; every read checks afterwards that none of its pages
 	 * can have been reused (cas_local_rtxn_check). */
 	bool nolock;
+	bool is_cache; /* DIR/castore-cache: a remote's cache */
 	MDB_env *env;
 	MDB_dbi dbi_directories;
 	MDB_dbi dbi_roots;
@@ -150,6 +151,14 @@ int cas_local_packed_get(struct cas_local *ls, const cas_digest *d,
  * the buffer allows, the tail through the page cache (ingest.c). */
 int cas_local_stage_write(struct cas_local *ls, int fd, bool *direct,
 			  const uint8_t *buf, size_t len, uint64_t off);
+
+/* Renames dir_fd/name to the blob's name in blobs/ (never replacing):
+ * 1 named, 0 it was there (name removed either way), or -errno. */
+int cas_local_blob_rename_in(struct cas_local *ls, int dir_fd, const char *name,
+			     const cas_digest *d);
+/* Partial blobs for verify (partial.c): problems found, one line each. */
+int cas_local_verify_partials(struct cas_local *ls, cas_verify_cb cb,
+			      void *userdata);
 
 /* A named file in tmp/ for staging (buffered writes), ingest.c. */
 int cas_local_stage_open_named(struct cas_local *ls, int *ret_fd,
