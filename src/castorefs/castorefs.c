@@ -71,11 +71,15 @@ struct cas_handle {
 	 * hold on a recycled slot is undone before it can matter. */
 	_Atomic uint32_t refs;
 	/* Atomic because READ reads them without a lock. */
-	_Atomic int fd;		 /* file: the blob, or a file holding it */
-	_Atomic uint64_t size;	 /* file: the blob's size */
-	uint64_t base;		 /* where the blob starts in fd */
-	bool fd_owned;		 /* else the store's (a pack): not closed */
-	uint8_t *data;		 /* small file: its bytes instead of fd */
+	_Atomic int fd;	       /* file: the blob, or a file holding it */
+	_Atomic uint64_t size; /* file: the blob's size */
+	uint64_t base;	       /* where the blob starts in fd */
+	bool fd_owned;	       /* else the store's (a pack): not closed */
+	uint8_t *data;	       /* small file: its bytes instead of fd */
+	/* A large remote blob held in part (store.h blob_open_ranged):
+	 * each READ first asks the store for its range. Fixed at open. */
+	bool ranged;
+	cas_digest digest;
 	struct root_list *roots; /* root directory: snapshot at opendir */
 	uint32_t idx;		 /* this slot's index, fixed */
 	uint32_t next_free;	 /* protected by fs->handle_lock */
@@ -581,6 +585,21 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 						&size);
 		owned = r < 0;
 	}
+	bool ranged = false;
+	if (r == -ENOENT && in.size > SMALL_FILE &&
+	    fs->store->ops->blob_open_ranged) {
+		/* A remote cache reads a large blob by range, as READs come,
+		 * instead of fetching it whole now. */
+		r = fs->store->ops->blob_open_ranged(fs->store, &dg, in.size,
+						     &fd);
+		ranged = r == 0;
+		if (r >= 0) {
+			size = in.size;
+			r = 0;
+		} else if (r == -ENOTSUP) {
+			r = -ENOENT;
+		}
+	}
 	if (r == -ENOENT && in.size <= SMALL_FILE)
 		r = cas_store_blob_read(fs->store, &dg, SMALL_FILE, &data,
 					&size);
@@ -617,10 +636,13 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	h->base = base;
 	h->data = data;
 	h->size = size;
+	h->ranged = ranged;
+	h->digest = dg;
 	ret->fh = handle_publish(h, (uint32_t)r);
 	ret->open_flags = CAS_FOPEN_KEEP_CACHE | CAS_FOPEN_NOFLUSH;
-	/* Passthrough needs a file that is the blob from offset 0. */
-	ret->backing_fd = owned && base == 0 ? fd : -1;
+	/* Passthrough needs a file that is the blob from offset 0, and one
+	 * that is whole: the kernel would read a partial one unasked. */
+	ret->backing_fd = owned && base == 0 && !ranged ? fd : -1;
 	return 0;
 }
 
@@ -647,6 +669,17 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 	if (fd < 0) { /* a directory's handle */
 		handle_unref(fs, h);
 		return -EBADF;
+	}
+	if (h->ranged && len > 0) {
+		/* Only a range blob_open_ranged gave: the store fetches and
+		 * verifies what is missing (a lock and maybe a wait, off the
+		 * hot path of whole blobs). */
+		int r = fs->store->ops->blob_ensure(fs->store, &h->digest, off,
+						    len);
+		if (r < 0) {
+			handle_unref(fs, h);
+			return -EIO;
+		}
 	}
 	ret->fd = fd;
 	ret->fd_offset = h->base + off;

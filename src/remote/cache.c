@@ -422,6 +422,7 @@ static void cache_free(cas_store *s)
 		pthread_join(c->workers[i], NULL);
 	if (large)
 		pthread_join(c->large_worker, NULL);
+	cas_cache_ranges_stop(c);
 	/* Names what is staged (one last syncfs) before the cache closes. */
 	pthread_mutex_lock(&c->lock);
 	c->publisher_stopping = true;
@@ -446,6 +447,7 @@ static void cache_free(cas_store *s)
 	cas_dmap_release(&c->blobs_inflight, NULL);
 	cas_dmap_release(&c->dirs_inflight, NULL);
 	cas_dmap_release(&c->bad_logged, NULL);
+	cas_cache_ranges_release(c); /* before the cache store it writes */
 	pthread_cond_destroy(&c->pq_cond);
 	pthread_cond_destroy(&c->lq_cond);
 	if (c->fetcher)
@@ -466,6 +468,8 @@ static const struct cas_store_ops cache_ops = {
 	.blob_read = cache_blob_read,
 	.blob_locate = cache_blob_locate,
 	.blob_writer_new = cache_blob_writer_new,
+	.blob_open_ranged = cas_cache_blob_open_ranged,
+	.blob_ensure = cas_cache_blob_ensure,
 	.directory_get_raw = cas_cache_directory_get_raw,
 	.directory_has = cas_cache_directory_has,
 	.dir_batch_new = cas_cache_dir_batch_new,
@@ -480,7 +484,8 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 			const struct cas_remote_options *opts, cas_store **ret)
 {
 	/* The cache never imports; what it packs, the publisher packs. */
-	struct cas_local_options lo = {.create = true, .no_inline = true};
+	struct cas_local_options lo = {
+		.create = true, .no_inline = true, .cache = true};
 	struct cache_store *c = NULL;
 	int r;
 
@@ -503,6 +508,7 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	pthread_cond_init(&c->pq_cond, NULL);
 	pthread_cond_init(&c->lq_cond, NULL);
 	pthread_mutex_init(&c->walk_lock, NULL);
+	cas_cache_ranges_init(c);
 	/* Its deadlines must not move with the wall clock. */
 	pthread_condattr_t ca;
 	pthread_condattr_init(&ca);

@@ -139,6 +139,40 @@ struct walk_frame {
 	size_t next_file; /* then the next file to queue */
 };
 
+/* Large blobs by range (cache_range.c): a blob over CAS_BAO_THRESHOLD
+ * whose remote publishes its outboard is held in part (store/partial.h)
+ * and fetched RANGE_RUN bytes at most per request, each run verified
+ * against the outboard before it is written. A reader waits for the
+ * groups of its own range; a sequential one (each read starting where
+ * the last ended) also gets a readahead window that doubles from
+ * RANGE_RA_MIN to RANGE_RA_MAX, fetched by RANGE_THREADS background
+ * threads in parallel runs. */
+#define RANGE_RUN     (4u << 20)
+#define RANGE_RA_MIN  (1u << 20)
+#define RANGE_RA_MAX  (64u << 20)
+#define RANGE_THREADS 4
+#define RANGE_QUEUE   256
+
+struct range_blob;
+struct range_job {
+	struct range_blob *rb;
+	uint64_t first, n; /* groups */
+};
+
+struct cache_ranges {
+	pthread_mutex_t lock; /* taken after cache_store.lock, never before */
+	pthread_cond_t cond;  /* a run finished */
+	pthread_cond_t job_cond;   /* workers: a job or stop */
+	pthread_mutex_t open_lock; /* one range blob opened at a time */
+	struct cas_dmap blobs;	   /* digest -> range_blob; lock */
+	struct range_job queue[RANGE_QUEUE]; /* ring; lock */
+	size_t q_head, q_len;		     /* protected by lock */
+	bool stopping;			     /* protected by lock */
+	pthread_t threads[RANGE_THREADS];
+	unsigned n_threads;	    /* protected by lock */
+	struct cas_dmap bad_logged; /* blobs reported wrong; lock */
+};
+
 struct published_root {
 	char *name;
 	cas_node *node;
@@ -215,6 +249,8 @@ struct cache_store {
 	struct cas_dmap mstaged; /* digest -> entry of a group; lock */
 	bool packs_found;	 /* a pack range was fetched; lock */
 	bool no_packs;		 /* the layout has none; lock */
+
+	struct cache_ranges ranges; /* large blobs by range, own lock */
 };
 
 static inline struct cache_store *to_cache(cas_store *s)
@@ -250,6 +286,16 @@ int cas_cache_mem_stage(struct cache_store *c, const cas_digest *d,
 void cas_cache_mgroup_free(struct mgroup *g);
 int cas_cache_file_stage(struct cache_store *c, const cas_digest *d,
 			 const uint8_t *buf, size_t len);
+
+/* cache_range.c: large blobs by range. */
+bool cas_cache_ranged(const struct cache_store *c);
+void cas_cache_ranges_init(struct cache_store *c);
+void cas_cache_ranges_stop(struct cache_store *c);
+void cas_cache_ranges_release(struct cache_store *c);
+int cas_cache_blob_open_ranged(cas_store *s, const cas_digest *d, uint64_t size,
+			       int *ret_fd);
+int cas_cache_blob_ensure(cas_store *s, const cas_digest *d, uint64_t off,
+			  uint64_t len);
 
 /* cache_prefetch.c: prefetch walks and batches. */
 void cas_cache_prefetch_directory(struct cache_store *c, const cas_digest *d,

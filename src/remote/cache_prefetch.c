@@ -414,6 +414,11 @@ static uint8_t walk_wants(struct cache_store *c, const struct walk_frame *f,
 	if ((c->cache_max && n->size > c->cache_max / 64) ||
 	    cas_cache_held_stat(c, &n->digest, &size) != -ENOENT)
 		return WANT_NONE;
+	/* Large blobs read by range come as their readers go (readahead;
+	 * export asks for all of one at once): a mount that reads 4 KiB
+	 * of a large file must not fetch the rest behind its back. */
+	if (n->size > PREFETCH_MAX_SIZE && cas_cache_ranged(c))
+		return WANT_NONE;
 	return n->size <= PREFETCH_MAX_SIZE ? WANT_SMALL : WANT_LARGE;
 }
 

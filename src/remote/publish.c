@@ -2,6 +2,7 @@
  * (docs/remote.md).
  *
  *   DIR/blobs/ab/<hex>        the blob's bytes
+ *   DIR/outboards/ab/<hex>    a large blob's outboard (core/bao.h)
  *   DIR/directories/ab/<hex>  the Directory's canonical bytes
  *   DIR/packs/ab/<hex>        its small files back to back (remote_i.h)
  *   DIR/trees/ab/<hex>        a root Directory's closure (remote_i.h)
@@ -37,6 +38,7 @@
 #include <unistd.h>
 
 #include "core/directory.h"
+#include "core/bao.h"
 #include "core/log.h"
 #include "core/varint.h"
 #include "core/util.h"
@@ -194,6 +196,32 @@ static bool object_exists(struct publisher *pb, const char *path)
 	return faccessat(pb->dirfd, path, F_OK, AT_SYMLINK_NOFOLLOW) == 0;
 }
 
+/* A large blob's outboard beside it (docs/remote.md, "The HTTP
+ * layout"): readers fetch it to verify ranges of the blob. */
+static int publish_outboard(struct publisher *pb, const cas_digest *d,
+			    const char *hex)
+{
+	char path[128];
+	object_path("outboards", d, path, sizeof(path));
+	if (object_exists(pb, path))
+		return 0;
+	if (!pb->s->ops->blob_outboard_open)
+		return 0; /* a store that keeps none: readers read it whole */
+	_cleanup_close_ int fd = -1;
+	uint64_t len;
+	int r = pb->s->ops->blob_outboard_open(pb->s, d, &fd, &len);
+	if (r < 0)
+		return cas_log_errno(r, "blob %s: outboard: %m", hex);
+	r = write_object(pb, path, fd, len, NULL, 0);
+	if (r < 0)
+		return cas_log_errno(r,
+				     "publish outboard of blob %s into %s: %m",
+				     hex, pb->dir);
+	pb->p.sent_objects++;
+	pb->p.sent_bytes += len;
+	return 0;
+}
+
 static int publish_blob(struct publisher *pb, const cas_digest *d)
 {
 	char path[128], hex[CAS_DIGEST_HEX_LEN + 1];
@@ -203,14 +231,23 @@ static int publish_blob(struct publisher *pb, const cas_digest *d)
 	pb->p.blobs++;
 	tick(pb);
 	object_path("blobs", d, path, sizeof(path));
-	if (object_exists(pb, path))
-		return 0;
 	cas_digest_to_hex(d, hex);
+	struct stat st;
+	if (fstatat(pb->dirfd, path, &st, AT_SYMLINK_NOFOLLOW) == 0) {
+		/* Published before; by a castore without outboards, maybe. */
+		if (!cas_bao_wants_outboard((uint64_t)st.st_size))
+			return 0;
+		return publish_outboard(pb, d, hex);
+	}
 	_cleanup_close_ int fd = -1;
 	uint64_t size;
 	r = pb->s->ops->blob_open(pb->s, d, &fd, &size);
 	if (r < 0)
 		return cas_log_errno(r, "blob %s: %m", hex);
+	/* The outboard is written (and so named) before the blob. */
+	if (cas_bao_wants_outboard(size) &&
+	    (r = publish_outboard(pb, d, hex)) < 0)
+		return r;
 	r = write_object(pb, path, fd, size, NULL, 0);
 	if (r < 0)
 		return cas_log_errno(r, "publish blob %s into %s: %m", hex,
@@ -825,8 +862,8 @@ int cas_remote_publish(cas_store *s, const char *dir, char *const *names,
 		r = -ENOMEM;
 		goto out;
 	}
-	static const char *const subdirs[] = {"blobs", "directories", "packs",
-					      "trees"};
+	static const char *const subdirs[] = {"blobs", "outboards",
+					      "directories", "packs", "trees"};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(subdirs); i++)
 		if (mkdirat(pb.dirfd, subdirs[i], 0755) < 0 &&
 		    errno != EEXIST) {

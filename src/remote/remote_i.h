@@ -77,6 +77,17 @@ struct cas_fetcher_ops {
 	 * range's bytes may be short: the caller checks what it slices. */
 	int (*ranges_fetch)(cas_fetcher *f, const struct cas_fetch_range *v,
 			    size_t n, cas_fetch_blob_cb cb, void *userdata);
+	/* Optional (NULL): the blob's outboard (core/bao.h) as the remote
+	 * keeps it (unverified), malloc'd, at most max bytes (else -EIO):
+	 * -ENOENT when it has none (a small blob, an older layout). */
+	int (*outboard_fetch)(cas_fetcher *f, const cas_digest *d, size_t max,
+			      uint8_t **ret_buf, size_t *ret_len);
+	/* Optional (NULL): bytes [off, off + len) of the blob into buf
+	 * (unverified); *ret_len is how many came (fewer when the blob ends
+	 * first). -ENOENT, -EIO; quiet (the caller reports). */
+	int (*blob_range_fetch)(cas_fetcher *f, const cas_digest *d,
+				uint64_t off, size_t len, uint8_t *buf,
+				size_t *ret_len);
 	void (*free)(cas_fetcher *f);
 };
 

@@ -90,7 +90,8 @@ static int export_file(cas_store *s, int dir_fd, const char *name,
 	int r = node->size <= SMALL_FILE
 			? cas_store_blob_read(s, &node->digest, SMALL_FILE,
 					      &data, &size)
-			: s->ops->blob_open(s, &node->digest, &src, &size);
+			: cas_store_blob_open_whole(s, &node->digest,
+						    node->size, &src, &size);
 	if (r == -EFBIG)
 		return cas_log_errno(-EBADMSG,
 				     "export %s: blob %s has more than %u "

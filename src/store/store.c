@@ -106,6 +106,21 @@ int cas_store_blob_outboard_read(cas_store *s, const cas_digest *d, size_t max,
 	return r;
 }
 
+int cas_store_blob_open_whole(cas_store *s, const cas_digest *d, uint64_t size,
+			      int *ret_fd, uint64_t *ret_size)
+{
+	int r = -ENOTSUP;
+	if (s->ops->blob_open_ranged && s->ops->blob_ensure)
+		r = s->ops->blob_open_ranged(s, d, size, ret_fd);
+	if (r == -ENOTSUP)
+		return s->ops->blob_open(s, d, ret_fd, ret_size);
+	if (r == 0 && (r = s->ops->blob_ensure(s, d, 0, size)) < 0)
+		close(*ret_fd);
+	if (r >= 0)
+		*ret_size = size;
+	return r < 0 ? r : 0;
+}
+
 int cas_store_blob_put_fd(cas_store *s, int fd, cas_digest *ret_digest,
 			  uint64_t *ret_size)
 {

@@ -67,6 +67,23 @@ struct cas_store_ops {
 	 * (cas_bao_outboard_verify). May be NULL. */
 	int (*blob_outboard_open)(cas_store *s, const cas_digest *d,
 				  int *ret_fd, uint64_t *ret_len);
+	/* Optional (NULL), for a store that fetches large blobs by range
+	 * (a remote cache): opens blob d of `size` bytes (what its Node
+	 * says; the blob's tree checks it before any byte is used) without
+	 * fetching it. 1: the blob is whole, *ret_fd is blob_open's. 0: it
+	 * is held in part, *ret_fd reads its bytes where blob_ensure said
+	 * they are present (and only there). -ENOTSUP: not for this blob
+	 * (use blob_open). The fd is the caller's. */
+	int (*blob_open_ranged)(cas_store *s, const cas_digest *d,
+				uint64_t size, int *ret_fd);
+	/* Makes bytes [off, off + len) of a blob opened with
+	 * blob_open_ranged present and verified, waiting only for them
+	 * (a sequential reader also gets the bytes ahead fetched in the
+	 * background): 0, or -EIO when a group of the range could not be
+	 * fetched or failed verification (for this call alone: other
+	 * ranges still read, and the next call tries again). */
+	int (*blob_ensure)(cas_store *s, const cas_digest *d, uint64_t off,
+			   uint64_t len);
 
 	/* Directories ----------------------------------------------------- */
 	/* The canonical bytes of a Directory (malloc'd; NULL/0 for the empty
@@ -155,6 +172,11 @@ int cas_store_blob_read_fd(const cas_digest *d, int fd, uint64_t size,
  * store keeps none. */
 int cas_store_blob_outboard_read(cas_store *s, const cas_digest *d, size_t max,
 				 uint8_t **ret_buf, size_t *ret_len);
+/* An fd of the whole blob d whose Node says `size` bytes: blob_open, or
+ * for a large blob of a store that fetches by range, blob_open_ranged
+ * and one blob_ensure of every byte (fetched in parallel ranges). */
+int cas_store_blob_open_whole(cas_store *s, const cas_digest *d, uint64_t size,
+			      int *ret_fd, uint64_t *ret_size);
 /* Reads a whole fd (or the rest of a stream) into a new blob. */
 int cas_store_blob_put_fd(cas_store *s, int fd, cas_digest *ret_digest,
 			  uint64_t *ret_size);
