@@ -14,13 +14,13 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
-#define INVARIANT(cond)                                              \
-	do {                                                         \
-		if (!(cond)) {                                       \
-			fprintf(stderr, "fuzz-partial: %s:%d: %s\n", \
-				__FILE__, __LINE__, #cond);          \
-			abort();                                     \
-		}                                                    \
+#define INVARIANT(cond)                                                        \
+	do {                                                                   \
+		if (!(cond)) {                                                 \
+			fprintf(stderr, "fuzz-partial: %s:%d: %s\n", __FILE__, \
+				__LINE__, #cond);                              \
+			abort();                                               \
+		}                                                              \
 	} while (0)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)

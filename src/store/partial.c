@@ -262,8 +262,8 @@ int cas_partial_open(cas_store *s, const cas_digest *d, uint64_t size,
 	if ((uint64_t)st.st_size == size)
 		r = record_load(p);
 	else if ((r = ftruncate(p->rec_fd, 0)) == 0) /* a stranger's file */
-		r = ftruncate(p->fd, 0) == 0 && ftruncate(p->fd, (off_t)size) ==
-							0
+		r = ftruncate(p->fd, 0) == 0 &&
+				    ftruncate(p->fd, (off_t)size) == 0
 			    ? 0
 			    : cas_negerrno();
 	if (r < 0) {
@@ -459,8 +459,9 @@ static void verify_one(struct pverify *v, int pdir, const char *name)
 		/* A record cut by a crash before its first write is empty:
 		 * nothing is trusted from it, so nothing is a problem. */
 		if (len > 0)
-			pproblem(v, "blob %s: partial blob's range record "
-				    "does not decode",
+			pproblem(v,
+				 "blob %s: partial blob's range record "
+				 "does not decode",
 				 hex);
 		return;
 	}
@@ -477,8 +478,9 @@ static void verify_one(struct pverify *v, int pdir, const char *name)
 	    !(ob = malloc(olen ? (size_t)olen : 1)) ||
 	    cas_pread_all(ofd, ob, (size_t)olen, 0) < 0 ||
 	    cas_bao_outboard_verify(&d, size, ob, (size_t)olen) < 0) {
-		pproblem(v, "blob %s: partial blob's outboard is missing or "
-			    "does not match its digest",
+		pproblem(v,
+			 "blob %s: partial blob's outboard is missing or "
+			 "does not match its digest",
 			 hex);
 		return;
 	}
@@ -494,15 +496,16 @@ static void verify_one(struct pverify *v, int pdir, const char *name)
 		while (g + n < groups && n < 64 && bit_get(bits, g + n))
 			n++;
 		uint64_t off = g * CAS_BAO_GROUP_SIZE;
-		size_t blen = (size_t)CAS_MIN(n * CAS_BAO_GROUP_SIZE,
-					      size - off);
+		size_t blen =
+			(size_t)CAS_MIN(n * CAS_BAO_GROUP_SIZE, size - off);
 		uint64_t bad = g;
 		if (cas_pread_all(dfd, buf, blen, off) < 0 ||
 		    cas_bao_verify_groups(&d, size, ob, (size_t)olen, g, buf,
 					  blen, &bad) < 0)
-			pproblem(v, "blob %s: partial blob's group %llu "
-				    "(bytes %llu-%llu) does not match its "
-				    "outboard",
+			pproblem(v,
+				 "blob %s: partial blob's group %llu "
+				 "(bytes %llu-%llu) does not match its "
+				 "outboard",
 				 hex, (unsigned long long)bad,
 				 (unsigned long long)(bad * CAS_BAO_GROUP_SIZE),
 				 (unsigned long long)CAS_MIN(
