@@ -243,7 +243,7 @@ def test_killed_publish_leaves_nothing_in_the_tree(tmp_path, castore, store):
         assert not (pub / "roots").exists() or p.returncode == 0
         # Under DIR only the layout's folders, each name holding its bytes.
         assert {x.name for x in pub.iterdir()} <= {
-            "blobs", "directories", "packs", "roots", "trees"}
+            "blobs", "outboards", "directories", "packs", "roots", "trees"}
     assert killed_mid_group > 0
     castore("publish", pub)
     assert publish_leftovers(pub) == []
