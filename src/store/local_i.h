@@ -11,6 +11,7 @@
 
 #include <lmdb.h>
 #include <pthread.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <sys/stat.h>
 
@@ -156,6 +157,9 @@ int cas_local_stage_write(struct cas_local *ls, int fd, bool *direct,
  * 1 named, 0 it was there (name removed either way), or -errno. */
 int cas_local_blob_rename_in(struct cas_local *ls, int dir_fd, const char *name,
 			     const cas_digest *d);
+/* One problem line of verify (verify.c): formatted, counted, passed on. */
+void cas_local_vproblem(cas_verify_cb cb, void *userdata, int *count,
+			const char *fmt, va_list ap);
 /* Partial blobs for verify (partial.c): problems found, one line each. */
 int cas_local_verify_partials(struct cas_local *ls, cas_verify_cb cb,
 			      void *userdata);

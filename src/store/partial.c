@@ -415,14 +415,10 @@ struct pverify {
 
 static void _printf_(2, 3) pproblem(struct pverify *v, const char *fmt, ...)
 {
-	char line[1024];
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(line, sizeof(line), fmt, ap);
+	cas_local_vproblem(v->cb, v->userdata, &v->problems, fmt, ap);
 	va_end(ap);
-	v->problems++;
-	if (v->cb)
-		v->cb(v->userdata, line);
 }
 
 /* Every group the record names is checked against the outboard, which is

@@ -42,16 +42,22 @@ struct verifier {
 	int problems;
 };
 
-static void _printf_(2, 3) problem(struct verifier *v, const char *fmt, ...)
+void cas_local_vproblem(cas_verify_cb cb, void *userdata, int *count,
+			const char *fmt, va_list ap)
 {
 	char line[1024];
+	vsnprintf(line, sizeof(line), fmt, ap);
+	(*count)++;
+	if (cb)
+		cb(userdata, line);
+}
+
+static void _printf_(2, 3) problem(struct verifier *v, const char *fmt, ...)
+{
 	va_list ap;
 	va_start(ap, fmt);
-	vsnprintf(line, sizeof(line), fmt, ap);
+	cas_local_vproblem(v->cb, v->userdata, &v->problems, fmt, ap);
 	va_end(ap);
-	v->problems++;
-	if (v->cb)
-		v->cb(v->userdata, line);
 }
 
 /* Compares the nodes the encoder emits with the outboard file. */
