@@ -94,7 +94,7 @@ static int range_bad(struct cache_store *c, struct range_blob *rb,
  * and writes those that verify. Returns 0 or -EIO (some did not come or
  * failed). Busy bits are the caller's to clear. */
 static int fetch_run(struct cache_store *c, struct range_blob *rb,
-		     uint64_t first, uint64_t n)
+		     uint64_t first, uint64_t n, bool *ret_sync)
 {
 	uint64_t off = first * G;
 	size_t len = (size_t)CAS_MIN(n * G, rb->size - off);
@@ -130,6 +130,8 @@ static int fetch_run(struct cache_store *c, struct range_blob *rb,
 			int w = cas_partial_write(rb->p, g, buf + at, wlen);
 			if (w < 0)
 				ret = w;
+			else if (w == 1)
+				*ret_sync = true;
 		}
 		if (bad < end) {
 			ret = range_bad(c, rb, bad,
@@ -169,13 +171,51 @@ static void *range_main(void *arg)
 		cr->q_head = (cr->q_head + 1) % RANGE_QUEUE;
 		cr->q_len--;
 		pthread_mutex_unlock(&cr->lock);
-		int r = cr->stopping ? -ECANCELED
-				     : fetch_run(c, j.rb, j.first, j.n);
-		run_done(c, j.rb, j.first, j.n, r);
+		bool sync = j.n == 0; /* a sync job (below) */
+		if (j.n > 0) {
+			int r = cr->stopping ? -ECANCELED
+					     : fetch_run(c, j.rb, j.first, j.n,
+							 &sync);
+			run_done(c, j.rb, j.first, j.n, r);
+		}
+		/* After its readers were woken: the disk's time is ours. */
+		if (sync)
+			(void)cas_partial_sync(j.rb->p);
 		pthread_mutex_lock(&cr->lock);
 	}
 	pthread_mutex_unlock(&cr->lock);
 	return NULL;
+}
+
+/* Queues a job for the range threads (started as needed): false when
+ * the queue is full or no thread runs. ranges.lock held. */
+static bool queue_locked(struct cache_store *c, struct range_job j)
+{
+	struct cache_ranges *cr = &c->ranges;
+	if (cr->q_len == RANGE_QUEUE)
+		return false;
+	if (cr->n_threads < RANGE_THREADS &&
+	    pthread_create(&cr->threads[cr->n_threads], NULL, range_main, c) ==
+		    0)
+		cr->n_threads++;
+	if (cr->n_threads == 0)
+		return false;
+	cr->queue[(cr->q_head + cr->q_len++) % RANGE_QUEUE] = j;
+	pthread_cond_signal(&cr->job_cond);
+	return true;
+}
+
+/* A reader does not wait for the disk: a range thread syncs (or the
+ * reader itself, when the queue is full). */
+static void sync_later(struct cache_store *c, struct range_blob *rb)
+{
+	struct cache_ranges *cr = &c->ranges;
+	pthread_mutex_lock(&cr->lock);
+	bool queued =
+		!cr->stopping && queue_locked(c, (struct range_job){rb, 0, 0});
+	pthread_mutex_unlock(&cr->lock);
+	if (!queued)
+		(void)cas_partial_sync(rb->p);
 }
 
 /* Claims the missing, idle groups of [first, end) in runs of at most
@@ -189,7 +229,6 @@ static size_t claim_runs(struct cache_store *c, struct range_blob *rb,
 			 uint64_t first, uint64_t end, bool queue,
 			 struct claim *own, size_t max_own)
 {
-	struct cache_ranges *cr = &c->ranges;
 	size_t n_own = 0;
 	uint64_t g = first;
 	while (g < end) {
@@ -203,22 +242,13 @@ static size_t claim_runs(struct cache_store *c, struct range_blob *rb,
 		       !cas_partial_has(rb->p, g + n, 1))
 			n++;
 		bool to_thread = queue && (n_own > 0 || max_own == 0) &&
-				 cr->q_len < RANGE_QUEUE;
+				 queue_locked(c, (struct range_job){rb, g, n});
 		if (!to_thread && n_own == max_own)
 			break;
 		for (uint64_t i = g; i < g + n; i++)
 			busy_set(rb, i, true);
-		if (to_thread) {
-			if (cr->n_threads < RANGE_THREADS &&
-			    pthread_create(&cr->threads[cr->n_threads], NULL,
-					   range_main, c) == 0)
-				cr->n_threads++;
-			cr->queue[(cr->q_head + cr->q_len++) % RANGE_QUEUE] =
-				(struct range_job){rb, g, n};
-			pthread_cond_signal(&cr->job_cond);
-		} else {
+		if (!to_thread)
 			own[n_own++] = (struct claim){g, n};
-		}
 		g += n;
 	}
 	return n_own;
@@ -357,10 +387,13 @@ int cas_cache_blob_ensure(cas_store *s, const cas_digest *d, uint64_t off,
 		size_t n_own = claim_runs(c, rb, first, end, true, own,
 					  CAS_ARRAY_SIZE(own));
 		pthread_mutex_unlock(&cr->lock);
+		bool sync = false;
 		for (size_t i = 0; i < n_own; i++) {
-			int r = fetch_run(c, rb, own[i].first, own[i].n);
+			int r = fetch_run(c, rb, own[i].first, own[i].n, &sync);
 			run_done(c, rb, own[i].first, own[i].n, r);
 		}
+		if (sync)
+			sync_later(c, rb);
 		pthread_mutex_lock(&cr->lock);
 		for (;;) {
 			bool busy = false;

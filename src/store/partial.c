@@ -24,8 +24,10 @@
 #include "core/log.h"
 #include "store/local_i.h"
 
-/* A record per 64 MiB written: a crash costs at most that much refetch. */
-#define RECORD_EVERY (64ull << 20)
+/* A record per 256 MiB written: a crash costs at most that much
+ * refetch, and the syncs (writeback forced while a reader reads from
+ * the same disk) stay few. */
+#define RECORD_EVERY (256ull << 20)
 
 struct cas_partial {
 	struct cas_local *ls;
@@ -41,6 +43,7 @@ struct cas_partial {
 	uint8_t *bits;	   /* protected by lock */
 	uint64_t count;	   /* groups present; protected by lock */
 	uint64_t unsynced; /* bytes since the last record; lock */
+	bool sync_due;	   /* a write said so, no sync since; lock */
 	bool complete;	   /* protected by lock */
 };
 
@@ -282,8 +285,9 @@ void cas_partial_close(struct cas_partial *p)
 {
 	if (!p)
 		return;
-	if (p->rec_fd >= 0 && p->fd >= 0 && !p->complete && p->unsynced)
-		(void)record_write(p, p->bits);
+	if (p->rec_fd >= 0 && p->fd >= 0 && !p->complete &&
+	    (p->unsynced || p->count == p->groups))
+		(void)cas_partial_sync(p);
 	if (p->fd >= 0)
 		close(p->fd);
 	if (p->rec_fd >= 0)
@@ -378,8 +382,7 @@ int cas_partial_write(struct cas_partial *p, uint64_t first,
 	if (r < 0)
 		return cas_log_errno(r, "store %s: partial blob %s: write: %m",
 				     p->ls->dir, p->hex);
-	_cleanup_free_ uint8_t *snapshot = NULL;
-	bool whole = false;
+	bool due;
 	pthread_mutex_lock(&p->lock);
 	for (uint64_t g = first; g < first + n; g++) {
 		if (!bit_get(p->bits, g)) {
@@ -388,20 +391,31 @@ int cas_partial_write(struct cas_partial *p, uint64_t first,
 		}
 	}
 	p->unsynced += data_len;
+	due = !p->sync_due &&
+	      (p->count == p->groups || p->unsynced >= RECORD_EVERY);
+	p->sync_due |= due;
+	pthread_mutex_unlock(&p->lock);
+	return due ? 1 : 0;
+}
+
+int cas_partial_sync(struct cas_partial *p)
+{
+	_cleanup_free_ uint8_t *snapshot = NULL;
+	size_t blen = (size_t)(p->groups + 7) / 8;
+	bool whole = false;
+	pthread_mutex_lock(&p->lock);
+	p->sync_due = false;
 	if (p->count == p->groups && !p->complete) {
 		p->complete = whole = true;
-	} else if (p->unsynced >= RECORD_EVERY) {
-		size_t blen = (size_t)(p->groups + 7) / 8;
-		if ((snapshot = malloc(blen)))
-			memcpy(snapshot, p->bits, blen);
+	} else if (!p->complete && p->unsynced > 0 &&
+		   (snapshot = malloc(blen))) {
+		memcpy(snapshot, p->bits, blen);
 		p->unsynced = 0;
 	}
 	pthread_mutex_unlock(&p->lock);
 	if (whole)
 		return finish(p);
-	if (snapshot)
-		(void)record_write(p, snapshot);
-	return 0;
+	return snapshot ? record_write(p, snapshot) : 0;
 }
 
 /* Verify ----------------------------------------------------------------- */

@@ -65,10 +65,15 @@ bool cas_partial_complete(struct cas_partial *p);
 
 /* Writes the bytes of groups [first, first + n), data_len being those
  * groups' exact length, which the caller has verified against the
- * outboard. When that makes the blob whole it is synced and named
- * (1 then; else 0). */
+ * outboard: readable at once. 1 when a sync is due (the blob is whole,
+ * or 256 MiB were written since the last record): the caller then calls
+ * cas_partial_sync, from a thread that may wait for the disk (a
+ * reader should not); else 0. */
 int cas_partial_write(struct cas_partial *p, uint64_t first,
 		      const uint8_t *data, size_t data_len);
+/* Makes what was written durable (fdatasync), then names the blob when
+ * it is whole (1), else writes the record (0). */
+int cas_partial_sync(struct cas_partial *p);
 
 /* The range record: "CASPART1", the digest (32 bytes), the size (8
  * bytes, little-endian), then one bit per group (bit g % 8 of byte
