@@ -409,8 +409,11 @@ static void sweep_files(struct sweep *w)
 			w->st->kept_young++;
 			continue;
 		}
-		if (!w->o->dry_run && unlinkat(ls->blobs_fd, rel, 0) < 0)
-			continue;
+		if (!w->o->dry_run) {
+			if (unlinkat(ls->blobs_fd, rel, 0) < 0)
+				continue;
+			cas_local_outboard_remove(ls, rel);
+		}
 		w->st->blob_files++;
 		w->st->blob_file_bytes += (uint64_t)st.st_size;
 	}

@@ -274,6 +274,7 @@ int64_t cas_local_evict(cas_store *s, uint64_t target)
 			close(fd);
 			if (!gone)
 				continue;
+			cas_local_outboard_remove(ls, l.v[i].name);
 		}
 		l.total -= l.v[i].size;
 		evicted++;

@@ -177,6 +177,9 @@ int cas_local_outboard_unstage(struct cas_local *ls, const char *name,
 			       const cas_digest *d);
 int cas_local_outboard_publish_buffer(struct cas_local *ls, const cas_digest *d,
 				      const uint8_t *buf, size_t len);
+/* Removes the outboard of the blob whose file is blobs/<rel>, if any:
+ * whoever removes a blob file (gc, eviction) calls it right after. */
+void cas_local_outboard_remove(struct cas_local *ls, const char *rel);
 /* The outboard file of d: 0 with an fd and its length, -ENOENT. */
 int cas_local_outboard_file_open(struct cas_local *ls, const cas_digest *d,
 				 int *ret_fd, uint64_t *ret_len);

@@ -161,6 +161,12 @@ int cas_local_outboard_publish_buffer(struct cas_local *ls, const cas_digest *d,
 	return r < 0 ? r : 0;
 }
 
+void cas_local_outboard_remove(struct cas_local *ls, const char *rel)
+{
+	if (ls->outboards_fd >= 0)
+		(void)unlinkat(ls->outboards_fd, rel, 0);
+}
+
 int cas_local_outboard_file_open(struct cas_local *ls, const cas_digest *d,
 				 int *ret_fd, uint64_t *ret_len)
 {

@@ -370,3 +370,24 @@ def test_bounded_cache_packs_and_keeps_its_bound(tmp_path):
         n.stop()
     assert list((cache / "packs").iterdir()), "the bounded cache packed nothing"
     assert usage(cache) <= 1.1 * bound, usage(cache)
+
+
+def test_gc_removes_a_collected_blobs_outboard_and_keeps_the_others(tmp_path):
+    """A blob over 1 MiB has its outboard beside it (outboards/ab/<hex>):
+    collecting the blob takes the outboard too; a kept blob keeps its."""
+    store = tmp_path / "store"
+    for name, seed in (("gone", 3), ("kept", 4)):
+        t = tmp_path / name
+        t.mkdir()
+        (t / "large.bin").write_bytes(pattern_bytes(2 * 1024 * 1024 + 5, seed))
+        run(["import", t, "--name", name], store=store)
+    gone = digest(pattern_bytes(2 * 1024 * 1024 + 5, 3))
+    kept = digest(pattern_bytes(2 * 1024 * 1024 + 5, 4))
+    ob = {d: store / "outboards" / d[:2] / d for d in (gone, kept)}
+    assert ob[gone].exists() and ob[kept].exists()
+    run(["roots", "rm", "gone"], store=store)
+    got = gc(store, "--grace", "0")
+    assert got["blob_files"] == 1, got
+    assert not has_blob(store, gone) and not ob[gone].exists()
+    assert has_blob(store, kept) and ob[kept].exists()
+    run(["verify"], store=store)
