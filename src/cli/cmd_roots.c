@@ -7,6 +7,7 @@
 
 #include "cli/cli.h"
 #include "cli/json.h"
+#include "core/directory.h"
 #include "core/log.h"
 #include "core/util.h"
 
@@ -83,6 +84,39 @@ static int roots_list(struct cas_cli *cli, int argc, char **argv)
 	if (ls.json)
 		fputs(ls.n ? "\n]\n" : "]\n", stdout);
 	return CAS_EXIT_OK;
+}
+
+/* --size against the content when the store has it (the edge check of
+ * directory.h, for a root): 0 when it agrees or the content is absent,
+ * 1 after one error line naming both sizes, or -errno. */
+static int root_size_check(cas_store *s, const char *name, const cas_node *node)
+{
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	uint64_t size = 0;
+	int r;
+	if (node->type == CAS_NODE_DIRECTORY) {
+		if ((r = s->ops->directory_has(s, &node->digest)) <= 0)
+			return r;
+		_cleanup_(cas_directory_freep) cas_directory *d = NULL;
+		if ((r = cas_store_directory_get(s, &node->digest, &d)) < 0)
+			return r;
+		if ((r = cas_directory_size(d, &size)) < 0)
+			return r;
+	} else {
+		r = s->ops->blob_stat(s, &node->digest, &size);
+		if (r == -ENOENT)
+			return 0;
+		if (r < 0)
+			return r;
+	}
+	if (size == node->size)
+		return 0;
+	cas_digest_to_hex(&node->digest, hex);
+	cas_cli_fail("roots add", "%s: --size %llu, but %s %s has size %llu",
+		     name, (unsigned long long)node->size,
+		     node->type == CAS_NODE_DIRECTORY ? "Directory" : "blob",
+		     hex, (unsigned long long)size);
+	return 1;
 }
 
 static int roots_add(struct cas_cli *cli, int argc, char **argv)
@@ -173,6 +207,10 @@ static int roots_add(struct cas_cli *cli, int argc, char **argv)
 	if (cas_cli_open_store(cli, true, &s) < 0)
 		return CAS_EXIT_FAILURE;
 	unsigned long mark = cas_log_error_count();
+	if ((r = root_size_check(s, name, &node)) != 0)
+		return r < 0 ? cas_cli_store_fail(mark, "roots add", "%s: %s",
+						  name, strerror(-r))
+			     : CAS_EXIT_FAILURE;
 	r = s->ops->root_set(s, name, &node);
 	if (r < 0)
 		return cas_cli_store_fail(mark, "roots add", "%s: %s", name,

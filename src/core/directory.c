@@ -310,6 +310,16 @@ int cas_directory_size(const cas_directory *d, uint64_t *ret_size)
 	return 0;
 }
 
+int cas_directory_raw_size(const void *buf, size_t len, uint64_t *ret_size,
+			   const char **ret_why)
+{
+	_cleanup_(cas_directory_freep) cas_directory *d = NULL;
+	int r = cas_directory_decode(buf, len, &d, ret_why);
+	if (r < 0)
+		return r;
+	return cas_directory_size(d, ret_size);
+}
+
 const char *cas_directory_check(const cas_directory *d)
 {
 	const cas_node *lists[3] = {d->directories, d->files, d->symlinks};

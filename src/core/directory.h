@@ -82,6 +82,17 @@ const char *cas_directory_check(const cas_directory *d);
 /* Number of entries plus the size of every child DirectoryNode.
  * -EOVERFLOW when it does not fit 64 bits. */
 int cas_directory_size(const cas_directory *d, uint64_t *ret_size);
+/* The same for canonical bytes (decoded here): -EBADMSG with *ret_why
+ * when they do not decode, -EOVERFLOW, -ENOMEM.
+ *
+ * This is the edge check tvix and snix make on every Directory they
+ * accept (directory_graph.rs, "has wrong size"): a DirectoryNode's size
+ * must equal the cas_directory_size of the Directory it names. Every
+ * Directory that enters a store is checked against its children this
+ * way (the local store's batch put, which dir put, gRPC Put, import and
+ * the remote cache all go through), and verify checks stored ones. */
+int cas_directory_raw_size(const void *buf, size_t len, uint64_t *ret_size,
+			   const char **ret_why);
 
 /* Canonical bytes of a directory that passes cas_directory_check (checked
  * here too: -EBADMSG with *ret_why). *ret_buf is malloc'd (NULL with

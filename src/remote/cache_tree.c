@@ -211,14 +211,18 @@ static int tree_commit(struct tree_fetch *t, const cas_digest *root)
 		}
 		if (cas_dmap_find(&done, &fr->d) == NULL) {
 			cas_digest put_d;
+			unsigned long mark = cas_log_error_count();
 			r = b->ops->put(b, fr->f->buf, fr->f->len, &put_d);
 			if (r < 0) {
+				/* The batch names what it refused (a child's
+				 * wrong size, say): one line, not two. */
 				char hex[CAS_DIGEST_HEX_LEN + 1];
 				cas_digest_to_hex(&fr->d, hex);
-				r = cas_log_errno(
-					r == -EBADMSG || r == -ENOENT ? -EIO
-								      : r,
-					"directory %s: cache: %m", hex);
+				r = r == -EBADMSG || r == -ENOENT ? -EIO : r;
+				if (cas_log_error_count() == mark)
+					r = cas_log_errno(
+						r, "directory %s: cache: %m",
+						hex);
 				goto out;
 			}
 			r = cas_dmap_put(&done, &fr->d, NULL);

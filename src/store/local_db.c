@@ -88,6 +88,25 @@ int cas_local_directory_get_raw(cas_store *s, const cas_digest *d,
 	return 0;
 }
 
+int cas_local_directory_size(struct cas_local *ls, MDB_txn *txn,
+			     const cas_digest *d, uint64_t *ret_size,
+			     const char **ret_why)
+{
+	if (cas_digest_eq(d, &CAS_DIGEST_EMPTY_DIRECTORY)) {
+		*ret_size = 0;
+		return 1;
+	}
+	MDB_val key = {CAS_DIGEST_LEN, (void *)d->bytes}, val;
+	int r = cas_local_mdb_errno(
+		mdb_get(txn, ls->dbi_directories, &key, &val));
+	if (r == -ENOENT)
+		return 0;
+	if (r == 0)
+		r = cas_directory_raw_size(val.mv_data, val.mv_size, ret_size,
+					   ret_why);
+	return r < 0 ? r : 1;
+}
+
 int cas_local_directory_has(cas_store *s, const cas_digest *d)
 {
 	struct cas_local *ls = to_local(s);
@@ -102,6 +121,7 @@ struct batch_item {
 	cas_digest digest;
 	uint8_t *buf;
 	size_t len;
+	uint64_t size; /* cas_directory_size of it */
 };
 
 struct local_batch {
@@ -119,13 +139,17 @@ struct local_batch {
 	size_t n_present, cap_present;
 };
 
-static bool batch_contains(struct local_batch *b, const cas_digest *d)
+/* The item of digest d, or NULL. The index maps a digest to its
+ * position in items, plus one. */
+static struct batch_item *batch_find(struct local_batch *b, const cas_digest *d)
 {
-	return b->index.n && cas_dmap_find(&b->index, d);
+	struct cas_dmap_entry *e =
+		b->index.n ? cas_dmap_find(&b->index, d) : NULL;
+	return e ? &b->items[(uintptr_t)e->value - 1] : NULL;
 }
 
 static int batch_add(struct local_batch *b, const cas_digest *d,
-		     const void *buf, size_t len)
+		     const void *buf, size_t len, uint64_t size)
 {
 	int r;
 	if (b->n_items >= UINT32_MAX - 1)
@@ -138,13 +162,13 @@ static int batch_add(struct local_batch *b, const cas_digest *d,
 		return -ENOMEM;
 	memcpy(copy, buf, len);
 	size_t k = b->n_items;
-	if ((r = cas_dmap_put(&b->index, d, NULL)) < 0) {
+	if ((r = cas_dmap_put(&b->index, d, (void *)(uintptr_t)(k + 1))) < 0) {
 		free(copy);
 		return r;
 	}
 	b->n_items++;
-	b->items[k] =
-		(struct batch_item){.digest = *d, .buf = copy, .len = len};
+	b->items[k] = (struct batch_item){
+		.digest = *d, .buf = copy, .len = len, .size = size};
 	return 0;
 }
 
@@ -178,6 +202,54 @@ static int batch_stored(struct local_batch *b, const cas_digest *d)
 	return r;
 }
 
+/* Child c of Directory `hex` is earlier in the batch or stored (the
+ * closure), and c->size is the size of that Directory (the edge check,
+ * directory.h): else -ENOENT or -EBADMSG, one line naming both. */
+static int batch_check_child(struct local_batch *b, const char *hex,
+			     const cas_node *c)
+{
+	char child[CAS_DIGEST_HEX_LEN + 1], name[256];
+	const char *why = NULL;
+	uint64_t size = 0;
+	int r;
+	struct batch_item *it = batch_find(b, &c->digest);
+	if (it) {
+		size = it->size;
+		r = 0;
+	} else {
+		if (!b->rtxn && (r = cas_local_rtxn_get(b->ls, &b->rtxn)) < 0)
+			return r;
+		r = cas_local_directory_size(b->ls, b->rtxn, &c->digest, &size,
+					     &why);
+		if (r == 1)
+			r = 0;
+		else if (r == 0)
+			r = -ENOENT;
+	}
+	if (r == 0 && size == c->size)
+		return 0;
+	cas_digest_to_hex(&c->digest, child);
+	cas_escape_name(c->name, c->name_len, name, sizeof(name));
+	if (r == -ENOENT)
+		return cas_log_errno(r,
+				     "directory %s: child directory %s (name "
+				     "'%s') is not in the store",
+				     hex, child, name);
+	if (r == -EBADMSG)
+		return cas_log_errno(r,
+				     "directory %s: child directory %s (name "
+				     "'%s') is stored corrupt: %s",
+				     hex, child, name, why ? why : "?");
+	if (r < 0)
+		return cas_log_errno(r, "directory %s: child directory %s: %m",
+				     hex, child);
+	return cas_log_errno(-EBADMSG,
+			     "directory %s: child directory %s (name '%s') "
+			     "has size %llu, but its Directory's size is %llu",
+			     hex, child, name, (unsigned long long)c->size,
+			     (unsigned long long)size);
+}
+
 static int batch_put(cas_dir_batch *base, const void *buf, size_t len,
 		     cas_digest *ret_digest)
 {
@@ -197,31 +269,21 @@ static int batch_put(cas_dir_batch *base, const void *buf, size_t len,
 		return r;
 	if (ret_digest)
 		*ret_digest = d;
-	if (len == 0 || batch_contains(b, &d))
+	if (len == 0 || batch_find(b, &d))
 		return 0;
 	r = batch_stored(b, &d);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	for (size_t i = 0; i < dir->n_directories; i++) {
 		const cas_node *c = &dir->directories[i];
-		if (cas_digest_eq(&c->digest, &CAS_DIGEST_EMPTY_DIRECTORY) ||
-		    batch_contains(b, &c->digest))
-			continue;
-		r = batch_stored(b, &c->digest);
-		if (r < 0)
+		if ((r = batch_check_child(b, hex, c)) < 0)
 			return r;
-		if (r == 0) {
-			char child[CAS_DIGEST_HEX_LEN + 1], name[256];
-			cas_digest_to_hex(&c->digest, child);
-			cas_escape_name(c->name, c->name_len, name,
-					sizeof(name));
-			return cas_log_errno(-ENOENT,
-					     "directory %s: child directory %s "
-					     "(name '%s') is not in the store",
-					     hex, child, name);
-		}
 	}
-	r = batch_add(b, &d, buf, len);
+	uint64_t size;
+	if ((r = cas_directory_size(dir, &size)) < 0)
+		return cas_log_errno(-EBADMSG, "directory %s: size overflow",
+				     hex);
+	r = batch_add(b, &d, buf, len, size);
 	if (r < 0)
 		return cas_log_errno(r, "directory %s: %m", hex);
 	return 0;

@@ -121,6 +121,12 @@ void cas_local_blob_rel(const cas_digest *d, char ret[CAS_BLOB_REL_LEN]);
 int cas_local_db_lookup(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d,
 			int (*use)(const MDB_val *val, void *ctx), void *ctx);
 int cas_local_db_has(struct cas_local *ls, MDB_dbi dbi, const cas_digest *d);
+/* The size of stored Directory d (cas_directory_raw_size, read under
+ * txn): 1 with *ret_size, 0 when absent; -EBADMSG (*ret_why) when its
+ * bytes do not decode. The empty Directory is present, of size 0. */
+int cas_local_directory_size(struct cas_local *ls, MDB_txn *txn,
+			     const cas_digest *d, uint64_t *ret_size,
+			     const char **ret_why);
 
 /* The store operations, by file (local.c puts them in its table). */
 int cas_local_blob_stat(cas_store *s, const cas_digest *d, uint64_t *ret_size);

@@ -311,17 +311,29 @@ static int verify_directory(struct verifier *v, MDB_txn *txn,
 		return r;
 	for (size_t i = 0; i < d->n_directories; i++) {
 		const cas_node *c = &d->directories[i];
-		if ((r = dir_present(v, txn, &c->digest)) < 0)
+		uint64_t size = 0;
+		r = cas_local_directory_size(v->ls, txn, &c->digest, &size,
+					     &why);
+		if (r == -EBADMSG)
+			continue; /* a problem of its own, found there */
+		if (r < 0)
 			return r;
-		if (r == 0) {
-			cas_digest_to_hex(&c->digest, chex);
-			cas_escape_name(c->name, c->name_len, name,
-					sizeof(name));
+		if (r == 1 && size == c->size)
+			continue;
+		cas_digest_to_hex(&c->digest, chex);
+		cas_escape_name(c->name, c->name_len, name, sizeof(name));
+		if (r == 0)
 			problem(v,
 				"directory %s: child directory %s (name '%s') "
 				"is missing",
 				hex, chex, name);
-		}
+		else
+			problem(v,
+				"directory %s: child directory %s (name '%s') "
+				"has size %llu, but its Directory's size is "
+				"%llu",
+				hex, chex, name, (unsigned long long)c->size,
+				(unsigned long long)size);
 	}
 	for (size_t i = 0; i < d->n_files; i++) {
 		const cas_node *c = &d->files[i];
