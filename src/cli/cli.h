@@ -32,6 +32,8 @@ struct cas_cli {
  * `create`) or a remote store behind its cache. Prints the error itself;
  * returns -errno. Without `create` a local store is opened read-only. */
 int cas_cli_open_store(struct cas_cli *cli, bool create, cas_store **ret);
+/* The store named is a remote URL (whose reads may fetch). */
+bool cas_cli_store_is_remote(const struct cas_cli *cli);
 
 enum cas_cli_store_mode {
 	CAS_CLI_STORE_READ,   /* local: read-only, must exist */

@@ -86,7 +86,7 @@ static int roots_list(struct cas_cli *cli, int argc, char **argv)
 	return CAS_EXIT_OK;
 }
 
-/* --size against the content when the store has it (the edge check of
+/* --size against the content when a local store has it (the edge check of
  * directory.h, for a root): 0 when it agrees or the content is absent,
  * 1 after one error line naming both sizes, or -errno. */
 static int root_size_check(cas_store *s, const char *name, const cas_node *node)
@@ -207,7 +207,9 @@ static int roots_add(struct cas_cli *cli, int argc, char **argv)
 	if (cas_cli_open_store(cli, true, &s) < 0)
 		return CAS_EXIT_FAILURE;
 	unsigned long mark = cas_log_error_count();
-	if ((r = root_size_check(s, name, &node)) != 0)
+	/* A remote store's roots add fetches nothing (docs/remote.md). */
+	if (!cas_cli_store_is_remote(cli) &&
+	    (r = root_size_check(s, name, &node)) != 0)
 		return r < 0 ? cas_cli_store_fail(mark, "roots add", "%s: %s",
 						  name, strerror(-r))
 			     : CAS_EXIT_FAILURE;

@@ -73,6 +73,15 @@ int cas_cli_store_fail(unsigned long mark, const char *verb, const char *fmt,
 	return CAS_EXIT_FAILURE;
 }
 
+bool cas_cli_store_is_remote(const struct cas_cli *cli)
+{
+#ifdef CAS_HAVE_REMOTE
+	return cli->store_spec && cas_remote_is_url(cli->store_spec);
+#else
+	return false;
+#endif
+}
+
 int cas_cli_open_store(struct cas_cli *cli, bool create, cas_store **ret)
 {
 	return cas_cli_open_store_mode(

@@ -137,7 +137,7 @@ def test_deep_chain_exports_with_few_fds(tmp_path, castore, store):
         srv.stdout.close()
         srv.stderr.close()
     castore("roots", "add", "chain", "--directory", digests[-1].hex(),
-            "--size", str(levels - 1))
+            "--size", str(levels))
     castore("verify")
 
     def few_fds():

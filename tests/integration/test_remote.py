@@ -317,7 +317,8 @@ def test_serve_directories_with_grpcio(pb, tmp_path, serve, filled):
     c2.close()
     s2.stop()
     run(["roots", "add", "t", "--directory", root.hex(), "--size",
-         str(sum(1 for _ in got[0].directories) + len(got[0].files) + len(got[0].symlinks))],
+         str(sum(1 + d.size for d in got[0].directories) + len(got[0].files) +
+             len(got[0].symlinks))],
         store=st2)
     run(["export", "t", out], store=st2)
 
