@@ -814,6 +814,15 @@ static int call_failed(struct grpc_fetcher *g, const char *what, int r,
 			     message[0] ? message : "(no message)");
 }
 
+static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
+			    size_t max, cas_fetch_blob_cb cb, void *userdata);
+
+static int blobs_via(void *fetch_ud, const cas_digest *ds, size_t n,
+		     size_t max, cas_grpc_blob_cb cb, void *userdata)
+{
+	return grpc_blobs_fetch(fetch_ud, ds, n, max, cb, userdata);
+}
+
 static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d,
 			   cas_fetch_sink sink, void *userdata)
 {
@@ -823,8 +832,13 @@ static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d,
 	size_t req_len;
 	char message[512];
 	int status;
-	int r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_READ_REQUEST, d, false,
-					   &req, &req_len);
+	/* By chunks where the server offers them (grpc_client_chunks.c). */
+	int r = cas_grpc_fetch_chunked(g->client, blobs_via, f, d, sink,
+				       userdata);
+	if (r != 0)
+		return r < 0 ? r : 0;
+	r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_READ_REQUEST, d, false,
+				       &req, &req_len);
 	if (r < 0)
 		return r;
 	r = cas_grpc_call(g->client, CAS_GRPC_BLOB_READ, req, req_len, NULL,

@@ -20,6 +20,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "core/chunker.h"
 #include "core/digest.h"
 
 #define CAS_GRPC_MAX_MESSAGE (16u << 20)
@@ -81,6 +82,12 @@ enum cas_grpc_method {
 	CAS_GRPC_BLOB_PUT,
 	CAS_GRPC_DIRECTORY_GET,
 	CAS_GRPC_DIRECTORY_PUT,
+	/* snix's BlobStoreService (2026). ChunkStoreService's StatChunk,
+	 * GetChunk and PutChunk are BLOB_STAT, BLOB_READ and BLOB_PUT: the
+	 * same messages field for field. */
+	CAS_GRPC_BS_STAT_BLOB,
+	CAS_GRPC_BS_GET_BLOB,
+	CAS_GRPC_BS_PUT_BLOB,
 };
 /* The two names of the same services and messages: snix renamed tvix's
  * package in March 2025 (docs/remote.md). */
@@ -125,6 +132,26 @@ enum {
 	CAS_GRPC_MSG_PUT_DIRECTORY_RESPONSE,
 	CAS_GRPC_MSG_STAT_RESPONSE,
 };
+
+/* snix's chunk messages (grpc_chunks.c). StatBlobRequest with its flags;
+ * -EINVAL with *ret_why for a request that does not decode. */
+int cas_grpc_decode_stat_request(const uint8_t *msg, size_t len,
+				 cas_digest *ret, bool *ret_chunks,
+				 bool *ret_bao, const char **ret_why);
+/* Framed StatBlobRequest. */
+int cas_grpc_encode_stat_request(const cas_digest *d, bool chunks, bool bao,
+				 uint8_t **ret, size_t *ret_len);
+/* Framed StatBlobResponse with n chunks and the outboard (may be empty);
+ * -EMSGSIZE past CAS_GRPC_MAX_MESSAGE. */
+int cas_grpc_encode_stat_response(const cas_chunk *chunks, size_t n,
+				  const uint8_t *bao, size_t bao_len,
+				  uint8_t **ret, size_t *ret_len);
+/* A StatBlobResponse from a peer: its chunks (malloc'd, NULL when none;
+ * each digest 32 bytes and size above 0) and its bao (pointing into msg,
+ * unverified). -EBADMSG for anything else. */
+int cas_grpc_decode_stat_response(const uint8_t *msg, size_t len,
+				  cas_chunk **ret_chunks, size_t *ret_n,
+				  const uint8_t **ret_bao, size_t *ret_bao_len);
 
 /* Percent-encodes a grpc-message value (gRPC's rule: bytes outside
  * 0x20-0x7e and '%'). */
@@ -176,5 +203,22 @@ int cas_grpc_call(cas_grpc_client *c, enum cas_grpc_method m,
 		  const uint8_t *req, size_t req_len, cas_grpc_produce produce,
 		  void *produce_ud, cas_grpc_msg_cb on_msg, void *msg_ud,
 		  int *ret_status, char *ret_message, size_t message_size);
+
+/* Large blobs by chunk (grpc_client_chunks.c). fetch is the client's
+ * batch of Reads (the fetcher's blobs_fetch: cb once per index). Asks
+ * Stat with send_chunks and send_bao; with a list of two chunks or more,
+ * fetches them in order, each verified against its digest (and the
+ * outboard, if sent) before sink gets its bytes: 1 when done so, 0 when
+ * the server offers no list (read the blob whole), -ENOENT when it lacks
+ * the blob, -EIO (logged) when a chunk is absent or wrong. */
+typedef void (*cas_grpc_blob_cb)(void *userdata, size_t i, int r,
+				 const uint8_t *buf, size_t len);
+typedef int (*cas_grpc_blobs_fn)(void *fetch_ud, const cas_digest *ds,
+				 size_t n, size_t max, cas_grpc_blob_cb cb,
+				 void *userdata);
+int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
+			   void *fetch_ud, const cas_digest *d,
+			   int (*sink)(void *, const void *, size_t),
+			   void *sink_ud);
 
 #endif

@@ -558,6 +558,7 @@ static void server_release(struct server *srv)
 	}
 	free(srv->workers);
 	free(srv->conns);
+	cas_chunk_index_free(srv->env.chunks);
 	pthread_cond_destroy(&srv->cond);
 	pthread_mutex_destroy(&srv->lock);
 }
@@ -650,6 +651,11 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 				     listen_spec);
 	if (r < 0)
 		return cas_log_errno(r, "listen %s: %m", listen_spec);
+	r = cas_chunk_index_new(s, &srv.env.chunks);
+	if (r < 0) {
+		close(lfd);
+		return cas_log_errno(r, "serve: %m");
+	}
 	if (wildcard)
 		cas_log_warning(
 			"serve: %s listens on every network interface%s", bound,

@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "store/chunk_index.h"
 #include "store/store.h"
 
 /* HTTP/2 streams a client may have open on one connection at once. */
@@ -51,7 +52,35 @@ struct cas_grpc_session_env {
 	uint64_t reserve;
 	/* Bytes held for requests by every session (the budget above). */
 	atomic_uint_least64_t *buffered;
+	/* Chunk lists of large blobs (send_chunks, GetBlob, Read of a
+	 * chunk); NULL: none are offered. */
+	cas_chunk_index *chunks;
 };
+
+/* Answers of snix's chunk calls (grpc_chunks.c): each decodes its
+ * request, asks the store and gives the framed reply (malloc'd), or
+ * -errno with *ret_why (NULL: the errno says it). Stat with send_chunks
+ * and send_bao (a chunk's digest is a blob with no finer list); StatBlob,
+ * GetBlob (a small blob is its own one chunk), PutBlob (the blob is
+ * assembled from its stored chunks and must hash to its digest). */
+int cas_grpc_serve_stat(const struct cas_grpc_session_env *env,
+			const uint8_t *req, size_t len, uint8_t **ret,
+			size_t *ret_len, const char **ret_why);
+int cas_grpc_serve_stat_blob(const struct cas_grpc_session_env *env,
+			     const uint8_t *req, size_t len, uint8_t **ret,
+			     size_t *ret_len, const char **ret_why);
+int cas_grpc_serve_get_blob(const struct cas_grpc_session_env *env,
+			    const uint8_t *req, size_t len, uint8_t **ret,
+			    size_t *ret_len, const char **ret_why);
+int cas_grpc_serve_put_blob(const struct cas_grpc_session_env *env,
+			    const uint8_t *req, size_t len, uint8_t **ret,
+			    size_t *ret_len, const char **ret_why);
+/* Where chunk d's bytes are: an fd of the blob holding it (the caller's)
+ * and the range. -ENOENT when no known list has it. */
+int cas_grpc_serve_locate_chunk(const struct cas_grpc_session_env *env,
+				const cas_digest *d, int *ret_fd,
+				uint64_t *ret_base, uint64_t *ret_size,
+				bool *ret_borrowed);
 
 struct cas_grpc_session;
 

@@ -389,6 +389,17 @@ static int respond_unary(struct cas_grpc_session *c, struct stream *st,
 	return respond_stream(c, st);
 }
 
+/* A unary answer built elsewhere (grpc_chunks.c): r < 0 fails the call. */
+static int respond_built(struct cas_grpc_session *c, struct stream *st, int r,
+			 uint8_t *reply, size_t reply_len, const char *why)
+{
+	if (r < 0)
+		return fail_call(c, st, r, why);
+	st->reply = reply;
+	st->reply_len = reply_len;
+	return respond_stream(c, st);
+}
+
 /* Calls ------------------------------------------------------------------ */
 
 static int on_message(void *userdata, const uint8_t *msg, size_t len);
@@ -537,6 +548,9 @@ static int finish_call(struct cas_grpc_session *c, struct stream *st)
 	case CAS_GRPC_BLOB_STAT:
 	case CAS_GRPC_BLOB_READ:
 	case CAS_GRPC_DIRECTORY_GET:
+	case CAS_GRPC_BS_STAT_BLOB:
+	case CAS_GRPC_BS_GET_BLOB:
+	case CAS_GRPC_BS_PUT_BLOB:
 		if (st->n_msgs != 1)
 			return fail_call(c, st, -EINVAL,
 					 "one request message expected");
@@ -545,17 +559,24 @@ static int finish_call(struct cas_grpc_session *c, struct stream *st)
 		break;
 	}
 	switch (st->method) {
-	case CAS_GRPC_BLOB_STAT: {
-		uint64_t size;
-		r = cas_grpc_decode_stat(st->req, st->req_len, &d, &why);
-		if (r < 0)
-			return fail_call(c, st, r, why);
-		r = s->ops->blob_stat(s, &d, &size);
-		if (r < 0)
-			return fail_call(c, st, r,
-					 r == -ENOENT ? "blob not found"
-						      : NULL);
-		return respond_unary(c, st, CAS_GRPC_MSG_STAT_RESPONSE, &d);
+	case CAS_GRPC_BLOB_STAT:
+	case CAS_GRPC_BS_STAT_BLOB:
+	case CAS_GRPC_BS_GET_BLOB:
+	case CAS_GRPC_BS_PUT_BLOB: {
+		uint8_t *reply = NULL;
+		size_t reply_len = 0;
+		int (*answer)(const struct cas_grpc_session_env *,
+			      const uint8_t *, size_t, uint8_t **, size_t *,
+			      const char **) =
+			st->method == CAS_GRPC_BLOB_STAT ? cas_grpc_serve_stat
+			: st->method == CAS_GRPC_BS_STAT_BLOB
+				? cas_grpc_serve_stat_blob
+			: st->method == CAS_GRPC_BS_GET_BLOB
+				? cas_grpc_serve_get_blob
+				: cas_grpc_serve_put_blob;
+		r = answer(c->env, st->req, st->req_len, &reply, &reply_len,
+			   &why);
+		return respond_built(c, st, r, reply, reply_len, why);
 	}
 	case CAS_GRPC_BLOB_READ:
 		r = cas_grpc_decode_read(st->req, st->req_len, &d, &why);
@@ -570,6 +591,11 @@ static int finish_call(struct cas_grpc_session *c, struct stream *st)
 		st->borrowed = r == 0;
 		if (r == -ENOENT)
 			r = s->ops->blob_open(s, &d, &st->fd, &st->size);
+		/* A chunk of a large blob (snix's send_chunks). */
+		if (r == -ENOENT)
+			r = cas_grpc_serve_locate_chunk(c->env, &d, &st->fd,
+							&st->base, &st->size,
+							&st->borrowed);
 		if (r < 0) {
 			st->fd = -1;
 			return fail_call(c, st, r,
@@ -692,6 +718,7 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame,
 				      "unknown method");
 		else if (c->env->read_only &&
 			 (st->method == CAS_GRPC_BLOB_PUT ||
+			  st->method == CAS_GRPC_BS_PUT_BLOB ||
 			  st->method == CAS_GRPC_DIRECTORY_PUT))
 			r = fail_call(c, st, -EROFS, "the server is read-only");
 	}

@@ -167,6 +167,12 @@ static const struct {
 	{"BlobService/Put", CAS_GRPC_BLOB_PUT},
 	{"DirectoryService/Get", CAS_GRPC_DIRECTORY_GET},
 	{"DirectoryService/Put", CAS_GRPC_DIRECTORY_PUT},
+	{"BlobStoreService/StatBlob", CAS_GRPC_BS_STAT_BLOB},
+	{"BlobStoreService/GetBlob", CAS_GRPC_BS_GET_BLOB},
+	{"BlobStoreService/PutBlob", CAS_GRPC_BS_PUT_BLOB},
+	{"ChunkStoreService/StatChunk", CAS_GRPC_BLOB_STAT},
+	{"ChunkStoreService/GetChunk", CAS_GRPC_BLOB_READ},
+	{"ChunkStoreService/PutChunk", CAS_GRPC_BLOB_PUT},
 };
 
 static const char *const packages[] = {
