@@ -190,8 +190,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		.buffered = &buffered,
 	};
 	struct cas_grpc_session *s;
-	if (cas_grpc_session_new(&env, &s) < 0)
+	/* Chunk lists as serve keeps them (snix's send_chunks, GetBlob). */
+	if (cas_chunk_index_new(&fake_store, &env.chunks) < 0)
 		return 0;
+	if (cas_grpc_session_new(&env, &s) < 0) {
+		cas_chunk_index_free(env.chunks);
+		return 0;
+	}
 	int r = cas_grpc_session_recv(s, preface, sizeof(preface) - 1);
 	if (r == 0)
 		r = drain(s);
@@ -207,6 +212,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	cas_grpc_session_goaway(s);
 	(void)drain(s);
 	cas_grpc_session_free(s);
+	cas_chunk_index_free(env.chunks);
 	if (atomic_load(&buffered) != 0)
 		__builtin_trap();
 	return 0;

@@ -4,10 +4,17 @@
  * byte stream (5-byte prefixes and messages), each message decoded as
  * the server or client does: Stat/Read/Get requests (protobuf-c),
  * BlobChunk (in place), Directory (canonical decoder), Put responses.
- * Kind 7 feeds the bytes to the published roots file parser instead. */
+ * Kind 7 feeds the bytes to the published roots file parser instead.
+ * First bytes 0xf0 and 0xf1 (which no older corpus file starts with) are
+ * snix's chunk messages: a StatBlobResponse as the client takes it (its
+ * chunk list, and its bao checked as an outboard of a blob of the list's
+ * size), and a StatBlobRequest with its flags as the server takes it. */
 #include <stddef.h>
 #include <stdint.h>
 
+#include <stdlib.h>
+
+#include "core/bao.h"
 #include "core/directory.h"
 #include "remote/grpc_i.h"
 #include "remote/remote_i.h"
@@ -25,6 +32,31 @@ static int on_msg(void *userdata, const uint8_t *msg, size_t len)
 	cas_directory *dir = NULL;
 
 	switch (kind) {
+	case 0xf0: {
+		cas_chunk *chunks = NULL;
+		size_t n = 0, bao_len = 0;
+		const uint8_t *bao = NULL;
+		uint64_t total = 0;
+		if (cas_grpc_decode_stat_response(msg, len, &chunks, &n, &bao,
+						  &bao_len) < 0)
+			break;
+		for (size_t i = 0; i < n; i++) {
+			if (chunks[i].size == 0)
+				__builtin_trap();
+			total += chunks[i].size;
+		}
+		if (bao_len && (bao < msg || bao + bao_len > msg + len))
+			__builtin_trap();
+		cas_digest zero = {{0}};
+		(void)cas_bao_outboard_verify(&zero, total, bao, bao_len);
+		free(chunks);
+		break;
+	}
+	case 0xf1: {
+		bool c, b;
+		(void)cas_grpc_decode_stat_request(msg, len, &d, &c, &b, &why);
+		break;
+	}
 	case 0:
 		(void)cas_grpc_decode_stat(msg, len, &d, &why);
 		break;
@@ -64,7 +96,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	if (size < 2)
 		return 0;
-	unsigned kind = data[0] % 8;
+	unsigned kind =
+		data[0] == 0xf0 || data[0] == 0xf1 ? data[0] : data[0] % 8u;
 	size_t split = data[1];
 	data += 2;
 	size -= 2;

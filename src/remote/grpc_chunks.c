@@ -34,7 +34,7 @@
 struct field {
 	uint32_t num;
 	unsigned wire;
-	uint64_t v;	   /* varint */
+	uint64_t v;	  /* varint */
 	const uint8_t *b; /* length-delimited */
 	size_t blen;
 };
@@ -158,14 +158,13 @@ static uint8_t *put_chunks(uint8_t *p, unsigned num, const cas_chunk *c,
 	return p;
 }
 
-static size_t chunks_len(unsigned num, const cas_chunk *c, size_t n)
+static size_t chunks_len(const cas_chunk *c, size_t n)
 {
 	size_t len = 0;
 	for (size_t i = 0; i < n; i++) {
 		size_t m = chunk_meta_len(&c[i]);
 		len += 1 + cas_varint_len(m) + m;
 	}
-	(void)num;
 	return len;
 }
 
@@ -173,7 +172,7 @@ int cas_grpc_encode_stat_response(const cas_chunk *chunks, size_t n,
 				  const uint8_t *bao, size_t bao_len,
 				  uint8_t **ret, size_t *ret_len)
 {
-	size_t body = chunks_len(2, chunks, n);
+	size_t body = chunks_len(chunks, n);
 	if (bao_len)
 		body += 1 + cas_varint_len(bao_len) + bao_len;
 	if (body > CAS_GRPC_MAX_MESSAGE)
@@ -262,7 +261,7 @@ int cas_grpc_decode_stat_response(const uint8_t *msg, size_t len,
 static int encode_get_blob_response(const cas_chunk *chunks, size_t n,
 				    uint8_t **ret, size_t *ret_len)
 {
-	size_t meta = chunks_len(2, chunks, n);
+	size_t meta = chunks_len(chunks, n);
 	size_t body = 1 + cas_varint_len(meta) + meta;
 	if (body > CAS_GRPC_MAX_MESSAGE)
 		return -EMSGSIZE;
@@ -346,8 +345,9 @@ static int blob_outboard(cas_store *s, const cas_digest *d, uint8_t **ret,
 		*ret = NULL;
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(d, hex);
-		return cas_log_errno(-EIO, "serve: blob %s: its bytes do not "
-					   "hash to its name",
+		return cas_log_errno(-EIO,
+				     "serve: blob %s: its bytes do not "
+				     "hash to its name",
 				     hex);
 	}
 	return r;

@@ -817,8 +817,8 @@ static int call_failed(struct grpc_fetcher *g, const char *what, int r,
 static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 			    size_t max, cas_fetch_blob_cb cb, void *userdata);
 
-static int blobs_via(void *fetch_ud, const cas_digest *ds, size_t n,
-		     size_t max, cas_grpc_blob_cb cb, void *userdata)
+static int blobs_via(void *fetch_ud, const cas_digest *ds, size_t n, size_t max,
+		     cas_grpc_blob_cb cb, void *userdata)
 {
 	return grpc_blobs_fetch(fetch_ud, ds, n, max, cb, userdata);
 }

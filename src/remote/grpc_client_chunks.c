@@ -116,8 +116,7 @@ static void window_cb(void *userdata, size_t i, int r, const uint8_t *buf,
 			      bhex, chex, w->url, len, c->size);
 	} else {
 		cas_log_error("blob %s: chunk %s from %s: %s", bhex, chex,
-			      w->url,
-			      r == -ENOENT ? "absent" : strerror(-r));
+			      w->url, r == -ENOENT ? "absent" : strerror(-r));
 	}
 	w->r[i] = r;
 }
@@ -219,10 +218,11 @@ int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
 			if (r >= 0 && gc &&
 			    group_feed(gc, w.bufs[j], chunks[i + j].size,
 				       i + j == n - 1) < 0)
-				r = cas_log_errno(-EIO,
-						  "blob %s: %s: chunk at %" PRIu64
-						  " disagrees with the outboard",
-						  hex, url, off);
+				r = cas_log_errno(
+					-EIO,
+					"blob %s: %s: chunk at %" PRIu64
+					" disagrees with the outboard",
+					hex, url, off);
 			if (r >= 0)
 				r = sink(sink_ud, w.bufs[j],
 					 chunks[i + j].size);

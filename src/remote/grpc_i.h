@@ -213,8 +213,8 @@ int cas_grpc_call(cas_grpc_client *c, enum cas_grpc_method m,
  * the blob, -EIO (logged) when a chunk is absent or wrong. */
 typedef void (*cas_grpc_blob_cb)(void *userdata, size_t i, int r,
 				 const uint8_t *buf, size_t len);
-typedef int (*cas_grpc_blobs_fn)(void *fetch_ud, const cas_digest *ds,
-				 size_t n, size_t max, cas_grpc_blob_cb cb,
+typedef int (*cas_grpc_blobs_fn)(void *fetch_ud, const cas_digest *ds, size_t n,
+				 size_t max, cas_grpc_blob_cb cb,
 				 void *userdata);
 int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
 			   void *fetch_ud, const cas_digest *d,
