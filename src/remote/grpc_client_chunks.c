@@ -81,7 +81,7 @@ struct window {
 	const cas_digest *blob;
 	const char *url;
 	const cas_chunk *chunks; /* of this window */
-	uint64_t first_off;
+	bool quiet;		 /* a failed chunk is the caller's to report */
 	uint8_t *bufs[WINDOW_CHUNKS];
 	int r[WINDOW_CHUNKS];
 };
@@ -110,6 +110,9 @@ static void window_cb(void *userdata, size_t i, int r, const uint8_t *buf,
 		r = -ENOMEM;
 	if (r == 0) {
 		memcpy(w->bufs[i], buf, len);
+	} else if (w->quiet) {
+		cas_log_debug("blob %s: chunk %s from %s: %s", bhex, chex,
+			      w->url, strerror(-r));
 	} else if (r == -EBADMSG) {
 		cas_log_error("blob %s: chunk %s from %s: wrong bytes (%zu, "
 			      "%" PRIu64 " expected)",
@@ -121,17 +124,19 @@ static void window_cb(void *userdata, size_t i, int r, const uint8_t *buf,
 	w->r[i] = r;
 }
 
-int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
-			   void *fetch_ud, const cas_digest *d,
-			   int (*sink)(void *, const void *, size_t),
-			   void *sink_ud)
+/* Stat with send_chunks and send_bao: the list (malloc'd) and the bao
+ * (pointing into *ret_msg, which the caller frees), and the size the
+ * list adds up to. -ENOENT when the server lacks the blob, -ENOTSUP when
+ * it gives no answer to use (read the blob whole), -EIO (logged) for an
+ * answer that does not decode or a chunk over CHUNK_MAX. */
+static int stat_list(cas_grpc_client *client, const cas_digest *d,
+		     uint8_t **ret_msg, cas_chunk **ret_chunks, size_t *ret_n,
+		     const uint8_t **ret_bao, size_t *ret_bao_len,
+		     uint64_t *ret_total)
 {
 	_cleanup_free_ uint8_t *req = NULL;
-	_cleanup_free_ cas_chunk *chunks = NULL;
-	_cleanup_free_ struct group_check *gc = NULL;
 	struct stat_reply sr = {0};
-	const uint8_t *bao;
-	size_t req_len, n = 0, bao_len;
+	size_t req_len;
 	char message[256], hex[CAS_DIGEST_HEX_LEN + 1];
 	const char *url = cas_grpc_client_url(client);
 	int status;
@@ -143,54 +148,71 @@ int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
 		return r;
 	r = cas_grpc_call(client, CAS_GRPC_BLOB_STAT, req, req_len, NULL, NULL,
 			  stat_msg, &sr, &status, message, sizeof(message));
-	if (r == -ENOENT) {
-		free(sr.msg);
-		return -ENOENT;
-	}
 	if (r < 0 || sr.count != 1) {
 		free(sr.msg);
-		return 0; /* no list to be had: Read it whole */
+		return r == -ENOENT ? -ENOENT : -ENOTSUP;
 	}
-	r = cas_grpc_decode_stat_response(sr.msg, sr.len, &chunks, &n, &bao,
-					  &bao_len);
+	r = cas_grpc_decode_stat_response(sr.msg, sr.len, ret_chunks, ret_n,
+					  ret_bao, ret_bao_len);
 	if (r < 0) {
 		free(sr.msg);
 		return cas_log_errno(-EIO,
 				     "blob %s: %s: Stat answer does not decode",
 				     hex, url);
 	}
-	for (size_t i = 0; i < n; i++) {
-		if (chunks[i].size > CHUNK_MAX ||
-		    total + chunks[i].size < total) {
+	for (size_t i = 0; i < *ret_n; i++) {
+		if (ret_chunks[0][i].size > CHUNK_MAX ||
+		    total + ret_chunks[0][i].size < total) {
 			free(sr.msg);
+			free(*ret_chunks);
+			*ret_chunks = NULL;
 			return cas_log_errno(-EIO,
 					     "blob %s: %s: a chunk of the list "
 					     "is over %u bytes",
 					     hex, url, CHUNK_MAX);
 		}
-		total += chunks[i].size;
+		total += ret_chunks[0][i].size;
 	}
-	if (n < 2) {
-		free(sr.msg);
+	*ret_msg = sr.msg;
+	*ret_total = total;
+	return 0;
+}
+
+int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
+			   void *fetch_ud, const cas_digest *d,
+			   int (*sink)(void *, const void *, size_t),
+			   void *sink_ud)
+{
+	_cleanup_free_ cas_chunk *chunks = NULL;
+	_cleanup_free_ struct group_check *gc = NULL;
+	_cleanup_free_ uint8_t *msg = NULL;
+	const uint8_t *bao;
+	size_t n = 0, bao_len;
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	const char *url = cas_grpc_client_url(client);
+	uint64_t total = 0;
+
+	cas_digest_to_hex(d, hex);
+	int r = stat_list(client, d, &msg, &chunks, &n, &bao, &bao_len, &total);
+	if (r == -ENOTSUP)
+		return 0; /* no list to be had: Read it whole */
+	if (r < 0)
+		return r;
+	if (n < 2)
 		return 0; /* small, or one chunk: the blob itself */
-	}
 	if (bao_len > 0) {
 		gc = malloc(sizeof(*gc));
-		if (!gc) {
-			free(sr.msg);
+		if (!gc)
 			return -ENOMEM;
-		}
 		*gc = (struct group_check){.digest = d,
 					   .size = total,
 					   .bao = bao,
 					   .bao_len = bao_len};
-		if (cas_bao_outboard_verify(d, total, bao, bao_len) < 0) {
-			free(sr.msg);
+		if (cas_bao_outboard_verify(d, total, bao, bao_len) < 0)
 			return cas_log_errno(-EIO,
 					     "blob %s: %s: the outboard does "
 					     "not match the blob's digest",
 					     hex, url);
-		}
 	}
 
 	struct window w = {.blob = d, .url = url};
@@ -206,7 +228,6 @@ int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
 			k++;
 		}
 		w.chunks = &chunks[i];
-		w.first_off = off;
 		for (size_t j = 0; j < k; j++) {
 			w.bufs[j] = NULL;
 			w.r[j] = -EIO;
@@ -231,6 +252,5 @@ int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
 		}
 		i += k;
 	}
-	free(sr.msg);
 	return r < 0 ? r : 1;
 }
