@@ -785,6 +785,7 @@ static int client_package(cas_grpc_client *c)
 struct grpc_fetcher {
 	cas_fetcher base;
 	cas_grpc_client *client;
+	struct cas_grpc_lists *lists; /* of large blobs held in part */
 };
 
 struct read_ctx {
@@ -1157,7 +1158,25 @@ static void grpc_fetcher_free(cas_fetcher *f)
 {
 	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
 	cas_grpc_client_free(g->client);
+	cas_grpc_lists_free(g->lists);
 	free(g);
+}
+
+static int grpc_outboard_fetch(cas_fetcher *f, const cas_digest *d, size_t max,
+			       uint8_t **ret_buf, size_t *ret_len)
+{
+	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
+	return cas_grpc_outboard_fetch(g->client, g->lists, d, max, ret_buf,
+				       ret_len);
+}
+
+static int grpc_blob_range_fetch(cas_fetcher *f, const cas_digest *d,
+				 uint64_t off, size_t len, uint8_t *buf,
+				 size_t *ret_len)
+{
+	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
+	return cas_grpc_range_fetch(g->client, g->lists, blobs_via, f, d, off,
+				    len, buf, ret_len);
 }
 
 static const struct cas_fetcher_ops grpc_fetcher_ops = {
@@ -1165,6 +1184,8 @@ static const struct cas_fetcher_ops grpc_fetcher_ops = {
 	.directories_fetch = grpc_directories_fetch,
 	.directory_fetch_tree = grpc_directory_fetch_tree,
 	.blobs_fetch = grpc_blobs_fetch,
+	.outboard_fetch = grpc_outboard_fetch,
+	.blob_range_fetch = grpc_blob_range_fetch,
 	.free = grpc_fetcher_free,
 };
 
@@ -1174,6 +1195,8 @@ int cas_grpc_fetcher_new(const char *url, cas_fetcher **ret)
 	if (!g)
 		return -ENOMEM;
 	int r = cas_grpc_client_new(url, &g->client);
+	if (r >= 0 && (r = cas_grpc_lists_new(&g->lists)) < 0)
+		cas_grpc_client_free(g->client);
 	if (r < 0) {
 		free(g);
 		return r;

@@ -7,15 +7,24 @@
  * whole against the blob's digest as for any fetch. A server that gives
  * no list (a small blob, tvix) is read whole with one Read, as before.
  *
+ * With a list and an outboard, the cache may hold the blob in part
+ * (its partial blobs): then it asks for the outboard (outboard_fetch:
+ * the Stat, whose list is kept here) and for ranges (blob_range_fetch:
+ * the chunks that cover the range, each verified against its digest,
+ * and the range cut out of them; the cache verifies the range against
+ * the outboard before use).
+ *
  * Memory: at most WINDOW_BYTES of chunks are held at once; a list whose
  * chunk is over CHUNK_MAX is refused (snix cuts at most 1 MiB).
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/bao.h"
+#include "core/dmap.h"
 #include "core/log.h"
 #include "core/util.h"
 #include "remote/grpc_i.h"
@@ -127,8 +136,9 @@ static void window_cb(void *userdata, size_t i, int r, const uint8_t *buf,
 /* Stat with send_chunks and send_bao: the list (malloc'd) and the bao
  * (pointing into *ret_msg, which the caller frees), and the size the
  * list adds up to. -ENOENT when the server lacks the blob, -ENOTSUP when
- * it gives no answer to use (read the blob whole), -EIO (logged) for an
- * answer that does not decode or a chunk over CHUNK_MAX. */
+ * it answers but gives nothing to use (read the blob whole), -EIO
+ * (logged) when it cannot be reached, for an answer that does not decode
+ * or a chunk over CHUNK_MAX. */
 static int stat_list(cas_grpc_client *client, const cas_digest *d,
 		     uint8_t **ret_msg, cas_chunk **ret_chunks, size_t *ret_n,
 		     const uint8_t **ret_bao, size_t *ret_bao_len,
@@ -150,7 +160,11 @@ static int stat_list(cas_grpc_client *client, const cas_digest *d,
 			  stat_msg, &sr, &status, message, sizeof(message));
 	if (r < 0 || sr.count != 1) {
 		free(sr.msg);
-		return r == -ENOENT ? -ENOENT : -ENOTSUP;
+		/* A transport failure is logged already; a server that
+		 * answers but not with a list is read whole. */
+		if (r == -ENOENT || (r < 0 && status < 0))
+			return r;
+		return -ENOTSUP;
 	}
 	r = cas_grpc_decode_stat_response(sr.msg, sr.len, ret_chunks, ret_n,
 					  ret_bao, ret_bao_len);
@@ -253,4 +267,209 @@ int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
 		i += k;
 	}
 	return r < 0 ? r : 1;
+}
+
+/* Ranges of large blobs (the cache's partial blobs: remote_i.h's
+ * outboard_fetch and blob_range_fetch) -------------------------------- */
+
+/* The lists of the blobs whose outboard was fetched, for the ranges
+ * that follow. Bounded: past LISTS_MAX blobs, the table starts over (a
+ * range of a forgotten blob asks Stat again). */
+#define LISTS_MAX 1024
+
+struct blob_list {
+	cas_chunk *chunks;
+	uint64_t *offs; /* n + 1: where each chunk starts, then the size */
+	size_t n;
+};
+
+struct cas_grpc_lists {
+	pthread_mutex_t lock;
+	struct cas_dmap m; /* digest -> blob_list; lock */
+};
+
+static void blob_list_free(void *v)
+{
+	struct blob_list *b = v;
+	if (b) {
+		free(b->chunks);
+		free(b->offs);
+	}
+	free(b);
+}
+
+int cas_grpc_lists_new(struct cas_grpc_lists **ret)
+{
+	struct cas_grpc_lists *l = calloc(1, sizeof(*l));
+	if (!l)
+		return -ENOMEM;
+	pthread_mutex_init(&l->lock, NULL);
+	*ret = l;
+	return 0;
+}
+
+void cas_grpc_lists_free(struct cas_grpc_lists *l)
+{
+	if (!l)
+		return;
+	cas_dmap_release(&l->m, blob_list_free);
+	pthread_mutex_destroy(&l->lock);
+	free(l);
+}
+
+/* The blob's list and outboard from the server (both needed for ranges):
+ * the list is kept in l; the outboard copied out (malloc'd). -ENOENT
+ * when the server gives no list of two chunks or more, or no outboard. */
+static int learn(cas_grpc_client *client, struct cas_grpc_lists *l,
+		 const cas_digest *d, size_t max, uint8_t **ret_bao,
+		 size_t *ret_bao_len)
+{
+	struct blob_list *b = calloc(1, sizeof(*b));
+	const uint8_t *bao;
+	size_t bao_len;
+	uint64_t total;
+	uint8_t *msg = NULL;
+	if (!b)
+		return -ENOMEM;
+	int r = stat_list(client, d, &msg, &b->chunks, &b->n, &bao, &bao_len,
+			  &total);
+	if (r == -ENOTSUP)
+		r = -ENOENT; /* no list: the blob is read whole */
+	if (r == 0 && (b->n < 2 || bao_len == 0))
+		r = -ENOENT;
+	if (r == 0 && bao_len > max)
+		r = -EIO;
+	if (r == 0 && !(b->offs = malloc((b->n + 1) * sizeof(*b->offs))))
+		r = -ENOMEM;
+	if (r == 0 && ret_bao && !(*ret_bao = malloc(bao_len)))
+		r = -ENOMEM;
+	if (r < 0) {
+		free(msg);
+		blob_list_free(b);
+		return r;
+	}
+	if (ret_bao) {
+		memcpy(*ret_bao, bao, bao_len);
+		*ret_bao_len = bao_len;
+	}
+	free(msg);
+	b->offs[0] = 0;
+	for (size_t i = 0; i < b->n; i++)
+		b->offs[i + 1] = b->offs[i] + b->chunks[i].size;
+	pthread_mutex_lock(&l->lock);
+	if (l->m.n >= LISTS_MAX)
+		cas_dmap_release(&l->m, blob_list_free);
+	struct cas_dmap_entry *e = cas_dmap_find(&l->m, d);
+	if (e) {
+		blob_list_free(e->value);
+		e->value = b;
+		r = 0;
+	} else {
+		r = cas_dmap_put(&l->m, d, b);
+	}
+	pthread_mutex_unlock(&l->lock);
+	if (r < 0) {
+		blob_list_free(b);
+		if (ret_bao)
+			free(*ret_bao);
+		return r;
+	}
+	return 0;
+}
+
+int cas_grpc_outboard_fetch(cas_grpc_client *client, struct cas_grpc_lists *l,
+			    const cas_digest *d, size_t max, uint8_t **ret_buf,
+			    size_t *ret_len)
+{
+	return learn(client, l, d, max, ret_buf, ret_len);
+}
+
+/* A copy of the list's chunks [i, j) covering [off, off + len), and
+ * where chunk i starts. -ENOENT when the list is not known. */
+static int cover(struct cas_grpc_lists *l, const cas_digest *d, uint64_t off,
+		 size_t len, cas_chunk **ret, size_t *ret_n,
+		 uint64_t *ret_first_off)
+{
+	int r = -ENOENT;
+	pthread_mutex_lock(&l->lock);
+	struct cas_dmap_entry *e = cas_dmap_find(&l->m, d);
+	if (e) {
+		const struct blob_list *b = e->value;
+		uint64_t end = off + len;
+		size_t lo = 0, hi = b->n; /* first chunk ending after off */
+		while (lo < hi) {
+			size_t mid = lo + (hi - lo) / 2;
+			if (b->offs[mid + 1] <= off)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		size_t j = lo;
+		while (j < b->n && b->offs[j] < end)
+			j++;
+		*ret_n = j - lo;
+		*ret_first_off = lo < b->n ? b->offs[lo] : b->offs[b->n];
+		*ret = malloc((*ret_n ? *ret_n : 1) * sizeof(**ret));
+		r = *ret ? 0 : -ENOMEM;
+		if (*ret && *ret_n)
+			memcpy(*ret, &b->chunks[lo], *ret_n * sizeof(**ret));
+	}
+	pthread_mutex_unlock(&l->lock);
+	return r;
+}
+
+int cas_grpc_range_fetch(cas_grpc_client *client, struct cas_grpc_lists *l,
+			 cas_grpc_blobs_fn fetch, void *fetch_ud,
+			 const cas_digest *d, uint64_t off, size_t len,
+			 uint8_t *buf, size_t *ret_len)
+{
+	_cleanup_free_ cas_chunk *chunks = NULL;
+	size_t n = 0;
+	uint64_t at;
+	*ret_len = 0;
+	int r = cover(l, d, off, len, &chunks, &n, &at);
+	if (r == -ENOENT) {
+		/* Forgotten (or another process's open): ask again. */
+		r = learn(client, l, d, SIZE_MAX, NULL, NULL);
+		if (r == 0)
+			r = cover(l, d, off, len, &chunks, &n, &at);
+	}
+	if (r < 0)
+		return r;
+	struct window w = {
+		.blob = d, .url = cas_grpc_client_url(client), .quiet = true};
+	cas_digest ds[WINDOW_CHUNKS];
+	for (size_t i = 0; i < n && r >= 0;) {
+		size_t k = 0, bytes = 0, max = 0;
+		while (i + k < n && k < WINDOW_CHUNKS &&
+		       (k == 0 || bytes + chunks[i + k].size <= WINDOW_BYTES)) {
+			ds[k] = chunks[i + k].digest;
+			bytes += chunks[i + k].size;
+			max = CAS_MAX(max, (size_t)chunks[i + k].size);
+			k++;
+		}
+		w.chunks = &chunks[i];
+		for (size_t j = 0; j < k; j++) {
+			w.bufs[j] = NULL;
+			w.r[j] = -EIO;
+		}
+		r = fetch(fetch_ud, ds, k, max, window_cb, &w);
+		for (size_t j = 0; j < k; j++) {
+			if (r >= 0 && w.r[j] < 0)
+				r = -EIO;
+			/* The part of this chunk inside [off, off + len). */
+			uint64_t cend = at + chunks[i + j].size;
+			uint64_t from = CAS_MAX(at, off);
+			uint64_t to = CAS_MIN(cend, off + len);
+			if (r >= 0 && to > from) {
+				memcpy(buf + (from - off),
+				       w.bufs[j] + (from - at), to - from);
+				*ret_len = (size_t)(to - off);
+			}
+			at = cend;
+			free(w.bufs[j]);
+		}
+		i += k;
+	}
+	return r < 0 ? r : 0;
 }

@@ -221,4 +221,22 @@ int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
 			   int (*sink)(void *, const void *, size_t),
 			   void *sink_ud);
 
+/* Ranges of large blobs for the cache's partial blobs (remote_i.h's
+ * outboard_fetch and blob_range_fetch). The lists of blobs whose
+ * outboard was fetched are kept in a table of the fetcher (thread-safe,
+ * bounded). outboard: -ENOENT unless the server gives both a list of two
+ * chunks or more and an outboard (else the blob is read whole); range:
+ * the chunks covering [off, off + len), each verified, cut to the range
+ * into buf (*ret_len short where the blob ends); quiet. */
+struct cas_grpc_lists;
+int cas_grpc_lists_new(struct cas_grpc_lists **ret);
+void cas_grpc_lists_free(struct cas_grpc_lists *l);
+int cas_grpc_outboard_fetch(cas_grpc_client *client, struct cas_grpc_lists *l,
+			    const cas_digest *d, size_t max, uint8_t **ret_buf,
+			    size_t *ret_len);
+int cas_grpc_range_fetch(cas_grpc_client *client, struct cas_grpc_lists *l,
+			 cas_grpc_blobs_fn fetch, void *fetch_ud,
+			 const cas_digest *d, uint64_t off, size_t len,
+			 uint8_t *buf, size_t *ret_len);
+
 #endif
