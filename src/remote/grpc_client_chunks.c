@@ -418,10 +418,10 @@ static int cover(struct cas_grpc_lists *l, const cas_digest *d, uint64_t off,
 	return r;
 }
 
-int cas_grpc_range_fetch(cas_grpc_client *client, struct cas_grpc_lists *l,
-			 cas_grpc_blobs_fn fetch, void *fetch_ud,
-			 const cas_digest *d, uint64_t off, size_t len,
-			 uint8_t *buf, size_t *ret_len)
+static int range_once(cas_grpc_client *client, struct cas_grpc_lists *l,
+		      cas_grpc_blobs_fn fetch, void *fetch_ud,
+		      const cas_digest *d, uint64_t off, size_t len,
+		      uint8_t *buf, size_t *ret_len, bool *ret_absent)
 {
 	_cleanup_free_ cas_chunk *chunks = NULL;
 	size_t n = 0;
@@ -455,6 +455,8 @@ int cas_grpc_range_fetch(cas_grpc_client *client, struct cas_grpc_lists *l,
 		}
 		r = fetch(fetch_ud, ds, k, max, window_cb, &w);
 		for (size_t j = 0; j < k; j++) {
+			if (w.r[j] == -ENOENT)
+				*ret_absent = true;
 			if (r >= 0 && w.r[j] < 0)
 				r = -EIO;
 			/* The part of this chunk inside [off, off + len). */
@@ -472,4 +474,20 @@ int cas_grpc_range_fetch(cas_grpc_client *client, struct cas_grpc_lists *l,
 		i += k;
 	}
 	return r < 0 ? r : 0;
+}
+
+int cas_grpc_range_fetch(cas_grpc_client *client, struct cas_grpc_lists *l,
+			 cas_grpc_blobs_fn fetch, void *fetch_ud,
+			 const cas_digest *d, uint64_t off, size_t len,
+			 uint8_t *buf, size_t *ret_len)
+{
+	bool absent = false;
+	int r = range_once(client, l, fetch, fetch_ud, d, off, len, buf,
+			   ret_len, &absent);
+	/* A server keeps its chunk lists in memory (castore serve does): a
+	 * restarted one knows a chunk again after a Stat of its blob. */
+	if (r < 0 && absent && learn(client, l, d, SIZE_MAX, NULL, NULL) == 0)
+		r = range_once(client, l, fetch, fetch_ud, d, off, len, buf,
+			       ret_len, &absent);
+	return r;
 }
