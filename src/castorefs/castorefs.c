@@ -55,6 +55,8 @@
 #define HANDLE_CHUNK_BITS 10
 #define HANDLE_CHUNK	  (1u << HANDLE_CHUNK_BITS)
 #define HANDLE_MAX_CHUNKS 4096
+/* Handles kept for READs that come without one (zero-message open). */
+#define INO_HANDLES 64
 
 struct root_list {
 	size_t n;
@@ -71,11 +73,12 @@ struct cas_handle {
 	 * hold on a recycled slot is undone before it can matter. */
 	_Atomic uint32_t refs;
 	/* Atomic because READ reads them without a lock. */
-	_Atomic int fd;	       /* file: the blob, or a file holding it */
-	_Atomic uint64_t size; /* file: the blob's size */
-	uint64_t base;	       /* where the blob starts in fd */
-	bool fd_owned;	       /* else the store's (a pack): not closed */
-	uint8_t *data;	       /* small file: its bytes instead of fd */
+	_Atomic int fd;		 /* file: the blob, or a file holding it */
+	_Atomic uint64_t size;	 /* file: the blob's size */
+	uint64_t base;		 /* where the blob starts in fd */
+	bool fd_owned;		 /* else the store's (a pack): not closed */
+	uint8_t *data;		 /* small file: its bytes instead of fd */
+	uint64_t ino;		 /* file: whose content, set before publish */
 	/* A large remote blob held in part (store.h blob_open_ranged):
 	 * each READ first asks the store for its range. Fixed at open. */
 	bool ranged;
@@ -106,6 +109,9 @@ struct cas_fs {
 	uint32_t n_slots;    /* protected by handle_lock */
 	uint32_t free_head;  /* protected by handle_lock; UINT32_MAX: none */
 	uint32_t handle_gen; /* protected by handle_lock */
+	/* READs without a handle: fh of a handle per ino % INO_HANDLES
+	 * (handle_hold_ino), 0 for none. */
+	_Atomic uint64_t ino_handles[INO_HANDLES];
 };
 
 /* Content -------------------------------------------------------------- */
@@ -301,6 +307,10 @@ static int fs_init(void *fs_, struct cas_fuse_conn *conn)
 	 * folder and pass); only the root listing (--list-root) needs its
 	 * per-open snapshot and no kernel cache, as roots come and go. */
 	conn->want_no_opendir = !fs->opts.list_root;
+	/* Likewise files, unless passthrough is used: it is set up in the
+	 * open reply, so the kernel must ask. READ then finds the blob by
+	 * node id (handle_hold_ino). */
+	conn->want_no_open = !conn->want_passthrough;
 	return 0;
 }
 
@@ -474,6 +484,7 @@ static int handle_new(struct cas_fs *fs, struct cas_handle **ret)
 	h->base = 0;
 	h->fd_owned = true;
 	h->data = NULL;
+	h->ino = 0;
 	h->roots = NULL;
 	atomic_store(&h->refs, 1);
 	/* Not findable until the caller fills it and calls handle_publish. */
@@ -557,12 +568,10 @@ static int handle_release(struct cas_fs *fs, uint64_t fh)
 	return 0;
 }
 
-static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
-		   struct cas_fuse_open *ret)
+/* A handle for the content of file ino, filled and not published yet:
+ * returns its generation (handle_publish) or -errno. */
+static int handle_open(struct cas_fs *fs, uint64_t ino, struct cas_handle **ret)
 {
-	struct cas_fs *fs = fs_;
-	if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC))
-		return -EROFS;
 	struct cas_inode in;
 	int r = inode_get(fs, ino, &in);
 	if (r < 0)
@@ -624,13 +633,14 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 		return -EIO;
 	}
 	struct cas_handle *h;
-	r = handle_new(fs, &h);
-	if (r < 0) {
+	int gen = handle_new(fs, &h);
+	if (gen < 0) {
 		if (fd >= 0 && owned)
 			close(fd);
 		free(data);
-		return r;
+		return gen;
 	}
+	h->ino = ino;
 	h->fd = fd;
 	h->fd_owned = owned;
 	h->base = base;
@@ -638,12 +648,57 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	h->size = size;
 	h->ranged = ranged;
 	h->digest = dg;
+	*ret = h;
+	return gen;
+}
+
+static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
+		   struct cas_fuse_open *ret)
+{
+	struct cas_fs *fs = fs_;
+	if ((flags & O_ACCMODE) != O_RDONLY || (flags & O_TRUNC))
+		return -EROFS;
+	struct cas_handle *h;
+	int r = handle_open(fs, ino, &h);
+	if (r < 0)
+		return r;
 	ret->fh = handle_publish(h, (uint32_t)r);
 	ret->open_flags = CAS_FOPEN_KEEP_CACHE | CAS_FOPEN_NOFLUSH;
 	/* Passthrough needs a file that is the blob from offset 0, and one
 	 * that is whole: the kernel would read a partial one unasked. */
-	ret->backing_fd = owned && base == 0 && !ranged ? fd : -1;
+	ret->backing_fd =
+		h->fd_owned && h->base == 0 && !h->ranged ? h->fd : -1;
 	return 0;
+}
+
+/* A READ without a handle (zero-message open: the kernel opened the file
+ * itself) holds one of the handles kept per inode in a small table, found
+ * by ino, made on a miss (replacing the slot's previous one): so a read
+ * costs no store lookup or open while its file is being read, and the
+ * table bounds the fds so kept (no fd per inode). Returns the handle,
+ * held, or NULL with *ret_error set. */
+static struct cas_handle *handle_hold_ino(struct cas_fs *fs, uint64_t ino,
+					  int *ret_error)
+{
+	_Atomic uint64_t *slot = &fs->ino_handles[ino % INO_HANDLES];
+	uint64_t fh = atomic_load_explicit(slot, memory_order_acquire);
+	struct cas_handle *h = fh ? handle_hold(fs, fh) : NULL;
+	if (h) {
+		if (h->ino == ino)
+			return h;
+		handle_unref(fs, h);
+	}
+	int r = handle_open(fs, ino, &h);
+	if (r < 0) {
+		*ret_error = r;
+		return NULL;
+	}
+	atomic_fetch_add(&h->refs, 1); /* the READ's; the slot keeps one */
+	fh = handle_publish(h, (uint32_t)r);
+	uint64_t old = atomic_exchange(slot, fh);
+	if (old)
+		(void)handle_release(fs, old);
+	return h;
 }
 
 /* The hot path: no lock, no allocation; a copy only for small files. */
@@ -651,7 +706,16 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		   uint32_t size, struct cas_fuse_read *ret)
 {
 	struct cas_fs *fs = fs_;
-	struct cas_handle *h = handle_hold(fs, fh);
+	struct cas_handle *h;
+	if (fh == 0) {
+		int r = -EBADF;
+		h = handle_hold_ino(fs, ino, &r);
+		if (!h)
+			return r;
+		ret->fh = atomic_load_explicit(&h->fh, memory_order_relaxed);
+	} else {
+		h = handle_hold(fs, fh);
+	}
 	if (!h)
 		return -EBADF;
 	int fd = atomic_load_explicit(&h->fd, memory_order_relaxed);

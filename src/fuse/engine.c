@@ -532,6 +532,7 @@ static int do_init(struct req *q)
 		.io_uring = s->cfg.io_uring &&
 			    (offered & CAS_FUSE_OVER_IO_URING) != 0,
 		.can_no_opendir = (offered & FUSE_NO_OPENDIR_SUPPORT) != 0,
+		.can_no_open = (offered & FUSE_NO_OPEN_SUPPORT) != 0,
 	};
 	conn.want_passthrough = conn.can_passthrough;
 	conn.want_readdirplus = conn.can_readdirplus;
@@ -546,6 +547,8 @@ static int do_init(struct req *q)
 	conn.want_passthrough = conn.want_passthrough && conn.can_passthrough;
 	conn.want_readdirplus = conn.want_readdirplus && conn.can_readdirplus;
 	conn.want_no_opendir = conn.want_no_opendir && conn.can_no_opendir;
+	conn.want_no_open =
+		conn.want_no_open && conn.can_no_open && !conn.want_passthrough;
 	conn.max_pages = CAS_MIN(CAS_MAX(conn.max_pages, 1u), s->max_pages);
 	conn.max_readahead = CAS_MIN(conn.max_readahead, in.max_readahead);
 	conn.max_write = CAS_MAX(conn.max_write, (uint32_t)CAS_FUSE_PAGE);
@@ -787,9 +790,10 @@ static int do_open(struct req *q, bool dir)
 		return -EROFS;
 	int (*op)(void *, uint64_t, uint32_t, struct cas_fuse_open *) =
 		dir ? s->ops->opendir : s->ops->open;
-	/* The kernel takes this ENOSYS as "open every folder yourself, cached"
-	 * (engine.h, want_no_opendir): no more OPENDIR or RELEASEDIR. */
-	if (!op || (dir && s->conn.want_no_opendir))
+	/* The kernel takes this ENOSYS as "open every folder (file) yourself,
+	 * cached" (engine.h, want_no_opendir, want_no_open): no more OPENDIR
+	 * and RELEASEDIR (OPEN and RELEASE). */
+	if (!op || (dir ? s->conn.want_no_opendir : s->conn.want_no_open))
 		return -ENOSYS;
 	struct cas_fuse_open o = {.backing_fd = -1};
 	r = op(s->fs, q->h.nodeid, in.flags, &o);
@@ -869,14 +873,15 @@ static int do_read(struct req *q)
 	uint8_t *buf = reply_payload(q->reply, 0);
 	if (!buf)
 		return -EIO;
-	struct cas_fuse_read rd = {.buf = buf, .len = size, .fd = -1};
+	struct cas_fuse_read rd = {
+		.buf = buf, .len = size, .fd = -1, .fh = in.fh};
 	r = s->ops->read(s->fs, q->h.nodeid, in.fh, in.offset, (uint32_t)size,
 			 &rd);
 	if (r < 0)
 		return r;
 	if (rd.len > size) {
 		if (rd.fd >= 0 && s->ops->read_done)
-			s->ops->read_done(s->fs, q->h.nodeid, in.fh);
+			s->ops->read_done(s->fs, q->h.nodeid, rd.fh);
 		return cas_log_errno(
 			-EIO,
 			"fuse: read of node %llu returned %zu > %zu bytes",
@@ -888,7 +893,7 @@ static int do_read(struct req *q)
 		q->reply->fd_offset = rd.fd_offset;
 		q->reply->fd_len = rd.len;
 		q->reply->fd_ino = q->h.nodeid;
-		q->reply->fd_fh = in.fh;
+		q->reply->fd_fh = rd.fh;
 	} else {
 		q->reply->len = OUT_HDR + rd.len;
 	}
@@ -1110,7 +1115,10 @@ static const struct opdesc opcodes[] = {
 	[FUSE_GETXATTR] = {"GETXATTR", 10, 0, do_getxattr, 0},
 	[FUSE_LISTXATTR] = {"LISTXATTR", 8, 0, do_listxattr, 0},
 	MOD(FUSE_REMOVEXATTR, "REMOVEXATTR", 0),
-	[FUSE_FLUSH] = {"FLUSH", 0, 0, do_ok, 0},
+	/* Nothing is ever written through us, so there is nothing to flush;
+	 * ENOSYS makes the kernel stop sending FLUSH for the connection
+	 * (files it opened itself, zero-message open, lack FOPEN_NOFLUSH). */
+	UNSUP(FUSE_FLUSH, "FLUSH", 0, -ENOSYS),
 	[FUSE_INIT] = {"INIT", 8, OP_BEFORE_INIT, do_init, 0},
 	[FUSE_OPENDIR] = {"OPENDIR", 8, 0, do_opendir, 0},
 	[FUSE_READDIR] = {"READDIR", 24, 0, do_readdir_plain, 0},

@@ -91,6 +91,10 @@ struct cas_fuse_read {
 	 * its handle; release comes only after). */
 	int fd;
 	uint64_t fd_offset;
+	/* in: the request's file handle; out: the handle read_done gets. A
+	 * READ without one (fh 0, after zero-message open) may hold a handle
+	 * the fs found or made itself, and says which here. */
+	uint64_t fh;
 };
 
 /* Adds one directory entry while filling a READDIR(PLUS) reply. Returns 1
@@ -133,6 +137,14 @@ struct cas_fuse_conn {
 	 * whose readdir needs no handle. Default: off. */
 	bool can_no_opendir;
 	bool want_no_opendir;
+	/* Zero-message open (FUSE_NO_OPEN_SUPPORT), the same for files: OPEN
+	 * is answered ENOSYS, the kernel then opens every file itself with
+	 * KEEP_CACHE, no RELEASE follows, and READ comes with fh 0 (the fs
+	 * finds the content from the node id). It ends FUSE passthrough for
+	 * the connection (passthrough is chosen in an open reply), so the
+	 * engine refuses it while want_passthrough is set. Default: off. */
+	bool can_no_open;
+	bool want_no_open;
 };
 
 struct cas_fuse_ops {

@@ -42,6 +42,7 @@ struct fake {
 	bool init_clear_passthrough;
 	bool init_clear_readdirplus;
 	bool init_no_opendir;
+	bool init_no_open;
 	bool with_xattr;
 	struct cas_fuse_conn seen_conn;
 	/* transport side */
@@ -98,6 +99,8 @@ static int f_init(void *fs, struct cas_fuse_conn *conn)
 		conn->want_readdirplus = false;
 	if (f->init_no_opendir)
 		conn->want_no_opendir = true;
+	if (f->init_no_open)
+		conn->want_no_open = true;
 	f->seen_conn = *conn;
 	return 0;
 }
@@ -177,7 +180,11 @@ static int f_read(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
 		  uint32_t size, struct cas_fuse_read *ret)
 {
 	struct fake *f = fs;
-	if (fh != ino * 100)
+	if (ret->fh != fh)
+		return -EPROTO;	 /* the engine passes the request's fh */
+	if (fh == 0 && ino == 5) /* zero-message open: a handle of our own */
+		ret->fh = fh = 4200 + ino * 100;
+	else if (fh != ino * 100)
 		return -EBADF;
 	uint64_t fsize = ino == 2 ? FILE_SIZE : FDFILE_SIZE;
 	uint64_t n = off >= fsize ? 0 : fsize - off;
@@ -465,8 +472,8 @@ static const uint64_t kernel_flags =
 	FUSE_FLOCK_LOCKS | FUSE_DO_READDIRPLUS | FUSE_READDIRPLUS_AUTO |
 	FUSE_ASYNC_DIO | FUSE_WRITEBACK_CACHE | FUSE_PARALLEL_DIROPS |
 	FUSE_MAX_PAGES | FUSE_CACHE_SYMLINKS | FUSE_NO_OPENDIR_SUPPORT |
-	FUSE_INIT_EXT | FUSE_SECURITY_CTX | CAS_FUSE_PASSTHROUGH |
-	CAS_FUSE_NO_EXPORT_SUPPORT;
+	FUSE_NO_OPEN_SUPPORT | FUSE_INIT_EXT | FUSE_SECURITY_CTX |
+	CAS_FUSE_PASSTHROUGH | CAS_FUSE_NO_EXPORT_SUPPORT;
 
 static struct cas_fuse_session *ready_session(bool passthrough)
 {
@@ -1112,10 +1119,11 @@ static void test_truncated(void)
 		CHECK(run_err(s, &r) == -ENOSYS);
 	}
 	/* Known but unsupported. */
-	uint32_t enosys[] = {
-		FUSE_GETLK,	FUSE_SETLK,	   FUSE_SETLKW,
-		FUSE_BMAP,	FUSE_POLL,	   FUSE_LSEEK,
-		CAS_FUSE_STATX, FUSE_SETUPMAPPING, FUSE_REMOVEMAPPING};
+	uint32_t enosys[] = {FUSE_FLUSH,	FUSE_GETLK,
+			     FUSE_SETLK,	FUSE_SETLKW,
+			     FUSE_BMAP,		FUSE_POLL,
+			     FUSE_LSEEK,	CAS_FUSE_STATX,
+			     FUSE_SETUPMAPPING, FUSE_REMOVEMAPPING};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(enosys); i++) {
 		req_start(&r, enosys[i], 2);
 		req_add(&r, reply_buf, 64);
@@ -1126,7 +1134,7 @@ static void test_truncated(void)
 	req_end(&r);
 	CHECK(run_err(s, &r) == -ENOTTY);
 	/* Harmless ones answer 0. */
-	uint32_t ok[] = {FUSE_FLUSH, FUSE_FSYNC, FUSE_FSYNCDIR, FUSE_SYNCFS};
+	uint32_t ok[] = {FUSE_FSYNC, FUSE_FSYNCDIR, FUSE_SYNCFS};
 	for (size_t i = 0; i < CAS_ARRAY_SIZE(ok); i++) {
 		req_start(&r, ok[i], 2);
 		req_add(&r, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
@@ -1940,6 +1948,70 @@ static void test_no_opendir(void)
 	}
 }
 
+/* Zero-message open: OPEN answered ENOSYS where the kernel offers it and
+ * passthrough is not in use; a READ with fh 0 then holds whatever handle
+ * the fs says, and read_done gets that one. */
+static void test_no_open(void)
+{
+	for (int pt = 0; pt < 2; pt++) {
+		fake.init_no_open = true;
+		struct cas_fuse_session *s = new_session(pt, 32);
+		struct out o;
+		REQUIRE(do_init(s, 45, kernel_flags, &o) == 0);
+		fake.init_no_open = false;
+		CHECK(cas_fuse_session_conn(s)->want_no_open == !pt);
+		if (pt) {
+			uint64_t fh = open_file(s, 5, NULL, NULL);
+			CHECK(fh == 500);
+			CHECK(release_file(s, 5, fh) == 0);
+			cas_fuse_session_free(s);
+			continue;
+		}
+		struct req r;
+		req_start(&r, FUSE_OPEN, 5);
+		struct fuse_open_in in = {.flags = O_RDONLY};
+		req_add(&r, &in, sizeof(in));
+		req_end(&r);
+		CHECK(run_err(s, &r) == -ENOSYS);
+		/* Opens for writing are still refused first. */
+		req_start(&r, FUSE_OPEN, 5);
+		in.flags = O_WRONLY;
+		req_add(&r, &in, sizeof(in));
+		req_end(&r);
+		CHECK(run_err(s, &r) == -EROFS);
+		unsigned dones = atomic_load(&fake.read_dones);
+		req_start(&r, FUSE_READ, 5);
+		struct fuse_read_in ri = {.fh = 0, .offset = 10, .size = 100};
+		req_add(&r, &ri, sizeof(ri));
+		req_end(&r);
+		run(s, &r, &o);
+		CHECK(o.oh.error == 0 && o.reply.fd == fake.memfd &&
+		      o.reply.fd_len == 100 && o.reply.fd_offset == 10);
+		cas_fuse_reply_done(s, &o.reply);
+		CHECK(atomic_load(&fake.read_dones) == dones + 1);
+		CHECK(fake.last_done_ino == 5 && fake.last_done_fh == 4700);
+		/* A fh the fs does not know is still refused. */
+		req_start(&r, FUSE_READ, 2);
+		ri.fh = 0;
+		req_add(&r, &ri, sizeof(ri));
+		req_end(&r);
+		CHECK(run_err(s, &r) == -EBADF);
+		cas_fuse_session_free(s);
+	}
+	/* A kernel that does not offer it keeps getting OPEN answered. */
+	fake.init_no_open = true;
+	struct cas_fuse_session *s = new_session(false, 32);
+	struct out o;
+	REQUIRE(do_init(s, 45, kernel_flags & ~(uint64_t)FUSE_NO_OPEN_SUPPORT,
+			&o) == 0);
+	fake.init_no_open = false;
+	CHECK(!cas_fuse_session_conn(s)->want_no_open);
+	uint64_t fh = open_file(s, 2, NULL, NULL);
+	CHECK(fh == 200);
+	CHECK(release_file(s, 2, fh) == 0);
+	cas_fuse_session_free(s);
+}
+
 int main(void)
 {
 	memset(&fake, 0, sizeof(fake));
@@ -1964,6 +2036,7 @@ int main(void)
 	test_reply_rewrites();
 	test_uring();
 	test_no_opendir();
+	test_no_open();
 	close(fake.memfd);
 	free(reply_buf);
 	return check_exit("test_engine");
