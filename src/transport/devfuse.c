@@ -15,6 +15,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -69,6 +70,7 @@ struct cas_devfuse {
 	bool allow_other;
 	bool no_passthrough;
 	unsigned threads;
+	unsigned threads_asked; /* --threads; 0: the default */
 	int fd;
 	bool mounted;
 	bool via_fusermount;
@@ -82,6 +84,7 @@ struct cas_devfuse {
 	pthread_mutex_t uring_lock; /* start vs. the end of serve */
 	bool serving_done;	    /* protected by uring_lock */
 
+	unsigned conn_id;  /* the connection's number (fusectl), 0: unknown */
 	sigset_t old_mask; /* before mount blocked the stop signals */
 	atomic_bool stop;
 	pthread_t main_thread;
@@ -309,7 +312,7 @@ static int choose_transport(struct cas_devfuse *d)
 				      .max_write = MAX_WRITE};
 	int r = cas_uring_new(uring_payload_size(d),
 			      cas_fuse_reply_bufsize(&cfg), URING_DEPTH,
-			      &d->uring);
+			      d->threads_asked, &d->uring);
 	if (r < 0 && d->transport == CAS_DEVFUSE_IO_URING)
 		return cas_log_errno(r, "mount %s: io_uring transport: %m",
 				     d->mountpoint);
@@ -332,6 +335,7 @@ int cas_devfuse_mount(const struct cas_devfuse_options *opts,
 	d->allow_other = opts->allow_other;
 	d->no_passthrough = opts->no_passthrough;
 	d->threads = opts->threads;
+	d->threads_asked = opts->threads;
 	if (!d->threads) {
 		long n = sysconf(_SC_NPROCESSORS_ONLN);
 		d->threads = n > 0 ? (unsigned)n : 1;
@@ -505,9 +509,9 @@ static void connection_ready(struct cas_devfuse *d)
 		atomic_store(&d->uring_started, true);
 		if (r == 0)
 			cas_log_info("mount %s: transport FUSE over io_uring, "
-				     "%u queues of %u entries",
+				     "%u queues of %u entries, %u threads",
 				     d->mountpoint, cas_uring_queues(d->uring),
-				     URING_DEPTH);
+				     URING_DEPTH, cas_uring_workers(d->uring));
 		else
 			cas_log_warning("mount %s: io_uring failed, transport "
 					"/dev/fuse",
@@ -629,6 +633,9 @@ static void raise_readahead(struct cas_devfuse *d)
 	struct stat st;
 	if (stat(d->mountpoint, &st) < 0)
 		return;
+	/* The same number names the connection in fusectl. */
+	if (major(st.st_dev) == 0)
+		d->conn_id = minor(st.st_dev);
 	char path[128];
 	snprintf(path, sizeof(path), "/sys/class/bdi/%u:%u/read_ahead_kb",
 		 major(st.st_dev), minor(st.st_dev));
@@ -657,6 +664,47 @@ void cas_transport_knock_join(pthread_t thread, int sig)
 		if (pthread_timedjoin_np(thread, NULL, &ts) == 0)
 			return;
 	}
+}
+
+/* Ends the connection now (fusectl's abort), for a stop while io_uring
+ * serves. The rings' commands hold /dev/fuse open until io_uring's own
+ * teardown, which runs after the process is gone: until then the kernel
+ * would queue new requests for rings nobody serves and end them as
+ * aborted or cancelled (ECONNABORTED, ECANCELED). Aborted now, they fail
+ * with ENOTCONN, as with /dev/fuse alone, and the rings' commands end.
+ * fusectl is mounted in a child's private mount namespace (this process
+ * has threads, so it cannot unshare itself); without privilege nothing
+ * happens and the old behaviour stays. */
+static void abort_connection(struct cas_devfuse *d)
+{
+	if (d->conn_id == 0)
+		return;
+	char path[96];
+	snprintf(path, sizeof(path), "/sys/fs/fuse/connections/%u/abort",
+		 d->conn_id);
+	pid_t pid = fork();
+	if (pid < 0) {
+		cas_log_debug_errno(cas_negerrno(), "fork: %m");
+		return;
+	}
+	if (pid == 0) {
+		if (unshare(CLONE_NEWNS) < 0 ||
+		    mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0)
+			_exit(1);
+		(void)mount("fusectl", "/sys/fs/fuse/connections", "fusectl", 0,
+			    NULL); /* EBUSY: mounted already */
+		int fd = open(path, O_WRONLY | O_CLOEXEC);
+		if (fd < 0 || write(fd, "1", 1) != 1)
+			_exit(2);
+		_exit(0);
+	}
+	int status = 0;
+	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		;
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+		cas_log_debug("mount %s: could not abort connection %u "
+			      "(status %#x)",
+			      d->mountpoint, d->conn_id, (unsigned)status);
 }
 
 static void stop_workers(struct cas_devfuse *d)
@@ -748,8 +796,11 @@ int cas_devfuse_serve(struct cas_devfuse *d, struct cas_fuse_session *session)
 		}
 		if (sig == SIGUSR2)
 			break; /* a worker ended: the connection is gone */
-		if (detached)
+		if (detached) {
+			if (atomic_load(&d->uring_started))
+				abort_connection(d);
 			break;
+		}
 		detached = true;
 		do_unmount(d);
 		cas_log_info("mount %s: detached; files still open are served "

@@ -1,4 +1,5 @@
-/* FUSE over io_uring: one thread and one io_uring per kernel queue.
+/* FUSE over io_uring: worker threads, each with one io_uring holding the
+ * entries of one or more kernel queues.
  *
  * The rings and buffers are made before the mount's INIT (cas_uring_new),
  * so that offering io_uring in INIT is a promise we can keep: once the
@@ -37,15 +38,24 @@
 #define SQE_SIZE 128 /* IORING_SETUP_SQE128: room for the FUSE command */
 
 struct entry {
+	uint16_t qid; /* the kernel queue it is registered with */
 	struct cas_fuse_uring_req_header *hdr;
 	uint8_t *payload;
 	struct iovec iov[2]; /* what REGISTER points the kernel at */
 	bool registering;    /* its command in flight is a REGISTER */
+	/* The handle the reply in flight hands out (an OPEN answered): the
+	 * commit's completion says whether the kernel took it; if not,
+	 * nobody will RELEASE it and we do (cas_fuse_reply_done, lost). */
+	uint8_t open_kind;
+	uint64_t open_ino, open_fh;
 };
 
+/* One worker: a thread and its io_uring, serving the kernel queues k,
+ * k + nw, k + 2 nw, ... (nw workers), `depth` entries each. */
 struct queue {
 	struct cas_uring *u;
-	unsigned qid;
+	unsigned qid; /* the worker's number k: its first queue */
+	unsigned nents;
 	pthread_t thread;
 	bool started;
 
@@ -68,7 +78,8 @@ struct cas_uring {
 	struct cas_fuse_session *session;
 	size_t payload_size;
 	unsigned depth;
-	unsigned nq;
+	unsigned nq; /* the kernel's queues */
+	unsigned nw; /* workers, at most nq */
 	int wake_sig;
 	atomic_bool stop;
 	struct queue *q;
@@ -172,7 +183,7 @@ static void queue_release(struct queue *q)
 	if (q->ring_fd >= 0)
 		close(q->ring_fd);
 	if (q->ents) {
-		for (unsigned i = 0; i < q->u->depth; i++) {
+		for (unsigned i = 0; i < q->nents; i++) {
 			free(q->ents[i].hdr);
 			free(q->ents[i].payload);
 		}
@@ -201,7 +212,7 @@ static void prep_cmd(struct queue *q, unsigned i, uint32_t op,
 	}
 	struct cas_fuse_uring_cmd_req cmd = {
 		.commit_id = commit_id,
-		.qid = (uint16_t)q->qid,
+		.qid = q->ents[i].qid,
 	};
 	memcpy(sqe->cmd, &cmd, sizeof(cmd));
 	q->sq_array[idx] = idx;
@@ -217,6 +228,25 @@ static int submit_wait(struct queue *q)
 	long r = syscall(__NR_io_uring_enter, q->ring_fd, pending, 1,
 			 IORING_ENTER_GETEVENTS, NULL, 0);
 	return r < 0 ? cas_negerrno() : 0;
+}
+
+/* The commit of entry i completed with `res`: 0 means the kernel took
+ * the reply (and gave the entry its next request); anything else means
+ * the reply reached nobody, so a handle it handed out is released. */
+static void commit_done(struct queue *q, unsigned i, int res)
+{
+	struct entry *e = &q->ents[i];
+	if (e->open_kind && res != 0 && !e->registering) {
+		struct cas_fuse_reply lost = {
+			.fd = -1,
+			.lost = true,
+			.open_kind = e->open_kind,
+			.open_ino = e->open_ino,
+			.open_fh = e->open_fh,
+		};
+		cas_fuse_reply_done(q->u->session, &lost);
+	}
+	e->open_kind = 0;
 }
 
 /* Runs the request entry i holds and queues its commit. */
@@ -251,15 +281,23 @@ static void serve_entry(struct queue *q, unsigned i)
 	}
 	uint64_t commit_id = cas_fuse_uring_commit(e->hdr, e->payload,
 						   u->payload_size, &rep);
+	e->open_kind = rep.send ? rep.open_kind : 0;
+	e->open_ino = rep.open_ino;
+	e->open_fh = rep.open_fh;
+	rep.open_kind = 0; /* not lost yet: decided at the completion */
 	cas_fuse_reply_done(u->session, &rep);
 	prep_cmd(q, i, CAS_FUSE_URING_CMD_COMMIT_AND_FETCH, commit_id);
 }
 
-static void pin_to_cpu(unsigned cpu)
+/* The kernel hands a request to the queue of the CPU its caller runs on:
+ * a worker runs on the CPUs of its queues. */
+static void pin_to_queues(const struct queue *q)
 {
 	cpu_set_t set;
 	CPU_ZERO(&set);
-	CPU_SET(cpu, &set);
+	for (unsigned c = q->qid; c < q->u->nq && c < CPU_SETSIZE;
+	     c += q->u->nw)
+		CPU_SET(c, &set);
 	(void)pthread_setaffinity_np(pthread_self(), sizeof(set), &set);
 }
 
@@ -267,16 +305,16 @@ static void *queue_main(void *arg)
 {
 	struct queue *q = arg;
 	struct cas_uring *u = q->u;
-	pin_to_cpu(q->qid);
-	for (unsigned i = 0; i < u->depth; i++)
+	pin_to_queues(q);
+	for (unsigned i = 0; i < q->nents; i++)
 		prep_cmd(q, i, CAS_FUSE_URING_CMD_REGISTER, 0);
-	unsigned live = u->depth;
+	unsigned live = q->nents;
 	while (live > 0 && !atomic_load(&u->stop)) {
 		int r = submit_wait(q);
 		if (r == -EINTR || r == -EAGAIN || r == -EBUSY)
 			continue;
 		if (r < 0) {
-			cas_log_errno(r, "io_uring queue %u: %m", q->qid);
+			cas_log_errno(r, "io_uring worker %u: %m", q->qid);
 			break;
 		}
 		uint32_t head =
@@ -286,8 +324,9 @@ static void *queue_main(void *arg)
 		for (; head != tail; head++) {
 			struct io_uring_cqe cqe = q->cqes[head & q->cq_mask];
 			unsigned i = (unsigned)cqe.user_data;
-			if (i >= u->depth)
+			if (i >= q->nents)
 				continue;
+			commit_done(q, i, cqe.res);
 			if (cqe.res == 0) {
 				serve_entry(q, i);
 			} else if (cqe.res == -ENOTCONN ||
@@ -299,7 +338,7 @@ static void *queue_main(void *arg)
 				/* Refused outright: this entry stays out (the
 				 * kernel then gives up io_uring itself). */
 				cas_log_warning_errno(cqe.res,
-						      "io_uring queue %u: "
+						      "io_uring worker %u: "
 						      "register: %m",
 						      q->qid);
 				live--;
@@ -308,7 +347,7 @@ static void *queue_main(void *arg)
 				 * commit it could not match): hand the
 				 * buffers over again as a new one. */
 				cas_log_debug_errno(cqe.res,
-						    "io_uring queue %u entry "
+						    "io_uring worker %u entry "
 						    "%u: %m, registering again",
 						    q->qid, i);
 				prep_cmd(q, i, CAS_FUSE_URING_CMD_REGISTER, 0);
@@ -320,7 +359,7 @@ static void *queue_main(void *arg)
 }
 
 int cas_uring_new(size_t payload_size, size_t reply_size, unsigned depth,
-		  struct cas_uring **ret)
+		  unsigned workers, struct cas_uring **ret)
 {
 	struct cas_uring *u = calloc(1, sizeof(*u));
 	if (!u)
@@ -328,27 +367,31 @@ int cas_uring_new(size_t payload_size, size_t reply_size, unsigned depth,
 	u->fd = -1;
 	u->payload_size = payload_size;
 	u->depth = depth ? depth : 1;
-	u->nq = possible_cpus();
+	u->nq = CAS_MIN(possible_cpus(), (unsigned)UINT16_MAX);
+	/* More workers than queues would only share queues. */
+	u->nw = workers && workers < u->nq ? workers : u->nq;
 	atomic_init(&u->stop, false);
-	u->q = calloc(u->nq, sizeof(*u->q));
+	u->q = calloc(u->nw, sizeof(*u->q));
 	int r = u->q ? 0 : -ENOMEM;
-	for (unsigned k = 0; r == 0 && k < u->nq; k++) {
+	for (unsigned k = 0; r == 0 && k < u->nw; k++) {
 		struct queue *q = &u->q[k];
 		q->u = u;
 		q->qid = k;
 		q->ring_fd = -1;
-		r = ring_setup(q, u->depth);
+		q->nents = (u->nq - k + u->nw - 1) / u->nw * u->depth;
+		r = ring_setup(q, q->nents);
 		if (r < 0)
 			break;
 		q->reply_size = reply_size;
 		q->reply = malloc(reply_size);
-		q->ents = calloc(u->depth, sizeof(*q->ents));
+		q->ents = calloc(q->nents, sizeof(*q->ents));
 		if (!q->reply || !q->ents) {
 			r = -ENOMEM;
 			break;
 		}
-		for (unsigned i = 0; i < u->depth; i++) {
+		for (unsigned i = 0; i < q->nents; i++) {
 			struct entry *e = &q->ents[i];
+			e->qid = (uint16_t)(k + i / u->depth * u->nw);
 			e->hdr = malloc(sizeof(*e->hdr));
 			/* Touched only as far as requests and replies use
 			 * it: most of a 1 MiB buffer never is. */
@@ -374,6 +417,11 @@ int cas_uring_new(size_t payload_size, size_t reply_size, unsigned depth,
 unsigned cas_uring_queues(const struct cas_uring *u)
 {
 	return u ? u->nq : 0;
+}
+
+unsigned cas_uring_workers(const struct cas_uring *u)
+{
+	return u ? u->nw : 0;
 }
 
 /* A registration the kernel refuses (no such queue) makes it give up
@@ -407,13 +455,13 @@ int cas_uring_start(struct cas_uring *u, int fd, struct cas_fuse_session *s,
 	u->fd = fd;
 	u->session = s;
 	u->wake_sig = wake_sig;
-	for (unsigned k = 0; k < u->nq; k++) {
+	for (unsigned k = 0; k < u->nw; k++) {
 		struct queue *q = &u->q[k];
 		int r = -pthread_create(&q->thread, NULL, queue_main, q);
 		if (r < 0) {
 			/* Queues already running stay, but the ring is
 			 * never complete: give it up, /dev/fuse serves. */
-			cas_log_errno(r, "io_uring: start queue %u: %m", k);
+			cas_log_errno(r, "io_uring: start worker %u: %m", k);
 			give_up(u, k);
 			return r;
 		}
@@ -427,13 +475,13 @@ void cas_uring_free(struct cas_uring *u)
 	if (!u)
 		return;
 	atomic_store(&u->stop, true);
-	for (unsigned k = 0; u->q && k < u->nq; k++) {
+	for (unsigned k = 0; u->q && k < u->nw; k++) {
 		struct queue *q = &u->q[k];
 		if (q->started)
 			cas_transport_knock_join(q->thread, u->wake_sig);
 		q->started = false;
 	}
-	for (unsigned k = 0; u->q && k < u->nq; k++)
+	for (unsigned k = 0; u->q && k < u->nw; k++)
 		if (u->q[k].u)
 			queue_release(&u->q[k]);
 	free(u->q);
