@@ -607,6 +607,34 @@ static void test_read(void)
 	run(&q, &o);
 	CHECK(o.error == -EBADF);
 
+	/* Without a handle (the kernel opened the file itself: zero-message
+	 * open) READ finds the content by inode, and holds it until the
+	 * reply is done. */
+	in.fh = 0;
+	in.offset = 299000;
+	for (int k = 0; k < 2; k++) {
+		req_start(&q, FUSE_READ, big);
+		req_add(&q, &in, sizeof(in));
+		run(&q, &o);
+		CHECK(o.error == 0);
+		n = o.reply.fd >= 0 ? o.reply.fd_len : o.payload_len;
+		CHECK(n == 1000);
+		memset(buf, 0, sizeof(buf));
+		if (o.reply.fd >= 0)
+			CHECK(pread(o.reply.fd, buf, sizeof(buf),
+				    (off_t)o.reply.fd_offset) ==
+			      (ssize_t)sizeof(buf));
+		else
+			memcpy(buf, o.payload, sizeof(buf));
+		CHECK(buf[0] == (uint8_t)((299000 + 2) % 251) &&
+		      buf[999] == (uint8_t)((299999 + 2) % 251));
+		cas_fuse_reply_done(session, &o.reply);
+	}
+	req_start(&q, FUSE_READ, r); /* a folder has no content to read */
+	req_add(&q, &in, sizeof(in));
+	run(&q, &o);
+	CHECK(o.error == -EISDIR);
+
 	/* readlink */
 	uint64_t l = lookup_ino(r, "l");
 	req_start(&q, FUSE_READLINK, l);
@@ -773,6 +801,18 @@ static void *hammer(void *arg)
 			uint8_t b[16];
 			HCHECK(o.reply.fd < 0 ||
 			       pread(o.reply.fd, b, sizeof(b), 0) >= 0);
+			cas_fuse_reply_done(session, &o.reply);
+			/* And without a handle (zero-message open): the
+			 * threads share the handles kept per inode. */
+			in.fh = 0;
+			in.offset = (uint64_t)i % 7;
+			req_start(&q, FUSE_READ, n);
+			req_add(&q, &in, sizeof(in));
+			run(&q, &o);
+			HCHECK(o.error == 0);
+			HCHECK(o.reply.fd < 0 ||
+			       pread(o.reply.fd, b, sizeof(b),
+				     (off_t)o.reply.fd_offset) >= 0);
 			cas_fuse_reply_done(session, &o.reply);
 		} else if (S_ISDIR(at.mode)) {
 			forget(hlookup(n, "f"), 1);
