@@ -23,7 +23,8 @@
 # guest's /checks.sh: here, the timed work.
 #
 # Environment: BENCH_DIR (default /var/tmp/castore-bench), RUNS (3), BIG_MB
-# (256), VIRTIOFS_TREE ($BENCH_DIR/share/cmake-3.25), CASTORE (default
+# (256), GUEST_RA_KB (the guest's read_ahead_kb for the mount; empty: its
+# default, 128), VIRTIOFS_TREE ($BENCH_DIR/share/cmake-3.25), CASTORE (default
 # build/src/cli/castore; use a release build), VIRTIOFSD
 # (/usr/lib/qemu/virtiofsd), BOOT_TIMEOUT (600 s per guest).
 set -euo pipefail
@@ -145,6 +146,7 @@ for m in "${MODULES[@]}"; do
 	echo "$m" >>"$IRD/modules"
 done
 echo "$TAG" >"$IRD/tag"
+echo "${GUEST_RA_KB:-}" >"$IRD/ra_kb"
 : >"$IRD/expected.sha256"
 # Sourced by init after the mount; init prints the result line and powers off.
 cat >"$IRD/checks.sh" <<'EOF'
@@ -159,6 +161,13 @@ bench() {
 }
 tar_tree() { tar cf - tree | cat >/dev/null; }
 cd /mnt/data || fail 'cd /mnt/data'
+# GUEST_RA_KB: the guest's readahead for the mount (FUSE caps it at the
+# bdi's default 128 KiB, so a cold sequential read is 128 KiB READs).
+ra=$(cat /ra_kb 2>/dev/null)
+if [ -n "$ra" ]; then
+	dev=$(awk '$5 == "/mnt" { print $3 }' /proc/self/mountinfo)
+	echo "$ra" >"/sys/class/bdi/$dev/read_ahead_kb" || fail "read_ahead_kb of $dev"
+fi
 bench seq_cold dd if=big.bin of=/dev/null bs=1048576
 bench seq_warm dd if=big.bin of=/dev/null bs=1048576
 bench ls_cold ls -lR tree
