@@ -165,7 +165,8 @@ struct cas_fuse_ops {
 	int (*read)(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
 		    uint32_t size, struct cas_fuse_read *ret);
 	/* A read that returned an fd range holds that fd until the transport
-	 * has sent the data: then the engine calls read_done (may be NULL). */
+	 * has sent the data: then the engine calls read_done (may be NULL),
+	 * with the handle the read named in cas_fuse_read.fh. */
 	void (*read_done)(void *fs, uint64_t ino, uint64_t fh);
 	int (*release)(void *fs, uint64_t ino, uint64_t fh);
 	int (*opendir)(void *fs, uint64_t ino, uint32_t flags,
