@@ -46,18 +46,29 @@ def set_enable_uring(on):
 TRANSPORT = ["devfuse"]
 
 
+# The switch is the machine's: test suites of several checkouts running at
+# once would flip it under each other's mounts. Each test holds this lock
+# while it depends on the switch.
+URING_LOCK = "/tmp/castore-enable-uring.lock"
+
+
 @pytest.fixture(autouse=True, params=["devfuse", "io-uring"])
 def transport(request):
-    """Runs each test with one transport, the kernel switch set to match,
-    and restores the switch afterwards."""
+    """Runs each test with one transport, the kernel switch set to match
+    (under URING_LOCK), and restores the switch afterwards."""
+    import fcntl
     if request.param == "io-uring" and not ENABLE_URING.exists():
         pytest.skip("kernel without FUSE over io_uring")
-    old = set_enable_uring(request.param == "io-uring") if ENABLE_URING.exists() else None
-    TRANSPORT[0] = request.param
-    yield request.param
-    TRANSPORT[0] = "devfuse"
-    if old is not None:
-        set_enable_uring(old)
+    with open(URING_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = set_enable_uring(request.param == "io-uring") if ENABLE_URING.exists() else None
+        TRANSPORT[0] = request.param
+        try:
+            yield request.param
+        finally:
+            TRANSPORT[0] = "devfuse"
+            if old is not None:
+                set_enable_uring(old)
 
 
 class Mount:
