@@ -433,8 +433,11 @@ static int fs_readlink(void *fs_, uint64_t ino, char *buf, size_t size)
 	return r;
 }
 
+/* idx comes from a request's fh: any value a guest sends. */
 static struct cas_handle *handle_slot(struct cas_fs *fs, uint32_t idx)
 {
+	if (idx >> HANDLE_CHUNK_BITS >= HANDLE_MAX_CHUNKS)
+		return NULL;
 	struct cas_handle *chunk = atomic_load_explicit(
 		&fs->chunks[idx >> HANDLE_CHUNK_BITS], memory_order_acquire);
 	return chunk ? &chunk[idx & (HANDLE_CHUNK - 1)] : NULL;
