@@ -73,12 +73,12 @@ struct cas_handle {
 	 * hold on a recycled slot is undone before it can matter. */
 	_Atomic uint32_t refs;
 	/* Atomic because READ reads them without a lock. */
-	_Atomic int fd;		 /* file: the blob, or a file holding it */
-	_Atomic uint64_t size;	 /* file: the blob's size */
-	uint64_t base;		 /* where the blob starts in fd */
-	bool fd_owned;		 /* else the store's (a pack): not closed */
-	uint8_t *data;		 /* small file: its bytes instead of fd */
-	uint64_t ino;		 /* file: whose content, set before publish */
+	_Atomic int fd;	       /* file: the blob, or a file holding it */
+	_Atomic uint64_t size; /* file: the blob's size */
+	uint64_t base;	       /* where the blob starts in fd */
+	bool fd_owned;	       /* else the store's (a pack): not closed */
+	uint8_t *data;	       /* small file: its bytes instead of fd */
+	uint64_t ino;	       /* file: whose content, set before publish */
 	/* A large remote blob held in part (store.h blob_open_ranged):
 	 * each READ first asks the store for its range. Fixed at open. */
 	bool ranged;
