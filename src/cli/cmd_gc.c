@@ -65,14 +65,15 @@ static int parse_duration(const char *s, uint64_t *ret)
 static void print_stats(const char *what, const struct cas_gc_stats *st,
 			bool dry_run, bool json)
 {
-	unsigned long long objects =
-		st->blob_files + st->small_blobs + st->directories;
-	unsigned long long bytes = st->blob_file_bytes + st->small_blob_bytes +
-				   st->directory_bytes;
+	unsigned long long objects = st->blob_files + st->partial_blobs +
+				     st->small_blobs + st->directories;
+	unsigned long long bytes = st->blob_file_bytes + st->partial_bytes +
+				   st->small_blob_bytes + st->directory_bytes;
 	if (json) {
 		printf("{\"dry_run\":%s,\"reachable\":%llu,"
 		       "\"objects\":%llu,\"bytes\":%llu,"
 		       "\"blob_files\":%llu,\"blob_file_bytes\":%llu,"
+		       "\"partial_blobs\":%llu,\"partial_bytes\":%llu,"
 		       "\"small_blobs\":%llu,\"small_blob_bytes\":%llu,"
 		       "\"directories\":%llu,\"directory_bytes\":%llu,"
 		       "\"kept_young\":%llu,"
@@ -84,6 +85,8 @@ static void print_stats(const char *what, const struct cas_gc_stats *st,
 		       (unsigned long long)st->reachable, objects, bytes,
 		       (unsigned long long)st->blob_files,
 		       (unsigned long long)st->blob_file_bytes,
+		       (unsigned long long)st->partial_blobs,
+		       (unsigned long long)st->partial_bytes,
 		       (unsigned long long)st->small_blobs,
 		       (unsigned long long)st->small_blob_bytes,
 		       (unsigned long long)st->directories,
@@ -97,12 +100,14 @@ static void print_stats(const char *what, const struct cas_gc_stats *st,
 		       (unsigned long long)st->pack_bytes, st->seconds);
 		return;
 	}
-	printf("%s: %s %llu objects (%llu bytes: %llu blob files, %llu packed "
-	       "blobs, %llu directories), %llu tmp files (%llu bytes); "
+	printf("%s: %s %llu objects (%llu bytes: %llu blob files, %llu partial "
+	       "blobs, %llu packed blobs, %llu directories), %llu tmp files "
+	       "(%llu bytes); "
 	       "packs: %llu rewritten, %llu removed, %llu truncated (%llu "
 	       "bytes); %.2f s\n",
 	       what, dry_run ? "would remove" : "removed", objects, bytes,
 	       (unsigned long long)st->blob_files,
+	       (unsigned long long)st->partial_blobs,
 	       (unsigned long long)st->small_blobs,
 	       (unsigned long long)st->directories,
 	       (unsigned long long)st->tmp_files,

@@ -24,6 +24,7 @@
  */
 #include <dirent.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -419,6 +420,76 @@ static void sweep_files(struct sweep *w)
 	}
 }
 
+/* Partial blobs (store/partial.h) no root reaches and untouched for the
+ * grace: the data file, its range record and its outboard (unless a
+ * whole blob file took the name meanwhile). A process still holding one
+ * keeps its fds: it reads what it has and its record writes go to the
+ * unlinked files; it can no longer name the blob (its rename fails), so
+ * nothing it does later can make a record lie about a new file. */
+static int sweep_partial(void *userdata, int pdir, const char *name)
+{
+	struct sweep *w = userdata;
+	struct cas_local *ls = w->k->ls;
+	size_t n = strlen(name);
+	char hex[CAS_DIGEST_HEX_LEN + 1];
+	if (n != CAS_DIGEST_HEX_LEN &&
+	    !(n == CAS_DIGEST_HEX_LEN + 7 &&
+	      !strcmp(name + CAS_DIGEST_HEX_LEN, ".ranges")))
+		return 0;
+	memcpy(hex, name, CAS_DIGEST_HEX_LEN);
+	hex[CAS_DIGEST_HEX_LEN] = 0;
+	cas_digest d;
+	if (cas_digest_from_hex(hex, &d) < 0 || marked(w->k, &d))
+		return 0;
+	/* The pair goes together, judged by the newer of the two (a record
+	 * is rewritten as groups arrive); the .ranges name finds it only
+	 * when its data file is gone. */
+	char rec[CAS_DIGEST_HEX_LEN + 8];
+	snprintf(rec, sizeof(rec), "%s.ranges", hex);
+	struct stat sd, sr;
+	bool has_data = fstatat(pdir, hex, &sd, AT_SYMLINK_NOFOLLOW) == 0 &&
+			S_ISREG(sd.st_mode);
+	bool has_rec = fstatat(pdir, rec, &sr, AT_SYMLINK_NOFOLLOW) == 0 &&
+		       S_ISREG(sr.st_mode);
+	if (n != CAS_DIGEST_HEX_LEN && has_data)
+		return 0;
+	int64_t mtime = CAS_MAX(has_data ? (int64_t)sd.st_mtime : 0,
+				has_rec ? (int64_t)sr.st_mtime : 0);
+	if (!has_data && !has_rec)
+		return 0;
+	if (mtime > w->cutoff) {
+		w->st->kept_young++;
+		return 0;
+	}
+	if (!w->o->dry_run) {
+		if (has_data && unlinkat(pdir, hex, 0) < 0)
+			return 0;
+		if (has_rec)
+			(void)unlinkat(pdir, rec, 0);
+		char rel[CAS_BLOB_REL_LEN];
+		struct stat sb;
+		cas_local_blob_rel(&d, rel);
+		if (fstatat(ls->blobs_fd, rel, &sb, AT_SYMLINK_NOFOLLOW) < 0)
+			cas_local_outboard_remove(ls, rel);
+	}
+	w->st->partial_blobs++;
+	/* Sparse: what it held is what it gives back. */
+	w->st->partial_bytes += (has_data ? (uint64_t)sd.st_blocks * 512 : 0) +
+				(has_rec ? (uint64_t)sr.st_size : 0);
+	return 0;
+}
+
+static int sweep_partials(struct sweep *w)
+{
+	int pdir = openat(w->k->ls->dir_fd, "partial",
+			  O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (pdir < 0)
+		return errno == ENOENT ? 0 : cas_negerrno();
+	int r = cas_gc_each_entry(pdir, sweep_partial, w);
+	close(pdir);
+	return r;
+}
+
 /* What each pack still holds, after the sweep (gc_pack.c decides). */
 static int count_live(void *userdata, MDB_cursor *cur, const MDB_val *key,
 		      const MDB_val *val)
@@ -522,6 +593,8 @@ static int sweep_locked(struct sweep *w)
 	if (r < 0)
 		return r;
 	sweep_files(w);
+	if ((r = sweep_partials(w)) < 0)
+		return r;
 	if (w->o->dry_run) {
 		r = w->tmp_fd >= 0 ? cas_gc_each_entry(w->tmp_fd, count_tmp, w)
 				   : 0;

@@ -140,6 +140,7 @@ struct cas_gc_options {
 struct cas_gc_stats {
 	uint64_t reachable; /* distinct digests kept: reached, pinned, young */
 	uint64_t blob_files, blob_file_bytes;
+	uint64_t partial_blobs, partial_bytes;	/* large blobs held in part */
 	uint64_t small_blobs, small_blob_bytes; /* packed */
 	uint64_t directories, directory_bytes;
 	uint64_t kept_young; /* unreachable but within the grace */

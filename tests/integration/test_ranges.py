@@ -220,3 +220,41 @@ def test_cache_verify_checks_the_ranges_it_holds(tmp_path, server, layout):
     assert r.returncode == 1
     lines = [ln for ln in r.stderr.decode().splitlines() if h in ln]
     assert len(lines) == 1 and f"group {off // GROUP} " in lines[0], r.stderr
+
+
+def test_gc_collects_partial_blobs_no_root_reaches(tmp_path, server, layout):
+    """gc of a cache: a partial blob its roots reach stays; once none
+    does, it goes with its range record and outboard after the grace;
+    a dry run only counts it."""
+    h = layout[3]
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    p = try_mount(server.url, mnt, cache=cache)
+    if p is None:
+        pytest.skip("castore mount does not work here")
+    try:
+        assert pread(mnt / "t" / "big", 7 * MiB, 4096) == big_bytes()[7 * MiB:7 * MiB + 4096]
+    finally:
+        unmount(p, mnt)
+    part, rec = cache / "partial" / h, cache / "partial" / (h + ".ranges")
+    ob = cache / "outboards" / h[:2] / h
+    assert part.exists() and rec.exists() and ob.exists()
+    import json
+
+    def gc(*args):
+        return json.loads(run(["gc", "--json", *args], store=cache).stdout)
+
+    # Reached from a root of the cache: kept, whatever the grace.
+    name, kind, digest, size = run(["roots", "list"], store=layout[1]).stdout.decode().split()[:4]
+    run(["roots", "add", name, f"--{kind}", digest, "--size", size], store=cache)
+    assert gc("--grace", "0")["partial_blobs"] == 0
+    assert part.exists() and rec.exists() and ob.exists()
+    run(["roots", "rm", name], store=cache)
+    # Counted, not removed, by a dry run; young ones stay.
+    got = gc("--grace", "0", "--dry-run")
+    assert got["partial_blobs"] == 1 and got["partial_bytes"] >= GROUP, got
+    assert gc()["partial_blobs"] == 0 and part.exists()
+    got = gc("--grace", "0")
+    assert got["partial_blobs"] == 1, got
+    assert not part.exists() and not rec.exists() and not ob.exists()
+    r = run(["verify"], store=cache, check=False)
+    assert r.returncode == 0, r.stderr
