@@ -29,7 +29,20 @@
  * the walker encodes it (cas_directory_sort + encode), puts it into the
  * batch, writes its node into the parent's entry, frees it, and releases
  * the parent in turn. Only ancestors of the walk and folders with queued
- * files are alive at once, so memory and open fds stay bounded.
+ * files are alive at once, so memory stays linear in the depth.
+ *
+ * The walk is iterative and its open fds are bounded whatever the depth
+ * (as export's): the ancestors are the parent chain of imp_dirs, each
+ * knowing where it is in its entries, and a folder keeps no path, only its
+ * name in its parent (error lines rebuild the path). A folder's fd is
+ * counted (`fd_refs`): one per queued file, whose worker opens it relative
+ * to the folder, plus one while the walker holds it. The walker holds only
+ * the WALKER_FDS folders nearest to where it is, so an ordinary tree never
+ * reopens anything; coming back up to a folder whose fd was closed, it
+ * opens ".." of the child and checks that it is the same folder (device
+ * and inode), so a concurrent rename cannot graft another tree in. Folders
+ * with queued files are bounded by fd_limit: past it the walker runs
+ * queued jobs itself, as when the queue is full.
  *
  * Top level: PATH itself is followed if it is a symlink (importing a link
  * to a tree imports the tree); inside the tree, symlinks are recorded.
@@ -49,6 +62,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/xattr.h>
 #include <time.h>
@@ -63,6 +77,12 @@
 #define SMALL_FILE   (1u << 20) /* read whole; also the hashing read size */
 #define QUEUE_CAP    256
 #define GETDENTS_BUF (64u << 10)
+/* Folders the walker keeps open above where it is: deeper than this, going
+ * back up reopens "..". */
+#define WALKER_FDS 16
+/* Folder fds held for queued files: at most this, or a quarter of
+ * RLIMIT_NOFILE when that is less (the rest stays for the store). */
+#define DIR_FDS_MAX 256
 #define PROGRESS_NS  100000000ll
 
 struct imp_entry {
@@ -78,11 +98,17 @@ struct imp_entry {
 };
 
 struct imp_dir {
-	struct imp_dir *parent;
-	size_t parent_index;
+	struct imp_dir *parent; /* NULL for PATH itself */
+	size_t parent_index;	/* its entry there, which has its name */
 	struct imp_dir *live_prev, *live_next; /* walker only */
+	/* Valid while fd_refs > 0: set by the walker when fd_refs is 0
+	 * (nobody else looks then), closed by whoever drops the last. */
 	int fd;
-	char *path;
+	_Atomic size_t fd_refs; /* queued files + 1 while walker_ref */
+	bool walker_ref;	/* walker only */
+	size_t next;		/* walker only: next entry to descend into */
+	dev_t dev;		/* to know it again through ".." */
+	ino_t ino;
 	struct imp_entry *entries;
 	size_t n_entries, cap_entries;
 	char *names;
@@ -136,7 +162,14 @@ struct importer {
 	uint64_t excluded, special; /* walker only */
 
 	struct cas_import_excludes excludes; /* walker only */
-	size_t root_len; /* strlen of the root's path: the rest is relative */
+	const char *root_path; /* PATH, without trailing '/' */
+	size_t root_len;
+	/* Walker only: the current folder's path relative to PATH ("" for
+	 * PATH itself), grown and shrunk with the walk. */
+	char *rel;
+	size_t rel_len, rel_cap;
+	_Atomic size_t open_fds; /* of folders (imp_dir.fd) */
+	size_t fd_limit;	 /* for folders with queued files */
 
 	/* Walker only. */
 	cas_dir_batch *batch;
@@ -159,21 +192,59 @@ static int failed(struct importer *imp)
 	return atomic_load_explicit(&imp->error, memory_order_relaxed);
 }
 
+/* The entry that names folder dir in its parent (not for PATH itself). */
+static const struct imp_entry *dir_entry(const struct imp_dir *dir)
+{
+	return &dir->parent->entries[dir->parent_index];
+}
+
+/* "PATH/a/b/NAME" (dir may be NULL: NAME alone), rebuilt from the names
+ * of dir's ancestors: folders keep no path of their own. Safe from any
+ * thread: the names of a listed folder never move, and a folder outlives
+ * its subfolders. */
+static char *entry_path(const struct importer *imp, const struct imp_dir *dir,
+			const char *name, size_t *ret_len)
+{
+	size_t nlen = name ? strlen(name) : 0, len = nlen;
+	if (dir) {
+		len += imp->root_len + (name ? 1 : 0);
+		for (const struct imp_dir *d = dir; d->parent; d = d->parent)
+			len += 1 + dir_entry(d)->name_len;
+	}
+	char *p = malloc(len + 1);
+	if (!p)
+		return NULL;
+	size_t at = len;
+	p[at] = 0;
+	at -= nlen;
+	if (name)
+		memcpy(p + at, name, nlen);
+	if (dir) {
+		if (name)
+			p[--at] = '/';
+		for (const struct imp_dir *d = dir; d->parent; d = d->parent) {
+			const struct imp_entry *e = dir_entry(d);
+			at -= e->name_len;
+			memcpy(p + at, d->parent->names + e->name_off,
+			       e->name_len);
+			p[--at] = '/';
+		}
+		memcpy(p, imp->root_path, imp->root_len);
+	}
+	*ret_len = len;
+	return p;
+}
+
 /* Logs "import PATH/NAME: why" with unprintable bytes escaped. */
 static int path_error(struct importer *imp, const struct imp_dir *dir,
 		      const char *name, int r, const char *why)
 {
-	size_t plen = dir ? strlen(dir->path) : 0,
-	       nlen = name ? strlen(name) : 0;
-	size_t size = 4 * (plen + nlen + 1) + 1;
-	_cleanup_free_ char *raw = malloc(plen + nlen + 2);
-	_cleanup_free_ char *esc = malloc(size);
-	if (raw && esc) {
-		int n = snprintf(raw, plen + nlen + 2, "%s%s%s",
-				 dir ? dir->path : "", dir && name ? "/" : "",
-				 name ? name : "");
-		cas_escape_name((const uint8_t *)raw, (size_t)n, esc, size);
-	}
+	size_t len = 0;
+	_cleanup_free_ char *raw = entry_path(imp, dir, name, &len);
+	size_t size = 4 * len + 1;
+	_cleanup_free_ char *esc = raw ? malloc(size) : NULL;
+	if (esc)
+		cas_escape_name((const uint8_t *)raw, len, esc, size);
 	if (why)
 		cas_log_error("import %s: %s", esc ? esc : "?", why);
 	else
@@ -541,6 +612,16 @@ done:
 
 static void dir_ready(struct importer *imp, struct imp_dir *dir);
 
+/* Drops one reference to dir's fd (a queued file's or the walker's). */
+static void dir_fd_put(struct importer *imp, struct imp_dir *dir)
+{
+	int fd = dir->fd; /* read while still held */
+	if (atomic_fetch_sub(&dir->fd_refs, 1) == 1) {
+		close(fd);
+		atomic_fetch_sub(&imp->open_fds, 1);
+	}
+}
+
 static void run_job(struct importer *imp, const struct imp_job *job,
 		    uint8_t *buf)
 {
@@ -576,6 +657,7 @@ static void run_job(struct importer *imp, const struct imp_job *job,
 		if (fd >= 0)
 			close(fd);
 	}
+	dir_fd_put(imp, dir);
 	if (atomic_fetch_sub(&dir->pending, 1) == 1)
 		dir_ready(imp, dir);
 }
@@ -625,7 +707,12 @@ static void submit(struct importer *imp, struct imp_dir *dir, size_t index)
 {
 	struct imp_job job = {dir, index};
 	pthread_mutex_lock(&imp->lock);
-	while (imp->q_len == QUEUE_CAP) {
+	/* Each queued job may hold its folder's fd: past fd_limit the
+	 * queue is run down too. */
+	while (imp->q_len == QUEUE_CAP ||
+	       (imp->q_len &&
+		atomic_load_explicit(&imp->open_fds, memory_order_relaxed) >
+			imp->fd_limit)) {
 		/* Full: do the oldest job here rather than wait. */
 		struct imp_job old = imp->queue[imp->q_head];
 		imp->q_head = (imp->q_head + 1) % QUEUE_CAP;
@@ -650,25 +737,34 @@ static void dir_free(struct importer *imp, struct imp_dir *dir)
 		imp->live = dir->live_next;
 	if (dir->live_next)
 		dir->live_next->live_prev = dir->live_prev;
-	if (dir->fd >= 0)
+	/* Still held only after a failure (the workers are gone then). */
+	if (atomic_load(&dir->fd_refs) > 0) {
 		close(dir->fd);
+		atomic_fetch_sub(&imp->open_fds, 1);
+	}
 	free(dir->entries);
 	free(dir->names);
-	free(dir->path);
 	free(dir);
 }
 
+/* A folder opened as fd (taken, also on failure), held by the walker. */
 static struct imp_dir *dir_new(struct importer *imp, struct imp_dir *parent,
-			       size_t parent_index, int fd, const char *path)
+			       size_t parent_index, int fd,
+			       const struct stat *st)
 {
 	struct imp_dir *dir = calloc(1, sizeof(*dir));
-	if (!dir || !(dir->path = strdup(path))) {
-		free(dir);
+	if (!dir) {
+		close(fd);
 		return NULL;
 	}
 	dir->parent = parent;
 	dir->parent_index = parent_index;
 	dir->fd = fd;
+	dir->fd_refs = 1;
+	dir->walker_ref = true;
+	dir->dev = st->st_dev;
+	dir->ino = st->st_ino;
+	atomic_fetch_add(&imp->open_fds, 1);
 	dir->live_next = imp->live;
 	if (imp->live)
 		imp->live->live_prev = dir;
@@ -682,7 +778,7 @@ static int names_add(struct imp_dir *dir, const char *s, size_t len,
 	if (dir->names_len + len + 1 > dir->cap_names) {
 		size_t cap =
 			CAS_MAX(dir->cap_names * 2, dir->names_len + len + 1);
-		cap = CAS_MAX(cap, 256u);
+		cap = CAS_MAX(cap, 64u);
 		if (cap > UINT32_MAX)
 			return -E2BIG;
 		char *n = realloc(dir->names, cap);
@@ -702,7 +798,8 @@ static int entry_add(struct importer *imp, struct imp_dir *dir,
 		     const char *name, uint8_t type)
 {
 	if (dir->n_entries == dir->cap_entries) {
-		size_t cap = dir->cap_entries ? dir->cap_entries * 2 : 16;
+		/* Small at first: a deep chain keeps one per level. */
+		size_t cap = dir->cap_entries ? dir->cap_entries * 2 : 4;
 		struct imp_entry *e = realloc(dir->entries, cap * sizeof(*e));
 		if (!e)
 			return -ENOMEM;
@@ -764,11 +861,9 @@ static int list_dir(struct importer *imp, struct imp_dir *dir)
 							  cas_negerrno(), NULL);
 				t = IFTODT(st.st_mode);
 			}
-			const char *up = dir->path + imp->root_len;
-			while (*up == '/')
-				up++;
-			int r = cas_import_excludes_match(&imp->excludes, up,
-							  name, t == DT_DIR);
+			int r = cas_import_excludes_match(
+				&imp->excludes, imp->rel, imp->rel_len, name,
+				t == DT_DIR);
 			if (r < 0)
 				return path_error(imp, dir, name, r, NULL);
 			if (r > 0) {
@@ -914,7 +1009,8 @@ static int entry_cmp(const void *a, const void *b, void *names_)
 	return x->name_len < y->name_len ? -1 : x->name_len > y->name_len;
 }
 
-static int walk(struct importer *imp, struct imp_dir *dir)
+/* Lists a folder the walker has just opened and queues its files. */
+static int dir_enter(struct importer *imp, struct imp_dir *dir)
 {
 	int r = list_dir(imp, dir);
 	if (r < 0)
@@ -925,20 +1021,93 @@ static int walk(struct importer *imp, struct imp_dir *dir)
 	if (dir->n_entries > 1)
 		qsort_r(dir->entries, dir->n_entries, sizeof(*dir->entries),
 			entry_cmp, dir->names);
-	size_t nsub = 0;
-	for (size_t i = 0; i < dir->n_entries; i++)
+	size_t nsub = 0, nfiles = 0;
+	for (size_t i = 0; i < dir->n_entries; i++) {
 		nsub += dir->entries[i].type != CAS_NODE_SYMLINK;
+		nfiles += dir->entries[i].type == CAS_NODE_FILE;
+	}
 	atomic_store(&dir->pending, nsub + 1);
+	atomic_fetch_add(&dir->fd_refs, nfiles);
 	for (size_t i = 0; i < dir->n_entries && !failed(imp); i++) {
 		if (dir->entries[i].type == CAS_NODE_FILE)
 			submit(imp, dir, i);
 		if ((i & 255) == 255)
 			progress(imp, false);
 	}
-	_cleanup_free_ char *path = NULL;
-	for (size_t i = 0; i < dir->n_entries; i++) {
-		if ((r = failed(imp)) < 0)
+	return 0;
+}
+
+/* The walker lets go of dir's fd (it may stay open for queued files). */
+static void walker_release(struct importer *imp, struct imp_dir *dir)
+{
+	if (dir->walker_ref) {
+		dir->walker_ref = false;
+		dir_fd_put(imp, dir);
+	}
+}
+
+/* The walker, back in dir from its subfolder child, takes dir's fd again:
+ * the one still open for queued files, or ".." of child when it is the
+ * same folder as before. */
+static int walker_hold(struct importer *imp, struct imp_dir *dir,
+		       const struct imp_dir *child)
+{
+	if (dir->walker_ref)
+		return 0;
+	size_t n = atomic_load(&dir->fd_refs);
+	while (n > 0)
+		if (atomic_compare_exchange_weak(&dir->fd_refs, &n, n + 1)) {
+			dir->walker_ref = true;
+			return 0;
+		}
+	/* No reference: no worker looks at dir->fd now. */
+	_cleanup_close_ int fd =
+		openat(child->fd, "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	struct stat st;
+	if (fd < 0 || fstat(fd, &st) < 0)
+		return path_error(imp, dir, NULL, cas_negerrno(), NULL);
+	if (st.st_dev != dir->dev || st.st_ino != dir->ino)
+		return path_error(imp, dir, NULL, -ESTALE,
+				  "folder moved while it was imported");
+	dir->fd = TAKE_FD(fd);
+	atomic_store(&dir->fd_refs, 1);
+	atomic_fetch_add(&imp->open_fds, 1);
+	dir->walker_ref = true;
+	return 0;
+}
+
+static int rel_push(struct importer *imp, const char *name, size_t len)
+{
+	int r = cas_array_grow(&imp->rel, &imp->rel_cap,
+			       imp->rel_len + len + 2, 1, 256);
+	if (r < 0)
+		return r;
+	if (imp->rel_len)
+		imp->rel[imp->rel_len++] = '/';
+	memcpy(imp->rel + imp->rel_len, name, len);
+	imp->rel_len += len;
+	imp->rel[imp->rel_len] = 0;
+	return 0;
+}
+
+static void rel_pop(struct importer *imp, size_t len)
+{
+	imp->rel_len -= len;
+	if (imp->rel_len)
+		imp->rel_len--; /* the '/' before it */
+	imp->rel[imp->rel_len] = 0;
+}
+
+/* Opens dir's next subfolder that is not left out (*ret NULL: none left). */
+static int next_subfolder(struct importer *imp, struct imp_dir *dir,
+			  struct imp_dir **ret)
+{
+	*ret = NULL;
+	while (dir->next < dir->n_entries) {
+		int r = failed(imp);
+		if (r < 0)
 			return r;
+		size_t i = dir->next++;
 		struct imp_entry *e = &dir->entries[i];
 		if (e->type != CAS_NODE_DIRECTORY)
 			continue;
@@ -961,26 +1130,54 @@ static int walk(struct importer *imp, struct imp_dir *dir)
 			atomic_fetch_sub(&dir->pending, 1);
 			continue;
 		}
-		free(path);
-		if (asprintf(&path, "%s/%s", dir->path, name) < 0) {
-			path = NULL;
-			close(fd);
+		if (!(*ret = dir_new(imp, dir, i, fd, &st)))
 			return -ENOMEM;
+		return 0;
+	}
+	return 0;
+}
+
+/* Depth first from root (held, not yet listed), without recursion. */
+static int walk(struct importer *imp, struct imp_dir *root)
+{
+	struct imp_dir *cur = root;
+	int r = dir_enter(imp, cur);
+	while (r == 0) {
+		struct imp_dir *child;
+		if ((r = next_subfolder(imp, cur, &child)) < 0)
+			break;
+		if (child) {
+			const struct imp_entry *e = dir_entry(child);
+			if ((r = rel_push(imp, cur->names + e->name_off,
+					  e->name_len)) < 0)
+				break;
+			/* The folder WALKER_FDS levels up is let go. */
+			struct imp_dir *far = child;
+			for (int k = 0; k < WALKER_FDS && far; k++)
+				far = far->parent;
+			if (far)
+				walker_release(imp, far);
+			cur = child;
+			r = dir_enter(imp, cur);
+			continue;
 		}
-		struct imp_dir *child = dir_new(imp, dir, i, fd, path);
-		if (!child) {
-			close(fd);
-			return -ENOMEM;
-		}
-		if ((r = walk(imp, child)) < 0)
-			return r;
+		/* cur's walk is done: back up to its parent. */
+		struct imp_dir *parent = cur->parent;
+		if (parent && (r = walker_hold(imp, parent, cur)) < 0)
+			break;
+		walker_release(imp, cur);
+		if (parent)
+			rel_pop(imp, dir_entry(cur)->name_len);
+		if (atomic_fetch_sub(&cur->pending, 1) == 1 &&
+		    (r = dir_complete(imp, cur)) < 0)
+			break;
+		if (!(cur = parent))
+			break;
 		if ((r = drain_ready(imp)) < 0)
-			return r;
+			break;
 		progress(imp, false);
 	}
-	if (atomic_fetch_sub(&dir->pending, 1) == 1)
-		return dir_complete(imp, dir);
-	return 0;
+	return r;
 }
 
 /* Waits for the workers' last folders, with progress every 100 ms. */
@@ -1011,18 +1208,16 @@ static int wait_root(struct importer *imp)
 	}
 }
 
-static int import_tree(struct importer *imp, int fd, const char *path,
+static int import_tree(struct importer *imp, int fd, const struct stat *st,
 		       unsigned threads)
 {
 	pthread_t tids[64];
 	unsigned started = 0;
 	int r = 0;
 
-	struct imp_dir *root = dir_new(imp, NULL, 0, fd, path);
-	if (!root) {
-		close(fd);
+	struct imp_dir *root = dir_new(imp, NULL, 0, fd, st);
+	if (!root)
 		return -ENOMEM;
-	}
 	pthread_t publisher;
 	r = -pthread_create(&publisher, NULL, publisher_main, imp);
 	if (r < 0) {
@@ -1088,7 +1283,8 @@ int cas_import(cas_store *s, const char *path, const char *name,
 
 	imp->walker_buf = aligned_alloc(CAS_INGEST_ALIGN, SMALL_FILE);
 	imp->dents = malloc(GETDENTS_BUF);
-	if (!imp->walker_buf || !imp->dents) {
+	imp->rel = calloc(1, imp->rel_cap = 256);
+	if (!imp->walker_buf || !imp->dents || !imp->rel) {
 		r = -ENOMEM;
 		goto out;
 	}
@@ -1105,7 +1301,15 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	for (size_t l = strlen(clean); l > 1 && clean[l - 1] == '/'; l--)
 		clean[l - 1] = 0;
 	path = clean;
+	imp->root_path = path;
 	imp->root_len = strlen(path);
+	struct rlimit nofile;
+	imp->fd_limit = DIR_FDS_MAX;
+	if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 &&
+	    nofile.rlim_cur != RLIM_INFINITY)
+		imp->fd_limit = CAS_MIN(imp->fd_limit,
+					CAS_MAX((size_t)nofile.rlim_cur / 4,
+						(size_t)WALKER_FDS));
 	if (opts &&
 	    (r = cas_import_excludes_init(&imp->excludes, opts->excludes,
 					  opts->n_excludes)) < 0)
@@ -1129,7 +1333,7 @@ int cas_import(cas_store *s, const char *path, const char *name,
 			long n = sysconf(_SC_NPROCESSORS_ONLN);
 			threads = n > 0 ? (unsigned)n : 1;
 		}
-		r = import_tree(imp, fd, path, threads);
+		r = import_tree(imp, fd, &st, threads);
 		if (r < 0)
 			goto out;
 		node = imp->root;
@@ -1192,6 +1396,7 @@ out:
 	if (imp->batch)
 		imp->batch->ops->abort(imp->batch);
 	free(imp->ready);
+	free(imp->rel);
 	free(imp->walker_buf);
 	free(imp->dents);
 	pthread_cond_destroy(&imp->small_cond);

@@ -46,8 +46,8 @@ void cas_import_excludes_release(struct cas_import_excludes *ex)
 }
 
 int cas_import_excludes_match(struct cas_import_excludes *ex,
-			      const char *dir_rel, const char *name,
-			      bool is_dir)
+			      const char *dir_rel, size_t dir_len,
+			      const char *name, bool is_dir)
 {
 	bool have_rel = false;
 	for (size_t i = 0; i < ex->n; i++) {
@@ -63,7 +63,7 @@ int cas_import_excludes_match(struct cas_import_excludes *ex,
 			continue;
 		}
 		if (!have_rel) {
-			size_t dl = strlen(dir_rel), nl = strlen(name);
+			size_t dl = dir_len, nl = strlen(name);
 			int r = cas_array_grow(&ex->rel, &ex->cap_rel,
 					       dl + nl + 2, 1, 256);
 			if (r < 0)

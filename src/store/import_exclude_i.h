@@ -33,10 +33,11 @@ int cas_import_excludes_init(struct cas_import_excludes *ex,
 			     const char *const *patterns, size_t n);
 void cas_import_excludes_release(struct cas_import_excludes *ex);
 
-/* 1 when the entry `name` of the folder at relative path `dir_rel` ("" for
- * PATH itself, no leading '/') matches a pattern, 0 if not, -ENOMEM. */
+/* 1 when the entry `name` of the folder at relative path `dir_rel` of
+ * dir_len bytes ("" for PATH itself, no leading '/') matches a pattern, 0
+ * if not, -ENOMEM. */
 int cas_import_excludes_match(struct cas_import_excludes *ex,
-			      const char *dir_rel, const char *name,
-			      bool is_dir);
+			      const char *dir_rel, size_t dir_len,
+			      const char *name, bool is_dir);
 
 #endif
