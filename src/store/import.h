@@ -11,7 +11,10 @@
  * owners, xattrs, hard links) is counted in the progress's losses, so the
  * caller can say what was not kept. Memory stays bounded
  * for trees of millions of files (Directories are encoded as soon as their
- * subtree is done, one folder level at a time).
+ * subtree is done, one folder level at a time) and linear in the depth;
+ * the walk is iterative and holds a bounded number of fds whatever the
+ * depth (folders: at most 256 or a quarter of RLIMIT_NOFILE, plus one
+ * per thread; see import.c).
  *
  * Contract: the store must be local (cas_store_is_local). Not thread-safe
  * for one call, but any number of imports may run at once, also from

@@ -398,3 +398,22 @@ def test_import_error_names_the_deep_path(tmp_path):
     assert p.returncode == 1
     lines = p.stderr.decode().splitlines()
     assert len(lines) == 1 and f"{deep / 'fifo'}: unsupported file type (fifo" in lines[0], lines
+
+
+def test_wide_tree_imports_with_few_fds(tmp_path):
+    """1,000 folders of two small files: the queued files' folders stay
+    open for the workers, but no more of them than the file limit allows
+    (64 here; without the bound the queue held about 128)."""
+    tree = tmp_path / "wide"
+    for i in range(1000):
+        (tree / f"{i:04}").mkdir(parents=True)
+        for j in range(2):
+            (tree / f"{i:04}" / f"f{j}").write_bytes(pattern_bytes(i % 50 + 1, i + j))
+    store = tmp_path / "store"
+    p = run(["import", tree, "--name", "w", "--json"], store=store, check=False,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+    assert out["files"] == 2000 and out["directories"] == 1001
+    run(["verify"], store=store)
+    assert run(["cat", "w/0777/f1"], store=store).stdout == pattern_bytes(777 % 50 + 1, 778)
