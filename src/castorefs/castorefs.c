@@ -194,9 +194,9 @@ static int folder_directory(struct cas_fs *fs, const struct cas_inode *in,
 	return 0;
 }
 
-/* The inode record of `node`, numbered ino; `parent` is the Directory
- * that holds it (NULL for a named root). */
-static void node_inode(const cas_node *node, uint64_t ino,
+/* The inode record of `node`, numbered ino, in folder parent_ino;
+ * `parent` is the Directory that holds it (NULL for a named root). */
+static void node_inode(const cas_node *node, uint64_t ino, uint64_t parent_ino,
 		       const struct cas_dir_entry *parent,
 		       struct cas_inode *ret)
 {
@@ -204,6 +204,14 @@ static void node_inode(const cas_node *node, uint64_t ino,
 	ret->ino = ino;
 	ret->kind = node->type;
 	ret->index = CAS_INODE_NO_INDEX;
+	if (node->type == CAS_NODE_DIRECTORY) {
+		/* The record has 32 bits to spare: a parent further away
+		 * (4 x 10^9 entries before the folder) shows as the root. */
+		uint64_t up = ino - parent_ino;
+		ret->up = parent_ino != CAS_FUSE_ROOT_ID && up < UINT32_MAX
+				  ? (uint32_t)up
+				  : 0;
+	}
 	if (node->type == CAS_NODE_SYMLINK) {
 		ret->size = node->target_len;
 		if (parent) {
@@ -336,7 +344,7 @@ static int lookup_root(struct cas_fs *fs, const char *name, size_t namelen,
 	if (r < 0)
 		return r;
 	struct cas_inode in;
-	node_inode(node, ino, NULL, &in);
+	node_inode(node, ino, CAS_FUSE_ROOT_ID, NULL, &in);
 	return entry_for_inode(fs, &in, true, ret);
 }
 
@@ -364,7 +372,8 @@ static int fs_lookup(void *fs_, uint64_t parent, const char *name,
 		cas_directory_find(e->dir, (const uint8_t *)name, namelen);
 	if (node) {
 		struct cas_inode in;
-		node_inode(node, cas_dir_entry_ino(e, dir.ino, node), e, &in);
+		node_inode(node, cas_dir_entry_ino(e, dir.ino, node), dir.ino,
+			   e, &in);
 		r = entry_for_inode(fs, &in, false, ret);
 	} else {
 		/* Content never changes: the kernel may remember the
@@ -895,7 +904,7 @@ static int readdir_roots(struct cas_fs *fs, uint64_t fh, uint64_t off,
 		}
 		if (r < 0)
 			return r;
-		node_inode(node, ino, NULL, &in);
+		node_inode(node, ino, CAS_FUSE_ROOT_ID, NULL, &in);
 		r = add_inode(fs, db, node, &in, true, i + 3);
 	}
 	return r;
@@ -930,7 +939,8 @@ static int readdir_folder(struct cas_fs *fs, const struct cas_inode *dir,
 			continue;
 		}
 		struct cas_inode in;
-		node_inode(node, cas_dir_entry_ino(e, dir->ino, node), e, &in);
+		node_inode(node, cas_dir_entry_ino(e, dir->ino, node), dir->ino,
+			   e, &in);
 		r = add_inode(fs, db, node, &in, false, i + 3);
 	}
 	return r;
@@ -938,8 +948,8 @@ static int readdir_folder(struct cas_fs *fs, const struct cas_inode *dir,
 
 /* Offsets: 1 after ".", 2 after "..", 3 + i after entry i (directories,
  * then files, then symlinks: each list is sorted, so an offset is an
- * index and resuming costs nothing). ".." shows the root folder's number:
- * a folder does not know its parent (see docs/filesystem.md). */
+ * index and resuming costs nothing). ".." shows the parent's number
+ * (the root folder's for a named root and for the root itself). */
 static int fs_readdir(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		      struct cas_fuse_dirbuf *db)
 {
@@ -966,7 +976,11 @@ static int fs_readdir(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		off = 1;
 	}
 	if (r > 0 && off == 1) {
-		r = add_dot(db, "..", CAS_FUSE_ROOT_ID, 2);
+		r = add_dot(db, "..",
+			    in.kind == CAS_INODE_DIRECTORY && in.up
+				    ? in.ino - in.up
+				    : CAS_FUSE_ROOT_ID,
+			    2);
 		off = 2;
 	}
 	if (r > 0 && e)

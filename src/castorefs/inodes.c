@@ -47,7 +47,8 @@
  * ---------------
  * The kernel holds a lookup reference on each inode it caches; for each
  * the table keeps one 56-byte record (struct cas_inode: number, digest,
- * size, kind, lookup count). Records are dense in chunks of
+ * size, kind, lookup count, and a folder's distance to its parent's
+ * number, which never changes since a number is one path). Records are dense in chunks of
  * RECORDS_PER_CHUNK: a FORGET that ends a record moves the last record
  * into its place, and a chunk that empties is freed. They are found by
  * number through an open-addressing index (linear probing, 32-bit record

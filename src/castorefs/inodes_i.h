@@ -58,7 +58,14 @@ struct cas_inode {
 	uint32_t nlookup : 28;
 	uint32_t kind : 3; /* enum cas_inode_kind */
 	uint32_t executable : 1;
-	uint32_t index; /* symlink: its index in the parent's symlinks */
+	union {
+		uint32_t
+			index; /* symlink: its index in the parent's symlinks */
+		/* directory: its number minus its parent's, which readdir
+		 * shows as ".."; 0: the parent is the root folder (for a
+		 * named root, or when the distance needs more than 32 bits) */
+		uint32_t up;
+	};
 };
 
 struct cas_inode_table {

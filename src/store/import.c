@@ -83,7 +83,7 @@
 /* Folder fds held for queued files: at most this, or a quarter of
  * RLIMIT_NOFILE when that is less (the rest stays for the store). */
 #define DIR_FDS_MAX 256
-#define PROGRESS_NS  100000000ll
+#define PROGRESS_NS 100000000ll
 
 struct imp_entry {
 	uint32_t name_off; /* into imp_dir.names, NUL-terminated */
@@ -162,7 +162,7 @@ struct importer {
 	uint64_t excluded, special; /* walker only */
 
 	struct cas_import_excludes excludes; /* walker only */
-	const char *root_path; /* PATH, without trailing '/' */
+	const char *root_path;		     /* PATH, without trailing '/' */
 	size_t root_len;
 	/* Walker only: the current folder's path relative to PATH ("" for
 	 * PATH itself), grown and shrunk with the walk. */
@@ -1078,8 +1078,8 @@ static int walker_hold(struct importer *imp, struct imp_dir *dir,
 
 static int rel_push(struct importer *imp, const char *name, size_t len)
 {
-	int r = cas_array_grow(&imp->rel, &imp->rel_cap,
-			       imp->rel_len + len + 2, 1, 256);
+	int r = cas_array_grow(&imp->rel, &imp->rel_cap, imp->rel_len + len + 2,
+			       1, 256);
 	if (r < 0)
 		return r;
 	if (imp->rel_len)

@@ -11,13 +11,16 @@ devfuse`, with the kernel's io_uring switch off) and FUSE over io_uring
 set for the test and restored after it; skipped where the kernel lacks
 it).
 """
+import ctypes
 import errno
 import filecmp
 import json
 import os
+import platform
 import random
 import signal
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -447,6 +450,68 @@ def test_one_inode_per_path(tree, store, mount):
     run(["import", tree, "--name", "r2"], store=store)
     st2, _ = numbers(m.path / "r2")
     assert not set(st2.values()) & set(st.values())
+
+
+GETDENTS64 = {"x86_64": 217, "aarch64": 61}[platform.machine()]
+
+
+def dents(path):
+    """{name: d_ino} of path's listing as getdents64 returns it, "." and
+    ".." included (os.scandir leaves them out)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    buf = ctypes.create_string_buffer(1 << 16)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    out = {}
+    try:
+        while True:
+            n = libc.syscall(GETDENTS64, fd, buf, len(buf))
+            assert n >= 0, os.strerror(ctypes.get_errno())
+            if n == 0:
+                return out
+            raw, off = buf.raw[:n], 0
+            while off < n:
+                ino, _, reclen = struct.unpack_from("<QqH", raw, off)
+                name = raw[off + 19:off + reclen].split(b"\0", 1)[0]
+                out[name] = ino
+                off += reclen
+    finally:
+        os.close(fd)
+
+
+def test_dot_dot_is_the_parent(tree, mount):
+    """A folder's ".." carries its parent's number, as on ext4; a named
+    root's is the mount's root. Equal folders under two parents show two
+    parents."""
+    m = mount("--list-root")
+    r = m.path / "r"
+    folders = [r] + [Path(dp) / d for dp, ds, _ in os.walk(r) for d in ds]
+    assert len(folders) > 10
+    for again in (False, True):
+        if again:
+            # Forgotten and looked up again, deepest first: the same.
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("2")
+            folders.reverse()
+        for f in folders:
+            d = dents(f)
+            assert d[b"."] == os.stat(f).st_ino, f
+            assert d[b".."] == os.stat(f.parent).st_ino, f
+    assert dents(r)[b".."] == os.stat(m.path).st_ino == 1
+    assert dents(m.path)[b".."] == 1
+    a, b = dents(r / "dirA" / "sub"), dents(r / "dirB" / "sub")
+    assert a[b".."] != b[b".."]
+    # ls -ia says the same.
+    out = subprocess.run(["ls", "-ia", str(r / "dirA" / "sub" / "deep")],
+                         capture_output=True, check=True).stdout.split()
+    got = dict(zip(out[1::2], map(int, out[0::2])))
+    assert got[b".."] == os.stat(r / "dirA" / "sub").st_ino
+    # cd .. and pwd -P follow the kernel's own "..", which agrees.
+    p = subprocess.run("cd deep/deeper && cd ../.. && pwd -P && ls -di .",
+                       shell=True, cwd=r / "dirB" / "sub", capture_output=True, check=True)
+    pwd, ls = p.stdout.decode().splitlines()
+    assert pwd == str(r / "dirB" / "sub")
+    assert int(ls.split()[0]) == os.stat(r / "dirB" / "sub").st_ino
 
 
 def test_exact_names(tree, mount):
