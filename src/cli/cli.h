@@ -43,7 +43,17 @@ enum cas_cli_store_mode {
 int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 			    cas_store **ret);
 
-/* Prints "castore VERB: <message>" and returns CAS_EXIT_USAGE. */
+/* Names the verb running: every line logged from now on, by any layer,
+ * reads "castore VERB: OBJECT: reason" (docs/cli.md). main calls it with
+ * the verb, a verb with sub-verbs again with "blob cat" and the like.
+ * "castore" (before a verb is known) gives "castore: ". */
+void cas_cli_set_verb(const char *verb);
+
+/* Prints "castore VERB: <message>" and returns CAS_EXIT_USAGE. Like every
+ * error line it goes through core/log (cut in the middle past 2 KiB, CR
+ * and LF shown as '?'), and it is not written when the verb ends at its
+ * first failure and a line has been written already. A NULL verb is the
+ * verb running (cas_cli_set_verb). */
 int cas_cli_usage(const char *verb, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 

@@ -167,14 +167,22 @@ int cmd_blob(struct cas_cli *cli, int argc, char **argv)
 		return CAS_EXIT_OK;
 	}
 	optind = 0;
-	if (!strcmp(sub, "put"))
+	if (!strcmp(sub, "put")) {
+		cas_cli_set_verb("blob put");
 		return blob_put(cli, argc - 1, argv + 1);
-	if (!strcmp(sub, "cat"))
+	}
+	if (!strcmp(sub, "cat")) {
+		cas_cli_set_verb("blob cat");
 		return blob_cat(cli, argc - 1, argv + 1);
-	if (!strcmp(sub, "stat"))
+	}
+	if (!strcmp(sub, "stat")) {
+		cas_cli_set_verb("blob stat");
 		return blob_stat(cli, argc - 1, argv + 1);
-	if (!strcmp(sub, "outboard"))
+	}
+	if (!strcmp(sub, "outboard")) {
+		cas_cli_set_verb("blob outboard");
 		return blob_outboard(cli, argc - 1, argv + 1);
+	}
 	return cas_cli_usage(
 		"blob", "%s: unknown sub-verb (put, cat, stat, outboard)", sub);
 }

@@ -203,9 +203,13 @@ int cmd_dir(struct cas_cli *cli, int argc, char **argv)
 		return CAS_EXIT_OK;
 	}
 	optind = 0;
-	if (!strcmp(sub, "put"))
+	if (!strcmp(sub, "put")) {
+		cas_cli_set_verb("dir put");
 		return dir_put(cli, argc - 1, argv + 1);
-	if (!strcmp(sub, "get"))
+	}
+	if (!strcmp(sub, "get")) {
+		cas_cli_set_verb("dir get");
 		return dir_get(cli, argc - 1, argv + 1);
+	}
 	return cas_cli_usage("dir", "%s: unknown sub-verb (put, get)", sub);
 }

@@ -130,7 +130,7 @@ static void report_losses(const char *path, const struct cas_import_progress *p)
 	     "hard-linked file stored as a file of its own",
 	     "hard-linked files stored as files of their own");
 	if (len)
-		cas_log_warning("import %s: not kept (castore v1 cannot hold "
+		cas_log_warning("%s: not kept (castore v1 cannot hold "
 				"it, see docs/cli.md): %s",
 				path, buf);
 }

@@ -266,12 +266,18 @@ int cmd_roots(struct cas_cli *cli, int argc, char **argv)
 		return CAS_EXIT_OK;
 	}
 	optind = 0;
-	if (!strcmp(sub, "list"))
+	if (!strcmp(sub, "list")) {
+		cas_cli_set_verb("roots list");
 		return roots_list(cli, argc - 1, argv + 1);
-	if (!strcmp(sub, "add"))
+	}
+	if (!strcmp(sub, "add")) {
+		cas_cli_set_verb("roots add");
 		return roots_add(cli, argc - 1, argv + 1);
-	if (!strcmp(sub, "rm"))
+	}
+	if (!strcmp(sub, "rm")) {
+		cas_cli_set_verb("roots rm");
 		return roots_rm(cli, argc - 1, argv + 1);
+	}
 	return cas_cli_usage("roots", "%s: unknown sub-verb (list, add, rm)",
 			     sub);
 }

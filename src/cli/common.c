@@ -19,28 +19,38 @@
 #include "remote/remote.h"
 #endif
 
+/* "castore VERB: " for the verb running (cas_cli_set_verb). */
+static char verb_prefix[64] = "castore: ";
+
+void cas_cli_set_verb(const char *verb)
+{
+	if (!verb || !strcmp(verb, "castore"))
+		snprintf(verb_prefix, sizeof(verb_prefix), "castore: ");
+	else
+		snprintf(verb_prefix, sizeof(verb_prefix),
+			 "castore %s: ", verb);
+	cas_log_set_prefix(verb_prefix);
+}
+
 static void vprint_line(const char *verb, const char *fmt, va_list ap)
 	__attribute__((format(printf, 2, 0)));
 static void vprint_line(const char *verb, const char *fmt, va_list ap)
 {
-	char line[2048];
-	/* "castore: ..." for the command itself, "castore VERB: ..." else. */
-	int n = strcmp(verb, "castore")
-			? snprintf(line, sizeof(line), "castore %s: ", verb)
-			: snprintf(line, sizeof(line), "castore: ");
-	if (n < 0 || (size_t)n >= sizeof(line))
-		n = 0;
-	int m = vsnprintf(line + n, sizeof(line) - (size_t)n - 1, fmt, ap);
-	size_t len = (size_t)n;
-	if (m > 0)
-		len += CAS_MIN((size_t)m, sizeof(line) - (size_t)n - 2);
-	/* Keep the message on one line whatever a name holds. */
-	for (size_t i = 0; i < len; i++)
-		if (line[i] == '\n' || line[i] == '\r')
-			line[i] = '?';
-	line[len++] = '\n';
+	/* %m in fmt names errno as the caller left it. */
+	int r = -errno;
+	char prefix[64];
+	/* "castore: ..." for the command itself, "castore VERB: ..." else,
+	 * and NULL for the verb running. */
+	if (!verb)
+		snprintf(prefix, sizeof(prefix), "%s", verb_prefix);
+	else if (strcmp(verb, "castore"))
+		snprintf(prefix, sizeof(prefix), "castore %s: ", verb);
+	else
+		snprintf(prefix, sizeof(prefix), "castore: ");
+	/* What the verb printed on stdout comes first. */
 	fflush(stdout);
-	(void)!write(STDERR_FILENO, line, len);
+	cas_log_prefixed(CAS_LOG_ERROR, prefix, r, fmt, ap);
+	errno = -r;
 }
 
 int cas_cli_usage(const char *verb, const char *fmt, ...)
@@ -95,7 +105,7 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 	int r;
 
 	if (!spec || !*spec) {
-		cas_cli_fail("store", "no store given");
+		cas_cli_fail(NULL, "no store given");
 		return -EINVAL;
 	}
 #ifdef CAS_HAVE_REMOTE
@@ -108,20 +118,21 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 		 * ~/.cache, which may not exist yet. */
 		if (cli->cache_dir &&
 		    (r = cas_mkdir_parents(cli->cache_dir)) < 0) {
-			cas_cli_fail("store", "cache %s: %s", cli->cache_dir,
+			cas_cli_fail(NULL, "cache %s: %s", cli->cache_dir,
 				     strerror(-r));
 			return r;
 		}
 		unsigned long mark = cas_log_error_count();
 		r = cas_remote_open(spec, &ro, ret);
 		if (r < 0)
-			cas_cli_store_fail(mark, "store", "%s: %s", spec,
+			cas_cli_store_fail(mark, NULL, "store %s: %s", spec,
 					   strerror(-r));
 		return r;
 	}
 #else
 	if (strstr(spec, "://")) {
-		cas_cli_fail("store", "%s: remote stores not built in", spec);
+		cas_cli_fail(NULL, "store %s: remote stores not built in",
+			     spec);
 		return -EPROTONOSUPPORT;
 	}
 #endif
@@ -134,14 +145,15 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 		 * exist yet. */
 		r = cas_mkdir_parents(spec);
 		if (r < 0) {
-			cas_cli_fail("store", "%s: %s", spec, strerror(-r));
+			cas_cli_fail(NULL, "store %s: %s", spec, strerror(-r));
 			return r;
 		}
 	}
 	unsigned long mark = cas_log_error_count();
 	r = cas_local_open(spec, &lo, ret);
 	if (r < 0)
-		cas_cli_store_fail(mark, "store", "%s: %s", spec, strerror(-r));
+		cas_cli_store_fail(mark, NULL, "store %s: %s", spec,
+				   strerror(-r));
 	return r;
 }
 
@@ -385,7 +397,7 @@ int cas_cli_blob_copy(const char *verb, cas_store *s, const cas_digest *d,
 int cas_cli_finish(int status)
 {
 	if (fflush(stdout) != 0 || ferror(stdout))
-		return cas_cli_fail("stdout", "write: %m");
+		return cas_cli_fail(NULL, "stdout: write: %m");
 	return status;
 }
 

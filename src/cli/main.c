@@ -1,6 +1,7 @@
 /* castore: global options, then one verb per file (cmd_*.c). */
 #include <errno.h>
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,35 +14,41 @@
 #define CAS_VERSION "unknown"
 #endif
 
+/* `each`: the verb goes on after a failure and names each one (the
+ * servers, verify, gc); the others end at their first failure, which is
+ * then one line whoever logs it (cas_log_set_first_error_only). */
 static const struct {
 	const char *name;
 	cas_cli_verb fn;
 	const char *summary;
+	bool each;
 } verbs[] = {
 	{"import", cmd_import,
-	 "import PATH [--name NAME]  ingest a tree, register a root"},
+	 "import PATH [--name NAME]  ingest a tree, register a root", false},
 	{"export", cmd_export,
-	 "export NAME[/PATH] DEST    write a root back to disk"},
-	{"ls", cmd_ls, "ls NAME[/PATH]             list through the store"},
+	 "export NAME[/PATH] DEST    write a root back to disk", false},
+	{"ls", cmd_ls, "ls NAME[/PATH]             list through the store",
+	 false},
 	{"cat", cmd_cat,
-	 "cat NAME/PATH              print a file through the store"},
+	 "cat NAME/PATH              print a file through the store", false},
 	{"mount", cmd_mount,
-	 "mount MOUNTPOINT ...       serve the roots over FUSE"},
+	 "mount MOUNTPOINT ...       serve the roots over FUSE", true},
 	{"virtiofs", cmd_virtiofs,
-	 "virtiofs --socket PATH ... serve the roots to a VM"},
+	 "virtiofs --socket PATH ... serve the roots to a VM", true},
 	{"verify", cmd_verify,
-	 "verify                     check the whole store"},
-	{"gc", cmd_gc, "gc --dry-run [--json]      what no root reaches"},
-	{"blob", cmd_blob, "blob put|cat|stat ...      blobs by digest"},
-	{"dir", cmd_dir, "dir put|get ...            Directories by digest"},
-	{"roots", cmd_roots, "roots list|add|rm ...      named roots"},
+	 "verify                     check the whole store", true},
+	{"gc", cmd_gc, "gc --dry-run [--json]      what no root reaches", true},
+	{"blob", cmd_blob, "blob put|cat|stat ...      blobs by digest", false},
+	{"dir", cmd_dir, "dir put|get ...            Directories by digest",
+	 false},
+	{"roots", cmd_roots, "roots list|add|rm ...      named roots", false},
 #ifdef CAS_HAVE_REMOTE
 	{"serve", cmd_serve,
-	 "serve --listen ADDR        the store as tvix castore gRPC"},
+	 "serve --listen ADDR        the store as tvix castore gRPC", true},
 	{"push", cmd_push,
-	 "push URL NAME...           copy roots to a gRPC store"},
+	 "push URL NAME...           copy roots to a gRPC store", false},
 	{"publish", cmd_publish,
-	 "publish DIR [NAME...]      write the static HTTP layout"},
+	 "publish DIR [NAME...]      write the static HTTP layout", false},
 #endif
 };
 
@@ -101,7 +108,7 @@ int main(int argc, char **argv)
 	const char *cache_max = NULL;
 	int c;
 
-	cas_log_set_prefix("castore: ");
+	cas_cli_set_verb("castore");
 	/* '+': stop at the verb, whose options are its own. */
 	while ((c = cas_cli_getopt("castore", argc, argv, "+h", opts)) != -1) {
 		switch (c) {
@@ -151,6 +158,8 @@ int main(int argc, char **argv)
 		int vargc = argc - optind;
 		char **vargv = argv + optind;
 		optind = 0; /* the verb scans its own options from scratch */
+		cas_cli_set_verb(verbs[i].name);
+		cas_log_set_first_error_only(!verbs[i].each);
 		return cas_cli_finish(verbs[i].fn(&cli, vargc, vargv));
 	}
 	return cas_cli_usage("castore",

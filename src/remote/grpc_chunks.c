@@ -350,7 +350,7 @@ static int blob_outboard(cas_store *s, const cas_digest *d, uint8_t **ret,
 		char hex[CAS_DIGEST_HEX_LEN + 1];
 		cas_digest_to_hex(d, hex);
 		return cas_log_errno(-EIO,
-				     "serve: blob %s: its bytes do not "
+				     "blob %s: its bytes do not "
 				     "hash to its name",
 				     hex);
 	}

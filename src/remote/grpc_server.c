@@ -387,7 +387,7 @@ static void admit(struct server *srv, int fd)
 	}
 	if (!room) {
 		pthread_mutex_unlock(&srv->lock);
-		cas_log_debug("serve: every connection is busy: one refused");
+		cas_log_debug("every connection is busy: one refused");
 		cas_grpc_session_free(c->session);
 		free(c->out);
 		free(c);
@@ -413,7 +413,7 @@ static void admit(struct server *srv, int fd)
 static void accept_starved(struct server *srv, int err, bool *warned)
 {
 	if (!*warned)
-		cas_log_warning("serve: accept: %s: closing idle connections, "
+		cas_log_warning("accept: %s: closing idle connections, "
 				"pausing new ones while none is idle",
 				strerror(err));
 	*warned = true;
@@ -654,11 +654,11 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 	r = cas_chunk_index_new(s, &srv.env.chunks);
 	if (r < 0) {
 		close(lfd);
-		return cas_log_errno(r, "serve: %m");
+		return cas_log_errno(r, "chunk index: %m");
 	}
 	if (wildcard)
 		cas_log_warning(
-			"serve: %s listens on every network interface%s", bound,
+			"%s: listens on every network interface%s", bound,
 			opts->read_only
 				? " (read-only)"
 				: ", read-write: anyone who can connect can "
@@ -671,7 +671,7 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 		server_stop(&srv);
 		server_release(&srv);
 		close(lfd);
-		return cas_log_errno(r, "serve: start %u threads: %m", threads);
+		return cas_log_errno(r, "start %u threads: %m", threads);
 	}
 	if (ready)
 		ready(userdata, bound);

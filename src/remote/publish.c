@@ -215,7 +215,7 @@ static int publish_outboard(struct publisher *pb, const cas_digest *d,
 	r = write_object(pb, path, fd, len, NULL, 0);
 	if (r < 0)
 		return cas_log_errno(r,
-				     "publish outboard of blob %s into %s: %m",
+				     "blob %s: write its outboard into %s: %m",
 				     hex, pb->dir);
 	pb->p.sent_objects++;
 	pb->p.sent_bytes += len;
@@ -250,7 +250,7 @@ static int publish_blob(struct publisher *pb, const cas_digest *d)
 		return r;
 	r = write_object(pb, path, fd, size, NULL, 0);
 	if (r < 0)
-		return cas_log_errno(r, "publish blob %s into %s: %m", hex,
+		return cas_log_errno(r, "blob %s: write into %s: %m", hex,
 				     pb->dir);
 	pb->p.sent_objects++;
 	pb->p.sent_bytes += size;
@@ -302,7 +302,7 @@ static int publish_pack(struct publisher *pb, const cas_digest *d,
 	if (r < 0) {
 		cas_digest_to_hex(d, hex);
 		return cas_log_errno(r,
-				     "publish pack of directory %s into %s: %m",
+				     "directory %s: write its pack into %s: %m",
 				     hex, pb->dir);
 	}
 	pb->p.sent_bytes += len;
@@ -405,7 +405,7 @@ static int publish_tree(struct publisher *pb, const cas_digest *root)
 		if (r < 0) {
 			char hex[CAS_DIGEST_HEX_LEN + 1];
 			cas_digest_to_hex(&f->d, hex);
-			r = cas_log_errno(r, "publish directory %s into %s: %m",
+			r = cas_log_errno(r, "directory %s: write into %s: %m",
 					  hex, pb->dir);
 			goto out;
 		}
@@ -485,7 +485,7 @@ static int publish_tree_file(struct publisher *pb, const cas_digest *root)
 	if (r < 0) {
 		cas_digest_to_hex(root, hex);
 		return cas_log_errno(r,
-				     "publish tree of directory %s into %s: %m",
+				     "directory %s: write its tree into %s: %m",
 				     hex, pb->dir);
 	}
 	return 0;

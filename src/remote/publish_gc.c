@@ -326,8 +326,7 @@ static int remove_doomed(struct pgc *g, struct doomed *dm)
 		if (!g->o->dry_run && unlinkat(g->dirfd, rel, 0) < 0 &&
 		    errno != ENOENT)
 			return cas_log_errno(cas_negerrno(),
-					     "gc %s: remove %s: %m", g->dir,
-					     rel);
+					     "%s: remove %s: %m", g->dir, rel);
 		g->st->directories++;
 		g->st->directory_bytes += x->size;
 		for (size_t c = 0; c < x->n_children; c++) {

@@ -73,7 +73,7 @@ static int blob_mismatch(int dir_fd, const char *name, const char *path,
 	if (name)
 		(void)unlinkat(dir_fd, name, 0);
 	return cas_log_errno(-EBADMSG,
-			     "export %s: blob %s: content does not match its "
+			     "%s: blob %s: content does not match its "
 			     "digest",
 			     path, hex);
 }
@@ -94,19 +94,17 @@ static int export_file(cas_store *s, int dir_fd, const char *name,
 						    node->size, &src, &size);
 	if (r == -EFBIG)
 		return cas_log_errno(-EBADMSG,
-				     "export %s: blob %s has more than %u "
+				     "%s: blob %s has more than %u "
 				     "bytes, expected %llu",
 				     path, hex, SMALL_FILE,
 				     (unsigned long long)node->size);
 	if (r == -ENOENT)
-		return cas_log_errno(r, "export %s: blob %s is missing", path,
-				     hex);
+		return cas_log_errno(r, "%s: blob %s is missing", path, hex);
 	if (r < 0)
-		return cas_log_errno(r, "export %s: blob %s: %m", path, hex);
+		return cas_log_errno(r, "%s: blob %s: %m", path, hex);
 	if (size != node->size)
 		return cas_log_errno(
-			-EBADMSG,
-			"export %s: blob %s has %llu bytes, expected %llu",
+			-EBADMSG, "%s: blob %s has %llu bytes, expected %llu",
 			path, hex, (unsigned long long)size,
 			(unsigned long long)node->size);
 	if (data) {
@@ -119,22 +117,21 @@ static int export_file(cas_store *s, int dir_fd, const char *name,
 		dir_fd, name,
 		O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, mode);
 	if (dst < 0)
-		return cas_log_errno(cas_negerrno(), "export %s: %m", path);
+		return cas_log_errno(cas_negerrno(), "%s: %m", path);
 	r = data ? cas_write_all(dst, data, (size_t)size)
 		 : cas_copy_fd_hashed(src, dst, size, &got);
 	if (r == -EBADMSG) {
 		(void)unlinkat(dir_fd, name, 0);
-		return cas_log_errno(
-			r, "export %s: blob %s is shorter than %llu bytes",
-			path, hex, (unsigned long long)size);
+		return cas_log_errno(r,
+				     "%s: blob %s is shorter than %llu bytes",
+				     path, hex, (unsigned long long)size);
 	}
 	if (r < 0)
-		return cas_log_errno(r, "export %s: %m", path);
+		return cas_log_errno(r, "%s: %m", path);
 	if (!data && !cas_digest_eq(&got, &node->digest))
 		return blob_mismatch(dir_fd, name, path, hex);
 	if (fchmod(dst, mode) < 0)
-		return cas_log_errno(cas_negerrno(), "export %s: chmod: %m",
-				     path);
+		return cas_log_errno(cas_negerrno(), "%s: chmod: %m", path);
 	return 0;
 }
 
@@ -146,8 +143,7 @@ static int export_symlink(int dir_fd, const char *name, const char *path,
 	if (!target)
 		return -ENOMEM;
 	if (symlinkat(target, dir_fd, name) < 0)
-		return cas_log_errno(cas_negerrno(), "export %s: symlink: %m",
-				     path);
+		return cas_log_errno(cas_negerrno(), "%s: symlink: %m", path);
 	return 0;
 }
 
@@ -163,20 +159,18 @@ static int enter_directory(cas_store *s, int dir_fd, const char *name,
 	_cleanup_(cas_directory_freep) cas_directory *d = NULL;
 	int r = cas_store_directory_get(s, &node->digest, &d);
 	if (r == -ENOENT)
-		return cas_log_errno(r, "export %s: directory %s is missing",
-				     path, hex);
-	if (r < 0)
-		return cas_log_errno(r, "export %s: directory %s: %m", path,
+		return cas_log_errno(r, "%s: directory %s is missing", path,
 				     hex);
+	if (r < 0)
+		return cas_log_errno(r, "%s: directory %s: %m", path, hex);
 	if (mkdirat(dir_fd, name, 0755) < 0)
-		return cas_log_errno(cas_negerrno(), "export %s: mkdir: %m",
-				     path);
+		return cas_log_errno(cas_negerrno(), "%s: mkdir: %m", path);
 	_cleanup_close_ int fd = openat(
 		dir_fd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
 	if (fd < 0)
-		return cas_log_errno(cas_negerrno(), "export %s: %m", path);
+		return cas_log_errno(cas_negerrno(), "%s: %m", path);
 	if (fchmod(fd, 0755) < 0 || fstat(fd, ret_st) < 0)
-		return cas_log_errno(cas_negerrno(), "export %s: %m", path);
+		return cas_log_errno(cas_negerrno(), "%s: %m", path);
 	*ret_d = TAKE_PTR(d);
 	*ret_fd = TAKE_FD(fd);
 	return 0;
@@ -242,8 +236,8 @@ static int export_tree(cas_store *s, const cas_node *root, const char *dest)
 			int up = openat(fd, "..",
 					O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 			if (up < 0 || fstat(up, &st) < 0) {
-				r = cas_log_errno(cas_negerrno(),
-						  "export %s: %m", path.buf);
+				r = cas_log_errno(cas_negerrno(), "%s: %m",
+						  path.buf);
 				if (up >= 0)
 					close(up);
 				goto out;
@@ -253,7 +247,7 @@ static int export_tree(cas_store *s, const cas_node *root, const char *dest)
 			if (st.st_dev != stack[depth - 1].dev ||
 			    st.st_ino != stack[depth - 1].ino) {
 				r = cas_log_errno(-ESTALE,
-						  "export %s: moved while "
+						  "%s: moved while "
 						  "being exported",
 						  path.buf);
 				goto out;
@@ -310,7 +304,7 @@ int cas_export(cas_store *s, const cas_node *node, const char *dest)
 {
 	const char *why = cas_node_check(node, true);
 	if (why)
-		return cas_log_errno(-EINVAL, "export %s: %s", dest, why);
+		return cas_log_errno(-EINVAL, "%s: %s", dest, why);
 	switch (node->type) {
 	case CAS_NODE_DIRECTORY:
 		return export_tree(s, node, dest);
@@ -319,5 +313,5 @@ int cas_export(cas_store *s, const cas_node *node, const char *dest)
 	case CAS_NODE_SYMLINK:
 		return export_symlink(AT_FDCWD, dest, dest, node);
 	}
-	return cas_log_errno(-EINVAL, "export %s: unknown node type", dest);
+	return cas_log_errno(-EINVAL, "%s: unknown node type", dest);
 }

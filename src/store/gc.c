@@ -658,7 +658,8 @@ int cas_local_gc(cas_store *s, const struct cas_gc_options *o,
 				O_CREAT | O_RDWR | O_CLOEXEC, 0644);
 		r = run_fd < 0 ? cas_negerrno() : lock_wait(run_fd, LOCK_EX);
 		if (r < 0)
-			return cas_log_errno(r, "gc %s: gc.run: %m", ls->dir);
+			return cas_log_errno(r, "store %s: gc.run: %m",
+					     ls->dir);
 	}
 
 	/* 1. Mark, and find what no root reaches, beside the writers. */
@@ -702,7 +703,7 @@ out:
 	free(k.stack);
 	cas_gc_packs_release(&packs);
 	if (r < 0)
-		return cas_log_errno(r, "gc %s: %m", ls->dir);
+		return cas_log_errno(r, "store %s: %m", ls->dir);
 	st.seconds = since(&t0);
 	*ret = st;
 	return 0;

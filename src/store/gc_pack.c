@@ -232,7 +232,7 @@ static int rewrite_add(struct rewrite *w, const struct gc_pack *k,
 		cas_digest_to_hex(&m->digest, hex);
 		/* Left where it is (verify names it); the pack stays. */
 		cas_log_errno(r == -EBADMSG ? -EIO : r,
-			      "gc %s: blob %s: read from its pack: %m",
+			      "store %s: blob %s: read from its pack: %m",
 			      w->ls->dir, hex);
 		return 0;
 	}
@@ -277,7 +277,7 @@ static int remove_pack(struct cas_local *ls, struct gc_pack *k,
 	cas_local_pack_name(k->id, name);
 	if (unlinkat(ls->packs_fd, name, 0) < 0)
 		return cas_log_errno(cas_negerrno(),
-				     "gc %s: remove packs/%s: %m", ls->dir,
+				     "store %s: remove packs/%s: %m", ls->dir,
 				     name);
 	st->pack_bytes += k->size;
 	return 0;

@@ -235,7 +235,7 @@ static char *entry_path(const struct importer *imp, const struct imp_dir *dir,
 	return p;
 }
 
-/* Logs "import PATH/NAME: why" with unprintable bytes escaped. */
+/* Logs "PATH/NAME: why" with unprintable bytes escaped. */
 static int path_error(struct importer *imp, const struct imp_dir *dir,
 		      const char *name, int r, const char *why)
 {
@@ -246,9 +246,9 @@ static int path_error(struct importer *imp, const struct imp_dir *dir,
 	if (esc)
 		cas_escape_name((const uint8_t *)raw, len, esc, size);
 	if (why)
-		cas_log_error("import %s: %s", esc ? esc : "?", why);
+		cas_log_error("%s: %s", esc ? esc : "?", why);
 	else
-		cas_log_errno(r, "import %s: %m", esc ? esc : "?");
+		cas_log_errno(r, "%s: %m", esc ? esc : "?");
 	set_error(imp, r);
 	return r;
 }
@@ -1257,11 +1257,10 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	       struct cas_import_progress *ret_progress)
 {
 	if (!cas_store_is_local(s))
-		return cas_log_errno(-EOPNOTSUPP,
-				     "import %s: the store is not local", path);
-	if (name && !cas_root_name_valid(name))
-		return cas_log_errno(-EINVAL, "import %s: invalid root name",
+		return cas_log_errno(-EOPNOTSUPP, "%s: the store is not local",
 				     path);
+	if (name && !cas_root_name_valid(name))
+		return cas_log_errno(-EINVAL, "%s: invalid root name", path);
 
 	_cleanup_free_ char *clean = strdup(path);
 	struct importer *imp = calloc(1, sizeof(*imp));
@@ -1374,9 +1373,8 @@ int cas_import(cas_store *s, const char *path, const char *name,
 	imp->batch = NULL;
 	if (r < 0)
 		goto out;
-	cas_log_debug(
-		"import %s: walk and hash %.3f s, syncfs %.3f s, commit %.3f s",
-		path, t_walk, t_sync - t_walk, elapsed(&t0) - t_sync);
+	cas_log_debug("%s: walk and hash %.3f s, syncfs %.3f s, commit %.3f s",
+		      path, t_walk, t_sync - t_walk, elapsed(&t0) - t_sync);
 	progress(imp, true);
 	if (ret_node && !(*ret_node = cas_node_dup(&node))) {
 		r = -ENOMEM;

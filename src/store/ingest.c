@@ -268,9 +268,8 @@ int cas_local_blob_publish_fd(cas_store *s, int src_fd, uint64_t size,
 	if (r != -EBADMSG)
 		return r;
 	cas_digest_to_hex(d, hex);
-	return cas_log_errno(
-		r, "publish blob %s: source is shorter than %llu bytes", hex,
-		(unsigned long long)size);
+	return cas_log_errno(r, "blob %s: source is shorter than %llu bytes",
+			     hex, (unsigned long long)size);
 }
 
 /* Staging (import and the remote cache): blobs are written to named files

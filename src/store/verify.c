@@ -206,7 +206,8 @@ static int verify_blobs(struct verifier *v)
 	int fd = openat(v->ls->blobs_fd, ".",
 			O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0)
-		return cas_log_errno(cas_negerrno(), "verify: open blobs: %m");
+		return cas_log_errno(cas_negerrno(), "store %s: open blobs: %m",
+				     v->ls->dir);
 	DIR *top = fdopendir(fd);
 	if (!top) {
 		close(fd);
@@ -433,7 +434,7 @@ int cas_local_verify(cas_store *s, cas_verify_cb cb, void *userdata)
 	if (r < 0)
 		return r;
 	if ((r = cas_local_verify_partials(v.ls, cb, userdata)) < 0)
-		return cas_log_errno(r, "verify %s: partial blobs: %m",
+		return cas_log_errno(r, "store %s: partial blobs: %m",
 				     v.ls->dir);
 	v.problems += r;
 	MDB_txn *txn;
@@ -449,13 +450,13 @@ int cas_local_verify(cas_store *s, cas_verify_cb cb, void *userdata)
 	if (r == 0 && cas_local_rtxn_check(v.ls, txn) < 0) {
 		cas_local_rtxn_put(v.ls, txn);
 		return cas_log_errno(-EAGAIN,
-				     "verify %s: a writer changed the store "
+				     "store %s: a writer changed the store "
 				     "under this reader without its lock "
 				     "file; run verify again",
 				     v.ls->dir);
 	}
 	cas_local_rtxn_put(v.ls, txn);
 	if (r < 0)
-		return cas_log_errno(r, "verify %s: %m", v.ls->dir);
+		return cas_log_errno(r, "store %s: %m", v.ls->dir);
 	return v.problems;
 }

@@ -188,8 +188,7 @@ static int mount_fusermount(struct cas_devfuse *d)
 	int fd = r < 0 ? r : receive_fd(sv[0]);
 	close(sv[0]);
 	if (fd < 0)
-		return cas_log_errno(fd, "mount %s with fusermount3: %m",
-				     d->mountpoint);
+		return cas_log_errno(fd, "%s: fusermount3: %m", d->mountpoint);
 	d->fd = fd;
 	d->via_fusermount = true;
 	d->mounted = true;
@@ -228,14 +227,14 @@ static void do_unmount(struct cas_devfuse *d)
 		char *argv[] = {"fusermount3", "-u",	      "-z",
 				"--",	       d->mountpoint, NULL};
 		if (run_fusermount(argv, -1) < 0)
-			cas_log_error("unmount %s with fusermount3 failed",
+			cas_log_error("%s: unmount with fusermount3 failed",
 				      d->mountpoint);
 		return;
 	}
 	/* Detached: open files keep being served until closed (or until
 	 * the process ends). */
 	if (umount2(d->mountpoint, MNT_DETACH) < 0 && errno != EINVAL)
-		cas_log_errno(cas_negerrno(), "unmount %s: %m", d->mountpoint);
+		cas_log_errno(cas_negerrno(), "%s: unmount: %m", d->mountpoint);
 }
 
 /* The largest READ a pipe we are allowed can carry whole: one slot for
@@ -302,7 +301,7 @@ static int choose_transport(struct cas_devfuse *d)
 		if (d->transport == CAS_DEVFUSE_IO_URING)
 			return cas_log_errno(
 				-EOPNOTSUPP,
-				"mount %s: io_uring transport: the kernel has "
+				"%s: io_uring transport: the kernel has "
 				"it off (/sys/module/fuse/parameters/"
 				"enable_uring)",
 				d->mountpoint);
@@ -314,7 +313,7 @@ static int choose_transport(struct cas_devfuse *d)
 			      cas_fuse_reply_bufsize(&cfg), URING_DEPTH,
 			      d->threads_asked, &d->uring);
 	if (r < 0 && d->transport == CAS_DEVFUSE_IO_URING)
-		return cas_log_errno(r, "mount %s: io_uring transport: %m",
+		return cas_log_errno(r, "%s: io_uring transport: %m",
 				     d->mountpoint);
 	return 0;
 }
@@ -363,7 +362,7 @@ int cas_devfuse_mount(const struct cas_devfuse_options *opts,
 	if (r == -EPERM || r == -EACCES)
 		r = mount_fusermount(d);
 	else if (r < 0)
-		cas_log_errno(r, "mount %s: %m", d->mountpoint);
+		cas_log_errno(r, "%s: %m", d->mountpoint);
 	if (r < 0) {
 		pthread_sigmask(SIG_SETMASK, &d->old_mask, NULL);
 		cas_devfuse_free(d);
@@ -495,7 +494,7 @@ static void connection_ready(struct cas_devfuse *d)
 {
 	const struct cas_fuse_conn *conn = cas_fuse_session_conn(d->session);
 	if (!d->uring || !conn->io_uring) {
-		cas_log_info("mount %s: transport /dev/fuse, %u threads%s",
+		cas_log_info("%s: transport /dev/fuse, %u threads%s",
 			     d->mountpoint, d->threads,
 			     d->transport == CAS_DEVFUSE_AUTO
 				     ? " (io_uring is off in the kernel)"
@@ -508,12 +507,12 @@ static void connection_ready(struct cas_devfuse *d)
 					WAKE_SIGNAL);
 		atomic_store(&d->uring_started, true);
 		if (r == 0)
-			cas_log_info("mount %s: transport FUSE over io_uring, "
+			cas_log_info("%s: transport FUSE over io_uring, "
 				     "%u queues of %u entries, %u threads",
 				     d->mountpoint, cas_uring_queues(d->uring),
 				     URING_DEPTH, cas_uring_workers(d->uring));
 		else
-			cas_log_warning("mount %s: io_uring failed, transport "
+			cas_log_warning("%s: io_uring failed, transport "
 					"/dev/fuse",
 					d->mountpoint);
 	}
@@ -702,7 +701,7 @@ static void abort_connection(struct cas_devfuse *d)
 	while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
 		;
 	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-		cas_log_debug("mount %s: could not abort connection %u "
+		cas_log_debug("%s: could not abort connection %u "
 			      "(status %#x)",
 			      d->mountpoint, d->conn_id, (unsigned)status);
 }
@@ -803,7 +802,7 @@ int cas_devfuse_serve(struct cas_devfuse *d, struct cas_fuse_session *session)
 		}
 		detached = true;
 		do_unmount(d);
-		cas_log_info("mount %s: detached; files still open are served "
+		cas_log_info("%s: detached; files still open are served "
 			     "until closed (signal again to end now)",
 			     d->mountpoint);
 	}

@@ -148,12 +148,12 @@ static void session_renew(struct cas_virtiofs *v)
 {
 	pthread_rwlock_wrlock(&v->session_lock);
 	if (v->session && cas_fuse_session_initialized(v->session)) {
-		cas_log_info("virtiofs: FUSE_INIT again: new session");
+		cas_log_info("FUSE_INIT again: new session");
 		v->cfg.session_close(v->cfg.userdata, v->session);
 		v->session = NULL;
 		int r = v->cfg.session_open(v->cfg.userdata, &v->session);
 		if (r < 0) {
-			cas_log_errno(r, "virtiofs: new session: %m");
+			cas_log_errno(r, "new session: %m");
 			v->session = NULL;
 		}
 	}
@@ -192,7 +192,7 @@ static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
 	if (rep.len > rep.buf_size || data_len > UINT32_MAX ||
 	    rep.len + data_len > elem->write_len ||
 	    rep.len + data_len > UINT32_MAX) {
-		cas_log_debug("virtiofs: reply of %zu bytes does not fit %zu",
+		cas_log_debug("reply of %zu bytes does not fit %zu",
 			      rep.len + data_len, elem->write_len);
 		cas_fuse_reply_fail(&rep, -EIO);
 		written = put_reply(elem, &rep);
@@ -201,8 +201,7 @@ static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
 	if (data_len > 0) {
 		int r = read_file_data(q, elem, rep.len, &rep);
 		if (r < 0) {
-			cas_log_warning_errno(
-				r, "virtiofs: read of reply data: %m");
+			cas_log_warning_errno(r, "read of reply data: %m");
 			cas_fuse_reply_fail(&rep, -EIO);
 			data_len = 0;
 		}
@@ -241,22 +240,20 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 	    cfg->reply_bufsize < CAS_FUSE_REPLY_HEADER_SIZE)
 		return -EINVAL;
 	if (strlen(cfg->socket_path) >= sizeof(sa.sun_path))
-		return cas_log_errno(-ENAMETOOLONG,
-				     "virtiofs: socket path %s: %m",
+		return cas_log_errno(-ENAMETOOLONG, "socket %s: %m",
 				     cfg->socket_path);
 	strcpy(sa.sun_path, cfg->socket_path);
 
 	r = cas_unix_socket_clear(cfg->socket_path);
 	if (r == -EADDRINUSE)
 		return cas_log_errno(
-			r, "virtiofs: %s: a live server answers on this socket",
+			r, "socket %s: a live server answers on this socket",
 			cfg->socket_path);
 	if (r == -EEXIST)
-		return cas_log_errno(r,
-				     "virtiofs: %s exists and is not a socket",
+		return cas_log_errno(r, "socket %s: exists and is not a socket",
 				     cfg->socket_path);
 	if (r < 0)
-		return cas_log_errno(r, "virtiofs: remove stale socket %s: %m",
+		return cas_log_errno(r, "socket %s: remove the stale one: %m",
 				     cfg->socket_path);
 
 	struct cas_virtiofs *v = calloc(1, sizeof(*v));
@@ -272,7 +269,7 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 	}
 	v->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (v->stop_fd < 0) {
-		r = cas_log_errno(cas_negerrno(), "virtiofs: eventfd: %m");
+		r = cas_log_errno(cas_negerrno(), "eventfd: %m");
 		goto fail;
 	}
 
@@ -290,7 +287,7 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 
 	v->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (v->listen_fd < 0) {
-		r = cas_log_errno(cas_negerrno(), "virtiofs: socket: %m");
+		r = cas_log_errno(cas_negerrno(), "socket: %m");
 		goto fail;
 	}
 	/* Bound under a name of its own and renamed once listening: whoever
@@ -306,13 +303,13 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 	else
 		unlink(tmp.sun_path);
 	if (bind(v->listen_fd, (struct sockaddr *)&tmp, sizeof(tmp)) < 0) {
-		r = cas_log_errno(cas_negerrno(), "virtiofs: bind %s: %m",
+		r = cas_log_errno(cas_negerrno(), "socket %s: bind: %m",
 				  tmp.sun_path);
 		goto fail;
 	}
 	if (listen(v->listen_fd, 4) < 0 ||
 	    (renamed && rename(tmp.sun_path, sa.sun_path) < 0)) {
-		r = cas_log_errno(cas_negerrno(), "virtiofs: listen on %s: %m",
+		r = cas_log_errno(cas_negerrno(), "socket %s: listen: %m",
 				  cfg->socket_path);
 		unlink(tmp.sun_path);
 		goto fail;
@@ -354,7 +351,7 @@ static void take_stops(struct cas_virtiofs *v)
 		v->listen_fd = -1;
 		if (unlink(v->socket_path) < 0 && errno != ENOENT)
 			cas_log_warning_errno(cas_negerrno(),
-					      "virtiofs: remove %s: %m",
+					      "socket %s: remove: %m",
 					      v->socket_path);
 	}
 }
@@ -364,11 +361,11 @@ static void serve(struct cas_virtiofs *v, int conn)
 {
 	int r = v->cfg.session_open(v->cfg.userdata, &v->session);
 	if (r < 0) {
-		cas_log_errno(r, "virtiofs: session: %m");
+		cas_log_errno(r, "session: %m");
 		v->session = NULL;
 		return;
 	}
-	cas_log_info("virtiofs: frontend connected");
+	cas_log_info("frontend connected");
 
 	for (;;) {
 		struct pollfd p[3] = {
@@ -379,14 +376,14 @@ static void serve(struct cas_virtiofs *v, int conn)
 		if (poll(p, 3, -1) < 0) {
 			if (errno == EINTR)
 				continue;
-			cas_log_errno(cas_negerrno(), "virtiofs: poll: %m");
+			cas_log_errno(cas_negerrno(), "poll: %m");
 			break;
 		}
 		if (p[0].revents) {
 			take_stops(v);
 			if (v->stops >= 2)
 				break;
-			cas_log_info("virtiofs: socket %s removed; serving the "
+			cas_log_info("socket %s: removed; serving the "
 				     "connected guest until it disconnects "
 				     "(signal again to end now)",
 				     v->socket_path);
@@ -396,22 +393,19 @@ static void serve(struct cas_virtiofs *v, int conn)
 			int other =
 				accept4(v->listen_fd, NULL, NULL, SOCK_CLOEXEC);
 			if (other >= 0) {
-				cas_log_warning(
-					"virtiofs: a frontend is already "
-					"connected; refusing another");
+				cas_log_warning("a frontend is already "
+						"connected; refusing another");
 				close(other);
 			}
 		}
 		if (p[1].revents) {
 			r = cas_vu_dev_dispatch(v->dev, conn);
 			if (r == -ECONNRESET) {
-				cas_log_info("virtiofs: frontend disconnected");
+				cas_log_info("frontend disconnected");
 				break;
 			}
 			if (r < 0) {
-				cas_log_errno(
-					r,
-					"virtiofs: closing the connection: %m");
+				cas_log_errno(r, "closing the connection: %m");
 				break;
 			}
 		}
@@ -436,8 +430,7 @@ int cas_virtiofs_run(struct cas_virtiofs *v)
 		if (poll(p, 2, -1) < 0) {
 			if (errno == EINTR)
 				continue;
-			return cas_log_errno(cas_negerrno(),
-					     "virtiofs: poll: %m");
+			return cas_log_errno(cas_negerrno(), "poll: %m");
 		}
 		if (p[0].revents) {
 			take_stops(v);
@@ -450,8 +443,7 @@ int cas_virtiofs_run(struct cas_virtiofs *v)
 			if (errno == EINTR || errno == ECONNABORTED ||
 			    errno == EAGAIN)
 				continue;
-			return cas_log_errno(cas_negerrno(),
-					     "virtiofs: accept: %m");
+			return cas_log_errno(cas_negerrno(), "accept: %m");
 		}
 		serve(v, conn);
 		close(conn);

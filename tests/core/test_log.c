@@ -101,5 +101,61 @@ int main(void)
 		free(prefix);
 	}
 	free(msg);
+
+	/* A long path is cut in the middle: the object's start and the
+	 * reason at the end stay. */
+	cas_log_set_level(CAS_LOG_WARNING);
+	cas_log_set_prefix("castore export: ");
+	char *path = malloc(5001);
+	REQUIRE(path);
+	for (size_t i = 0; i < 5000; i++)
+		path[i] = i % 100 == 0 ? '/' : (char)('a' + i % 26);
+	path[5000] = 0;
+	capture_start();
+	cas_log_errno(-ENOSPC, "%s: mkdir: %m", path);
+	size_t len;
+	out = capture_end(&len);
+	CHECK(len <= 2048 && out[len - 1] == '\n');
+	CHECK(!strncmp(out, "castore export: /bcdefghij", 26));
+	CHECK(strstr(out, " ... ") != NULL);
+	/* The path's last 10 bytes, then the reason, end the line. */
+	char tail[64];
+	snprintf(tail, sizeof(tail), "%s: mkdir: No space left on device\n",
+		 path + 4990);
+	CHECK(len > strlen(tail) && !strcmp(out + len - strlen(tail), tail));
+	free(out);
+	free(path);
+
+	/* CR and LF inside a message never start a line of their own. */
+	capture_start();
+	cas_log_error("a\nb\rc");
+	out = capture_end(NULL);
+	CHECK_STREQ(out, "castore export: a?b?c\n");
+	free(out);
+
+	/* First error only: later error lines are counted, not written;
+	 * warnings still are; debug level writes them all. */
+	cas_log_set_first_error_only(true);
+	unsigned long before = cas_log_error_count();
+	capture_start();
+	CHECK(cas_log_errno(-ENOSPC, "store s: write: %m") == -ENOSPC);
+	CHECK(cas_log_errno(-ENOSPC, "/x: %m") == -ENOSPC);
+	cas_log_warning("w");
+	cas_log_error("again");
+	out = capture_end(NULL);
+	CHECK_STREQ(out, "castore export: store s: write: No space left on "
+			 "device\n"
+			 "castore export: w\n");
+	free(out);
+	CHECK(cas_log_error_count() == before + 3);
+	cas_log_set_level(CAS_LOG_DEBUG);
+	capture_start();
+	cas_log_error("shown at debug");
+	out = capture_end(NULL);
+	CHECK_STREQ(out, "castore export: shown at debug\n");
+	free(out);
+	cas_log_set_first_error_only(false);
+	cas_log_set_level(CAS_LOG_WARNING);
+	cas_log_set_prefix(NULL);
 	return check_exit("test_log");
 }

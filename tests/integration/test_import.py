@@ -177,7 +177,7 @@ def test_loss_report(tmp_path):
     assert out["not_kept"] == expect
     assert len(err) == 1, err
     line = err[0]
-    assert line.startswith(f"castore: import {tree}: not kept"), line
+    assert line.startswith(f"castore import: {tree}: not kept"), line
     for part in ["3 setuid/setgid/sticky modes dropped",
                  "2 private files and folders now readable by everyone",
                  "2 owners other than root dropped",
