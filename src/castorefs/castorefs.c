@@ -161,6 +161,9 @@ static int folder_directory(struct cas_fs *fs, const struct cas_inode *in,
 	cas_digest dg;
 	memcpy(dg.bytes, in->digest, CAS_DIGEST_LEN);
 	struct cas_dir_entry *e;
+	/* A failure the store names itself (a remote that is down, a
+	 * Directory that does not decode) is not named again. */
+	unsigned long mark = cas_log_thread_error_count();
 	int r = cas_dir_cache_get(&fs->dirs, fs->store, &dg, &e);
 	if (r < 0) {
 		if (first_report(fs, in->digest)) {
@@ -171,7 +174,8 @@ static int folder_directory(struct cas_fs *fs, const struct cas_inode *in,
 					"directory %s: absent from the store",
 					hex);
 			else
-				cas_log_errno(r, "directory %s: %m", hex);
+				cas_log_errno_if_silent(
+					mark, r, "directory %s: %m", hex);
 		}
 		return r == -ENOMEM ? r : -EIO;
 	}
@@ -422,12 +426,14 @@ static int fs_readlink(void *fs_, uint64_t ino, char *buf, size_t size)
 	cas_digest dg;
 	memcpy(dg.bytes, in.digest, CAS_DIGEST_LEN);
 	struct cas_dir_entry *e;
+	unsigned long mark = cas_log_thread_error_count();
 	r = cas_dir_cache_get(&fs->dirs, fs->store, &dg, &e);
 	if (r < 0) {
 		if (first_report(fs, in.digest)) {
 			char hex[CAS_DIGEST_HEX_LEN + 1];
 			digest_hex(in.digest, hex);
-			cas_log_errno(r, "directory %s: %m", hex);
+			cas_log_errno_if_silent(mark, r, "directory %s: %m",
+						hex);
 		}
 		return r == -ENOMEM ? r : -EIO;
 	}

@@ -57,9 +57,16 @@ void cas_log_set_first_error_only(bool on)
 	first_error_mark = cas_log_error_count();
 }
 
+static _Thread_local unsigned long thread_errors;
+
 unsigned long cas_log_error_count(void)
 {
 	return __atomic_load_n(&log_errors, __ATOMIC_RELAXED);
+}
+
+unsigned long cas_log_thread_error_count(void)
+{
+	return thread_errors;
 }
 
 int cas_log_prefixed(enum cas_log_level level, const char *prefix, int r,
@@ -69,6 +76,8 @@ int cas_log_prefixed(enum cas_log_level level, const char *prefix, int r,
 		return r;
 	/* At debug level the later ones are written too: they show the way
 	 * a failure went up. */
+	if (level == CAS_LOG_ERROR)
+		thread_errors++;
 	if (level == CAS_LOG_ERROR &&
 	    __atomic_fetch_add(&log_errors, 1, __ATOMIC_RELAXED) >
 		    first_error_mark &&
@@ -125,6 +134,17 @@ int cas_log_internal(enum cas_log_level level, int r, const char *fmt, ...)
 	va_list ap;
 	va_start(ap, fmt);
 	r = cas_log_prefixed(level, log_prefix, r, fmt, ap);
+	va_end(ap);
+	return r;
+}
+
+int cas_log_errno_if_silent(unsigned long mark, int r, const char *fmt, ...)
+{
+	if (thread_errors != mark)
+		return r;
+	va_list ap;
+	va_start(ap, fmt);
+	r = cas_log_prefixed(CAS_LOG_ERROR, log_prefix, r, fmt, ap);
 	va_end(ap);
 	return r;
 }

@@ -66,6 +66,18 @@ int cas_log_internal(enum cas_log_level level, int r, const char *fmt, ...)
  * named the failure: one failure, one line. */
 unsigned long cas_log_error_count(void);
 
+/* The same, by the calling thread only: a layer that calls down and may
+ * log the failure itself compares it before and after the call, so that
+ * it adds its own line only when the layer below has not named the
+ * failure (cas_log_errno_if_silent). Other threads' lines do not count. */
+unsigned long cas_log_thread_error_count(void);
+
+/* cas_log_errno, unless the calling thread has logged an error since
+ * `mark` (cas_log_thread_error_count() before the call that failed).
+ * Returns r either way. */
+int cas_log_errno_if_silent(unsigned long mark, int r, const char *fmt, ...)
+	_printf_(3, 4);
+
 #define cas_log_error(...)    cas_log_internal(CAS_LOG_ERROR, 0, __VA_ARGS__)
 #define cas_log_warning(...)  cas_log_internal(CAS_LOG_WARNING, 0, __VA_ARGS__)
 #define cas_log_info(...)     cas_log_internal(CAS_LOG_INFO, 0, __VA_ARGS__)

@@ -87,6 +87,9 @@ static int export_file(cas_store *s, int dir_fd, const char *name,
 	_cleanup_free_ uint8_t *data = NULL;
 	uint64_t size;
 	cas_digest got;
+	/* What the store names itself (a remote that is down, a pack that
+	 * cannot be read) is not named again here. */
+	unsigned long mark = cas_log_thread_error_count();
 	int r = node->size <= SMALL_FILE
 			? cas_store_blob_read(s, &node->digest, SMALL_FILE,
 					      &data, &size)
@@ -101,7 +104,8 @@ static int export_file(cas_store *s, int dir_fd, const char *name,
 	if (r == -ENOENT)
 		return cas_log_errno(r, "%s: blob %s is missing", path, hex);
 	if (r < 0)
-		return cas_log_errno(r, "%s: blob %s: %m", path, hex);
+		return cas_log_errno_if_silent(mark, r, "%s: blob %s: %m", path,
+					       hex);
 	if (size != node->size)
 		return cas_log_errno(
 			-EBADMSG, "%s: blob %s has %llu bytes, expected %llu",
@@ -157,12 +161,14 @@ static int enter_directory(cas_store *s, int dir_fd, const char *name,
 	char hex[CAS_DIGEST_HEX_LEN + 1];
 	cas_digest_to_hex(&node->digest, hex);
 	_cleanup_(cas_directory_freep) cas_directory *d = NULL;
+	unsigned long mark = cas_log_thread_error_count();
 	int r = cas_store_directory_get(s, &node->digest, &d);
 	if (r == -ENOENT)
 		return cas_log_errno(r, "%s: directory %s is missing", path,
 				     hex);
 	if (r < 0)
-		return cas_log_errno(r, "%s: directory %s: %m", path, hex);
+		return cas_log_errno_if_silent(mark, r, "%s: directory %s: %m",
+					       path, hex);
 	if (mkdirat(dir_fd, name, 0755) < 0)
 		return cas_log_errno(cas_negerrno(), "%s: mkdir: %m", path);
 	_cleanup_close_ int fd = openat(
