@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import stat
@@ -48,6 +49,8 @@ def one_line(stderr):
     text = stderr.decode("utf-8", "replace")
     lines = text.strip("\n").split("\n")
     assert len(lines) == 1 and lines[0], f"expected one error line, got {text!r}"
+    # docs/cli.md: "castore VERB: OBJECT: reason" ("castore: " before a verb).
+    assert re.match(r"castore( [a-z]+){0,2}: \S", lines[0]), lines[0]
     return lines[0]
 
 
