@@ -131,9 +131,11 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 		return CAS_EXIT_FAILURE;
 
 	struct cas_fs *fs = NULL;
+	unsigned long mark = cas_log_error_count();
 	int r = cas_fs_new(store, &fo, &fs);
 	if (r < 0)
-		return cas_cli_fail("mount", "%s", strerror(-r));
+		return cas_cli_store_fail(mark, "mount", "store %s: %s",
+					  cli->store_spec, strerror(-r));
 
 	struct cas_devfuse *dev = NULL;
 	r = cas_devfuse_mount(&dopts, &dev);
@@ -150,7 +152,8 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 	if (r < 0) {
 		cas_devfuse_free(dev);
 		cas_fs_free(fs);
-		return cas_cli_fail("mount", "FUSE session: %s", strerror(-r));
+		return cas_cli_fail("mount", "%s: FUSE session: %s",
+				    dopts.mountpoint, strerror(-r));
 	}
 	r = cas_devfuse_serve(dev, session);
 	cas_devfuse_free(dev);
@@ -163,8 +166,9 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 			     st.memory_bytes);
 	}
 	cas_fs_free(fs);
+	/* A failure of the transport is said where it happened, naming the
+	 * mountpoint or the worker and the reason. */
 	if (r < 0)
-		return cas_cli_fail("mount", "%s: %s", dopts.mountpoint,
-				    strerror(-r));
+		return CAS_EXIT_FAILURE;
 	return CAS_EXIT_OK;
 }

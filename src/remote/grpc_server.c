@@ -637,6 +637,9 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 	size_t spec_len = CAS_MIN(strlen(listen_spec), sizeof(bound) - 1);
 	memcpy(bound, listen_spec, spec_len);
 	bound[spec_len] = 0;
+	/* What listen_* names itself (an address that does not resolve) is
+	 * not named again. */
+	unsigned long mark = cas_log_thread_error_count();
 	if (is_unix)
 		r = listen_unix(listen_spec + 5, &lfd);
 	else
@@ -650,7 +653,8 @@ int cas_grpc_serve(cas_store *s, const char *listen_spec,
 		return cas_log_errno(r, "listen %s: exists and is not a socket",
 				     listen_spec);
 	if (r < 0)
-		return cas_log_errno(r, "listen %s: %m", listen_spec);
+		return cas_log_errno_if_silent(mark, r, "listen %s: %m",
+					       listen_spec);
 	r = cas_chunk_index_new(s, &srv.env.chunks);
 	if (r < 0) {
 		close(lfd);

@@ -502,11 +502,14 @@ int cas_remote_push(cas_store *s, const char *url, char *const *names,
 			r = cas_log_errno(r, "root %s: %m", names[i]);
 			break;
 		}
+		/* Any thread's line names the failure (the remote, the
+		 * object); this one only when none did. */
+		unsigned long mark = cas_log_error_count();
 		r = push_root(&ps, names[i], node);
 		free(node);
-		if (r < 0)
-			cas_log_error("root %s: not pushed to %s", names[i],
-				      url);
+		if (r < 0 && cas_log_error_count() == mark)
+			cas_log_errno(r, "root %s: not pushed to %s: %m",
+				      names[i], url);
 	}
 	if (ret_stats)
 		*ret_stats = ps.p;

@@ -757,7 +757,7 @@ int cas_devfuse_serve(struct cas_devfuse *d, struct cas_fuse_session *session)
 
 	d->workers = calloc(d->threads, sizeof(*d->workers));
 	if (!d->workers) {
-		r = -ENOMEM;
+		r = cas_log_errno(-ENOMEM, "%s: %m", d->mountpoint);
 		goto out;
 	}
 	size_t req_size = cas_fuse_request_bufsize(&d->cfg);

@@ -64,7 +64,8 @@ int cas_devfuse_mount(const struct cas_devfuse_options *opts,
 void cas_devfuse_configure(struct cas_devfuse *d, struct cas_fuse_config *cfg);
 
 /* Serves the session until unmounted or signalled; unmounts when
- * signalled. Returns 0 on a clean end, -errno when serving failed. */
+ * signalled. Returns 0 on a clean end, -errno when serving failed, after
+ * logging the reason. */
 int cas_devfuse_serve(struct cas_devfuse *d, struct cas_fuse_session *session);
 
 /* Unmounts if still mounted, closes and frees. */

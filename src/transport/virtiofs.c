@@ -304,7 +304,7 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 		unlink(tmp.sun_path);
 	if (bind(v->listen_fd, (struct sockaddr *)&tmp, sizeof(tmp)) < 0) {
 		r = cas_log_errno(cas_negerrno(), "socket %s: bind: %m",
-				  tmp.sun_path);
+				  cfg->socket_path);
 		goto fail;
 	}
 	if (listen(v->listen_fd, 4) < 0 ||
