@@ -16,6 +16,7 @@ import time
 import pytest
 
 from conftest import CASTORE, pattern_bytes, run
+from test_hostile import flip_in
 
 ABSENT = "ab" * 32
 CAPS = "-dac_override,-dac_read_search"
@@ -52,15 +53,6 @@ def tree(tmp_path):
 def filled(castore, store, tree):
     castore("import", tree, "--name", "t")
     return store
-
-
-def flip_in(path, offset):
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
 
 
 @pytest.fixture
