@@ -98,7 +98,7 @@ static int cache_blob_get(struct cache_store *c, const cas_digest *d,
 	/* Another thread's eviction may remove the blob between its fetch
 	 * and our open: fetch again, a few times. */
 	for (unsigned attempt = 0; r == -ENOENT && attempt < 3; attempt++) {
-		r = cas_cache_ensure_blob(c, d, false);
+		r = cas_cache_ensure_blob(c, d, CAS_FETCH_UNSIZED, false);
 		if (r < 0)
 			return r;
 		fetched = true;
@@ -163,7 +163,7 @@ static int cache_blob_stat(cas_store *s, const cas_digest *d,
 		return r;
 	/* tvix's Stat carries no size, and a size not checked against the
 	 * bytes is not worth reporting: fetch the blob. */
-	r = cas_cache_ensure_blob(c, d, false);
+	r = cas_cache_ensure_blob(c, d, CAS_FETCH_UNSIZED, false);
 	if (r < 0)
 		return r;
 	r = cas_cache_held_stat(c, d, ret_size);
@@ -178,6 +178,7 @@ static int cache_blob_writer_new(cas_store *s, cas_blob_writer **ret)
 }
 
 struct load_roots {
+	struct cache_store *c;
 	struct published_root *list;
 	size_t n;
 };
@@ -185,6 +186,8 @@ struct load_roots {
 static int load_root_cb(void *userdata, const char *name, const cas_node *node)
 {
 	struct load_roots *l = userdata;
+	if (node->type == CAS_NODE_FILE)
+		cas_cache_declare(l->c, &node->digest, node->size);
 	struct published_root *nl = realloc(l->list, (l->n + 1) * sizeof(*nl));
 	if (!nl)
 		return -ENOMEM;
@@ -271,7 +274,7 @@ static int load_published(struct cache_store *c)
 	pthread_mutex_unlock(&c->lock);
 	if (loaded)
 		return 0;
-	struct load_roots l = {0};
+	struct load_roots l = {.c = c};
 	_cleanup_free_ char *buf = NULL;
 	size_t len = 0;
 	bool stale = false;
@@ -447,6 +450,7 @@ static void cache_free(cas_store *s)
 	cas_dmap_release(&c->blobs_inflight, NULL);
 	cas_dmap_release(&c->dirs_inflight, NULL);
 	cas_dmap_release(&c->bad_logged, NULL);
+	cas_dmap_release(&c->declared, NULL);
 	cas_cache_ranges_release(c); /* before the cache store it writes */
 	pthread_cond_destroy(&c->pq_cond);
 	pthread_cond_destroy(&c->lq_cond);
@@ -502,6 +506,7 @@ int cas_cache_store_new(cas_fetcher *f, const char *what,
 	}
 	c->base.ops = &cache_ops;
 	c->fetcher = f;
+	f->cancel = &c->closing;
 	pthread_mutex_init(&c->lock, NULL);
 	pthread_mutex_init(&c->evict_lock, NULL);
 	pthread_cond_init(&c->cond, NULL);

@@ -36,6 +36,7 @@ struct blob_sink {
 	int fd;	    /* -1 until the first buffer is written out */
 	cas_hasher hasher;
 	uint64_t size;
+	uint64_t max; /* the declared size: one byte more is -EFBIG */
 	uint8_t *bufs[2]; /* SINK_BUFFER bytes each, allocated when needed */
 	unsigned cur;	  /* the buffer being filled */
 	size_t len;	  /* bytes in it */
@@ -146,6 +147,10 @@ static int blob_sink_write(void *userdata, const void *buf, size_t len)
 	 * on a slow link) must not hold it open. */
 	if (atomic_load_explicit(&b->c->closing, memory_order_relaxed))
 		return -ECANCELED;
+	/* Whatever the transport does: never more than declared into
+	 * tmp/ (a server streaming without end would fill the disk). */
+	if (len > b->max - b->size)
+		return -EFBIG;
 	b->size += len;
 	if (!b->bufs[b->cur] && !(b->bufs[b->cur] = malloc(SINK_BUFFER)))
 		return -ENOMEM;
@@ -379,7 +384,71 @@ out:
 	return r < 0 ? r : 0;
 }
 
-static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
+const char *cas_cache_fetch_why(int r, uint64_t max, char *buf, size_t size)
+{
+	if (r == -EFBIG && max != CAS_FETCH_UNSIZED)
+		snprintf(buf, size, "more bytes than its declared size %llu",
+			 (unsigned long long)max);
+	else if (r == -EFBIG)
+		snprintf(buf, size, "more bytes than the remote announced "
+				    "or than %llu",
+			 (unsigned long long)CAS_FETCH_UNSIZED_MAX);
+	else if (r == -ETIMEDOUT)
+		snprintf(buf, size, "stalled for %u s", cas_fetch_stall_s());
+	else if (r == -ECANCELED)
+		snprintf(buf, size, "cancelled: the cache is closing");
+	else
+		snprintf(buf, size, "%s", strerror(-r));
+	return buf;
+}
+
+/* Declared sizes ----------------------------------------------------- */
+
+_Static_assert(sizeof(uintptr_t) >= sizeof(uint64_t), "sizes as values");
+
+void cas_cache_declare(struct cache_store *c, const cas_digest *d,
+		       uint64_t size)
+{
+	pthread_mutex_lock(&c->lock);
+	if (c->declared.n >= DECLARED_MAX)
+		cas_dmap_clear(&c->declared);
+	struct cas_dmap_entry *e = cas_dmap_find(&c->declared, d);
+	/* Two FileNodes may disagree: one is wrong, and the hash check
+	 * refuses its bytes anyway; the larger bound refuses nothing the
+	 * other one would take. */
+	if (e && (uintptr_t)e->value < size)
+		e->value = (void *)(uintptr_t)size;
+	else if (!e)
+		(void)cas_dmap_put(&c->declared, d, (void *)(uintptr_t)size);
+	pthread_mutex_unlock(&c->lock);
+}
+
+void cas_cache_declare_dir(struct cache_store *c, const uint8_t *buf,
+			   size_t len)
+{
+	cas_directory *dir = NULL;
+	const char *why;
+	if (cas_directory_decode(buf, len, &dir, &why) < 0)
+		return;
+	for (size_t i = 0; i < dir->n_files; i++)
+		cas_cache_declare(c, &dir->files[i].digest, dir->files[i].size);
+	cas_directory_free(dir);
+}
+
+uint64_t cas_cache_declared(struct cache_store *c, const cas_digest *d)
+{
+	uint64_t size = CAS_FETCH_UNSIZED;
+	pthread_mutex_lock(&c->lock);
+	struct cas_dmap_entry *e =
+		c->declared.n ? cas_dmap_find(&c->declared, d) : NULL;
+	if (e)
+		size = (uintptr_t)e->value;
+	pthread_mutex_unlock(&c->lock);
+	return size;
+}
+
+static int fetch_blob(struct cache_store *c, const cas_digest *d, uint64_t max,
+		      bool quiet)
 {
 	char hex[CAS_DIGEST_HEX_LEN + 1];
 	struct cas_ingest_file *sb;
@@ -391,9 +460,14 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 	if (!sb)
 		return -ENOMEM;
 	sb->digest = *d;
-	struct blob_sink b = {.c = c, .name = sb->name, .fd = -1};
+	struct blob_sink b = {.c = c,
+			      .name = sb->name,
+			      .fd = -1,
+			      .max = max == CAS_FETCH_UNSIZED ? UINT64_MAX
+							      : max};
 	cas_hasher_init(&b.hasher);
-	r = c->fetcher->ops->blob_fetch(c->fetcher, d, blob_sink_write, &b);
+	r = c->fetcher->ops->blob_fetch(c->fetcher, d, max, blob_sink_write,
+					&b);
 	int fr = blob_sink_finish(&b, r >= 0);
 	if (r >= 0)
 		r = fr;
@@ -404,9 +478,12 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, bool quiet)
 		cas_hasher_final(&b.hasher, &got);
 		r = cas_cache_check_fetched(c, d, &got, quiet);
 	} else if (r != -ENOENT) {
-		r = cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR,
-				     -EIO, "blob %s: fetch from %s failed: %m",
-				     hex, c->what);
+		char why[128];
+		(void)cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR,
+				       r, "blob %s from %s: %s", hex, c->what,
+				       cas_cache_fetch_why(r, max, why,
+							   sizeof(why)));
+		r = -EIO;
 	}
 	if (r >= 0 && b.fd < 0) {
 		/* Small, all in memory: to the pack. */
@@ -724,7 +801,7 @@ void cas_cache_mark_used(struct cache_store *c, int fd)
 /* Makes sure the cache holds d: 0, -ENOENT, -EIO. One fetch for all the
  * threads that ask at once. */
 int cas_cache_ensure_blob(struct cache_store *c, const cas_digest *d,
-			  bool quiet)
+			  uint64_t max, bool quiet)
 {
 	for (unsigned attempt = 0;; attempt++) {
 		bool owner, was_quiet = false;
@@ -746,7 +823,11 @@ int cas_cache_ensure_blob(struct cache_store *c, const cas_digest *d,
 		/* It may have landed between the caller's miss and the join. */
 		int r = cas_cache_held_stat(c, d, &size);
 		if (r == -ENOENT)
-			r = fetch_blob(c, d, quiet);
+			r = fetch_blob(c, d,
+				       max == CAS_FETCH_UNSIZED
+					       ? cas_cache_declared(c, d)
+					       : max,
+				       quiet);
 		cas_cache_inflight_done(c, &c->blobs_inflight, e, r);
 		return r;
 	}

@@ -173,6 +173,15 @@ struct cache_ranges {
 	struct cas_dmap bad_logged; /* blobs reported wrong; lock */
 };
 
+/* Declared sizes: a blob is fetched at most to the size a FileNode gave
+ * it (docs/remote.md, "What the client accepts"). The cache learns the
+ * sizes from the Directories and roots it hands out and from
+ * blob_open_ranged; the table keeps the last DECLARED_MAX of them (then
+ * starts anew), so a reader that opens a file of a Directory it read
+ * long before may find no size: then the transport's bound holds
+ * (remote_i.h). */
+#define DECLARED_MAX (1u << 18)
+
 struct published_root {
 	char *name;
 	cas_node *node;
@@ -223,6 +232,7 @@ struct cache_store {
 	pthread_cond_t lq_cond;
 	struct cas_dmap
 		bad_logged; /* blobs reported wrong; protected by lock */
+	struct cas_dmap declared; /* digest -> size (uintptr_t); lock */
 
 	/* Every blob goes into the cache through the store's one write
 	 * path (store/ingest.h): staged files, the pack, eviction. */
@@ -277,8 +287,19 @@ int cas_cache_held_stat(struct cache_store *c, const cas_digest *d,
 			uint64_t *ret_size);
 int cas_cache_check_fetched(struct cache_store *c, const cas_digest *d,
 			    const cas_digest *got, bool quiet);
+/* max: the declared size, or CAS_FETCH_UNSIZED for the one the cache
+ * learnt (cas_cache_declared). */
 int cas_cache_ensure_blob(struct cache_store *c, const cas_digest *d,
-			  bool quiet);
+			  uint64_t max, bool quiet);
+void cas_cache_declare(struct cache_store *c, const cas_digest *d,
+		       uint64_t size);
+/* Declares the sizes of the files of a Directory's (verified) bytes. */
+void cas_cache_declare_dir(struct cache_store *c, const uint8_t *buf,
+			   size_t len);
+/* The size declared for d, or CAS_FETCH_UNSIZED. */
+uint64_t cas_cache_declared(struct cache_store *c, const cas_digest *d);
+/* The reason of a failed fetch for its one error line. */
+const char *cas_cache_fetch_why(int r, uint64_t max, char *buf, size_t size);
 void cas_cache_mark_used(struct cache_store *c, int fd);
 void cas_cache_maybe_evict(struct cache_store *c, uint64_t added);
 int cas_cache_mem_stage(struct cache_store *c, const cas_digest *d,

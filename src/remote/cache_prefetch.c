@@ -289,7 +289,8 @@ static void *prefetch_main(void *arg)
 		if (batched)
 			r = prefetch_batch(c, v, n);
 		else
-			r = cas_cache_ensure_blob(c, &v[0].digest, true);
+			r = cas_cache_ensure_blob(c, &v[0].digest,
+						  v[0].size, true);
 		cas_cache_maybe_evict(c, 0);
 		pthread_mutex_lock(&c->lock);
 		if (r == -EIO) {
@@ -340,7 +341,7 @@ static void *large_main(void *arg)
 			walk_run(c);
 			pthread_mutex_unlock(&c->walk_lock);
 		}
-		int r = cas_cache_ensure_blob(c, &it.digest, true);
+		int r = cas_cache_ensure_blob(c, &it.digest, it.size, true);
 		cas_cache_maybe_evict(c, 0);
 		pthread_mutex_lock(&c->lock);
 		if (r == -EIO) {

@@ -332,6 +332,9 @@ int cas_cache_blob_open_ranged(cas_store *s, const cas_digest *d, uint64_t size,
 			       int *ret_fd)
 {
 	struct cache_store *c = to_cache(s);
+	/* The caller's Node says the size: a whole fetch (-ENOTSUP, then
+	 * blob_open) is bounded by it. */
+	cas_cache_declare(c, d, size);
 	if (!cas_cache_ranged(c) || !cas_bao_wants_outboard(size))
 		return -ENOTSUP;
 	uint64_t held;

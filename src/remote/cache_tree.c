@@ -42,6 +42,8 @@ struct tree_fetch {
 	struct cas_dmap wanted;	  /* digests named and not yet received */
 	enum cas_log_level level; /* of what goes wrong: CAS_LOG_DEBUG when
 				 * there is a fallback */
+	uint64_t bytes; /* received so far, repeats included */
+	cas_digest root; /* the Directory asked for */
 };
 
 /* Verifies and keeps one fetched Directory; names its children. */
@@ -53,6 +55,16 @@ static int tree_accept(struct tree_fetch *t, const cas_digest *want,
 	const char *why = NULL;
 	int r;
 
+	/* A remote that streams Directories without end (repeating one,
+	 * say) is cut where a tree file would be (remote_i.h). */
+	if (len > CAS_LAYOUT_TREE_MAX - t->bytes) {
+		cas_digest_to_hex(want ? want : &t->root, hex);
+		return cas_log_internal(t->level, -EIO,
+					"directory %s from %s: more than %u "
+					"bytes of Directories",
+					hex, t->c->what, CAS_LAYOUT_TREE_MAX);
+	}
+	t->bytes += len;
 	cas_directory_digest(buf, len, &d);
 	cas_digest_to_hex(&d, got_hex);
 	if (want && !cas_digest_eq(want, &d)) {
@@ -307,7 +319,7 @@ static int fetch_tree_levels(struct tree_fetch *t, const cas_digest *d,
 static int fetch_tree(struct cache_store *c, const cas_digest *d)
 {
 	const struct cas_fetcher_ops *ops = c->fetcher->ops;
-	struct tree_fetch t = {.c = c, .level = CAS_LOG_ERROR};
+	struct tree_fetch t = {.c = c, .level = CAS_LOG_ERROR, .root = *d};
 	char hex[CAS_DIGEST_HEX_LEN + 1];
 	int r = -ENOSYS;
 
@@ -323,15 +335,19 @@ static int fetch_tree(struct cache_store *c, const cas_digest *d)
 		 * Directories' own answers decide. */
 		cas_dmap_release(&t.got, fetched_dir_free);
 		cas_dmap_release(&t.wanted, NULL);
-		t = (struct tree_fetch){.c = c, .level = CAS_LOG_ERROR};
+		t = (struct tree_fetch){
+			.c = c, .level = CAS_LOG_ERROR, .root = *d};
 		r = fetch_tree_levels(&t, d, hex);
 	}
 	if (r == -EIO || r == -ENOMEM || r == -ENOENT)
 		; /* logged where it happened, or absent */
-	else if (r < 0)
-		r = cas_log_errno(-EIO,
-				  "directory %s: fetch from %s failed: %m", hex,
-				  c->what);
+	else if (r < 0) {
+		char why[128];
+		(void)cas_log_errno(r, "directory %s from %s: %s", hex, c->what,
+				    cas_cache_fetch_why(r, 0, why,
+							sizeof(why)));
+		r = -EIO;
+	}
 	if (r >= 0)
 		r = tree_commit(&t, d);
 	cas_dmap_release(&t.got, fetched_dir_free);
@@ -370,8 +386,10 @@ int cas_cache_directory_get_raw(cas_store *s, const cas_digest *d,
 		r = c->cache->ops->directory_get_raw(c->cache, d, ret_buf,
 						     ret_len);
 	}
-	if (r >= 0)
+	if (r >= 0) {
+		cas_cache_declare_dir(c, *ret_buf, *ret_len);
 		cas_cache_prefetch_directory(c, d, *ret_buf, *ret_len);
+	}
 	return r;
 }
 

@@ -2,6 +2,7 @@
  * A pooled handle keeps its connection, so consecutive requests of one
  * thread or of several reuse it instead of connecting again. */
 #include <errno.h>
+#include <stdlib.h>
 
 #include "core/log.h"
 #include "remote/remote_i.h"
@@ -64,4 +65,15 @@ void cas_curl_pool_put(struct cas_curl_pool *p, CURL *h)
 	pthread_mutex_unlock(&p->lock);
 	if (h)
 		curl_easy_cleanup(h);
+}
+
+unsigned cas_fetch_stall_s(void)
+{
+	/* For tests of a stalled remote, which should not wait a minute. */
+	const char *e = getenv("CASTORE_STALL_TIMEOUT");
+	char *end;
+	unsigned long v = e ? strtoul(e, &end, 10) : 0;
+	if (!e || !*e || *end || v < 1 || v > 3600)
+		return CAS_FETCH_STALL_S;
+	return (unsigned)v;
 }

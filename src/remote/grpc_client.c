@@ -30,6 +30,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <nghttp2/nghttp2.h>
@@ -39,9 +40,11 @@
 #include "remote/grpc_i.h"
 #include "remote/remote_i.h"
 
-/* No byte in either direction for this long: the call fails. */
-#define STALL_MS  60000
-#define MAX_IDLE  16
+/* No byte of an answer (headers or data of a stream; PINGs and other
+ * frames do not count) for cas_fetch_stall_s(): the call fails; the
+ * wait is cut in slices of POLL_SLICE_MS to look at the cancel flag. */
+#define POLL_SLICE_MS 1000
+#define MAX_IDLE      16
 #define RBUF_SIZE (256u << 10)
 #define WBUF_SIZE (64u << 10)
 /* Streams of one blobs_fetch open at once (and at most what the server
@@ -55,6 +58,8 @@ struct h2conn {
 	bool broken;	 /* transport failed or GOAWAY: not reusable */
 	bool rfull;	 /* the last recv filled rbuf: more is likely waiting */
 	unsigned closed; /* streams closed so far */
+	uint64_t progress; /* answer headers and data received, counted */
+	const cas_grpc_client *client;
 	uint8_t rbuf[RBUF_SIZE];
 	uint8_t wbuf[WBUF_SIZE];
 };
@@ -73,6 +78,8 @@ struct cas_grpc_client {
 	pthread_mutex_t lock;
 	struct h2conn *idle[MAX_IDLE]; /* protected by lock */
 	size_t n_idle;		       /* protected by lock */
+	/* The fetcher's cancel flag (remote_i.h), or NULL; set once. */
+	const atomic_bool *const *cancel;
 };
 
 const char *cas_grpc_client_url(const cas_grpc_client *c)
@@ -238,6 +245,7 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame,
 	if (!call)
 		return 0;
 	call->answered = true;
+	((struct h2conn *)user_data)->progress++;
 	if (namelen == 7 && memcmp(name, ":status", 7) == 0) {
 		char v[8];
 		size_t n = CAS_MIN(valuelen, sizeof(v) - 1);
@@ -266,6 +274,7 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags,
 	if (!call || call->r < 0)
 		return 0;
 	call->answered = true;
+	((struct h2conn *)user_data)->progress++;
 	/* Not a gRPC answer (a proxy's error page): its status says it. */
 	if (call->http_status != 200)
 		return 0;
@@ -381,6 +390,7 @@ static int conn_new(cas_grpc_client *c, struct h2conn **ret)
 	if (!h)
 		return -ENOMEM;
 	h->fd = -1;
+	h->client = c;
 	int r = connect_to(c, &h->fd);
 	if (r < 0) {
 		free(h);
@@ -528,6 +538,9 @@ typedef bool (*conn_step)(void *userdata);
  * for a transport failure. */
 static int conn_pump(struct h2conn *h, conn_step step, void *userdata)
 {
+	const int stall_ms = (int)cas_fetch_stall_s() * 1000;
+	uint64_t seen = h->progress;
+	int idle_ms = 0;
 	for (;;) {
 		bool finished = step(userdata);
 		unsigned closed = h->closed;
@@ -539,14 +552,29 @@ static int conn_pump(struct h2conn *h, conn_step step, void *userdata)
 		if (h->closed != closed)
 			continue; /* sending our RST_STREAM closed a stream */
 		if (!h->rfull && !(h->tls && cas_grpc_tls_pending(h->tls))) {
+			const atomic_bool *const *cancel = h->client->cancel;
+			if (cancel && *cancel &&
+			    atomic_load_explicit(*cancel, memory_order_relaxed))
+				return -ECANCELED;
+			if (h->progress != seen) {
+				seen = h->progress;
+				idle_ms = 0;
+			}
+			if (idle_ms >= stall_ms)
+				return -ETIMEDOUT;
 			struct pollfd p = {h->fd, POLLIN, 0};
-			int pr = poll(&p, 1, STALL_MS);
+			struct timespec t0, t1;
+			clock_gettime(CLOCK_MONOTONIC, &t0);
+			int pr = poll(&p, 1, POLL_SLICE_MS);
+			clock_gettime(CLOCK_MONOTONIC, &t1);
+			idle_ms += (int)((t1.tv_sec - t0.tv_sec) * 1000 +
+					 (t1.tv_nsec - t0.tv_nsec) / 1000000);
 			if (pr < 0 && errno == EINTR)
 				continue;
 			if (pr < 0)
 				return cas_negerrno();
 			if (pr == 0)
-				return -ETIMEDOUT;
+				continue;
 		}
 		ssize_t n = conn_read(h);
 		h->rfull = n == (ssize_t)sizeof(h->rbuf);
@@ -666,12 +694,15 @@ static int call_path(cas_grpc_client *c, const char *path, const uint8_t *req,
 		 * once nothing was answered, a fresh one is safe to try
 		 * (a streamed request cannot be replayed). */
 		if (r < 0 && reused && !call.answered && !produce &&
-		    call.r == 0)
+		    call.r == 0 && r != -ETIMEDOUT && r != -ECANCELED)
 			continue;
-		if (r < 0)
-			r = call.r < 0 ? call.r
-				       : cas_log_errno(-EIO, "%s%s: %s", c->url,
-						       path, strerror(-r));
+		/* A stall or a cancel is the caller's to report, naming
+		 * the object (one line). */
+		if (r < 0 && call.r == 0 && r != -ETIMEDOUT && r != -ECANCELED)
+			r = cas_log_errno(-EIO, "%s%s: %s", c->url, path,
+					  strerror(-r));
+		else if (r < 0 && call.r < 0)
+			r = call.r;
 		break;
 	}
 	if (r >= 0) {
@@ -788,20 +819,31 @@ struct grpc_fetcher {
 	struct cas_grpc_lists *lists; /* of large blobs held in part */
 };
 
+/* The caller's sink behind a bound: one byte past max is -EFBIG, and
+ * the stream is reset before any of it is passed on. */
 struct read_ctx {
 	cas_fetch_sink sink;
 	void *userdata;
+	uint64_t max, got;
 };
+
+static int bounded_sink(void *userdata, const void *buf, size_t len)
+{
+	struct read_ctx *rc = userdata;
+	if (len > rc->max - rc->got)
+		return -EFBIG;
+	rc->got += len;
+	return rc->sink(rc->userdata, buf, len);
+}
 
 static int read_msg(void *userdata, const uint8_t *msg, size_t len)
 {
-	struct read_ctx *rc = userdata;
 	const uint8_t *data;
 	size_t dlen;
 	const char *why;
 	if (cas_grpc_decode_blob_chunk(msg, len, &data, &dlen, &why) < 0)
 		return -EIO;
-	return dlen ? rc->sink(rc->userdata, data, dlen) : 0;
+	return dlen ? bounded_sink(userdata, data, dlen) : 0;
 }
 
 /* Logs a failed call that is not a plain absence. */
@@ -824,18 +866,23 @@ static int blobs_via(void *fetch_ud, const cas_digest *ds, size_t n, size_t max,
 	return grpc_blobs_fetch(fetch_ud, ds, n, max, cb, userdata);
 }
 
-static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d,
+static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d, uint64_t max,
 			   cas_fetch_sink sink, void *userdata)
 {
 	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	struct read_ctx rc = {sink, userdata};
+	/* tvix's Stat carries no size: a blob no FileNode sized is
+	 * bounded by the documented maximum. */
+	struct read_ctx rc = {sink, userdata,
+			      max == CAS_FETCH_UNSIZED ? CAS_FETCH_UNSIZED_MAX
+						       : max,
+			      0};
 	_cleanup_free_ uint8_t *req = NULL;
 	size_t req_len;
 	char message[512];
 	int status;
 	/* By chunks where the server offers them (grpc_client_chunks.c). */
-	int r = cas_grpc_fetch_chunked(g->client, blobs_via, f, d, sink,
-				       userdata);
+	int r = cas_grpc_fetch_chunked(g->client, blobs_via, f, d,
+				       bounded_sink, &rc);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_READ_REQUEST, d, false,
@@ -1005,7 +1052,7 @@ static int slot_start(struct batch *b, struct batch_slot *s, size_t i)
 	}
 	s->index = i;
 	s->len = 0;
-	s->rc = (struct read_ctx){slot_sink, s};
+	s->rc = (struct read_ctx){slot_sink, s, UINT64_MAX, 0};
 	s->call = (struct call){.status = -1,
 				.on_msg = read_msg,
 				.msg_ud = &s->rc,
@@ -1202,6 +1249,7 @@ int cas_grpc_fetcher_new(const char *url, cas_fetcher **ret)
 		return r;
 	}
 	g->base.ops = &grpc_fetcher_ops;
+	g->client->cancel = &g->base.cancel;
 	*ret = &g->base;
 	return 0;
 }

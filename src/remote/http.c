@@ -49,7 +49,15 @@ static void object_url(struct http_fetcher *h, const char *kind,
 	snprintf(buf, size, "%s/%s/%.2s/%s", h->url, kind, hex, hex);
 }
 
-static void setup_easy(CURL *e, const char *url)
+/* Called by libcurl about once a second, even when nothing comes: a
+ * cache that closes ends its transfers. */
+static int xfer_info(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
+		     curl_off_t ultotal, curl_off_t ulnow)
+{
+	return cas_fetcher_cancelled(clientp) ? 1 : 0;
+}
+
+static void setup_easy(struct http_fetcher *h, CURL *e, const char *url)
 {
 	curl_easy_setopt(e, CURLOPT_URL, url);
 	curl_easy_setopt(e, CURLOPT_NOSIGNAL, 1L);
@@ -57,19 +65,27 @@ static void setup_easy(CURL *e, const char *url)
 	curl_easy_setopt(e, CURLOPT_CONNECTTIMEOUT, 10L);
 	/* A stalled server is a failure, not a hang. */
 	curl_easy_setopt(e, CURLOPT_LOW_SPEED_LIMIT, 1L);
-	curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, 60L);
+	curl_easy_setopt(e, CURLOPT_LOW_SPEED_TIME, (long)cas_fetch_stall_s());
+	curl_easy_setopt(e, CURLOPT_XFERINFOFUNCTION, xfer_info);
+	curl_easy_setopt(e, CURLOPT_XFERINFODATA, &h->base);
+	curl_easy_setopt(e, CURLOPT_NOPROGRESS, 0L);
 	curl_easy_setopt(e, CURLOPT_USERAGENT,
 			 "castore/"
 			 "0.1");
 	curl_easy_setopt(e, CURLOPT_TCP_NODELAY, 1L);
 }
 
-/* Maps a finished transfer to 0, -ENOENT or -EIO; log: an -EIO is
- * logged. */
+/* Maps a finished transfer to 0, -ENOENT, -ETIMEDOUT (stalled),
+ * -ECANCELED or -EIO; log: an -EIO is logged (the others are the
+ * caller's to report, naming the object). */
 static int transfer_errno(CURL *e, CURLcode c, const char *url, bool log)
 {
 	long code = 0;
 
+	if (c == CURLE_OPERATION_TIMEDOUT)
+		return -ETIMEDOUT;
+	if (c == CURLE_ABORTED_BY_CALLBACK)
+		return -ECANCELED;
 	if (c != CURLE_OK)
 		return log ? cas_log_errno(-EIO, "%s: %s", url,
 					   curl_easy_strerror(c))
@@ -94,6 +110,7 @@ struct blob_get {
 	void *userdata;
 	int r;
 	int ok; /* -1 unknown, 0 no (error body, dropped), 1 yes */
+	uint64_t max, got; /* the bound (remote_i.h), bytes passed on */
 };
 
 static size_t blob_write(char *ptr, size_t size, size_t nmemb, void *userdata)
@@ -105,14 +122,30 @@ static size_t blob_write(char *ptr, size_t size, size_t nmemb, void *userdata)
 		long code = 0;
 		curl_easy_getinfo(g->easy, CURLINFO_RESPONSE_CODE, &code);
 		g->ok = code == 200;
+		/* A blob no FileNode sized: at most what the server says it
+		 * sends (libcurl holds it to that), else the maximum. A
+		 * sized one that the server says is longer is refused
+		 * before its first byte. */
+		curl_off_t cl = -1;
+		curl_easy_getinfo(g->easy, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T,
+				  &cl);
+		if (g->max == CAS_FETCH_UNSIZED)
+			g->max = cl >= 0 ? (uint64_t)cl : CAS_FETCH_UNSIZED_MAX;
+		else if (g->ok && cl >= 0 && (uint64_t)cl > g->max)
+			g->r = -EFBIG;
 	}
 	if (!g->ok)
 		return len;
+	if (g->r >= 0 && len > g->max - g->got)
+		g->r = -EFBIG;
+	if (g->r < 0)
+		return 0;
+	g->got += len;
 	g->r = g->sink(g->userdata, ptr, len);
 	return g->r < 0 ? 0 : len;
 }
 
-static int http_blob_fetch(cas_fetcher *f, const cas_digest *d,
+static int http_blob_fetch(cas_fetcher *f, const cas_digest *d, uint64_t max,
 			   cas_fetch_sink sink, void *userdata)
 {
 	struct http_fetcher *h = to_http(f);
@@ -121,8 +154,8 @@ static int http_blob_fetch(cas_fetcher *f, const cas_digest *d,
 	if (!e)
 		return -ENOMEM;
 	object_url(h, "blobs", d, url, sizeof(url));
-	struct blob_get g = {e, sink, userdata, 0, -1};
-	setup_easy(e, url);
+	struct blob_get g = {e, sink, userdata, 0, -1, max, 0};
+	setup_easy(h, e, url);
 	/* libcurl's default 16 KiB means a callback (a write and a hash
 	 * update) per 16 KiB of a large blob. */
 	curl_easy_setopt(e, CURLOPT_BUFFERSIZE, HTTP_BLOB_BUFFER);
@@ -297,7 +330,7 @@ static int multi_fetch(struct http_fetcher *h, struct multi_job *j)
 			object_url(h, j->kind,
 				   rg ? &rg->pack : &j->ds[s->index], s->url,
 				   sizeof(s->url));
-			setup_easy(e, s->url);
+			setup_easy(h, e, s->url);
 			if (rg) {
 				char range[64];
 				snprintf(range, sizeof(range),
@@ -462,7 +495,7 @@ static int get_whole(struct http_fetcher *h, const char *url, size_t max,
 	if (!e)
 		return -ENOMEM;
 	body->easy = e;
-	setup_easy(e, url);
+	setup_easy(h, e, url);
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
 	curl_easy_setopt(e, CURLOPT_WRITEDATA, body);
 	CURLcode c = curl_easy_perform(e);
@@ -556,7 +589,7 @@ static int http_blob_range_fetch(cas_fetcher *f, const cas_digest *d,
 			      .ok = -1,
 			      .range = true,
 			      .skip = off};
-	setup_easy(e, url);
+	setup_easy(h, e, url);
 	snprintf(range, sizeof(range), "%" PRIu64 "-%" PRIu64, off,
 		 off + len - 1);
 	curl_easy_setopt(e, CURLOPT_RANGE, range);

@@ -10,6 +10,7 @@
 #define CAS_REMOTE_REMOTE_I_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -43,10 +44,26 @@ struct cas_fetch_range {
 	uint64_t off, len;
 };
 
+/* Bounds of what a fetch accepts (docs/remote.md, "What the client
+ * accepts"). A blob whose size no FileNode declared (cat DIGEST, a
+ * blob stat) is bounded by what the transport says of it (HTTP
+ * Content-Length), else by CAS_FETCH_UNSIZED_MAX. A transfer that moves
+ * no byte of its answer for the stall timeout ($CASTORE_STALL_TIMEOUT
+ * seconds, default 60) fails with -ETIMEDOUT. */
+#define CAS_FETCH_UNSIZED     UINT64_MAX
+#define CAS_FETCH_UNSIZED_MAX (64ull << 30)
+#define CAS_FETCH_STALL_S     60
+/* The stall timeout in seconds ($CASTORE_STALL_TIMEOUT, 1..3600). */
+unsigned cas_fetch_stall_s(void);
+
 struct cas_fetcher_ops {
-	/* Streams the blob's bytes to sink. -ENOENT when the remote says
-	 * it is absent, -EIO when the remote cannot be reached or fails. */
-	int (*blob_fetch)(cas_fetcher *f, const cas_digest *d,
+	/* Streams the blob's bytes to sink, at most max of them (the size
+	 * its FileNode declares, or CAS_FETCH_UNSIZED): one byte more stops
+	 * the transfer, -EFBIG. -ENOENT when the remote says it is absent,
+	 * -ETIMEDOUT when it stalls, -ECANCELED when *cancel was set, -EIO
+	 * when the remote cannot be reached or fails. Quiet: the caller
+	 * reports, naming the blob. */
+	int (*blob_fetch)(cas_fetcher *f, const cas_digest *d, uint64_t max,
 			  cas_fetch_sink sink, void *userdata);
 	/* Fetches each of the n Directories (concurrently if the transport
 	 * can), calling cb once per Directory. An absent one is -ENOENT. */
@@ -93,7 +110,17 @@ struct cas_fetcher_ops {
 
 struct cas_fetcher {
 	const struct cas_fetcher_ops *ops;
+	/* Set by the fetcher's owner (the cache, when it closes): transfers
+	 * in flight end with -ECANCELED within a second, even one that
+	 * receives nothing. NULL: never. */
+	const atomic_bool *cancel;
 };
+
+static inline bool cas_fetcher_cancelled(const cas_fetcher *f)
+{
+	return f->cancel &&
+	       atomic_load_explicit(f->cancel, memory_order_relaxed);
+}
 
 int cas_http_fetcher_new(const char *url, cas_fetcher **ret);
 int cas_grpc_fetcher_new(const char *url, cas_fetcher **ret);

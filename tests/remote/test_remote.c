@@ -349,7 +349,7 @@ struct fake {
 	bool refused;		 /* the sink refused a piece */
 };
 
-static int fake_blob_fetch(cas_fetcher *f, const cas_digest *d,
+static int fake_blob_fetch(cas_fetcher *f, const cas_digest *d, uint64_t max,
 			   cas_fetch_sink sink, void *userdata)
 {
 	struct fake *k = (struct fake *)f;
@@ -1608,7 +1608,7 @@ static void test_grpc_blobs_fetch(void)
 	batch_check_all(f, &x);
 	/* A plain call still works on a connection a batch used. */
 	size_t got = 0;
-	CHECK(f->ops->blob_fetch(f, &x.present[3], count_sink, &got) == 0);
+	CHECK(f->ops->blob_fetch(f, &x.present[3], CAS_FETCH_UNSIZED, count_sink, &got) == 0);
 	CHECK(got == batch_sizes[3]);
 
 	/* A server restarted: the pooled connection is dead, a batch still
