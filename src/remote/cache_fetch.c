@@ -447,6 +447,20 @@ uint64_t cas_cache_declared(struct cache_store *c, const cas_digest *d)
 	return size;
 }
 
+/* The most bytes a fetch of d may bring: what its FileNode declared (max,
+ * or learnt), and never more than a bounded cache holds (a blob larger
+ * than --cache-max could not stay anyway); CAS_FETCH_UNSIZED when none
+ * of these is known (the transport bounds it then). */
+static uint64_t fetch_bound(struct cache_store *c, const cas_digest *d,
+			    uint64_t max)
+{
+	if (max == CAS_FETCH_UNSIZED)
+		max = cas_cache_declared(c, d);
+	if (c->cache_max && (max == CAS_FETCH_UNSIZED || max > c->cache_max))
+		max = c->cache_max;
+	return max;
+}
+
 static int fetch_blob(struct cache_store *c, const cas_digest *d, uint64_t max,
 		      bool quiet)
 {
@@ -479,10 +493,17 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, uint64_t max,
 		r = cas_cache_check_fetched(c, d, &got, quiet);
 	} else if (r != -ENOENT) {
 		char why[128];
+		if (r == -EFBIG && max == c->cache_max &&
+		    cas_cache_declared(c, d) != max)
+			snprintf(why, sizeof(why),
+				 "more bytes than the cache holds "
+				 "(--cache-max %llu)",
+				 (unsigned long long)max);
+		else
+			(void)cas_cache_fetch_why(r, max, why, sizeof(why));
 		(void)cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR,
 				       r, "blob %s from %s: %s", hex, c->what,
-				       cas_cache_fetch_why(r, max, why,
-							   sizeof(why)));
+				       why);
 		r = -EIO;
 	}
 	if (r >= 0 && b.fd < 0) {
@@ -823,11 +844,7 @@ int cas_cache_ensure_blob(struct cache_store *c, const cas_digest *d,
 		/* It may have landed between the caller's miss and the join. */
 		int r = cas_cache_held_stat(c, d, &size);
 		if (r == -ENOENT)
-			r = fetch_blob(c, d,
-				       max == CAS_FETCH_UNSIZED
-					       ? cas_cache_declared(c, d)
-					       : max,
-				       quiet);
+			r = fetch_blob(c, d, fetch_bound(c, d, max), quiet);
 		cas_cache_inflight_done(c, &c->blobs_inflight, e, r);
 		return r;
 	}

@@ -499,11 +499,12 @@ static int get_whole(struct http_fetcher *h, const char *url, size_t max,
 	curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, mem_write);
 	curl_easy_setopt(e, CURLOPT_WRITEDATA, body);
 	CURLcode c = curl_easy_perform(e);
-	int r = transfer_errno(e, c, url, log);
-	if (body->too_big)
-		r = log ? cas_log_errno(-EIO, "%s: larger than %zu bytes", url,
-					max)
-			: -EIO;
+	int r = body->too_big ? (log ? cas_log_errno(-EIO,
+						     "%s: larger than %zu "
+						     "bytes",
+						     url, max)
+				     : -EIO)
+			      : transfer_errno(e, c, url, log);
 	cas_curl_pool_put(&h->pool, e);
 	body->easy = NULL;
 	if (r < 0) {
