@@ -43,6 +43,10 @@ struct tree_fetch {
 	enum cas_log_level level; /* of what goes wrong: CAS_LOG_DEBUG when
 				 * there is a fallback */
 	uint64_t bytes; /* received so far, repeats included */
+	/* Directories received, and DirectoryNodes named by the distinct
+	 * ones: a stream may send each at most once per name (and the
+	 * root once), so one that repeats without end is cut at once. */
+	uint64_t received, named;
 	cas_digest root; /* the Directory asked for */
 };
 
@@ -67,6 +71,11 @@ static int tree_accept(struct tree_fetch *t, const cas_digest *want,
 	t->bytes += len;
 	cas_directory_digest(buf, len, &d);
 	cas_digest_to_hex(&d, got_hex);
+	if (++t->received > t->named + 1)
+		return cas_log_internal(t->level, -EIO,
+					"directory %s from %s: sent more often "
+					"than Directories name it",
+					got_hex, t->c->what);
 	if (want && !cas_digest_eq(want, &d)) {
 		cas_digest_to_hex(want, hex);
 		return cas_log_internal(
@@ -106,6 +115,7 @@ static int tree_accept(struct tree_fetch *t, const cas_digest *want,
 		fetched_dir_free(f);
 		return r;
 	}
+	t->named += f->dir->n_directories;
 	for (size_t i = 0; i < f->dir->n_directories; i++) {
 		r = cas_dmap_put(&t->wanted, &f->dir->directories[i].digest,
 				 NULL);

@@ -908,7 +908,7 @@ static int dir_msg(void *userdata, const uint8_t *msg, size_t len)
 {
 	struct dir_ctx *dc = userdata;
 	if (dc->want && dc->count > 0)
-		return 0; /* non-recursive: one Directory expected */
+		return -EPROTO; /* non-recursive: one Directory, no more */
 	dc->count++;
 	return dc->cb(dc->userdata, dc->want, msg, len);
 }

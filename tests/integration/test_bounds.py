@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CASTORE, pattern_bytes, run
-from test_remote import b3, root_digest, try_mount, unmount
+from test_remote import MemoryServer, _compile_protos, b3, root_digest, try_mount, unmount
 
 SIX = b"hello\n"
 # Stall tests wait this long instead of the default 60 s.
@@ -271,3 +271,90 @@ def test_endless_metadata_is_refused(tmp_path, layout, hostile, what):
     assert len(lines) == 1, lines
     assert "larger than" in lines[0] and name in lines[0], lines
     assert hostile.url in lines[0], lines
+
+
+# --- gRPC --------------------------------------------------------------
+
+class HostileGrpc(MemoryServer):
+    """MemoryServer whose Read of a blob in `endless` never ends, of one
+    in `stall` sends two bytes and then nothing, and whose Get repeats
+    its Directory without end when `repeat` is set."""
+
+    def __init__(self, pb):
+        self.endless, self.stall, self.repeat = set(), set(), False
+        self.done = threading.Event()
+        super().__init__(pb)
+
+    def read(self, req, ctx):
+        if req.digest in self.endless:
+            while ctx.is_active() and not self.done.is_set():
+                yield self.B.BlobChunk(data=b"x" * 65536)
+            return
+        if req.digest in self.stall:
+            yield self.B.BlobChunk(data=b"he")
+            while ctx.is_active() and not self.done.wait(0.1):
+                pass
+            return
+        yield from super().read(req, ctx)
+
+    def dget(self, req, ctx):
+        if not self.repeat:
+            yield from super().dget(req, ctx)
+            return
+        raw = self.dirs[req.digest]
+        while ctx.is_active() and not self.done.is_set():
+            yield raw
+
+    def stop(self):
+        self.done.set()
+        super().stop()
+
+
+@pytest.fixture(scope="module")
+def pb():
+    return _compile_protos()
+
+
+@pytest.fixture
+def grpc_hostile(pb, layout, tmp_path):
+    """The layout's store pushed into a HostileGrpc; the cache knows root
+    "t" (roots add); returns (server, cache, root hex)."""
+    s = HostileGrpc(pb)
+    run(["push", s.url, "t"], store=layout[1])
+    r = root_digest(layout[1])
+    cache = tmp_path / "gcache"
+    run(["--cache", cache, "roots", "add", "t", "--directory", r, "--size", "1"],
+        store=s.url)
+    yield s, cache, r
+    s.stop()
+
+
+def test_grpc_read_stops_at_the_declared_size(grpc_hostile):
+    s, cache, _ = grpc_hostile
+    h = b3(SIX)
+    s.endless.add(h)
+    p = castore(["cat", "t/six"], s.url, cache)
+    one_line_naming(p, h.hex(), s.url, "more bytes than its declared size 6")
+    assert tmp_bytes(cache) == 0
+    p = castore(["cat", "t/big"], s.url, cache)
+    assert p.returncode == 0 and p.stdout == pattern_bytes(200 << 10)
+
+
+def test_grpc_stalled_read_is_one_line(grpc_hostile):
+    s, cache, _ = grpc_hostile
+    h = b3(SIX)
+    s.stall.add(h)
+    p = castore(["cat", "t/six"], s.url, cache, env=STALL_ENV)
+    one_line_naming(p, h.hex(), s.url, "stalled for 2 s")
+    assert tmp_bytes(cache) == 0
+
+
+def test_grpc_directory_repeated_without_end_is_refused(grpc_hostile):
+    s, cache, r = grpc_hostile
+    s.repeat = True
+    p = castore(["ls", "t"], s.url, cache)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.decode().strip().splitlines()
+    assert r in lines[0] and s.url in lines[0], lines
+    assert "sent more often than Directories name it" in lines[0], lines
+    assert len(lines) == 1, lines
