@@ -171,12 +171,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (size < 2)
 		return 0;
 	unsigned op = data[0] % 8u;
-	struct peer p = {.data = data + 2,
-			 .size = size - 2,
-			 .fail_writes = data[1] & 1};
+	struct peer p = {
+		.data = data + 2, .size = size - 2, .fail_writes = data[1] & 1};
 	size_t max = (size_t)1 << (data[1] >> 4); /* 1 B .. 32 KiB */
-	struct cas_grpc_transport t = {t_connect, t_read, t_write, t_close,
-				       &p};
+	struct cas_grpc_transport t = {t_connect, t_read, t_write, t_close, &p};
 	cas_grpc_client *client;
 	if (cas_grpc_client_new_transport(&t, &client) < 0)
 		return 0;
@@ -221,10 +219,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		check_errno(f->ops->blob_fetch(f, &d, sink, &count));
 		break;
 	case 3:
-		check_errno(f->ops->directories_fetch(f, ds, 2, dir_cb, &count));
+		check_errno(
+			f->ops->directories_fetch(f, ds, 2, dir_cb, &count));
 		break;
 	case 4:
-		check_errno(f->ops->directory_fetch_tree(f, &d, dir_cb, &count));
+		check_errno(
+			f->ops->directory_fetch_tree(f, &d, dir_cb, &count));
 		break;
 	case 5: {
 		struct blobs b = {.max = max};

@@ -67,8 +67,8 @@ struct cas_grpc_client {
 	char *url;	 /* as given, for messages */
 	char *authority; /* HOST:PORT, or "localhost" */
 	char *host, *port;
-	char *unix_path;	      /* or NULL */
-	struct cas_grpc_tls_ctx *tls; /* grpc+https://, else NULL */
+	char *unix_path;		 /* or NULL */
+	struct cas_grpc_tls_ctx *tls;	 /* grpc+https://, else NULL */
 	struct cas_grpc_transport xport; /* .read set: not a socket */
 	/* The package the server answers under (enum cas_grpc_package), or
 	 * -1 until a call has told: snix's names are tried first, tvix's
@@ -99,19 +99,32 @@ static void conn_free(struct h2conn *h)
 	free(h);
 }
 
-int cas_grpc_client_new_transport(const struct cas_grpc_transport *t,
-				  cas_grpc_client **ret)
+/* A client named `url` that has no peer yet; NULL when out of memory. */
+static cas_grpc_client *client_alloc(const char *url)
 {
 	cas_grpc_client *c = calloc(1, sizeof(*c));
 	if (!c)
-		return -ENOMEM;
+		return NULL;
 	pthread_mutex_init(&c->lock, NULL);
 	atomic_init(&c->package, -1);
 	pthread_mutex_init(&c->learn_lock, NULL);
+	c->url = strdup(url);
+	if (!c->url) {
+		cas_grpc_client_free(c);
+		return NULL;
+	}
+	return c;
+}
+
+int cas_grpc_client_new_transport(const struct cas_grpc_transport *t,
+				  cas_grpc_client **ret)
+{
+	cas_grpc_client *c = client_alloc("grpc+transport:");
+	if (!c)
+		return -ENOMEM;
 	c->xport = *t;
-	c->url = strdup("grpc+transport:");
 	c->authority = strdup("localhost");
-	if (!c->url || !c->authority) {
+	if (!c->authority) {
 		cas_grpc_client_free(c);
 		return -ENOMEM;
 	}
@@ -121,15 +134,9 @@ int cas_grpc_client_new_transport(const struct cas_grpc_transport *t,
 
 int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
 {
-	cas_grpc_client *c = calloc(1, sizeof(*c));
+	cas_grpc_client *c = client_alloc(url);
 	if (!c)
 		return -ENOMEM;
-	pthread_mutex_init(&c->lock, NULL);
-	atomic_init(&c->package, -1);
-	pthread_mutex_init(&c->learn_lock, NULL);
-	c->url = strdup(url);
-	if (!c->url)
-		goto oom;
 	bool https = strncmp(url, "grpc+https://", 13) == 0;
 	if (https || strncmp(url, "grpc+http://", 12) == 0) {
 		const char *hp = url + (https ? 13 : 12);
