@@ -126,17 +126,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	data++;
 	size--;
 	if (init) {
-		struct {
-			struct fuse_in_header h;
-			struct fuse_init_in in;
-		} req = {
-			.h = {.len = sizeof(req), .opcode = FUSE_INIT, .unique = 1},
-			.in = {.major = 7,
-			       .minor = 38,
-			       .max_readahead = 1 << 20,
-			       .flags = FUSE_ASYNC_READ | FUSE_DO_READDIRPLUS |
-					FUSE_MAX_PAGES | FUSE_INIT_EXT},
-		};
+		struct fuzz_init_req req = fuzz_init_request(38, 1 << 20, 0);
 		size_t w = 4096;
 		run_chain(v, qctx[1], 1, (const uint8_t *)&req, sizeof(req),
 			  NULL, 1, &w, 1);
