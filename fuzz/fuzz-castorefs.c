@@ -29,6 +29,7 @@
 #include "castorefs/castorefs.h"
 #include "core/log.h"
 #include "fuse/engine.h"
+#include "fuzz_fs.h"
 #include "store/import.h"
 #include "store/local.h"
 
@@ -203,18 +204,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (!buf)
 			abort();
 	}
-	struct {
-		struct fuse_in_header h;
-		struct fuse_init_in in;
-	} init = {
-		.h = {.len = sizeof(init), .opcode = FUSE_INIT, .unique = 1},
-		.in = {.major = 7,
-		       .minor = 45,
-		       .max_readahead = 65536,
-		       .flags = FUSE_ASYNC_READ | FUSE_DO_READDIRPLUS |
-				FUSE_MAX_PAGES | FUSE_INIT_EXT,
-		       .flags2 = 1u << 5 /* passthrough */},
-	};
+	struct fuzz_init_req init =
+		fuzz_init_request(45, 65536, 1u << 5 /* passthrough */);
 	send_req(s, &init, sizeof(init), buf, bufsize);
 
 	uint64_t unique = 2;

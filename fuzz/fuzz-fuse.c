@@ -23,59 +23,9 @@
 #include "core/log.h"
 #include "fuse/engine.h"
 #include "fuse/fuse_dev.h"
+#include "fuzz_fs.h"
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
-
-static void make_attr(uint64_t ino, struct cas_fuse_attr *a)
-{
-	memset(a, 0, sizeof(*a));
-	a->ino = ino;
-	a->nlink = 1;
-	a->mode = ino % 3 == 1	 ? S_IFDIR | 0555
-		  : ino % 3 == 2 ? S_IFREG | 0444
-				 : S_IFLNK | 0777;
-	a->size = ino * 1000;
-}
-
-static int f_init(void *fs, struct cas_fuse_conn *conn)
-{
-	return 0;
-}
-
-static int f_lookup(void *fs, uint64_t parent, const char *name, size_t namelen,
-		    struct cas_fuse_entry *ret)
-{
-	if (strlen(name) != namelen || namelen == 0)
-		abort(); /* the engine promised a NUL-terminated name */
-	if (name[0] == 'n')
-		return -ENOENT;
-	make_attr(parent * 7 + namelen, &ret->attr);
-	ret->entry_valid = UINT64_MAX;
-	return 0;
-}
-
-static void f_forget(void *fs, uint64_t ino, uint64_t nlookup)
-{
-}
-
-static int f_getattr(void *fs, uint64_t ino, struct cas_fuse_attr *ret,
-		     uint64_t *ret_attr_valid)
-{
-	if (ino > 1000)
-		return -ESTALE;
-	make_attr(ino, ret);
-	*ret_attr_valid = 1;
-	return 0;
-}
-
-static int f_readlink(void *fs, uint64_t ino, char *buf, size_t size)
-{
-	size_t n = ino % 300 + 1;
-	if (n > size)
-		return -ERANGE;
-	memset(buf, 'l', n);
-	return (int)n;
-}
 
 static int f_open(void *fs, uint64_t ino, uint32_t flags,
 		  struct cas_fuse_open *ret)
@@ -91,97 +41,8 @@ static int f_open(void *fs, uint64_t ino, uint32_t flags,
 	return ino % 5 == 4 ? -EACCES : 0;
 }
 
-static int f_read(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
-		  uint32_t size, struct cas_fuse_read *ret)
-{
-	if (ret->len != size)
-		abort();
-	uint64_t n = off > 100000 ? 0 : CAS_MIN((uint64_t)size, 100000 - off);
-	if (ino % 2) {
-		ret->fd = 0;
-		ret->fd_offset = off;
-		ret->len = n;
-		return 0;
-	}
-	memset(ret->buf, 'r', n);
-	ret->len = n;
-	return 0;
-}
-
-static int f_release(void *fs, uint64_t ino, uint64_t fh)
-{
-	return 0;
-}
-
-static int f_readdir(void *fs, uint64_t ino, uint64_t fh, uint64_t off,
-		     struct cas_fuse_dirbuf *db)
-{
-	static const char *names[] = {".", "..",  "a", "bb", "a-longer-name",
-				      "x", "y\nz"};
-	for (uint64_t i = off; i < 7 + ino % 50; i++) {
-		const char *name = names[i % 7];
-		struct cas_fuse_entry e = {0};
-		make_attr(i + 2, &e.attr);
-		int r = cas_fuse_dirbuf_add(
-			db, (const uint8_t *)name, strlen(name), i + 2,
-			e.attr.mode, i + 1,
-			cas_fuse_dirbuf_plus(db) && i % 7 > 1 ? &e : NULL);
-		if (r <= 0)
-			return r;
-	}
-	return ino == 3 ? -EIO : 0;
-}
-
-static int f_statfs(void *fs, uint64_t ino, struct cas_fuse_statfs *ret)
-{
-	ret->namelen = 255;
-	return 0;
-}
-
-static int f_getxattr(void *fs, uint64_t ino, const char *name, char *buf,
-		      size_t size)
-{
-	size_t n = strlen(name);
-	if (size == 0)
-		return (int)n;
-	if (size < n)
-		return -ERANGE;
-	memcpy(buf, name, n);
-	return (int)n;
-}
-
-static int f_listxattr(void *fs, uint64_t ino, char *buf, size_t size)
-{
-	if (size == 0)
-		return 6;
-	if (size < 6)
-		return -ERANGE;
-	memcpy(buf, "user.\0", 6);
-	return 6;
-}
-
-static int f_access(void *fs, uint64_t ino, uint32_t mask)
-{
-	return 0;
-}
-
-static const struct cas_fuse_ops ops = {
-	.init = f_init,
-	.lookup = f_lookup,
-	.forget = f_forget,
-	.getattr = f_getattr,
-	.readlink = f_readlink,
-	.open = f_open,
-	.read = f_read,
-	.release = f_release,
-	.opendir = f_open,
-	.readdir = f_readdir,
-	.releasedir = f_release,
-	.statfs = f_statfs,
-	.getxattr = f_getxattr,
-	.listxattr = f_listxattr,
-	.access = f_access,
-};
+/* fuzz_fs.h's filesystem, but OPEN hands out backing fds. */
+static struct cas_fuse_ops ops;
 
 static int next_id;
 
@@ -250,13 +111,7 @@ static void fuzz_uring(struct cas_fuse_session *s, const uint8_t *data,
 		cas_fuse_reply_shorten(&reply, reply.fd_len * (c1 >> 4) / 16);
 	check_reply(&reply);
 	cas_fuse_uring_commit(hdr, payload, n, &reply);
-	struct fuse_out_header oh;
-	memcpy(&oh, hdr->in_out, sizeof(oh));
-	struct cas_fuse_uring_ent_in_out io;
-	memcpy(&io, &hdr->ring_ent_in_out, sizeof(io));
-	if (io.payload_sz > n || oh.len != sizeof(oh) + io.payload_sz ||
-	    oh.error > 0 || oh.error < -4095 || (oh.error && io.payload_sz))
-		abort();
+	fuzz_fs_check_commit(hdr, n);
 	cas_fuse_reply_done(s, &reply);
 	free(payload);
 	free(hdr);
@@ -266,10 +121,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	if (size < 2)
 		return 0;
-	static bool quiet;
-	if (!quiet) {
+	static bool ready;
+	if (!ready) {
 		cas_log_set_level(CAS_LOG_ERROR);
-		quiet = true;
+		fuzz_fs_setup();
+		ops = fuzz_fs_ops;
+		ops.open = ops.opendir = f_open;
+		ready = true;
 	}
 	uint8_t c0 = data[0], c1 = data[1];
 	data += 2;
@@ -300,20 +158,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	struct cas_fuse_reply r1, r2;
 
 	if (!(c0 & 0x80)) {
-		struct {
-			struct fuse_in_header h;
-			struct fuse_init_in in;
-		} init = {
-			.h = {.len = sizeof(init),
-			      .opcode = FUSE_INIT,
-			      .unique = 1},
-			.in = {.major = 7,
-			       .minor = 45,
-			       .max_readahead = 65536,
-			       .flags = FUSE_ASYNC_READ | FUSE_DO_READDIRPLUS |
-					FUSE_MAX_PAGES | FUSE_INIT_EXT,
-			       .flags2 = 1u << 5 /* passthrough */},
-		};
+		struct fuzz_init_req init =
+			fuzz_init_request(45, 65536, 1u << 5 /* passthrough */);
 		struct iovec iov = {&init, sizeof(init)};
 		process(s, &iov, 1, buf1, bufsize, &r1);
 	}

@@ -54,6 +54,10 @@
 struct h2conn {
 	int fd;
 	struct cas_grpc_tls *tls; /* grpc+https://, else NULL */
+	/* A client made with cas_grpc_client_new_transport: its connection
+	 * instead of fd. */
+	const struct cas_grpc_transport *xport;
+	void *xconn;
 	nghttp2_session *session;
 	bool broken;	 /* transport failed or GOAWAY: not reusable */
 	bool rfull;	 /* the last recv filled rbuf: more is likely waiting */
@@ -68,8 +72,9 @@ struct cas_grpc_client {
 	char *url;	 /* as given, for messages */
 	char *authority; /* HOST:PORT, or "localhost" */
 	char *host, *port;
-	char *unix_path;	      /* or NULL */
-	struct cas_grpc_tls_ctx *tls; /* grpc+https://, else NULL */
+	char *unix_path;		 /* or NULL */
+	struct cas_grpc_tls_ctx *tls;	 /* grpc+https://, else NULL */
+	struct cas_grpc_transport xport; /* .read set: not a socket */
 	/* The package the server answers under (enum cas_grpc_package), or
 	 * -1 until a call has told: snix's names are tried first, tvix's
 	 * after an UNIMPLEMENTED. */
@@ -94,22 +99,51 @@ static void conn_free(struct h2conn *h)
 	if (h->session)
 		nghttp2_session_del(h->session);
 	cas_grpc_tls_free(h->tls);
+	if (h->xconn)
+		h->xport->close(h->xconn);
 	if (h->fd >= 0)
 		close(h->fd);
 	free(h);
 }
 
-int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
+/* A client named `url` that has no peer yet; NULL when out of memory. */
+static cas_grpc_client *client_alloc(const char *url)
 {
 	cas_grpc_client *c = calloc(1, sizeof(*c));
 	if (!c)
-		return -ENOMEM;
+		return NULL;
 	pthread_mutex_init(&c->lock, NULL);
 	atomic_init(&c->package, -1);
 	pthread_mutex_init(&c->learn_lock, NULL);
 	c->url = strdup(url);
-	if (!c->url)
-		goto oom;
+	if (!c->url) {
+		cas_grpc_client_free(c);
+		return NULL;
+	}
+	return c;
+}
+
+int cas_grpc_client_new_transport(const struct cas_grpc_transport *t,
+				  cas_grpc_client **ret)
+{
+	cas_grpc_client *c = client_alloc("grpc+transport:");
+	if (!c)
+		return -ENOMEM;
+	c->xport = *t;
+	c->authority = strdup("localhost");
+	if (!c->authority) {
+		cas_grpc_client_free(c);
+		return -ENOMEM;
+	}
+	*ret = c;
+	return 0;
+}
+
+int cas_grpc_client_new(const char *url, cas_grpc_client **ret)
+{
+	cas_grpc_client *c = client_alloc(url);
+	if (!c)
+		return -ENOMEM;
 	bool https = strncmp(url, "grpc+https://", 13) == 0;
 	if (https || strncmp(url, "grpc+http://", 12) == 0) {
 		const char *hp = url + (https ? 13 : 12);
@@ -391,7 +425,13 @@ static int conn_new(cas_grpc_client *c, struct h2conn **ret)
 		return -ENOMEM;
 	h->fd = -1;
 	h->client = c;
-	int r = connect_to(c, &h->fd);
+	int r;
+	if (c->xport.read) {
+		h->xport = &c->xport;
+		r = c->xport.connect(c->xport.userdata, &h->xconn);
+	} else {
+		r = connect_to(c, &h->fd);
+	}
 	if (r < 0) {
 		free(h);
 		return r;
@@ -438,6 +478,8 @@ static ssize_t conn_read(struct h2conn *h)
 {
 	if (h->tls)
 		return cas_grpc_tls_read(h->tls, h->rbuf, sizeof(h->rbuf));
+	if (h->xport)
+		return h->xport->read(h->xconn, h->rbuf, sizeof(h->rbuf));
 	ssize_t n = recv(h->fd, h->rbuf, sizeof(h->rbuf), MSG_DONTWAIT);
 	return n < 0 ? cas_negerrno() : n;
 }
@@ -457,7 +499,7 @@ static struct h2conn *conn_take_idle(cas_grpc_client *c)
 		 * and handled here too.) */
 		struct pollfd p = {h->fd, POLLIN, 0};
 		bool ok = true;
-		if (poll(&p, 1, 0) > 0 ||
+		if (h->xport || poll(&p, 1, 0) > 0 ||
 		    (h->tls && cas_grpc_tls_pending(h->tls))) {
 			ssize_t n = conn_read(h);
 			ok = n == -EAGAIN ||
@@ -498,6 +540,8 @@ static int send_all(int fd, const uint8_t *data, size_t len)
 
 static int conn_write(struct h2conn *h, const uint8_t *data, size_t len)
 {
+	if (h->xport)
+		return h->xport->write(h->xconn, data, len);
 	return h->tls ? cas_grpc_tls_write_all(h->tls, data, len)
 		      : send_all(h->fd, data, len);
 }
@@ -551,7 +595,8 @@ static int conn_pump(struct h2conn *h, conn_step step, void *userdata)
 			return r;
 		if (h->closed != closed)
 			continue; /* sending our RST_STREAM closed a stream */
-		if (!h->rfull && !(h->tls && cas_grpc_tls_pending(h->tls))) {
+		if (!h->rfull && !h->xport &&
+		    !(h->tls && cas_grpc_tls_pending(h->tls))) {
 			const atomic_bool *const *cancel = h->client->cancel;
 			if (cancel && *cancel &&
 			    atomic_load_explicit(*cancel, memory_order_relaxed))
@@ -701,25 +746,21 @@ static int call_path(cas_grpc_client *c, const char *path, const uint8_t *req,
 		if (r < 0 && call.r == 0 && r != -ETIMEDOUT && r != -ECANCELED)
 			r = cas_log_errno(-EIO, "%s%s: %s", c->url, path,
 					  strerror(-r));
-		else if (r < 0 && call.r < 0)
-			r = call.r;
 		break;
 	}
-	if (r >= 0) {
-		if (call.r < 0) {
-			r = call.r == -EPROTONOSUPPORT || call.r == -EMSGSIZE
-				    ? cas_log_errno(
-					      -EIO,
-					      "%s%s: bad response message: %m",
-					      c->url, path)
-				    : call.r;
-		} else {
-			char why[128];
-			r = call_outcome(&call, why, sizeof(why));
-			if (why[0])
-				r = cas_log_errno(r, "%s%s: %s", c->url, path,
-						  why);
-		}
+	/* A bad message fails the call whether or not the connection
+	 * survived it (a peer may send one and hang up). */
+	if (call.r < 0) {
+		r = call.r == -EPROTONOSUPPORT || call.r == -EMSGSIZE
+			    ? cas_log_errno(-EIO,
+					    "%s%s: bad response message: %s",
+					    c->url, path, strerror(-call.r))
+			    : call.r;
+	} else if (r >= 0) {
+		char why[128];
+		r = call_outcome(&call, why, sizeof(why));
+		if (why[0])
+			r = cas_log_errno(r, "%s%s: %s", c->url, path, why);
 	}
 	if (ret_status)
 		*ret_status = call.status;
@@ -1236,20 +1277,25 @@ static const struct cas_fetcher_ops grpc_fetcher_ops = {
 	.free = grpc_fetcher_free,
 };
 
-int cas_grpc_fetcher_new(const char *url, cas_fetcher **ret)
+int cas_grpc_fetcher_new_client(cas_grpc_client *client, cas_fetcher **ret)
 {
 	struct grpc_fetcher *g = calloc(1, sizeof(*g));
-	if (!g)
-		return -ENOMEM;
-	int r = cas_grpc_client_new(url, &g->client);
-	if (r >= 0 && (r = cas_grpc_lists_new(&g->lists)) < 0)
-		cas_grpc_client_free(g->client);
+	int r = g ? cas_grpc_lists_new(&g->lists) : -ENOMEM;
 	if (r < 0) {
 		free(g);
+		cas_grpc_client_free(client);
 		return r;
 	}
+	g->client = client;
 	g->base.ops = &grpc_fetcher_ops;
 	g->client->cancel = &g->base.cancel;
 	*ret = &g->base;
 	return 0;
+}
+
+int cas_grpc_fetcher_new(const char *url, cas_fetcher **ret)
+{
+	cas_grpc_client *client;
+	int r = cas_grpc_client_new(url, &client);
+	return r < 0 ? r : cas_grpc_fetcher_new_client(client, ret);
 }

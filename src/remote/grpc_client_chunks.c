@@ -162,6 +162,11 @@ static int stat_list(cas_grpc_client *client, const cas_digest *d,
 		free(sr.msg);
 		/* A transport failure is logged already; a server that
 		 * answers but not with a list is read whole. */
+		if (r == -EBADMSG && status < 0)
+			return cas_log_errno(-EIO,
+					     "blob %s: %s: Stat answer of more "
+					     "than one message",
+					     hex, url);
 		if (r == -ENOENT || (r < 0 && status < 0))
 			return r;
 		return -ENOTSUP;

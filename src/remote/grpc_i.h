@@ -186,6 +186,20 @@ typedef struct cas_grpc_client cas_grpc_client;
  * or grpc+unix:/PATH. */
 int cas_grpc_client_new(const char *url, cas_grpc_client **ret);
 void cas_grpc_client_free(cas_grpc_client *c);
+
+/* A client whose connections are not sockets (the fuzz target's peer):
+ * connect makes one, read is non-blocking (bytes, 0 at the end, -EAGAIN
+ * or -errno), write takes everything or fails, close ends one. The
+ * callbacks are copied; userdata must outlive the client. */
+struct cas_grpc_transport {
+	int (*connect)(void *userdata, void **ret_conn);
+	ssize_t (*read)(void *conn, void *buf, size_t len);
+	int (*write)(void *conn, const void *buf, size_t len);
+	void (*close)(void *conn);
+	void *userdata;
+};
+int cas_grpc_client_new_transport(const struct cas_grpc_transport *t,
+				  cas_grpc_client **ret);
 const char *cas_grpc_client_url(const cas_grpc_client *c);
 
 /* Fills buf with up to size bytes of framed request stream; returns the

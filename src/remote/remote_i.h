@@ -124,6 +124,10 @@ static inline bool cas_fetcher_cancelled(const cas_fetcher *f)
 
 int cas_http_fetcher_new(const char *url, cas_fetcher **ret);
 int cas_grpc_fetcher_new(const char *url, cas_fetcher **ret);
+/* The same over a client made already (grpc_i.h), taken (also on error). */
+struct cas_grpc_client;
+int cas_grpc_fetcher_new_client(struct cas_grpc_client *client,
+				cas_fetcher **ret);
 
 /* The verified cache in front of a fetcher (takes it, also on error). */
 int cas_cache_store_new(cas_fetcher *f, const char *what,

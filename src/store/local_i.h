@@ -15,6 +15,7 @@
 #include <stdatomic.h>
 #include <sys/stat.h>
 
+#include "core/util.h"
 #include "store/ingest.h"
 #include "store/local.h"
 
@@ -165,7 +166,7 @@ int cas_local_blob_rename_in(struct cas_local *ls, int dir_fd, const char *name,
 			     const cas_digest *d);
 /* One problem line of verify (verify.c): formatted, counted, passed on. */
 void cas_local_vproblem(cas_verify_cb cb, void *userdata, int *count,
-			const char *fmt, va_list ap);
+			const char *fmt, va_list ap) _printf_(4, 0);
 /* Partial blobs for verify (partial.c): problems found, one line each. */
 int cas_local_verify_partials(struct cas_local *ls, cas_verify_cb cb,
 			      void *userdata);

@@ -51,15 +51,10 @@ struct worker {
 	struct cas_devfuse *d;
 	pthread_t thread;
 	bool started;
-	int fd;	     /* the session fd or a clone of it */
-	bool own_fd; /* a clone, closed with the worker */
-	int pipe[2]; /* -1: no splice for this worker */
+	struct cas_devfuse_io io; /* fd: the session fd or a clone of it */
+	bool own_fd;		  /* a clone, closed with the worker */
 	uint8_t *req;
 	size_t req_size;
-	uint8_t *reply;
-	size_t reply_size;
-	uint8_t *scratch; /* READ data when copying */
-	size_t scratch_size;
 	int result;
 	bool unmounted; /* saw ENODEV: the kernel ended the connection */
 };
@@ -391,12 +386,12 @@ static int backing_close(void *transport, int backing_id)
 		       : 0;
 }
 
-static void write_reply(struct worker *w, struct cas_fuse_reply *reply,
+static void write_reply(struct cas_devfuse_io *io, struct cas_fuse_reply *reply,
 			const struct iovec *iov, int cnt)
 {
 	ssize_t n;
 	do
-		n = writev(w->fd, iov, cnt);
+		n = writev(io->fd, iov, cnt);
 	while (n < 0 && errno == EINTR);
 	/* ENOENT: the request was interrupted meanwhile; the engine
 	 * releases a handle the reply would have handed out. */
@@ -407,61 +402,62 @@ static void write_reply(struct worker *w, struct cas_fuse_reply *reply,
 }
 
 /* Empties the pipe after a splice that did not go through. */
-static void drain_pipe(struct worker *w)
+static void drain_pipe(struct cas_devfuse_io *io)
 {
 	for (;;) {
-		ssize_t n = read(w->pipe[0], w->scratch, w->scratch_size);
+		ssize_t n = read(io->pipe[0], io->scratch, io->scratch_size);
 		if (n <= 0 && !(n < 0 && errno == EINTR))
 			break;
 	}
 }
 
 /* 1 if sent (or the request is gone), 0 to fall back to copying. */
-static int send_splice(struct worker *w, struct cas_fuse_reply *reply)
+static int send_splice(struct cas_devfuse_io *io, struct cas_fuse_reply *reply)
 {
 	size_t total = reply->len + reply->fd_len;
-	if (total + PAGE > (size_t)w->d->pipe_size)
+	if (total + PAGE > (size_t)io->pipe_size)
 		return 0;
 	struct iovec h = {reply->buf, reply->len};
-	ssize_t n = vmsplice(w->pipe[1], &h, 1, SPLICE_F_NONBLOCK);
+	ssize_t n = vmsplice(io->pipe[1], &h, 1, SPLICE_F_NONBLOCK);
 	if (n != (ssize_t)reply->len) {
 		if (n > 0)
-			drain_pipe(w);
+			drain_pipe(io);
 		return 0;
 	}
 	loff_t off = (loff_t)reply->fd_offset;
 	size_t moved = 0;
 	while (moved < reply->fd_len) {
-		n = splice(reply->fd, &off, w->pipe[1], NULL,
+		n = splice(reply->fd, &off, io->pipe[1], NULL,
 			   reply->fd_len - moved,
 			   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 		if (n < 0 && errno == EINTR)
 			continue;
 		if (n <= 0) {
-			drain_pipe(w);
+			drain_pipe(io);
 			return 0;
 		}
 		moved += (size_t)n;
 	}
 	do
-		n = splice(w->pipe[0], NULL, w->fd, NULL, total, SPLICE_F_MOVE);
+		n = splice(io->pipe[0], NULL, io->fd, NULL, total,
+			   SPLICE_F_MOVE);
 	while (n < 0 && errno == EINTR);
 	if (n == (ssize_t)total)
 		return 1;
 	int e = errno;
-	drain_pipe(w);
+	drain_pipe(io);
 	reply->lost = n < 0 && e == ENOENT;
 	if (n < 0 && (e == ENOENT || e == ENODEV))
 		return 1;
 	return 0;
 }
 
-static void send_copy(struct worker *w, struct cas_fuse_reply *reply)
+static void send_copy(struct cas_devfuse_io *io, struct cas_fuse_reply *reply)
 {
-	size_t want = CAS_MIN(reply->fd_len, w->scratch_size);
+	size_t want = CAS_MIN(reply->fd_len, io->scratch_size);
 	size_t got = 0;
 	while (got < want) {
-		ssize_t n = pread(reply->fd, w->scratch + got, want - got,
+		ssize_t n = pread(reply->fd, io->scratch + got, want - got,
 				  (off_t)(reply->fd_offset + got));
 		if (n < 0 && errno == EINTR)
 			continue;
@@ -472,21 +468,21 @@ static void send_copy(struct worker *w, struct cas_fuse_reply *reply)
 	/* A short file: the engine makes the header count what is sent. */
 	cas_fuse_reply_shorten(reply, got);
 	got = reply->fd_len;
-	struct iovec iov[2] = {{reply->buf, reply->len}, {w->scratch, got}};
-	write_reply(w, reply, iov, got ? 2 : 1);
+	struct iovec iov[2] = {{reply->buf, reply->len}, {io->scratch, got}};
+	write_reply(io, reply, iov, got ? 2 : 1);
 }
 
-static void send_reply(struct worker *w, struct cas_fuse_reply *reply)
+static void send_reply(struct cas_devfuse_io *io, struct cas_fuse_reply *reply)
 {
 	if (reply->fd < 0 || reply->fd_len == 0) {
 		struct iovec iov = {reply->buf, reply->len};
-		write_reply(w, reply, &iov, 1);
+		write_reply(io, reply, &iov, 1);
 		return;
 	}
-	if (w->pipe[0] >= 0 && reply->fd_len >= SPLICE_MIN &&
-	    send_splice(w, reply))
+	if (io->pipe[0] >= 0 && reply->fd_len >= SPLICE_MIN &&
+	    send_splice(io, reply))
 		return;
-	send_copy(w, reply);
+	send_copy(io, reply);
 }
 
 /* INIT is answered: the kernel now knows what we agreed on. */
@@ -519,12 +515,29 @@ static void connection_ready(struct cas_devfuse *d)
 	pthread_mutex_unlock(&d->uring_lock);
 }
 
+bool cas_devfuse_answer(struct cas_fuse_session *s, struct cas_devfuse_io *io,
+			const uint8_t *req, size_t n, bool *ret_init)
+{
+	struct iovec in = {(void *)req, n};
+	struct cas_fuse_reply reply = {
+		.buf = io->reply,
+		.buf_size = io->reply_size,
+		.fd = -1,
+	};
+	cas_fuse_session_process(s, &in, 1, &reply);
+	if (reply.send)
+		send_reply(io, &reply);
+	*ret_init = reply.init && !reply.lost;
+	cas_fuse_reply_done(s, &reply);
+	return reply.destroyed;
+}
+
 static void *worker_main(void *arg)
 {
 	struct worker *w = arg;
 	struct cas_devfuse *d = w->d;
 	while (!atomic_load(&d->stop)) {
-		ssize_t n = read(w->fd, w->req, w->req_size);
+		ssize_t n = read(w->io.fd, w->req, w->req_size);
 		if (n < 0) {
 			int e = errno;
 			if (e == EINTR || e == EAGAIN || e == ENOENT)
@@ -536,20 +549,12 @@ static void *worker_main(void *arg)
 			w->result = cas_log_errno(-e, "read /dev/fuse: %m");
 			break;
 		}
-		struct iovec in = {w->req, (size_t)n};
-		struct cas_fuse_reply reply = {
-			.buf = w->reply,
-			.buf_size = w->reply_size,
-			.fd = -1,
-		};
-		cas_fuse_session_process(d->session, &in, 1, &reply);
-		if (reply.send)
-			send_reply(w, &reply);
-		bool init = reply.init && !reply.lost;
-		cas_fuse_reply_done(d->session, &reply);
+		bool init, destroyed;
+		destroyed = cas_devfuse_answer(d->session, &w->io, w->req,
+					       (size_t)n, &init);
 		if (init)
 			connection_ready(d);
-		if (reply.destroyed) {
+		if (destroyed) {
 			w->unmounted = true;
 			break;
 		}
@@ -583,12 +588,13 @@ static int worker_init(struct cas_devfuse *d, struct worker *w, unsigned i,
 		       size_t req_size, size_t reply_size)
 {
 	w->d = d;
-	w->pipe[0] = w->pipe[1] = -1;
-	w->fd = d->fd;
+	w->io.pipe[0] = w->io.pipe[1] = -1;
+	w->io.pipe_size = d->pipe_size;
+	w->io.fd = d->fd;
 	if (i > 0) {
 		int fd = clone_fd(d->fd);
 		if (fd >= 0) {
-			w->fd = fd;
+			w->io.fd = fd;
 			w->own_fd = true;
 		} else {
 			cas_log_debug_errno(
@@ -596,18 +602,20 @@ static int worker_init(struct cas_devfuse *d, struct worker *w, unsigned i,
 		}
 	}
 	w->req_size = req_size;
-	w->reply_size = reply_size;
-	w->scratch_size = (size_t)d->max_pages * PAGE;
+	w->io.reply_size = reply_size;
+	w->io.scratch_size = (size_t)d->max_pages * PAGE;
 	w->req = aligned_alloc(PAGE, (w->req_size + PAGE - 1) / PAGE * PAGE);
-	w->reply = aligned_alloc(PAGE, (reply_size + PAGE - 1) / PAGE * PAGE);
-	w->scratch = aligned_alloc(PAGE, w->scratch_size);
-	if (!w->req || !w->reply || !w->scratch)
+	w->io.reply =
+		aligned_alloc(PAGE, (reply_size + PAGE - 1) / PAGE * PAGE);
+	w->io.scratch = aligned_alloc(PAGE, w->io.scratch_size);
+	if (!w->req || !w->io.reply || !w->io.scratch)
 		return -ENOMEM;
-	if (d->pipe_size > 0 && pipe2(w->pipe, O_CLOEXEC | O_NONBLOCK) == 0 &&
-	    fcntl(w->pipe[1], F_SETPIPE_SZ, d->pipe_size) < d->pipe_size) {
-		close(w->pipe[0]);
-		close(w->pipe[1]);
-		w->pipe[0] = w->pipe[1] = -1;
+	if (d->pipe_size > 0 &&
+	    pipe2(w->io.pipe, O_CLOEXEC | O_NONBLOCK) == 0 &&
+	    fcntl(w->io.pipe[1], F_SETPIPE_SZ, d->pipe_size) < d->pipe_size) {
+		close(w->io.pipe[0]);
+		close(w->io.pipe[1]);
+		w->io.pipe[0] = w->io.pipe[1] = -1;
 	}
 	return 0;
 }
@@ -615,14 +623,14 @@ static int worker_init(struct cas_devfuse *d, struct worker *w, unsigned i,
 static void worker_release(struct worker *w)
 {
 	if (w->own_fd)
-		close(w->fd);
-	if (w->pipe[0] >= 0) {
-		close(w->pipe[0]);
-		close(w->pipe[1]);
+		close(w->io.fd);
+	if (w->io.pipe[0] >= 0) {
+		close(w->io.pipe[0]);
+		close(w->io.pipe[1]);
 	}
 	free(w->req);
-	free(w->reply);
-	free(w->scratch);
+	free(w->io.reply);
+	free(w->io.scratch);
 }
 
 /* The default readahead (128 KiB) caps READs whatever max_pages says;

@@ -249,27 +249,26 @@ static void commit_done(struct queue *q, unsigned i, int res)
 	e->open_kind = 0;
 }
 
-/* Runs the request entry i holds and queues its commit. */
-static void serve_entry(struct queue *q, unsigned i)
+uint64_t cas_uring_answer(struct cas_fuse_session *s,
+			  struct cas_fuse_uring_req_header *hdr,
+			  uint8_t *payload, size_t payload_size, uint8_t *reply,
+			  size_t reply_size, struct cas_uring_open *ret_open)
 {
-	struct cas_uring *u = q->u;
-	struct entry *e = &q->ents[i];
 	struct cas_fuse_reply rep = {
-		.buf = q->reply,
-		.buf_size = q->reply_size,
+		.buf = reply,
+		.buf_size = reply_size,
 		.fd = -1,
 	};
-	cas_fuse_session_process_uring(u->session, e->hdr, e->payload,
-				       u->payload_size, &rep);
+	cas_fuse_session_process_uring(s, hdr, payload, payload_size, &rep);
 	if (rep.send && rep.fd >= 0 && rep.fd_len > 0) {
 		/* File data goes straight behind the reply's own payload. */
 		size_t at = rep.len - CAS_FUSE_REPLY_HEADER_SIZE;
 		size_t want = rep.fd_len, got = 0;
-		if (at > u->payload_size || want > u->payload_size - at)
+		if (at > payload_size || want > payload_size - at)
 			want = 0;
 		while (got < want) {
 			ssize_t n =
-				pread(rep.fd, e->payload + at + got, want - got,
+				pread(rep.fd, payload + at + got, want - got,
 				      (off_t)(rep.fd_offset + got));
 			if (n < 0 && errno == EINTR)
 				continue;
@@ -279,13 +278,30 @@ static void serve_entry(struct queue *q, unsigned i)
 		}
 		cas_fuse_reply_shorten(&rep, got);
 	}
-	uint64_t commit_id = cas_fuse_uring_commit(e->hdr, e->payload,
-						   u->payload_size, &rep);
-	e->open_kind = rep.send ? rep.open_kind : 0;
-	e->open_ino = rep.open_ino;
-	e->open_fh = rep.open_fh;
+	uint64_t commit_id =
+		cas_fuse_uring_commit(hdr, payload, payload_size, &rep);
+	*ret_open = (struct cas_uring_open){
+		.kind = rep.send ? rep.open_kind : 0,
+		.ino = rep.open_ino,
+		.fh = rep.open_fh,
+	};
 	rep.open_kind = 0; /* not lost yet: decided at the completion */
-	cas_fuse_reply_done(u->session, &rep);
+	cas_fuse_reply_done(s, &rep);
+	return commit_id;
+}
+
+/* Runs the request entry i holds and queues its commit. */
+static void serve_entry(struct queue *q, unsigned i)
+{
+	struct cas_uring *u = q->u;
+	struct entry *e = &q->ents[i];
+	struct cas_uring_open open;
+	uint64_t commit_id = cas_uring_answer(u->session, e->hdr, e->payload,
+					      u->payload_size, q->reply,
+					      q->reply_size, &open);
+	e->open_kind = open.kind;
+	e->open_ino = open.ino;
+	e->open_fh = open.fh;
 	prep_cmd(q, i, CAS_FUSE_URING_CMD_COMMIT_AND_FETCH, commit_id);
 }
 

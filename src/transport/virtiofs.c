@@ -16,6 +16,7 @@
 
 #include "core/log.h"
 #include "transport/vhost_user.h"
+#include "transport/virtiofs_i.h"
 
 #define VIRTIOFS_DEFAULT_REQUEST_QUEUES 16
 
@@ -228,6 +229,34 @@ void cas_virtiofs_configure(struct cas_fuse_config *cfg)
 	cfg->backing_close = NULL;
 	cfg->transport = NULL;
 	cfg->io_uring = false;
+}
+
+const struct cas_vu_ops *cas_virtiofs_queue_ops(void)
+{
+	return &vfs_ops;
+}
+
+int cas_virtiofs_new_connected(const struct cas_virtiofs_config *cfg,
+			       struct cas_virtiofs **ret)
+{
+	if (!cfg->session_open || !cfg->session_close ||
+	    cfg->reply_bufsize < CAS_FUSE_REPLY_HEADER_SIZE)
+		return -EINVAL;
+	struct cas_virtiofs *v = calloc(1, sizeof(*v));
+	if (!v)
+		return -ENOMEM;
+	v->cfg = *cfg;
+	v->cfg.socket_path = NULL;
+	v->listen_fd = v->stop_fd = -1;
+	pthread_rwlock_init(&v->session_lock, NULL);
+	int r = cfg->session_open(cfg->userdata, &v->session);
+	if (r < 0) {
+		pthread_rwlock_destroy(&v->session_lock);
+		free(v);
+		return r;
+	}
+	*ret = v;
+	return 0;
 }
 
 int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
@@ -463,6 +492,8 @@ void cas_virtiofs_free(struct cas_virtiofs *v)
 	}
 	if (v->stop_fd >= 0)
 		close(v->stop_fd);
+	if (v->session)
+		v->cfg.session_close(v->cfg.userdata, v->session);
 	pthread_rwlock_destroy(&v->session_lock);
 	free(v->socket_path);
 	free(v);

@@ -55,7 +55,7 @@ int cas_virtiofs_new(const struct cas_virtiofs_config *cfg,
 int cas_virtiofs_run(struct cas_virtiofs *v);
 /* Async-signal-safe. */
 void cas_virtiofs_stop(struct cas_virtiofs *v);
-/* Closes and removes the socket. */
+/* Closes and removes the socket (and closes a session still open). */
 void cas_virtiofs_free(struct cas_virtiofs *v);
 
 #endif
