@@ -104,8 +104,8 @@ static void entry(struct cas_fuse_session *s, const uint8_t *rec, size_t n,
 	memcpy(payload, rec + h, CAS_MIN(n - h, payload_size));
 
 	struct cas_uring_open open;
-	(void)cas_uring_answer(s, hdr, payload, payload_size, reply,
-			       reply_size, &open);
+	(void)cas_uring_answer(s, hdr, payload, payload_size, reply, reply_size,
+			       &open);
 	fuzz_fs_check_commit(hdr, payload_size);
 	/* The kernel refuses the commit of an odd unique (the request was
 	 * interrupted meanwhile): what it handed out is released, as
@@ -154,19 +154,19 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (!(c0 & 2)) {
 		io.pipe_size = (int)((c0 & 4 ? 8 : MAX_PAGES + 2) * PAGE);
 		if (pipe2(io.pipe, O_CLOEXEC | O_NONBLOCK) < 0 ||
-		    fcntl(io.pipe[1], F_SETPIPE_SZ, io.pipe_size) < io.pipe_size)
+		    fcntl(io.pipe[1], F_SETPIPE_SZ, io.pipe_size) <
+			    io.pipe_size)
 			abort();
 	}
 	struct cas_fuse_session *s;
 	if (cas_fuse_session_new(&fuzz_fs_ops, NULL, &fuse_cfg, &s) < 0)
 		abort();
 	if (!(c0 & 8)) {
-		struct fuzz_init_req init =
-			fuzz_init_request(45, 1 << 20, 0);
+		struct fuzz_init_req init = fuzz_init_request(45, 1 << 20, 0);
 		answer(s, &io, (const uint8_t *)&init, sizeof(init));
 	}
 	static const size_t payload_sizes[4] = {4096, 64 << 10, 128 << 10,
-						 128 << 10};
+						128 << 10};
 	size_t payload_size = payload_sizes[c0 >> 1 & 3];
 	while (size >= 2) {
 		size_t n = data[0] | (size_t)data[1] << 8;

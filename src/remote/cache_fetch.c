@@ -36,7 +36,7 @@ struct blob_sink {
 	int fd;	    /* -1 until the first buffer is written out */
 	cas_hasher hasher;
 	uint64_t size;
-	uint64_t max; /* the declared size: one byte more is -EFBIG */
+	uint64_t max;	  /* the declared size: one byte more is -EFBIG */
 	uint8_t *bufs[2]; /* SINK_BUFFER bytes each, allocated when needed */
 	unsigned cur;	  /* the buffer being filled */
 	size_t len;	  /* bytes in it */
@@ -390,8 +390,9 @@ const char *cas_cache_fetch_why(int r, uint64_t max, char *buf, size_t size)
 		snprintf(buf, size, "more bytes than its declared size %llu",
 			 (unsigned long long)max);
 	else if (r == -EFBIG)
-		snprintf(buf, size, "more bytes than the remote announced "
-				    "or than %llu",
+		snprintf(buf, size,
+			 "more bytes than the remote announced "
+			 "or than %llu",
 			 (unsigned long long)CAS_FETCH_UNSIZED_MAX);
 	else if (r == -ETIMEDOUT)
 		snprintf(buf, size, "stalled for %u s", cas_fetch_stall_s());
@@ -501,8 +502,8 @@ static int fetch_blob(struct cache_store *c, const cas_digest *d, uint64_t max,
 				 (unsigned long long)max);
 		else
 			(void)cas_cache_fetch_why(r, max, why, sizeof(why));
-		(void)cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR,
-				       r, "blob %s from %s: %s", hex, c->what,
+		(void)cas_log_internal(quiet ? CAS_LOG_DEBUG : CAS_LOG_ERROR, r,
+				       "blob %s from %s: %s", hex, c->what,
 				       why);
 		r = -EIO;
 	}

@@ -231,7 +231,7 @@ struct cache_store {
 	pthread_t large_worker;
 	pthread_cond_t lq_cond;
 	struct cas_dmap
-		bad_logged; /* blobs reported wrong; protected by lock */
+		bad_logged;	  /* blobs reported wrong; protected by lock */
 	struct cas_dmap declared; /* digest -> size (uintptr_t); lock */
 
 	/* Every blob goes into the cache through the store's one write

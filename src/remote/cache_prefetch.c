@@ -289,8 +289,8 @@ static void *prefetch_main(void *arg)
 		if (batched)
 			r = prefetch_batch(c, v, n);
 		else
-			r = cas_cache_ensure_blob(c, &v[0].digest,
-						  v[0].size, true);
+			r = cas_cache_ensure_blob(c, &v[0].digest, v[0].size,
+						  true);
 		cas_cache_maybe_evict(c, 0);
 		pthread_mutex_lock(&c->lock);
 		if (r == -EIO) {

@@ -42,7 +42,7 @@ struct tree_fetch {
 	struct cas_dmap wanted;	  /* digests named and not yet received */
 	enum cas_log_level level; /* of what goes wrong: CAS_LOG_DEBUG when
 				 * there is a fallback */
-	uint64_t bytes; /* received so far, repeats included */
+	uint64_t bytes;		  /* received so far, repeats included */
 	/* Directories received, and DirectoryNodes named by the distinct
 	 * ones: a stream may send each at most once per name (and the
 	 * root once), so one that repeats without end is cut at once. */
@@ -353,9 +353,9 @@ static int fetch_tree(struct cache_store *c, const cas_digest *d)
 		; /* logged where it happened, or absent */
 	else if (r < 0) {
 		char why[128];
-		(void)cas_log_errno(r, "directory %s from %s: %s", hex, c->what,
-				    cas_cache_fetch_why(r, 0, why,
-							sizeof(why)));
+		(void)cas_log_errno(
+			r, "directory %s from %s: %s", hex, c->what,
+			cas_cache_fetch_why(r, 0, why, sizeof(why)));
 		r = -EIO;
 	}
 	if (r >= 0)

@@ -45,8 +45,8 @@
  * wait is cut in slices of POLL_SLICE_MS to look at the cancel flag. */
 #define POLL_SLICE_MS 1000
 #define MAX_IDLE      16
-#define RBUF_SIZE (256u << 10)
-#define WBUF_SIZE (64u << 10)
+#define RBUF_SIZE     (256u << 10)
+#define WBUF_SIZE     (64u << 10)
 /* Streams of one blobs_fetch open at once (and at most what the server
  * allows). */
 #define BATCH_STREAMS 64
@@ -913,17 +913,16 @@ static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d, uint64_t max,
 	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
 	/* tvix's Stat carries no size: a blob no FileNode sized is
 	 * bounded by the documented maximum. */
-	struct read_ctx rc = {sink, userdata,
-			      max == CAS_FETCH_UNSIZED ? CAS_FETCH_UNSIZED_MAX
-						       : max,
-			      0};
+	struct read_ctx rc = {
+		sink, userdata,
+		max == CAS_FETCH_UNSIZED ? CAS_FETCH_UNSIZED_MAX : max, 0};
 	_cleanup_free_ uint8_t *req = NULL;
 	size_t req_len;
 	char message[512];
 	int status;
 	/* By chunks where the server offers them (grpc_client_chunks.c). */
-	int r = cas_grpc_fetch_chunked(g->client, blobs_via, f, d,
-				       bounded_sink, &rc);
+	int r = cas_grpc_fetch_chunked(g->client, blobs_via, f, d, bounded_sink,
+				       &rc);
 	if (r != 0)
 		return r < 0 ? r : 0;
 	r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_READ_REQUEST, d, false,

@@ -109,7 +109,7 @@ struct blob_get {
 	cas_fetch_sink sink;
 	void *userdata;
 	int r;
-	int ok; /* -1 unknown, 0 no (error body, dropped), 1 yes */
+	int ok;		   /* -1 unknown, 0 no (error body, dropped), 1 yes */
 	uint64_t max, got; /* the bound (remote_i.h), bytes passed on */
 };
 

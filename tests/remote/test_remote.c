@@ -1608,7 +1608,8 @@ static void test_grpc_blobs_fetch(void)
 	batch_check_all(f, &x);
 	/* A plain call still works on a connection a batch used. */
 	size_t got = 0;
-	CHECK(f->ops->blob_fetch(f, &x.present[3], CAS_FETCH_UNSIZED, count_sink, &got) == 0);
+	CHECK(f->ops->blob_fetch(f, &x.present[3], CAS_FETCH_UNSIZED,
+				 count_sink, &got) == 0);
 	CHECK(got == batch_sizes[3]);
 
 	/* A server restarted: the pooled connection is dead, a batch still
