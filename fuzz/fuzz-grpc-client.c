@@ -216,7 +216,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		return 0;
 	switch (op) {
 	case 2:
-		check_errno(f->ops->blob_fetch(f, &d, sink, &count));
+		check_errno(f->ops->blob_fetch(f, &d, 4096, sink, &count));
 		break;
 	case 3:
 		check_errno(
