@@ -28,6 +28,7 @@
 #include <sys/stat.h>
 
 #include "castorefs/inodes_i.h"
+#include "castorefs/verified_i.h"
 #include "core/log.h"
 #include "core/util.h"
 
@@ -82,6 +83,9 @@ struct cas_handle {
 	/* A large remote blob held in part (store.h blob_open_ranged):
 	 * each READ first asks the store for its range. Fixed at open. */
 	bool ranged;
+	/* Data or a pack range: 0 until the first READ hashes it, then 1
+	 * (right) or -1 (wrong: every READ fails). verified_i.h */
+	_Atomic int checked;
 	cas_digest digest;
 	struct root_list *roots; /* root directory: snapshot at opendir */
 	uint32_t idx;		 /* this slot's index, fixed */
@@ -95,6 +99,7 @@ struct cas_fs {
 	struct cas_inode_table inodes;
 	struct cas_dir_cache dirs;
 	struct cas_root_bases roots;
+	struct cas_verified verified;
 
 	atomic_size_t memory; /* inodes, index, Directories, handles */
 
@@ -504,6 +509,7 @@ static int handle_new(struct cas_fs *fs, struct cas_handle **ret)
 	h->data = NULL;
 	h->ino = 0;
 	h->roots = NULL;
+	atomic_store(&h->checked, 0);
 	atomic_store(&h->refs, 1);
 	/* Not findable until the caller fills it and calls handle_publish. */
 	*ret = h;
@@ -588,6 +594,40 @@ static int handle_release(struct cas_fs *fs, uint64_t fh)
 
 /* A handle for the content of file ino, filled and not published yet:
  * returns its generation (handle_publish) or -errno. */
+/* What went wrong with blob d, logged once per mount; -EIO to return. */
+static int report_blob(struct cas_fs *fs, const cas_digest *d, int r)
+{
+	if (first_report(fs, d->bytes)) {
+		char hex[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(d, hex);
+		if (r == -ENOENT)
+			cas_log_error("blob %s: absent from the store", hex);
+		else if (r == -EBADMSG)
+			cas_log_error("blob %s: content does not match its "
+				      "digest",
+				      hex);
+		else
+			cas_log_errno(r, "blob %s: %m", hex);
+	}
+	return -EIO;
+}
+
+/* 0 once the bytes of h (data or a pack range) have hashed right. */
+static int handle_check(struct cas_fs *fs, struct cas_handle *h, int fd,
+			uint64_t size)
+{
+	int c = atomic_load_explicit(&h->checked, memory_order_acquire);
+	if (c == 0) {
+		int r = cas_verify_bytes(&h->digest, h->data, fd, h->base,
+					 size);
+		if (r < 0)
+			(void)report_blob(fs, &h->digest, r);
+		c = r < 0 ? -1 : 1;
+		atomic_store_explicit(&h->checked, c, memory_order_release);
+	}
+	return c > 0 ? 0 : -EIO;
+}
+
 static int handle_open(struct cas_fs *fs, uint64_t ino, struct cas_handle **ret)
 {
 	struct cas_inode in;
@@ -638,18 +678,13 @@ static int handle_open(struct cas_fs *fs, uint64_t ino, struct cas_handle **ret)
 		if (r >= 0 && size > SEQUENTIAL_HINT_MIN)
 			(void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
 	}
-	if (r < 0) {
-		if (first_report(fs, in.digest)) {
-			char hex[CAS_DIGEST_HEX_LEN + 1];
-			cas_digest_to_hex(&dg, hex);
-			if (r == -ENOENT)
-				cas_log_error("blob %s: absent from the store",
-					      hex);
-			else
-				cas_log_errno(r, "blob %s: %m", hex);
-		}
-		return -EIO;
-	}
+	/* A large blob may be read by the kernel itself (passthrough), so
+	 * it is checked before the open succeeds; the rest at first READ. */
+	if (r >= 0 && fd >= 0 && owned && !ranged && !fs->opts.trust_large &&
+	    (r = cas_verified_large(&fs->verified, &dg, fd, size)) < 0)
+		close(fd);
+	if (r < 0)
+		return report_blob(fs, &dg, r);
 	struct cas_handle *h;
 	int gen = handle_new(fs, &h);
 	if (gen < 0) {
@@ -719,7 +754,8 @@ static struct cas_handle *handle_hold_ino(struct cas_fs *fs, uint64_t ino,
 	return h;
 }
 
-/* The hot path: no lock, no allocation; a copy only for small files. */
+/* The hot path: no lock, no allocation; a copy only for small files, a
+ * hash only on a handle's first READ. */
 static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		   uint32_t size, struct cas_fuse_read *ret)
 {
@@ -738,6 +774,11 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		return -EBADF;
 	int fd = atomic_load_explicit(&h->fd, memory_order_relaxed);
 	uint64_t bsize = atomic_load_explicit(&h->size, memory_order_relaxed);
+	if ((h->data || (fd >= 0 && !h->fd_owned)) &&
+	    handle_check(fs, h, fd, bsize) < 0) {
+		handle_unref(fs, h);
+		return -EIO;
+	}
 	uint64_t len = off < bsize ? CAS_MIN((uint64_t)size, bsize - off) : 0;
 	if (h->data) {
 		/* Copied now: the hold ends here, read_done is not called. */
@@ -1136,6 +1177,7 @@ int cas_fs_new(cas_store *store, const struct cas_fs_options *opts,
 	}
 	cas_dir_cache_init(&fs->dirs, DIR_CACHE_BYTES, &fs->memory);
 	cas_root_bases_init(&fs->roots, CAS_FUSE_ROOT_ID + 1, &fs->memory);
+	cas_verified_init(&fs->verified, &fs->memory);
 	pthread_mutex_init(&fs->handle_lock, NULL);
 	pthread_mutex_init(&fs->logged_lock, NULL);
 	*ret = fs;
@@ -1158,6 +1200,7 @@ void cas_fs_free(struct cas_fs *fs)
 	cas_inode_table_release(&fs->inodes);
 	cas_dir_cache_release(&fs->dirs);
 	cas_root_bases_release(&fs->roots);
+	cas_verified_release(&fs->verified);
 	pthread_mutex_destroy(&fs->handle_lock);
 	pthread_mutex_destroy(&fs->logged_lock);
 	free(fs);

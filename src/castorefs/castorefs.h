@@ -19,6 +19,9 @@
 struct cas_fs_options {
 	bool list_root;	 /* readdir of the root allowed (else EPERM) */
 	bool show_xattr; /* user.castore.*.digest xattrs (else ENOSYS) */
+	/* Large blobs served unhashed (else hashed once per mount, at their
+	 * first open: verified_i.h). */
+	bool trust_large;
 };
 
 struct cas_fs;

@@ -1,5 +1,5 @@
 /* castore mount MOUNTPOINT [--list-root] [--show-xattr] [--threads N]
- *                          [--allow-other] [--no-passthrough]
+ *                          [--allow-other] [--no-passthrough] [--trust-large]
  *                          [--transport auto|io-uring|devfuse] */
 #include <errno.h>
 #include <getopt.h>
@@ -14,7 +14,7 @@
 
 static const char mount_help[] =
 	"Usage: castore mount MOUNTPOINT [--list-root] [--show-xattr]\n"
-	"                     [--threads N] [--allow-other]\n"
+	"                     [--threads N] [--allow-other] [--trust-large]\n"
 	"                     [--transport auto|io-uring|devfuse]\n"
 	"\n"
 	"Serves the store's named roots as a read-only filesystem at "
@@ -26,7 +26,11 @@ static const char mount_help[] =
 	"free at once, files already open keep reading until closed, then it "
 	"ends),\n"
 	"a second ends it at once. Both end with status 0. SIGUSR1 logs the\n"
-	"requests served per opcode.\n"
+	"requests served per opcode. No byte is served before its blob has "
+	"hashed\n"
+	"right: small blobs at their first read, larger ones (over 64 KiB) "
+	"whole\n"
+	"at their first open in the mount.\n"
 	"\n"
 	"  --list-root    allow listing the root folder (else EPERM; looking "
 	"up\n"
@@ -39,6 +43,8 @@ static const char mount_help[] =
 	"  --no-passthrough  serve every READ from the daemon (splice) even\n"
 	"                 where the kernel could read local blobs directly;\n"
 	"                 files then open without asking the daemon\n"
+	"  --trust-large  serve blobs over 64 KiB without hashing them first\n"
+	"                 (`castore verify` still checks them)\n"
 	"  --transport T  auto (default): FUSE over io_uring when the kernel "
 	"has\n"
 	"                 it on (/sys/module/fuse/parameters/enable_uring), "
@@ -54,6 +60,7 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 		{"threads", required_argument, NULL, 't'},
 		{"allow-other", no_argument, NULL, 'o'},
 		{"no-passthrough", no_argument, NULL, 'P'},
+		{"trust-large", no_argument, NULL, 'L'},
 		{"transport", required_argument, NULL, 'T'},
 		{"help", no_argument, NULL, 'h'},
 		{},
@@ -90,6 +97,9 @@ int cmd_mount(struct cas_cli *cli, int argc, char **argv)
 			break;
 		case 'P':
 			dopts.no_passthrough = true;
+			break;
+		case 'L':
+			fo.trust_large = true;
 			break;
 		case 'T':
 			if (!strcmp(optarg, "auto"))

@@ -1,4 +1,4 @@
-/* castore virtiofs --socket PATH [--list-root] [--show-xattr]
+/* castore virtiofs --socket PATH [--list-root] [--show-xattr] [--trust-large]
  *
  * Wires the store to a vhost-user-fs device: store -> castorefs -> FUSE
  * engine -> virtio-fs transport. Each frontend that connects gets a fresh
@@ -61,6 +61,7 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: castore virtiofs --socket PATH [--list-root] "
 		"[--show-xattr]\n"
+		"                        [--trust-large]\n"
 		"\n"
 		"Serves the store's roots to virtual machines as a "
 		"vhost-user-fs\n"
@@ -79,7 +80,10 @@ static void usage(FILE *f)
 		"  --list-root     allow listing the root directory (the "
 		"roots)\n"
 		"  --show-xattr    user.castore.*.digest extended "
-		"attributes\n");
+		"attributes\n"
+		"  --trust-large   serve blobs over 64 KiB without hashing "
+		"them at\n"
+		"                  their first open (castore mount --help)\n");
 }
 
 int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
@@ -88,6 +92,7 @@ int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 		{"socket", required_argument, NULL, 's'},
 		{"list-root", no_argument, NULL, 'l'},
 		{"show-xattr", no_argument, NULL, 'x'},
+		{"trust-large", no_argument, NULL, 'L'},
 		{"help", no_argument, NULL, 'h'},
 		{0},
 	};
@@ -105,6 +110,9 @@ int cmd_virtiofs(struct cas_cli *cli, int argc, char **argv)
 			break;
 		case 'x':
 			w.fs_opts.show_xattr = true;
+			break;
+		case 'L':
+			w.fs_opts.trust_large = true;
 			break;
 		case 'h':
 			usage(stdout);

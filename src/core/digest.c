@@ -61,14 +61,18 @@ void cas_hash_buffer(const void *buf, size_t len, cas_digest *ret)
  * when verify hashes hundreds of thousands of blobs. */
 #define HASH_READ_SIZE (128u << 10)
 
-int cas_hash_fd(int fd, cas_digest *ret, uint64_t *ret_size)
+/* Hashes bytes [off, off + len) of fd, stopping early at EOF; returns
+ * how many it hashed, or -errno. */
+static int64_t hash_pread(int fd, uint64_t off, uint64_t len, cas_digest *ret)
 {
 	uint8_t buf[HASH_READ_SIZE];
 	cas_hasher h;
 	cas_hasher_init(&h);
-	uint64_t off = 0;
-	for (;;) {
-		ssize_t n = pread(fd, buf, HASH_READ_SIZE, (off_t)off);
+	uint64_t done = 0;
+	while (done < len) {
+		size_t want =
+			(size_t)CAS_MIN((uint64_t)HASH_READ_SIZE, len - done);
+		ssize_t n = pread(fd, buf, want, (off_t)(off + done));
 		if (n < 0) {
 			if (errno == EINTR)
 				continue;
@@ -77,12 +81,28 @@ int cas_hash_fd(int fd, cas_digest *ret, uint64_t *ret_size)
 		if (n == 0)
 			break;
 		cas_hasher_update(&h, buf, (size_t)n);
-		off += (uint64_t)n;
+		done += (uint64_t)n;
 	}
 	cas_hasher_final(&h, ret);
+	return (int64_t)done;
+}
+
+int cas_hash_fd(int fd, cas_digest *ret, uint64_t *ret_size)
+{
+	int64_t n = hash_pread(fd, 0, UINT64_MAX, ret);
+	if (n < 0)
+		return (int)n;
 	if (ret_size)
-		*ret_size = off;
+		*ret_size = (uint64_t)n;
 	return 0;
+}
+
+int cas_hash_fd_range(int fd, uint64_t off, uint64_t len, cas_digest *ret)
+{
+	int64_t n = hash_pread(fd, off, len, ret);
+	if (n < 0)
+		return (int)n;
+	return (uint64_t)n == len ? 0 : -EBADMSG;
 }
 
 int cas_copy_fd_hashed(int src, int dst, uint64_t size, cas_digest *ret)

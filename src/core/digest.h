@@ -53,6 +53,9 @@ void cas_hash_buffer(const void *buf, size_t len, cas_digest *ret);
 /* Hashes a whole file from its current contents with pread (offset 0 to
  * EOF), in large reads. Sets *ret_size to the number of bytes hashed. */
 int cas_hash_fd(int fd, cas_digest *ret, uint64_t *ret_size);
+/* Hashes bytes [off, off + len) of fd (a blob inside a pack, say);
+ * -EBADMSG if the file ends before them. */
+int cas_hash_fd_range(int fd, uint64_t off, uint64_t len, cas_digest *ret);
 
 /* Copies size bytes from src (pread from offset 0) to dst (write at its
  * position) and hashes what it wrote, so a reader that emits a blob can

@@ -69,6 +69,17 @@ def copy_tree(src, dst, limit_files=None):
     return dst
 
 
+def flip_in(path, offset):
+    """Flips one bit of the byte at offset of a store's file (a blob
+    file or a pack: read-only, so made writable first)."""
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
 def pattern_bytes(n, seed=0):
     """Deterministic test data: BLAKE3's i % 251 pattern, shifted by seed."""
     return bytes((i + seed) % 251 for i in range(n))

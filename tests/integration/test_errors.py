@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-from conftest import CASTORE, pattern_bytes, run
-from test_hostile import flip_in
+from conftest import CASTORE, flip_in, pattern_bytes, run
 
 ABSENT = "ab" * 32
 CAPS = "-dac_override,-dac_read_search"

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from blake3_py import blake3
-from conftest import CASTORE, pattern_bytes, run
+from conftest import CASTORE, flip_in, pattern_bytes, run
 
 grpc = pytest.importorskip("grpc")
 
@@ -35,15 +35,6 @@ def chain_directory(child, size):
     if size:  # canonical proto3: a default value is left out
         node += varint(3 << 3) + varint(size)
     return field(1, node)
-
-
-def flip_in(path, offset):
-    os.chmod(path, 0o644)
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)
-        f.seek(offset)
-        f.write(bytes([b[0] ^ 0x01]))
 
 
 @pytest.fixture
