@@ -27,6 +27,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "castorefs/handles_i.h"
 #include "castorefs/inodes_i.h"
 #include "castorefs/verified_i.h"
 #include "core/log.h"
@@ -50,47 +51,8 @@
  * walked; a larger bound buys little and costs memory per inode. */
 #define DIR_CACHE_BYTES (256u << 10)
 
-/* Handle slots live in chunks that are never freed or moved, so READ can
- * find its slot without a lock: a slot's `fh` says which open it serves
- * now (generation << 32 | index); 0 means free. */
-#define HANDLE_CHUNK_BITS 10
-#define HANDLE_CHUNK	  (1u << HANDLE_CHUNK_BITS)
-#define HANDLE_MAX_CHUNKS 4096
 /* Handles kept for READs that come without one (zero-message open). */
 #define INO_HANDLES 64
-
-struct root_list {
-	size_t n;
-	cas_node *nodes[];
-};
-
-struct cas_handle {
-	_Atomic uint64_t fh;
-	/* One reference for the open, one per READ whose reply still uses the
-	 * fd: the kernel sends RELEASE only after the last READ's reply, but a
-	 * guest may send RELEASE on one queue while a READ of the same handle
-	 * is being copied on another. The fd is closed at zero, never under
-	 * a READ. Taken only from a non-zero count (handle_hold), so a stale
-	 * hold on a recycled slot is undone before it can matter. */
-	_Atomic uint32_t refs;
-	/* Atomic because READ reads them without a lock. */
-	_Atomic int fd;	       /* file: the blob, or a file holding it */
-	_Atomic uint64_t size; /* file: the blob's size */
-	uint64_t base;	       /* where the blob starts in fd */
-	bool fd_owned;	       /* else the store's (a pack): not closed */
-	uint8_t *data;	       /* small file: its bytes instead of fd */
-	uint64_t ino;	       /* file: whose content, set before publish */
-	/* A large remote blob held in part (store.h blob_open_ranged):
-	 * each READ first asks the store for its range. Fixed at open. */
-	bool ranged;
-	/* Data or a pack range: 0 until the first READ hashes it, then 1
-	 * (right) or -1 (wrong: every READ fails). verified_i.h */
-	_Atomic int checked;
-	cas_digest digest;
-	struct root_list *roots; /* root directory: snapshot at opendir */
-	uint32_t idx;		 /* this slot's index, fixed */
-	uint32_t next_free;	 /* protected by fs->handle_lock */
-};
 
 struct cas_fs {
 	cas_store *store;
@@ -109,11 +71,7 @@ struct cas_fs {
 	cas_digest logged[LOGGED_MAX]; /* protected by logged_lock */
 	size_t n_logged;	       /* protected by logged_lock */
 
-	pthread_mutex_t handle_lock;
-	_Atomic(struct cas_handle *) chunks[HANDLE_MAX_CHUNKS];
-	uint32_t n_slots;    /* protected by handle_lock */
-	uint32_t free_head;  /* protected by handle_lock; UINT32_MAX: none */
-	uint32_t handle_gen; /* protected by handle_lock */
+	struct cas_handle_table handles;
 	/* READs without a handle: fh of a handle per ino % INO_HANDLES
 	 * (handle_hold_ino), 0 for none. */
 	_Atomic uint64_t ino_handles[INO_HANDLES];
@@ -453,147 +411,6 @@ static int fs_readlink(void *fs_, uint64_t ino, char *buf, size_t size)
 	return r;
 }
 
-/* idx comes from a request's fh: any value a guest sends. */
-static struct cas_handle *handle_slot(struct cas_fs *fs, uint32_t idx)
-{
-	if (idx >> HANDLE_CHUNK_BITS >= HANDLE_MAX_CHUNKS)
-		return NULL;
-	struct cas_handle *chunk = atomic_load_explicit(
-		&fs->chunks[idx >> HANDLE_CHUNK_BITS], memory_order_acquire);
-	return chunk ? &chunk[idx & (HANDLE_CHUNK - 1)] : NULL;
-}
-
-/* A free slot, claimed: its fh is returned in *ret_fh once the caller has
- * filled it (handle_publish). */
-static int handle_new(struct cas_fs *fs, struct cas_handle **ret)
-{
-	pthread_mutex_lock(&fs->handle_lock);
-	uint32_t idx = fs->free_head;
-	if (idx != UINT32_MAX) {
-		fs->free_head = handle_slot(fs, idx)->next_free;
-	} else {
-		if (fs->n_slots >= HANDLE_MAX_CHUNKS * HANDLE_CHUNK) {
-			pthread_mutex_unlock(&fs->handle_lock);
-			return -ENFILE;
-		}
-		idx = fs->n_slots;
-		uint32_t c = idx >> HANDLE_CHUNK_BITS;
-		if (!atomic_load(&fs->chunks[c])) {
-			struct cas_handle *chunk =
-				calloc(HANDLE_CHUNK, sizeof(*chunk));
-			if (!chunk) {
-				pthread_mutex_unlock(&fs->handle_lock);
-				return -ENOMEM;
-			}
-			for (uint32_t i = 0; i < HANDLE_CHUNK; i++)
-				chunk[i].idx = c << HANDLE_CHUNK_BITS | i;
-			atomic_store_explicit(&fs->chunks[c], chunk,
-					      memory_order_release);
-			atomic_fetch_add(&fs->memory,
-					 HANDLE_CHUNK * sizeof(*chunk));
-		}
-		fs->n_slots++;
-	}
-	/* Generations are 31 bits (returned as an int), never 0. */
-	uint32_t gen = ++fs->handle_gen & INT32_MAX;
-	if (gen == 0)
-		gen = fs->handle_gen = 1;
-	pthread_mutex_unlock(&fs->handle_lock);
-	struct cas_handle *h = handle_slot(fs, idx);
-	if (!h)
-		return -EIO; /* cannot happen: the slot's chunk exists */
-	h->fd = -1;
-	h->size = 0;
-	h->base = 0;
-	h->fd_owned = true;
-	h->data = NULL;
-	h->ino = 0;
-	h->roots = NULL;
-	atomic_store(&h->checked, 0);
-	atomic_store(&h->refs, 1);
-	/* Not findable until the caller fills it and calls handle_publish. */
-	*ret = h;
-	return (int)(gen & INT32_MAX);
-}
-
-static uint64_t handle_publish(struct cas_handle *h, uint32_t gen)
-{
-	uint64_t fh = (uint64_t)gen << 32 | h->idx;
-	atomic_store_explicit(&h->fh, fh, memory_order_release);
-	return fh;
-}
-
-static struct cas_handle *handle_find(struct cas_fs *fs, uint64_t fh)
-{
-	if (fh == 0)
-		return NULL;
-	struct cas_handle *h = handle_slot(fs, (uint32_t)fh);
-	if (!h || atomic_load_explicit(&h->fh, memory_order_acquire) != fh)
-		return NULL;
-	return h;
-}
-
-static void handle_free(struct cas_fs *fs, struct cas_handle *h)
-{
-	atomic_store(&h->fh, 0);
-	int fd = atomic_exchange(&h->fd, -1);
-	if (fd >= 0 && h->fd_owned)
-		close(fd);
-	free(h->data);
-	h->data = NULL;
-	if (h->roots) {
-		for (size_t i = 0; i < h->roots->n; i++)
-			free(h->roots->nodes[i]);
-		free(h->roots);
-		h->roots = NULL;
-	}
-	pthread_mutex_lock(&fs->handle_lock);
-	h->next_free = fs->free_head;
-	fs->free_head = h->idx;
-	pthread_mutex_unlock(&fs->handle_lock);
-}
-
-static void handle_unref(struct cas_fs *fs, struct cas_handle *h)
-{
-	if (atomic_fetch_sub(&h->refs, 1) == 1)
-		handle_free(fs, h);
-}
-
-/* A READ's hold on handle fh, or NULL if fh is not a current open. */
-static struct cas_handle *handle_hold(struct cas_fs *fs, uint64_t fh)
-{
-	struct cas_handle *h = handle_find(fs, fh);
-	if (!h)
-		return NULL;
-	uint32_t refs = atomic_load(&h->refs);
-	do {
-		if (refs == 0)
-			return NULL;
-	} while (!atomic_compare_exchange_weak(&h->refs, &refs, refs + 1));
-	/* Released, or released and reused, between find and hold? */
-	if (atomic_load_explicit(&h->fh, memory_order_acquire) != fh) {
-		handle_unref(fs, h);
-		return NULL;
-	}
-	return h;
-}
-
-/* Removes the handle fh if it is current; -EBADF otherwise. */
-static int handle_release(struct cas_fs *fs, uint64_t fh)
-{
-	struct cas_handle *h = handle_find(fs, fh);
-	if (!h)
-		return -EBADF;
-	uint64_t expected = fh;
-	/* Only one release wins, even if a confused peer sends two. */
-	if (!atomic_compare_exchange_strong(&h->fh, &expected, 0))
-		return -EBADF;
-	handle_unref(fs, h);
-	return 0;
-}
-
-/* A handle for the content of file ino, filled and not published yet:
- * returns its generation (handle_publish) or -errno. */
 /* What went wrong with blob d, logged once per mount; -EIO to return. */
 static int report_blob(struct cas_fs *fs, const cas_digest *d, int r)
 {
@@ -628,6 +445,8 @@ static int handle_check(struct cas_fs *fs, struct cas_handle *h, int fd,
 	return c > 0 ? 0 : -EIO;
 }
 
+/* A handle for the content of file ino, filled and not published yet:
+ * returns its generation (cas_handle_publish) or -errno. */
 static int handle_open(struct cas_fs *fs, uint64_t ino, struct cas_handle **ret)
 {
 	struct cas_inode in;
@@ -686,7 +505,7 @@ static int handle_open(struct cas_fs *fs, uint64_t ino, struct cas_handle **ret)
 	if (r < 0)
 		return report_blob(fs, &dg, r);
 	struct cas_handle *h;
-	int gen = handle_new(fs, &h);
+	int gen = cas_handle_new(&fs->handles, &h);
 	if (gen < 0) {
 		if (fd >= 0 && owned)
 			close(fd);
@@ -715,7 +534,7 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	int r = handle_open(fs, ino, &h);
 	if (r < 0)
 		return r;
-	ret->fh = handle_publish(h, (uint32_t)r);
+	ret->fh = cas_handle_publish(h, (uint32_t)r);
 	ret->open_flags = CAS_FOPEN_KEEP_CACHE | CAS_FOPEN_NOFLUSH;
 	/* Passthrough needs a file that is the blob from offset 0, and one
 	 * that is whole: the kernel would read a partial one unasked. */
@@ -735,11 +554,11 @@ static struct cas_handle *handle_hold_ino(struct cas_fs *fs, uint64_t ino,
 {
 	_Atomic uint64_t *slot = &fs->ino_handles[ino % INO_HANDLES];
 	uint64_t fh = atomic_load_explicit(slot, memory_order_acquire);
-	struct cas_handle *h = fh ? handle_hold(fs, fh) : NULL;
+	struct cas_handle *h = fh ? cas_handle_hold(&fs->handles, fh) : NULL;
 	if (h) {
 		if (h->ino == ino)
 			return h;
-		handle_unref(fs, h);
+		cas_handle_unref(&fs->handles, h);
 	}
 	int r = handle_open(fs, ino, &h);
 	if (r < 0) {
@@ -747,10 +566,10 @@ static struct cas_handle *handle_hold_ino(struct cas_fs *fs, uint64_t ino,
 		return NULL;
 	}
 	atomic_fetch_add(&h->refs, 1); /* the READ's; the slot keeps one */
-	fh = handle_publish(h, (uint32_t)r);
+	fh = cas_handle_publish(h, (uint32_t)r);
 	uint64_t old = atomic_exchange(slot, fh);
 	if (old)
-		(void)handle_release(fs, old);
+		(void)cas_handle_release(&fs->handles, old);
 	return h;
 }
 
@@ -768,7 +587,7 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 			return r;
 		ret->fh = atomic_load_explicit(&h->fh, memory_order_relaxed);
 	} else {
-		h = handle_hold(fs, fh);
+		h = cas_handle_hold(&fs->handles, fh);
 	}
 	if (!h)
 		return -EBADF;
@@ -776,7 +595,7 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 	uint64_t bsize = atomic_load_explicit(&h->size, memory_order_relaxed);
 	if ((h->data || (fd >= 0 && !h->fd_owned)) &&
 	    handle_check(fs, h, fd, bsize) < 0) {
-		handle_unref(fs, h);
+		cas_handle_unref(&fs->handles, h);
 		return -EIO;
 	}
 	uint64_t len = off < bsize ? CAS_MIN((uint64_t)size, bsize - off) : 0;
@@ -786,11 +605,11 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		if (len > 0)
 			memcpy(ret->buf, h->data + off, (size_t)len);
 		ret->len = (size_t)len;
-		handle_unref(fs, h);
+		cas_handle_unref(&fs->handles, h);
 		return 0;
 	}
 	if (fd < 0) { /* a directory's handle */
-		handle_unref(fs, h);
+		cas_handle_unref(&fs->handles, h);
 		return -EBADF;
 	}
 	if (h->ranged && len > 0) {
@@ -800,7 +619,7 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 		int r = fs->store->ops->blob_ensure(fs->store, &h->digest, off,
 						    len);
 		if (r < 0) {
-			handle_unref(fs, h);
+			cas_handle_unref(&fs->handles, h);
 			return -EIO;
 		}
 	}
@@ -814,14 +633,15 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 static void fs_read_done(void *fs_, uint64_t ino, uint64_t fh)
 {
 	struct cas_fs *fs = fs_;
-	struct cas_handle *h = handle_slot(fs, (uint32_t)fh);
+	struct cas_handle *h = cas_handle_slot(&fs->handles, (uint32_t)fh);
 	if (h)
-		handle_unref(fs, h);
+		cas_handle_unref(&fs->handles, h);
 }
 
 static int fs_release(void *fs_, uint64_t ino, uint64_t fh)
 {
-	return handle_release(fs_, fh);
+	struct cas_fs *fs = fs_;
+	return cas_handle_release(&fs->handles, fh);
 }
 
 static int collect_root(void *userdata, const char *name, const cas_node *node)
@@ -878,7 +698,7 @@ static int fs_opendir(void *fs_, uint64_t ino, uint32_t flags,
 	r = fs->store->ops->roots_foreach(fs->store, collect_root, &l);
 	struct cas_handle *h = NULL;
 	if (r >= 0)
-		r = handle_new(fs, &h);
+		r = cas_handle_new(&fs->handles, &h);
 	if (r < 0) {
 		for (size_t i = 0; i < l->n; i++)
 			free(l->nodes[i]);
@@ -890,7 +710,7 @@ static int fs_opendir(void *fs_, uint64_t ino, uint32_t flags,
 		return r;
 	}
 	h->roots = l;
-	ret->fh = handle_publish(h, (uint32_t)r);
+	ret->fh = cas_handle_publish(h, (uint32_t)r);
 	return 0;
 }
 
@@ -935,7 +755,7 @@ static int add_dot(struct cas_fuse_dirbuf *db, const char *name, uint64_t ino,
 static int readdir_roots(struct cas_fs *fs, uint64_t fh, uint64_t off,
 			 struct cas_fuse_dirbuf *db)
 {
-	struct cas_handle *h = handle_find(fs, fh);
+	struct cas_handle *h = cas_handle_find(&fs->handles, fh);
 	if (!h || !h->roots)
 		return fs->opts.list_root ? -EBADF : -EPERM;
 	int r = 1;
@@ -1044,7 +864,8 @@ static int fs_releasedir(void *fs_, uint64_t ino, uint64_t fh)
 {
 	if (fh == 0)
 		return 0;
-	return handle_release(fs_, fh);
+	struct cas_fs *fs = fs_;
+	return cas_handle_release(&fs->handles, fh);
 }
 
 static int fs_statfs(void *fs_, uint64_t ino, struct cas_fuse_statfs *ret)
@@ -1162,7 +983,6 @@ int cas_fs_new(cas_store *store, const struct cas_fs_options *opts,
 	fs->store = store;
 	if (opts)
 		fs->opts = *opts;
-	fs->free_head = UINT32_MAX;
 	/* Decoded Directories of large folders are large, short-lived blocks.
 	 * glibc raises its mmap threshold each time one is freed, after which
 	 * they come from the arenas, where they fragment the heap for good:
@@ -1178,7 +998,7 @@ int cas_fs_new(cas_store *store, const struct cas_fs_options *opts,
 	cas_dir_cache_init(&fs->dirs, DIR_CACHE_BYTES, &fs->memory);
 	cas_root_bases_init(&fs->roots, CAS_FUSE_ROOT_ID + 1, &fs->memory);
 	cas_verified_init(&fs->verified, &fs->memory);
-	pthread_mutex_init(&fs->handle_lock, NULL);
+	cas_handle_table_init(&fs->handles, &fs->memory);
 	pthread_mutex_init(&fs->logged_lock, NULL);
 	*ret = fs;
 	return 0;
@@ -1188,20 +1008,11 @@ void cas_fs_free(struct cas_fs *fs)
 {
 	if (!fs)
 		return;
-	for (size_t c = 0; c < HANDLE_MAX_CHUNKS; c++) {
-		struct cas_handle *chunk = atomic_load(&fs->chunks[c]);
-		if (!chunk)
-			break;
-		for (size_t i = 0; i < HANDLE_CHUNK; i++)
-			if (atomic_load(&chunk[i].fh))
-				handle_free(fs, &chunk[i]);
-		free(chunk);
-	}
+	cas_handle_table_release(&fs->handles);
 	cas_inode_table_release(&fs->inodes);
 	cas_dir_cache_release(&fs->dirs);
 	cas_root_bases_release(&fs->roots);
 	cas_verified_release(&fs->verified);
-	pthread_mutex_destroy(&fs->handle_lock);
 	pthread_mutex_destroy(&fs->logged_lock);
 	free(fs);
 }
