@@ -7,7 +7,8 @@
 #include <strings.h>
 
 /* Level and prefix are set once at start-up, before threads exist. */
-static int log_level = -1;
+#define LOG_UNSET (-2)
+static int log_level = LOG_UNSET;
 
 /* One line per message, written with one write(2). */
 #define LOG_LINE_MAX 2048
@@ -20,7 +21,7 @@ void cas_log_set_level(enum cas_log_level level)
 
 enum cas_log_level cas_log_get_level(void)
 {
-	if (log_level < 0) {
+	if (log_level == LOG_UNSET) {
 		const char *e = getenv("CASTORE_LOG");
 		log_level = CAS_LOG_WARNING;
 		if (e) {
@@ -72,8 +73,13 @@ unsigned long cas_log_thread_error_count(void)
 int cas_log_prefixed(enum cas_log_level level, const char *prefix, int r,
 		     const char *fmt, va_list ap)
 {
-	if ((int)level > (int)cas_log_get_level())
+	if ((int)level > (int)cas_log_get_level()) {
+		if (level == CAS_LOG_ERROR) { /* CAS_LOG_NONE: still counted */
+			thread_errors++;
+			__atomic_fetch_add(&log_errors, 1, __ATOMIC_RELAXED);
+		}
 		return r;
+	}
 	/* At debug level the later ones are written too: they show the way
 	 * a failure went up. */
 	if (level == CAS_LOG_ERROR)

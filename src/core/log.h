@@ -26,6 +26,9 @@
 #include "core/util.h"
 
 enum cas_log_level {
+	/* Nothing is written, errors are still counted: for fuzz targets,
+	 * whose inputs are refused with an error line each. */
+	CAS_LOG_NONE = -1,
 	CAS_LOG_ERROR = 0,
 	CAS_LOG_WARNING = 1,
 	CAS_LOG_INFO = 2,
