@@ -83,3 +83,47 @@ def flip_in(path, offset):
 def pattern_bytes(n, seed=0):
     """Deterministic test data: BLAKE3's i % 251 pattern, shifted by seed."""
     return bytes((i + seed) % 251 for i in range(n))
+
+
+# The Debian root file system of the container and import tests -------------
+
+ROOTFS_CACHE = Path("/var/tmp/castore-test-rootfs")
+ROOTFS_TAR = ROOTFS_CACHE / "bookworm-minbase.tar"
+
+
+def build_rootfs_tarball():
+    """debootstrap --variant=minbase into a temporary folder, then a
+    tarball of it without /dev's contents (device nodes stay out of a
+    castore tree). Returns None, with the reason, when it cannot be made."""
+    if not shutil.which("debootstrap"):
+        return "debootstrap is not installed (scripts/packages.txt has it)"
+    ROOTFS_CACHE.mkdir(parents=True, exist_ok=True)
+    work = ROOTFS_CACHE / f"build-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        p = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(work),
+                            "http://deb.debian.org/debian"],
+                           capture_output=True, text=True, timeout=600)
+        if p.returncode != 0:
+            return "debootstrap failed: " + (p.stdout + p.stderr)[-500:]
+        tmp = ROOTFS_TAR.with_suffix(f".tmp{os.getpid()}")
+        subprocess.run(["tar", "-C", str(work), "--exclude=./dev/*", "-cf", str(tmp), "."],
+                       check=True)
+        os.rename(tmp, ROOTFS_TAR)
+        return None
+    except subprocess.TimeoutExpired:
+        return "debootstrap took over 10 minutes"
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def rootfs_tar():
+    """The tarball of a `debootstrap --variant=minbase` root, made once per
+    machine (kept in ROOTFS_CACHE); the test skips, saying why, only where
+    the Debian archive cannot be reached."""
+    if not ROOTFS_TAR.exists():
+        why = build_rootfs_tarball()
+        if why:
+            pytest.skip(f"no Debian root file system: {why}")
+    return ROOTFS_TAR

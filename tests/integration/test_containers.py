@@ -25,8 +25,6 @@ pytestmark = pytest.mark.skipif(
     not os.path.exists("/dev/fuse") or os.geteuid() != 0,
     reason="needs /dev/fuse and root")
 
-ROOTFS_CACHE = Path("/var/tmp/castore-test-rootfs")
-ROOTFS_TAR = ROOTFS_CACHE / "bookworm-minbase.tar"
 
 
 @pytest.fixture
@@ -184,44 +182,14 @@ def test_overlay_over_the_mount(tree, mount, mounted, tmp_path):
 
 # A chroot into an overlay over a Debian root file system -------------------------
 
-def build_rootfs_tarball():
-    """debootstrap --variant=minbase into a temporary folder, then a
-    tarball of it without /dev's contents (device nodes stay out of a
-    castore tree). Returns None, with the reason, when it cannot be made."""
-    if not shutil.which("debootstrap"):
-        return "debootstrap is not installed (scripts/packages.txt has it)"
-    ROOTFS_CACHE.mkdir(parents=True, exist_ok=True)
-    work = ROOTFS_CACHE / f"build-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    try:
-        p = subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(work),
-                            "http://deb.debian.org/debian"],
-                           capture_output=True, text=True, timeout=600)
-        if p.returncode != 0:
-            return "debootstrap failed: " + (p.stdout + p.stderr)[-500:]
-        tmp = ROOTFS_TAR.with_suffix(f".tmp{os.getpid()}")
-        subprocess.run(["tar", "-C", str(work), "--exclude=./dev/*", "-cf", str(tmp), "."],
-                       check=True)
-        os.rename(tmp, ROOTFS_TAR)
-        return None
-    except subprocess.TimeoutExpired:
-        return "debootstrap took over 10 minutes"
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
-def debian_store(tmp_path_factory):
+def debian_store(tmp_path_factory, rootfs_tar):
     """A store holding the Debian root as root `debian`, imported once per
     session."""
-    if not ROOTFS_TAR.exists():
-        why = build_rootfs_tarball()
-        if why:
-            pytest.skip(f"no Debian root file system: {why}")
     base = tmp_path_factory.mktemp("debian")
     tree = base / "tree"
     tree.mkdir()
-    subprocess.run(["tar", "-C", str(tree), "-xf", str(ROOTFS_TAR)], check=True)
+    subprocess.run(["tar", "-C", str(tree), "-xf", str(rootfs_tar)], check=True)
     store = base / "store"
     run(["import", tree, "--name", "debian"], store=store)
     shutil.rmtree(tree)

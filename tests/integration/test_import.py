@@ -16,7 +16,6 @@ import pytest
 
 from conftest import CASTORE, pattern_bytes, run
 
-ROOTFS_TAR = "/var/tmp/castore-test-rootfs/bookworm-minbase.tar"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mknod, chown)")
 
@@ -254,12 +253,10 @@ def expected_losses(tree, excludes):
     return c, excluded
 
 
-@pytest.mark.skipif(not os.path.exists(ROOTFS_TAR),
-                    reason="no debootstrap root (test_containers.py builds it)")
-def test_debootstrap_root(tmp_path):
+def test_debootstrap_root(tmp_path, rootfs_tar):
     tree = tmp_path / "root"
     tree.mkdir()
-    subprocess.run(["tar", "-C", str(tree), "-xf", ROOTFS_TAR], check=True)
+    subprocess.run(["tar", "-C", str(tree), "-xf", str(rootfs_tar)], check=True)
     # The cached tarball leaves /dev's nodes out; put the usual ones back,
     # and a fifo where a running system has one.
     for name, kind, dev in [("null", stat.S_IFCHR, (1, 3)), ("zero", stat.S_IFCHR, (1, 5)),
