@@ -50,6 +50,8 @@
  * kernel caches what it looked up, so this serves the folders being
  * walked; a larger bound buys little and costs memory per inode. */
 #define DIR_CACHE_BYTES (256u << 10)
+/* See cas_fs_new: 4 MiB (cache_i.h's RANGE_RUN) and a page. */
+#define CAS_FS_MMAP_THRESHOLD ((4u << 20) + 4096)
 
 /* Handles kept for READs that come without one (zero-message open). */
 #define INO_HANDLES 64
@@ -986,10 +988,15 @@ int cas_fs_new(cas_store *store, const struct cas_fs_options *opts,
 	/* Decoded Directories of large folders are large, short-lived blocks.
 	 * glibc raises its mmap threshold each time one is freed, after which
 	 * they come from the arenas, where they fragment the heap for good:
-	 * a find and a tar c of /usr/share left 175 bytes of RssAnon per
-	 * entry with the moving threshold, 84 with it fixed (BENCHMARKS.md).
-	 * The process is the filesystem's server, so the setting is ours. */
-	mallopt(M_MMAP_THRESHOLD, 128 << 10);
+	 * a find and a tar c of /usr/share left 175-184 bytes of RssAnon per
+	 * entry with the moving threshold, 84-98 with it fixed (BENCHMARKS.md).
+	 * Fixed just above a range run (4 MiB), not at glibc's 128 KiB: a
+	 * remote mount's chunks and runs, received by the thousand, then come
+	 * from the heap instead of an mmap, page faults and a munmap each
+	 * (a cold 1 GiB read over gRPC: 3.4 s at 128 KiB, 2.5 s at this,
+	 * 93-98 B per entry at both). The process is the filesystem's
+	 * server, so the setting is ours. */
+	mallopt(M_MMAP_THRESHOLD, CAS_FS_MMAP_THRESHOLD);
 	atomic_store(&fs->memory, sizeof(*fs));
 	if (cas_inode_table_init(&fs->inodes, &fs->memory) < 0) {
 		free(fs);
