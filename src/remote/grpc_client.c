@@ -942,13 +942,16 @@ struct dir_ctx {
 	void *userdata;
 	const cas_digest *want;
 	unsigned count;
+	bool extra; /* a non-recursive Get sent a second Directory */
 };
 
 static int dir_msg(void *userdata, const uint8_t *msg, size_t len)
 {
 	struct dir_ctx *dc = userdata;
-	if (dc->want && dc->count > 0)
-		return -EPROTO; /* non-recursive: one Directory, no more */
+	if (dc->want && dc->count > 0) {
+		dc->extra = true; /* non-recursive: one Directory, no more */
+		return -EPROTO;
+	}
 	dc->count++;
 	return dc->cb(dc->userdata, dc->want, msg, len);
 }
@@ -966,6 +969,14 @@ static int get_call(struct grpc_fetcher *g, const cas_digest *d, bool recursive,
 		return r;
 	r = cas_grpc_call(g->client, CAS_GRPC_DIRECTORY_GET, req, req_len, NULL,
 			  NULL, dir_msg, dc, &status, message, sizeof(message));
+	if (dc->extra) {
+		char hex[CAS_DIGEST_HEX_LEN + 1];
+		cas_digest_to_hex(d, hex);
+		return cas_log_errno(-EIO,
+				     "directory %s from %s: a Get of one "
+				     "Directory answered with more than one",
+				     hex, cas_grpc_client_url(g->client));
+	}
 	if (r < 0)
 		return call_failed(g, "DirectoryService/Get", r, status,
 				   message);
@@ -980,7 +991,7 @@ static int grpc_directories_fetch(cas_fetcher *f, const cas_digest *ds,
 {
 	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
 	for (size_t i = 0; i < n; i++) {
-		struct dir_ctx dc = {cb, userdata, &ds[i], 0};
+		struct dir_ctx dc = {cb, userdata, &ds[i], 0, false};
 		int r = get_call(g, &ds[i], false, &dc);
 		if (r < 0)
 			return r;
@@ -992,7 +1003,7 @@ static int grpc_directory_fetch_tree(cas_fetcher *f, const cas_digest *d,
 				     cas_fetch_dir_cb cb, void *userdata)
 {
 	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	struct dir_ctx dc = {cb, userdata, NULL, 0};
+	struct dir_ctx dc = {cb, userdata, NULL, 0, false};
 	int r = get_call(g, d, true, &dc);
 	if (r >= 0 && dc.count == 0)
 		return -ENOENT;
