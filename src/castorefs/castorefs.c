@@ -64,6 +64,9 @@ struct cas_fs {
 	struct cas_dir_cache dirs;
 	struct cas_root_bases roots;
 	struct cas_verified verified;
+	/* No passthrough on this connection: every READ reaches us, so large
+	 * blobs are checked by range (verified_i.h). Set at each INIT. */
+	_Atomic bool range_checks;
 
 	atomic_size_t memory; /* inodes, index, Directories, handles */
 
@@ -288,6 +291,7 @@ static int fs_init(void *fs_, struct cas_fuse_conn *conn)
 	 * open reply, so the kernel must ask. READ then finds the blob by
 	 * node id (handle_hold_ino). */
 	conn->want_no_open = !conn->want_passthrough;
+	atomic_store(&fs->range_checks, !conn->want_passthrough);
 	return 0;
 }
 
@@ -500,8 +504,13 @@ static int handle_open(struct cas_fs *fs, uint64_t ino, struct cas_handle **ret)
 			(void)posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
 	}
 	/* A large blob may be read by the kernel itself (passthrough), so
-	 * it is checked before the open succeeds; the rest at first READ. */
+	 * it is checked before the open succeeds, unless no READ can pass
+	 * us by: then by range, if the store has its outboard. The rest at
+	 * first READ. */
+	struct cas_range_check *rc = NULL;
 	if (r >= 0 && fd >= 0 && owned && !ranged && !fs->opts.trust_large &&
+	    (!atomic_load(&fs->range_checks) ||
+	     cas_range_check_open(fs->store, &dg, size, &rc) < 0) &&
 	    (r = cas_verified_large(&fs->verified, &dg, fd, size)) < 0)
 		close(fd);
 	if (r < 0)
@@ -512,6 +521,7 @@ static int handle_open(struct cas_fs *fs, uint64_t ino, struct cas_handle **ret)
 		if (fd >= 0 && owned)
 			close(fd);
 		free(data);
+		cas_range_check_free(rc);
 		return gen;
 	}
 	h->ino = ino;
@@ -521,6 +531,7 @@ static int handle_open(struct cas_fs *fs, uint64_t ino, struct cas_handle **ret)
 	h->data = data;
 	h->size = size;
 	h->ranged = ranged;
+	h->rc = rc;
 	h->digest = dg;
 	*ret = h;
 	return gen;
@@ -540,8 +551,9 @@ static int fs_open(void *fs_, uint64_t ino, uint32_t flags,
 	ret->open_flags = CAS_FOPEN_KEEP_CACHE | CAS_FOPEN_NOFLUSH;
 	/* Passthrough needs a file that is the blob from offset 0, and one
 	 * that is whole: the kernel would read a partial one unasked. */
-	ret->backing_fd =
-		h->fd_owned && h->base == 0 && !h->ranged ? h->fd : -1;
+	ret->backing_fd = h->fd_owned && h->base == 0 && !h->ranged && !h->rc
+				  ? h->fd
+				  : -1;
 	return 0;
 }
 
@@ -613,6 +625,14 @@ static int fs_read(void *fs_, uint64_t ino, uint64_t fh, uint64_t off,
 	if (fd < 0) { /* a directory's handle */
 		cas_handle_unref(&fs->handles, h);
 		return -EBADF;
+	}
+	if (h->rc && len > 0) {
+		int r = cas_range_check(h->rc, fd, off, len);
+		if (r < 0) {
+			(void)report_blob(fs, &h->digest, r);
+			cas_handle_unref(&fs->handles, h);
+			return -EIO;
+		}
 	}
 	if (h->ranged && len > 0) {
 		/* Only a range blob_open_ranged gave: the store fetches and

@@ -70,6 +70,7 @@ int cas_handle_new(struct cas_handle_table *t, struct cas_handle **ret)
 	h->ino = 0;
 	h->roots = NULL;
 	atomic_store(&h->checked, 0);
+	h->rc = NULL;
 	atomic_store(&h->refs, 1);
 	/* Not findable until the caller fills it and calls handle_publish. */
 	*ret = h;
@@ -101,6 +102,8 @@ static void handle_free(struct cas_handle_table *t, struct cas_handle *h)
 		close(fd);
 	free(h->data);
 	h->data = NULL;
+	cas_range_check_free(h->rc);
+	h->rc = NULL;
 	if (h->roots) {
 		for (size_t i = 0; i < h->roots->n; i++)
 			free(h->roots->nodes[i]);

@@ -25,6 +25,7 @@
 
 #include "core/digest.h"
 #include "core/directory.h"
+#include "castorefs/verified_i.h"
 
 #define HANDLE_CHUNK_BITS 10
 #define HANDLE_CHUNK	  (1u << HANDLE_CHUNK_BITS)
@@ -57,6 +58,9 @@ struct cas_handle {
 	/* Data or a pack range: 0 until the first READ hashes it, then 1
 	 * (right) or -1 (wrong: every READ fails). verified_i.h */
 	_Atomic int checked;
+	/* A large blob checked by range as READs come (verified_i.h);
+	 * NULL when checked whole at open, or not at all. Fixed at open. */
+	struct cas_range_check *rc;
 	cas_digest digest;
 	struct root_list *roots; /* root directory: snapshot at opendir */
 	uint32_t idx;		 /* this slot's index, fixed */

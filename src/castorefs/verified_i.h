@@ -10,7 +10,12 @@
  * - a larger blob, which the kernel may read through passthrough without
  *   asking us, is hashed whole at its first open in the mount and then
  *   remembered by digest (cas_verified_large), unless the mount was told
- *   to trust large blobs.
+ *   to trust large blobs;
+ * - but where every READ reaches us (no passthrough: virtio-fs,
+ *   --no-passthrough) a blob with an outboard (over 1 MiB) is checked by
+ *   range instead: each READ's 16 KiB groups against the outboard, the
+ *   first time the open reads them (struct cas_range_check), so a reader
+ *   of its first bytes waits for those alone.
  *
  * Contract: thread-safe; no I/O under the lock (two first opens of one
  * large blob may both hash it, and both agree).
@@ -25,6 +30,7 @@
 
 #include "core/digest.h"
 #include "core/dmap.h"
+#include "store/store.h"
 
 /* 0 if buf (when not NULL) or bytes [off, off + len) of fd hash to d;
  * -EBADMSG if they do not (or fd ends first); -errno if fd fails. */
@@ -47,5 +53,21 @@ void cas_verified_release(struct cas_verified *v);
  * cas_verify_bytes. */
 int cas_verified_large(struct cas_verified *v, const cas_digest *d, int fd,
 		       uint64_t size);
+
+/* The groups of one open of a large blob checked so far, and the blob's
+ * outboard, verified against its digest at open. */
+struct cas_range_check;
+
+/* -ENOENT when the store keeps no outboard for d (or a wrong one): check
+ * the blob whole instead. */
+int cas_range_check_open(cas_store *s, const cas_digest *d, uint64_t size,
+			 struct cas_range_check **ret);
+/* 0 once bytes [off, off + len) of the blob (at offset 0 of fd) are
+ * checked: those not yet are read and verified now. -EBADMSG when a
+ * group does not match, -errno when fd fails. Lock-free; concurrent
+ * callers may check a group twice. */
+int cas_range_check(struct cas_range_check *rc, int fd, uint64_t off,
+		    uint64_t len);
+void cas_range_check_free(struct cas_range_check *rc);
 
 #endif

@@ -1270,3 +1270,32 @@ def test_trust_large_serves_large_blobs_unhashed(damaged, mount):
     assert sum(a != b for a, b in zip(got, want)) == 1
     expect_errno(errno.EIO, (m.path / "t" / "small").read_bytes)
     assert (m.path / "t" / "good").read_bytes() == damaged["good"][1]
+
+
+def test_large_blob_checked_by_range_without_passthrough(tmp_path, castore, store, mount):
+    """Without passthrough every READ reaches the daemon, so a blob with an
+    outboard (over 1 MiB) is checked by range: the groups before a
+    flipped byte read, the group holding it is EIO (one line per mount).
+    With passthrough the same blob fails at open, whole."""
+    t = tmp_path / "t"
+    t.mkdir()
+    data = random.Random(17).randbytes(3 << 20)
+    (t / "huge").write_bytes(data)
+    castore("import", t, "--name", "t")
+    blob, = [p for p in (store / "blobs").rglob("*") if p.is_file()]
+    flip_in(blob, (2 << 20) + 100)
+    hexd = b3(data)
+    m = mount("--no-passthrough")
+    with open(m.path / "t" / "huge", "rb", buffering=0) as f:
+        # No readahead into the bad group behind the reader's back.
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+        assert f.read(1 << 20) == data[:1 << 20]
+        f.seek(2 << 20)
+        expect_errno(errno.EIO, f.read, 4096)
+        f.seek((2 << 20) + 64 * 1024)
+        assert f.read(4096) == data[(2 << 20) + 65536:(2 << 20) + 65536 + 4096]
+    expect_errno(errno.EIO, (m.path / "t" / "huge").read_bytes)
+    lines = [l for l in m.stderr().splitlines() if hexd in l]
+    assert len(lines) == 1 and "does not match its digest" in lines[0], m.stderr()
+    m2 = mount()
+    expect_errno(errno.EIO, open, m2.path / "t" / "huge", "rb")
