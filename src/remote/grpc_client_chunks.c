@@ -93,6 +93,15 @@ struct window {
 	bool quiet;		 /* a failed chunk is the caller's to report */
 	uint8_t *bufs[WINDOW_CHUNKS];
 	int r[WINDOW_CHUNKS];
+	/* A range (range_once): each chunk's part inside [out_off, out_off
+	 * + out_len) goes straight into out, the chunk starting at
+	 * at[i] of the blob, and is not hashed on its own: the caller
+	 * checks every byte it uses against the blob's outboard (the
+	 * fetcher's contract: a range is unverified). NULL out: whole
+	 * chunks into bufs, each checked against its digest. */
+	uint8_t *out;
+	uint64_t out_off, out_len;
+	uint64_t at[WINDOW_CHUNKS];
 };
 
 static void window_cb(void *userdata, size_t i, int r, const uint8_t *buf,
@@ -107,6 +116,15 @@ static void window_cb(void *userdata, size_t i, int r, const uint8_t *buf,
 	cas_digest_to_hex(&c->digest, chex);
 	if (r == 0 && len != c->size)
 		r = -EBADMSG;
+	if (r == 0 && w->out) {
+		uint64_t from = CAS_MAX(w->at[i], w->out_off);
+		uint64_t to = CAS_MIN(w->at[i] + len, w->out_off + w->out_len);
+		if (to > from)
+			memcpy(w->out + (from - w->out_off),
+			       buf + (from - w->at[i]), (size_t)(to - from));
+		w->r[i] = 0;
+		return;
+	}
 	if (r == 0) {
 		cas_hasher h;
 		cas_hasher_init(&h);
@@ -441,8 +459,12 @@ static int range_once(cas_grpc_client *client, struct cas_grpc_lists *l,
 	}
 	if (r < 0)
 		return r;
-	struct window w = {
-		.blob = d, .url = cas_grpc_client_url(client), .quiet = true};
+	struct window w = {.blob = d,
+			   .url = cas_grpc_client_url(client),
+			   .quiet = true,
+			   .out = buf,
+			   .out_off = off,
+			   .out_len = len};
 	cas_digest ds[WINDOW_CHUNKS];
 	for (size_t i = 0; i < n && r >= 0;) {
 		size_t k = 0, bytes = 0, max = 0;
@@ -454,9 +476,11 @@ static int range_once(cas_grpc_client *client, struct cas_grpc_lists *l,
 			k++;
 		}
 		w.chunks = &chunks[i];
-		for (size_t j = 0; j < k; j++) {
+		for (size_t j = 0, a = at; j < k; j++) {
 			w.bufs[j] = NULL;
 			w.r[j] = -EIO;
+			w.at[j] = a;
+			a += chunks[i + j].size;
 		}
 		r = fetch(fetch_ud, ds, k, max, window_cb, &w);
 		for (size_t j = 0; j < k; j++) {
@@ -464,17 +488,14 @@ static int range_once(cas_grpc_client *client, struct cas_grpc_lists *l,
 				*ret_absent = true;
 			if (r >= 0 && w.r[j] < 0)
 				r = -EIO;
-			/* The part of this chunk inside [off, off + len). */
+			/* The part of this chunk inside [off, off + len) is
+			 * in buf already (window_cb). */
 			uint64_t cend = at + chunks[i + j].size;
-			uint64_t from = CAS_MAX(at, off);
-			uint64_t to = CAS_MIN(cend, off + len);
-			if (r >= 0 && to > from) {
-				memcpy(buf + (from - off),
-				       w.bufs[j] + (from - at), to - from);
-				*ret_len = (size_t)(to - off);
-			}
+			if (r >= 0 &&
+			    CAS_MIN(cend, off + len) > CAS_MAX(at, off))
+				*ret_len = (size_t)(CAS_MIN(cend, off + len) -
+						    off);
 			at = cend;
-			free(w.bufs[j]);
 		}
 		i += k;
 	}
