@@ -10,9 +10,11 @@
  * With a list and an outboard, the cache may hold the blob in part
  * (its partial blobs): then it asks for the outboard (outboard_fetch:
  * the Stat, whose list is kept here) and for ranges (blob_range_fetch:
- * the chunks that cover the range, each verified against its digest,
- * and the range cut out of them; the cache verifies the range against
- * the outboard before use).
+ * the chunks that cover the range, the part of each inside it copied
+ * straight in; they are not hashed on their own, since the cache checks
+ * every byte of the range against the outboard before use, which is the
+ * blob's digest: a chunk's own hash would only check bytes again, or
+ * refuse right bytes of a chunk spoilt elsewhere).
  *
  * Memory: at most WINDOW_BYTES of chunks are held at once; a list whose
  * chunk is over CHUNK_MAX is refused (snix cuts at most 1 MiB).
