@@ -1,6 +1,6 @@
 /* grpc_client.c - a castore gRPC client (grpc_i.h) that speaks snix's
- * package names or tvix's, and the fetcher of grpc+http://, grpc+https://
- * and grpc+unix:// remote stores.
+ * package names or tvix's: connections, calls, and batches of Reads (the
+ * fetcher of grpc+ remote stores is grpc_fetcher.c).
  *
  * HTTP/2 with prior knowledge over TCP or a unix socket, or over TLS with
  * ALPN (grpc_tls.c), on libnghttp2's
@@ -12,7 +12,7 @@
  * loop, and gives it back if it is still good; a call on a reused
  * connection that dies before any answer is retried once on a new one.
  *
- * The fetcher's blobs_fetch runs many Read streams at once on one
+ * cas_grpc_blobs_fetch runs many Read streams at once on one
  * connection, in the calling thread: each stream's state is its nghttp2
  * stream user data, frames queued by all of them go out in one send, and
  * a recv takes whatever the socket holds, so a batch of small blobs
@@ -852,32 +852,23 @@ static int client_package(cas_grpc_client *c)
 	return r < 0 ? r : -EIO;
 }
 
-/* The fetcher -------------------------------------------------------- */
-
-struct grpc_fetcher {
-	cas_fetcher base;
-	cas_grpc_client *client;
-	struct cas_grpc_lists *lists; /* of large blobs held in part */
-};
-
-/* The caller's sink behind a bound: one byte past max is -EFBIG, and
- * the stream is reset before any of it is passed on. */
-struct read_ctx {
-	cas_fetch_sink sink;
-	void *userdata;
-	uint64_t max, got;
-};
+/* Reads: BlobChunks to a bounded sink ------------------------------- */
 
 static int bounded_sink(void *userdata, const void *buf, size_t len)
 {
-	struct read_ctx *rc = userdata;
+	struct cas_grpc_read *rc = userdata;
 	if (len > rc->max - rc->got)
 		return -EFBIG;
 	rc->got += len;
 	return rc->sink(rc->userdata, buf, len);
 }
 
-static int read_msg(void *userdata, const uint8_t *msg, size_t len)
+int cas_grpc_read_sink(void *userdata, const void *buf, size_t len)
+{
+	return bounded_sink(userdata, buf, len);
+}
+
+int cas_grpc_read_msg(void *userdata, const uint8_t *msg, size_t len)
 {
 	const uint8_t *data;
 	size_t dlen;
@@ -887,134 +878,11 @@ static int read_msg(void *userdata, const uint8_t *msg, size_t len)
 	return dlen ? bounded_sink(userdata, data, dlen) : 0;
 }
 
-/* Logs a failed call that is not a plain absence. */
-static int call_failed(struct grpc_fetcher *g, const char *what, int r,
-		       int status, const char *message)
-{
-	if (r == -ENOENT || status < 0)
-		return r;
-	return cas_log_errno(-EIO, "%s: %s: grpc-status %d: %s",
-			     cas_grpc_client_url(g->client), what, status,
-			     message[0] ? message : "(no message)");
-}
-
-static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
-			    size_t max, cas_fetch_blob_cb cb, void *userdata);
-
-static int blobs_via(void *fetch_ud, const cas_digest *ds, size_t n, size_t max,
-		     cas_grpc_blob_cb cb, void *userdata)
-{
-	return grpc_blobs_fetch(fetch_ud, ds, n, max, cb, userdata);
-}
-
-static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d, uint64_t max,
-			   cas_fetch_sink sink, void *userdata)
-{
-	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	/* tvix's Stat carries no size: a blob no FileNode sized is
-	 * bounded by the documented maximum. */
-	struct read_ctx rc = {
-		sink, userdata,
-		max == CAS_FETCH_UNSIZED ? CAS_FETCH_UNSIZED_MAX : max, 0};
-	_cleanup_free_ uint8_t *req = NULL;
-	size_t req_len;
-	char message[512];
-	int status;
-	/* By chunks where the server offers them (grpc_client_chunks.c). */
-	int r = cas_grpc_fetch_chunked(g->client, blobs_via, f, d, bounded_sink,
-				       &rc);
-	if (r != 0)
-		return r < 0 ? r : 0;
-	r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_READ_REQUEST, d, false,
-				       &req, &req_len);
-	if (r < 0)
-		return r;
-	r = cas_grpc_call(g->client, CAS_GRPC_BLOB_READ, req, req_len, NULL,
-			  NULL, read_msg, &rc, &status, message,
-			  sizeof(message));
-	if (r < 0)
-		return call_failed(g, "Read", r, status, message);
-	return 0;
-}
-
-struct dir_ctx {
-	cas_fetch_dir_cb cb;
-	void *userdata;
-	const cas_digest *want;
-	unsigned count;
-	bool extra; /* a non-recursive Get sent a second Directory */
-};
-
-static int dir_msg(void *userdata, const uint8_t *msg, size_t len)
-{
-	struct dir_ctx *dc = userdata;
-	if (dc->want && dc->count > 0) {
-		dc->extra = true; /* non-recursive: one Directory, no more */
-		return -EPROTO;
-	}
-	dc->count++;
-	return dc->cb(dc->userdata, dc->want, msg, len);
-}
-
-static int get_call(struct grpc_fetcher *g, const cas_digest *d, bool recursive,
-		    struct dir_ctx *dc)
-{
-	_cleanup_free_ uint8_t *req = NULL;
-	size_t req_len;
-	char message[512];
-	int status;
-	int r = cas_grpc_encode_digest_msg(CAS_GRPC_MSG_GET_REQUEST, d,
-					   recursive, &req, &req_len);
-	if (r < 0)
-		return r;
-	r = cas_grpc_call(g->client, CAS_GRPC_DIRECTORY_GET, req, req_len, NULL,
-			  NULL, dir_msg, dc, &status, message, sizeof(message));
-	if (dc->extra) {
-		char hex[CAS_DIGEST_HEX_LEN + 1];
-		cas_digest_to_hex(d, hex);
-		return cas_log_errno(-EIO,
-				     "directory %s from %s: a Get of one "
-				     "Directory answered with more than one",
-				     hex, cas_grpc_client_url(g->client));
-	}
-	if (r < 0)
-		return call_failed(g, "DirectoryService/Get", r, status,
-				   message);
-	/* An OK Get with no Directory: the server does not have it. */
-	if (dc->count == 0 && dc->want)
-		return -ENOENT;
-	return 0;
-}
-
-static int grpc_directories_fetch(cas_fetcher *f, const cas_digest *ds,
-				  size_t n, cas_fetch_dir_cb cb, void *userdata)
-{
-	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	for (size_t i = 0; i < n; i++) {
-		struct dir_ctx dc = {cb, userdata, &ds[i], 0, false};
-		int r = get_call(g, &ds[i], false, &dc);
-		if (r < 0)
-			return r;
-	}
-	return 0;
-}
-
-static int grpc_directory_fetch_tree(cas_fetcher *f, const cas_digest *d,
-				     cas_fetch_dir_cb cb, void *userdata)
-{
-	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	struct dir_ctx dc = {cb, userdata, NULL, 0, false};
-	int r = get_call(g, d, true, &dc);
-	if (r >= 0 && dc.count == 0)
-		return -ENOENT;
-	return r;
-}
-
-/* blobs_fetch: one connection, up to BATCH_STREAMS Read streams on it. */
+/* Batches of Reads on one connection ------------------------------------ */
 
 struct batch_slot {
 	struct call call;
-	struct read_ctx rc; /* the BlobChunks go to slot_sink */
+	struct cas_grpc_read rc; /* the BlobChunks go to slot_sink */
 	struct batch *b;
 	size_t index; /* into ds; SIZE_MAX when free */
 	uint8_t *req;
@@ -1024,7 +892,7 @@ struct batch_slot {
 };
 
 struct batch {
-	struct grpc_fetcher *g;
+	cas_grpc_client *client;
 	struct h2conn *h;
 	const cas_digest *ds;
 	size_t n, max, next;
@@ -1103,15 +971,15 @@ static int slot_start(struct batch *b, struct batch_slot *s, size_t i)
 	}
 	s->index = i;
 	s->len = 0;
-	s->rc = (struct read_ctx){slot_sink, s, UINT64_MAX, 0};
+	s->rc = (struct cas_grpc_read){slot_sink, s, UINT64_MAX, 0};
 	s->call = (struct call){.status = -1,
-				.on_msg = read_msg,
+				.on_msg = cas_grpc_read_msg,
 				.msg_ud = &s->rc,
 				.req = s->req,
 				.req_len = s->req_len,
 				.max_msg = b->max_msg};
 	b->n_open++;
-	r = conn_submit(b->g->client, b->h, b->path, &s->call);
+	r = conn_submit(b->client, b->h, b->path, &s->call);
 	if (r < 0)
 		slot_finish(b, s, -EIO);
 	return r;
@@ -1156,11 +1024,11 @@ static void batch_fail_rest(struct batch *b, int r)
 		b->cb(b->userdata, b->next, r, NULL, 0);
 }
 
-static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
-			    size_t max, cas_fetch_blob_cb cb, void *userdata)
+int cas_grpc_blobs_fetch(cas_grpc_client *client, const cas_digest *ds,
+			 size_t n, size_t max, cas_grpc_blob_cb cb,
+			 void *userdata)
 {
-	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	struct batch b = {.g = g,
+	struct batch b = {.client = client,
 			  .ds = ds,
 			  .n = n,
 			  .max = max,
@@ -1171,7 +1039,7 @@ static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 
 	if (n == 0)
 		return 0;
-	int pkg = client_package(g->client);
+	int pkg = client_package(client);
 	if (pkg < 0) {
 		for (size_t i = 0; i < n; i++)
 			cb(userdata, i, -EIO, NULL, 0);
@@ -1195,10 +1063,10 @@ static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 		b.slots[k].index = SIZE_MAX;
 	}
 	for (;;) {
-		struct h2conn *h = retried ? NULL : conn_take_idle(g->client);
-		if (!h && (r = conn_new(g->client, &h)) < 0) {
+		struct h2conn *h = retried ? NULL : conn_take_idle(client);
+		if (!h && (r = conn_new(client, &h)) < 0) {
 			cas_log_debug("%s: cannot connect: %s",
-				      cas_grpc_client_url(g->client),
+				      cas_grpc_client_url(client),
 				      strerror(-r));
 			r = b.answered ? 0 : -EIO; /* could not even start */
 			batch_fail_rest(&b, -EIO);
@@ -1210,12 +1078,12 @@ static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 			if (h->broken || b.n_open > 0)
 				conn_free(h);
 			else
-				conn_put_idle(g->client, h);
+				conn_put_idle(client, h);
 			batch_fail_rest(&b, -EIO); /* after a refused submit */
 			break;
 		}
-		cas_log_debug("%s: Read batch: %s",
-			      cas_grpc_client_url(g->client), strerror(-r));
+		cas_log_debug("%s: Read batch: %s", cas_grpc_client_url(client),
+			      strerror(-r));
 		r = 0;
 		/* Streams the dead connection closed in full are good; those
 		 * with no answer at all go once more on a new connection. */
@@ -1252,60 +1120,8 @@ static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 	return r;
 }
 
-static void grpc_fetcher_free(cas_fetcher *f)
+void cas_grpc_client_set_cancel(cas_grpc_client *c,
+				const atomic_bool *const *cancel)
 {
-	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	cas_grpc_client_free(g->client);
-	cas_grpc_lists_free(g->lists);
-	free(g);
-}
-
-static int grpc_outboard_fetch(cas_fetcher *f, const cas_digest *d, size_t max,
-			       uint8_t **ret_buf, size_t *ret_len)
-{
-	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	return cas_grpc_outboard_fetch(g->client, g->lists, d, max, ret_buf,
-				       ret_len);
-}
-
-static int grpc_blob_range_fetch(cas_fetcher *f, const cas_digest *d,
-				 uint64_t off, size_t len, uint8_t *buf,
-				 size_t *ret_len)
-{
-	struct grpc_fetcher *g = (struct grpc_fetcher *)f;
-	return cas_grpc_range_fetch(g->client, g->lists, blobs_via, f, d, off,
-				    len, buf, ret_len);
-}
-
-static const struct cas_fetcher_ops grpc_fetcher_ops = {
-	.blob_fetch = grpc_blob_fetch,
-	.directories_fetch = grpc_directories_fetch,
-	.directory_fetch_tree = grpc_directory_fetch_tree,
-	.blobs_fetch = grpc_blobs_fetch,
-	.outboard_fetch = grpc_outboard_fetch,
-	.blob_range_fetch = grpc_blob_range_fetch,
-	.free = grpc_fetcher_free,
-};
-
-int cas_grpc_fetcher_new_client(cas_grpc_client *client, cas_fetcher **ret)
-{
-	struct grpc_fetcher *g = calloc(1, sizeof(*g));
-	int r = g ? cas_grpc_lists_new(&g->lists) : -ENOMEM;
-	if (r < 0) {
-		free(g);
-		cas_grpc_client_free(client);
-		return r;
-	}
-	g->client = client;
-	g->base.ops = &grpc_fetcher_ops;
-	g->client->cancel = &g->base.cancel;
-	*ret = &g->base;
-	return 0;
-}
-
-int cas_grpc_fetcher_new(const char *url, cas_fetcher **ret)
-{
-	cas_grpc_client *client;
-	int r = cas_grpc_client_new(url, &client);
-	return r < 0 ? r : cas_grpc_fetcher_new_client(client, ret);
+	c->cancel = cancel;
 }

@@ -15,6 +15,7 @@
 #ifndef CAS_REMOTE_GRPC_I_H
 #define CAS_REMOTE_GRPC_I_H
 
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -202,6 +203,23 @@ int cas_grpc_client_new_transport(const struct cas_grpc_transport *t,
 				  cas_grpc_client **ret);
 const char *cas_grpc_client_url(const cas_grpc_client *c);
 
+/* The fetcher's cancel flag (remote_i.h): calls in flight end with
+ * -ECANCELED within a second of it being set. Set once, before calls. */
+void cas_grpc_client_set_cancel(cas_grpc_client *c,
+				const atomic_bool *const *cancel);
+
+/* A Read's BlobChunks to sink, at most max bytes in all: one byte more is
+ * -EFBIG, and the stream is reset before any of it is passed on.
+ * cas_grpc_read_msg is the call's on_msg (userdata: the struct);
+ * cas_grpc_read_sink takes bytes already out of their messages. */
+struct cas_grpc_read {
+	int (*sink)(void *userdata, const void *buf, size_t len);
+	void *userdata;
+	uint64_t max, got;
+};
+int cas_grpc_read_msg(void *userdata, const uint8_t *msg, size_t len);
+int cas_grpc_read_sink(void *userdata, const void *buf, size_t len);
+
 /* Fills buf with up to size bytes of framed request stream; returns the
  * count, 0 at the end, or -errno. */
 typedef ssize_t (*cas_grpc_produce)(void *userdata, uint8_t *buf, size_t size);
@@ -218,6 +236,15 @@ int cas_grpc_call(cas_grpc_client *c, enum cas_grpc_method m,
 		  void *produce_ud, cas_grpc_msg_cb on_msg, void *msg_ud,
 		  int *ret_status, char *ret_message, size_t message_size);
 
+/* Reads of ds[0..n) at once, as streams of one connection (up to 64 at
+ * a time), each whole into memory, at most max bytes: cb once per index
+ * from the calling thread (remote_i.h's blobs_fetch). */
+typedef void (*cas_grpc_blob_cb)(void *userdata, size_t i, int r,
+				 const uint8_t *buf, size_t len);
+int cas_grpc_blobs_fetch(cas_grpc_client *client, const cas_digest *ds,
+			 size_t n, size_t max, cas_grpc_blob_cb cb,
+			 void *userdata);
+
 /* Large blobs by chunk (grpc_client_chunks.c). fetch is the client's
  * batch of Reads (the fetcher's blobs_fetch: cb once per index). Asks
  * Stat with send_chunks and send_bao; with a list of two chunks or more,
@@ -225,8 +252,6 @@ int cas_grpc_call(cas_grpc_client *c, enum cas_grpc_method m,
  * outboard, if sent) before sink gets its bytes: 1 when done so, 0 when
  * the server offers no list (read the blob whole), -ENOENT when it lacks
  * the blob, -EIO (logged) when a chunk is absent or wrong. */
-typedef void (*cas_grpc_blob_cb)(void *userdata, size_t i, int r,
-				 const uint8_t *buf, size_t len);
 typedef int (*cas_grpc_blobs_fn)(void *fetch_ud, const cas_digest *ds, size_t n,
 				 size_t max, cas_grpc_blob_cb cb,
 				 void *userdata);
@@ -240,8 +265,9 @@ int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
  * outboard was fetched are kept in a table of the fetcher (thread-safe,
  * bounded). outboard: -ENOENT unless the server gives both a list of two
  * chunks or more and an outboard (else the blob is read whole); range:
- * the chunks covering [off, off + len), each verified, cut to the range
- * into buf (*ret_len short where the blob ends); quiet. */
+ * the chunks covering [off, off + len), cut to the range into buf
+ * (*ret_len short where the blob ends), unverified: the cache checks the
+ * range against the outboard; quiet. */
 struct cas_grpc_lists;
 int cas_grpc_lists_new(struct cas_grpc_lists **ret);
 void cas_grpc_lists_free(struct cas_grpc_lists *l);
