@@ -129,13 +129,21 @@ int cas_cli_open_store_mode(struct cas_cli *cli, enum cas_cli_store_mode mode,
 					   strerror(-r));
 		return r;
 	}
-#else
+#endif
+	/* A URL of a scheme we do not know (grpc://, s3://) is not a folder
+	 * to open and say "No such file or directory" about. */
 	if (strstr(spec, "://")) {
+#ifdef CAS_HAVE_REMOTE
+		cas_cli_fail(NULL,
+			     "store %s: not a store URL (grpc+http://, "
+			     "grpc+https://, grpc+unix:, http://, https://)",
+			     spec);
+#else
 		cas_cli_fail(NULL, "store %s: remote stores not built in",
 			     spec);
+#endif
 		return -EPROTONOSUPPORT;
 	}
-#endif
 	struct cas_local_options lo = {
 		.create = mode == CAS_CLI_STORE_CREATE,
 		.readonly = mode == CAS_CLI_STORE_READ,

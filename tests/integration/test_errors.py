@@ -86,6 +86,13 @@ def test_absent_store(tmp_path):
     assert not store.exists()
 
 
+def test_store_url_of_an_unknown_scheme():
+    """grpc:// (snix writes grpc+http://) is a URL, not a folder."""
+    for url in ("grpc://127.0.0.1:1", "s3://bucket/x"):
+        p = run(["ls", "t"], store=url, check=False)
+        the_line(p, "ls", f"store {url}: ", "not a store URL")
+
+
 def test_unreadable_store(filled, tmp_path):
     os.chmod(filled / "data.mdb", 0)
     for args, verb in ((["ls", "t"], "ls"), (["roots", "list"], "roots list"),
