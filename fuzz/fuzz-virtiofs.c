@@ -96,32 +96,33 @@ static int cmp_size(const void *a, const void *b)
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
-	static bool ready;
-	struct cas_virtiofs *v;
-	void *qctx[2];
-	if (!ready) {
-		ready = true;
+	static struct cas_virtiofs *v;
+	static void *qctx[2];
+	const struct cas_vu_ops *ops = cas_virtiofs_queue_ops();
+	if (!v) {
 		if (!getenv("CASTORE_LOG")) /* CASTORE_LOG=error to see why */
 			cas_log_set_level(CAS_LOG_NONE);
 		fuzz_fs_setup();
 		fuse_cfg.readonly = true;
 		cas_virtiofs_configure(&fuse_cfg);
+		/* One device and its queues for the whole run (their reply
+		 * buffers are most of a device's cost); each input gets a
+		 * fresh session, as a frontend that connects again does, so
+		 * that no input depends on the opens and lookups of another. */
+		struct cas_virtiofs_config cfg = {
+			.reply_bufsize = cas_fuse_reply_bufsize(&fuse_cfg),
+			.session_open = session_open,
+			.session_close = session_close,
+		};
+		if (cas_virtiofs_new_connected(&cfg, &v) < 0)
+			abort();
+		for (unsigned q = 0; q < 2; q++)
+			if (ops->queue_start(v, q, &qctx[q]) < 0)
+				abort();
 	}
 	if (size < 1)
 		return 0;
-	/* A fresh device per input: a session left by one input (opens,
-	 * lookups, INIT seen) would make the next depend on it. */
-	struct cas_virtiofs_config cfg = {
-		.reply_bufsize = cas_fuse_reply_bufsize(&fuse_cfg),
-		.session_open = session_open,
-		.session_close = session_close,
-	};
-	if (cas_virtiofs_new_connected(&cfg, &v) < 0)
-		abort();
-	const struct cas_vu_ops *ops = cas_virtiofs_queue_ops();
-	for (unsigned q = 0; q < 2; q++)
-		if (ops->queue_start(v, q, &qctx[q]) < 0)
-			abort();
+	cas_virtiofs_session_reset(v);
 
 	bool init = !(data[0] & 1);
 	data++;
@@ -161,8 +162,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		size -= len;
 	}
 
-	for (unsigned q = 0; q < 2; q++)
-		ops->queue_stop(v, q, qctx[q]);
-	cas_virtiofs_free(v);
 	return 0;
 }

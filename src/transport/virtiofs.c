@@ -143,14 +143,17 @@ static int read_file_data(struct vfs_queue *q, struct cas_vq_elem *elem,
 	return 0;
 }
 
-/* Puts a fresh session in place of one that saw INIT already: the guest
- * rebooted (or remounted) and starts over. */
-static void session_renew(struct cas_virtiofs *v)
+/* Puts a fresh session in place of the current one: a new INIT (the
+ * guest rebooted or remounted) when the session saw INIT already, or
+ * always (`force`). */
+static void session_replace(struct cas_virtiofs *v, bool force)
 {
 	pthread_rwlock_wrlock(&v->session_lock);
-	if (v->session && cas_fuse_session_initialized(v->session)) {
-		cas_log_info("FUSE_INIT again: new session");
-		v->cfg.session_close(v->cfg.userdata, v->session);
+	if (force || (v->session && cas_fuse_session_initialized(v->session))) {
+		if (!force)
+			cas_log_info("FUSE_INIT again: new session");
+		if (v->session)
+			v->cfg.session_close(v->cfg.userdata, v->session);
 		v->session = NULL;
 		int r = v->cfg.session_open(v->cfg.userdata, &v->session);
 		if (r < 0) {
@@ -159,6 +162,11 @@ static void session_renew(struct cas_virtiofs *v)
 		}
 	}
 	pthread_rwlock_unlock(&v->session_lock);
+}
+
+void cas_virtiofs_session_reset(struct cas_virtiofs *v)
+{
+	session_replace(v, true);
 }
 
 static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
@@ -176,7 +184,7 @@ static uint32_t vfs_process(void *opaque, void *ctx, unsigned qidx,
 	/* A guest that starts over (INIT again) gets a fresh session; only
 	 * request queues carry INIT. */
 	if (qidx > 0 && cas_fuse_request_is_init(elem->iov, elem->read_cnt))
-		session_renew(v);
+		session_replace(v, false);
 
 	pthread_rwlock_rdlock(&v->session_lock);
 	if (!v->session) {

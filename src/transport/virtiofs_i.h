@@ -17,5 +17,8 @@
 int cas_virtiofs_new_connected(const struct cas_virtiofs_config *cfg,
 			       struct cas_virtiofs **ret);
 const struct cas_vu_ops *cas_virtiofs_queue_ops(void);
+/* Closes the session and opens a fresh one, as a frontend that
+ * disconnects and connects again would see; the queues stay. */
+void cas_virtiofs_session_reset(struct cas_virtiofs *v);
 
 #endif
