@@ -47,6 +47,7 @@ static struct cas_fuse_config fuse_cfg = {
 /* The pipe standing for /dev/fuse: room for any reply, never blocking. */
 static int dev[2] = {-1, -1};
 static uint8_t *sent;
+static uint8_t scratch_drain[PAGE];
 static size_t sent_size;
 
 static void setup(void)
@@ -77,6 +78,23 @@ static void check_pipe(void)
 		fuzz_fs_check_sent(sent, got);
 }
 
+/* The splice pipes, one per size (k 1: too small for large READs), made
+ * once per run (a pipe and its resize per input were most of the time)
+ * and emptied before each use, so no input sees what another left. */
+static int splice_pipe(int k, int ret[2])
+{
+	static int pipes[2][2] = {{-1, -1}, {-1, -1}};
+	int size = (int)((k ? 8 : MAX_PAGES + 2) * PAGE);
+	if (pipes[k][0] < 0 && (pipe2(pipes[k], O_CLOEXEC | O_NONBLOCK) < 0 ||
+				fcntl(pipes[k][1], F_SETPIPE_SZ, size) < size))
+		abort();
+	while (read(pipes[k][0], scratch_drain, sizeof(scratch_drain)) > 0)
+		;
+	ret[0] = pipes[k][0];
+	ret[1] = pipes[k][1];
+	return size;
+}
+
 static void answer(struct cas_fuse_session *s, struct cas_devfuse_io *io,
 		   const uint8_t *req, size_t n)
 {
@@ -94,10 +112,17 @@ static void answer(struct cas_fuse_session *s, struct cas_devfuse_io *io,
 static void entry(struct cas_fuse_session *s, const uint8_t *rec, size_t n,
 		  size_t payload_size, uint8_t *reply, size_t reply_size)
 {
-	struct cas_fuse_uring_req_header *hdr = malloc(sizeof(*hdr));
-	uint8_t *payload = malloc(payload_size);
-	if (!hdr || !payload)
+	/* Exact sizes (ASan sees a byte past them), kept for the run: a
+	 * payload buffer mapped and faulted in per record was most of the
+	 * time. */
+	static struct cas_fuse_uring_req_header *hdr;
+	static uint8_t *payloads[3];
+	int k = payload_size == 4096 ? 0 : payload_size == 64 << 10 ? 1 : 2;
+	if (!hdr && !(hdr = malloc(sizeof(*hdr))))
 		abort();
+	if (!payloads[k] && !(payloads[k] = malloc(payload_size)))
+		abort();
+	uint8_t *payload = payloads[k];
 	size_t h = CAS_MIN(n, sizeof(*hdr));
 	memset(hdr, 0, sizeof(*hdr));
 	memcpy(hdr, rec, h);
@@ -122,8 +147,6 @@ static void entry(struct cas_fuse_session *s, const uint8_t *rec, size_t n,
 					      .open_fh = open.fh};
 		cas_fuse_reply_done(s, &lost);
 	}
-	free(payload);
-	free(hdr);
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
@@ -153,11 +176,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		.reply_size = reply_size,
 	};
 	if (!(c0 & 2)) {
-		io.pipe_size = (int)((c0 & 4 ? 8 : MAX_PAGES + 2) * PAGE);
-		if (pipe2(io.pipe, O_CLOEXEC | O_NONBLOCK) < 0 ||
-		    fcntl(io.pipe[1], F_SETPIPE_SZ, io.pipe_size) <
-			    io.pipe_size)
-			abort();
+		int k = c0 & 4 ? 1 : 0;
+		io.pipe_size = splice_pipe(k, io.pipe);
 	}
 	struct cas_fuse_session *s;
 	if (cas_fuse_session_new(&fuzz_fs_ops, NULL, &fuse_cfg, &s) < 0)
@@ -182,9 +202,5 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		size -= n;
 	}
 	cas_fuse_session_free(s);
-	if (io.pipe[0] >= 0) {
-		close(io.pipe[0]);
-		close(io.pipe[1]);
-	}
 	return 0;
 }
