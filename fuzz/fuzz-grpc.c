@@ -8,11 +8,18 @@
  * First bytes 0xf0 and 0xf1 (which no older corpus file starts with) are
  * snix's chunk messages: a StatBlobResponse as the client takes it (its
  * chunk list, and its bao checked as an outboard of a blob of the list's
- * size), and a StatBlobRequest with its flags as the server takes it. */
+ * size), and a StatBlobRequest with its flags as the server takes it.
+ * First byte 0xf2: a Read's BlobChunk stream, fed whole and then in
+ * pieces of the second byte's size (at least 1) with bytes_cb set, as
+ * the client reads it: both must give the same bytes and the same
+ * outcome. */
 #include <stddef.h>
 #include <stdint.h>
 
 #include <stdlib.h>
+#include <string.h>
+
+#include "core/util.h"
 
 #include "core/bao.h"
 #include "core/directory.h"
@@ -87,6 +94,63 @@ static int on_msg(void *userdata, const uint8_t *msg, size_t len)
 	return 0;
 }
 
+struct out {
+	uint8_t *buf;
+	size_t len, cap;
+};
+
+static int out_bytes(void *userdata, const void *buf, size_t len)
+{
+	struct out *o = userdata;
+	if (len > o->cap - o->len)
+		__builtin_trap(); /* more data than the stream held */
+	memcpy(o->buf + o->len, buf, len);
+	o->len += len;
+	return 0;
+}
+
+static int out_chunk(void *userdata, const uint8_t *msg, size_t len)
+{
+	const uint8_t *data;
+	size_t dlen;
+	const char *why;
+	if (cas_grpc_decode_blob_chunk(msg, len, &data, &dlen, &why) < 0)
+		return -EIO;
+	return out_bytes(userdata, data, dlen);
+}
+
+/* The same stream whole and piece-wise with bytes_cb: the same bytes. */
+static void chunk_stream(const uint8_t *data, size_t size, size_t piece)
+{
+	struct out whole = {malloc(size ? size : 1), 0, size};
+	struct out parts = {malloc(size ? size : 1), 0, size};
+	if (!whole.buf || !parts.buf)
+		abort();
+	struct cas_grpc_reader r = {0};
+	int rw = cas_grpc_reader_feed(&r, data, size, out_chunk, &whole);
+	bool idle_w = cas_grpc_reader_idle(&r);
+	cas_grpc_reader_release(&r);
+	r.bytes_cb = out_bytes;
+	int rp = 0;
+	for (size_t at = 0; at < size && rp == 0; at += piece)
+		rp = cas_grpc_reader_feed(&r, data + at,
+					  CAS_MIN(piece, size - at), out_chunk,
+					  &parts);
+	bool idle_p = cas_grpc_reader_idle(&r);
+	cas_grpc_reader_release(&r);
+	if ((rw == 0) != (rp == 0))
+		__builtin_trap();
+	if (rw == 0 && (idle_w != idle_p || (idle_w && whole.len != parts.len)))
+		__builtin_trap();
+	/* A stream cut inside a message: what came of it direct is more
+	 * than whole gave, but a start of the same bytes. */
+	if (rw == 0 && (parts.len < whole.len ||
+			memcmp(whole.buf, parts.buf, whole.len) != 0))
+		__builtin_trap();
+	free(whole.buf);
+	free(parts.buf);
+}
+
 static int on_root(void *userdata, const char *name, const cas_node *node)
 {
 	return 0;
@@ -97,10 +161,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	if (size < 2)
 		return 0;
 	unsigned kind =
-		data[0] == 0xf0 || data[0] == 0xf1 ? data[0] : data[0] % 8u;
+		data[0] >= 0xf0 && data[0] <= 0xf2 ? data[0] : data[0] % 8u;
 	size_t split = data[1];
 	data += 2;
 	size -= 2;
+	if (kind == 0xf2) {
+		chunk_stream(data, size, split ? split : 1);
+		return 0;
+	}
 	if (kind == 7) {
 		(void)cas_roots_file_parse((const char *)data, size, on_root,
 					   NULL);

@@ -889,12 +889,15 @@ struct batch_slot {
 	size_t req_len;
 	uint8_t *buf; /* the blob so far */
 	size_t len, cap;
+	uint8_t *ext; /* or the caller's buffer for it (dest), ext_cap */
+	size_t ext_cap;
 };
 
 struct batch {
 	cas_grpc_client *client;
 	struct h2conn *h;
 	const cas_digest *ds;
+	const struct cas_grpc_dest *dest;
 	size_t n, max, next;
 	size_t max_msg; /* for call.max_msg */
 	char path[96];	/* of Read, in the server's package */
@@ -915,8 +918,19 @@ static int slot_sink(void *userdata, const void *data, size_t dlen)
 	struct batch_slot *s = userdata;
 	if (dlen > s->b->max - s->len)
 		return -EFBIG;
+	if (s->ext) {
+		if (dlen > s->ext_cap - s->len)
+			return -EFBIG;
+		memcpy(s->ext + s->len, data, dlen);
+		s->len += dlen;
+		return 0;
+	}
 	if (s->len + dlen > s->cap) {
-		size_t cap = s->cap ? s->cap : 4096;
+		/* Of the size it should have, when told (a range's chunk),
+		 * else grown: a chunk grown from a page was copied again and
+		 * again. */
+		size_t want = s->b->dest ? s->b->dest[s->index].cap : 0;
+		size_t cap = s->cap ? s->cap : CAS_MAX(want, (size_t)4096);
 		while (cap < s->len + dlen)
 			cap *= 2;
 		cap = CAS_MIN(cap, s->b->max);
@@ -941,7 +955,8 @@ static void slot_finish(struct batch *b, struct batch_slot *s, int r)
 	cas_grpc_reader_release(&s->call.reader);
 	free(s->req);
 	s->req = NULL;
-	b->cb(b->userdata, i, r, r == 0 ? s->buf : NULL, r == 0 ? s->len : 0);
+	b->cb(b->userdata, i, r, r == 0 ? (s->ext ? s->ext : s->buf) : NULL,
+	      r == 0 ? s->len : 0);
 }
 
 /* A closed stream's result: only absence and size are told apart. */
@@ -971,6 +986,8 @@ static int slot_start(struct batch *b, struct batch_slot *s, size_t i)
 	}
 	s->index = i;
 	s->len = 0;
+	s->ext = b->dest && b->dest[i].buf ? b->dest[i].buf : NULL;
+	s->ext_cap = s->ext ? b->dest[i].cap : 0;
 	s->rc = (struct cas_grpc_read){slot_sink, s, UINT64_MAX, 0};
 	s->call = (struct call){.status = -1,
 				.on_msg = cas_grpc_read_msg,
@@ -978,6 +995,7 @@ static int slot_start(struct batch *b, struct batch_slot *s, size_t i)
 				.req = s->req,
 				.req_len = s->req_len,
 				.max_msg = b->max_msg};
+	s->call.reader.bytes_cb = cas_grpc_read_sink;
 	b->n_open++;
 	r = conn_submit(b->client, b->h, b->path, &s->call);
 	if (r < 0)
@@ -1025,11 +1043,12 @@ static void batch_fail_rest(struct batch *b, int r)
 }
 
 int cas_grpc_blobs_fetch(cas_grpc_client *client, const cas_digest *ds,
-			 size_t n, size_t max, cas_grpc_blob_cb cb,
-			 void *userdata)
+			 size_t n, size_t max, const struct cas_grpc_dest *dest,
+			 cas_grpc_blob_cb cb, void *userdata)
 {
 	struct batch b = {.client = client,
 			  .ds = ds,
+			  .dest = dest,
 			  .n = n,
 			  .max = max,
 			  .cb = cb,

@@ -121,7 +121,8 @@ static void window_cb(void *userdata, size_t i, int r, const uint8_t *buf,
 	if (r == 0 && w->out) {
 		uint64_t from = CAS_MAX(w->at[i], w->out_off);
 		uint64_t to = CAS_MIN(w->at[i] + len, w->out_off + w->out_len);
-		if (to > from)
+		uint8_t *place = w->out + (from - w->out_off);
+		if (to > from && place != buf + (from - w->at[i]))
 			memcpy(w->out + (from - w->out_off),
 			       buf + (from - w->at[i]), (size_t)(to - from));
 		w->r[i] = 0;
@@ -271,7 +272,7 @@ int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
 			w.bufs[j] = NULL;
 			w.r[j] = -EIO;
 		}
-		r = fetch(fetch_ud, ds, k, max, window_cb, &w);
+		r = fetch(fetch_ud, ds, k, max, NULL, window_cb, &w);
 		for (size_t j = 0; j < k; j++) {
 			if (r >= 0 && w.r[j] < 0)
 				r = -EIO;
@@ -468,6 +469,7 @@ static int range_once(cas_grpc_client *client, struct cas_grpc_lists *l,
 			   .out_off = off,
 			   .out_len = len};
 	cas_digest ds[WINDOW_CHUNKS];
+	struct cas_grpc_dest dest[WINDOW_CHUNKS];
 	for (size_t i = 0; i < n && r >= 0;) {
 		size_t k = 0, bytes = 0, max = 0;
 		while (i + k < n && k < WINDOW_CHUNKS &&
@@ -482,9 +484,17 @@ static int range_once(cas_grpc_client *client, struct cas_grpc_lists *l,
 			w.bufs[j] = NULL;
 			w.r[j] = -EIO;
 			w.at[j] = a;
+			/* A chunk wholly inside the range is read into its
+			 * place; one that sticks out, through a buffer of its
+			 * size. */
+			bool inside =
+				a >= off && a + chunks[i + j].size <= off + len;
+			dest[j] = (struct cas_grpc_dest){
+				inside ? buf + (a - off) : NULL,
+				(size_t)chunks[i + j].size};
 			a += chunks[i + j].size;
 		}
-		r = fetch(fetch_ud, ds, k, max, window_cb, &w);
+		r = fetch(fetch_ud, ds, k, max, dest, window_cb, &w);
 		for (size_t j = 0; j < k; j++) {
 			if (w.r[j] == -ENOENT)
 				*ret_absent = true;

@@ -32,16 +32,17 @@ static int call_failed(struct grpc_fetcher *g, const char *what, int r,
 }
 
 static int blobs_via(void *fetch_ud, const cas_digest *ds, size_t n, size_t max,
-		     cas_grpc_blob_cb cb, void *userdata)
+		     const struct cas_grpc_dest *dest, cas_grpc_blob_cb cb,
+		     void *userdata)
 {
 	struct grpc_fetcher *g = fetch_ud;
-	return cas_grpc_blobs_fetch(g->client, ds, n, max, cb, userdata);
+	return cas_grpc_blobs_fetch(g->client, ds, n, max, dest, cb, userdata);
 }
 
 static int grpc_blobs_fetch(cas_fetcher *f, const cas_digest *ds, size_t n,
 			    size_t max, cas_fetch_blob_cb cb, void *userdata)
 {
-	return blobs_via(f, ds, n, max, cb, userdata);
+	return blobs_via(f, ds, n, max, NULL, cb, userdata);
 }
 
 static int grpc_blob_fetch(cas_fetcher *f, const cas_digest *d, uint64_t max,

@@ -58,7 +58,11 @@ size_t cas_grpc_blob_chunk_header(uint8_t out[16], size_t data_len);
 
 typedef int (*cas_grpc_msg_cb)(void *userdata, const uint8_t *msg, size_t len);
 
-/* Splits a byte stream into messages. */
+/* Splits a byte stream into messages. With bytes_cb set (a Read's
+ * BlobChunks), a message that arrives in pieces and is one `data` field
+ * and nothing else (as castore and snix send them) is not gathered: its
+ * data goes to bytes_cb piece by piece as it arrives (the userdata of
+ * feed, as cas_grpc_read_sink takes it); any other goes to cb whole. */
 struct cas_grpc_reader {
 	uint8_t prefix[5];
 	size_t prefix_len;
@@ -66,6 +70,10 @@ struct cas_grpc_reader {
 	size_t msg_len, msg_got;
 	size_t msg_cap; /* grows with what arrives, not with what is announced */
 	bool in_msg;
+	int (*bytes_cb)(void *userdata, const void *buf, size_t len);
+	uint8_t head[11]; /* a piece-wise message's tag and length so far */
+	size_t head_len;
+	bool direct; /* the rest of this message goes to bytes_cb */
 };
 /* Calls cb for each complete message. -EPROTONOSUPPORT for a compressed
  * message, -EMSGSIZE for one too long, or cb's error. After an error the
@@ -238,12 +246,19 @@ int cas_grpc_call(cas_grpc_client *c, enum cas_grpc_method m,
 
 /* Reads of ds[0..n) at once, as streams of one connection (up to 64 at
  * a time), each whole into memory, at most max bytes: cb once per index
- * from the calling thread (remote_i.h's blobs_fetch). */
+ * from the calling thread (remote_i.h's blobs_fetch). With dest (may be
+ * NULL), an index whose dest[i].buf is set is read into that buffer
+ * instead, at most dest[i].cap bytes (cb's buf is then dest[i].buf):
+ * the chunks of a range go straight to their place in it. */
 typedef void (*cas_grpc_blob_cb)(void *userdata, size_t i, int r,
 				 const uint8_t *buf, size_t len);
+struct cas_grpc_dest {
+	uint8_t *buf;
+	size_t cap;
+};
 int cas_grpc_blobs_fetch(cas_grpc_client *client, const cas_digest *ds,
-			 size_t n, size_t max, cas_grpc_blob_cb cb,
-			 void *userdata);
+			 size_t n, size_t max, const struct cas_grpc_dest *dest,
+			 cas_grpc_blob_cb cb, void *userdata);
 
 /* Large blobs by chunk (grpc_client_chunks.c). fetch is the client's
  * batch of Reads (the fetcher's blobs_fetch: cb once per index). Asks
@@ -253,8 +268,8 @@ int cas_grpc_blobs_fetch(cas_grpc_client *client, const cas_digest *ds,
  * the server offers no list (read the blob whole), -ENOENT when it lacks
  * the blob, -EIO (logged) when a chunk is absent or wrong. */
 typedef int (*cas_grpc_blobs_fn)(void *fetch_ud, const cas_digest *ds, size_t n,
-				 size_t max, cas_grpc_blob_cb cb,
-				 void *userdata);
+				 size_t max, const struct cas_grpc_dest *dest,
+				 cas_grpc_blob_cb cb, void *userdata);
 int cas_grpc_fetch_chunked(cas_grpc_client *client, cas_grpc_blobs_fn fetch,
 			   void *fetch_ud, const cas_digest *d,
 			   int (*sink)(void *, const void *, size_t),

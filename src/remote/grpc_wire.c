@@ -81,6 +81,59 @@ void cas_grpc_reader_release(struct cas_grpc_reader *r)
 	*r = (struct cas_grpc_reader){0};
 }
 
+/* Memory for a message gathered piece by piece: a peer announcing a
+ * large message gets memory as its bytes arrive, not on the
+ * announcement (the head, at most 11 bytes, always fits). */
+static int gather_start(struct cas_grpc_reader *r)
+{
+	r->msg_cap = r->msg_len < 65536 ? r->msg_len : 65536;
+	if (r->msg_cap < r->head_len)
+		r->msg_cap = r->head_len;
+	r->msg = malloc(r->msg_cap ? r->msg_cap : 1);
+	return r->msg ? 0 : -ENOMEM;
+}
+
+/* A piece-wise message with bytes_cb, before its data: takes its first
+ * bytes until they show whether it is a lone data field (then direct)
+ * or not (then gathered, as any other). Returns what it took of buf
+ * (all of it when that is not known yet), or -ENOMEM. */
+static ssize_t reader_head(struct cas_grpc_reader *r, const uint8_t *buf,
+			   size_t len)
+{
+	size_t took = 0;
+	bool lone = false, other = false;
+	while (!lone && !other && took < len) {
+		r->head[r->head_len++] = buf[took++];
+		r->msg_got++;
+		const uint8_t *p = r->head + 1;
+		uint64_t v = 0;
+		int vr =
+			r->head_len < 2
+				? -EBADMSG
+				: cas_varint_get(&p, r->head + r->head_len, &v);
+		if (r->head[0] != 0x0a) /* field 1, length-delimited */
+			other = true;
+		else if (vr == 0)
+			lone = v == r->msg_len - r->msg_got;
+		else if (vr != -EBADMSG)
+			other = true;
+		/* Its length goes on, unless the message or the room ends. */
+		if (!lone && (r->msg_got == r->msg_len ||
+			      r->head_len == sizeof(r->head) || vr == 0))
+			other = true;
+	}
+	if (lone) {
+		r->direct = true;
+		return (ssize_t)took;
+	}
+	if (!other)
+		return (ssize_t)took; /* not known yet */
+	if (gather_start(r) < 0)
+		return -ENOMEM;
+	memcpy(r->msg, r->head, r->head_len);
+	return (ssize_t)took;
+}
+
 int cas_grpc_reader_feed(struct cas_grpc_reader *r, const uint8_t *buf,
 			 size_t len, cas_grpc_msg_cb cb, void *userdata)
 {
@@ -119,17 +172,27 @@ int cas_grpc_reader_feed(struct cas_grpc_reader *r, const uint8_t *buf,
 				len -= mlen;
 				continue;
 			}
-			/* A peer announcing a large message gets memory as
-			 * its bytes arrive, not on the announcement. */
-			r->msg_cap = mlen < 65536 ? mlen : 65536;
-			r->msg = malloc(r->msg_cap ? r->msg_cap : 1);
-			if (!r->msg)
+			r->head_len = 0;
+			r->direct = false;
+			if (!r->bytes_cb && gather_start(r) < 0)
 				return -ENOMEM;
+		}
+		if (!r->msg && !r->direct) {
+			ssize_t took = reader_head(r, buf, len);
+			if (took < 0)
+				return (int)took;
+			buf += took;
+			len -= (size_t)took;
+			if (!r->msg && !r->direct)
+				return 0; /* its head goes on in the next piece */
 		}
 		size_t take = r->msg_len - r->msg_got;
 		if (take > len)
 			take = len;
-		if (r->msg_got + take > r->msg_cap) {
+		int cr = 0;
+		if (r->direct && take > 0)
+			cr = r->bytes_cb(userdata, buf, take);
+		else if (!r->direct && r->msg_got + take > r->msg_cap) {
 			size_t cap = r->msg_cap * 2;
 			if (cap < r->msg_got + take)
 				cap = r->msg_got + take;
@@ -141,14 +204,21 @@ int cas_grpc_reader_feed(struct cas_grpc_reader *r, const uint8_t *buf,
 			r->msg = n;
 			r->msg_cap = cap;
 		}
-		memcpy(r->msg + r->msg_got, buf, take);
+		if (cr < 0)
+			return cr;
+		if (!r->direct)
+			memcpy(r->msg + r->msg_got, buf, take);
 		r->msg_got += take;
 		buf += take;
 		len -= take;
 		if (r->msg_got < r->msg_len)
 			return 0;
 		r->in_msg = false;
-		int cr = cb(userdata, r->msg, r->msg_len);
+		if (r->direct) {
+			r->direct = false;
+			continue;
+		}
+		cr = cb(userdata, r->msg, r->msg_len);
 		free(r->msg);
 		r->msg = NULL;
 		if (cr < 0)
