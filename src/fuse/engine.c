@@ -21,6 +21,7 @@
 #include <sys/stat.h>
 
 #include "core/log.h"
+#include "fuse/backing_table_i.h"
 #include "fuse/engine_i.h"
 #include "fuse/fuse_kernel_ext.h"
 
@@ -34,90 +35,6 @@
 
 _Static_assert(CAS_FUSE_REPLY_HEADER_SIZE == sizeof(struct fuse_out_header),
 	       "reply header size");
-
-/* ---- bounds-checked cursor over the input buffers ---- */
-
-void cas_fuse_cursor_init(struct cas_fuse_cursor *c, const struct iovec *iov,
-			  int cnt)
-{
-	*c = (struct cas_fuse_cursor){.iov = iov, .cnt = cnt > 0 ? cnt : 0};
-	size_t total = 0;
-	for (int i = 0; i < c->cnt; i++) {
-		/* Saturate: a wrapping sum must not make a short input look
-		 * long. */
-		if (iov[i].iov_len > SIZE_MAX - total) {
-			total = SIZE_MAX;
-			break;
-		}
-		total += iov[i].iov_len;
-	}
-	c->left = total;
-}
-
-void cas_fuse_cursor_limit(struct cas_fuse_cursor *c, size_t n)
-{
-	if (n < c->left)
-		c->left = n;
-}
-
-int cas_fuse_cursor_copy(struct cas_fuse_cursor *c, void *dst, size_t n)
-{
-	if (n > c->left)
-		return -EINVAL;
-	uint8_t *out = dst;
-	c->left -= n;
-	while (n > 0) {
-		if (c->idx >= c->cnt)
-			return -EINVAL; /* unreachable: left counted these */
-		const struct iovec *v = &c->iov[c->idx];
-		size_t avail = v->iov_len - c->off;
-		if (avail == 0) {
-			c->idx++;
-			c->off = 0;
-			continue;
-		}
-		size_t k = CAS_MIN(avail, n);
-		if (out) {
-			memcpy(out, (const uint8_t *)v->iov_base + c->off, k);
-			out += k;
-		}
-		c->off += k;
-		n -= k;
-	}
-	return 0;
-}
-
-int cas_fuse_cursor_copy_partial(struct cas_fuse_cursor *c, void *dst,
-				 size_t size, size_t min)
-{
-	size_t n = CAS_MIN(size, c->left);
-	if (n < min)
-		return -EINVAL;
-	memset(dst, 0, size);
-	return cas_fuse_cursor_copy(c, dst, n);
-}
-
-int cas_fuse_cursor_name(struct cas_fuse_cursor *c, char *buf, size_t size,
-			 size_t *ret_len)
-{
-	/* Copy byte-wise up to the NUL: the name's end is only known from
-	 * the bytes we copied, never from a second look at the input. */
-	for (size_t i = 0;; i++) {
-		if (c->left == 0)
-			return -EINVAL; /* no NUL inside the request */
-		if (i >= size)
-			return -ENAMETOOLONG;
-		int r = cas_fuse_cursor_copy(c, &buf[i], 1);
-		if (r < 0)
-			return r;
-		if (buf[i] == '\0') {
-			if (i == 0)
-				return -EINVAL;
-			*ret_len = i;
-			return 0;
-		}
-	}
-}
 
 /* ---- directory buffers ---- */
 
@@ -201,109 +118,6 @@ bool cas_fuse_dirbuf_plus(const struct cas_fuse_dirbuf *db)
 	return db->plus;
 }
 
-/* ---- passthrough backing ids ----
- *
- * The kernel lets all open files of one inode share one backing file and
- * refuses (EBUSY) an open whose backing id names a different one while
- * another is open. So one id per node id is kept while any open of that
- * node used it, counted per open; the last RELEASE closes it. Opens are
- * keyed by (node id, fh) with a count, since a filesystem may hand out
- * equal fh values. The kernel holds its own reference to the backing file
- * from the open reply on, so closing our id never cuts an open file off.
- */
-
-struct pt_entry {
-	uint64_t k1, k2;
-	int32_t id;
-	uint32_t refs;
-	struct pt_entry *next;
-};
-
-struct pt_table {
-	struct pt_entry **buckets; /* protected by session->backing_lock */
-	size_t nbuckets, n;
-};
-
-static size_t pt_hash(const struct pt_table *t, uint64_t k1, uint64_t k2)
-{
-	uint64_t h = k1 * 0x9e3779b97f4a7c15ULL ^ (k2 + 0x632be59bd9b4e019ULL);
-	h ^= h >> 29;
-	h *= 0xbf58476d1ce4e5b9ULL;
-	h ^= h >> 32;
-	return (size_t)(h & (t->nbuckets - 1));
-}
-
-static struct pt_entry *pt_find(struct pt_table *t, uint64_t k1, uint64_t k2)
-{
-	if (t->nbuckets == 0)
-		return NULL;
-	for (struct pt_entry *e = t->buckets[pt_hash(t, k1, k2)]; e;
-	     e = e->next)
-		if (e->k1 == k1 && e->k2 == k2)
-			return e;
-	return NULL;
-}
-
-static struct pt_entry *pt_insert(struct pt_table *t, uint64_t k1, uint64_t k2)
-{
-	if (t->n >= t->nbuckets) {
-		size_t nb = t->nbuckets ? t->nbuckets * 2 : 64;
-		struct pt_entry **b = calloc(nb, sizeof(*b));
-		if (!b)
-			return NULL;
-		struct pt_table nt = {.buckets = b, .nbuckets = nb, .n = t->n};
-		for (size_t i = 0; i < t->nbuckets; i++) {
-			struct pt_entry *e = t->buckets[i];
-			while (e) {
-				struct pt_entry *next = e->next;
-				size_t h = pt_hash(&nt, e->k1, e->k2);
-				e->next = b[h];
-				b[h] = e;
-				e = next;
-			}
-		}
-		free(t->buckets);
-		*t = nt;
-	}
-	struct pt_entry *e = calloc(1, sizeof(*e));
-	if (!e)
-		return NULL;
-	e->k1 = k1;
-	e->k2 = k2;
-	size_t h = pt_hash(t, k1, k2);
-	e->next = t->buckets[h];
-	t->buckets[h] = e;
-	t->n++;
-	return e;
-}
-
-static void pt_remove(struct pt_table *t, struct pt_entry *victim)
-{
-	struct pt_entry **pp = &t->buckets[pt_hash(t, victim->k1, victim->k2)];
-	for (; *pp; pp = &(*pp)->next) {
-		if (*pp == victim) {
-			*pp = victim->next;
-			free(victim);
-			t->n--;
-			return;
-		}
-	}
-}
-
-static void pt_clear(struct pt_table *t)
-{
-	for (size_t i = 0; i < t->nbuckets; i++) {
-		struct pt_entry *e = t->buckets[i];
-		while (e) {
-			struct pt_entry *next = e->next;
-			free(e);
-			e = next;
-		}
-	}
-	free(t->buckets);
-	*t = (struct pt_table){0};
-}
-
 /* ---- the session ---- */
 
 struct cas_fuse_session {
@@ -325,6 +139,7 @@ struct cas_fuse_session {
 	 * (no privilege, stacking too deep): opens then skip the ioctl. */
 	atomic_bool backing_broken;
 	pthread_mutex_t backing_lock;
+	/* backing_table_i.h; protected by backing_lock */
 	struct pt_table nodes; /* node id -> backing id, refs */
 	struct pt_table opens; /* (node id, fh) -> refs */
 
@@ -390,8 +205,8 @@ void cas_fuse_session_free(struct cas_fuse_session *s)
 		return;
 	/* Backing ids still registered die with the connection; the
 	 * transport may be gone already, so they are not closed here. */
-	pt_clear(&s->nodes);
-	pt_clear(&s->opens);
+	cas_pt_clear(&s->nodes);
+	cas_pt_clear(&s->opens);
 	pthread_mutex_destroy(&s->init_lock);
 	pthread_mutex_destroy(&s->backing_lock);
 	free(s);
@@ -719,7 +534,7 @@ static int backing_get(struct cas_fuse_session *s, uint64_t nodeid, uint64_t fh,
 		       int fd)
 {
 	pthread_mutex_lock(&s->backing_lock);
-	struct pt_entry *node = pt_find(&s->nodes, nodeid, 0);
+	struct pt_entry *node = cas_pt_find(&s->nodes, nodeid, 0);
 	int r;
 	if (!node) {
 		/* Opening under the lock keeps two racing opens of one node
@@ -727,7 +542,7 @@ static int backing_get(struct cas_fuse_session *s, uint64_t nodeid, uint64_t fh,
 		r = s->cfg.backing_open(s->cfg.transport, fd);
 		if (r < 0)
 			goto out;
-		node = pt_insert(&s->nodes, nodeid, 0);
+		node = cas_pt_insert(&s->nodes, nodeid, 0);
 		if (!node) {
 			if (s->cfg.backing_close)
 				s->cfg.backing_close(s->cfg.transport, r);
@@ -736,15 +551,15 @@ static int backing_get(struct cas_fuse_session *s, uint64_t nodeid, uint64_t fh,
 		}
 		node->id = r;
 	}
-	struct pt_entry *open = pt_find(&s->opens, nodeid, fh);
+	struct pt_entry *open = cas_pt_find(&s->opens, nodeid, fh);
 	if (!open)
-		open = pt_insert(&s->opens, nodeid, fh);
+		open = cas_pt_insert(&s->opens, nodeid, fh);
 	if (!open) {
 		if (node->refs == 0) {
 			if (s->cfg.backing_close)
 				s->cfg.backing_close(s->cfg.transport,
 						     node->id);
-			pt_remove(&s->nodes, node);
+			cas_pt_remove(&s->nodes, node);
 		}
 		r = -ENOMEM;
 		goto out;
@@ -763,16 +578,16 @@ static void backing_put(struct cas_fuse_session *s, uint64_t nodeid,
 	if (!s->passthrough)
 		return;
 	pthread_mutex_lock(&s->backing_lock);
-	struct pt_entry *open = pt_find(&s->opens, nodeid, fh);
-	struct pt_entry *node = pt_find(&s->nodes, nodeid, 0);
+	struct pt_entry *open = cas_pt_find(&s->opens, nodeid, fh);
+	struct pt_entry *node = cas_pt_find(&s->nodes, nodeid, 0);
 	if (open && node) {
 		if (--open->refs == 0)
-			pt_remove(&s->opens, open);
+			cas_pt_remove(&s->opens, open);
 		if (--node->refs == 0) {
 			if (s->cfg.backing_close)
 				s->cfg.backing_close(s->cfg.transport,
 						     node->id);
-			pt_remove(&s->nodes, node);
+			cas_pt_remove(&s->nodes, node);
 		}
 	}
 	pthread_mutex_unlock(&s->backing_lock);
@@ -1332,83 +1147,6 @@ bool cas_fuse_request_is_init(const struct iovec *in, int in_cnt)
 {
 	struct fuse_in_header h;
 	return request_header(in, in_cnt, &h) && h.opcode == FUSE_INIT;
-}
-
-/* ---- FUSE over io_uring framing ---- */
-
-int cas_fuse_session_process_uring(struct cas_fuse_session *s, void *headers,
-				   const uint8_t *payload, size_t payload_size,
-				   struct cas_fuse_reply *reply)
-{
-	/* Copied once: every length below is checked on this copy. */
-	struct cas_fuse_uring_req_header hdr;
-	memcpy(&hdr, headers, sizeof(hdr));
-	struct fuse_in_header h;
-	memcpy(&h, hdr.in_out, sizeof(h));
-	size_t payload_sz = hdr.ring_ent_in_out.payload_sz;
-
-	/* The kernel puts the first argument in op_in and the rest in the
-	 * payload, and h.len counts all of them: what is left for op_in
-	 * must fit it. Anything else is a broken entry. */
-	struct iovec in[3] = {
-		{&h, sizeof(h)},
-		{hdr.op_in, 0},
-		{(void *)payload, payload_sz},
-	};
-	if (h.len < sizeof(h) || payload_sz > payload_size ||
-	    payload_sz > h.len - sizeof(h) ||
-	    h.len - sizeof(h) - payload_sz > sizeof(hdr.op_in)) {
-		cas_log_debug("fuse: io_uring entry of %u bytes with %zu of "
-			      "payload does not add up",
-			      h.len, payload_sz);
-		cas_fuse_request_fail(in, 1, reply, -EINVAL);
-		return 0;
-	}
-	in[1].iov_len = h.len - sizeof(h) - payload_sz;
-	return cas_fuse_session_process(s, in, 3, reply);
-}
-
-uint64_t cas_fuse_uring_commit(void *headers, uint8_t *payload,
-			       size_t payload_size,
-			       const struct cas_fuse_reply *reply)
-{
-	struct cas_fuse_uring_req_header *hdr = headers;
-	struct cas_fuse_uring_ent_in_out io;
-	memcpy(&io, &hdr->ring_ent_in_out, sizeof(io));
-
-	struct fuse_out_header oh = {0};
-	size_t body = 0;
-	if (reply->send && reply->len >= OUT_HDR) {
-		memcpy(&oh, reply->buf, sizeof(oh));
-		body = reply->len - OUT_HDR;
-		size_t data = reply->fd >= 0 ? reply->fd_len : 0;
-		if (body + data > payload_size) {
-			/* Cannot happen with a payload buffer of the
-			 * connection's size; say so rather than overrun. */
-			oh.error = -EIO;
-			body = 0;
-		} else if (oh.error == 0) {
-			memcpy(payload, reply->buf + OUT_HDR, body);
-			body += data;
-		} else {
-			body = 0;
-		}
-	} else {
-		/* A request that takes no reply never comes by ring, but
-		 * the entry must go back to the kernel all the same. */
-		oh.error = -EIO;
-	}
-	/* The kernel matches the reply to its request by unique. */
-	uint64_t unique;
-	memcpy(&unique, hdr->in_out + offsetof(struct fuse_in_header, unique),
-	       sizeof(unique));
-	oh.unique = unique;
-	oh.len = (uint32_t)(OUT_HDR + body);
-	memset(hdr->in_out, 0, sizeof(hdr->in_out));
-	memcpy(hdr->in_out, &oh, sizeof(oh));
-	io.payload_sz = (uint32_t)body;
-	memcpy(&hdr->ring_ent_in_out, &io, sizeof(io));
-	return io.commit_id;
 }
 
 /* ---- request counts ---- */
