@@ -71,126 +71,7 @@
 #include "core/bao.h"
 #include "core/dmap.h"
 #include "core/log.h"
-#include "store/import_exclude_i.h"
-#include "store/local_i.h"
-
-#define SMALL_FILE   (1u << 20) /* read whole; also the hashing read size */
-#define QUEUE_CAP    256
-#define GETDENTS_BUF (64u << 10)
-/* Folders the walker keeps open above where it is: deeper than this, going
- * back up reopens "..". */
-#define WALKER_FDS 16
-/* Folder fds held for queued files: at most this, or a quarter of
- * RLIMIT_NOFILE when that is less (the rest stays for the store). */
-#define DIR_FDS_MAX 256
-#define PROGRESS_NS 100000000ll
-
-struct imp_entry {
-	uint32_t name_off; /* into imp_dir.names, NUL-terminated */
-	uint32_t name_len;
-	uint32_t target_off;
-	uint32_t target_len;
-	uint8_t type;
-	bool executable;
-	bool skip; /* private, with skip_private: left out of the Directory */
-	cas_digest digest;
-	uint64_t size;
-};
-
-struct imp_dir {
-	struct imp_dir *parent; /* NULL for PATH itself */
-	size_t parent_index;	/* its entry there, which has its name */
-	struct imp_dir *live_prev, *live_next; /* walker only */
-	/* Valid while fd_refs > 0: set by the walker when fd_refs is 0
-	 * (nobody else looks then), closed by whoever drops the last. */
-	int fd;
-	_Atomic size_t fd_refs; /* queued files + 1 while walker_ref */
-	bool walker_ref;	/* walker only */
-	size_t next;		/* walker only: next entry to descend into */
-	dev_t dev;		/* to know it again through ".." */
-	ino_t ino;
-	struct imp_entry *entries;
-	size_t n_entries, cap_entries;
-	char *names;
-	size_t names_len, cap_names;
-	_Atomic size_t pending;
-};
-
-struct imp_job {
-	struct imp_dir *dir;
-	size_t index;
-};
-
-struct importer {
-	cas_store *store;
-	struct cas_ingest *in; /* the store's one write path (ingest.h) */
-	const struct cas_import_options *opts;
-
-	pthread_mutex_t lock;
-	pthread_cond_t job_cond;	 /* workers: a job or stop */
-	pthread_cond_t walker_cond;	 /* walker: a ready folder */
-	struct imp_job queue[QUEUE_CAP]; /* protected by lock */
-	size_t q_head, q_len;		 /* protected by lock */
-	bool stop;			 /* protected by lock */
-	struct imp_dir **ready;		 /* protected by lock */
-	size_t n_ready, cap_ready;	 /* protected by lock */
-
-	/* Staged blobs waiting for one syncfs before they are renamed into
-	 * place; the publisher thread flushes them in groups. */
-	pthread_mutex_t stage_lock;
-	pthread_cond_t stage_cond;
-	struct cas_ingest_file *staged; /* protected by stage_lock */
-	size_t n_staged, cap_staged;	/* protected by stage_lock */
-	uint64_t staged_bytes;		/* protected by stage_lock */
-	bool stage_want, stage_stop;	/* protected by stage_lock */
-	struct cas_local_small *smalls; /* protected by stage_lock */
-	size_t n_smalls, cap_smalls;	/* protected by stage_lock */
-	/* The digests in smalls: the same bytes twice in one group
-	 * (licence texts, empty files) go in once. */
-	struct cas_dmap small_set; /* protected by stage_lock */
-	uint8_t *arena;		   /* protected by stage_lock, ARENA_SIZE */
-	uint8_t *spare_arena;	   /* protected by stage_lock */
-	size_t arena_len;	   /* protected by stage_lock */
-	pthread_cond_t small_cond; /* a full small group was taken */
-
-	_Atomic int error; /* first failure; workers skip jobs after it */
-	_Atomic uint64_t files, bytes, blobs_added;
-	uint64_t directories, symlinks; /* walker only */
-	/* What castore v1 cannot keep (cas_import_progress). */
-	_Atomic uint64_t setid, private_kept, private_skipped, owners, xattrs,
-		hardlinks;
-	uint64_t excluded, special; /* walker only */
-
-	struct cas_import_excludes excludes; /* walker only */
-	const char *root_path;		     /* PATH, without trailing '/' */
-	size_t root_len;
-	/* Walker only: the current folder's path relative to PATH ("" for
-	 * PATH itself), grown and shrunk with the walk. */
-	char *rel;
-	size_t rel_len, rel_cap;
-	_Atomic size_t open_fds; /* of folders (imp_dir.fd) */
-	size_t fd_limit;	 /* for folders with queued files */
-
-	/* Walker only. */
-	cas_dir_batch *batch;
-	struct imp_dir *live; /* every imp_dir not yet freed */
-	uint8_t *walker_buf;
-	uint8_t *dents;
-	struct timespec last_progress;
-	bool root_done;
-	cas_node root; /* name empty; digest/size of the finished root */
-};
-
-static void set_error(struct importer *imp, int r)
-{
-	int zero = 0;
-	atomic_compare_exchange_strong(&imp->error, &zero, r);
-}
-
-static int failed(struct importer *imp)
-{
-	return atomic_load_explicit(&imp->error, memory_order_relaxed);
-}
+#include "store/import_i.h"
 
 /* The entry that names folder dir in its parent (not for PATH itself). */
 static const struct imp_entry *dir_entry(const struct imp_dir *dir)
@@ -249,7 +130,7 @@ static int path_error(struct importer *imp, const struct imp_dir *dir,
 		cas_log_error("%s: %s", esc ? esc : "?", why);
 	else
 		cas_log_errno(r, "%s: %m", esc ? esc : "?");
-	set_error(imp, r);
+	cas_imp_set_error(imp, r);
 	return r;
 }
 
@@ -358,165 +239,6 @@ static double elapsed(const struct timespec *t0)
 	       (double)(now.tv_nsec - t0->tv_nsec) / 1e9;
 }
 
-/* Staging ------------------------------------------------------------- */
-
-#define STAGE_FILES	  8192
-#define STAGE_BYTES	  (256ull << 20)
-#define SMALL_GROUP_BYTES (16u << 20)
-#define SMALL_GROUP_MAX	  (2 * SMALL_GROUP_BYTES) /* workers wait beyond */
-/* Fixed, so it stays aligned: room for the last blob and the padding. */
-#define ARENA_SIZE (SMALL_GROUP_MAX + CAS_LOCAL_PACK_MAX + CAS_INGEST_ALIGN)
-
-static void want_flush_locked(struct importer *imp)
-{
-	if (!imp->stage_want) {
-		imp->stage_want = true;
-		pthread_cond_signal(&imp->stage_cond);
-	}
-}
-
-/* A staged blob (and its staged outboard, or NULL) for the next group. */
-static int stage_add(struct importer *imp, const char *name,
-		     const char *outboard, const cas_digest *d, uint64_t size)
-{
-	pthread_mutex_lock(&imp->stage_lock);
-	if (cas_array_grow(&imp->staged, &imp->cap_staged, imp->n_staged + 1,
-			   sizeof(*imp->staged), 1024) < 0) {
-		pthread_mutex_unlock(&imp->stage_lock);
-		cas_ingest_stage_discard(imp->in, name);
-		if (outboard)
-			cas_ingest_stage_discard(imp->in, outboard);
-		return -ENOMEM;
-	}
-	struct cas_ingest_file *st = &imp->staged[imp->n_staged++];
-	snprintf(st->name, sizeof(st->name), "%s", name);
-	snprintf(st->outboard, sizeof(st->outboard), "%s",
-		 outboard ? outboard : "");
-	st->digest = *d;
-	st->size = size;
-	imp->staged_bytes += size;
-	if (imp->n_staged >= STAGE_FILES || imp->staged_bytes >= STAGE_BYTES)
-		want_flush_locked(imp);
-	pthread_mutex_unlock(&imp->stage_lock);
-	return 0;
-}
-
-static int small_add(struct importer *imp, const uint8_t *buf, size_t len,
-		     const cas_digest *d)
-{
-	int r = cas_ingest_has(imp->in, d, true);
-	if (r != 0)
-		return r < 0 ? r : 0;
-	pthread_mutex_lock(&imp->stage_lock);
-	while (imp->arena_len >= SMALL_GROUP_MAX && !imp->stage_stop &&
-	       !failed(imp))
-		pthread_cond_wait(&imp->small_cond, &imp->stage_lock);
-	if (imp->small_set.n && cas_dmap_find(&imp->small_set, d))
-		goto out; /* already in this group */
-	if ((r = cas_array_grow(&imp->smalls, &imp->cap_smalls,
-				imp->n_smalls + 1, sizeof(*imp->smalls),
-				1024)) < 0 ||
-	    (r = cas_dmap_put(&imp->small_set, d, NULL)) < 0)
-		goto out;
-	r = 0;
-	if (!imp->arena)
-		imp->arena = TAKE_PTR(imp->spare_arena);
-	if (!imp->arena) {
-		/* Only touched as it fills. */
-		imp->arena = aligned_alloc(CAS_INGEST_ALIGN, ARENA_SIZE);
-		if (!imp->arena) {
-			r = -ENOMEM;
-			goto out;
-		}
-	}
-	memcpy(imp->arena + imp->arena_len, buf, len);
-	imp->smalls[imp->n_smalls++] =
-		(struct cas_local_small){*d, imp->arena_len, len};
-	imp->arena_len += len;
-	if (imp->arena_len >= SMALL_GROUP_BYTES)
-		want_flush_locked(imp);
-out:
-	pthread_mutex_unlock(&imp->stage_lock);
-	return r;
-}
-
-static int small_cmp(const void *a, const void *b)
-{
-	const struct cas_local_small *x = a, *y = b;
-	return memcmp(x->digest.bytes, y->digest.bytes, CAS_DIGEST_LEN);
-}
-
-/* The group goes through the store's write path (ingest.h): the small
- * blobs to the pack (indexed in key order: LMDB then touches each page
- * once); one syncfs for every file staged so far, then the renames.
- * After a failure the staged files are only removed. */
-static void stage_flush(struct importer *imp)
-{
-	pthread_mutex_lock(&imp->stage_lock);
-	struct cas_ingest_file *v = TAKE_PTR(imp->staged);
-	size_t n = imp->n_staged;
-	imp->n_staged = imp->cap_staged = 0;
-	imp->staged_bytes = 0;
-	struct cas_local_small *sv = TAKE_PTR(imp->smalls);
-	uint8_t *arena = TAKE_PTR(imp->arena);
-	size_t n_small = imp->n_smalls, cap_small = imp->cap_smalls;
-	size_t arena_len = imp->arena_len;
-	imp->n_smalls = imp->cap_smalls = imp->arena_len = 0;
-	cas_dmap_clear(&imp->small_set);
-	pthread_cond_broadcast(&imp->small_cond);
-	pthread_mutex_unlock(&imp->stage_lock);
-	if (n_small > 1)
-		qsort(sv, n_small, sizeof(*sv), small_cmp);
-	struct cas_ingest_group g = {
-		.files = v,
-		.n_files = n,
-		.small_buf = arena,
-		.small_len = arena_len,
-		.smalls = sv,
-		.n_smalls = n_small,
-	};
-	int r = failed(imp);
-	struct cas_ingest_result res = {0};
-	if (r == 0 && (r = cas_ingest_commit(imp->in, &g, &res)) < 0)
-		set_error(imp, r);
-	atomic_fetch_add_explicit(&imp->blobs_added, res.added,
-				  memory_order_relaxed);
-	if (r < 0)
-		cas_ingest_discard(imp->in, &g); /* what was not named */
-	/* Two arenas take turns: one fills while the other is written.
-	 * Allocating a fresh one per group faulted in every page of it
-	 * again, which showed in profiles. */
-	pthread_mutex_lock(&imp->stage_lock);
-	if (!imp->spare_arena)
-		imp->spare_arena = TAKE_PTR(arena);
-	if (!imp->smalls) {
-		imp->smalls = TAKE_PTR(sv);
-		imp->cap_smalls = cap_small;
-	}
-	pthread_mutex_unlock(&imp->stage_lock);
-	free(arena);
-	free(sv);
-	free(v);
-}
-
-static void *publisher_main(void *arg)
-{
-	struct importer *imp = arg;
-	pthread_mutex_lock(&imp->stage_lock);
-	for (;;) {
-		while (!imp->stage_want && !imp->stage_stop)
-			pthread_cond_wait(&imp->stage_cond, &imp->stage_lock);
-		if (imp->stage_stop)
-			break; /* the rest is flushed by cas_import */
-		imp->stage_want = false;
-		pthread_mutex_unlock(&imp->stage_lock);
-		stage_flush(imp);
-		pthread_mutex_lock(&imp->stage_lock);
-	}
-	pthread_mutex_unlock(&imp->stage_lock);
-	return NULL;
-}
-
 /* Files ---------------------------------------------------------------- */
 
 /* Hashes (and if needed publishes) one open regular file. */
@@ -548,12 +270,13 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 		if (total < SMALL_FILE) {
 			cas_hash_buffer(buf, total, &d);
 			if (cas_ingest_packs(imp->in, total))
-				r = small_add(imp, buf, total, &d);
+				r = cas_imp_small_add(imp, buf, total, &d);
 			else if ((r = cas_ingest_has(imp->in, &d, false)) ==
 					 0 &&
 				 (r = cas_ingest_stage_buffer(
 					  imp->in, buf, total, staged)) == 0)
-				r = stage_add(imp, staged, NULL, &d, total);
+				r = cas_imp_stage_add(imp, staged, NULL, &d,
+						      total);
 			if (r < 0)
 				return path_error(imp, dir, name, r, NULL);
 			goto done;
@@ -593,8 +316,8 @@ static int import_fd(struct importer *imp, int fd, const struct stat *st,
 	cas_ingest_outboard_release(&ob);
 	if (r == 0 && (r = cas_ingest_stage_fd(imp->in, fd, total, st, buf,
 					       SMALL_FILE, staged)) == 0)
-		r = stage_add(imp, staged, ob_name[0] ? ob_name : NULL, &d,
-			      total);
+		r = cas_imp_stage_add(imp, staged, ob_name[0] ? ob_name : NULL,
+				      &d, total);
 	else if (ob_name[0])
 		cas_ingest_stage_discard(imp->in, ob_name);
 	if (r == -EBADMSG)
@@ -629,7 +352,7 @@ static void run_job(struct importer *imp, const struct imp_job *job,
 	struct imp_entry *e = &dir->entries[job->index];
 	const char *name = dir->names + e->name_off;
 
-	if (!failed(imp)) {
+	if (!cas_imp_failed(imp)) {
 		int fd = openat(dir->fd, name,
 				O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK |
 					O_NOCTTY);
@@ -669,7 +392,7 @@ static void dir_ready(struct importer *imp, struct imp_dir *dir)
 	if (cas_array_grow(&imp->ready, &imp->cap_ready, imp->n_ready + 1,
 			   sizeof(*imp->ready), 64) < 0) {
 		pthread_mutex_unlock(&imp->lock);
-		set_error(imp, -ENOMEM);
+		cas_imp_set_error(imp, -ENOMEM);
 		return;
 	}
 	imp->ready[imp->n_ready++] = dir;
@@ -682,7 +405,7 @@ static void *worker_main(void *arg)
 	struct importer *imp = arg;
 	uint8_t *buf = aligned_alloc(CAS_INGEST_ALIGN, SMALL_FILE);
 	if (!buf)
-		set_error(imp, -ENOMEM);
+		cas_imp_set_error(imp, -ENOMEM);
 	pthread_mutex_lock(&imp->lock);
 	for (;;) {
 		while (imp->q_len == 0 && !imp->stop)
@@ -694,7 +417,7 @@ static void *worker_main(void *arg)
 		imp->q_len--;
 		pthread_mutex_unlock(&imp->lock);
 		if (!buf)
-			set_error(imp, -ENOMEM);
+			cas_imp_set_error(imp, -ENOMEM);
 		run_job(imp, &job, buf);
 		pthread_mutex_lock(&imp->lock);
 	}
@@ -886,9 +609,10 @@ static int list_dir(struct importer *imp, struct imp_dir *dir)
 			}
 			r = entry_add(imp, dir, name, type);
 			if (r < 0)
-				return failed(imp) ? r
-						   : path_error(imp, dir, name,
-								r, NULL);
+				return cas_imp_failed(imp)
+					       ? r
+					       : path_error(imp, dir, name, r,
+							    NULL);
 		}
 	}
 }
@@ -988,11 +712,11 @@ static int drain_ready(struct importer *imp)
 		pthread_mutex_unlock(&imp->lock);
 		if (!dir)
 			return 0;
-		if (failed(imp))
+		if (cas_imp_failed(imp))
 			continue; /* freed with the live list */
 		int r = dir_complete(imp, dir);
 		if (r < 0) {
-			set_error(imp, r);
+			cas_imp_set_error(imp, r);
 			return r;
 		}
 	}
@@ -1028,7 +752,7 @@ static int dir_enter(struct importer *imp, struct imp_dir *dir)
 	}
 	atomic_store(&dir->pending, nsub + 1);
 	atomic_fetch_add(&dir->fd_refs, nfiles);
-	for (size_t i = 0; i < dir->n_entries && !failed(imp); i++) {
+	for (size_t i = 0; i < dir->n_entries && !cas_imp_failed(imp); i++) {
 		if (dir->entries[i].type == CAS_NODE_FILE)
 			submit(imp, dir, i);
 		if ((i & 255) == 255)
@@ -1104,7 +828,7 @@ static int next_subfolder(struct importer *imp, struct imp_dir *dir,
 {
 	*ret = NULL;
 	while (dir->next < dir->n_entries) {
-		int r = failed(imp);
+		int r = cas_imp_failed(imp);
 		if (r < 0)
 			return r;
 		size_t i = dir->next++;
@@ -1187,12 +911,12 @@ static int wait_root(struct importer *imp)
 		int r = drain_ready(imp);
 		if (r < 0)
 			return r;
-		if ((r = failed(imp)) < 0)
+		if ((r = cas_imp_failed(imp)) < 0)
 			return r;
 		if (imp->root_done)
 			return 0;
 		pthread_mutex_lock(&imp->lock);
-		if (imp->n_ready == 0 && !failed(imp)) {
+		if (imp->n_ready == 0 && !cas_imp_failed(imp)) {
 			struct timespec ts;
 			clock_gettime(CLOCK_REALTIME, &ts);
 			ts.tv_nsec += PROGRESS_NS;
@@ -1219,7 +943,7 @@ static int import_tree(struct importer *imp, int fd, const struct stat *st,
 	if (!root)
 		return -ENOMEM;
 	pthread_t publisher;
-	r = -pthread_create(&publisher, NULL, publisher_main, imp);
+	r = -pthread_create(&publisher, NULL, cas_imp_publisher_main, imp);
 	if (r < 0) {
 		dir_free(imp, root);
 		return r;
@@ -1234,7 +958,7 @@ static int import_tree(struct importer *imp, int fd, const struct stat *st,
 	if (r == 0)
 		r = wait_root(imp);
 	if (r < 0)
-		set_error(imp, r);
+		cas_imp_set_error(imp, r);
 	/* Unblock and join the workers; on failure they skip what is left. */
 	pthread_mutex_lock(&imp->lock);
 	imp->stop = true;
@@ -1249,7 +973,7 @@ static int import_tree(struct importer *imp, int fd, const struct stat *st,
 	pthread_join(publisher, NULL);
 	while (imp->live)
 		dir_free(imp, imp->live);
-	return failed(imp);
+	return cas_imp_failed(imp);
 }
 
 int cas_import(cas_store *s, const char *path, const char *name,
@@ -1360,8 +1084,8 @@ int cas_import(cas_store *s, const char *path, const char *name,
 		goto out;
 	}
 
-	stage_flush(imp);
-	if ((r = failed(imp)) < 0)
+	cas_imp_stage_flush(imp);
+	if ((r = cas_imp_failed(imp)) < 0)
 		goto out;
 	double t_walk = elapsed(&t0);
 	/* Ordered durability: every blob is on disk (also those another
@@ -1384,7 +1108,7 @@ out:
 	if (ret_progress)
 		*ret_progress = counts(imp);
 	cas_import_excludes_release(&imp->excludes);
-	stage_flush(imp); /* after a failure: removes what is staged */
+	cas_imp_stage_flush(imp); /* after a failure: removes what is staged */
 	free(imp->staged);
 	free(imp->smalls);
 	cas_dmap_release(&imp->small_set, NULL);
