@@ -10,8 +10,9 @@
  * With a list and an outboard, the cache may hold the blob in part
  * (its partial blobs): then it asks for the outboard (outboard_fetch:
  * the Stat, whose list is kept here) and for ranges (blob_range_fetch:
- * the chunks that cover the range, the part of each inside it copied
- * straight in; they are not hashed on their own, since the cache checks
+ * the chunks that cover the range, each received into its place in the
+ * range, or, for the two that stick out of it, into the thread's edge
+ * room and their part inside copied; they are not hashed on their own, since the cache checks
  * every byte of the range against the outboard before use, which is the
  * blob's digest: a chunk's own hash would only check bytes again, or
  * refuse right bytes of a chunk spoilt elsewhere).
